@@ -1,0 +1,152 @@
+from django import forms
+from django.contrib import admin
+from django.urls import reverse
+from django.utils.html import format_html
+
+from diagnosis import services
+from diagnosis.models import Analysis, Batch
+
+
+class ReviewAdminForm(forms.ModelForm):
+    class Meta:
+        model = Analysis
+        fields = ["review_verdict", "corrected_label", "review_note"]
+
+    def clean(self):
+        data = super().clean()
+        if data.get("review_verdict"):
+            services.check_review(
+                analysis=self.instance,
+                verdict=data["review_verdict"],
+                corrected_label=data.get("corrected_label") or "",
+            )
+        return data
+
+
+def _image_tag(analysis: Analysis, kind: str, size: int) -> str:
+    if not getattr(analysis, kind):
+        return "—"
+    url = reverse("diagnosis:analysis-file", kwargs={"pk": analysis.pk, "kind": kind})
+    return format_html(
+        '<img src="{}" alt="{} of {}" style="max-width:{}px;max-height:{}px">',
+        url,
+        kind,
+        analysis.original_filename,
+        size,
+        size,
+    )
+
+
+@admin.register(Analysis)
+class AnalysisAdmin(admin.ModelAdmin):
+    form = ReviewAdminForm
+    list_display = [
+        "id",
+        "thumb",
+        "original_filename",
+        "owner",
+        "status",
+        "label",
+        "probability",
+        "model_version",
+        "reviewed",
+        "created_at",
+    ]
+    list_filter = [
+        "status",
+        "label",
+        "review_verdict",
+        ("reviewed_by", admin.EmptyFieldListFilter),
+        "owner",
+        "created_at",
+    ]
+    search_fields = ["original_filename", "owner__username", "batch__sample_reference", "model_version"]
+    date_hierarchy = "created_at"
+    list_select_related = ["owner"]
+    readonly_fields = [
+        "owner",
+        "batch",
+        "original_filename",
+        "width",
+        "height",
+        "status",
+        "label",
+        "probability_parasitized",
+        "model_version",
+        "error",
+        "attempts",
+        "inference_ms",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "original_image",
+        "overlay_image",
+        "reviewed_by",
+        "reviewed_at",
+    ]
+    fieldsets = [
+        ("Images", {"fields": [("original_image", "overlay_image")]}),
+        (
+            "Prediction",
+            {
+                "fields": [
+                    "owner",
+                    "batch",
+                    "original_filename",
+                    ("width", "height"),
+                    "status",
+                    "label",
+                    "probability_parasitized",
+                    "model_version",
+                    "error",
+                    "attempts",
+                    "inference_ms",
+                    ("created_at", "started_at", "finished_at"),
+                ]
+            },
+        ),
+        ("Review", {"fields": ["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at"]}),
+    ]
+
+    def has_add_permission(self, request):
+        return False  # analyses come from uploads, not from the admin
+
+    @admin.display(description="Image")
+    def thumb(self, obj):
+        return _image_tag(obj, "thumbnail", 48)
+
+    @admin.display(description="Original")
+    def original_image(self, obj):
+        return _image_tag(obj, "image", 320)
+
+    @admin.display(description="Grad-CAM overlay")
+    def overlay_image(self, obj):
+        return _image_tag(obj, "overlay", 320)
+
+    @admin.display(description="P(parasitized)", ordering="probability_parasitized")
+    def probability(self, obj):
+        return "—" if obj.probability_parasitized is None else f"{obj.probability_parasitized:.3f}"
+
+    @admin.display(description="Reviewed", boolean=True, ordering="reviewed_at")
+    def reviewed(self, obj):
+        return bool(obj.review_verdict)
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        if not data.get("review_verdict"):
+            return super().save_model(request, obj, form, change)
+        services.review_analysis(
+            analysis=Analysis.objects.get(pk=obj.pk),
+            reviewer=request.user,
+            verdict=data["review_verdict"],
+            corrected_label=data.get("corrected_label") or "",
+            note=data.get("review_note") or "",
+        )
+
+
+@admin.register(Batch)
+class BatchAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "sample_reference", "created_at"]
+    list_filter = ["owner", "created_at"]
+    search_fields = ["sample_reference", "owner__username"]
+    readonly_fields = ["owner", "created_at"]

@@ -1,0 +1,75 @@
+from django.urls import reverse
+from rest_framework import serializers
+
+from diagnosis.models import Analysis, Batch
+
+
+class AnalysisSerializer(serializers.ModelSerializer):
+    image_url = serializers.SerializerMethodField()
+    overlay_url = serializers.SerializerMethodField()
+    batch = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = Analysis
+        fields = [
+            "id",
+            "batch",
+            "status",
+            "label",
+            "probability_parasitized",
+            "model_version",
+            "original_filename",
+            "width",
+            "height",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "inference_ms",
+            "error",
+            "image_url",
+            "overlay_url",
+            "review_verdict",
+            "corrected_label",
+            "reviewed_at",
+        ]
+        read_only_fields = fields
+
+    def _url(self, analysis: Analysis, kind: str) -> str | None:
+        if not getattr(analysis, kind):
+            return None
+        path = reverse("api:analysis-file", kwargs={"pk": analysis.pk, "kind": kind})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
+
+    def get_image_url(self, analysis: Analysis) -> str | None:
+        return self._url(analysis, "image")
+
+    def get_overlay_url(self, analysis: Analysis) -> str | None:
+        return self._url(analysis, "overlay")
+
+
+class AnalysisUploadSerializer(serializers.Serializer):
+    image = serializers.FileField(help_text="One cell image: PNG, JPEG, TIFF or BMP.")
+
+
+class BatchUploadSerializer(serializers.Serializer):
+    images = serializers.ListField(
+        child=serializers.FileField(), allow_empty=False, help_text="Repeat the field per image."
+    )
+    sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    note = serializers.CharField(required=False, allow_blank=True)
+
+
+class BatchSerializer(serializers.ModelSerializer):
+    counts = serializers.SerializerMethodField()
+    analyses = AnalysisSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Batch
+        fields = ["id", "sample_reference", "note", "created_at", "counts", "analyses"]
+        read_only_fields = fields
+
+    def get_counts(self, batch: Batch) -> dict[str, int]:
+        from diagnosis.selectors import batch_counts
+
+        return batch_counts(batch=batch)

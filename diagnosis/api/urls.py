@@ -1,0 +1,18 @@
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+from rest_framework.routers import DefaultRouter
+
+from diagnosis.api.views import AnalysisViewSet, BatchViewSet, TokenView
+
+app_name = "api"
+
+router = DefaultRouter(trailing_slash=True)
+router.register("analyses", AnalysisViewSet, basename="analysis")
+router.register("batches", BatchViewSet, basename="batch")
+
+urlpatterns = [
+    path("auth/token/", TokenView.as_view(), name="token"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularRedocView.as_view(url_name="api:schema"), name="docs"),
+    *router.urls,
+]

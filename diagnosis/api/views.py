@@ -1,0 +1,89 @@
+from django.core.exceptions import ValidationError
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError as ApiValidationError
+from rest_framework.parsers import MultiPartParser
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+
+from diagnosis import selectors, services
+from diagnosis.api.serializers import (
+    AnalysisSerializer,
+    AnalysisUploadSerializer,
+    BatchSerializer,
+    BatchUploadSerializer,
+)
+from diagnosis.files import protected_file_response
+from diagnosis.models import Analysis
+
+
+class TokenView(ObtainAuthToken):
+    """Exchange username and password for an API token (send as `Authorization: Token <key>`)."""
+
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "login"
+
+
+def _service_errors(error: ValidationError) -> ApiValidationError:
+    return ApiValidationError({"detail": " ".join(error.messages), "errors": error.messages})
+
+
+class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = AnalysisSerializer
+    parser_classes = [MultiPartParser]
+
+    def get_queryset(self):
+        params = self.request.query_params
+        filters = selectors.AnalysisFilters(status=params.get("status", ""), label=params.get("label", ""))
+        return selectors.analyses_for(user=self.request.user, filters=filters)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("status", enum=Analysis.Status.values),
+            OpenApiParameter("label", enum=Analysis.Label.values),
+        ]
+    )
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer})
+    def create(self, request):
+        upload = AnalysisUploadSerializer(data=request.data)
+        upload.is_valid(raise_exception=True)
+        try:
+            analysis = services.create_analysis(owner=request.user, upload=upload.validated_data["image"])
+        except ValidationError as error:
+            raise _service_errors(error) from None
+        return Response(self.get_serializer(analysis).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses={(200, "image/png"): bytes})
+    @action(detail=True, methods=["get"], url_path=r"(?P<kind>image|overlay)", url_name="file")
+    def file(self, request, pk=None, kind="image"):
+        analysis = selectors.get_analysis(user=request.user, pk=pk)
+        return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
+
+
+class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = BatchSerializer
+    parser_classes = [MultiPartParser]
+
+    def get_queryset(self):
+        return selectors.batches_for(user=self.request.user).prefetch_related("analyses")
+
+    @extend_schema(request=BatchUploadSerializer, responses={202: BatchSerializer})
+    def create(self, request):
+        upload = BatchUploadSerializer(data=request.data)
+        upload.is_valid(raise_exception=True)
+        data = upload.validated_data
+        try:
+            batch = services.create_batch(
+                owner=request.user,
+                uploads=data["images"],
+                sample_reference=data.get("sample_reference", ""),
+                note=data.get("note", ""),
+            )
+        except ValidationError as error:
+            raise _service_errors(error) from None
+        return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)

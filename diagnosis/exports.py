@@ -1,0 +1,81 @@
+"""CSV exports and the printable batch report."""
+
+import csv
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+
+from diagnosis import selectors
+from diagnosis.forms import FilterForm
+from diagnosis.views import _filters_from
+
+CSV_COLUMNS = [
+    "analysis_id",
+    "batch_id",
+    "sample_reference",
+    "original_filename",
+    "status",
+    "label",
+    "probability_parasitized",
+    "model_version",
+    "review_verdict",
+    "corrected_label",
+    "created_at",
+    "finished_at",
+]
+
+
+def _csv_safe(value) -> str:
+    """Stop spreadsheet formula injection from user-chosen text such as file names."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _csv_response(analyses, filename: str) -> HttpResponse:
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    writer = csv.writer(response)
+    writer.writerow(CSV_COLUMNS)
+    for a in analyses:
+        writer.writerow(
+            [
+                a.pk,
+                a.batch_id or "",
+                _csv_safe(a.batch.sample_reference if a.batch else ""),
+                _csv_safe(a.original_filename),
+                a.status,
+                a.label,
+                "" if a.probability_parasitized is None else f"{a.probability_parasitized:.4f}",
+                a.model_version,
+                a.review_verdict,
+                a.corrected_label,
+                a.created_at.isoformat(),
+                a.finished_at.isoformat() if a.finished_at else "",
+            ]
+        )
+    return response
+
+
+@login_required
+@require_GET
+def dashboard_csv(request):
+    analyses = selectors.analyses_for(user=request.user, filters=_filters_from(FilterForm(request.GET)))
+    return _csv_response(analyses, "analyses.csv")
+
+
+@login_required
+@require_GET
+def batch_csv(request, pk: int):
+    batch = selectors.get_batch(user=request.user, pk=pk)
+    return _csv_response(batch.analyses.select_related("batch").order_by("id"), f"batch-{batch.pk}.csv")
+
+
+@login_required
+@require_GET
+def batch_report(request, pk: int):
+    batch = selectors.get_batch(user=request.user, pk=pk)
+    analyses = batch.analyses.order_by("-probability_parasitized", "id")
+    context = {"batch": batch, "analyses": analyses, "counts": selectors.batch_counts(batch=batch)}
+    return render(request, "diagnosis/report.html", context)

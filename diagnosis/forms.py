@@ -1,0 +1,55 @@
+from django import forms
+
+from diagnosis.models import Analysis
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleImageField(forms.FileField):
+    """Accepts many files; each is validated by the upload service, not here."""
+
+    widget = MultipleFileInput
+
+    def clean(self, data, initial=None):
+        files = data if isinstance(data, list | tuple) else [data] if data else []
+        if not files:
+            raise forms.ValidationError("Choose at least one image.")
+        return [super(MultipleImageField, self).clean(f, initial) for f in files]
+
+
+class UploadForm(forms.Form):
+    images = MultipleImageField(
+        label="Cell images",
+        help_text="PNG, JPEG, TIFF or BMP; one segmented cell per image.",
+        widget=MultipleFileInput(attrs={"accept": "image/png,image/jpeg,image/tiff,image/bmp", "multiple": True}),
+    )
+    sample_reference = forms.CharField(max_length=100, required=False, label="Patient / sample reference")
+    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+
+
+class FilterForm(forms.Form):
+    search = forms.CharField(required=False, label="Search")
+    status = forms.ChoiceField(choices=[("", "Any status"), *Analysis.Status.choices], required=False)
+    label = forms.ChoiceField(choices=[("", "Any label"), *Analysis.Label.choices], required=False)
+    reviewed = forms.ChoiceField(
+        choices=[("", "Reviewed or not"), ("yes", "Reviewed"), ("no", "Not reviewed")], required=False
+    )
+    date_from = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}), label="From")
+    date_to = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}), label="To")
+    sort = forms.ChoiceField(
+        choices=[
+            ("-created_at", "Newest first"),
+            ("created_at", "Oldest first"),
+            ("-probability_parasitized", "Most suspicious first"),
+            ("probability_parasitized", "Least suspicious first"),
+        ],
+        required=False,
+    )
+
+
+class ReviewForm(forms.Form):
+    verdict = forms.ChoiceField(choices=Analysis.Verdict.choices, widget=forms.RadioSelect)
+    corrected_label = forms.ChoiceField(choices=[("", "—"), *Analysis.Label.choices], required=False)
+    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)

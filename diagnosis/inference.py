@@ -1,0 +1,72 @@
+"""The worker's side of an analysis: claim, classify with the model, store the overlay."""
+
+import io
+import logging
+import time
+from functools import lru_cache
+
+from django.conf import settings
+from PIL import Image
+
+from diagnosis import services
+from diagnosis.models import Analysis
+from ml.predictor import Predictor
+from ml.preprocessing import ImageDecodeError, open_rgb
+from ml.weights import WeightsNotFound
+
+logger = logging.getLogger("diagnosis.analysis")
+
+
+@lru_cache(maxsize=1)
+def get_predictor(weights_path: str) -> Predictor:
+    """Loaded once per worker process and reused by every task it runs."""
+    predictor = Predictor(weights_path, batch_size=settings.MODEL_BATCH_SIZE)
+    logger.info("event=model_loaded version=%s path=%s", predictor.version, weights_path)
+    return predictor
+
+
+def run_analyses(*, analysis_ids: list[int], task_id: str) -> None:
+    claimed = [pk for pk in analysis_ids if services.claim_analysis(analysis_id=pk, task_id=task_id)]
+    if not claimed:
+        return
+    try:
+        predictor = get_predictor(str(settings.MODEL_WEIGHTS))
+    except (WeightsNotFound, ValueError, RuntimeError) as error:
+        for pk in claimed:
+            services.fail_analysis(analysis_id=pk, task_id=task_id, error=f"Model unavailable: {error}")
+        return
+
+    analyses, images = [], []
+    for analysis in Analysis.objects.filter(pk__in=claimed).order_by("pk"):
+        try:
+            images.append(open_rgb(analysis.image.path))
+            analyses.append(analysis)
+        except (ImageDecodeError, FileNotFoundError) as error:
+            services.fail_analysis(
+                analysis_id=analysis.pk,
+                task_id=task_id,
+                error=f"Cannot read the image: {error}",
+                model_version=predictor.version,
+            )
+    if not analyses:
+        return
+
+    started = time.perf_counter()
+    predictions = predictor.predict(images)
+    per_image_ms = (time.perf_counter() - started) * 1000 / len(images)
+    for analysis, image, prediction in zip(analyses, images, predictions, strict=True):
+        services.record_result(
+            analysis=analysis,
+            task_id=task_id,
+            label=prediction.label,
+            probability_parasitized=prediction.probability_parasitized,
+            model_version=predictor.version,
+            overlay_png=_png_bytes(prediction.overlay(image)),
+            inference_ms=per_image_ms,
+        )
+
+
+def _png_bytes(rgb) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()

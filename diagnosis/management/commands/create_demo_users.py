@@ -1,0 +1,31 @@
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Create a demo clinician and an admin reviewer once, and print how to sign in as them."
+
+    def handle(self, *args, **options):
+        credentials = settings.VAR_DIR / "demo-credentials.txt"
+        User = get_user_model()
+        if not credentials.exists():
+            if User.objects.exists():
+                self.stdout.write("Users already exist; create more with 'python manage.py createsuperuser'.")
+                return
+            lines = []
+            for username, is_admin in (("demo", False), ("admin", True)):
+                password = secrets.token_urlsafe(9)
+                user = User.objects.create_user(
+                    username=username, password=password, is_staff=is_admin, is_superuser=is_admin
+                )
+                if is_admin:
+                    user.groups.add(Group.objects.get(name="reviewers"))
+                lines.append(f"{username} / {password}" + ("  (admin and reviewer)" if is_admin else "  (clinician)"))
+            credentials.write_text("\n".join(lines) + "\n")
+            credentials.chmod(0o600)
+        self.stdout.write(f"Sign in with one of these accounts (also in {credentials}):")
+        self.stdout.write(credentials.read_text())

@@ -1,0 +1,106 @@
+import uuid
+
+from django.conf import settings
+from django.core.files.storage import FileSystemStorage
+from django.db import models
+
+
+class PrivateStorage(FileSystemStorage):
+    """MEDIA_ROOT without public URLs: files leave only through views that check ownership."""
+
+    def url(self, name):
+        raise NotImplementedError("private files have no public URL; serve them with diagnosis.files")
+
+
+private_storage = PrivateStorage()
+
+
+def upload_path(instance, filename: str) -> str:
+    # The client's file name is kept only as data; paths are random so names can't traverse or clash.
+    return f"uploads/{uuid.uuid4().hex}.{filename.rsplit('.', 1)[-1]}"
+
+
+class Batch(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches")
+    sample_reference = models.CharField(max_length=100, blank=True, help_text="Patient or sample reference")
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "batches"
+
+    def __str__(self) -> str:
+        return f"Batch {self.pk}" + (f" ({self.sample_reference})" if self.sample_reference else "")
+
+
+class Analysis(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    class Label(models.TextChoices):
+        PARASITIZED = "Parasitized", "Parasitized"
+        UNINFECTED = "Uninfected", "Uninfected"
+
+    class Verdict(models.TextChoices):
+        AGREE = "agree", "Agree"
+        DISAGREE = "disagree", "Disagree"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="analyses")
+    batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.CASCADE, related_name="analyses")
+    image = models.ImageField(storage=private_storage, upload_to=upload_path)
+    thumbnail = models.ImageField(storage=private_storage, upload_to="thumbnails/", blank=True)
+    overlay = models.ImageField(storage=private_storage, upload_to="overlays/", blank=True)
+    original_filename = models.CharField(max_length=255)
+    width = models.PositiveIntegerField(null=True)
+    height = models.PositiveIntegerField(null=True)
+
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    label = models.CharField(max_length=12, choices=Label.choices, blank=True, db_index=True)
+    probability_parasitized = models.FloatField(null=True, blank=True)
+    model_version = models.CharField(max_length=100, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # Celery task id that claimed the analysis; lets that task (and only it) resume after a retry.
+    claimed_by_task = models.CharField(max_length=64, blank=True)
+    inference_ms = models.FloatField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    review_verdict = models.CharField(max_length=10, choices=Verdict.choices, blank=True)
+    corrected_label = models.CharField(max_length=12, choices=Label.choices, blank=True)
+    review_note = models.TextField(blank=True)
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="reviews"
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "analyses"
+        permissions = [("review_analysis", "Can review any user's analyses")]
+        indexes = [models.Index(fields=["owner", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"Analysis {self.pk} of {self.original_filename}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.DONE, self.Status.FAILED)
+
+    @property
+    def final_label(self) -> str:
+        """The reviewer's corrected label where there is one, else the model's."""
+        return self.corrected_label or self.label
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds() * 1000
+        return None

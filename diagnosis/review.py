@@ -1,0 +1,45 @@
+"""The reviewer queue: members of the `reviewers` group confirm or correct the model's calls."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods
+
+from diagnosis import selectors, services
+from diagnosis.forms import ReviewForm
+
+
+@login_required
+@require_GET
+def queue(request):
+    pending, disagreements = selectors.review_queue(user=request.user)
+    page = Paginator(pending, 50).get_page(request.GET.get("page"))
+    return render(request, "diagnosis/review_queue.html", {"page": page, "disagreements": disagreements[:20]})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def review(request, pk: int):
+    selectors.review_queue(user=request.user)  # 404 for non-reviewers
+    analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    form = ReviewForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.review_analysis(
+                analysis=analysis,
+                reviewer=request.user,
+                verdict=form.cleaned_data["verdict"],
+                corrected_label=form.cleaned_data["corrected_label"],
+                note=form.cleaned_data["note"],
+            )
+        except ValidationError as error:
+            form.add_error(None, error)
+        else:
+            messages.success(request, f"Review of {analysis.original_filename} saved.")
+            following, _ = selectors.review_queue(user=request.user)
+            next_case = following.first()
+            return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
+    status = 400 if request.method == "POST" else 200
+    return render(request, "diagnosis/review.html", {"analysis": analysis, "form": form}, status=status)

@@ -1,0 +1,102 @@
+"""Every read of analyses and batches, always scoped to the requesting user."""
+
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Count, F, Q, QuerySet
+from django.db.models.functions import Abs
+from django.http import Http404
+from django.shortcuts import get_object_or_404
+
+from diagnosis.models import Analysis, Batch
+
+
+@dataclass(frozen=True)
+class AnalysisFilters:
+    status: str = ""
+    label: str = ""
+    search: str = ""
+    reviewed: str = ""  # "yes", "no" or ""
+    date_from: str = ""
+    date_to: str = ""
+    sort: str = "-created_at"
+
+    SORTS = ("-created_at", "created_at", "-probability_parasitized", "probability_parasitized")
+
+
+def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = None) -> QuerySet[Analysis]:
+    filters = filters or AnalysisFilters()
+    queryset = Analysis.objects.filter(owner=user).select_related("batch")
+    if filters.status in Analysis.Status.values:
+        queryset = queryset.filter(status=filters.status)
+    if filters.label in Analysis.Label.values:
+        queryset = queryset.filter(label=filters.label)
+    if filters.search:
+        queryset = queryset.filter(
+            Q(original_filename__icontains=filters.search) | Q(batch__sample_reference__icontains=filters.search)
+        )
+    if filters.reviewed == "yes":
+        queryset = queryset.exclude(review_verdict="")
+    elif filters.reviewed == "no":
+        queryset = queryset.filter(review_verdict="")
+    if filters.date_from:
+        queryset = queryset.filter(created_at__date__gte=filters.date_from)
+    if filters.date_to:
+        queryset = queryset.filter(created_at__date__lte=filters.date_to)
+    sort = filters.sort if filters.sort in AnalysisFilters.SORTS else "-created_at"
+    return queryset.order_by(sort, "-id")
+
+
+def get_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:
+    """The user's analysis, or 404 (never 403, so other users' ids are not revealed)."""
+    return get_object_or_404(Analysis, pk=pk, owner=user)
+
+
+REVIEW_PERMISSION = "diagnosis.review_analysis"
+
+
+def can_review(user: AbstractBaseUser) -> bool:
+    return user.is_authenticated and user.has_perm(REVIEW_PERMISSION)
+
+
+def get_viewable_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:
+    """Owners see their own analyses; reviewers (and admins) may see any."""
+    if can_review(user):
+        return get_object_or_404(Analysis, pk=pk)
+    return get_analysis(user=user, pk=pk)
+
+
+def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySet[Analysis]]:
+    """(cases awaiting review, least confident first; cases a reviewer disagreed with)."""
+    if not can_review(user):
+        raise Http404
+    done = Analysis.objects.filter(status=Analysis.Status.DONE).select_related("owner", "batch")
+    pending = (
+        done.filter(review_verdict="")
+        .annotate(confidence=Abs(F("probability_parasitized") - 0.5))
+        .order_by("confidence", "created_at")
+    )
+    disagreements = done.filter(review_verdict=Analysis.Verdict.DISAGREE).order_by("-reviewed_at")
+    return pending, disagreements
+
+
+def batches_for(*, user: AbstractBaseUser) -> QuerySet[Batch]:
+    return Batch.objects.filter(owner=user)
+
+
+def get_batch(*, user: AbstractBaseUser, pk: int) -> Batch:
+    return get_object_or_404(Batch, pk=pk, owner=user)
+
+
+def batch_counts(*, batch: Batch) -> dict[str, int]:
+    counts = batch.analyses.aggregate(
+        total=Count("id"),
+        queued=Count("id", filter=Q(status=Analysis.Status.QUEUED)),
+        running=Count("id", filter=Q(status=Analysis.Status.RUNNING)),
+        done=Count("id", filter=Q(status=Analysis.Status.DONE)),
+        failed=Count("id", filter=Q(status=Analysis.Status.FAILED)),
+        parasitized=Count("id", filter=Q(label=Analysis.Label.PARASITIZED)),
+        uninfected=Count("id", filter=Q(label=Analysis.Label.UNINFECTED)),
+    )
+    counts["finished"] = counts["done"] + counts["failed"]
+    return counts

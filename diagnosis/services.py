@@ -1,0 +1,228 @@
+"""Every write to analyses and batches goes through here."""
+
+import io
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.core.files.base import ContentFile
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from PIL import Image
+
+from diagnosis.models import Analysis, Batch, private_storage
+from diagnosis.validation import ValidImage, validate_upload
+
+logger = logging.getLogger("diagnosis.analysis")
+
+THUMBNAIL_SIZE = (128, 128)
+# Images per task message: large enough for batched forward passes, small enough to spread
+# a batch over several workers.
+ANALYSES_PER_TASK = 16
+
+
+def create_batch(
+    *, owner: AbstractBaseUser, uploads: Sequence[UploadedFile], sample_reference: str = "", note: str = ""
+) -> Batch:
+    """Validate every file, then store them all as queued analyses of one batch (all or nothing)."""
+    if not uploads:
+        raise ValidationError("Choose at least one image.")
+    if len(uploads) > settings.BATCH_MAX_FILES:
+        raise ValidationError(f"A batch holds at most {settings.BATCH_MAX_FILES} images; {len(uploads)} were sent.")
+    images = _validate_all(uploads)
+    with _removing_files_on_error() as stored, transaction.atomic():
+        batch = Batch.objects.create(owner=owner, sample_reference=sample_reference.strip(), note=note.strip())
+        analyses = [_store_analysis(owner=owner, image=image, batch=batch, stored=stored) for image in images]
+        transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[a.pk for a in analyses]))
+    return batch
+
+
+def create_analysis(*, owner: AbstractBaseUser, upload: UploadedFile) -> Analysis:
+    (image,) = _validate_all([upload])
+    with _removing_files_on_error() as stored, transaction.atomic():
+        analysis = _store_analysis(owner=owner, image=image, batch=None, stored=stored)
+        transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[analysis.pk]))
+    return analysis
+
+
+def _validate_all(uploads: Iterable[UploadedFile]) -> list[ValidImage]:
+    valid, errors = [], []
+    for upload in uploads:
+        try:
+            valid.append(validate_upload(upload))
+        except ValidationError as error:
+            errors.extend(error.messages)
+    if errors:
+        raise ValidationError(errors)
+    return valid
+
+
+@contextmanager
+def _removing_files_on_error() -> Iterator[list[str]]:
+    """Collects names of stored files and deletes them if the block fails, so nothing is half-stored."""
+    stored: list[str] = []
+    try:
+        yield stored
+    except BaseException:
+        for name in stored:
+            private_storage.delete(name)
+        raise
+
+
+def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:
+    analysis = Analysis(
+        owner=owner, batch=batch, original_filename=image.name, width=image.image.width, height=image.image.height
+    )
+    analysis.image.save(f"upload.{image.extension}", ContentFile(image.content), save=False)
+    stored.append(analysis.image.name)
+    analysis.thumbnail.save("thumb.png", ContentFile(_thumbnail_png(image.image)), save=False)
+    stored.append(analysis.thumbnail.name)
+    analysis.save()
+    log_transition(analysis, "queued")
+    return analysis
+
+
+def _thumbnail_png(image: Image.Image) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail(THUMBNAIL_SIZE)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:
+    """Send analyses to the worker. If the broker is unreachable they stay queued for the sweeper."""
+    from diagnosis.tasks import analyse_images
+
+    for start in range(0, len(analysis_ids), ANALYSES_PER_TASK):
+        chunk = list(analysis_ids[start : start + ANALYSES_PER_TASK])
+        try:
+            analyse_images.apply_async(args=[chunk], retry=True)
+        except Exception:  # noqa: BLE001 - any broker failure must not lose the upload
+            logger.warning("event=enqueue_failed analysis_ids=%s; the sweeper will retry", chunk, exc_info=True)
+            continue
+        Analysis.objects.filter(pk__in=chunk, status=Analysis.Status.QUEUED).update(enqueued_at=timezone.now())
+
+
+def claim_analysis(*, analysis_id: int, task_id: str) -> bool:
+    """Move queued -> running for this task. A task retried or redelivered under the same id may
+    claim again; any other task (a duplicate) gets False and must do nothing."""
+    claimable = Q(status=Analysis.Status.QUEUED) | Q(status=Analysis.Status.RUNNING, claimed_by_task=task_id)
+    claimed = Analysis.objects.filter(claimable, pk=analysis_id).update(
+        status=Analysis.Status.RUNNING,
+        claimed_by_task=task_id,
+        started_at=timezone.now(),
+        attempts=F("attempts") + 1,
+    )
+    if claimed:
+        logger.info("event=running analysis_id=%s task_id=%s", analysis_id, task_id)
+    return bool(claimed)
+
+
+def record_result(
+    *,
+    analysis: Analysis,
+    task_id: str,
+    label: str,
+    probability_parasitized: float,
+    model_version: str,
+    overlay_png: bytes,
+    inference_ms: float,
+) -> bool:
+    """running -> done, once: a second recording of the same analysis changes nothing."""
+    overlay_name = f"overlays/{analysis.pk}.png"
+    storage = analysis.overlay.storage
+    storage.delete(overlay_name)  # a crashed earlier attempt may have left it
+    storage.save(overlay_name, ContentFile(overlay_png))
+    now = timezone.now()
+    done = Analysis.objects.filter(pk=analysis.pk, status=Analysis.Status.RUNNING, claimed_by_task=task_id).update(
+        status=Analysis.Status.DONE,
+        label=label,
+        probability_parasitized=probability_parasitized,
+        model_version=model_version,
+        overlay=overlay_name,
+        inference_ms=inference_ms,
+        finished_at=now,
+        error="",
+    )
+    if done:
+        analysis.refresh_from_db()
+        log_transition(analysis, "done")
+    return bool(done)
+
+
+def fail_analysis(*, analysis_id: int, task_id: str, error: str, model_version: str = "") -> bool:
+    failed = Analysis.objects.filter(pk=analysis_id, status=Analysis.Status.RUNNING, claimed_by_task=task_id).update(
+        status=Analysis.Status.FAILED, error=error[:2000], model_version=model_version, finished_at=timezone.now()
+    )
+    if failed:
+        logger.warning("event=failed analysis_id=%s error=%r", analysis_id, error[:200])
+    return bool(failed)
+
+
+def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
+    """Re-enqueue analyses whose task was lost: queued but never sent (broker down) or sent long
+    ago, and running for longer than a task can take (worker died). Returns how many."""
+    older_than = older_than or timedelta(seconds=settings.ANALYSIS_STALE_SECONDS)
+    cutoff = timezone.now() - older_than
+    with transaction.atomic():
+        stale_running = Analysis.objects.select_for_update(skip_locked=True).filter(
+            status=Analysis.Status.RUNNING, started_at__lt=cutoff
+        )
+        running_ids = list(stale_running.values_list("pk", flat=True))
+        Analysis.objects.filter(pk__in=running_ids, status=Analysis.Status.RUNNING).update(
+            status=Analysis.Status.QUEUED, claimed_by_task=""
+        )
+    queued_ids = list(
+        Analysis.objects.filter(status=Analysis.Status.QUEUED)
+        .filter(
+            Q(enqueued_at__isnull=True, created_at__lt=timezone.now() - timedelta(seconds=5))
+            | Q(enqueued_at__lt=cutoff)
+        )
+        .values_list("pk", flat=True)
+    )
+    ids = sorted(set(running_ids) | set(queued_ids))
+    if ids:
+        logger.info("event=requeue count=%s analysis_ids=%s", len(ids), ids)
+        enqueue_analyses(analysis_ids=ids)
+    return len(ids)
+
+
+def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> str:
+    """Validate a verdict; returns the corrected label to store ("" when agreeing)."""
+    if analysis.status != Analysis.Status.DONE:
+        raise ValidationError("Only finished analyses can be reviewed.")
+    if verdict == Analysis.Verdict.AGREE:
+        return ""
+    if verdict != Analysis.Verdict.DISAGREE:
+        raise ValidationError("The verdict must be agree or disagree.")
+    if corrected_label not in Analysis.Label.values or corrected_label == analysis.label:
+        raise ValidationError("A disagreement needs the corrected label (the one the model did not give).")
+    return corrected_label
+
+
+def review_analysis(
+    *, analysis: Analysis, reviewer: AbstractBaseUser, verdict: str, corrected_label: str = "", note: str = ""
+) -> Analysis:
+    analysis.corrected_label = check_review(analysis=analysis, verdict=verdict, corrected_label=corrected_label)
+    analysis.review_verdict = verdict
+    analysis.review_note = note.strip()
+    analysis.reviewed_by = reviewer
+    analysis.reviewed_at = timezone.now()
+    analysis.save(update_fields=["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at"])
+    logger.info("event=reviewed analysis_id=%s verdict=%s reviewer_id=%s", analysis.pk, verdict, reviewer.pk)
+    return analysis
+
+
+def log_transition(analysis: Analysis, event: str) -> None:
+    timings = ""
+    if analysis.finished_at:
+        total = (analysis.finished_at - analysis.created_at).total_seconds()
+        timings = f" total_s={total:.3f} inference_ms={analysis.inference_ms or 0:.1f}"
+    logger.info("event=%s analysis_id=%s owner_id=%s%s", event, analysis.pk, analysis.owner_id, timings)

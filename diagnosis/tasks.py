@@ -1,0 +1,21 @@
+from celery import shared_task
+from django.db import InterfaceError, OperationalError
+
+from diagnosis import inference, services
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    autoretry_for=(OperationalError, InterfaceError, ConnectionError),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=8,
+)
+def analyse_images(self, analysis_ids: list[int]) -> None:
+    inference.run_analyses(analysis_ids=analysis_ids, task_id=self.request.id)
+
+
+@shared_task(ignore_result=True)
+def requeue_stale_analyses() -> int:
+    return services.requeue_stale_analyses()

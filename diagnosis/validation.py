@@ -1,0 +1,77 @@
+"""Checks an uploaded file is a real, sane image before anything is stored."""
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import UploadedFile
+from PIL import Image, ImageOps
+
+from ml.preprocessing import to_rgb
+
+ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "BMP": "bmp"}
+ALLOWED_DESCRIPTION = "PNG, JPEG, TIFF or BMP"
+
+
+@dataclass(frozen=True)
+class ValidImage:
+    name: str
+    content: bytes
+    extension: str
+    image: Image.Image  # decoded, RGB, EXIF orientation not yet applied
+
+
+def validate_upload(upload: UploadedFile) -> ValidImage:
+    name = display_name(upload.name)
+    if upload.size == 0:
+        raise ValidationError(f"{name}: the file is empty.")
+    if upload.size > settings.UPLOAD_MAX_BYTES:
+        limit_mb = settings.UPLOAD_MAX_BYTES / (1024 * 1024)
+        raise ValidationError(f"{name}: the file is larger than the {limit_mb:.0f} MB limit.")
+    content = upload.read()
+    image_format, image = _decode(name, content)
+    return ValidImage(name=name, content=content, extension=ALLOWED_FORMATS[image_format], image=image)
+
+
+def display_name(raw: str | None) -> str:
+    """The client's file name reduced to a harmless label (never used as a path)."""
+    base = (raw or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable()).strip()
+    return cleaned[:200] or "upload"
+
+
+def _decode(name: str, content: bytes) -> tuple[str, Image.Image]:
+    max_side, min_side = settings.UPLOAD_MAX_SIDE, settings.UPLOAD_MIN_SIDE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(content)) as image:
+                if image.format not in ALLOWED_FORMATS:
+                    raise ValidationError(
+                        f"{name}: {image.format or 'this'} files are not accepted; upload {ALLOWED_DESCRIPTION}."
+                    )
+                width, height = image.size
+                # Checked from the header, before any pixel is decoded.
+                if width > max_side or height > max_side:
+                    raise ValidationError(
+                        f"{name}: {width}x{height} px is too large; the maximum is {max_side}x{max_side}."
+                    )
+                if width < min_side or height < min_side:
+                    raise ValidationError(
+                        f"{name}: {width}x{height} px is too small; the minimum is {min_side}x{min_side}."
+                    )
+                if getattr(image, "n_frames", 1) > 1:
+                    raise ValidationError(f"{name}: multi-frame images are not accepted; upload a single cell.")
+                image.load()
+                return image.format, to_rgb(ImageOps.exif_transpose(image))
+    except ValidationError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValidationError(f"{name}: the image has too many pixels to decode safely.") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError, EOFError):
+        raise ValidationError(
+            f"{name}: the file is not a readable image (corrupt, truncated or not an image). "
+            f"Upload {ALLOWED_DESCRIPTION}."
+        ) from None

@@ -1,0 +1,138 @@
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db import connection
+from django.http import JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods
+
+from diagnosis import selectors, services
+from diagnosis.files import protected_file_response
+from diagnosis.forms import FilterForm, UploadForm
+from diagnosis.models import Analysis
+from malaria_site.celery import app as celery_app
+
+PAGE_SIZE = 25
+
+
+def _filters_from(form: FilterForm) -> selectors.AnalysisFilters:
+    data = form.cleaned_data if form.is_valid() else {}
+    return selectors.AnalysisFilters(
+        status=data.get("status") or "",
+        label=data.get("label") or "",
+        search=(data.get("search") or "").strip(),
+        reviewed=data.get("reviewed") or "",
+        date_from=str(data.get("date_from") or ""),
+        date_to=str(data.get("date_to") or ""),
+        sort=data.get("sort") or "-created_at",
+    )
+
+
+@login_required
+@require_GET
+def dashboard(request):
+    form = FilterForm(request.GET)
+    analyses = selectors.analyses_for(user=request.user, filters=_filters_from(form))
+    page = Paginator(analyses, PAGE_SIZE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "diagnosis/dashboard.html", {"form": form, "page": page, "query": query.urlencode()})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def upload(request):
+    form = UploadForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            batch = services.create_batch(
+                owner=request.user,
+                uploads=form.cleaned_data["images"],
+                sample_reference=form.cleaned_data["sample_reference"],
+                note=form.cleaned_data["note"],
+            )
+        except ValidationError as error:
+            for message in error.messages:
+                form.add_error("images", message)
+        else:
+            messages.success(request, f"{batch.analyses.count()} image(s) queued for analysis.")
+            return redirect("diagnosis:batch", pk=batch.pk)
+    status = 400 if request.method == "POST" else 200
+    context = {"form": form, "max_files": settings.BATCH_MAX_FILES, "max_mb": settings.UPLOAD_MAX_BYTES // 2**20}
+    return render(request, "diagnosis/upload.html", context, status=status)
+
+
+@login_required
+@require_GET
+def batch_detail(request, pk: int):
+    batch = selectors.get_batch(user=request.user, pk=pk)
+    analyses = batch.analyses.order_by("-probability_parasitized", "id")
+    context = {"batch": batch, "analyses": analyses, "counts": selectors.batch_counts(batch=batch)}
+    return render(request, "diagnosis/batch.html", context)
+
+
+@login_required
+@require_GET
+def analysis_detail(request, pk: int):
+    analysis = selectors.get_analysis(user=request.user, pk=pk)
+    return render(request, "diagnosis/analysis.html", {"analysis": analysis})
+
+
+@login_required
+@require_GET
+def analysis_file(request, pk: int, kind: str):
+    analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
+
+
+@require_GET
+def healthz(request):
+    checks = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as error:  # noqa: BLE001 - any failure is a failed check
+        checks["database"] = f"error: {error.__class__.__name__}"
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as error:  # noqa: BLE001
+        checks["broker"] = f"error: {error.__class__.__name__}"
+    healthy = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if healthy else "degraded", **checks}, status=200 if healthy else 503)
+
+
+def _status_payload(analysis: Analysis) -> dict:
+    return {
+        "id": analysis.pk,
+        "status": analysis.status,
+        "status_display": analysis.get_status_display(),
+        "label": analysis.final_label,
+        "probability_parasitized": analysis.probability_parasitized,
+        "finished": analysis.is_finished,
+        "overlay_url": reverse("diagnosis:analysis-file", args=[analysis.pk, "overlay"]) if analysis.overlay else None,
+    }
+
+
+@login_required
+@require_GET
+def analyses_status(request):
+    """Current state of the user's analyses named in ``?ids=1,2,3`` (the pages poll this)."""
+    ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.isdigit()][:200]
+    analyses = selectors.analyses_for(user=request.user).filter(pk__in=ids)
+    return JsonResponse({"analyses": [_status_payload(a) for a in analyses]})
+
+
+@login_required
+@require_GET
+def batch_status(request, pk: int):
+    batch = selectors.get_batch(user=request.user, pk=pk)
+    counts = selectors.batch_counts(batch=batch)
+    return JsonResponse(
+        {"id": batch.pk, "counts": counts, "analyses": [_status_payload(a) for a in batch.analyses.all()]}
+    )

@@ -1,0 +1,25 @@
+"""Training-time augmentation on uint8 NCHW batches: symmetries and mild stain variation.
+
+A cell has no canonical orientation, so all eight flips/rotations are equally valid; stain and
+illumination differ between smears, so channel gains, brightness and gamma are jittered. Black
+stays black, so the background is unchanged.
+"""
+
+import torch
+
+
+def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Return a float batch in [0, 255] with random symmetries and colour jitter applied per image."""
+    n = batch.shape[0]
+    rotations = torch.randint(0, 4, (n,), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    images = []
+    for image, k, flip in zip(batch, rotations.tolist(), flips.tolist(), strict=True):
+        image = torch.rot90(image, k, dims=(1, 2))
+        images.append(torch.flip(image, dims=(2,)) if flip else image)
+    out = torch.stack(images).float() / 255.0
+    gains = 1.0 + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.2
+    brightness = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    gamma = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    out = (out * gains * brightness).clamp(0.0, 1.0) ** gamma
+    return out * 255.0

@@ -1,0 +1,67 @@
+"""Listing a class-folder dataset, splitting it by patient group, and loading it into memory."""
+
+import random
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ml.model import CLASS_NAMES
+from ml.preprocessing import open_rgb, square_resize
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # index into CLASS_NAMES
+
+    @property
+    def patient_group(self) -> str:
+        return patient_group(self.path.name)
+
+
+def patient_group(file_name: str) -> str:
+    """The NIH file-name prefix before ``_IMG_`` names the patient (smear) group."""
+    return file_name.split("_IMG_", 1)[0]
+
+
+def list_samples(data_dir: str | Path) -> list[Sample]:
+    root = Path(data_dir)
+    missing = [name for name in CLASS_NAMES if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root} must contain the folders {', '.join(CLASS_NAMES)}; missing {missing}")
+    return [
+        Sample(path, label)
+        for label, name in enumerate(CLASS_NAMES)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def split_by_patient(
+    samples: Iterable[Sample], *, holdout_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Put whole patient groups on one side or the other, about ``holdout_fraction`` of groups held out."""
+    samples = list(samples)
+    groups = sorted({s.patient_group for s in samples})
+    random.Random(seed).shuffle(groups)
+    held_out = set(groups[: max(1, round(len(groups) * holdout_fraction))])
+    kept = [s for s in samples if s.patient_group not in held_out]
+    holdout = [s for s in samples if s.patient_group in held_out]
+    return kept, holdout
+
+
+def load_arrays(samples: list[Sample], size: int, *, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize every sample: N x size x size x 3 uint8 images and N labels."""
+    paths = [str(s.path) for s in samples]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        images = list(pool.map(_load_one, paths, [size] * len(paths), chunksize=64))
+    return np.stack(images), np.array([s.label for s in samples], dtype=np.int64)
+
+
+def _load_one(path: str, size: int) -> np.ndarray:
+    return square_resize(open_rgb(path), size)

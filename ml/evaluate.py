@@ -1,0 +1,80 @@
+"""Evaluate a weights file on a Parasitized/Uninfected folder with the worker's own predictor.
+
+python -m ml.evaluate --data DIR [--weights FILE] [--json]
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from ml.data import list_samples
+from ml.metrics import screening_metrics
+from ml.model import PARASITIZED
+from ml.predictor import Predictor
+from ml.preprocessing import open_rgb
+from ml.weights import DEFAULT_WEIGHTS
+
+CHUNK = 256  # images decoded at a time, to bound memory on large folders
+
+
+def evaluate_folder(data_dir: str, weights: str) -> dict:
+    predictor = Predictor(weights)
+    samples = list_samples(data_dir)
+    if not samples:
+        raise SystemExit(f"no images found under {data_dir}")
+    scores = []
+    started = time.perf_counter()
+    for start in range(0, len(samples), CHUNK):
+        images = [open_rgb(s.path) for s in samples[start : start + CHUNK]]
+        scores.extend(p.probability_parasitized for p in predictor.predict(images))
+    elapsed = time.perf_counter() - started
+    positives = np.array([s.label == PARASITIZED for s in samples])
+    metrics = screening_metrics(np.array(scores), positives, predictor.info.threshold)
+    metrics.update(
+        model_version=predictor.version,
+        images_per_second=len(samples) / elapsed,
+        patient_groups=len({s.patient_group for s in samples}),
+        parasitized=int(positives.sum()),
+        uninfected=int((~positives).sum()),
+    )
+    return metrics
+
+
+def describe(m: dict) -> str:
+    c = m["confusion"]
+    return "\n".join(
+        [
+            f"model            {m['model_version']}",
+            f"images           {m['n']} ({m['parasitized']} parasitized, {m['uninfected']} uninfected, "
+            f"{m['patient_groups']} patient groups)",
+            f"threshold        {m['threshold']:.2f} (probability of Parasitized, chosen on validation data)",
+            f"accuracy         {m['accuracy']:.4f}",
+            f"sensitivity      {m['sensitivity']:.4f}  (recall of Parasitized)",
+            f"specificity      {m['specificity']:.4f}",
+            f"precision        {m['precision']:.4f}",
+            f"F1               {m['f1']:.4f}",
+            f"ROC AUC          {m['auc']:.4f}",
+            f"calibration ECE  {m['ece']:.4f}",
+            "confusion        predicted Parasitized / Uninfected",
+            f"  Parasitized    {c['tp']:>6} / {c['fn']:<6}",
+            f"  Uninfected     {c['fp']:>6} / {c['tn']:<6}",
+            f"throughput       {m['images_per_second']:.1f} images/s (decode, classify, heatmap)",
+        ]
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    metrics = evaluate_folder(args.data, args.weights)
+    sys.stdout.write(json.dumps(metrics) + "\n" if args.json else describe(metrics) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Binary screening metrics, Parasitized being the positive class."""
+
+import numpy as np
+
+
+def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve via the rank-sum statistic (ties get average ranks)."""
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def expected_calibration_error(scores: np.ndarray, positives: np.ndarray, bins: int = 10) -> float:
+    """ECE of the Parasitized probability over equal-width bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(scores[in_bin].mean() - positives[in_bin].mean())
+    return float(total)
+
+
+def screening_metrics(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict:
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    predicted = scores >= threshold
+    tp = int((predicted & positives).sum())
+    tn = int((~predicted & ~positives).sum())
+    fp = int((predicted & ~positives).sum())
+    fn = int((~predicted & positives).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    sensitivity = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": len(scores),
+        "threshold": threshold,
+        "accuracy": (tp + tn) / len(scores) if len(scores) else 0.0,
+        "sensitivity": sensitivity,
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "precision": precision,
+        "f1": 2 * precision * sensitivity / (precision + sensitivity) if precision + sensitivity else 0.0,
+        "auc": roc_auc(scores, positives),
+        "ece": expected_calibration_error(scores, positives),
+        "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn},
+    }
+
+
+def choose_threshold(scores: np.ndarray, positives: np.ndarray, *, min_sensitivity: float = 0.97) -> float:
+    """Most accurate threshold whose sensitivity stays at or above ``min_sensitivity`` (on validation).
+
+    Falls back to the most accurate threshold overall when no candidate reaches that sensitivity.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    candidates = np.linspace(0.01, 0.99, 99)
+    predicted = scores[None, :] >= candidates[:, None]
+    accuracy = (predicted == positives[None, :]).mean(axis=1)
+    sensitivity = (predicted & positives[None, :]).sum(axis=1) / max(int(positives.sum()), 1)
+    allowed = sensitivity >= min_sensitivity
+    pool = np.where(allowed, accuracy, -1.0) if allowed.any() else accuracy
+    return round(float(candidates[int(np.argmax(pool))]), 2)

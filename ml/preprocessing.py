@@ -1,0 +1,71 @@
+"""Image decoding and resizing shared by training, evaluation and the worker.
+
+Cells are crops on a black background of varying size, so an image is padded to a square with
+black (keeping the cell's shape) before it is resized to the network's input size.
+"""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Pillow raises DecompressionBombError above twice this many pixels and warns above it.
+Image.MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this pipeline can read."""
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """Decode a file or bytes to an RGB image, honouring EXIF orientation."""
+    try:
+        if isinstance(source, bytes):
+            return _decode(io.BytesIO(source))
+        with open(source, "rb") as stream:
+            return _decode(stream)
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(f"image is too large to decode safely: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"cannot decode image: {error}") from error
+
+
+def _decode(stream) -> Image.Image:
+    with Image.open(stream) as image:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Flatten any mode (palette, 16-bit, alpha, grayscale) to 8-bit RGB on black."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def square_resize(image: Image.Image, size: int) -> np.ndarray:
+    """Pad to a centred black square, resize to ``size``; returns HxWx3 uint8."""
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """NHWC or NCHW uint8 (NCHW expected) to normalised float NCHW."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (batch_uint8.float() - mean_t) / std_t
+
+
+def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack HxWx3 uint8 arrays into an NCHW uint8 tensor."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

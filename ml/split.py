@@ -1,0 +1,36 @@
+"""Hold out whole patient groups as a test folder, as symlinks (the data is never copied).
+
+    python -m ml.split --data ../shared/datasets/nih-malaria-cells --out /tmp/malaria-split
+
+writes OUT/train/{Parasitized,Uninfected} and OUT/test/{Parasitized,Uninfected}.
+"""
+
+import argparse
+from pathlib import Path
+
+from ml.data import list_samples, split_by_patient
+from ml.model import CLASS_NAMES
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    train, test = split_by_patient(list_samples(args.data), holdout_fraction=args.test_fraction, seed=args.seed)
+    for part, samples in (("train", train), ("test", test)):
+        for name in CLASS_NAMES:
+            (Path(args.out) / part / name).mkdir(parents=True, exist_ok=True)
+        for sample in samples:
+            link = Path(args.out) / part / CLASS_NAMES[sample.label] / sample.path.name
+            if not link.exists():
+                link.symlink_to(sample.path.resolve())
+        groups = len({s.patient_group for s in samples})
+        print(f"{part}: {len(samples)} images from {groups} patient groups")
+
+
+if __name__ == "__main__":
+    main()

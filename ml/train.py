@@ -1,0 +1,234 @@
+"""Train the malaria VGG19 classifier on a Parasitized/Uninfected folder, split by patient group.
+
+    python -m ml.train --data ../shared/datasets/nih-malaria-cells --out ml/weights/malaria_vgg19.safetensors
+
+``--init scratch`` trains the whole VGG19-BN; ``--init imagenet`` loads torchvision's ImageNet VGG19,
+freezes its convolutional trunk and trains only the new two-way head (the seed's method).
+"""
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ml.augment import augment_batch
+from ml.data import list_samples, load_arrays, split_by_patient
+from ml.metrics import choose_threshold, screening_metrics
+from ml.model import PARASITIZED, MalariaVGG, ModelConfig
+from ml.preprocessing import normalize
+from ml.weights import ModelInfo, save_model
+
+IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
+    parser.add_argument("--out", required=True, help="safetensors file to write (best validation AUC)")
+    parser.add_argument("--init", choices=("scratch", "imagenet"), default="scratch")
+    parser.add_argument("--backbone-weights", help="torchvision VGG19 ImageNet state dict (.pth or .safetensors)")
+    parser.add_argument("--input-size", type=int, help="default 64 (scratch) or 128 (imagenet)")
+    parser.add_argument("--trunk-stride", type=int, choices=(8, 16, 32), help="default 8 (scratch) or 16 (imagenet)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 scratch, 1e-2 imagenet")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--val-fraction", type=float, default=0.12, help="fraction of patient groups for validation")
+    parser.add_argument("--min-sensitivity", type=float, default=0.97, help="sensitivity the threshold must keep")
+    parser.add_argument("--limit", type=int, help="use at most this many images (smoke tests)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
+    parser.add_argument("--checkpoint", help="training-state file (default: OUT with .ckpt suffix)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=20261125)
+    return parser.parse_args(argv)
+
+
+def build_model(args) -> MalariaVGG:
+    imagenet = args.init == "imagenet"
+    config = ModelConfig(
+        arch="vgg19" if imagenet else "vgg19_bn",
+        input_size=args.input_size or (128 if imagenet else 64),
+        trunk_stride=args.trunk_stride or (16 if imagenet else 8),
+    )
+    model = MalariaVGG(config)
+    if imagenet:
+        model.features.load_state_dict(imagenet_trunk_state(args.backbone_weights))
+        model.freeze_trunk()
+    return model
+
+
+def imagenet_trunk_state(path: str | None) -> dict[str, torch.Tensor]:
+    """The ``features.*`` tensors of torchvision's ImageNet VGG19, read without pickle."""
+    source = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_VGG19_FILE
+    if not source.is_file():
+        raise SystemExit(
+            f"ImageNet VGG19 weights not found at {source}. Pass --backbone-weights FILE, or place "
+            f"torchvision's {IMAGENET_VGG19_FILE} in the torch hub cache."
+        )
+    if source.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(source))
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+
+
+def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step):
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(len(images), generator=generator)
+    steps = len(order) // args.batch_size
+    config = model.config
+    started, seen = time.monotonic(), 0
+    for step in range(start_step, steps):
+        index = order[step * args.batch_size : (step + 1) * args.batch_size]
+        batch = augment_batch(images[index], generator)
+        inputs = normalize(batch, config.mean, config.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = F.cross_entropy(model(inputs).float(), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        seen += len(index)
+        if step % 20 == 0 or step == steps - 1:
+            rate = seen / (time.monotonic() - started)
+            eta = (steps - step - 1) * args.batch_size / rate
+            print(
+                f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss.item():.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s eta {eta / 60:.1f} min",
+                flush=True,
+            )
+        on_step(epoch, step + 1)
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.ndarray:
+    """Probability of Parasitized for each image."""
+    model.eval()
+    config = model.config
+    scores = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        inputs = normalize(batch, config.mean, config.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(inputs)
+        scores.append(logits.float().softmax(dim=1)[:, PARASITIZED])
+    return torch.cat(scores).numpy()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".ckpt"))
+
+    samples = list_samples(args.data)
+    if args.limit:
+        samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
+    train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
+    groups = lambda items: len({s.patient_group for s in items})  # noqa: E731
+    print(
+        f"train: {len(train_samples)} images / {groups(train_samples)} patient groups; "
+        f"validation: {len(val_samples)} images / {groups(val_samples)} groups",
+        flush=True,
+    )
+
+    model = build_model(args).to(memory_format=torch.channels_last)
+    size = model.config.input_size
+    loaded = time.monotonic()
+    train_x, train_y = (torch.from_numpy(a) for a in load_arrays(train_samples, size))
+    val_x, val_y = (torch.from_numpy(a) for a in load_arrays(val_samples, size))
+    train_x, val_x = (x.permute(0, 3, 1, 2).contiguous() for x in (train_x, val_x))
+    print(f"decoded {len(train_x) + len(val_x)} images at {size}px in {time.monotonic() - loaded:.0f}s", flush=True)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr = args.lr or (1e-2 if args.init == "imagenet" else 2e-3)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_x) // args.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(1, args.epochs * steps_per_epoch), pct_start=0.15
+    )
+    state = {"epoch": 0, "step": 0, "best_auc": -1.0}
+    if args.resume and checkpoint_path.is_file():
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["progress"]
+        print(f"resumed from {checkpoint_path} at epoch {state['epoch'] + 1} step {state['step']}", flush=True)
+
+    def save_checkpoint(epoch: int, step: int) -> None:
+        state.update(epoch=epoch, step=step)
+        if step % args.checkpoint_every == 0 or step == 0:
+            payload = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "progress": dict(state),
+            }
+            torch.save(payload, checkpoint_path.with_suffix(".tmp"))
+            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+    for epoch in range(state["epoch"], args.epochs):
+        train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            train_x,
+            train_y,
+            args=args,
+            epoch=epoch,
+            start_step=state["step"],
+            on_step=save_checkpoint,
+        )
+        scores = evaluate(model, val_x, val_y, bf16=args.bf16)
+        positives = val_y.numpy() == PARASITIZED
+        threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
+        metrics = screening_metrics(scores, positives, threshold)
+        print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
+        # Written as "not <=" so a validation split with one class only (AUC is NaN) still exports.
+        if not metrics["auc"] <= state["best_auc"]:
+            state["best_auc"] = metrics["auc"]
+            export(model, args, metrics, epoch=epoch + 1, train_samples=train_samples, val_samples=val_samples)
+        save_checkpoint(epoch + 1, 0)
+
+
+def export(model, args, metrics, *, epoch, train_samples, val_samples) -> None:
+    config = model.config
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().half().numpy().tobytes() if tensor.is_floating_point() else b"")
+    stamp = datetime.now(UTC).strftime("%Y%m%d")
+    version = f"{config.arch}-{config.input_size}px-{stamp}-{digest.hexdigest()[:8]}"
+    info = ModelInfo(
+        config=replace(config),
+        version=version,
+        threshold=metrics["threshold"],
+        metrics={
+            "validation": metrics,
+            "epoch": epoch,
+            "init": args.init,
+            "train_images": len(train_samples),
+            "train_groups": len({s.patient_group for s in train_samples}),
+            "validation_images": len(val_samples),
+            "validation_groups": sorted({s.patient_group for s in val_samples}),
+            "seed": args.seed,
+        },
+    )
+    save_model(model, args.out, info=info)
+    print(f"wrote {args.out} ({version}, validation AUC {metrics['auc']:.4f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Saving and loading model files as safetensors (no pickle), with metadata alongside."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ml.model import MalariaVGG, ModelConfig
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "malaria_vgg19.safetensors"
+
+
+class WeightsNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    config: ModelConfig
+    version: str
+    # Probability of Parasitized at or above which a cell is labelled Parasitized.
+    threshold: float = 0.5
+    metrics: dict = field(default_factory=dict)
+
+
+def save_model(model: MalariaVGG, path: str | Path, *, info: ModelInfo, half: bool = True) -> None:
+    tensors = {
+        name: (t.detach().half() if half and t.is_floating_point() else t.detach()).contiguous()
+        for name, t in model.state_dict().items()
+    }
+    metadata = {
+        "config": json.dumps(info.config.to_dict()),
+        "version": info.version,
+        "threshold": repr(info.threshold),
+        "metrics": json.dumps(info.metrics),
+        "format": "malaria-vgg19/1",
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    with safe_open(str(_existing(path)), framework="pt") as handle:
+        return _info_from_metadata(handle.metadata())
+
+
+def load_model(path: str | Path) -> tuple[MalariaVGG, ModelInfo]:
+    """Build the network described by the file and load its weights in fp32, eval mode."""
+    with safe_open(str(_existing(path)), framework="pt") as handle:
+        info = _info_from_metadata(handle.metadata())
+        state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+    model = MalariaVGG(info.config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval(), info
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFound(
+            f"model weights not found at {path}. Use the file shipped in ml/weights/ "
+            "(git checkout it, or set MODEL_WEIGHTS to its path) or train one with "
+            "'python -m ml.train --data DIR --out FILE'."
+        )
+    return path
+
+
+def _info_from_metadata(metadata: dict[str, str] | None) -> ModelInfo:
+    if not metadata or metadata.get("format") != "malaria-vgg19/1":
+        raise ValueError("not a malaria-vgg19 weights file (missing or unknown metadata)")
+    return ModelInfo(
+        config=ModelConfig.from_dict(json.loads(metadata["config"])),
+        version=metadata["version"],
+        threshold=float(metadata["threshold"]),
+        metrics=json.loads(metadata.get("metrics", "{}")),
+    )

@@ -1,0 +1,26 @@
+(function () {
+  "use strict";
+  const slider = document.getElementById("opacity");
+  const overlay = document.getElementById("overlay-image");
+  if (slider && overlay) {
+    const apply = () => { overlay.style.opacity = slider.value / 100; };
+    slider.addEventListener("input", apply);
+    apply();
+  }
+  // An unfinished analysis reloads once it finishes.
+  const facts = document.getElementById("analysis-facts");
+  if (facts && facts.dataset.finished === "0") {
+    const id = facts.dataset.analysis;
+    let delay = 1000;
+    const poll = async () => {
+      try {
+        const response = await fetch("/status.json?ids=" + id, { credentials: "same-origin" });
+        const data = await response.json();
+        if (data.analyses.length && data.analyses[0].finished) { window.location.reload(); return; }
+      } catch (error) { /* retry */ }
+      delay = Math.min(delay * 1.5, 10000);
+      setTimeout(poll, delay);
+    };
+    setTimeout(poll, delay);
+  }
+})();

@@ -1,0 +1,70 @@
+// Keeps the dashboard rows and the batch page current while analyses finish, without reloading.
+// Polls a small JSON endpoint for unfinished items only, backing off while nothing changes.
+(function () {
+  "use strict";
+  const progress = document.getElementById("batch-progress");
+  const table = document.querySelector("[data-live-table]");
+  const url = progress ? progress.dataset.statusUrl : table && table.dataset.statusUrl;
+  if (!url) return;
+  let delay = 1000;
+
+  function pending() {
+    return Array.from(document.querySelectorAll('[data-analysis][data-finished="0"]'));
+  }
+
+  function apply(item) {
+    const el = document.querySelector('[data-analysis="' + item.id + '"]');
+    if (!el) return;
+    const status = el.querySelector("[data-status]");
+    if (status) { status.textContent = item.status_display; status.className = "badge status-" + item.status; }
+    const label = el.querySelector("[data-label]");
+    if (label && item.label) { label.textContent = item.label; label.className = "badge label-" + item.label.toLowerCase(); }
+    const probability = el.querySelector("[data-probability]");
+    if (probability && item.probability_parasitized !== null) probability.textContent = item.probability_parasitized.toFixed(3);
+    const img = el.querySelector("img");
+    if (img && item.overlay_url) img.dataset.overlay = item.overlay_url;
+    if (item.finished) el.dataset.finished = "1";
+  }
+
+  function applyCounts(counts) {
+    for (const [key, value] of Object.entries(counts)) {
+      const el = progress.querySelector('[data-count="' + key + '"]');
+      if (el) el.textContent = value;
+    }
+    const bar = document.getElementById("progress-bar");
+    bar.max = counts.total; bar.value = counts.finished;
+    const share = progress.querySelector("[data-parasitemia]");
+    if (share && counts.done) share.textContent = Math.round(100 * counts.parasitized / counts.done);
+  }
+
+  async function poll() {
+    const waiting = pending();
+    if (!waiting.length) return;
+    const query = progress ? "" : "?ids=" + waiting.map((el) => el.dataset.analysis).join(",");
+    let changed = false;
+    try {
+      const response = await fetch(url + query, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+      if (response.ok) {
+        const data = await response.json();
+        data.analyses.forEach((item) => {
+          const el = document.querySelector('[data-analysis="' + item.id + '"]');
+          if (el && el.dataset.finished === "0" && item.finished) changed = true;
+          apply(item);
+        });
+        if (progress) applyCounts(data.counts);
+      }
+    } catch (error) { /* network blip: try again later */ }
+    delay = changed ? 1000 : Math.min(delay * 1.5, 10000);
+    setTimeout(poll, delay);
+  }
+
+  // Hover or focus a batch thumbnail to see its heatmap overlay.
+  document.querySelectorAll(".cell img").forEach((img) => {
+    const original = img.src;
+    const show = () => { if (img.dataset.overlay) img.src = img.dataset.overlay; };
+    const hide = () => { img.src = original; };
+    img.addEventListener("mouseenter", show); img.addEventListener("mouseleave", hide);
+    img.parentElement.addEventListener("focus", show); img.parentElement.addEventListener("blur", hide);
+  });
+  setTimeout(poll, delay);
+})();

@@ -1,0 +1,70 @@
+// Drag-and-drop and folder uploads with a progress bar. Without JavaScript the plain form still works.
+(function () {
+  "use strict";
+  const form = document.getElementById("upload-form");
+  if (!form) return;
+  const input = document.getElementById("id_images");
+  const folder = document.getElementById("folder-picker");
+  const zone = document.getElementById("dropzone");
+  const list = document.getElementById("file-list");
+  const bar = document.getElementById("upload-progress");
+  const button = document.getElementById("upload-button");
+  const maxFiles = Number(form.dataset.maxFiles);
+  const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
+  const accepted = /\.(png|jpe?g|tiff?|bmp)$/i;
+  let chosen = [];
+
+  function reason(file) {
+    if (!accepted.test(file.name)) return "not a PNG, JPEG, TIFF or BMP file";
+    if (file.size === 0) return "empty file";
+    if (file.size > maxBytes) return "larger than " + form.dataset.maxBytes + " MB";
+    return "";
+  }
+
+  function choose(files) {
+    chosen = [];
+    list.textContent = "";
+    Array.from(files).forEach((file) => {
+      const why = reason(file);
+      const li = document.createElement("li");
+      li.textContent = file.webkitRelativePath || file.name;
+      const note = document.createElement("span");
+      if (why) { li.className = "rejected"; note.textContent = "skipped: " + why; }
+      else if (chosen.length >= maxFiles) { li.className = "rejected"; note.textContent = "skipped: over " + maxFiles + " files"; }
+      else { chosen.push(file); note.textContent = (file.size / 1024).toFixed(0) + " KB"; }
+      li.appendChild(note);
+      list.appendChild(li);
+    });
+    button.textContent = chosen.length ? "Upload and analyse " + chosen.length + " image(s)" : "Upload and analyse";
+  }
+
+  input.addEventListener("change", () => choose(input.files));
+  folder.addEventListener("change", () => choose(folder.files));
+  ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {
+    event.preventDefault(); zone.classList.add("over");
+  }));
+  ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
+  zone.addEventListener("drop", (event) => { event.preventDefault(); choose(event.dataTransfer.files); });
+
+  form.addEventListener("submit", (event) => {
+    if (!chosen.length) return; // let the server explain what is missing
+    event.preventDefault();
+    const data = new FormData(form);
+    data.delete("images");
+    chosen.forEach((file) => data.append("images", file, file.name));
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", form.action || window.location.href);
+    bar.hidden = false;
+    button.disabled = true;
+    xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; });
+    xhr.addEventListener("load", () => {
+      if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
+        window.location.assign(xhr.responseURL);
+      } else {
+        document.open(); document.write(xhr.responseText); document.close();
+      }
+    });
+    xhr.addEventListener("error", () => { button.disabled = false; alert("The upload failed: check the connection and try again."); });
+    xhr.send(data);
+  });
+})();

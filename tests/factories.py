@@ -1,0 +1,26 @@
+import io
+
+import factory
+from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image
+
+PASSWORD = "correct-horse-battery-staple"
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    password = factory.django.Password(PASSWORD)
+
+
+def image_bytes(size=(120, 110), color=(180, 90, 120), fmt="PNG", mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 128).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def upload(name="cell.png", content: bytes | None = None, content_type="image/png") -> SimpleUploadedFile:
+    return SimpleUploadedFile(name, image_bytes() if content is None else content, content_type=content_type)

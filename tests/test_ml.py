@@ -1,0 +1,215 @@
+"""The ml package on its own: split, preprocessing, Grad-CAM, weights files and the CLIs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from ml.data import list_samples, patient_group, split_by_patient
+from ml.gradcam import cam_from_features, grad_cam, render_overlay
+from ml.model import PARASITIZED, MalariaVGG, ModelConfig
+from ml.predictor import Predictor
+from ml.preprocessing import open_rgb, square_resize
+from ml.weights import ModelInfo, WeightsNotFound, load_model, save_model
+from tests.conftest import FIXTURE_CELLS, ROOT
+
+SHARED_DATA = ROOT.parent / "shared" / "datasets" / "nih-malaria-cells"
+
+
+def tiny_weights(path: Path, *, threshold: float = 0.5) -> Path:
+    torch.manual_seed(0)
+    model = MalariaVGG(ModelConfig(input_size=32, trunk_stride=8))
+    save_model(model, path, info=ModelInfo(config=model.config, version="test-tiny", threshold=threshold))
+    return path
+
+
+def test_patient_group_is_the_prefix_before_img():
+    assert patient_group("C100P61ThinF_IMG_20150918_144104_cell_162.png") == "C100P61ThinF"
+    assert patient_group("C39P4thinF_original_IMG_20150622_113126_cell_12.png") == "C39P4thinF_original"
+
+
+@pytest.mark.parametrize("data", [FIXTURE_CELLS, SHARED_DATA], ids=["fixture", "shared"])
+def test_split_never_puts_a_patient_group_on_both_sides(data):
+    if not data.is_dir():
+        pytest.fail(f"{data} is missing")
+    samples = list_samples(data)
+    kept, held_out = split_by_patient(samples, holdout_fraction=0.3, seed=1)
+    assert kept and held_out and len(kept) + len(held_out) == len(samples)
+    assert not {s.patient_group for s in kept} & {s.patient_group for s in held_out}
+
+
+def test_square_resize_keeps_aspect_on_black():
+    image = Image.new("RGB", (100, 50), (255, 255, 255))
+    array = square_resize(image, 64)
+    assert array.shape == (64, 64, 3)
+    assert array[0, 32].sum() == 0 and array[32, 32].min() == 255  # padding above, cell in the middle
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "I;16", "LA"])
+def test_any_mode_decodes_to_rgb(tmp_path, mode):
+    path = tmp_path / "cell.png"
+    Image.new(mode, (40, 30)).save(path)
+    assert open_rgb(path).mode == "RGB"
+
+
+def test_grad_cam_equals_closed_form_cam_up_to_scale():
+    torch.manual_seed(0)
+    model = MalariaVGG(ModelConfig(input_size=64, trunk_stride=8)).eval()
+    inputs = torch.randn(3, 3, 64, 64)
+    gradient_maps = grad_cam(model, inputs, PARASITIZED)
+    with torch.inference_mode():
+        closed_form = cam_from_features(model, model.forward_features(inputs), PARASITIZED)
+    assert gradient_maps.shape == closed_form.shape == (3, 8, 8)
+    assert gradient_maps.max() > 0
+    torch.testing.assert_close(gradient_maps, closed_form, atol=1e-5, rtol=1e-4)
+
+
+def test_heatmap_grid_is_at_least_8x8_for_the_shipped_config():
+    assert ModelConfig().heatmap_size >= 8
+
+
+def test_overlay_has_the_original_size():
+    original = np.zeros((70, 90, 3), dtype=np.uint8)
+    overlay = render_overlay(original, np.random.default_rng(0).random((8, 8)).astype(np.float32))
+    assert overlay.shape == (70, 90, 3) and overlay.dtype == np.uint8 and overlay.any()
+
+
+def test_weights_round_trip_without_pickle(tmp_path):
+    path = tiny_weights(tmp_path / "w.safetensors", threshold=0.4)
+    with open(path, "rb") as handle:
+        assert b"\x80\x04" not in handle.read(16)  # not a pickle stream
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()["config"])["input_size"] == 32
+    model, info = load_model(path)
+    assert info.version == "test-tiny" and info.threshold == 0.4
+    assert not model.training
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(WeightsNotFound, match="ml.train"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+def test_predictor_batches_match_single_predictions(tmp_path):
+    predictor = Predictor(tiny_weights(tmp_path / "w.safetensors"), batch_size=2, bf16=False)
+    images = [open_rgb(p) for p in sorted(FIXTURE_CELLS.glob("*/*.png"))]
+    together = predictor.predict(images)
+    alone = [predictor.predict([image])[0] for image in images]
+    for a, b in zip(together, alone, strict=True):
+        assert a.label == b.label and a.probability_parasitized == pytest.approx(b.probability_parasitized, abs=1e-5)
+        assert a.heatmap.shape == (4, 4)
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
+    out = tmp_path / "model.safetensors"
+    trained = run_module(
+        "ml.train",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--input-size",
+        "32",
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        "3",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "validation" in trained.stdout and out.is_file() and out.with_suffix(".ckpt").is_file()
+    resumed = run_module(
+        "ml.train",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--input-size",
+        "32",
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        "3",
+        "--resume",
+    )
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+
+    evaluated = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["n"] == 4 and report["model_version"] == load_model(out)[1].version
+    for key in ("accuracy", "sensitivity", "specificity", "auc", "images_per_second"):
+        assert key in report
+
+    human = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out))
+    assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout
+
+
+@pytest.mark.slow
+def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
+    """The seed's method, with an ImageNet-shaped VGG19 state dict the test writes itself."""
+    from torchvision.models import vgg19
+
+    torch.manual_seed(0)
+    backbone = vgg19(weights=None).state_dict()
+    backbone_file = tmp_path / "vgg19-imagenet.pth"
+    torch.save(backbone, backbone_file)
+    out = tmp_path / "head.safetensors"
+    trained = run_module(
+        "ml.train",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--out",
+        str(out),
+        "--init",
+        "imagenet",
+        "--backbone-weights",
+        str(backbone_file),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--input-size",
+        "32",
+        "--val-fraction",
+        "0.5",
+    )
+    assert trained.returncode == 0, trained.stderr
+    model, info = load_model(out)
+    assert info.config.arch == "vgg19" and info.metrics["init"] == "imagenet"
+    trunk = {k.removeprefix("features."): v for k, v in model.state_dict().items() if k.startswith("features.")}
+    for name, tensor in trunk.items():  # frozen: identical to the backbone (up to fp16 storage)
+        torch.testing.assert_close(tensor, backbone[f"features.{name}"].half().float())
+
+
+def test_imagenet_init_without_weights_explains(tmp_path):
+    result = run_module(
+        "ml.train",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--out",
+        str(tmp_path / "x.safetensors"),
+        "--init",
+        "imagenet",
+        "--backbone-weights",
+        str(tmp_path / "absent.pth"),
+    )
+    assert result.returncode != 0 and "--backbone-weights" in result.stderr

@@ -1,0 +1,136 @@
+"""Bad uploads are refused with a clear 4xx and leave no row and no file behind."""
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from diagnosis.models import Analysis, Batch
+from tests.conftest import fixture_cells, stored_files
+from tests.factories import image_bytes, upload
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size but whose pixel data stops after a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)[:20])
+
+
+def bomb_png() -> bytes:
+    """9000 x 9000 px (81 Mpx) that compresses to a few kilobytes."""
+    buffer = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+BAD_FILES = {
+    "text": (b"this is not an image at all", "text/plain", "not a readable image"),
+    "zero-bytes": (b"", "image/png", "empty"),
+    "truncated-png": (image_bytes(size=(200, 200))[:300], "image/png", "not a readable image"),
+    "header-only-png": (png_header_only(64, 64), "image/png", "not a readable image"),
+    "tiny": (image_bytes(size=(4, 4)), "image/png", "too small"),
+    "huge-dimensions": (png_header_only(20000, 20000), "image/png", "too many pixels"),
+    "over-max-side": (png_header_only(5000, 3000), "image/png", "too large"),
+    "gif": (image_bytes(fmt="GIF"), "image/gif", "not accepted"),
+    "html-as-png": (b"<html><script>alert(1)</script></html>", "image/png", "not a readable image"),
+}
+
+
+@pytest.fixture
+def no_leftovers(db, media_root):
+    before = set(stored_files(media_root))
+    yield
+    assert Analysis.objects.count() == 0 and Batch.objects.count() == 0
+    assert set(stored_files(media_root)) == before
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_api_refuses_bad_file(api_client, no_leftovers, case):
+    content, content_type, message = BAD_FILES[case]
+    response = api_client.post("/api/analyses/", {"image": upload(f"{case}.png", content, content_type)})
+    assert response.status_code == 400
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_web_form_shows_why_a_file_was_refused(web_client, no_leftovers, case):
+    content, content_type, message = BAD_FILES[case]
+    response = web_client.post("/upload/", {"images": [upload(f"{case}.png", content, content_type)]})
+    assert response.status_code == 400
+    assert message in response.content.decode()
+    assert "Nothing was stored" in response.content.decode()
+
+
+def test_one_bad_file_in_a_batch_stores_nothing(api_client, no_leftovers):
+    good = [upload(p.name, p.read_bytes()) for p in fixture_cells()]
+    response = api_client.post("/api/batches/", {"images": [*good, upload("broken.png", b"nope")]})
+    assert response.status_code == 400
+    assert "broken.png" in response.json()["detail"]
+
+
+def test_decompression_bomb_is_refused_by_the_pixel_guard(api_client, no_leftovers, settings):
+    settings.UPLOAD_MAX_SIDE = 100_000  # so only Pillow's decompression-bomb limit can stop it
+    response = api_client.post("/api/analyses/", {"image": upload("bomb.png", bomb_png())})
+    assert response.status_code == 400
+    assert "too many pixels" in response.json()["detail"]
+
+
+def test_file_over_the_size_limit(api_client, no_leftovers, settings):
+    settings.UPLOAD_MAX_BYTES = 1000
+    response = api_client.post(
+        "/api/analyses/", {"image": upload("big.png", image_bytes(size=(300, 300)) + b"0" * 2000)}
+    )
+    assert response.status_code == 400 and "limit" in response.json()["detail"]
+
+
+def test_request_over_the_size_limit_is_refused_before_reading(api_client, no_leftovers, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    response = api_client.post("/api/analyses/", {"image": upload("big.png", b"x" * 20_000)})
+    assert response.status_code == 413 and "too large" in response.json()["detail"]
+
+
+def test_too_many_files_in_a_batch(api_client, no_leftovers, settings):
+    settings.BATCH_MAX_FILES = 2
+    files = [upload(f"{i}.png") for i in range(3)]
+    response = api_client.post("/api/batches/", {"images": files})
+    assert response.status_code == 400 and "at most 2" in response.json()["detail"]
+
+
+def test_json_instead_of_multipart_is_415(api_client, no_leftovers):
+    response = api_client.post("/api/analyses/", {"image": "x"}, format="json")
+    assert response.status_code == 415
+
+
+def test_missing_file_field(api_client, no_leftovers):
+    response = api_client.post("/api/analyses/", {})
+    assert response.status_code == 400 and "image" in response.json()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd.png", "..\\..\\boot.png", "ünïcødé cell.png", "a" * 300 + ".png"])
+def test_client_file_names_are_data_never_paths(api_client, media_root, name):
+    response = api_client.post("/api/analyses/", {"image": upload(name)})
+    assert response.status_code == 202
+    analysis = Analysis.objects.get()
+    assert "/" not in analysis.original_filename and len(analysis.original_filename) <= 200
+    assert analysis.image.name.startswith("uploads/") and ".." not in analysis.image.name
+    assert (media_root / analysis.image.name).resolve().is_relative_to(media_root.resolve())
+
+
+def test_odd_but_valid_images_are_accepted(api_client, db):
+    buffer = io.BytesIO()
+    Image.new("RGBA", (50, 40), (200, 10, 10, 128)).save(buffer, format="PNG")
+    for name, content in {
+        "rgba.png": buffer.getvalue(),
+        "photo.jpg": image_bytes(fmt="JPEG"),
+        "scan.tiff": image_bytes(fmt="TIFF"),
+        "old.bmp": image_bytes(fmt="BMP"),
+    }.items():
+        response = api_client.post("/api/analyses/", {"image": upload(name, content)})
+        assert response.status_code == 202, response.json()
+    assert Analysis.objects.filter(status=Analysis.Status.QUEUED).count() == 4
