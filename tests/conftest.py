@@ -75,7 +75,7 @@ class WorkerProcess:
             **os.environ,
             "DATABASE_URL": database_url(),
             "MEDIA_ROOT": str(self.media_root),
-            "DJANGO_SETTINGS_MODULE": "malaria_site.settings",
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
             **self.extra_env,
         }
         command = [
@@ -121,14 +121,22 @@ class WorkerProcess:
                 self.process.wait()
 
 
-@pytest.fixture
-def celery_worker_process(transactional_db, media_root, tmp_path):
+@pytest.fixture(scope="session")
+def _session_worker(django_db_setup, media_root, tmp_path_factory):
     from malaria_site.celery import app
 
-    app.control.purge()  # a previous run's leftovers must not reach this test's database
-    worker = WorkerProcess(media_root, tmp_path / "worker.log").start()
+    app.control.purge()  # a previous run's leftovers must not reach this run's database
+    worker = WorkerProcess(media_root, tmp_path_factory.mktemp("worker") / "worker.log").start()
     yield worker
     worker.stop()
+
+
+@pytest.fixture
+def celery_worker_process(_session_worker, transactional_db) -> WorkerProcess:
+    """One worker for the whole session (starting one loads torch); tests get committed data."""
+    if _session_worker.process.poll() is not None:
+        _session_worker.start()
+    return _session_worker
 
 
 def wait_for(predicate, timeout: float = 90, interval: float = 0.25):

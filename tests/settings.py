@@ -1,0 +1,17 @@
+"""Test settings: the environment-driven project settings, with test traffic kept apart from a
+platform that may be running on the same machine (its own queue and filesystem-broker folder)."""
+
+from malaria_site.settings import *  # noqa: F403
+from malaria_site.settings import CELERY_BROKER_URL, VAR_DIR
+
+CELERY_TASK_DEFAULT_QUEUE = "tests"
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _broker_dir = VAR_DIR / "test-broker"
+    (_broker_dir / "control").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir),
+        "data_folder_out": str(_broker_dir),
+        "control_folder": str(_broker_dir / "control"),
+    }
+# Password hashing is deliberately slow; tests log in many times.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

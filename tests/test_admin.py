@@ -1,0 +1,61 @@
+import pytest
+from django.contrib.auth import get_user_model
+
+from diagnosis.models import Analysis
+from diagnosis.services import create_analysis
+from tests.factories import upload
+
+
+@pytest.fixture
+def admin_client(client, db):
+    admin = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    client.force_login(admin)
+    client.admin = admin
+    return client
+
+
+@pytest.fixture
+def finished(user):
+    analysis = create_analysis(owner=user, upload=upload("review-me.png"))
+    Analysis.objects.filter(pk=analysis.pk).update(status="done", label="Parasitized", probability_parasitized=0.91,
+                                                   model_version="test-model")
+    return Analysis.objects.get(pk=analysis.pk)
+
+
+def test_changelist_with_filters_and_search(admin_client, finished):
+    base = "/admin/diagnosis/analysis/"
+    page = admin_client.get(base).content.decode()
+    assert "review-me.png" in page and "0.910" in page and f"/analyses/{finished.pk}/thumbnail/" in page
+    for query in ("?status__exact=done", "?label__exact=Parasitized", "?review_verdict__exact=",
+                  f"?owner__id__exact={finished.owner_id}", "?q=review-me", "?reviewed_by__isempty=1"):
+        response = admin_client.get(base + query)
+        assert response.status_code == 200 and "review-me.png" in response.content.decode(), query
+    assert "review-me.png" not in admin_client.get(base + "?status__exact=failed").content.decode()
+
+
+def test_change_view_shows_both_images_and_locks_predictions(admin_client, finished):
+    page = admin_client.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
+    assert f"/analyses/{finished.pk}/image/" in page
+    assert 'name="label"' not in page and 'name="probability_parasitized"' not in page
+    assert 'name="review_verdict"' in page
+
+
+def test_review_saves_verdict_with_reviewer_and_time(admin_client, finished):
+    response = admin_client.post(
+        f"/admin/diagnosis/analysis/{finished.pk}/change/",
+        {"review_verdict": "disagree", "corrected_label": "Uninfected", "review_note": "stain artefact",
+         "label": "Uninfected"},  # a tampered prediction field must be ignored
+    )
+    assert response.status_code == 302
+    finished.refresh_from_db()
+    assert finished.review_verdict == "disagree" and finished.corrected_label == "Uninfected"
+    assert finished.reviewed_by == admin_client.admin and finished.reviewed_at is not None
+    assert finished.label == "Parasitized" and finished.review_note == "stain artefact"
+
+
+def test_disagreement_without_a_corrected_label_is_a_form_error(admin_client, finished):
+    response = admin_client.post(f"/admin/diagnosis/analysis/{finished.pk}/change/",
+                                 {"review_verdict": "disagree", "corrected_label": "", "review_note": ""})
+    assert response.status_code == 200 and "corrected label" in response.content.decode()
+    finished.refresh_from_db()
+    assert finished.review_verdict == ""

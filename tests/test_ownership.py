@@ -1,0 +1,162 @@
+"""Every URL the project serves, for the owner, another user and an anonymous visitor.
+
+The URL list is read from the URL conf, so a new URL fails ``test_every_url_is_classified`` until
+it is added to one of the tables below.
+"""
+
+import pytest
+from django.contrib.auth.models import Group
+from django.urls import URLPattern, URLResolver, get_resolver
+from rest_framework.authtoken.models import Token
+
+from diagnosis.models import Analysis
+from tests.factories import PASSWORD, UserFactory, upload
+
+# URL name -> how its kwargs are filled from the owner's objects.
+OWNED = {
+    "diagnosis:batch": "batch",
+    "diagnosis:batch-status": "batch",
+    "diagnosis:batch-csv": "batch",
+    "diagnosis:batch-report": "batch",
+    "diagnosis:analysis": "analysis",
+    "diagnosis:analysis-file": "analysis-file",
+    "api:analysis-detail": "analysis",
+    "api:analysis-file": "analysis-file",
+    "api:batch-detail": "batch",
+}
+# Lists scoped to the user: another user gets 200 but must not see the owner's items.
+LISTS = ["diagnosis:dashboard", "diagnosis:export-csv", "diagnosis:analyses-status", "api:analysis-list", "api:batch-list"]
+FORMS = ["diagnosis:upload"]
+# Only for the `reviewers` group: everyone else gets 404.
+REVIEWER_ONLY = {"diagnosis:review-queue": None, "diagnosis:review": "analysis"}
+PUBLIC = ["login", "healthz", "api:token", "api:schema", "api:docs", "password_reset", "password_reset_done",
+          "password_reset_complete", "password_reset_confirm", "logout", "api:api-root"]
+LOGIN_ONLY = ["password_change", "password_change_done"]
+ADMIN_PREFIX = "admin:"
+IGNORED_SUFFIXES = ("-format",)  # DRF's `.json` suffix routes mirror the ones above
+
+
+def all_url_names(resolver=None, namespace="") -> set[str]:
+    names = set()
+    for pattern in (resolver or get_resolver()).url_patterns:
+        if isinstance(pattern, URLResolver):
+            inner = f"{namespace}{pattern.namespace}:" if pattern.namespace else namespace
+            names |= all_url_names(pattern, inner)
+        elif isinstance(pattern, URLPattern) and pattern.name:
+            names.add(namespace + pattern.name)
+    return names
+
+
+def test_every_url_is_classified():
+    known = set(OWNED) | set(LISTS) | set(FORMS) | set(REVIEWER_ONLY) | set(PUBLIC) | set(LOGIN_ONLY)
+    unclassified = {
+        name for name in all_url_names()
+        if name not in known and not name.startswith(ADMIN_PREFIX) and not name.endswith(IGNORED_SUFFIXES)
+    }
+    assert not unclassified, f"classify these URLs in tests/test_ownership.py: {sorted(unclassified)}"
+
+
+@pytest.fixture
+def owned(db, client, user):
+    """A batch of the user's with one finished analysis (with an overlay)."""
+    from django.test import Client
+
+    owner_client = Client()
+    owner_client.login(username=user.username, password=PASSWORD)
+    response = owner_client.post("/upload/", {"images": [upload("owned.png")], "sample_reference": "S-1"})
+    assert response.status_code == 302
+    analysis = Analysis.objects.get(owner=user)
+    analysis.overlay.save("o.png", analysis.image.file, save=False)
+    Analysis.objects.filter(pk=analysis.pk).update(status="done", label="Uninfected", probability_parasitized=0.1,
+                                                   overlay=analysis.overlay.name)
+    return {"analysis": analysis, "batch": analysis.batch}
+
+
+def url_for(name: str, objects) -> str:
+    from django.urls import reverse
+
+    kind = OWNED.get(name) or REVIEWER_ONLY.get(name)
+    if kind == "analysis-file":
+        return reverse(name, kwargs={"pk": objects["analysis"].pk, "kind": "overlay"})
+    if kind:
+        return reverse(name, kwargs={"pk": objects[kind].pk})
+    return reverse(name)
+
+
+def web_or_api(name: str) -> str:
+    return "api" if name.startswith("api:") else "web"
+
+
+def anonymous_refused(response, name) -> bool:
+    if web_or_api(name) == "api":
+        return response.status_code == 401
+    return response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+def as_user(client, user, name):
+    """Session login for pages, a token for the API (both are supported there)."""
+    client.logout()
+    if web_or_api(name) == "api":
+        token, _ = Token.objects.get_or_create(user=user)
+        client.defaults["HTTP_AUTHORIZATION"] = f"Token {token.key}"
+    else:
+        client.defaults.pop("HTTP_AUTHORIZATION", None)
+        client.login(username=user.username, password=PASSWORD)
+    return client
+
+
+@pytest.mark.parametrize("name", sorted(OWNED))
+def test_owned_objects(client, user, other_user, owned, name):
+    url = url_for(name, owned)
+    assert as_user(client, user, name).get(url).status_code == 200, url
+    assert as_user(client, other_user, name).get(url).status_code == 404, url
+    client.logout()
+    client.defaults.pop("HTTP_AUTHORIZATION", None)
+    assert anonymous_refused(client.get(url), name), url
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_lists_show_only_the_users_own_items(client, user, other_user, owned, name):
+    url = url_for(name, owned)
+    if name == "diagnosis:analyses-status":
+        url += f"?ids={owned['analysis'].pk}"
+    mine = as_user(client, user, name).get(url)
+    theirs = as_user(client, other_user, name).get(url)
+    assert mine.status_code == theirs.status_code == 200
+    marker = b"owned.png" if name != "diagnosis:analyses-status" else f'"id": {owned["analysis"].pk}'.encode()
+    assert marker in mine.content and marker not in theirs.content
+    client.logout()
+    client.defaults.pop("HTTP_AUTHORIZATION", None)
+    assert anonymous_refused(client.get(url), name)
+
+
+@pytest.mark.parametrize("name", sorted(REVIEWER_ONLY))
+def test_review_pages_are_for_reviewers_only(client, user, owned, name):
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    url = url_for(name, owned)
+    assert as_user(client, reviewer, name).get(url).status_code == 200
+    assert as_user(client, user, name).get(url).status_code == 404  # even the owner is not a reviewer
+    client.logout()
+    assert anonymous_refused(client.get(url), name)
+
+
+@pytest.mark.parametrize("name", FORMS + LOGIN_ONLY)
+def test_login_required_pages(client, user, name):
+    url = url_for(name, {})
+    assert anonymous_refused(client.get(url), name)
+    assert as_user(client, user, name).get(url).status_code == 200
+
+
+def test_reviewers_may_see_any_file_but_others_may_not(client, owned, other_user):
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    url = url_for("diagnosis:analysis-file", owned)
+    assert as_user(client, reviewer, "x").get(url).status_code == 200
+    assert as_user(client, other_user, "x").get(url).status_code == 404
+
+
+def test_files_are_not_served_as_html(client, user, owned):
+    response = as_user(client, user, "x").get(url_for("diagnosis:analysis-file", owned))
+    assert response["Content-Type"] == "image/png"
+    assert response["X-Content-Type-Options"] == "nosniff" and "sandbox" in response["Content-Security-Policy"]

@@ -1,0 +1,73 @@
+"""State transitions: claiming is exclusive, results are recorded once, lost work is re-enqueued."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from diagnosis import inference, services
+from diagnosis.models import Analysis
+from tests.factories import upload
+
+
+@pytest.fixture
+def queued(user):
+    return services.create_analysis(owner=user, upload=upload())
+
+
+def test_only_one_task_can_claim(queued):
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="a")
+    assert not services.claim_analysis(analysis_id=queued.pk, task_id="b")
+    # the same task, retried or redelivered, may continue its own claim
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="a")
+    queued.refresh_from_db()
+    assert queued.status == "running" and queued.attempts == 2
+
+
+def test_result_is_recorded_once(queued):
+    services.claim_analysis(analysis_id=queued.pk, task_id="a")
+    kwargs = dict(analysis=queued, task_id="a", label="Uninfected", probability_parasitized=0.2,
+                  model_version="m1", overlay_png=b"png", inference_ms=5.0)
+    assert services.record_result(**kwargs)
+    assert not services.record_result(**{**kwargs, "label": "Parasitized", "model_version": "m2"})
+    queued.refresh_from_db()
+    assert (queued.status, queued.label, queued.model_version) == ("done", "Uninfected", "m1")
+    assert not services.claim_analysis(analysis_id=queued.pk, task_id="a")  # done is final
+
+
+def test_missing_weights_fail_the_analysis_with_instructions(queued, settings, tmp_path):
+    settings.MODEL_WEIGHTS = tmp_path / "absent.safetensors"
+    inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
+    queued.refresh_from_db()
+    assert queued.status == "failed" and "ml.train" in queued.error and queued.label == ""
+
+
+def test_unreadable_stored_image_fails_that_analysis_only(user, settings):
+    first = services.create_analysis(owner=user, upload=upload("a.png"))
+    second = services.create_analysis(owner=user, upload=upload("b.png"))
+    with open(first.image.path, "wb") as handle:
+        handle.write(b"corrupted on disk")
+    inference.run_analyses(analysis_ids=[first.pk, second.pk], task_id="t")
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.status == "failed" and "Cannot read" in first.error
+    assert second.status == "done" and second.label in ("Parasitized", "Uninfected") and second.overlay
+
+
+def test_sweeper_requeues_lost_work_only(user, monkeypatch):
+    sent = []
+    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    never_sent = services.create_analysis(owner=user, upload=upload())
+    stuck = services.create_analysis(owner=user, upload=upload())
+    fresh = services.create_analysis(owner=user, upload=upload())
+    services.claim_analysis(analysis_id=stuck.pk, task_id="dead-worker")
+    services.claim_analysis(analysis_id=fresh.pk, task_id="live-worker")
+    long_ago = timezone.now() - timedelta(hours=1)
+    Analysis.objects.filter(pk__in=[never_sent.pk, stuck.pk]).update(created_at=long_ago, started_at=long_ago)
+    Analysis.objects.filter(pk=fresh.pk).update(created_at=long_ago)
+
+    assert services.requeue_stale_analyses(older_than=timedelta(minutes=10)) == 2
+    assert sorted(sent) == sorted([never_sent.pk, stuck.pk])
+    stuck.refresh_from_db()
+    assert stuck.status == "queued" and stuck.claimed_by_task == ""
+    assert not services.claim_analysis(analysis_id=fresh.pk, task_id="someone-else")
