@@ -133,7 +133,10 @@ CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 30
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
 CELERY_BEAT_SCHEDULE = {
-    "requeue-stale-analyses": {"task": "diagnosis.tasks.requeue_stale_analyses", "schedule": 60.0},
+    "requeue-stale-analyses": {
+        "task": "diagnosis.tasks.requeue_stale_analyses",
+        "schedule": env.float("SWEEP_INTERVAL_SECONDS", default=60.0),
+    },
 }
 # Analyses queued or running longer than this are considered lost and enqueued again.
 ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=600)

@@ -66,8 +66,9 @@ def database_url() -> str:
 class WorkerProcess:
     """A real `celery worker` subprocess consuming the configured broker and the test database."""
 
-    def __init__(self, media_root: Path, log_path: Path, extra_env: dict | None = None):
+    def __init__(self, media_root: Path, log_path: Path, extra_env: dict | None = None, beat: bool = False):
         self.media_root, self.log_path, self.extra_env = media_root, log_path, extra_env or {}
+        self.beat = beat
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
@@ -94,6 +95,8 @@ class WorkerProcess:
             "--without-gossip",
             "--without-mingle",
         ]
+        if self.beat:  # the stale-analysis sweeper runs in the worker, as in scripts/start
+            command += ["--beat", "--schedule", str(self.log_path.with_suffix(".beat"))]
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -1,0 +1,16 @@
+from datetime import timedelta
+
+from django.core.management.base import BaseCommand
+
+from diagnosis.services import requeue_stale_analyses
+
+
+class Command(BaseCommand):
+    help = "Enqueue again analyses whose task was lost (broker down at upload, worker died mid-task)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--older-than", type=int, help="seconds; default ANALYSIS_STALE_SECONDS")
+
+    def handle(self, *args, older_than=None, **options):
+        count = requeue_stale_analyses(older_than=timedelta(seconds=older_than) if older_than else None)
+        self.stdout.write(f"re-enqueued {count} analyses")

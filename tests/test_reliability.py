@@ -1,0 +1,218 @@
+"""Faults and load against real processes. Each test prints its figure (run with -s to see them)."""
+
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from django.db import connection
+from PIL import Image
+from rest_framework.authtoken.models import Token
+
+from diagnosis.models import Analysis
+from tests.conftest import ROOT, WorkerProcess, database_url, fixture_cells, wait_for
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow]
+
+
+def big_cell_png(side: int = 2400) -> bytes:
+    """A real cell scaled up: decoding and overlay rendering at this size keep a task busy for seconds."""
+    cell = Image.open(fixture_cells()[0]).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    cell.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def done_events(*logs: Path) -> list[str]:
+    return [m for log in logs for m in re.findall(r"event=done analysis_id=(\d+)", log.read_text(errors="replace"))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_worker_killed_mid_task_loses_nothing_and_records_once(transactional_db, user, media_root, tmp_path):
+    from malaria_site.celery import app
+
+    app.control.purge()
+    fast_sweeper = {"ANALYSIS_STALE_SECONDS": "6", "SWEEP_INTERVAL_SECONDS": "2"}
+    first = WorkerProcess(media_root, tmp_path / "first.log").start()
+    client_token = Token.objects.create(user=user).key
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {client_token}")
+    content = big_cell_png()
+    files = [io.BytesIO(content) for _ in range(6)]
+    for index, handle in enumerate(files):
+        handle.name = f"big-{index}.png"
+    assert api.post("/api/batches/", {"images": files}).status_code == 202
+
+    wait_for(lambda: Analysis.objects.filter(status="running").exists(), timeout=60, interval=0.05)
+    first.stop(sig=signal.SIGKILL)  # the whole worker, mid-task
+    running_when_killed = Analysis.objects.filter(status="running").count()
+    assert running_when_killed > 0
+
+    second = WorkerProcess(media_root, tmp_path / "second.log", extra_env=fast_sweeper, beat=True).start()
+    try:
+        started = time.monotonic()
+        wait_for(lambda: Analysis.objects.filter(status="done").count() == 6, timeout=180)
+        recovery = time.monotonic() - started
+    finally:
+        second.stop()
+    events = done_events(tmp_path / "first.log", tmp_path / "second.log")
+    ids = [str(pk) for pk in Analysis.objects.values_list("pk", flat=True)]
+    assert sorted(events) == sorted(ids), "every analysis recorded exactly once"
+    assert Analysis.objects.filter(attempts__gte=2).exists()
+    print(
+        f"\n[worker kill -9] {running_when_killed} running when killed; all 6 done {recovery:.1f}s after restart; "
+        f"{len(events)} results recorded for 6 analyses"
+    )
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server to play the broker")
+def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactional_db, user, media_root, tmp_path):
+    port = free_port()
+    broker = {
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "ANALYSIS_STALE_SECONDS": "600",
+        "SWEEP_INTERVAL_SECONDS": "2",
+    }
+    web_port = free_port()
+    env = {
+        **os.environ,
+        **broker,
+        "DATABASE_URL": database_url(),
+        "MEDIA_ROOT": str(media_root),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+    }
+    web = subprocess.Popen(
+        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{web_port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp_path / "web.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    redis = None
+    try:
+        base = f"http://127.0.0.1:{web_port}"
+        wait_for(lambda: _reachable(base), timeout=60)
+        token = Token.objects.create(user=user).key
+        headers = {"Authorization": f"Token {token}"}
+        cells = fixture_cells()
+        started = time.monotonic()
+        statuses = [
+            requests.post(
+                f"{base}/api/analyses/",
+                headers=headers,
+                timeout=60,
+                files={"image": (cell.name, cell.read_bytes(), "image/png")},
+            ).status_code
+            for cell in cells
+        ]
+        upload_seconds = (time.monotonic() - started) / len(cells)
+        assert statuses == [202] * len(cells)
+        assert Analysis.objects.filter(status="queued", enqueued_at__isnull=True).count() == len(cells)
+
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        worker = WorkerProcess(media_root, tmp_path / "worker.log", extra_env=broker, beat=True).start()
+        try:
+            wait_for(lambda: Analysis.objects.filter(status="done").count() == len(cells), timeout=120)
+        finally:
+            worker.stop()
+        print(
+            f"\n[broker down] {len(cells)}/{len(cells)} uploads accepted with the broker down "
+            f"({upload_seconds:.2f}s each), all finished after it came back; 0 lost"
+        )
+    finally:
+        web.terminate()
+        web.wait(timeout=20)
+        if redis:
+            redis.terminate()
+            redis.wait(timeout=20)
+
+
+def _reachable(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/accounts/login/", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_load_ten_clients_three_hundred_images(celery_worker_process, live_server, user):
+    token = Token.objects.create(user=user).key
+    cells = [(p.name, p.read_bytes()) for p in fixture_cells()]
+    clients, batches_per_client, batch_size = 10, 3, 10
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Token {token}"
+        for b in range(batches_per_client):
+            files = [
+                ("images", (f"c{index}-b{b}-{i}-{cells[i % 4][0]}", cells[i % 4][1], "image/png"))
+                for i in range(batch_size)
+            ]
+            response = session.post(f"{live_server.url}/api/batches/", files=files, timeout=120)
+            if response.status_code != 202:
+                errors.append(f"{response.status_code} {response.text[:200]}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = clients * batches_per_client * batch_size
+    assert not errors
+    wait_for(lambda: Analysis.objects.filter(status="done").count() == total, timeout=600, interval=1)
+    wall = time.monotonic() - started
+    assert Analysis.objects.count() == total
+    assert Analysis.objects.filter(status="done", overlay="").count() == 0
+    recorded = done_events(celery_worker_process.log_path)
+    assert len(recorded) - len(set(recorded)) == 0, "no analysis recorded twice"
+    print(
+        f"\n[load] {clients} clients, {total} images: {total}/{total} done, 0 lost, 0 duplicated, "
+        f"{wall:.1f}s wall, {total / wall:.1f} images/s"
+    )
+
+
+@pytest.mark.skipif("sqlite" in os.environ.get("DATABASE_URL", "sqlite"), reason="PostgreSQL only (CI)")
+def test_database_connection_dropped_mid_task_is_retried(celery_worker_process, user):
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(user)
+    files = []
+    for index in range(4):
+        handle = io.BytesIO(big_cell_png())
+        handle.name = f"big-{index}.png"
+        files.append(handle)
+    assert api.post("/api/batches/", {"images": files}).status_code == 202
+    wait_for(lambda: Analysis.objects.filter(status="running").exists(), timeout=60, interval=0.05)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        dropped = cursor.fetchone()[0]
+    wait_for(lambda: Analysis.objects.filter(status="done").count() == 4, timeout=180)
+    log = celery_worker_process.log_path.read_text(errors="replace")
+    print(
+        f"\n[db drop] {dropped} worker connection(s) terminated mid-task; 4/4 done; "
+        f"retries logged: {log.count('Retry in')}"
+    )
