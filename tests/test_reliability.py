@@ -97,13 +97,14 @@ def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactio
         "MEDIA_ROOT": str(media_root),
         "DJANGO_SETTINGS_MODULE": "tests.settings",
     }
-    web = subprocess.Popen(
-        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{web_port}"],
-        cwd=ROOT,
-        env=env,
-        stdout=open(tmp_path / "web.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "web.log", "wb") as web_log:  # the child keeps its own descriptor
+        web = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{web_port}"],
+            cwd=ROOT,
+            env=env,
+            stdout=web_log,
+            stderr=subprocess.STDOUT,
+        )
     redis = None
     try:
         base = f"http://127.0.0.1:{web_port}"
