@@ -59,7 +59,11 @@ def upload(request):
                 form.add_error("images", message)
         else:
             messages.success(request, f"{batch.analyses.count()} image(s) queued for analysis.")
-            return redirect("diagnosis:batch", pk=batch.pk)
+            url = reverse("diagnosis:batch", args=[batch.pk])
+            if request.headers.get("X-Requested-With") == "XMLHttpRequest":
+                # The upload script navigates itself; an XHR following a redirect would eat the message.
+                return JsonResponse({"redirect": url})
+            return redirect(url)
     status = 400 if request.method == "POST" else 200
     context = {"form": form, "max_files": settings.BATCH_MAX_FILES, "max_mb": settings.UPLOAD_MAX_BYTES // 2**20}
     return render(request, "diagnosis/upload.html", context, status=status)
@@ -132,7 +136,8 @@ def analyses_status(request):
 @require_GET
 def batch_status(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
+    # Items before counts: an analysis finishing in between then shows in the counts first, and the
+    # page keeps polling for it. The other order could mark every item finished with stale counts.
+    analyses = [_status_payload(a) for a in batch.analyses.all()]
     counts = selectors.batch_counts(batch=batch)
-    return JsonResponse(
-        {"id": batch.pk, "counts": counts, "analyses": [_status_payload(a) for a in batch.analyses.all()]}
-    )
+    return JsonResponse({"id": batch.pk, "counts": counts, "analyses": analyses})

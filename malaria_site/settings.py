@@ -78,6 +78,12 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "diagnosis:dashboard"
 LOGOUT_REDIRECT_URL = "login"
+LOGIN_MAX_FAILURES = env.int("LOGIN_MAX_FAILURES", default=5)
+LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
+
+# --- Cache (login throttling, API rate limits): shared through Redis when there is one ---------
+if REDIS_URL := env("REDIS_URL", default=""):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
@@ -109,7 +115,6 @@ MODEL_WEIGHTS = Path(env("MODEL_WEIGHTS", default=str(BASE_DIR / "ml" / "weights
 MODEL_BATCH_SIZE = env.int("MODEL_BATCH_SIZE", default=16)
 
 # --- Celery ---------------------------------------------------------------------------------
-REDIS_URL = env("REDIS_URL", default="")
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = Path(env("CELERY_FILESYSTEM_BROKER_DIR", default=str(VAR_DIR / "broker")))
@@ -168,6 +173,8 @@ SPECTACULAR_SETTINGS = {
     "or Uninfected and renders a Grad-CAM heatmap.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The API description is not patient data; publishing it lets lab integrators read it before signing in.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "COMPONENT_SPLIT_REQUEST": True,
 }
 

@@ -15,3 +15,5 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 # Password hashing is deliberately slow; tests log in many times.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Rate-limit counters must not carry over between test runs through a shared Redis.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

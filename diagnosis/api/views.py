@@ -33,6 +33,7 @@ def _service_errors(error: ValidationError) -> ApiValidationError:
 class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = AnalysisSerializer
     parser_classes = [MultiPartParser]
+    lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
         params = self.request.query_params
@@ -68,6 +69,7 @@ class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = BatchSerializer
     parser_classes = [MultiPartParser]
+    lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
         return selectors.batches_for(user=self.request.user).prefetch_related("analyses")

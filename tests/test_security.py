@@ -1,0 +1,65 @@
+import pytest
+from django.core.cache import cache
+from django.test import Client
+from rest_framework.test import APIClient
+
+from tests.factories import PASSWORD, upload
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    for _ in range(3):
+        assert client.post("/accounts/login/", {"username": user.username, "password": "wrong"}).status_code == 200
+    blocked = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
+    assert blocked.status_code == 429 and "Too many failed sign-in attempts" in blocked.content.decode()
+    assert "_auth_user_id" not in client.session
+
+
+def test_successful_login_clears_the_failure_count(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+
+
+def test_api_token_endpoint_is_rate_limited(db, user, monkeypatch):
+    from rest_framework.throttling import ScopedRateThrottle
+
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"login": "3/minute"})
+    api = APIClient()
+    codes = [api.post("/api/auth/token/", {"username": user.username, "password": "x"}).status_code for _ in range(4)]
+    assert codes == [400, 400, 400, 429]
+
+
+def test_api_is_rate_limited_per_token(api_client, monkeypatch):
+    from rest_framework.throttling import UserRateThrottle
+
+    monkeypatch.setattr(UserRateThrottle, "THROTTLE_RATES", {"user": "5/minute", "anon": "5/minute"})
+    codes = [api_client.get("/api/analyses/").status_code for _ in range(6)]
+    assert codes[:5] == [200] * 5 and codes[5] == 429
+
+
+def test_forms_require_csrf(user):
+    strict = Client(enforce_csrf_checks=True)
+    strict.login(username=user.username, password=PASSWORD)
+    assert strict.post("/upload/", {"images": [upload()]}).status_code == 403
+    page = strict.get("/upload/")
+    assert 'name="csrfmiddlewaretoken"' in page.content.decode()
+
+
+def test_session_api_writes_require_csrf_but_token_writes_do_not(user):
+    session_api = APIClient(enforce_csrf_checks=True)
+    session_api.login(username=user.username, password=PASSWORD)
+    assert session_api.post("/api/analyses/", {"image": upload()}).status_code == 403
+
+
+def test_healthz_reports_database_and_broker(client, db):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
