@@ -7,12 +7,14 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ml.data import list_samples
 from ml.metrics import screening_metrics
-from ml.model import PARASITIZED
+from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
 from ml.weights import DEFAULT_WEIGHTS
@@ -20,7 +22,7 @@ from ml.weights import DEFAULT_WEIGHTS
 CHUNK = 256  # images decoded at a time, to bound memory on large folders
 
 
-def evaluate_folder(data_dir: str, weights: str) -> dict:
+def evaluate_folder(data_dir: str, weights: str, *, overlays_dir: str | None = None, overlays: int = 0) -> dict:
     predictor = Predictor(weights)
     samples = list_samples(data_dir)
     if not samples:
@@ -29,7 +31,10 @@ def evaluate_folder(data_dir: str, weights: str) -> dict:
     started = time.perf_counter()
     for start in range(0, len(samples), CHUNK):
         images = [open_rgb(s.path) for s in samples[start : start + CHUNK]]
-        scores.extend(p.probability_parasitized for p in predictor.predict(images))
+        predictions = predictor.predict(images)
+        scores.extend(p.probability_parasitized for p in predictions)
+        if overlays_dir and start == 0:
+            save_examples(samples[:CHUNK], images, predictions, Path(overlays_dir), overlays)
     elapsed = time.perf_counter() - started
     positives = np.array([s.label == PARASITIZED for s in samples])
     metrics = screening_metrics(np.array(scores), positives, predictor.info.threshold)
@@ -41,6 +46,22 @@ def evaluate_folder(data_dir: str, weights: str) -> dict:
         uninfected=int((~positives).sum()),
     )
     return metrics
+
+
+def save_examples(samples, images, predictions, folder: Path, count: int) -> None:
+    """Side-by-side original | overlay PNGs for a few cells of each class, named by truth and call."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_class: dict[int, int] = {}
+    for sample, image, prediction in zip(samples, images, predictions, strict=True):
+        if per_class.get(sample.label, 0) >= count:
+            continue
+        per_class[sample.label] = per_class.get(sample.label, 0) + 1
+        side_by_side = np.concatenate([np.asarray(image), prediction.overlay(image)], axis=1)
+        name = (
+            f"{CLASS_NAMES[sample.label].lower()}-called-{prediction.label.lower()}-"
+            f"p{prediction.probability_parasitized:.2f}-{sample.path.stem}.png"
+        )
+        Image.fromarray(side_by_side).save(folder / name)
 
 
 def describe(m: dict) -> str:
@@ -71,8 +92,12 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--save-overlays", metavar="DIR", help="write example original|overlay PNGs here")
+    parser.add_argument("--overlays-per-class", type=int, default=3)
     args = parser.parse_args(argv)
-    metrics = evaluate_folder(args.data, args.weights)
+    metrics = evaluate_folder(
+        args.data, args.weights, overlays_dir=args.save_overlays, overlays=args.overlays_per_class
+    )
     sys.stdout.write(json.dumps(metrics) + "\n" if args.json else describe(metrics) + "\n")
 
 

@@ -152,12 +152,25 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
     )
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
 
-    evaluated = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out), "--json")
+    evaluated = run_module(
+        "ml.evaluate",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--weights",
+        str(out),
+        "--json",
+        "--save-overlays",
+        str(tmp_path / "examples"),
+        "--overlays-per-class",
+        "1",
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     assert report["n"] == 4 and report["model_version"] == load_model(out)[1].version
     for key in ("accuracy", "sensitivity", "specificity", "auc", "images_per_second"):
         assert key in report
+    examples = sorted((tmp_path / "examples").glob("*.png"))
+    assert [e.name.split("-called-")[0] for e in examples] == ["parasitized", "uninfected"]
 
     human = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out))
     assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout
