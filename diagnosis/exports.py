@@ -76,6 +76,6 @@ def batch_csv(request, pk: int):
 @require_GET
 def batch_report(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
-    analyses = batch.analyses.order_by("-probability_parasitized", "id")
+    analyses = selectors.batch_analyses_by_suspicion(batch=batch)
     context = {"batch": batch, "analyses": analyses, "counts": selectors.batch_counts(batch=batch)}
     return render(request, "diagnosis/report.html", context)

@@ -60,6 +60,7 @@ def run_analyses(*, analysis_ids: list[int], task_id: str) -> None:
             task_id=task_id,
             label=prediction.label,
             probability_parasitized=prediction.probability_parasitized,
+            decision_threshold=predictor.info.threshold,
             model_version=predictor.version,
             overlay_png=_png_bytes(prediction.overlay(image)),
             inference_ms=per_image_ms,

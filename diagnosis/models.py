@@ -61,6 +61,8 @@ class Analysis(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     label = models.CharField(max_length=12, choices=Label.choices, blank=True, db_index=True)
     probability_parasitized = models.FloatField(null=True, blank=True)
+    # The model's operating point: at or above it the cell is labelled Parasitized.
+    decision_threshold = models.FloatField(null=True, blank=True)
     model_version = models.CharField(max_length=100, blank=True)
     error = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)

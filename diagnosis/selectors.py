@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, F, Q, QuerySet
-from django.db.models.functions import Abs
+from django.db.models import Count, F, Q, QuerySet, Value
+from django.db.models.functions import Abs, Coalesce
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 
@@ -73,7 +73,8 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
     done = Analysis.objects.filter(status=Analysis.Status.DONE).select_related("owner", "batch")
     pending = (
         done.filter(review_verdict="")
-        .annotate(confidence=Abs(F("probability_parasitized") - 0.5))
+        # Confidence is the distance from the model's own decision threshold, not from 0.5.
+        .annotate(confidence=Abs(F("probability_parasitized") - Coalesce(F("decision_threshold"), Value(0.5))))
         .order_by("confidence", "created_at")
     )
     disagreements = done.filter(review_verdict=Analysis.Verdict.DISAGREE).order_by("-reviewed_at")
@@ -86,6 +87,11 @@ def batches_for(*, user: AbstractBaseUser) -> QuerySet[Batch]:
 
 def get_batch(*, user: AbstractBaseUser, pk: int) -> Batch:
     return get_object_or_404(Batch, pk=pk, owner=user)
+
+
+def batch_analyses_by_suspicion(*, batch: Batch) -> QuerySet[Analysis]:
+    """Most likely parasitized first; unfinished cells last on every database."""
+    return batch.analyses.order_by(F("probability_parasitized").desc(nulls_last=True), "id")
 
 
 def batch_counts(*, batch: Batch) -> dict[str, int]:

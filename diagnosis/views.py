@@ -73,7 +73,9 @@ def upload(request):
 @require_GET
 def batch_detail(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
-    analyses = batch.analyses.order_by("-probability_parasitized", "id")
+    # Read before the counts (see batch_status), so the page never shows every cell finished under
+    # counts from an earlier moment, which it would then never update.
+    analyses = list(selectors.batch_analyses_by_suspicion(batch=batch))
     context = {"batch": batch, "analyses": analyses, "counts": selectors.batch_counts(batch=batch)}
     return render(request, "diagnosis/batch.html", context)
 

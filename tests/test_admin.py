@@ -17,8 +17,9 @@ def admin_client(client, db):
 @pytest.fixture
 def finished(user):
     analysis = create_analysis(owner=user, upload=upload("review-me.png"))
-    Analysis.objects.filter(pk=analysis.pk).update(status="done", label="Parasitized", probability_parasitized=0.91,
-                                                   model_version="test-model")
+    Analysis.objects.filter(pk=analysis.pk).update(
+        status="done", label="Parasitized", probability_parasitized=0.91, model_version="test-model"
+    )
     return Analysis.objects.get(pk=analysis.pk)
 
 
@@ -26,8 +27,14 @@ def test_changelist_with_filters_and_search(admin_client, finished):
     base = "/admin/diagnosis/analysis/"
     page = admin_client.get(base).content.decode()
     assert "review-me.png" in page and "0.910" in page and f"/analyses/{finished.pk}/thumbnail/" in page
-    for query in ("?status__exact=done", "?label__exact=Parasitized", "?review_verdict__exact=",
-                  f"?owner__id__exact={finished.owner_id}", "?q=review-me", "?reviewed_by__isempty=1"):
+    for query in (
+        "?status__exact=done",
+        "?label__exact=Parasitized",
+        "?review_verdict__exact=",
+        f"?owner__id__exact={finished.owner_id}",
+        "?q=review-me",
+        "?reviewed_by__isempty=1",
+    ):
         response = admin_client.get(base + query)
         assert response.status_code == 200 and "review-me.png" in response.content.decode(), query
     assert "review-me.png" not in admin_client.get(base + "?status__exact=failed").content.decode()
@@ -43,8 +50,12 @@ def test_change_view_shows_both_images_and_locks_predictions(admin_client, finis
 def test_review_saves_verdict_with_reviewer_and_time(admin_client, finished):
     response = admin_client.post(
         f"/admin/diagnosis/analysis/{finished.pk}/change/",
-        {"review_verdict": "disagree", "corrected_label": "Uninfected", "review_note": "stain artefact",
-         "label": "Uninfected"},  # a tampered prediction field must be ignored
+        {
+            "review_verdict": "disagree",
+            "corrected_label": "Uninfected",
+            "review_note": "stain artefact",
+            "label": "Uninfected",
+        },  # a tampered prediction field must be ignored
     )
     assert response.status_code == 302
     finished.refresh_from_db()
@@ -54,8 +65,10 @@ def test_review_saves_verdict_with_reviewer_and_time(admin_client, finished):
 
 
 def test_disagreement_without_a_corrected_label_is_a_form_error(admin_client, finished):
-    response = admin_client.post(f"/admin/diagnosis/analysis/{finished.pk}/change/",
-                                 {"review_verdict": "disagree", "corrected_label": "", "review_note": ""})
+    response = admin_client.post(
+        f"/admin/diagnosis/analysis/{finished.pk}/change/",
+        {"review_verdict": "disagree", "corrected_label": "", "review_note": ""},
+    )
     assert response.status_code == 200 and "corrected label" in response.content.decode()
     finished.refresh_from_db()
     assert finished.review_verdict == ""

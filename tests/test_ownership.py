@@ -25,12 +25,29 @@ OWNED = {
     "api:batch-detail": "batch",
 }
 # Lists scoped to the user: another user gets 200 but must not see the owner's items.
-LISTS = ["diagnosis:dashboard", "diagnosis:export-csv", "diagnosis:analyses-status", "api:analysis-list", "api:batch-list"]
+LISTS = [
+    "diagnosis:dashboard",
+    "diagnosis:export-csv",
+    "diagnosis:analyses-status",
+    "api:analysis-list",
+    "api:batch-list",
+]
 FORMS = ["diagnosis:upload"]
 # Only for the `reviewers` group: everyone else gets 404.
 REVIEWER_ONLY = {"diagnosis:review-queue": None, "diagnosis:review": "analysis"}
-PUBLIC = ["login", "healthz", "api:token", "api:schema", "api:docs", "password_reset", "password_reset_done",
-          "password_reset_complete", "password_reset_confirm", "logout", "api:api-root"]
+PUBLIC = [
+    "login",
+    "healthz",
+    "api:token",
+    "api:schema",
+    "api:docs",
+    "password_reset",
+    "password_reset_done",
+    "password_reset_complete",
+    "password_reset_confirm",
+    "logout",
+    "api:api-root",
+]
 LOGIN_ONLY = ["password_change", "password_change_done"]
 ADMIN_PREFIX = "admin:"
 IGNORED_SUFFIXES = ("-format",)  # DRF's `.json` suffix routes mirror the ones above
@@ -50,7 +67,8 @@ def all_url_names(resolver=None, namespace="") -> set[str]:
 def test_every_url_is_classified():
     known = set(OWNED) | set(LISTS) | set(FORMS) | set(REVIEWER_ONLY) | set(PUBLIC) | set(LOGIN_ONLY)
     unclassified = {
-        name for name in all_url_names()
+        name
+        for name in all_url_names()
         if name not in known and not name.startswith(ADMIN_PREFIX) and not name.endswith(IGNORED_SUFFIXES)
     }
     assert not unclassified, f"classify these URLs in tests/test_ownership.py: {sorted(unclassified)}"
@@ -67,8 +85,9 @@ def owned(db, client, user):
     assert response.status_code == 302
     analysis = Analysis.objects.get(owner=user)
     analysis.overlay.save("o.png", analysis.image.file, save=False)
-    Analysis.objects.filter(pk=analysis.pk).update(status="done", label="Uninfected", probability_parasitized=0.1,
-                                                   overlay=analysis.overlay.name)
+    Analysis.objects.filter(pk=analysis.pk).update(
+        status="done", label="Uninfected", probability_parasitized=0.1, overlay=analysis.overlay.name
+    )
     return {"analysis": analysis, "batch": analysis.batch}
 
 

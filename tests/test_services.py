@@ -26,8 +26,16 @@ def test_only_one_task_can_claim(queued):
 
 def test_result_is_recorded_once(queued):
     services.claim_analysis(analysis_id=queued.pk, task_id="a")
-    kwargs = dict(analysis=queued, task_id="a", label="Uninfected", probability_parasitized=0.2,
-                  model_version="m1", overlay_png=b"png", inference_ms=5.0)
+    kwargs = dict(
+        analysis=queued,
+        task_id="a",
+        label="Uninfected",
+        probability_parasitized=0.2,
+        decision_threshold=0.5,
+        model_version="m1",
+        overlay_png=b"png",
+        inference_ms=5.0,
+    )
     assert services.record_result(**kwargs)
     assert not services.record_result(**{**kwargs, "label": "Parasitized", "model_version": "m2"})
     queued.refresh_from_db()

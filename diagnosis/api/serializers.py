@@ -17,6 +17,7 @@ class AnalysisSerializer(serializers.ModelSerializer):
             "status",
             "label",
             "probability_parasitized",
+            "decision_threshold",
             "model_version",
             "original_filename",
             "width",

@@ -3,7 +3,10 @@
   const slider = document.getElementById("opacity");
   const overlay = document.getElementById("overlay-image");
   if (slider && overlay) {
-    const apply = () => { overlay.style.opacity = slider.value / 100; };
+    const apply = () => {
+      overlay.style.opacity = slider.value / 100;
+      slider.setAttribute("aria-valuetext", slider.value + "%");
+    };
     slider.addEventListener("input", apply);
     apply();
   }

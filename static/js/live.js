@@ -23,7 +23,21 @@
     if (probability && item.probability_parasitized !== null) probability.textContent = item.probability_parasitized.toFixed(3);
     const img = el.querySelector("img");
     if (img && item.overlay_url) img.dataset.overlay = item.overlay_url;
+    if (item.probability_parasitized !== null) el.dataset.score = item.probability_parasitized;
     if (item.finished) el.dataset.finished = "1";
+  }
+
+  // Keeps the batch grid "most suspicious first" as results arrive (unscored cells last, then by id).
+  function sortGrid() {
+    const grid = document.getElementById("cell-grid");
+    if (!grid) return;
+    const score = (li) => (li.dataset.score === undefined ? -1 : Number(li.dataset.score));
+    const items = Array.from(grid.children);
+    const sorted = items.slice().sort((a, b) => score(b) - score(a) || a.dataset.analysis - b.dataset.analysis);
+    if (sorted.every((li, i) => li === items[i])) return;
+    const focused = document.activeElement;
+    sorted.forEach((li) => grid.appendChild(li));
+    if (focused && grid.contains(focused)) focused.focus();
   }
 
   function applyCounts(counts) {
@@ -33,8 +47,11 @@
     }
     const bar = document.getElementById("progress-bar");
     bar.max = counts.total; bar.value = counts.finished;
-    const share = progress.querySelector("[data-parasitemia]");
-    if (share && counts.done) share.textContent = Math.round(100 * counts.parasitized / counts.done);
+    const block = progress.querySelector("[data-parasitemia-block]");
+    if (block && counts.done) {
+      block.hidden = false;
+      block.querySelector("[data-parasitemia]").textContent = Math.round(100 * counts.parasitized / counts.done);
+    }
   }
 
   async function poll() {
@@ -51,7 +68,7 @@
           if (el && el.dataset.finished === "0" && item.finished) changed = true;
           apply(item);
         });
-        if (progress) applyCounts(data.counts);
+        if (progress) { applyCounts(data.counts); sortGrid(); }
       }
     } catch (error) { /* network blip: try again later */ }
     delay = changed ? 1000 : Math.min(delay * 1.5, 10000);

@@ -3,15 +3,20 @@
   "use strict";
   const form = document.getElementById("review-form");
   if (!form) return;
+  const select = form.querySelector("select[name=corrected_label]");
+  // Enter on a <select> does not submit its form in browsers, so the label chosen after D would wait.
+  select.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && select.value) { event.preventDefault(); form.requestSubmit(); }
+  });
   document.addEventListener("keydown", (event) => {
     if (event.target.closest("textarea, input[type=text], select") || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (event.repeat) return; // a held key must not agree with case after case unseen
     const key = event.key.toLowerCase();
     if (key === "a") {
       form.querySelector('input[value="agree"]').checked = true;
       form.requestSubmit();
     } else if (key === "d") {
       form.querySelector('input[value="disagree"]').checked = true;
-      const select = form.querySelector("select[name=corrected_label]");
       if (select.options.length === 2) select.selectedIndex = 1;
       select.focus();
     }

@@ -36,6 +36,8 @@
       list.appendChild(li);
     });
     button.textContent = chosen.length ? "Upload and analyse " + chosen.length + " image(s)" : "Upload and analyse";
+    // Dropped files and folders never reach the file input, whose `required` would block the submit.
+    input.required = !chosen.length;
   }
 
   input.addEventListener("change", () => choose(input.files));
@@ -45,6 +47,10 @@
   }));
   ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
   zone.addEventListener("drop", (event) => { event.preventDefault(); choose(event.dataTransfer.files); });
+  // The focusable drop zone opens the file chooser from the keyboard too.
+  zone.addEventListener("keydown", (event) => {
+    if (event.target === zone && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); input.click(); }
+  });
 
   form.addEventListener("submit", (event) => {
     if (!chosen.length) return; // let the server explain what is missing
@@ -54,12 +60,16 @@
     chosen.forEach((file) => data.append("images", file, file.name));
     const xhr = new XMLHttpRequest();
     xhr.open("POST", form.action || window.location.href);
+    xhr.setRequestHeader("X-Requested-With", "XMLHttpRequest");
     bar.hidden = false;
     button.disabled = true;
     xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; });
     xhr.addEventListener("load", () => {
-      if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
-        window.location.assign(xhr.responseURL);
+      const type = xhr.getResponseHeader("Content-Type") || "";
+      if (xhr.status === 200 && type.startsWith("application/json")) {
+        window.location.assign(JSON.parse(xhr.responseText).redirect);
+      } else if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
+        window.location.assign(xhr.responseURL); // e.g. the sign-in page when the session ended
       } else {
         document.open(); document.write(xhr.responseText); document.close();
       }

@@ -1,0 +1,111 @@
+"""Helpers for the Playwright browser tests: Debian's Chromium, file drops, screenshots, page checks."""
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+
+from PIL import Image
+from playwright.sync_api import Browser, Page, Playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1100, "height": 700}
+SCREENSHOTS = ROOT / "test-output" / "screenshots"
+DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
+DOCS_MAX_BYTES = 150 * 1024
+
+
+def launch(playwright: Playwright) -> Browser:
+    # Playwright's own browser download needs the internet; the system Chromium does not.
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def watch_for_errors(page: Page) -> list[str]:
+    """Collects uncaught script errors and console errors (failed requests included) of a page."""
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(f"{page.url}: uncaught {error}"))
+    page.on("console", lambda msg: errors.append(f"{page.url}: console {msg.text}") if msg.type == "error" else None)
+    return errors
+
+
+def log_in(page: Page, username: str, password: str) -> None:
+    """Signs in through the login form the way a person does (the dashboard redirects there)."""
+    page.goto("/")
+    assert "/accounts/login/" in page.url
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/accounts/login/" not in url)
+
+
+def drop_files(page: Page, selector: str, files: list[Path | tuple[str, bytes]], content_type="image/png") -> None:
+    """A real drag and drop: a DataTransfer holding File objects (from paths or (name, bytes) pairs),
+    dispatched as dragenter, dragover and drop on the element."""
+    pairs = [(f.name, f.read_bytes()) if isinstance(f, Path) else f for f in files]
+    files = [{"name": name, "type": content_type, "data": base64.b64encode(data).decode()} for name, data in pairs]
+    transfer = page.evaluate_handle(
+        """(files) => {
+            const transfer = new DataTransfer();
+            for (const f of files) {
+                const bytes = Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], f.name, { type: f.type }));
+            }
+            return transfer;
+        }""",
+        files,
+    )
+    page.dispatch_event(selector, "dragenter", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
+    over = page.eval_on_selector(selector, "(el) => el.classList.contains('over')")
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+    assert over, "the drop zone did not highlight while files were dragged over it"
+    transfer.dispose()
+
+
+def broken_images(page: Page) -> list[str]:
+    """Sources of the page's images that failed to load (waits for pending ones first)."""
+    page.wait_for_function("Array.from(document.images).every((img) => img.complete)")
+    return page.evaluate("Array.from(document.images).filter((img) => img.naturalWidth === 0).map((img) => img.src)")
+
+
+def overflows_horizontally(page: Page) -> bool:
+    """Whether the page is wider than the window (a sideways scroll on a tablet)."""
+    return page.evaluate("document.documentElement.scrollWidth > document.documentElement.clientWidth")
+
+
+def screenshot(page: Page, name: str, *, docs: bool = False) -> Path:
+    """Saves a full-page screenshot under test-output/screenshots/. With ``docs``, also the viewport
+    as docs/screenshots/<name>.png for the README, written when missing or when
+    UPDATE_DOCS_SCREENSHOTS=1 (so ordinary test runs leave the committed images alone)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    target = DOCS_SCREENSHOTS / f"{name}.png"
+    if docs and (os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1" or not target.exists()):
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(small_png(page.screenshot()))
+    return path
+
+
+def small_png(data: bytes, limit: int = DOCS_MAX_BYTES) -> bytes:
+    """The screenshot as PNG, reduced to a 256-colour palette when it is over ``limit`` bytes."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    for colors in (None, 256, 128, 64):
+        converted = image if colors is None else image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+        buffer = io.BytesIO()
+        converted.save(buffer, format="PNG", optimize=True)
+        if buffer.tell() <= limit:
+            break
+    return buffer.getvalue()

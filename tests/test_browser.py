@@ -1,0 +1,356 @@
+"""The web interface in a real browser (Debian's Chromium via Playwright) against the live server and
+a real Celery worker: sign-in, drag-and-drop upload, live batch progress, the heatmap viewer, CSV
+export, the reviewer's keyboard shortcuts and the dashboard filters. Screenshots of the main pages
+go to test-output/screenshots/."""
+
+import csv
+import importlib
+import os
+import re
+import signal
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+from django.apps import apps
+from django.contrib.auth.models import Group
+from django.utils import timezone
+from playwright.sync_api import expect, sync_playwright
+
+from diagnosis.exports import CSV_COLUMNS
+from diagnosis.models import Analysis, Batch
+from tests.browser import (
+    VIEWPORT,
+    broken_images,
+    drop_files,
+    launch,
+    log_in,
+    overflows_horizontally,
+    screenshot,
+    watch_for_errors,
+)
+from tests.conftest import fixture_cells
+from tests.factories import PASSWORD, UserFactory
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TIMEOUT_MS = 15_000
+ANALYSIS_TIMEOUT_MS = 180_000  # first inference loads torch and the weights on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # Playwright's sync API keeps an event loop running in this thread; Django refuses ORM calls
+    # from a thread with a running loop unless told it is safe (it is: nothing here is async).
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            yield browser
+            browser.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+class Pages:
+    """Opens pages, each in a fresh browser context (its own cookies, so its own user), and keeps
+    every page's script errors and failed requests; the test fails on any that it did not expect."""
+
+    def __init__(self, browser, base_url: str):
+        self.browser, self.base_url = browser, base_url
+        self.contexts, self.errors = [], {}
+
+    def __call__(self):
+        context = self.browser.new_context(base_url=self.base_url, viewport=VIEWPORT, accept_downloads=True)
+        context.set_default_timeout(TIMEOUT_MS)
+        self.contexts.append(context)
+        page = context.new_page()
+        self.errors[page] = watch_for_errors(page)
+        # Intercept file choosers from the start: turned on only by expect_file_chooser(), the
+        # interception races with the key press that opens the chooser and loses about half the time.
+        page.on("filechooser", lambda chooser: None)
+        return page
+
+    def expect_error(self, page, fragment: str) -> None:
+        matching = [error for error in self.errors[page] if fragment in error]
+        assert matching, f"expected an error containing {fragment!r}, got {self.errors[page]}"
+        self.errors[page].remove(matching[0])
+
+    def close(self) -> list[str]:
+        for context in self.contexts:
+            context.close()
+        return [error for errors in self.errors.values() for error in errors]
+
+
+@pytest.fixture
+def open_page(browser, live_server):
+    pages = Pages(browser, live_server.url)
+    yield pages
+    problems = pages.close()
+    assert not problems, problems
+
+
+@contextmanager
+def paused(worker):
+    """Stops the worker's processes (SIGSTOP) so queued work waits until the block ends."""
+    os.killpg(worker.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(worker.process.pid, signal.SIGCONT)
+
+
+def make_reviewer():
+    """A user in the `reviewers` group. The group comes from a data migration; earlier transactional
+    tests flush it away, so the migration's own function re-creates it (it is idempotent)."""
+    migration = importlib.import_module("diagnosis.migrations.0002_reviewers_group")
+    migration.create_reviewers_group(apps, None)
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    return reviewer
+
+
+def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker_process, user):
+    cells = fixture_cells()
+    page = open_page()
+
+    # 1. Sign in through the form.
+    log_in(page, user.username, PASSWORD)
+    expect(page.get_by_role("heading", name="Your analyses")).to_be_visible()
+    expect(page.get_by_role("link", name="Review queue")).to_have_count(0)  # not a reviewer
+
+    # 2. Drag the cell images onto the drop zone, name the sample, upload.
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Upload").click()
+    page.wait_for_url("**/upload/")  # waits for the load event, so upload.js is running
+    expect(page.get_by_role("heading", name="Upload cell images")).to_be_visible()
+    # Chosen from the keyboard (Enter on the drop zone opens the file chooser): a file that only
+    # looks like an image makes the server refuse the whole batch and say why.
+    page.locator("#dropzone").focus()
+    with page.expect_file_chooser() as chooser_info:
+        page.keyboard.press("Enter")
+    chooser_info.value.set_files(
+        [
+            {"name": cells[0].name, "mimeType": "image/png", "buffer": cells[0].read_bytes()},
+            {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"},
+        ]
+    )
+    expect(page.locator("#file-list li")).to_have_count(2)
+    page.locator("#upload-button").click()
+    expect(page.locator("#server-errors")).to_contain_text("broken.png: the file is not a readable image")
+    open_page.expect_error(page, "status of 400 (Bad Request)")
+    assert not Batch.objects.exists() and not Analysis.objects.exists()
+    # The error page came back through the upload script; once it has loaded, dropping works on it.
+    page.wait_for_function("document.readyState === 'complete'")
+    drop_files(page, "#dropzone", cells)
+    expect(page.locator("#file-list li")).to_have_count(len(cells))
+    expect(page.locator("#file-list li.rejected")).to_have_count(0)
+    for cell in cells:
+        expect(page.locator("#file-list")).to_contain_text(cell.name)
+    upload_button = page.locator("#upload-button")
+    expect(upload_button).to_have_text(f"Upload and analyse {len(cells)} image(s)")
+    page.get_by_label("Patient / sample reference").fill("WARD-7 slide 2")
+    screenshot(page, "upload")
+
+    with paused(celery_worker_process):  # the batch page must open before any result exists
+        upload_button.click()
+        page.wait_for_url(re.compile(r"/batches/\d+/$"))
+        progress = page.locator("#progress-text")
+        expect(progress).to_contain_text(f"0 / {len(cells)} done")
+        expect(page.locator(".flash")).to_have_text(f"{len(cells)} image(s) queued for analysis.")
+        page.evaluate("window.__marker = 'no reload'")
+    batch = Batch.objects.get()
+    assert batch.owner == user and batch.sample_reference == "WARD-7 slide 2"
+    expect(page.get_by_role("heading", level=1)).to_have_text(f"Batch #{batch.pk} — WARD-7 slide 2")
+
+    # The page follows the worker without reloading.
+    expect(progress).to_contain_text(f"{len(cells)} / {len(cells)} done", timeout=ANALYSIS_TIMEOUT_MS)
+    assert page.evaluate("window.__marker") == "no reload"
+    analyses = list(batch.analyses.order_by("pk"))
+    assert all(a.status == Analysis.Status.DONE for a in analyses), [a.error for a in analyses]
+    parasitized = sum(a.label == Analysis.Label.PARASITIZED for a in analyses)
+    expect(progress).to_contain_text(f"{parasitized} parasitized, 0 failed")
+    expect(page.locator("#progress-bar")).to_have_js_property("value", len(cells))
+    expect(page.locator("[data-parasitemia]")).to_have_text(str(round(100 * parasitized / len(cells))))
+    most_suspicious_first = sorted(analyses, key=lambda a: (-a.probability_parasitized, a.pk))
+    grid_order = page.locator("#cell-grid > li").evaluate_all("(items) => items.map((li) => li.dataset.analysis)")
+    assert grid_order == [str(a.pk) for a in most_suspicious_first]
+    for analysis in analyses:
+        cell = page.locator(f'#cell-grid [data-analysis="{analysis.pk}"]')
+        expect(cell.locator("[data-status]")).to_have_text("Done")
+        expect(cell.locator("[data-label]")).to_have_text(analysis.label)
+        expect(cell.locator("[data-probability]")).to_have_text(f"{analysis.probability_parasitized:.3f}")
+    assert not broken_images(page) and not overflows_horizontally(page)
+    screenshot(page, "batch", docs=True)
+
+    # 3. The result page: the heatmap's opacity follows the slider (mouse and keyboard).
+    first = analyses[0]
+    page.locator(f'#cell-grid [data-analysis="{first.pk}"] a').click()
+    page.wait_for_url(f"**/analyses/{first.pk}/")
+    expect(page.get_by_role("heading", level=1)).to_have_text(first.original_filename)
+    overlay = page.locator("#overlay-image")
+    expect(overlay).to_have_css("opacity", "1")
+    slider = page.get_by_label("Heatmap opacity")
+    slider.scroll_into_view_if_needed()
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    opacity = float(overlay.evaluate("(img) => getComputedStyle(img).opacity"))
+    assert 0.15 < opacity < 0.45, opacity
+    assert opacity == pytest.approx(int(slider.input_value()) / 100)
+    slider.press("Home")
+    expect(overlay).to_have_css("opacity", "0")
+    expect(slider).to_have_attribute("aria-valuetext", "0%")
+    slider.press("End")
+    expect(overlay).to_have_css("opacity", "1")
+    page.mouse.click(box["x"] + box["width"] * 0.65, box["y"] + box["height"] / 2)
+    slider.blur()
+    assert not broken_images(page) and not overflows_horizontally(page)
+    screenshot(page, "analysis", docs=True)
+
+    # 4. Export the batch as CSV.
+    page.get_by_role("link", name="← Back").click()
+    page.wait_for_url(f"**/batches/{batch.pk}/")
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Export CSV").click()
+    download = download_info.value
+    assert download.suggested_filename == f"batch-{batch.pk}.csv"
+    with open(download.path(), newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = list(reader)
+    assert [int(row["analysis_id"]) for row in rows] == [a.pk for a in analyses]
+    for row, analysis in zip(rows, analyses, strict=True):
+        assert row["original_filename"] == analysis.original_filename
+        assert row["batch_id"] == str(batch.pk) and row["sample_reference"] == "WARD-7 slide 2"
+        assert row["status"] == "done" and row["label"] == analysis.label
+        assert float(row["probability_parasitized"]) == pytest.approx(analysis.probability_parasitized, abs=1e-4)
+        assert row["model_version"] == analysis.model_version != ""
+        assert row["review_verdict"] == "" and row["finished_at"]
+    assert sorted(row["original_filename"] for row in rows) == sorted(cell.name for cell in cells)
+
+    # 5. A reviewer agrees with one case (A) and corrects the next (D, Enter).
+    reviewer_page = open_page()
+    reviewer = make_reviewer()
+    log_in(reviewer_page, reviewer.username, PASSWORD)
+    reviewer_page.get_by_role("link", name="Review queue").click()
+    reviewer_page.wait_for_url("**/review/")
+    expect(reviewer_page.get_by_role("heading", name="Review queue")).to_be_visible()
+    rows = reviewer_page.locator("table.results tbody tr")
+    expect(rows).to_have_count(len(cells))
+    assert not broken_images(reviewer_page)
+    screenshot(reviewer_page, "review_queue")
+    rows.first.get_by_role("link", name="Review").click()
+    reviewer_page.wait_for_url(re.compile(r"/review/\d+/$"))
+    agreed = Analysis.objects.get(pk=int(re.search(r"/review/(\d+)/", reviewer_page.url)[1]))
+    expect(reviewer_page.get_by_role("heading", level=1)).to_have_text(f"Review {agreed.original_filename}")
+    assert not broken_images(reviewer_page)
+    screenshot(reviewer_page, "review")
+    reviewer_page.keyboard.press("a")
+    expect(reviewer_page.locator(".flash")).to_have_text(f"Review of {agreed.original_filename} saved.")
+    agreed.refresh_from_db()
+    assert (agreed.review_verdict, agreed.reviewed_by, agreed.corrected_label) == ("agree", reviewer, "")
+
+    reviewer_page.wait_for_load_state()  # the next case, with its shortcuts
+    disagreed = Analysis.objects.get(pk=int(re.search(r"/review/(\d+)/", reviewer_page.url)[1]))
+    assert disagreed.pk != agreed.pk and not disagreed.review_verdict
+    reviewer_page.keyboard.press("d")
+    select = reviewer_page.get_by_label("Corrected label (when disagreeing)")
+    expect(select).to_be_focused()
+    other_label = ({"Parasitized", "Uninfected"} - {disagreed.label}).pop()
+    expect(select).to_have_value(other_label)
+    select.press("Enter")
+    expect(reviewer_page.locator(".flash")).to_have_text(f"Review of {disagreed.original_filename} saved.")
+    disagreed.refresh_from_db()
+    assert (disagreed.review_verdict, disagreed.corrected_label) == ("disagree", other_label)
+
+    # The owner sees both verdicts.
+    page.goto(f"/analyses/{agreed.pk}/")
+    expect(page.locator("#review-verdict")).to_contain_text(f"Agreed by {reviewer.username}")
+    page.goto(f"/analyses/{disagreed.pk}/")
+    expect(page.locator("#review-verdict")).to_contain_text(f"Disagreed by {reviewer.username}")
+    expect(page.locator("#analysis-facts [data-label]")).to_have_text(other_label)
+
+    page.get_by_role("link", name="Malaria cell screening").click()
+    expect(page.locator("table.results tbody tr")).to_have_count(len(cells))
+    assert not broken_images(page) and not overflows_horizontally(page)
+    screenshot(page, "dashboard", docs=True)
+
+
+def test_dashboard_filters_survive_pagination(open_page, user, other_user):
+    ward = Batch.objects.create(owner=user, sample_reference="WARD-9")
+    clinic = Batch.objects.create(owner=user, sample_reference="CLINIC-B")
+    foreign = Batch.objects.create(owner=other_user, sample_reference="WARD-9")
+    now = timezone.now()
+
+    def analysis(batch, n, label):
+        return Analysis(
+            owner=batch.owner,
+            batch=batch,
+            original_filename=f"{batch.sample_reference.lower()}-{label.lower()}-{n:02}.png",
+            status=Analysis.Status.DONE,
+            label=label,
+            probability_parasitized=0.9 if label == "Parasitized" else 0.1,
+            model_version="test",
+            finished_at=now,
+        )
+
+    Analysis.objects.bulk_create(
+        [analysis(ward, n, "Parasitized") for n in range(30)]
+        + [analysis(ward, n, "Uninfected") for n in range(4)]
+        + [analysis(clinic, n, "Parasitized") for n in range(6)]
+        + [analysis(foreign, n, "Parasitized") for n in range(3)]
+    )
+    Analysis.objects.update(created_at=now - timedelta(hours=1))
+
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    pager = page.get_by_role("navigation", name="Pages")
+    expect(pager).to_contain_text("Page 1 of 2 (40 analyses)")
+
+    filters = page.get_by_role("form", name="Filter analyses")
+    filters.get_by_label("Search").fill("ward-9")
+    filters.get_by_label("Label").select_option("Parasitized")
+    filters.get_by_role("button", name="Apply").click()
+    page.wait_for_url(re.compile(r"search=ward-9"))
+    rows = page.locator("table.results tbody tr")
+    expect(pager).to_contain_text("Page 1 of 2 (30 analyses)")
+    expect(rows).to_have_count(25)
+    samples = rows.locator("td:nth-child(3)")
+    labels = rows.locator("[data-label]")
+    assert all(text.startswith("WARD-9") for text in samples.all_inner_texts())
+    assert set(labels.all_inner_texts()) == {"Parasitized"}
+    export = page.get_by_role("link", name="Export CSV")
+    assert "search=ward-9" in export.get_attribute("href") and "label=Parasitized" in export.get_attribute("href")
+
+    pager.get_by_role("link", name="Older →").click()
+    page.wait_for_url(re.compile(r"page=2"))
+    assert "search=ward-9" in page.url and "label=Parasitized" in page.url
+    expect(pager).to_contain_text("Page 2 of 2 (30 analyses)")
+    expect(rows).to_have_count(5)
+    assert all(text.startswith("WARD-9") for text in samples.all_inner_texts())
+    assert set(labels.all_inner_texts()) == {"Parasitized"}
+    expect(filters.get_by_label("Search")).to_have_value("ward-9")
+    expect(filters.get_by_label("Label")).to_have_value("Parasitized")
+
+    pager.get_by_role("link", name="← Newer").click()
+    page.wait_for_url(re.compile(r"page=1"))
+    assert "search=ward-9" in page.url
+    expect(rows).to_have_count(25)
+
+    filters.get_by_label("Search").fill("no-such-sample")
+    filters.get_by_role("button", name="Apply").click()
+    expect(page.locator(".empty")).to_contain_text("No analyses match these filters")
+    page.get_by_role("link", name="Show all analyses").click()
+    expect(pager).to_contain_text("Page 1 of 2 (40 analyses)")
+
+    # On a tablet in portrait the page does not scroll sideways and the filters still work.
+    page.set_viewport_size({"width": 768, "height": 1024})
+    assert not overflows_horizontally(page)
+    filters.get_by_label("Search").fill("clinic")
+    filters.get_by_label("Search").press("Enter")
+    expect(pager).to_contain_text("Page 1 of 1 (6 analyses)")
+    assert not overflows_horizontally(page)
+    screenshot(page, "dashboard_tablet")
