@@ -176,6 +176,7 @@ SPECTACULAR_SETTINGS = {
     # The API description is not patient data; publishing it lets lab integrators read it before signing in.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"AnalysisLabelEnum": "diagnosis.models.Analysis.Label"},
 }
 
 # --- Security (production) ------------------------------------------------------------------

@@ -59,7 +59,7 @@ class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             raise _service_errors(error) from None
         return Response(self.get_serializer(analysis).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses={(200, "image/png"): bytes})
+    @extend_schema(operation_id="analyses_file_retrieve", responses={(200, "image/png"): bytes})
     @action(detail=True, methods=["get"], url_path=r"(?P<kind>image|overlay)", url_name="file")
     def file(self, request, pk=None, kind="image"):
         analysis = selectors.get_analysis(user=request.user, pk=pk)
