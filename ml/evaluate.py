@@ -28,13 +28,15 @@ def evaluate_folder(data_dir: str, weights: str, *, overlays_dir: str | None = N
     if not samples:
         raise SystemExit(f"no images found under {data_dir}")
     scores = []
+    saved_per_class: dict[int, int] = {}
     started = time.perf_counter()
     for start in range(0, len(samples), CHUNK):
         images = [open_rgb(s.path) for s in samples[start : start + CHUNK]]
         predictions = predictor.predict(images)
         scores.extend(p.probability_parasitized for p in predictions)
-        if overlays_dir and start == 0:
-            save_examples(samples[:CHUNK], images, predictions, Path(overlays_dir), overlays)
+        if overlays_dir:
+            chunk = samples[start : start + CHUNK]
+            save_examples(chunk, images, predictions, Path(overlays_dir), overlays, saved_per_class)
     elapsed = time.perf_counter() - started
     positives = np.array([s.label == PARASITIZED for s in samples])
     metrics = screening_metrics(np.array(scores), positives, predictor.info.threshold)
@@ -48,10 +50,10 @@ def evaluate_folder(data_dir: str, weights: str, *, overlays_dir: str | None = N
     return metrics
 
 
-def save_examples(samples, images, predictions, folder: Path, count: int) -> None:
-    """Side-by-side original | overlay PNGs for a few cells of each class, named by truth and call."""
+def save_examples(samples, images, predictions, folder: Path, count: int, per_class: dict[int, int]) -> None:
+    """Side-by-side original | overlay PNGs for the first ``count`` cells of each class, named by
+    truth and call; ``per_class`` carries the counts across chunks."""
     folder.mkdir(parents=True, exist_ok=True)
-    per_class: dict[int, int] = {}
     for sample, image, prediction in zip(samples, images, predictions, strict=True):
         if per_class.get(sample.label, 0) >= count:
             continue
