@@ -97,19 +97,20 @@ class WorkerProcess:
         ]
         if self.beat:  # the stale-analysis sweeper runs in the worker, as in scripts/start
             command += ["--beat", "--schedule", str(self.log_path.with_suffix(".beat"))]
+        already_logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self._wait_ready()
+        self._wait_ready(already_logged)
         return self
 
-    def _wait_ready(self, timeout: float = 60) -> None:
+    def _wait_ready(self, offset: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()[-3000:]}")
-            if b" ready." in self.log_path.read_bytes():
+            if b" ready." in self.log_path.read_bytes()[offset:]:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
@@ -130,8 +131,20 @@ def _session_worker(django_db_setup, media_root, tmp_path_factory):
 
     app.control.purge()  # a previous run's leftovers must not reach this run's database
     worker = WorkerProcess(media_root, tmp_path_factory.mktemp("worker") / "worker.log").start()
+    _SESSION_WORKERS.append(worker)
     yield worker
     worker.stop()
+
+
+_SESSION_WORKERS: list[WorkerProcess] = []
+
+
+@pytest.fixture
+def without_session_worker(transactional_db):
+    """For tests that run their own workers: the shared one must not take their tasks.
+    ``celery_worker_process`` starts it again for the tests after."""
+    for worker in _SESSION_WORKERS:
+        worker.stop()
 
 
 @pytest.fixture

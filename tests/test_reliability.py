@@ -42,7 +42,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_worker_killed_mid_task_loses_nothing_and_records_once(transactional_db, user, media_root, tmp_path):
+def test_worker_killed_mid_task_loses_nothing_and_records_once(without_session_worker, user, media_root, tmp_path):
     from malaria_site.celery import app
 
     app.control.purge()
