@@ -1,11 +1,22 @@
-"""gunicorn settings for the web service (read from the environment)."""
+"""gunicorn settings for the web service; GUNICORN_WORKERS and GUNICORN_TIMEOUT come from .env."""
 
 import os
 
 bind = "0.0.0.0:8000"
-workers = int(os.environ.get("GUNICORN_WORKERS", "3"))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+# Empty values (a blank line in .env) fall back to the defaults.
+workers = int(os.environ.get("GUNICORN_WORKERS") or 3)
+timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
+graceful_timeout = 30
+# Recycle workers now and then so a slow leak cannot grow without bound.
+max_requests = 1000
+max_requests_jitter = 100
+# The heartbeat file lives in memory: a container's overlay filesystem can stall it.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+# Logs go to the container's stdout/stderr. nginx is the only client; X-Real-IP is the visitor's address.
 accesslog = "-"
 errorlog = "-"
-# Uploads are buffered to disk by Django; nginx already limits the body size.
+access_log_format = '%({x-real-ip}i)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+
+# Only nginx can reach this port (it is not published), so its X-Forwarded-* headers are trusted.
 forwarded_allow_ips = "*"

@@ -6,7 +6,7 @@ from django.core.cache import cache
 
 
 def _key(request, username: str) -> str:
-    address = request.META.get("REMOTE_ADDR", "unknown")
+    address = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "unknown")
     return f"login-failures:{address}:{username.strip().lower()[:150]}"
 
 

@@ -80,6 +80,9 @@ LOGIN_REDIRECT_URL = "diagnosis:dashboard"
 LOGOUT_REDIRECT_URL = "login"
 LOGIN_MAX_FAILURES = env.int("LOGIN_MAX_FAILURES", default=5)
 LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
+# Behind a reverse proxy every request comes from the proxy: name the header (as in request.META)
+# that the proxy overwrites with the client's address, e.g. HTTP_X_REAL_IP behind the bundled nginx.
+CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")
 
 # --- Cache (login throttling, API rate limits): shared through Redis when there is one ---------
 if REDIS_URL := env("REDIS_URL", default=""):

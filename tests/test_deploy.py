@@ -1,119 +1,812 @@
-"""The production shape, checked as far as a machine without a Docker engine allows."""
+"""The production shape (Dockerfile, docker-compose.yml, deploy/), checked as far as a machine without a
+Docker engine allows.
 
+No image is built and no container started here. What is checked instead:
+
+* the compose file's structure: services, health checks, named volumes, start order, scaling;
+* that every variable the compose file and .env.example name is one the settings (or gunicorn) read,
+  and the settings the app containers would get from `.env` plus the compose `environment:` block;
+* `manage.py check --deploy` with production variables, and the refusal to start without a secret key;
+* the X-Accel-Redirect hand-off, in-process and, where an `nginx` binary is installed, through the
+  real deploy/nginx.conf in front of a Django server and of gunicorn run with deploy/gunicorn.conf.py.
+"""
+
+import ast
+import contextlib
+import getpass
+import http.client
+import json
 import os
 import re
+import runpy
+import shlex
+import shutil
+import signal
+import socket
+import string
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
+from django.conf import settings as django_settings
 from django.test import Client
 
 from diagnosis.services import create_analysis
 from tests.conftest import ROOT
-from tests.factories import PASSWORD, upload
+from tests.factories import upload
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ["migrate", "web", "worker", "beat"]
-LONG_RUNNING = ["db", "redis", "web", "worker", "beat", "nginx"]
+APP_SERVICES = ("migrate", "web", "worker", "beat")
+LONG_RUNNING = ("db", "redis", "web", "worker", "beat", "nginx")
+NGINX_CONF = (ROOT / "deploy" / "nginx.conf").read_text()
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+ENV_EXAMPLE = (ROOT / ".env.example").read_text()
 SETTINGS_SOURCE = (ROOT / "malaria_site" / "settings.py").read_text()
-SETTINGS_VARS = set(re.findall(r'env(?:\.\w+)?\(\s*"([A-Z_]+)"', SETTINGS_SOURCE))
-ENV_EXAMPLE_VARS = set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
-DEPLOY_SOURCES = (ROOT / "docker-compose.yml").read_text() + (ROOT / "deploy" / "gunicorn.conf.py").read_text()
+
+SECRET_KEY_60 = (string.ascii_letters + string.digits)[:60]
+PRODUCTION_HOST = "malaria.example.org"
 
 
-def test_all_services_are_there_with_health_checks():
-    assert set(LONG_RUNNING + ["migrate"]) <= set(SERVICES)
+# --- Reading the files ------------------------------------------------------------------------
+
+
+def settings_env_calls() -> dict[str, ast.Call]:
+    """`env("NAME", ...)` / `env.int("NAME", ...)` calls in settings.py, by variable name."""
+    calls = {}
+    for node in ast.walk(ast.parse(SETTINGS_SOURCE)):
+        if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+            continue
+        func = node.func
+        is_env = (isinstance(func, ast.Name) and func.id == "env") or (
+            isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "env"
+        )
+        if is_env and isinstance(node.args[0].value, str):
+            calls[node.args[0].value] = node
+    return calls
+
+
+SETTINGS_VARS = set(settings_env_calls())
+
+
+def env_example_names() -> tuple[set[str], set[str]]:
+    """Names in .env.example, set or commented out (`# NAME=value`, an optional one): (application
+    settings, the `docker compose only` section)."""
+    app, compose_only = set(), set()
+    section = app
+    for line in ENV_EXAMPLE.splitlines():
+        if re.match(r"#\s*---\s*docker compose only", line):
+            section = compose_only
+        if match := re.match(r"#?\s*([A-Z][A-Z0-9_]*)=", line):
+            section.add(match.group(1))
+    return app, compose_only
+
+
+def dotenv_as_compose_reads_it(text: str) -> dict[str, str]:
+    """Docker Compose's reading of an env file (compose-go's dotenv parser): the value is trimmed on
+    the left, then an unquoted value is cut at the first ` #`. So `KEY=   # note` gives `# note`."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        value = value.lstrip(" \t")
+        quoted = value[:1] in ("'", '"')
+        values[name.strip()] = value[1 : value.index(value[0], 1)] if quoted else value.split(" #", 1)[0].rstrip()
+    return values
+
+
+def dotenv_as_intended(text: str) -> dict[str, str]:
+    """.env.example read the way its comments mean it: `KEY=   # note` is an empty value."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name.strip()] = re.split(r"(?:^|\s)#", value, maxsplit=1)[0].strip()
+    return values
+
+
+INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<named>\w+))")
+
+
+def interpolate(value, variables: dict[str, str]):
+    """Compose's variable interpolation: $$, $NAME, ${NAME}, ${NAME:-default}, ${NAME:?error} (and without `:`)."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, variables) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        if match["escaped"]:
+            return "$"
+        name, op = match["braced"] or match["named"], match["op"] or ""
+        current = variables.get(name)
+        unset = current is None or (current == "" and op.startswith(":"))
+        if op.endswith("-"):
+            return match["arg"] if unset else current
+        if op.endswith("?") and unset:
+            raise KeyError(f"{name}: {match['arg']}")
+        return current or ""
+
+    return INTERPOLATION.sub(replace, value)
+
+
+def interpolated_names(value) -> set[str]:
+    """Variables the compose file itself interpolates (not `$$NAME`, which the container's shell expands)."""
+    if isinstance(value, dict):
+        return set().union(*(interpolated_names(item) for item in value.values()), set())
+    if isinstance(value, list):
+        return set().union(*(interpolated_names(item) for item in value), set())
+    if not isinstance(value, str):
+        return set()
+    return {m["braced"] or m["named"] for m in INTERPOLATION.finditer(value) if not m["escaped"]}
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    return env
+
+
+def container_environment(service: str, dotenv: dict[str, str]) -> dict[str, str]:
+    """What a container of `service` would see: image ENV, then env_file .env, then `environment:`."""
+    spec = SERVICES[service]
+    assert spec["env_file"] == ".env"
+    return {**dockerfile_env(), **dotenv, **{k: str(v) for k, v in interpolate(spec["environment"], dotenv).items()}}
+
+
+def mounts(service: str) -> dict[str, tuple[str, str]]:
+    """Volume mounts of a service: target -> (source, mode)."""
+    result = {}
+    for entry in SERVICES[service].get("volumes", []):
+        source, target, *mode = entry.split(":")
+        result[target] = (source, mode[0] if mode else "rw")
+    return result
+
+
+def nginx_locations(conf: str = NGINX_CONF) -> dict[str, str]:
+    return {m.group(2): m.group(3) for m in re.finditer(r"location\s+(=\s*)?(\S+)\s*\{([^}]*)\}", conf)}
+
+
+def size_in_bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()
+    return int(number) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit.lower()]
+
+
+def settings_default(name: str):
+    """The default the settings give `name` when the environment does not set it."""
+    (default,) = [kw.value for kw in settings_env_calls()[name].keywords if kw.arg == "default"]
+    names = {"BASE_DIR": ROOT, "VAR_DIR": ROOT / "var", "str": str}
+    return eval(compile(ast.Expression(default), "settings.py", "eval"), names)  # noqa: S307 - the project's own source
+
+
+def run_python(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the project's Python with only `env` (plus PATH/HOME), not the developer's environment."""
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def production_env(**overrides: str) -> dict[str, str]:
+    return {
+        "DJANGO_SETTINGS_MODULE": "malaria_site.settings",
+        "DJANGO_DEBUG": "false",
+        "DJANGO_SECRET_KEY": SECRET_KEY_60,
+        "DJANGO_ALLOWED_HOSTS": "example.org",
+        **overrides,
+    }
+
+
+local_dotenv_sets_secret = pytest.mark.skipif(
+    "DJANGO_SECRET_KEY" in dotenv_as_intended((ROOT / ".env").read_text()) if (ROOT / ".env").exists() else False,
+    reason="a local .env sets DJANGO_SECRET_KEY, and settings.py reads it",
+)
+
+
+# --- The compose file ---------------------------------------------------------------------------
+
+
+def test_every_service_is_there_and_long_running_ones_have_health_checks():
+    assert set(SERVICES) == set(LONG_RUNNING) | {"migrate"}
     for name in LONG_RUNNING:
-        assert "healthcheck" in SERVICES[name], name
-    assert SERVICES["migrate"]["command"][-2:] == ["migrate", "--noinput"]
+        assert SERVICES[name]["healthcheck"]["test"], name
+        assert SERVICES[name]["restart"] == "unless-stopped", name
+    assert SERVICES["db"]["image"] == "postgres:16"
+    assert SERVICES["redis"]["image"] == "redis:7"
+    assert SERVICES["nginx"]["image"] == "nginx:1.27"
+    assert "pg_isready" in " ".join(SERVICES["db"]["healthcheck"]["test"])
+    assert SERVICES["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
+    # One image, built once from this repository, runs every Python service.
+    assert {SERVICES[name]["build"] for name in APP_SERVICES} == {"."}
+    assert len({SERVICES[name]["image"] for name in APP_SERVICES}) == 1
+
+
+def test_migrate_is_one_shot():
+    migrate = SERVICES["migrate"]
+    assert migrate["command"] == ["python", "manage.py", "migrate", "--noinput"]
+    assert migrate["restart"] == "no" and "healthcheck" not in migrate
 
 
 def test_data_lives_in_named_volumes():
-    assert {"pgdata", "media", "static"} <= set(COMPOSE["volumes"])
-    assert "pgdata:/var/lib/postgresql/data" in SERVICES["db"]["volumes"]
+    declared = set(COMPOSE["volumes"])
+    for name in SERVICES:
+        for target, (source, _) in mounts(name).items():
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name} mounts undeclared volume {source} at {target}"
+    assert mounts("db")["/var/lib/postgresql/data"] == ("pgdata", "rw")
+    assert mounts("redis")["/data"] == ("redisdata", "rw")
+    media_root = SERVICES["web"]["environment"]["MEDIA_ROOT"]
     for name in ("web", "worker"):
-        assert "media:/data/media" in SERVICES[name]["volumes"]
-    assert "media:/data/media:ro" in SERVICES["nginx"]["volumes"]
+        assert mounts(name)[media_root] == ("media", "rw"), name
+    assert mounts("nginx")[media_root] == ("media", "ro")
+    # Static files: web publishes them into the `static` volume, nginx serves it read-only.
+    assert [source for source, _ in mounts("web").values()].count("static") == 1
+    assert mounts("nginx")[SERVICES["web"]["environment"]["STATIC_ROOT"]] == ("static", "ro")
 
 
 def test_start_order_waits_for_health_and_migrations():
     web = SERVICES["web"]["depends_on"]
-    assert web["db"]["condition"] == "service_healthy" and web["redis"]["condition"] == "service_healthy"
+    assert web["db"]["condition"] == "service_healthy"
+    assert web["redis"]["condition"] == "service_healthy"
     assert web["migrate"]["condition"] == "service_completed_successfully"
     assert SERVICES["migrate"]["depends_on"]["db"]["condition"] == "service_healthy"
+    for name in ("worker", "beat"):
+        assert SERVICES[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert SERVICES["nginx"]["depends_on"]["web"]["condition"] == "service_healthy"
 
 
-def test_workers_scale_and_run_under_gunicorn():
-    assert "container_name" not in SERVICES["worker"] and "ports" not in SERVICES["worker"]
-    assert "celery" in SERVICES["worker"]["command"] and "worker" in SERVICES["worker"]["command"]
-    assert "gunicorn" in " ".join(SERVICES["web"]["command"])
-    assert "beat" in SERVICES["beat"]["command"]
+def test_workers_scale_and_only_nginx_is_published():
+    worker = SERVICES["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["command"][:4] == ["celery", "-A", "malaria_site", "worker"]
+    # Compose turns `$$` into `$`; the container's shell then names this replica's own node.
+    ping = interpolate(worker["healthcheck"]["test"], {})
+    assert "inspect ping -d celery@$HOSTNAME" in " ".join(ping)
+    assert [name for name, spec in SERVICES.items() if "ports" in spec] == ["nginx"]
+    assert not any("container_name" in spec for spec in SERVICES.values())
 
 
-def test_protected_media_location_is_internal_and_matches_the_app():
-    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
-    prefix = SERVICES["web"]["environment"]["PROTECTED_MEDIA_ACCEL_PREFIX"]
-    block = re.search(rf"location {re.escape(prefix)} \{{(.*?)\}}", nginx, re.S)
-    assert block and "internal;" in block.group(1) and "alias /data/media/;" in block.group(1)
-    assert SERVICES["web"]["environment"]["MEDIA_ROOT"] == "/data/media"
+def test_beat_runs_the_stale_analysis_sweeper(settings):
+    from diagnosis import tasks
+
+    beat = SERVICES["beat"]
+    assert beat["command"][:4] == ["celery", "-A", "malaria_site", "beat"]
+    assert "deploy" not in beat  # exactly one scheduler
+    assert "diagnosis.tasks.requeue_stale_analyses" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert hasattr(tasks, "requeue_stale_analyses")
 
 
-def test_environment_names_are_ones_the_settings_read():
+def test_beat_health_check_notices_a_stalled_scheduler(tmp_path):
+    command = SERVICES["beat"]["healthcheck"]["test"]
+    assert command[:3] == ["CMD", "python", "-c"]
+    schedule = tmp_path / "celerybeat-schedule"
+    assert command[3].count("/tmp/celerybeat-schedule") == 1
+    code = command[3].replace("/tmp/celerybeat-schedule", str(schedule))
+
+    def healthy() -> bool:
+        return run_python(["-c", code], {}).returncode == 0
+
+    assert not healthy()  # beat never saved a schedule
+    schedule.with_suffix(".db").write_bytes(b"")  # dbm may add a suffix
+    assert healthy()
+    two_hours_ago = time.time() - 7200
+    os.utime(schedule.with_suffix(".db"), (two_hours_ago, two_hours_ago))
+    assert not healthy()
+
+
+def test_web_runs_gunicorn_on_the_port_nginx_proxies_to():
+    command = " ".join(SERVICES["web"]["command"])
+    assert "exec gunicorn --config deploy/gunicorn.conf.py malaria_site.wsgi" in command
+    config = runpy.run_path(str(GUNICORN_CONF))
+    assert config["bind"] == "0.0.0.0:8000"
+    assert config["accesslog"] == "-" and config["errorlog"] == "-"
+    assert re.search(r"^\s*set \$web web:8000;", nginx_locations()["/"], re.M)
+    assert "http://127.0.0.1:8000/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
+
+
+def test_gunicorn_workers_and_timeout_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GUNICORN_WORKERS", "5")
+    monkeypatch.setenv("GUNICORN_TIMEOUT", "90")
+    config = runpy.run_path(str(GUNICORN_CONF))
+    assert (config["workers"], config["timeout"]) == (5, 90)
+    monkeypatch.setenv("GUNICORN_WORKERS", "")  # a blank line in .env
+    assert runpy.run_path(str(GUNICORN_CONF))["workers"] == 3
+
+
+# --- nginx.conf against the compose file and the settings -------------------------------------------
+
+
+def test_protected_location_is_internal_and_matches_the_app():
+    app_env = SERVICES["web"]["environment"]
+    prefix = app_env["PROTECTED_MEDIA_ACCEL_PREFIX"]
+    assert prefix.startswith("/") and prefix.endswith("/")
+    locations = nginx_locations()
+    protected = locations[prefix]
+    assert re.search(r"^\s*internal;", protected, re.M)
+    assert re.search(rf"^\s*alias {re.escape(app_env['MEDIA_ROOT'])}/;", protected, re.M)
+    assert mounts("nginx")[app_env["MEDIA_ROOT"]] == ("media", "ro")
+    # No other location exposes the media folder.
+    for path, block in locations.items():
+        if path != prefix:
+            assert app_env["MEDIA_ROOT"] not in block, path
+
+
+def test_static_location_matches_static_url_and_root():
+    static = nginx_locations()["/" + django_settings.STATIC_URL.strip("/") + "/"]
+    assert re.search(rf"alias {re.escape(SERVICES['web']['environment']['STATIC_ROOT'])}/;", static)
+
+
+def test_body_limit_matches_request_max_bytes():
+    (limit,) = re.findall(r"client_max_body_size\s+(\w+);", NGINX_CONF)
+    example = dotenv_as_intended(ENV_EXAMPLE)["REQUEST_MAX_BYTES"]
+    assert size_in_bytes(limit) == settings_default("REQUEST_MAX_BYTES") == int(example)
+
+
+def test_nginx_forwards_scheme_host_and_address():
+    proxy = nginx_locations()["/"]
+    assert "proxy_pass http://$web;" in proxy
+    assert re.search(r"proxy_set_header X-Forwarded-Proto \$\w+;", proxy)
+    assert "proxy_set_header Host $host;" in proxy
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in proxy  # replaced, not appended to
+    assert django_settings.SECURE_PROXY_SSL_HEADER == ("HTTP_X_FORWARDED_PROTO", "https")
+    for header in ("X-Content-Type-Options", "Content-Security-Policy", "X-Frame-Options"):
+        assert f"add_header {header}" in nginx_locations()["/protected/"], header
+
+
+# --- Environment variables -----------------------------------------------------------------------
+
+
+def test_app_environment_names_are_ones_the_settings_read():
+    _, compose_only = env_example_names()
     for name in APP_SERVICES:
         unknown = set(SERVICES[name]["environment"]) - SETTINGS_VARS
         assert not unknown, f"{name} sets variables settings.py never reads: {unknown}"
-    undocumented = SETTINGS_VARS - ENV_EXAMPLE_VARS
-    assert not undocumented, f"document these in .env.example: {undocumented}"
-    unused = {v for v in ENV_EXAMPLE_VARS - SETTINGS_VARS if v not in DEPLOY_SOURCES}
-    assert not unused, f".env.example lists variables nothing reads: {unused}"
+    assert all(name.startswith("POSTGRES_") for name in SERVICES["db"]["environment"])
+    # Variables compose itself substitutes: the settings', the postgres image's, or the documented compose-only ones.
+    unknown = {n for n in interpolated_names(COMPOSE) - SETTINGS_VARS - compose_only if not n.startswith("POSTGRES_")}
+    assert not unknown, f"docker-compose.yml uses variables nothing documents: {unknown}"
+    assert len({json.dumps(SERVICES[name]["environment"], sort_keys=True) for name in APP_SERVICES}) == 1
 
 
-def production_env(**overrides) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_URL"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="malaria_site.settings",
-        DJANGO_DEBUG="false",
-        DJANGO_SECRET_KEY="s" * 20 + "K3y!-not-a-real-secret-but-long-enough-0123456789",
-        DJANGO_ALLOWED_HOSTS="malaria.example.org",
+def test_env_example_documents_exactly_what_the_settings_read():
+    app, compose_only = env_example_names()
+    assert not SETTINGS_VARS - app, f"document these in .env.example: {SETTINGS_VARS - app}"
+    assert not app - SETTINGS_VARS, f".env.example lists variables settings.py never reads: {app - SETTINGS_VARS}"
+    # The compose-only section is for the compose file (interpolation) and gunicorn.conf.py.
+    gunicorn_vars = set(re.findall(r"os\.environ\.get\(\"(\w+)\"", GUNICORN_CONF.read_text()))
+    unused = compose_only - interpolated_names(COMPOSE) - gunicorn_vars
+    assert not unused, f".env.example's compose section lists variables nothing uses: {unused}"
+
+
+def test_compose_requires_the_secrets():
+    with pytest.raises(KeyError, match="DJANGO_SECRET_KEY"):
+        container_environment("web", {"POSTGRES_PASSWORD": "x"})
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        container_environment("web", {"DJANGO_SECRET_KEY": "x"})
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        interpolate(SERVICES["db"]["environment"], {"POSTGRES_PASSWORD": ""})
+
+
+def compose_settings(dotenv: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    env = container_environment("web", dotenv)
+    code = (
+        "import json; from django.conf import settings as s; print(json.dumps({"
+        "'DEBUG': s.DEBUG, 'DB': s.DATABASES['default']['ENGINE'], 'DB_HOST': s.DATABASES['default']['HOST'], "
+        "'CACHE': s.CACHES['default']['BACKEND'], 'BROKER': s.CELERY_BROKER_URL, 'MEDIA_ROOT': str(s.MEDIA_ROOT), "
+        "'STATIC_ROOT': str(s.STATIC_ROOT), 'ACCEL': s.PROTECTED_MEDIA_ACCEL_PREFIX, 'WEIGHTS': str(s.MODEL_WEIGHTS), "
+        "'SSL_REDIRECT': s.SECURE_SSL_REDIRECT, 'SECURE_COOKIES': s.SESSION_COOKIE_SECURE, "
+        "'HSTS': s.SECURE_HSTS_SECONDS, 'HOSTS': s.ALLOWED_HOSTS}))"
     )
-    env.update(overrides)
-    return env
+    result = run_python(["-c", code], {**env, "DJANGO_SETTINGS_MODULE": "malaria_site.settings"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), env
 
 
+@local_dotenv_sets_secret
+def test_the_app_containers_get_production_settings():
+    """`cp .env.example .env`, set the secrets and the host name: what web, worker and beat then run with."""
+    dotenv = {
+        **dotenv_as_intended(ENV_EXAMPLE),
+        "DJANGO_SECRET_KEY": SECRET_KEY_60,
+        "DJANGO_ALLOWED_HOSTS": PRODUCTION_HOST,
+        "POSTGRES_PASSWORD": "Zt8vQ2pL9xR4",
+    }
+    values, env = compose_settings(dotenv)
+    image_weights = "/app/" + str(Path(settings_default("MODEL_WEIGHTS")).relative_to(ROOT))
+    assert values == {
+        "DEBUG": False,
+        "DB": "django.db.backends.postgresql",
+        "DB_HOST": "db",
+        "CACHE": "django.core.cache.backends.redis.RedisCache",
+        "BROKER": "redis://redis:6379/0",
+        "MEDIA_ROOT": "/data/media",
+        "STATIC_ROOT": "/data/static",
+        "ACCEL": "/protected/",
+        "WEIGHTS": image_weights,
+        "SSL_REDIRECT": True,
+        "SECURE_COOKIES": True,
+        "HSTS": 31536000,
+        "HOSTS": [PRODUCTION_HOST],
+    }
+    assert re.search(r"^WORKDIR /app$", DOCKERFILE, re.M)  # where image_weights lives
+    check = run_python(["manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def compose_command() -> list[str] | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+            return ["docker", "compose"]
+    return [shutil.which("docker-compose")] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="neither `docker compose` nor `docker-compose` is installed")
+def test_docker_compose_itself_accepts_the_file(tmp_path):
+    """`docker compose config` (needs no engine): the schema, the interpolation and the secrets check."""
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path)
+    dotenv = {"DJANGO_SECRET_KEY": SECRET_KEY_60, "POSTGRES_PASSWORD": "Zt8vQ2pL9xR4", "DJANGO_HSTS_SECONDS": ""}
+    (tmp_path / ".env").write_text("".join(f"{name}={value}\n" for name, value in dotenv.items()))
+
+    def config() -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARS and not k.startswith("POSTGRES_")}
+        return subprocess.run([*compose_command(), "config"], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    result = config()
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]
+    assert set(resolved) == set(SERVICES)
+    for name in APP_SERVICES:  # compose's own result matches the emulation the other tests rely on
+        expected = container_environment(name, dotenv)
+        assert {k: str(v) for k, v in resolved[name]["environment"].items()} == {
+            k: v for k, v in expected.items() if k in resolved[name]["environment"]
+        }
+        assert set(resolved[name]["environment"]) == set(SERVICES[name]["environment"]) | set(dotenv)
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=x\nDJANGO_SECRET_KEY=\n")
+    refused = config()
+    assert refused.returncode != 0 and "set DJANGO_SECRET_KEY in .env" in refused.stderr
+
+
+def test_env_example_copied_to_env_has_no_comment_text_in_values(tmp_path):
+    import environ
+
+    class Captured(environ.Env):
+        ENVIRON: dict[str, str] = {}  # read_env fills this instead of os.environ
+
+    (tmp_path / ".env").write_text(ENV_EXAMPLE)
+    Captured.read_env(tmp_path / ".env")  # what settings.py does with a .env copied from the example
+    as_compose, as_django = dotenv_as_compose_reads_it(ENV_EXAMPLE), Captured.ENVIRON
+    polluted = {n: v for parsed in (as_compose, as_django) for n, v in parsed.items() if "#" in v or v != v.strip()}
+    assert not polluted
+
+
+# --- Production settings ---------------------------------------------------------------------------
+
+
+@local_dotenv_sets_secret
 def test_check_deploy_is_clean_with_production_settings():
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT,
-        env=production_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(["manage.py", "check", "--deploy", "--fail-level", "WARNING"], production_env())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "no issues" in result.stdout
+    assert "System check identified no issues" in result.stdout
+    assert "WARNINGS" not in result.stdout + result.stderr
 
 
+@local_dotenv_sets_secret
 def test_production_refuses_to_start_without_a_secret_key():
     env = production_env()
     del env["DJANGO_SECRET_KEY"]
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode != 0 and "DJANGO_SECRET_KEY" in result.stderr
+    result = run_python(["-c", "import malaria_site.settings"], env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and "DJANGO_SECRET_KEY" in result.stderr
+
+
+# --- Protected media: Django decides, nginx sends ------------------------------------------------------
 
 
 @pytest.mark.django_db
-def test_downloads_hand_off_to_nginx_after_the_ownership_check(settings, user, other_user):
+def test_owner_download_is_handed_to_nginx_and_a_stranger_gets_404(settings, web_client, user, other_user):
     settings.PROTECTED_MEDIA_ACCEL_PREFIX = "/protected/"
     analysis = create_analysis(owner=user, upload=upload())
-    url = f"/analyses/{analysis.pk}/image/"
-    owner, stranger = Client(), Client()
-    owner.login(username=user.username, password=PASSWORD)
-    stranger.login(username=other_user.username, password=PASSWORD)
-    response = owner.get(url)
-    assert response.status_code == 200 and response.content == b""
-    assert response["X-Accel-Redirect"] == f"/protected/{analysis.image.name}"
-    assert stranger.get(url).status_code == 404
+    stranger, anonymous = Client(), Client()
+    stranger.force_login(other_user)
+    for url in (f"/analyses/{analysis.pk}/image/", f"/api/analyses/{analysis.pk}/image/"):
+        response = web_client.get(url)
+        assert response.status_code == 200, url
+        assert response["X-Accel-Redirect"] == f"/protected/{analysis.image.name}"
+        assert response.content == b""
+        assert response["Content-Type"] == "image/png"
+        assert stranger.get(url).status_code == 404, url
+        assert "X-Accel-Redirect" not in anonymous.get(url), url
+
+
+# --- The Dockerfile ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_non_root_image_with_everything_the_app_needs():
+    instructions = [line.split(None, 1) for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if line[:1].isalpha()]
+    assert instructions[0] == ["FROM", "python:3.11-slim"]
+    users = [arg for op, arg in instructions if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    last_run = max(i for i, (op, _) in enumerate(instructions) if op == "RUN")
+    assert max(i for i, (op, _) in enumerate(instructions) if op == "USER") > last_run
+    assert any(op == "RUN" and "collectstatic" in arg for op, arg in instructions)
+    assert any(op == "RUN" and "pip install" in arg and "requirements.txt" in arg for op, arg in instructions)
+    assert "download.pytorch.org/whl/cpu" in DOCKERFILE  # the CPU wheel index, documented
+    assert instructions[-1][0] == "CMD" and "gunicorn" in instructions[-1][1]
+    copied = {arg.split()[0].rstrip("/") for op, arg in instructions if op == "COPY"}
+    assert "." not in copied, "COPY . . would put .env, var/ and .venv into the image"
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {"tests"}
+    needed = packages | {"manage.py", "templates", "static", "deploy/gunicorn.conf.py", "requirements.txt"}
+    assert needed <= copied, needed - copied
+    assert Path(settings_default("MODEL_WEIGHTS")).relative_to(ROOT).parts[0] in copied
+    # Every folder a named volume is mounted on exists in the image, so the volume starts out owned by `app`.
+    for name in APP_SERVICES:
+        for target in mounts(name):
+            assert target in DOCKERFILE or target in dockerfile_env().values(), (name, target)
+
+
+# --- nginx and gunicorn for real (where an nginx binary is installed) ------------------------------------------------
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="no nginx binary here (apt-get install nginx-light)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited early:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} not open after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def running_nginx(workdir: Path, *, upstream: str, media: Path, static: Path):
+    """deploy/nginx.conf, unchanged but for the addresses and folders, in an nginx of its own."""
+    port = free_port()
+    site = NGINX_CONF
+    for old, new in {
+        "listen 80;": f"listen 127.0.0.1:{port};",
+        "set $web web:8000;": f"set $web {upstream};",
+        "alias /data/media/;": f"alias {media}/;",
+        "alias /data/static/;": f"alias {static}/;",
+    }.items():
+        assert site.count(old) == 1, old
+        site = site.replace(old, new)
+    workdir.mkdir()
+    (workdir / "site.conf").write_text(site)
+    mime_types = "include /etc/nginx/mime.types;" if Path("/etc/nginx/mime.types").exists() else ""
+    temp_kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp_paths = "\n".join(f"{kind}_temp_path {workdir}/{kind};" for kind in temp_kinds)
+    (workdir / "nginx.conf").write_text(
+        f"""
+        {"user " + getpass.getuser() + ";" if os.geteuid() == 0 else ""}
+        worker_processes 1;
+        pid {workdir}/nginx.pid;
+        events {{ worker_connections 64; }}
+        http {{
+            {mime_types}
+            default_type application/octet-stream;
+            access_log {workdir}/access.log;
+            {temp_paths}
+            include {workdir}/site.conf;
+        }}
+        """
+    )
+    log = workdir / "error.log"
+    command = [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(log)]
+    check = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    process = subprocess.Popen([*command, "-g", "daemon off;"], stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, process, log)
+        yield port
+    finally:
+        stop(process)
+
+
+def request(port: int, method: str, path: str, headers: dict | None = None, body: bytes | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        response.body = response.read()
+        return response
+    finally:
+        connection.close()
+
+
+@needs_nginx
+def test_nginx_serves_patient_images_only_after_djangos_check(
+    transactional_db, live_server, settings, user, other_user, media_root, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # no broker traffic
+    settings.PROTECTED_MEDIA_ACCEL_PREFIX = SERVICES["web"]["environment"]["PROTECTED_MEDIA_ACCEL_PREFIX"]
+    analysis = create_analysis(owner=user, upload=upload())
+    image_bytes = Path(media_root, analysis.image.name).read_bytes()
+    static = tmp_path / "static"
+    (static / "css").mkdir(parents=True)
+    (static / "css" / "site.css").write_text("body { color: black }")
+
+    def cookie_for(account) -> dict:
+        client = Client()
+        client.force_login(account)
+        return {"Cookie": f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"}
+
+    owner, stranger = cookie_for(user), cookie_for(other_user)
+    upstream = f"127.0.0.1:{live_server.url.rsplit(':', 1)[1]}"  # an address: nginx resolves names at run time
+    with running_nginx(tmp_path / "nginx", upstream=upstream, media=Path(media_root), static=static) as port:
+        host = {"Host": "localhost"}
+        for url in (f"/analyses/{analysis.pk}/image/", f"/api/analyses/{analysis.pk}/image/"):
+            response = request(port, "GET", url, {**host, **owner})
+            assert response.status == 200, (url, response.body[:500])
+            assert response.body == image_bytes
+            assert response.getheader("X-Accel-Redirect") is None  # nginx consumes it
+            assert response.getheader("Content-Type") == "image/png"
+            assert response.getheader("Content-Disposition") == f'inline; filename="image-{analysis.pk}.png"'
+            assert response.headers.get_all("Cache-Control") == ["private, max-age=3600"]
+            assert response.headers.get_all("X-Content-Type-Options") == ["nosniff"]
+            assert response.getheader("Content-Security-Policy") == "default-src 'none'; sandbox"
+            assert request(port, "GET", url, {**host, **stranger}).status == 404, url
+        anonymous = request(port, "GET", f"/analyses/{analysis.pk}/image/", host)
+        assert anonymous.status == 302 and not anonymous.body.startswith(image_bytes[:8])
+        # The internal location cannot be asked for directly, even by the owner.
+        assert request(port, "GET", f"/protected/{analysis.image.name}", {**host, **owner}).status == 404
+        traversal = request(port, "GET", f"/static/../{analysis.image.name}", host)
+        assert traversal.status != 200 and image_bytes[:16] not in traversal.body
+
+        css = request(port, "GET", "/static/css/site.css", host)
+        assert css.status == 200 and css.body == b"body { color: black }"
+        assert css.getheader("X-Content-Type-Options") == "nosniff"
+        assert request(port, "GET", "/nginx-health", host).body == b"ok\n"
+
+        # Bodies over REQUEST_MAX_BYTES are refused by nginx before they reach gunicorn.
+        too_big = {**host, **owner, "Content-Length": str(settings_default("REQUEST_MAX_BYTES") + 1)}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.putrequest("POST", "/upload/", skip_host=True)
+        for name, value in too_big.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        assert connection.getresponse().status == 413
+        connection.close()
+
+
+@needs_nginx
+@local_dotenv_sets_secret
+def test_gunicorn_behind_nginx_in_production_mode(tmp_path):
+    port = free_port()
+    env = production_env(
+        DJANGO_ALLOWED_HOSTS=PRODUCTION_HOST,
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        CELERY_BROKER_URL="filesystem://",
+        CELERY_FILESYSTEM_BROKER_DIR=str(tmp_path / "broker"),
+        VAR_DIR=str(tmp_path),
+        MEDIA_ROOT=str(tmp_path / "media"),
+        STATIC_ROOT=str(tmp_path / "static"),
+        PROTECTED_MEDIA_ACCEL_PREFIX="/protected/",
+        GUNICORN_WORKERS="1",
+    )
+    (tmp_path / "media").mkdir()
+    (tmp_path / "static").mkdir()
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as log_file:
+        gunicorn = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}"]
+            + ["malaria_site.wsgi"],
+            cwd=ROOT,
+            env={**base, **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_port(port, gunicorn, log, timeout=60)
+
+        # The web service's own health check command, as the container's shell would run it.
+        health = interpolate(SERVICES["web"]["healthcheck"]["test"], {})
+        assert health[0] == "CMD-SHELL" and health[1].count("127.0.0.1:8000") == 1
+        script = health[1].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        # The Host header (the first DJANGO_ALLOWED_HOSTS entry) is what makes it pass.
+        for allowed, healthy in (
+            (f"{PRODUCTION_HOST},www.example.org", True),
+            (f".{PRODUCTION_HOST}", True),
+            ("elsewhere.org", False),
+        ):
+            result = subprocess.run(["sh", "-c", script], env={**base, "DJANGO_ALLOWED_HOSTS": allowed}, timeout=30)
+            assert (result.returncode == 0) == healthy, allowed
+
+        with running_nginx(
+            tmp_path / "nginx", upstream=f"127.0.0.1:{port}", media=tmp_path / "media", static=tmp_path / "static"
+        ) as nginx_port:
+            host = {"Host": PRODUCTION_HOST}
+            health = request(nginx_port, "GET", "/healthz", host)
+            assert health.status == 200, health.body
+            assert json.loads(health.body) == {"status": "ok", "database": "ok", "broker": "ok"}
+            # Plain HTTP reaching nginx is sent to HTTPS ...
+            plain = request(nginx_port, "GET", "/accounts/login/", host)
+            assert plain.status == 301
+            assert plain.getheader("Location") == f"https://{PRODUCTION_HOST}/accounts/login/"
+            # ... and what the TLS terminator in front forwards as HTTPS is served, with HSTS and secure cookies.
+            secure = request(nginx_port, "GET", "/accounts/login/", {**host, "X-Forwarded-Proto": "https"})
+            assert secure.status == 200
+            assert secure.getheader("Strict-Transport-Security") == "max-age=31536000; includeSubDomains; preload"
+            assert secure.headers.get_all("X-Frame-Options") == ["DENY"]
+            assert "; Secure" in secure.getheader("Set-Cookie", "")
+            assert secure.getheader("Server") == "nginx"  # server_tokens off: no version
+            assert request(nginx_port, "GET", "/healthz", {"Host": "attacker.example"}).status == 400
+    finally:
+        stop(gunicorn)
+    # Access log on stdout, with the visitor's address from nginx's X-Real-IP.
+    assert re.search(r'^127\.0\.0\.1 "GET /accounts/login/ HTTP/1\.0" 200 ', log.read_text(), re.M)
+
+
+@pytest.mark.worker
+def test_worker_health_check_pings_its_own_replica(tmp_path):
+    """The worker service's health check against a real worker (kombu's filesystem broker stands in for Redis)."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "malaria_site.settings",
+        "CELERY_BROKER_URL": "filesystem://",
+        "CELERY_FILESYSTEM_BROKER_DIR": str(tmp_path / "broker"),
+        "CELERY_QUEUE": "deploy-health-check",
+        "VAR_DIR": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+    }
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as log_file:
+        worker = subprocess.Popen(
+            SERVICES["worker"]["command"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while b" ready." not in log.read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        (kind, script) = interpolate(SERVICES["worker"]["healthcheck"]["test"], {})
+        assert kind == "CMD-SHELL" and script.count("--timeout 10") == 1
+
+        def health(hostname: str) -> int:
+            command = script.replace("--timeout 10", "--timeout 3")
+            result = subprocess.run(["sh", "-c", command], cwd=ROOT, env={**env, "HOSTNAME": hostname}, timeout=60)
+            return result.returncode
+
+        assert health(socket.gethostname()) == 0  # Docker sets HOSTNAME to the container's host name
+        assert health("another-replica") != 0
+    finally:
+        stop(worker)

@@ -22,6 +22,21 @@ def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
     assert "_auth_user_id" not in client.session
 
 
+def test_behind_a_proxy_failures_count_per_client_not_per_proxy(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 2
+    settings.CLIENT_IP_HEADER = "HTTP_X_REAL_IP"
+    for _ in range(2):
+        client.post("/accounts/login/", {"username": user.username, "password": "x"}, HTTP_X_REAL_IP="203.0.113.9")
+    attacker = client.post(
+        "/accounts/login/", {"username": user.username, "password": PASSWORD}, HTTP_X_REAL_IP="203.0.113.9"
+    )
+    assert attacker.status_code == 429
+    colleague = Client().post(
+        "/accounts/login/", {"username": user.username, "password": PASSWORD}, HTTP_X_REAL_IP="198.51.100.7"
+    )
+    assert colleague.status_code == 302
+
+
 def test_successful_login_clears_the_failure_count(client, user, settings):
     settings.LOGIN_MAX_FAILURES = 3
     client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
