@@ -13,6 +13,20 @@
   const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
   const accepted = /\.(png|jpe?g|tiff?|bmp)$/i;
   let chosen = [];
+  let notes = []; // the per-file status line of each chosen file
+
+  // Per-file progress from the one request's byte count: files are sent in order, so a file is
+  // uploaded once the bytes sent pass its end (multipart overhead makes this slightly early).
+  function showFileProgress(loaded, total) {
+    const scale = total / Math.max(1, chosen.reduce((sum, file) => sum + file.size, 0));
+    let end = 0;
+    chosen.forEach((file, i) => {
+      const start = end;
+      end += file.size * scale;
+      if (loaded >= end) notes[i].textContent = "uploaded";
+      else if (loaded > start) notes[i].textContent = "uploading " + Math.round((100 * (loaded - start)) / (end - start)) + "%";
+    });
+  }
 
   function reason(file) {
     if (!accepted.test(file.name)) return "not a PNG, JPEG, TIFF or BMP file";
@@ -23,6 +37,7 @@
 
   function choose(files) {
     chosen = [];
+    notes = [];
     list.textContent = "";
     Array.from(files).forEach((file) => {
       const why = reason(file);
@@ -31,7 +46,7 @@
       const note = document.createElement("span");
       if (why) { li.className = "rejected"; note.textContent = "skipped: " + why; }
       else if (chosen.length >= maxFiles) { li.className = "rejected"; note.textContent = "skipped: over " + maxFiles + " files"; }
-      else { chosen.push(file); note.textContent = (file.size / 1024).toFixed(0) + " KB"; }
+      else { chosen.push(file); notes.push(note); note.textContent = (file.size / 1024).toFixed(0) + " KB"; }
       li.appendChild(note);
       list.appendChild(li);
     });
@@ -63,7 +78,11 @@
     xhr.setRequestHeader("X-Requested-With", "XMLHttpRequest");
     bar.hidden = false;
     button.disabled = true;
-    xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; });
+    xhr.upload.addEventListener("progress", (e) => {
+      if (!e.lengthComputable) return;
+      bar.value = (100 * e.loaded) / e.total;
+      showFileProgress(e.loaded, e.total);
+    });
     xhr.addEventListener("load", () => {
       const type = xhr.getResponseHeader("Content-Type") || "";
       if (xhr.status === 200 && type.startsWith("application/json")) {
