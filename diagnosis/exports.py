@@ -9,7 +9,6 @@ from django.views.decorators.http import require_GET
 
 from diagnosis import selectors
 from diagnosis.forms import FilterForm
-from diagnosis.views import _filters_from
 
 CSV_COLUMNS = [
     "analysis_id",
@@ -61,7 +60,7 @@ def _csv_response(analyses, filename: str) -> HttpResponse:
 @login_required
 @require_GET
 def dashboard_csv(request):
-    analyses = selectors.analyses_for(user=request.user, filters=_filters_from(FilterForm(request.GET)))
+    analyses = selectors.analyses_for(user=request.user, filters=FilterForm(request.GET).to_filters())
     return _csv_response(analyses, "analyses.csv")
 
 

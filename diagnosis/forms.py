@@ -1,6 +1,7 @@
 from django import forms
 
 from diagnosis.models import Analysis
+from diagnosis.selectors import AnalysisFilters
 
 
 class MultipleFileInput(forms.ClearableFileInput):
@@ -47,6 +48,19 @@ class FilterForm(forms.Form):
         ],
         required=False,
     )
+
+    def to_filters(self) -> AnalysisFilters:
+        """The query's filters; invalid values (a bad date, an unknown choice) are ignored."""
+        data = self.cleaned_data if self.is_valid() else {}
+        return AnalysisFilters(
+            status=data.get("status") or "",
+            label=data.get("label") or "",
+            search=(data.get("search") or "").strip(),
+            reviewed=data.get("reviewed") or "",
+            date_from=str(data.get("date_from") or ""),
+            date_to=str(data.get("date_to") or ""),
+            sort=data.get("sort") or "-created_at",
+        )
 
 
 class ReviewForm(forms.Form):

@@ -98,7 +98,7 @@ def _thumbnail_png(image: Image.Image) -> bytes:
 
 def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:
     """Send analyses to the worker. If the broker is unreachable they stay queued for the sweeper."""
-    from diagnosis.tasks import analyse_images
+    from diagnosis.tasks import analyse_images  # here, not at the top: tasks imports this module
 
     for start in range(0, len(analysis_ids), ANALYSES_PER_TASK):
         chunk = list(analysis_ids[start : start + ANALYSES_PER_TASK])

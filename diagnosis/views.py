@@ -18,24 +18,11 @@ from malaria_site.celery import app as celery_app
 PAGE_SIZE = 25
 
 
-def _filters_from(form: FilterForm) -> selectors.AnalysisFilters:
-    data = form.cleaned_data if form.is_valid() else {}
-    return selectors.AnalysisFilters(
-        status=data.get("status") or "",
-        label=data.get("label") or "",
-        search=(data.get("search") or "").strip(),
-        reviewed=data.get("reviewed") or "",
-        date_from=str(data.get("date_from") or ""),
-        date_to=str(data.get("date_to") or ""),
-        sort=data.get("sort") or "-created_at",
-    )
-
-
 @login_required
 @require_GET
 def dashboard(request):
     form = FilterForm(request.GET)
-    analyses = selectors.analyses_for(user=request.user, filters=_filters_from(form))
+    analyses = selectors.analyses_for(user=request.user, filters=form.to_filters())
     page = Paginator(analyses, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)

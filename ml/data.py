@@ -42,12 +42,16 @@ def list_samples(data_dir: str | Path) -> list[Sample]:
     ]
 
 
+def patient_groups(samples: Iterable[Sample]) -> set[str]:
+    return {s.patient_group for s in samples}
+
+
 def split_by_patient(
     samples: Iterable[Sample], *, holdout_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
     """Put whole patient groups on one side or the other, about ``holdout_fraction`` of groups held out."""
     samples = list(samples)
-    groups = sorted({s.patient_group for s in samples})
+    groups = sorted(patient_groups(samples))
     random.Random(seed).shuffle(groups)
     held_out = set(groups[: max(1, round(len(groups) * holdout_fraction))])
     kept = [s for s in samples if s.patient_group not in held_out]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.data import list_samples
+from ml.data import list_samples, patient_groups
 from ml.metrics import screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
@@ -43,7 +43,7 @@ def evaluate_folder(data_dir: str, weights: str, *, overlays_dir: str | None = N
     metrics.update(
         model_version=predictor.version,
         images_per_second=len(samples) / elapsed,
-        patient_groups=len({s.patient_group for s in samples}),
+        patient_groups=len(patient_groups(samples)),
         parasitized=int(positives.sum()),
         uninfected=int((~positives).sum()),
     )

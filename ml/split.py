@@ -8,7 +8,7 @@ writes OUT/train/{Parasitized,Uninfected} and OUT/test/{Parasitized,Uninfected}.
 import argparse
 from pathlib import Path
 
-from ml.data import list_samples, split_by_patient
+from ml.data import list_samples, patient_groups, split_by_patient
 from ml.model import CLASS_NAMES
 
 
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
             link = Path(args.out) / part / CLASS_NAMES[sample.label] / sample.path.name
             if not link.exists():
                 link.symlink_to(sample.path.resolve())
-        groups = len({s.patient_group for s in samples})
+        groups = len(patient_groups(samples))
         print(f"{part}: {len(samples)} images from {groups} patient groups")
 
 

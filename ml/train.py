@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.augment import augment_batch
-from ml.data import list_samples, load_arrays, split_by_patient
+from ml.data import list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.preprocessing import normalize
@@ -137,10 +137,9 @@ def main(argv=None) -> None:
     if args.limit:
         samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
     train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
-    groups = lambda items: len({s.patient_group for s in items})  # noqa: E731
     print(
-        f"train: {len(train_samples)} images / {groups(train_samples)} patient groups; "
-        f"validation: {len(val_samples)} images / {groups(val_samples)} groups",
+        f"train: {len(train_samples)} images / {len(patient_groups(train_samples))} patient groups; "
+        f"validation: {len(val_samples)} images / {len(patient_groups(val_samples))} groups",
         flush=True,
     )
 
@@ -220,9 +219,9 @@ def export(model, args, metrics, *, epoch, train_samples, val_samples) -> None:
             "epoch": epoch,
             "init": args.init,
             "train_images": len(train_samples),
-            "train_groups": len({s.patient_group for s in train_samples}),
+            "train_groups": len(patient_groups(train_samples)),
             "validation_images": len(val_samples),
-            "validation_groups": sorted({s.patient_group for s in val_samples}),
+            "validation_groups": sorted(patient_groups(val_samples)),
             "seed": args.seed,
         },
     )

@@ -2,6 +2,7 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from diagnosis.models import Analysis, Batch
+from diagnosis.selectors import batch_counts
 
 
 class AnalysisSerializer(serializers.ModelSerializer):
@@ -71,6 +72,4 @@ class BatchSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_counts(self, batch: Batch) -> dict[str, int]:
-        from diagnosis.selectors import batch_counts
-
         return batch_counts(batch=batch)
