@@ -3,7 +3,10 @@
     python -m ml.train --data ../shared/datasets/nih-malaria-cells --out ml/weights/malaria_vgg19.safetensors
 
 ``--init scratch`` trains the whole VGG19-BN; ``--init imagenet`` loads torchvision's ImageNet VGG19,
-freezes its convolutional trunk and trains only the new two-way head (the seed's method).
+freezes its convolutional trunk and trains only the new two-way head (the seed's method);
+``--init-from FILE`` starts from an earlier model file of the same architecture, usually at a larger
+``--input-size`` (progressive resizing: most epochs run cheaply at low resolution, a few at the
+resolution that shows small ring-stage parasites).
 """
 
 import argparse
@@ -23,7 +26,7 @@ from ml.data import list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.preprocessing import normalize
-from ml.weights import ModelInfo, save_model
+from ml.weights import ModelInfo, load_model, read_info, save_model
 
 IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 
@@ -34,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="safetensors file to write (best validation AUC)")
     parser.add_argument("--init", choices=("scratch", "imagenet"), default="scratch")
     parser.add_argument("--backbone-weights", help="torchvision VGG19 ImageNet state dict (.pth or .safetensors)")
+    parser.add_argument("--init-from", help="model file (from ml.train) whose weights to continue training")
     parser.add_argument("--input-size", type=int, help="default 64 (scratch) or 128 (imagenet)")
     parser.add_argument("--trunk-stride", type=int, choices=(8, 16, 32), help="default 8 (scratch) or 16 (imagenet)")
     parser.add_argument("--epochs", type=int, default=8)
@@ -53,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args) -> MalariaVGG:
+    if args.init_from:
+        return warm_start(args)
     imagenet = args.init == "imagenet"
     config = ModelConfig(
         arch="vgg19" if imagenet else "vgg19_bn",
@@ -63,6 +69,22 @@ def build_model(args) -> MalariaVGG:
     if imagenet:
         model.features.load_state_dict(imagenet_trunk_state(args.backbone_weights))
         model.freeze_trunk()
+    return model
+
+
+def warm_start(args) -> MalariaVGG:
+    """The model in ``--init-from``, rebuilt for this run's input size (the weights do not depend on it)."""
+    earlier, info = load_model(args.init_from)
+    config = replace(
+        info.config,
+        input_size=args.input_size or info.config.input_size,
+        trunk_stride=args.trunk_stride or info.config.trunk_stride,
+    )
+    if config.trunk_stride != info.config.trunk_stride:
+        raise SystemExit("--init-from keeps the earlier model's trunk stride; leave --trunk-stride out")
+    model = MalariaVGG(config)
+    model.load_state_dict(earlier.state_dict())
+    print(f"starting from {info.version} at {config.input_size}px", flush=True)
     return model
 
 
@@ -218,6 +240,7 @@ def export(model, args, metrics, *, epoch, train_samples, val_samples) -> None:
             "validation": metrics,
             "epoch": epoch,
             "init": args.init,
+            "init_from": read_info(args.init_from).version if args.init_from else None,
             "train_images": len(train_samples),
             "train_groups": len(patient_groups(train_samples)),
             "validation_images": len(val_samples),

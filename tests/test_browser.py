@@ -155,9 +155,16 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     page.get_by_label("Patient / sample reference").fill("WARD-7 slide 2")
     screenshot(page, "upload")
 
+    # Each file's status line is kept in sessionStorage as it changes, to read after the redirect.
+    page.evaluate(
+        """() => new MutationObserver(() => sessionStorage.setItem('file-notes', JSON.stringify(
+              Array.from(document.querySelectorAll('#file-list li span'), (note) => note.textContent))))
+            .observe(document.getElementById('file-list'), {subtree: true, characterData: true, childList: true})"""
+    )
     with paused(celery_worker_process):  # the batch page must open before any result exists
         upload_button.click()
         page.wait_for_url(re.compile(r"/batches/\d+/$"))
+        assert page.evaluate("JSON.parse(sessionStorage.getItem('file-notes'))") == ["uploaded"] * len(cells)
         progress = page.locator("#progress-text")
         expect(progress).to_contain_text(f"0 / {len(cells)} done")
         expect(page.locator(".flash")).to_have_text(f"{len(cells)} image(s) queued for analysis.")

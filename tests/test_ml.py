@@ -213,6 +213,40 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
         torch.testing.assert_close(tensor, backbone[f"features.{name}"].half().float())
 
 
+@pytest.mark.slow
+def test_init_from_continues_an_earlier_model_at_a_larger_input_size(tmp_path):
+    """Progressive resizing: the shipped recipe's second stage starts from the first stage's file."""
+    earlier = tiny_weights(tmp_path / "stage1.safetensors")
+    out = tmp_path / "stage2.safetensors"
+    common = ["--data", str(FIXTURE_CELLS), "--out", str(out), "--init-from", str(earlier)]
+    trained = run_module(
+        "ml.train",
+        *common,
+        "--input-size",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-9",
+        "--val-fraction",
+        "0.5",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "starting from test-tiny at 48px" in trained.stdout
+    model, info = load_model(out)
+    assert info.config.input_size == 48 and info.config.trunk_stride == 8
+    assert info.metrics["init_from"] == "test-tiny"
+    start, _ = load_model(earlier)
+    convolutions = [k for k, v in start.state_dict().items() if k.startswith("features.") and v.dim() == 4]
+    for name in convolutions:  # a 1e-9 learning rate leaves the earlier convolutions in place
+        torch.testing.assert_close(model.state_dict()[name], start.state_dict()[name])
+
+    restrided = run_module("ml.train", *common, "--trunk-stride", "16", "--epochs", "1")
+    assert restrided.returncode != 0 and "trunk stride" in restrided.stderr
+
+
 def test_imagenet_init_without_weights_explains(tmp_path):
     result = run_module(
         "ml.train",
