@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,36 +82,66 @@ def test_worker_killed_mid_task_loses_nothing_and_records_once(without_session_w
     )
 
 
-@pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server to play the broker")
-def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactional_db, user, media_root, tmp_path):
+@contextmanager
+def redis_server(port: int):
+    """A private, non-persistent Redis to play the broker: killing it loses every message in it."""
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _listening(port), timeout=20, interval=0.1)
+        yield redis
+    finally:
+        redis.kill()
+        redis.wait(timeout=20)
+
+
+@contextmanager
+def web_server(media_root: Path, broker_env: dict, log_path: Path):
+    """The site in its own process, so its uploads enqueue on the private broker; yields its URL."""
     port = free_port()
-    broker = {
-        "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-        "ANALYSIS_STALE_SECONDS": "600",
-        "SWEEP_INTERVAL_SECONDS": "2",
-    }
-    web_port = free_port()
     env = {
         **os.environ,
-        **broker,
+        **broker_env,
         "DATABASE_URL": database_url(),
         "MEDIA_ROOT": str(media_root),
         "DJANGO_SETTINGS_MODULE": "tests.settings",
     }
-    with open(tmp_path / "web.log", "wb") as web_log:  # the child keeps its own descriptor
+    with open(log_path, "wb") as web_log:  # the child keeps its own descriptor
         web = subprocess.Popen(
-            [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{web_port}"],
+            [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
             cwd=ROOT,
             env=env,
             stdout=web_log,
             stderr=subprocess.STDOUT,
         )
-    redis = None
     try:
-        base = f"http://127.0.0.1:{web_port}"
+        base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _reachable(base), timeout=60)
-        token = Token.objects.create(user=user).key
-        headers = {"Authorization": f"Token {token}"}
+        yield base
+    finally:
+        web.terminate()
+        web.wait(timeout=20)
+
+
+def private_broker_env(port: int, *, stale_seconds: int) -> dict:
+    return {
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "ANALYSIS_STALE_SECONDS": str(stale_seconds),
+        "SWEEP_INTERVAL_SECONDS": "2",
+    }
+
+
+needs_redis_server = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server as the broker")
+
+
+@needs_redis_server
+def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactional_db, user, media_root, tmp_path):
+    port = free_port()
+    broker = private_broker_env(port, stale_seconds=600)
+    with web_server(media_root, broker, tmp_path / "web.log") as base:
+        headers = {"Authorization": f"Token {Token.objects.create(user=user).key}"}
         cells = fixture_cells()
         started = time.monotonic()
         statuses = [
@@ -126,25 +157,56 @@ def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactio
         assert statuses == [202] * len(cells)
         assert Analysis.objects.filter(status="queued", enqueued_at__isnull=True).count() == len(cells)
 
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
+        with redis_server(port):
+            worker = WorkerProcess(media_root, tmp_path / "worker.log", extra_env=broker, beat=True).start()
+            try:
+                wait_for(lambda: Analysis.objects.filter(status="done").count() == len(cells), timeout=120)
+            finally:
+                worker.stop()
+    print(
+        f"\n[broker down] {len(cells)}/{len(cells)} uploads accepted with the broker down "
+        f"({upload_seconds:.2f}s each), all finished after it came back; 0 lost"
+    )
+
+
+@needs_redis_server
+def test_broker_lost_mid_task_loses_nothing_and_records_once(transactional_db, user, media_root, tmp_path):
+    """Redis dies with queued messages in it while a task runs; it comes back empty."""
+    port = free_port()
+    broker = private_broker_env(port, stale_seconds=10)
+    count = 6
+    with web_server(media_root, broker, tmp_path / "web.log") as base, redis_server(port) as redis:
         worker = WorkerProcess(media_root, tmp_path / "worker.log", extra_env=broker, beat=True).start()
         try:
-            wait_for(lambda: Analysis.objects.filter(status="done").count() == len(cells), timeout=120)
+            content, token = big_cell_png(), Token.objects.create(user=user).key
+            for index in range(count):  # one task message each, so most wait in the broker
+                response = requests.post(
+                    f"{base}/api/analyses/",
+                    headers={"Authorization": f"Token {token}"},
+                    files={"image": (f"big-{index}.png", content, "image/png")},
+                    timeout=120,
+                )
+                assert response.status_code == 202, response.text
+            wait_for(lambda: Analysis.objects.filter(status="running").exists(), timeout=60, interval=0.05)
+            redis.kill()  # mid-task, with the rest of the batch's messages still in the broker
+            redis.wait(timeout=20)
+            waiting_when_lost = Analysis.objects.exclude(status="done").count()
+            time.sleep(3)
+            with redis_server(port):
+                started = time.monotonic()
+                wait_for(lambda: Analysis.objects.filter(status="done").count() == count, timeout=240)
+                recovery = time.monotonic() - started
         finally:
             worker.stop()
-        print(
-            f"\n[broker down] {len(cells)}/{len(cells)} uploads accepted with the broker down "
-            f"({upload_seconds:.2f}s each), all finished after it came back; 0 lost"
-        )
-    finally:
-        web.terminate()
-        web.wait(timeout=20)
-        if redis:
-            redis.terminate()
-            redis.wait(timeout=20)
+    events = done_events(tmp_path / "worker.log")
+    ids = [str(pk) for pk in Analysis.objects.values_list("pk", flat=True)]
+    assert sorted(events) == sorted(ids), "every analysis recorded exactly once"
+    assert waiting_when_lost > 1
+    assert "event=requeue" in (tmp_path / "worker.log").read_text(), "the lost messages were sent again"
+    print(
+        f"\n[broker lost] Redis killed mid-task with {waiting_when_lost} of {count} not done; "
+        f"all {count} done {recovery:.1f}s after it came back empty; {len(events)} results recorded"
+    )
 
 
 def _reachable(base: str) -> bool:
@@ -152,6 +214,11 @@ def _reachable(base: str) -> bool:
         return requests.get(f"{base}/accounts/login/", timeout=2).status_code == 200
     except requests.ConnectionError:
         return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_load_ten_clients_three_hundred_images(celery_worker_process, live_server, user):
