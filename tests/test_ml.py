@@ -215,7 +215,7 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
 
 @pytest.mark.slow
 def test_init_from_continues_an_earlier_model_at_a_larger_input_size(tmp_path):
-    """Progressive resizing: the shipped recipe's second stage starts from the first stage's file."""
+    """Progressive resizing: a second stage starts from the first stage's file at a larger input size."""
     earlier = tiny_weights(tmp_path / "stage1.safetensors")
     out = tmp_path / "stage2.safetensors"
     common = ["--data", str(FIXTURE_CELLS), "--out", str(out), "--init-from", str(earlier)]
