@@ -22,4 +22,15 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tens
     brightness = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
     gamma = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
     out = (out * gains * brightness).clamp(0.0, 1.0) ** gamma
-    return out * 255.0
+    return _mix_channels(out, generator).clamp(0.0, 1.0) * 255.0
+
+
+def _mix_channels(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift hue and saturation a little with a random near-identity colour matrix per image.
+
+    Gains alone cannot turn a pink smear lavender; leaking a few per cent of each channel into the
+    others can, and a linear map keeps black at black.
+    """
+    n = images.shape[0]
+    mixing = torch.eye(3) + (torch.rand(n, 3, 3, generator=generator) - 0.5) * 0.16
+    return torch.einsum("nij,njhw->nihw", mixing, images)

@@ -30,6 +30,8 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
+    # Scale each cell to a reference mean colour before normalising (see ml.preprocessing).
+    stain_standardise: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ("vgg19", "vgg19_bn"):

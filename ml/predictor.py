@@ -9,7 +9,7 @@ from PIL import Image
 
 from ml.gradcam import cam_from_features, render_overlay
 from ml.model import PARASITIZED
-from ml.preprocessing import normalize, square_resize, to_batch
+from ml.preprocessing import model_inputs, square_resize, to_batch
 from ml.weights import load_model
 
 
@@ -45,7 +45,7 @@ class Predictor:
     def _predict_batch(self, images: list[Image.Image]) -> list[Prediction]:
         config = self.info.config
         batch = to_batch([square_resize(image, config.input_size) for image in images])
-        inputs = normalize(batch, config.mean, config.std).contiguous(memory_format=torch.channels_last)
+        inputs = model_inputs(batch, config)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             feature_maps = self.model.forward_features(inputs)
             logits = self.model.head(feature_maps)

@@ -25,7 +25,7 @@ from ml.augment import augment_batch
 from ml.data import list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
-from ml.preprocessing import normalize
+from ml.preprocessing import model_inputs
 from ml.weights import ModelInfo, load_model, read_info, save_model
 
 IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
@@ -40,6 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init-from", help="model file (from ml.train) whose weights to continue training")
     parser.add_argument("--input-size", type=int, help="default 64 (scratch) or 128 (imagenet)")
     parser.add_argument("--trunk-stride", type=int, choices=(8, 16, 32), help="default 8 (scratch) or 16 (imagenet)")
+    parser.add_argument(
+        "--no-stain-standardise",
+        dest="stain_standardise",
+        action="store_false",
+        help="feed raw colours instead of scaling each cell to a reference mean colour",
+    )
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="for labels that are sometimes wrong")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 scratch, 1e-2 imagenet")
@@ -64,6 +71,7 @@ def build_model(args) -> MalariaVGG:
         arch="vgg19" if imagenet else "vgg19_bn",
         input_size=args.input_size or (128 if imagenet else 64),
         trunk_stride=args.trunk_stride or (16 if imagenet else 8),
+        stain_standardise=args.stain_standardise,
     )
     model = MalariaVGG(config)
     if imagenet:
@@ -115,9 +123,9 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch,
     for step in range(start_step, steps):
         index = order[step * args.batch_size : (step + 1) * args.batch_size]
         batch = augment_batch(images[index], generator)
-        inputs = normalize(batch, config.mean, config.std).contiguous(memory_format=torch.channels_last)
+        inputs = model_inputs(batch, config)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = F.cross_entropy(model(inputs).float(), labels[index])
+            loss = F.cross_entropy(model(inputs).float(), labels[index], label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,7 +150,7 @@ def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.
     scores = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        inputs = normalize(batch, config.mean, config.std).contiguous(memory_format=torch.channels_last)
+        inputs = model_inputs(batch, config)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(inputs)
         scores.append(logits.float().softmax(dim=1)[:, PARASITIZED])

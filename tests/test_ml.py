@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from ml.augment import augment_batch
 from ml.data import list_samples, patient_group, split_by_patient
 from ml.gradcam import cam_from_features, grad_cam, render_overlay
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import Predictor
-from ml.preprocessing import open_rgb, square_resize
+from ml.preprocessing import REFERENCE_CELL_COLOUR, open_rgb, square_resize, standardise_stain
 from ml.weights import ModelInfo, WeightsNotFound, load_model, save_model
 from tests.conftest import FIXTURE_CELLS, ROOT
 
@@ -49,6 +50,53 @@ def test_square_resize_keeps_aspect_on_black():
     array = square_resize(image, 64)
     assert array.shape == (64, 64, 3)
     assert array[0, 32].sum() == 0 and array[32, 32].min() == 255  # padding above, cell in the middle
+
+
+def synthetic_cell(cell_colour: tuple[int, int, int], *, size: int = 48) -> np.ndarray:
+    """A round cell of one colour on black with a dark purple chromatin dot off-centre."""
+    yy, xx = np.mgrid[:size, :size]
+    image = np.zeros((size, size, 3), dtype=np.float64)
+    image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2.5) ** 2] = cell_colour
+    dot = (yy - size / 2.5) ** 2 + (xx - size / 2.5) ** 2 < 9
+    image[dot] *= 0.45
+    return image.round().astype(np.uint8)
+
+
+def test_stain_standardisation_removes_a_smear_colour_cast():
+    pink = synthetic_cell((200, 140, 140))
+    lavender = synthetic_cell((150, 148, 172))
+    batch = torch.from_numpy(np.stack([pink, lavender])).permute(0, 3, 1, 2)
+    before = (batch[0].float() - batch[1].float()).abs().mean()
+    out = standardise_stain(batch)
+    assert (out[0] - out[1]).abs().mean() < before / 10
+    assert out[:, :, 0, 0].abs().max() == 0  # background stays black
+    cell_pixels = out[0, :, 24, 30]
+    dot_pixels = out[0, :, 19, 19]
+    assert (dot_pixels < cell_pixels * 0.6).all()  # the chromatin stays dark relative to its cell
+    assert cell_pixels.tolist() == pytest.approx(REFERENCE_CELL_COLOUR, abs=12)
+
+
+def test_augmentation_keeps_black_black_and_values_in_range():
+    batch = torch.from_numpy(np.stack([synthetic_cell((200, 140, 140))] * 8)).permute(0, 3, 1, 2)
+    out = augment_batch(batch, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 48, 48) and out.min() >= 0 and out.max() <= 255
+    assert out[:, :, 0, 0].abs().max() == 0
+    assert not torch.allclose(out[0], out[1])  # each image gets its own colour and orientation
+
+
+def test_predictor_applies_the_models_stain_standardisation(tmp_path):
+    pink, lavender = (Image.fromarray(synthetic_cell(c)) for c in ((200, 140, 140), (150, 148, 172)))
+    gaps = {}
+    for standardise in (True, False):
+        torch.manual_seed(0)  # the same weights both times; only the preprocessing differs
+        model = MalariaVGG(ModelConfig(input_size=32, trunk_stride=8, stain_standardise=standardise))
+        path = tmp_path / f"{standardise}.safetensors"
+        save_model(model, path, info=ModelInfo(config=model.config, version="tiny", threshold=0.5))
+        predictor = Predictor(path, bf16=False)
+        assert predictor.info.config.stain_standardise is standardise
+        first, second = (p.probability_parasitized for p in predictor.predict([pink, lavender]))
+        gaps[standardise] = abs(first - second)
+    assert gaps[True] < gaps[False] / 10
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "L", "I;16", "LA"])
