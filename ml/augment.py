@@ -8,7 +8,7 @@ stays black, so the background is unchanged.
 import torch
 
 
-def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(batch: torch.Tensor, generator: torch.Generator, *, mix_channels: bool = False) -> torch.Tensor:
     """Return a float batch in [0, 255] with random symmetries and colour jitter applied per image."""
     n = batch.shape[0]
     rotations = torch.randint(0, 4, (n,), generator=generator)
@@ -22,7 +22,9 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tens
     brightness = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
     gamma = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
     out = (out * gains * brightness).clamp(0.0, 1.0) ** gamma
-    return _mix_channels(out, generator).clamp(0.0, 1.0) * 255.0
+    if mix_channels:
+        out = _mix_channels(out, generator).clamp(0.0, 1.0)
+    return out * 255.0
 
 
 def _mix_channels(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -41,12 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, help="default 64 (scratch) or 128 (imagenet)")
     parser.add_argument("--trunk-stride", type=int, choices=(8, 16, 32), help="default 8 (scratch) or 16 (imagenet)")
     parser.add_argument(
-        "--no-stain-standardise",
-        dest="stain_standardise",
-        action="store_false",
-        help="feed raw colours instead of scaling each cell to a reference mean colour",
+        "--stain-standardise",
+        action="store_true",
+        help="scale each cell to a reference mean colour (the model file records it) and jitter hue instead",
     )
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="for labels that are sometimes wrong")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="e.g. 0.1 when some labels are wrong")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 scratch, 1e-2 imagenet")
@@ -122,7 +121,8 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch,
     started, seen = time.monotonic(), 0
     for step in range(start_step, steps):
         index = order[step * args.batch_size : (step + 1) * args.batch_size]
-        batch = augment_batch(images[index], generator)
+        # Standardisation undoes per-channel gain jitter, so hue shifts are the colour variation left.
+        batch = augment_batch(images[index], generator, mix_channels=config.stain_standardise)
         inputs = model_inputs(batch, config)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = F.cross_entropy(model(inputs).float(), labels[index], label_smoothing=args.label_smoothing)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from ml.audit import shared_mistakes
 from ml.augment import augment_batch
 from ml.data import list_samples, patient_group, split_by_patient
 from ml.gradcam import cam_from_features, grad_cam, render_overlay
@@ -78,10 +79,13 @@ def test_stain_standardisation_removes_a_smear_colour_cast():
 
 def test_augmentation_keeps_black_black_and_values_in_range():
     batch = torch.from_numpy(np.stack([synthetic_cell((200, 140, 140))] * 8)).permute(0, 3, 1, 2)
-    out = augment_batch(batch, torch.Generator().manual_seed(0))
-    assert out.shape == (8, 3, 48, 48) and out.min() >= 0 and out.max() <= 255
-    assert out[:, :, 0, 0].abs().max() == 0
-    assert not torch.allclose(out[0], out[1])  # each image gets its own colour and orientation
+    plain = augment_batch(batch, torch.Generator().manual_seed(0))
+    mixed = augment_batch(batch, torch.Generator().manual_seed(0), mix_channels=True)
+    for out in (plain, mixed):
+        assert out.shape == (8, 3, 48, 48) and out.min() >= 0 and out.max() <= 255
+        assert out[:, :, 0, 0].abs().max() == 0
+        assert not torch.allclose(out[0], out[1])  # each image gets its own colour and orientation
+    assert not torch.allclose(plain, mixed)
 
 
 def test_predictor_applies_the_models_stain_standardisation(tmp_path):
@@ -308,3 +312,67 @@ def test_imagenet_init_without_weights_explains(tmp_path):
         str(tmp_path / "absent.pth"),
     )
     assert result.returncode != 0 and "--backbone-weights" in result.stderr
+
+
+@pytest.mark.slow
+def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
+    out = tmp_path / "stain.safetensors"
+    trained = run_module(
+        "ml.train",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--out",
+        str(out),
+        "--stain-standardise",
+        "--label-smoothing",
+        "0.1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--input-size",
+        "32",
+        "--val-fraction",
+        "0.5",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert load_model(out)[1].config.stain_standardise
+    assert not load_model(tiny_weights(tmp_path / "plain.safetensors"))[1].config.stain_standardise
+
+
+def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
+    positives = np.array([True, True, False, False, False])
+    first = np.array([0.2, 0.9, 0.7, 0.1, 0.95])
+    second = np.array([0.4, 0.1, 0.6, 0.8, 0.99])
+    assert shared_mistakes([first, second], positives, cut=0.5).tolist() == [4, 0, 2]
+
+
+def test_audit_cli_lists_and_sheets_the_cells_every_model_gets_wrong(tmp_path):
+    one = tiny_weights(tmp_path / "one.safetensors")
+    torch.manual_seed(1)
+    other = MalariaVGG(ModelConfig(input_size=32, trunk_stride=8, stain_standardise=True))
+    save_model(other, tmp_path / "two.safetensors", info=ModelInfo(config=other.config, version="two", threshold=0.5))
+    # At a cut of 0 every model says Parasitized, so the shared mistakes are exactly the Uninfected cells.
+    result = run_module(
+        "ml.audit",
+        "--data",
+        str(FIXTURE_CELLS),
+        "--weights",
+        str(one),
+        str(tmp_path / "two.safetensors"),
+        "--cut",
+        "0",
+        "--sheets",
+        str(tmp_path / "sheets"),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    uninfected = sorted(p.name for p in (FIXTURE_CELLS / "Uninfected").iterdir())
+    assert report["errors_per_model"] == [len(uninfected)] * 2
+    assert sorted(c["file"] for c in report["cells"]) == uninfected
+    assert [p.name for p in (tmp_path / "sheets").iterdir()] == ["labelled-uninfected.png"]
+    assert Image.open(tmp_path / "sheets" / "labelled-uninfected.png").size == (8 * 96, 96)
+
+    alone = run_module("ml.audit", "--data", str(FIXTURE_CELLS), "--weights", str(one))
+    assert alone.returncode != 0 and "at least two" in alone.stderr
