@@ -162,46 +162,19 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def train_on_fixture_cells(out: Path, *options: str) -> subprocess.CompletedProcess:
+    """One quick epoch of ``ml.train`` at 32 px on the fixture cells, half of the groups for validation."""
+    common = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--val-fraction", "0.5"]
+    return run_module("ml.train", "--data", str(FIXTURE_CELLS), "--out", str(out), *common, *options)
+
+
 @pytest.mark.slow
 def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
     out = tmp_path / "model.safetensors"
-    trained = run_module(
-        "ml.train",
-        "--data",
-        str(FIXTURE_CELLS),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--input-size",
-        "32",
-        "--val-fraction",
-        "0.5",
-        "--seed",
-        "3",
-    )
+    trained = train_on_fixture_cells(out, "--seed", "3")
     assert trained.returncode == 0, trained.stderr
     assert "validation" in trained.stdout and out.is_file() and out.with_suffix(".ckpt").is_file()
-    resumed = run_module(
-        "ml.train",
-        "--data",
-        str(FIXTURE_CELLS),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--input-size",
-        "32",
-        "--val-fraction",
-        "0.5",
-        "--seed",
-        "3",
-        "--resume",
-    )
+    resumed = train_on_fixture_cells(out, "--seed", "3", "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
 
     evaluated = run_module(
@@ -238,12 +211,8 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
     backbone_file = tmp_path / "vgg19-imagenet.pth"
     torch.save(backbone, backbone_file)
     out = tmp_path / "head.safetensors"
-    trained = run_module(
-        "ml.train",
-        "--data",
-        str(FIXTURE_CELLS),
-        "--out",
-        str(out),
+    trained = train_on_fixture_cells(
+        out,
         "--init",
         "imagenet",
         "--backbone-weights",
@@ -317,12 +286,8 @@ def test_imagenet_init_without_weights_explains(tmp_path):
 @pytest.mark.slow
 def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
     out = tmp_path / "stain.safetensors"
-    trained = run_module(
-        "ml.train",
-        "--data",
-        str(FIXTURE_CELLS),
-        "--out",
-        str(out),
+    trained = train_on_fixture_cells(
+        out,
         "--stain-standardise",
         "--label-smoothing",
         "0.1",
