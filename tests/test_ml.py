@@ -217,14 +217,6 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
         "imagenet",
         "--backbone-weights",
         str(backbone_file),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--input-size",
-        "32",
-        "--val-fraction",
-        "0.5",
     )
     assert trained.returncode == 0, trained.stderr
     model, info = load_model(out)
@@ -291,14 +283,6 @@ def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
         "--stain-standardise",
         "--label-smoothing",
         "0.1",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--input-size",
-        "32",
-        "--val-fraction",
-        "0.5",
     )
     assert trained.returncode == 0, trained.stderr
     assert load_model(out)[1].config.stain_standardise
