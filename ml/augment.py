@@ -1,8 +1,9 @@
 """Training-time augmentation on uint8 NCHW batches: symmetries and mild stain variation.
 
 A cell has no canonical orientation, so all eight flips/rotations are equally valid; stain and
-illumination differ between smears, so channel gains, brightness and gamma are jittered. Black
-stays black, so the background is unchanged.
+illumination differ between smears, so channel gains, brightness and gamma are jittered, and
+optionally the hue (for models that standardise stain, which undoes gains). Black stays black, so
+the background is unchanged.
 """
 
 import torch

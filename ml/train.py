@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--stain-standardise",
         action="store_true",
-        help="scale each cell to a reference mean colour (the model file records it) and jitter hue instead",
+        help="scale each cell to a reference mean colour (recorded in the model file); adds hue jitter",
     )
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="e.g. 0.1 when some labels are wrong")
     parser.add_argument("--epochs", type=int, default=8)
@@ -86,6 +86,8 @@ def warm_start(args) -> MalariaVGG:
         info.config,
         input_size=args.input_size or info.config.input_size,
         trunk_stride=args.trunk_stride or info.config.trunk_stride,
+        # Standardisation can be switched on for a continuation (batch norm adapts), never off.
+        stain_standardise=args.stain_standardise or info.config.stain_standardise,
     )
     if config.trunk_stride != info.config.trunk_stride:
         raise SystemExit("--init-from keeps the earlier model's trunk stride; leave --trunk-stride out")

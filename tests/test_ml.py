@@ -286,7 +286,13 @@ def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
     )
     assert trained.returncode == 0, trained.stderr
     assert load_model(out)[1].config.stain_standardise
-    assert not load_model(tiny_weights(tmp_path / "plain.safetensors"))[1].config.stain_standardise
+    plain = tiny_weights(tmp_path / "plain.safetensors")
+    assert not load_model(plain)[1].config.stain_standardise
+    continued = train_on_fixture_cells(
+        tmp_path / "continued.safetensors", "--init-from", str(plain), "--stain-standardise"
+    )
+    assert continued.returncode == 0, continued.stderr
+    assert load_model(tmp_path / "continued.safetensors")[1].config.stain_standardise
 
 
 def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
