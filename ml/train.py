@@ -46,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="scale each cell to a reference mean colour (recorded in the model file); adds hue jitter",
     )
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="e.g. 0.1 when some labels are wrong")
+    parser.add_argument(
+        "--exclude",
+        metavar="FILE",
+        help="cells to leave out of training (not validation): an ml.audit --json report or one name per line",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 scratch, 1e-2 imagenet")
@@ -114,6 +119,16 @@ def imagenet_trunk_state(path: str | None) -> dict[str, torch.Tensor]:
     return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
 
 
+def excluded_file_names(path: str) -> set[str]:
+    """File names from an ``ml.audit --json`` report, or from a plain list (one per line, # comments)."""
+    text = Path(path).read_text()
+    try:
+        return {cell["file"] for cell in json.loads(text)["cells"]}
+    except json.JSONDecodeError:
+        lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+        return {line for line in lines if line}
+
+
 def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step):
     model.train()
     generator = torch.Generator().manual_seed(args.seed + epoch)
@@ -169,6 +184,13 @@ def main(argv=None) -> None:
     if args.limit:
         samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
     train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
+    excluded = 0
+    if args.exclude:
+        names = excluded_file_names(args.exclude)
+        kept = [s for s in train_samples if s.path.name not in names]
+        excluded = len(train_samples) - len(kept)
+        print(f"left {excluded} cells listed in {args.exclude} out of training", flush=True)
+        train_samples = kept
     print(
         f"train: {len(train_samples)} images / {len(patient_groups(train_samples))} patient groups; "
         f"validation: {len(val_samples)} images / {len(patient_groups(val_samples))} groups",
@@ -231,11 +253,19 @@ def main(argv=None) -> None:
         # Written as "not <=" so a validation split with one class only (AUC is NaN) still exports.
         if not metrics["auc"] <= state["best_auc"]:
             state["best_auc"] = metrics["auc"]
-            export(model, args, metrics, epoch=epoch + 1, train_samples=train_samples, val_samples=val_samples)
+            export(
+                model,
+                args,
+                metrics,
+                epoch=epoch + 1,
+                train_samples=train_samples,
+                val_samples=val_samples,
+                excluded=excluded,
+            )
         save_checkpoint(epoch + 1, 0)
 
 
-def export(model, args, metrics, *, epoch, train_samples, val_samples) -> None:
+def export(model, args, metrics, *, epoch, train_samples, val_samples, excluded: int) -> None:
     config = model.config
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
@@ -252,6 +282,7 @@ def export(model, args, metrics, *, epoch, train_samples, val_samples) -> None:
             "init": args.init,
             "init_from": read_info(args.init_from).version if args.init_from else None,
             "train_images": len(train_samples),
+            "excluded_from_training": excluded,
             "train_groups": len(patient_groups(train_samples)),
             "validation_images": len(val_samples),
             "validation_groups": sorted(patient_groups(val_samples)),

@@ -295,6 +295,26 @@ def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
     assert load_model(tmp_path / "continued.safetensors")[1].config.stain_standardise
 
 
+@pytest.mark.slow
+def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation(tmp_path):
+    train_side, val_side = split_by_patient(list_samples(FIXTURE_CELLS), holdout_fraction=0.5, seed=20261125)
+    listed = [train_side[0].path.name, val_side[0].path.name]
+    audit_report = tmp_path / "audit.json"  # the shape ml.audit --json writes
+    audit_report.write_text(json.dumps({"cells": [{"file": name, "label": "?", "scores": []} for name in listed]}))
+    plain_list = tmp_path / "recheck.txt"
+    plain_list.write_text(f"# cells to re-check\n{listed[0]}\n\n{listed[1]}  # on the validation side\n")
+
+    for exclude in (audit_report, plain_list):
+        out = tmp_path / f"{exclude.stem}.safetensors"
+        trained = train_on_fixture_cells(out, "--batch-size", "1", "--exclude", str(exclude))
+        assert trained.returncode == 0, trained.stderr
+        assert "left 1 cells" in trained.stdout
+        metrics = load_model(out)[1].metrics
+        assert metrics["excluded_from_training"] == 1
+        assert metrics["train_images"] == len(train_side) - 1
+        assert metrics["validation_images"] == len(val_side)
+
+
 def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
     positives = np.array([True, True, False, False, False])
     first = np.array([0.2, 0.9, 0.7, 0.1, 0.95])
