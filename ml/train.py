@@ -123,10 +123,13 @@ def excluded_file_names(path: str) -> set[str]:
     """File names from an ``ml.audit --json`` report, or from a plain list (one per line, # comments)."""
     text = Path(path).read_text()
     try:
-        return {cell["file"] for cell in json.loads(text)["cells"]}
+        report = json.loads(text)
     except json.JSONDecodeError:
         lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
         return {line for line in lines if line}
+    if not isinstance(report, dict) or not isinstance(report.get("cells"), list):
+        raise SystemExit(f"{path} is JSON but not an ml.audit --json report (no 'cells' list)")
+    return {cell["file"] for cell in report["cells"]}
 
 
 def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step):
@@ -189,7 +192,7 @@ def main(argv=None) -> None:
         names = excluded_file_names(args.exclude)
         kept = [s for s in train_samples if s.path.name not in names]
         excluded = len(train_samples) - len(kept)
-        print(f"left {excluded} cells listed in {args.exclude} out of training", flush=True)
+        print(f"left {excluded} of {len(train_samples)} training cells out, as {args.exclude} lists", flush=True)
         train_samples = kept
     print(
         f"train: {len(train_samples)} images / {len(patient_groups(train_samples))} patient groups; "

@@ -308,11 +308,16 @@ def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation
         out = tmp_path / f"{exclude.stem}.safetensors"
         trained = train_on_fixture_cells(out, "--batch-size", "1", "--exclude", str(exclude))
         assert trained.returncode == 0, trained.stderr
-        assert "left 1 cells" in trained.stdout
+        assert f"left 1 of {len(train_side)} training cells out" in trained.stdout
         metrics = load_model(out)[1].metrics
         assert metrics["excluded_from_training"] == 1
         assert metrics["train_images"] == len(train_side) - 1
         assert metrics["validation_images"] == len(val_side)
+
+    not_a_report = tmp_path / "other.json"
+    not_a_report.write_text(json.dumps([listed[0]]))
+    refused = train_on_fixture_cells(tmp_path / "x.safetensors", "--exclude", str(not_a_report))
+    assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
 
 
 def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
