@@ -6,7 +6,9 @@
 freezes its convolutional trunk and trains only the new two-way head (the seed's method);
 ``--init-from FILE`` starts from an earlier model file of the same architecture, usually at a larger
 ``--input-size`` (progressive resizing: most epochs run cheaply at low resolution, a few at the
-resolution that shows small ring-stage parasites).
+resolution that shows small ring-stage parasites). ``--refit FILE`` repeats the run that wrote FILE on
+all of DATA, validation patients included, and keeps FILE's validation-chosen threshold: more patients
+to learn from once the recipe, epoch count and threshold have been chosen.
 """
 
 import argparse
@@ -34,7 +36,9 @@ IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
-    parser.add_argument("--out", required=True, help="safetensors file to write (best validation AUC)")
+    parser.add_argument(
+        "--out", required=True, help="model file to write: the best validation AUC's epoch (with --refit: the last)"
+    )
     parser.add_argument("--init", choices=("scratch", "imagenet"), default="scratch")
     parser.add_argument("--backbone-weights", help="torchvision VGG19 ImageNet state dict (.pth or .safetensors)")
     parser.add_argument("--init-from", help="model file (from ml.train) whose weights to continue training")
@@ -50,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--exclude",
         metavar="FILE",
         help="cells to leave out of training (not validation): an ml.audit --json report or one name per line",
+    )
+    parser.add_argument(
+        "--refit",
+        metavar="FILE",
+        help="train on every patient group in DATA (no validation split), keeping the threshold and "
+        "validation figures of FILE, an earlier run of the same recipe",
     )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -186,7 +196,12 @@ def main(argv=None) -> None:
     samples = list_samples(args.data)
     if args.limit:
         samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
-    train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
+    validation_run = read_info(args.refit) if args.refit else None
+    if validation_run:
+        # The validation patients join training; the earlier run already chose the threshold on them.
+        train_samples, val_samples = samples, []
+    else:
+        train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
     excluded = 0
     if args.exclude:
         names = excluded_file_names(args.exclude)
@@ -201,6 +216,8 @@ def main(argv=None) -> None:
     )
 
     model = build_model(args).to(memory_format=torch.channels_last)
+    if validation_run:
+        check_same_recipe(model.config, validation_run, epochs=args.epochs)
     size = model.config.input_size
     loaded = time.monotonic()
     train_x, train_y = (torch.from_numpy(a) for a in load_arrays(train_samples, size))
@@ -248,52 +265,73 @@ def main(argv=None) -> None:
             start_step=state["step"],
             on_step=save_checkpoint,
         )
-        scores = evaluate(model, val_x, val_y, bf16=args.bf16)
-        positives = val_y.numpy() == PARASITIZED
-        threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
-        metrics = screening_metrics(scores, positives, threshold)
-        print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
-        # Written as "not <=" so a validation split with one class only (AUC is NaN) still exports.
-        if not metrics["auc"] <= state["best_auc"]:
-            state["best_auc"] = metrics["auc"]
-            export(
-                model,
-                args,
-                metrics,
-                epoch=epoch + 1,
-                train_samples=train_samples,
-                val_samples=val_samples,
-                excluded=excluded,
-            )
+        record = dict(args=args, epoch=epoch + 1, train_samples=train_samples, excluded=excluded)
+        if validation_run:
+            if epoch + 1 == args.epochs:
+                export(model, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
+        else:
+            scores = evaluate(model, val_x, val_y, bf16=args.bf16)
+            positives = val_y.numpy() == PARASITIZED
+            threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
+            metrics = screening_metrics(scores, positives, threshold)
+            print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
+            # Written as "not <=" so a validation split with one class only (AUC is NaN) still exports.
+            if not metrics["auc"] <= state["best_auc"]:
+                state["best_auc"] = metrics["auc"]
+                export(model, validation=metrics, val_samples=val_samples, **record)
         save_checkpoint(epoch + 1, 0)
 
 
-def export(model, args, metrics, *, epoch, train_samples, val_samples, excluded: int) -> None:
+def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, epochs: int) -> None:
+    """A refit inherits its threshold from the validation run, which only holds for the same recipe."""
+    if config != validation_run.config:
+        raise SystemExit(f"--refit {validation_run.version} was {validation_run.config}; this run is {config}")
+    if validation_run.metrics.get("epoch") != epochs:
+        raise SystemExit(
+            f"--refit {validation_run.version} was chosen at epoch {validation_run.metrics.get('epoch')}; "
+            f"pass --epochs {validation_run.metrics.get('epoch')}"
+        )
+
+
+def export(
+    model,
+    *,
+    args,
+    validation: dict,
+    epoch: int,
+    train_samples,
+    excluded: int,
+    val_samples=(),
+    refit_of: ModelInfo | None = None,
+) -> None:
     config = model.config
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
         digest.update(tensor.detach().half().numpy().tobytes() if tensor.is_floating_point() else b"")
     stamp = datetime.now(UTC).strftime("%Y%m%d")
     version = f"{config.arch}-{config.input_size}px-{stamp}-{digest.hexdigest()[:8]}"
-    info = ModelInfo(
-        config=replace(config),
-        version=version,
-        threshold=metrics["threshold"],
-        metrics={
-            "validation": metrics,
-            "epoch": epoch,
-            "init": args.init,
-            "init_from": read_info(args.init_from).version if args.init_from else None,
-            "train_images": len(train_samples),
-            "excluded_from_training": excluded,
-            "train_groups": len(patient_groups(train_samples)),
-            "validation_images": len(val_samples),
-            "validation_groups": sorted(patient_groups(val_samples)),
-            "seed": args.seed,
-        },
-    )
+    record = {
+        "validation": validation,
+        "epoch": epoch,
+        "init": args.init,
+        "init_from": read_info(args.init_from).version if args.init_from else None,
+        "train_images": len(train_samples),
+        "excluded_from_training": excluded,
+        "train_groups": len(patient_groups(train_samples)),
+        "validation_images": len(val_samples),
+        "validation_groups": sorted(patient_groups(val_samples)),
+        "seed": args.seed,
+    }
+    if refit_of:
+        # Validation figures and groups are the earlier run's; its validation patients are now trained on.
+        record |= {
+            "refit_of": refit_of.version,
+            "validation_images": refit_of.metrics["validation_images"],
+            "validation_groups": refit_of.metrics["validation_groups"],
+        }
+    info = ModelInfo(config=replace(config), version=version, threshold=validation["threshold"], metrics=record)
     save_model(model, args.out, info=info)
-    print(f"wrote {args.out} ({version}, validation AUC {metrics['auc']:.4f})", flush=True)
+    print(f"wrote {args.out} ({version}, validation AUC {validation['auc']:.4f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from ml.gradcam import cam_from_features, grad_cam, render_overlay
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import Predictor
 from ml.preprocessing import REFERENCE_CELL_COLOUR, open_rgb, square_resize, standardise_stain
-from ml.weights import ModelInfo, WeightsNotFound, load_model, save_model
+from ml.weights import ModelInfo, WeightsNotFound, load_model, read_info, save_model
 from tests.conftest import FIXTURE_CELLS, ROOT
 
 SHARED_DATA = ROOT.parent / "shared" / "datasets" / "nih-malaria-cells"
@@ -318,6 +318,31 @@ def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation
     not_a_report.write_text(json.dumps([listed[0]]))
     refused = train_on_fixture_cells(tmp_path / "x.safetensors", "--exclude", str(not_a_report))
     assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
+
+
+def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_threshold(tmp_path):
+    validation_run = tmp_path / "validation-run.safetensors"
+    assert train_on_fixture_cells(validation_run).returncode == 0
+    chosen = read_info(validation_run)
+
+    refit = tmp_path / "refit.safetensors"
+    trained = train_on_fixture_cells(refit, "--refit", str(validation_run))
+    assert trained.returncode == 0, trained.stderr
+    assert "validation: 0 images" in trained.stdout
+    info = read_info(refit)
+    assert info.version != chosen.version
+    assert info.threshold == chosen.threshold
+    assert info.metrics["refit_of"] == chosen.version
+    assert info.metrics["train_images"] == len(list_samples(FIXTURE_CELLS))
+    assert info.metrics["validation"] == chosen.metrics["validation"]
+    assert info.metrics["validation_groups"] == chosen.metrics["validation_groups"]
+
+    other_epochs = train_on_fixture_cells(tmp_path / "x.safetensors", "--refit", str(validation_run), "--epochs", "2")
+    assert other_epochs.returncode != 0 and "pass --epochs 1" in other_epochs.stderr
+    other_size = train_on_fixture_cells(
+        tmp_path / "y.safetensors", "--refit", str(validation_run), "--input-size", "48"
+    )
+    assert other_size.returncode != 0 and "input_size=32" in other_size.stderr
 
 
 def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
