@@ -1,6 +1,9 @@
 """Evaluate a weights file on a Parasitized/Uninfected folder with the worker's own predictor.
 
-python -m ml.evaluate --data DIR [--weights FILE] [--json]
+python -m ml.evaluate --data DIR [--weights FILE] [--json] [--bootstrap N]
+
+Next to each figure it prints a 95 % interval from resampling whole patient groups: what the figure
+could have been with other patients like these, the yardstick for "model A beats model B".
 """
 
 import argparse
@@ -13,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ml.data import list_samples, patient_groups
-from ml.metrics import screening_metrics
+from ml.metrics import patient_bootstrap, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
@@ -22,7 +25,9 @@ from ml.weights import DEFAULT_WEIGHTS
 CHUNK = 256  # images decoded at a time, to bound memory on large folders
 
 
-def evaluate_folder(data_dir: str, weights: str, *, overlays_dir: str | None = None, overlays: int = 0) -> dict:
+def evaluate_folder(
+    data_dir: str, weights: str, *, overlays_dir: str | None = None, overlays: int = 0, bootstrap: int = 0
+) -> dict:
     predictor = Predictor(weights)
     samples = list_samples(data_dir)
     if not samples:
@@ -47,6 +52,10 @@ def evaluate_folder(data_dir: str, weights: str, *, overlays_dir: str | None = N
         parasitized=int(positives.sum()),
         uninfected=int((~positives).sum()),
     )
+    if bootstrap:
+        groups = np.array([s.patient_group for s in samples])
+        intervals = patient_bootstrap(np.array(scores), positives, groups, metrics["threshold"], resamples=bootstrap)
+        metrics["ci95"] = {name: list(bounds) for name, bounds in intervals.items()}
     return metrics
 
 
@@ -68,18 +77,23 @@ def save_examples(samples, images, predictions, folder: Path, count: int, per_cl
 
 def describe(m: dict) -> str:
     c = m["confusion"]
+    ci = m.get("ci95", {})
+
+    def interval(name: str) -> str:
+        return f"  (95% CI over patient groups {ci[name][0]:.4f}-{ci[name][1]:.4f})" if name in ci else ""
+
     return "\n".join(
         [
             f"model            {m['model_version']}",
             f"images           {m['n']} ({m['parasitized']} parasitized, {m['uninfected']} uninfected, "
             f"{m['patient_groups']} patient groups)",
             f"threshold        {m['threshold']:.2f} (probability of Parasitized, chosen on validation data)",
-            f"accuracy         {m['accuracy']:.4f}",
-            f"sensitivity      {m['sensitivity']:.4f}  (recall of Parasitized)",
-            f"specificity      {m['specificity']:.4f}",
+            f"accuracy         {m['accuracy']:.4f}{interval('accuracy')}",
+            f"sensitivity      {m['sensitivity']:.4f}{interval('sensitivity')}  (recall of Parasitized)",
+            f"specificity      {m['specificity']:.4f}{interval('specificity')}",
             f"precision        {m['precision']:.4f}",
             f"F1               {m['f1']:.4f}",
-            f"ROC AUC          {m['auc']:.4f}",
+            f"ROC AUC          {m['auc']:.4f}{interval('auc')}",
             f"calibration ECE  {m['ece']:.4f}",
             "confusion        predicted Parasitized / Uninfected",
             f"  Parasitized    {c['tp']:>6} / {c['fn']:<6}",
@@ -96,9 +110,16 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--save-overlays", metavar="DIR", help="write example original|overlay PNGs here")
     parser.add_argument("--overlays-per-class", type=int, default=3)
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="patient-group resamples for the intervals; 0: none"
+    )
     args = parser.parse_args(argv)
     metrics = evaluate_folder(
-        args.data, args.weights, overlays_dir=args.save_overlays, overlays=args.overlays_per_class
+        args.data,
+        args.weights,
+        overlays_dir=args.save_overlays,
+        overlays=args.overlays_per_class,
+        bootstrap=args.bootstrap,
     )
     sys.stdout.write(json.dumps(metrics) + "\n" if args.json else describe(metrics) + "\n")
 

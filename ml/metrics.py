@@ -71,3 +71,33 @@ def choose_threshold(scores: np.ndarray, positives: np.ndarray, *, min_sensitivi
     allowed = sensitivity >= min_sensitivity
     pool = np.where(allowed, accuracy, -1.0) if allowed.any() else accuracy
     return round(float(candidates[int(np.argmax(pool))]), 2)
+
+
+def patient_bootstrap(
+    scores: np.ndarray,
+    positives: np.ndarray,
+    groups: np.ndarray,
+    threshold: float,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """95 % intervals of AUC, accuracy, sensitivity and specificity, resampling whole patient groups.
+
+    Cells of one smear are not independent, so resampling cells would give intervals far too narrow.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(group_of == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"auc": [], "accuracy": [], "sensitivity": [], "specificity": []}
+    for _ in range(resamples):
+        picked = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
+        s, p = scores[picked], positives[picked]
+        called = s >= threshold
+        draws["auc"].append(roc_auc(s, p))
+        draws["accuracy"].append(float((called == p).mean()))
+        draws["sensitivity"].append(float(called[p].mean()) if p.any() else float("nan"))
+        draws["specificity"].append(float((~called[~p]).mean()) if (~p).any() else float("nan"))
+    return {name: tuple(float(v) for v in np.nanpercentile(values, [2.5, 97.5])) for name, values in draws.items()}

@@ -194,11 +194,14 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
     assert report["n"] == 4 and report["model_version"] == load_model(out)[1].version
     for key in ("accuracy", "sensitivity", "specificity", "auc", "images_per_second"):
         assert key in report
+    low, high = report["ci95"]["accuracy"]
+    assert 0 <= low <= report["accuracy"] <= high <= 1
     examples = sorted((tmp_path / "examples").glob("*.png"))
     assert [e.name.split("-called-")[0] for e in examples] == ["parasitized", "uninfected"]
 
     human = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out))
     assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout
+    assert "95% CI over patient groups" in human.stdout
 
 
 @pytest.mark.slow

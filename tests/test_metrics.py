@@ -1,0 +1,50 @@
+"""Screening metrics: AUC, the validation threshold rule and patient-group intervals."""
+
+import itertools
+
+import numpy as np
+
+from ml.metrics import choose_threshold, patient_bootstrap, roc_auc
+
+
+def pairwise_auc(scores, positives):
+    """AUC by definition: how often a positive outranks a negative, ties counting half."""
+    pairs = list(itertools.product(scores[positives], scores[~positives]))
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+
+
+def test_rank_auc_matches_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=60) / 5  # few distinct values: many ties
+    positives = rng.random(60) < 0.4
+    assert roc_auc(scores, positives) == pairwise_auc(scores, positives)
+    assert np.isnan(roc_auc(scores, np.zeros(60, dtype=bool)))
+
+
+def test_threshold_is_the_most_accurate_one_that_keeps_the_sensitivity():
+    positives = np.array([True] * 10 + [False] * 10)
+    scores = np.array([0.05] + [0.9] * 9 + [0.5] * 3 + [0.02] * 7)
+    # 0.5 < t <= 0.9 misses one of ten positives (sensitivity 0.9) but is the most accurate.
+    assert 0.5 < choose_threshold(scores, positives, min_sensitivity=0.9) <= 0.9
+    # Keeping all ten positives forces the threshold down to the lowest positive's score.
+    assert choose_threshold(scores, positives, min_sensitivity=1.0) <= 0.05
+
+
+def test_intervals_resample_whole_patient_groups():
+    rng = np.random.default_rng(0)
+    positives = rng.random(400) < 0.5
+    scores = np.where(positives, 0.7, 0.3) + rng.normal(0, 0.25, 400)
+    one_patient = np.array(["C1P1"] * 400)
+    # With a single group every resample is the same cells, however noisy they are one by one.
+    same = patient_bootstrap(scores, positives, one_patient, 0.5, resamples=50)
+    assert same["accuracy"][0] == same["accuracy"][1] == float(((scores >= 0.5) == positives).mean())
+
+    # Half the patients perfectly read, half all wrong: the interval must span most of [0, 1].
+    groups = np.repeat([f"C{i}P{i}" for i in range(20)], 20)
+    read_wrong = np.isin(groups, [f"C{i}P{i}" for i in range(10)])
+    perfect = np.where(positives, 0.9, 0.1)
+    scores = np.where(read_wrong, 1 - perfect, perfect)
+    spread = patient_bootstrap(scores, positives, groups, 0.5, resamples=500, seed=1)
+    low, high = spread["accuracy"]
+    assert low < 0.35 and high > 0.65
+    assert spread["auc"][0] <= 0.5 <= spread["auc"][1]
