@@ -1,9 +1,11 @@
 """Evaluate a weights file on a Parasitized/Uninfected folder with the worker's own predictor.
 
-python -m ml.evaluate --data DIR [--weights FILE] [--json] [--bootstrap N]
+python -m ml.evaluate --data DIR [--weights FILE] [--json] [--bootstrap N] [--against OTHER_FILE]
 
 Next to each figure it prints a 95 % interval from resampling whole patient groups: what the figure
 could have been with other patients like these, the yardstick for "model A beats model B".
+``--against`` scores a second model on the same cells and gives the interval of the difference,
+resampling the same patients for both.
 """
 
 import argparse
@@ -16,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ml.data import list_samples, patient_groups
-from ml.metrics import patient_bootstrap, screening_metrics
+from ml.metrics import paired_patient_bootstrap, patient_bootstrap, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
@@ -26,25 +28,24 @@ CHUNK = 256  # images decoded at a time, to bound memory on large folders
 
 
 def evaluate_folder(
-    data_dir: str, weights: str, *, overlays_dir: str | None = None, overlays: int = 0, bootstrap: int = 0
+    data_dir: str,
+    weights: str,
+    *,
+    overlays_dir: str | None = None,
+    overlays: int = 0,
+    bootstrap: int = 0,
+    against: str | None = None,
 ) -> dict:
-    predictor = Predictor(weights)
     samples = list_samples(data_dir)
     if not samples:
         raise SystemExit(f"no images found under {data_dir}")
-    scores = []
-    saved_per_class: dict[int, int] = {}
+    predictor = Predictor(weights)
     started = time.perf_counter()
-    for start in range(0, len(samples), CHUNK):
-        images = [open_rgb(s.path) for s in samples[start : start + CHUNK]]
-        predictions = predictor.predict(images)
-        scores.extend(p.probability_parasitized for p in predictions)
-        if overlays_dir:
-            chunk = samples[start : start + CHUNK]
-            save_examples(chunk, images, predictions, Path(overlays_dir), overlays, saved_per_class)
+    scores = score_samples(predictor, samples, overlays_dir=overlays_dir, overlays=overlays)
     elapsed = time.perf_counter() - started
     positives = np.array([s.label == PARASITIZED for s in samples])
-    metrics = screening_metrics(np.array(scores), positives, predictor.info.threshold)
+    groups = np.array([s.patient_group for s in samples])
+    metrics = screening_metrics(scores, positives, predictor.info.threshold)
     metrics.update(
         model_version=predictor.version,
         images_per_second=len(samples) / elapsed,
@@ -53,10 +54,35 @@ def evaluate_folder(
         uninfected=int((~positives).sum()),
     )
     if bootstrap:
-        groups = np.array([s.patient_group for s in samples])
-        intervals = patient_bootstrap(np.array(scores), positives, groups, metrics["threshold"], resamples=bootstrap)
+        intervals = patient_bootstrap(scores, positives, groups, metrics["threshold"], resamples=bootstrap)
         metrics["ci95"] = {name: list(bounds) for name, bounds in intervals.items()}
+    if against:
+        other = Predictor(against)
+        other_scores = score_samples(other, samples)
+        compared = screening_metrics(other_scores, positives, other.info.threshold)
+        compared["model_version"] = other.version
+        if bootstrap:
+            thresholds = (metrics["threshold"], compared["threshold"])
+            difference = paired_patient_bootstrap(
+                scores, other_scores, positives, groups, thresholds, resamples=bootstrap
+            )
+            compared["difference_ci95"] = {name: list(bounds) for name, bounds in difference.items()}
+        metrics["against"] = compared
     return metrics
+
+
+def score_samples(predictor: Predictor, samples, *, overlays_dir: str | None = None, overlays: int = 0) -> np.ndarray:
+    """Probability of Parasitized for every sample, decoding a chunk at a time."""
+    scores = []
+    saved_per_class: dict[int, int] = {}
+    for start in range(0, len(samples), CHUNK):
+        chunk = samples[start : start + CHUNK]
+        images = [open_rgb(s.path) for s in chunk]
+        predictions = predictor.predict(images)
+        scores.extend(p.probability_parasitized for p in predictions)
+        if overlays_dir:
+            save_examples(chunk, images, predictions, Path(overlays_dir), overlays, saved_per_class)
+    return np.array(scores)
 
 
 def save_examples(samples, images, predictions, folder: Path, count: int, per_class: dict[int, int]) -> None:
@@ -99,8 +125,21 @@ def describe(m: dict) -> str:
             f"  Parasitized    {c['tp']:>6} / {c['fn']:<6}",
             f"  Uninfected     {c['fp']:>6} / {c['tn']:<6}",
             f"throughput       {m['images_per_second']:.1f} images/s (decode, classify, heatmap)",
+            *(describe_comparison(m) if "against" in m else []),
         ]
     )
+
+
+def describe_comparison(m: dict) -> list[str]:
+    other = m["against"]
+    difference = other.get("difference_ci95", {})
+    lines = [f"against          {other['model_version']} at its threshold {other['threshold']:.2f}"]
+    for name, label in (("auc", "ROC AUC"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity")):
+        line = f"  {label:<15}{other[name]:.4f}, this model {m[name] - other[name]:+.4f}"
+        if name in difference:
+            line += f"  (95% CI of the difference {difference[name][0]:+.4f} to {difference[name][1]:+.4f})"
+        lines.append(line)
+    return lines
 
 
 def main(argv=None) -> None:
@@ -110,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--save-overlays", metavar="DIR", help="write example original|overlay PNGs here")
     parser.add_argument("--overlays-per-class", type=int, default=3)
+    parser.add_argument("--against", metavar="FILE", help="a second model file to compare on the same patients")
     parser.add_argument(
         "--bootstrap", type=int, default=1000, metavar="N", help="patient-group resamples for the intervals; 0: none"
     )
@@ -120,6 +160,7 @@ def main(argv=None) -> None:
         overlays_dir=args.save_overlays,
         overlays=args.overlays_per_class,
         bootstrap=args.bootstrap,
+        against=args.against,
     )
     sys.stdout.write(json.dumps(metrics) + "\n" if args.json else describe(metrics) + "\n")
 

@@ -86,18 +86,50 @@ def patient_bootstrap(
 
     Cells of one smear are not independent, so resampling cells would give intervals far too narrow.
     """
-    scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    names, group_of = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(group_of == g) for g in range(len(names))]
+    draws = [_figures(scores[picked], positives[picked], threshold) for picked in _resamples(groups, resamples, seed)]
+    return _intervals(draws)
+
+
+def paired_patient_bootstrap(
+    scores: np.ndarray,
+    other_scores: np.ndarray,
+    positives: np.ndarray,
+    groups: np.ndarray,
+    thresholds: tuple[float, float],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """95 % intervals of (model - other model) on the same resampled patients: an interval that
+    excludes 0 is a difference these patients support; one that straddles 0 is not."""
+    positives = np.asarray(positives, dtype=bool)
+    draws = []
+    for picked in _resamples(groups, resamples, seed):
+        mine = _figures(scores[picked], positives[picked], thresholds[0])
+        theirs = _figures(other_scores[picked], positives[picked], thresholds[1])
+        draws.append({name: mine[name] - theirs[name] for name in mine})
+    return _intervals(draws)
+
+
+def _resamples(groups: np.ndarray, resamples: int, seed: int):
+    """Cell indices of ``resamples`` draws of as many patient groups as there are, with replacement."""
+    _, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(group_of == g) for g in range(group_of.max() + 1)]
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"auc": [], "accuracy": [], "sensitivity": [], "specificity": []}
     for _ in range(resamples):
-        picked = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
-        s, p = scores[picked], positives[picked]
-        called = s >= threshold
-        draws["auc"].append(roc_auc(s, p))
-        draws["accuracy"].append(float((called == p).mean()))
-        draws["sensitivity"].append(float(called[p].mean()) if p.any() else float("nan"))
-        draws["specificity"].append(float((~called[~p]).mean()) if (~p).any() else float("nan"))
-    return {name: tuple(float(v) for v in np.nanpercentile(values, [2.5, 97.5])) for name, values in draws.items()}
+        yield np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
+
+
+def _figures(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict[str, float]:
+    called = np.asarray(scores, dtype=np.float64) >= threshold
+    return {
+        "auc": roc_auc(np.asarray(scores, dtype=np.float64), positives),
+        "accuracy": float((called == positives).mean()),
+        "sensitivity": float(called[positives].mean()) if positives.any() else float("nan"),
+        "specificity": float((~called[~positives]).mean()) if (~positives).any() else float("nan"),
+    }
+
+
+def _intervals(draws: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    return {name: tuple(float(v) for v in np.nanpercentile([d[name] for d in draws], [2.5, 97.5])) for name in draws[0]}

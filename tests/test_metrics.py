@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 
-from ml.metrics import choose_threshold, patient_bootstrap, roc_auc
+from ml.metrics import choose_threshold, paired_patient_bootstrap, patient_bootstrap, roc_auc
 
 
 def pairwise_auc(scores, positives):
@@ -48,3 +48,19 @@ def test_intervals_resample_whole_patient_groups():
     low, high = spread["accuracy"]
     assert low < 0.35 and high > 0.65
     assert spread["auc"][0] <= 0.5 <= spread["auc"][1]
+
+
+def test_paired_intervals_of_a_difference():
+    rng = np.random.default_rng(2)
+    groups = np.repeat([f"C{i}P{i}" for i in range(12)], 30)
+    positives = rng.random(len(groups)) < 0.5
+    noisy = np.where(positives, 0.6, 0.4) + rng.normal(0, 0.2, len(groups))
+    same = paired_patient_bootstrap(noisy, noisy, positives, groups, (0.5, 0.5), resamples=200)
+    assert all(interval == (0.0, 0.0) for interval in same.values())
+
+    # A model that reads every cell right beats the noisy one on every resample of patients.
+    right = np.where(positives, 0.9, 0.1)
+    better = paired_patient_bootstrap(right, noisy, positives, groups, (0.5, 0.5), resamples=200)
+    assert better["accuracy"][0] > 0 and better["auc"][0] > 0
+    worse = paired_patient_bootstrap(noisy, right, positives, groups, (0.5, 0.5), resamples=200)
+    assert worse["accuracy"][1] < 0

@@ -203,6 +203,11 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
     assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout
     assert "95% CI over patient groups" in human.stdout
 
+    against_itself = run_module(
+        "ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out), "--against", str(out)
+    )
+    assert "accuracy       " in against_itself.stdout and "this model +0.0000" in against_itself.stdout
+
 
 @pytest.mark.slow
 def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
