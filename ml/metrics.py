@@ -86,7 +86,7 @@ def patient_bootstrap(
 
     Cells of one smear are not independent, so resampling cells would give intervals far too narrow.
     """
-    positives = np.asarray(positives, dtype=bool)
+    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
     draws = [_figures(scores[picked], positives[picked], threshold) for picked in _resamples(groups, resamples, seed)]
     return _intervals(draws)
 
@@ -103,6 +103,7 @@ def paired_patient_bootstrap(
 ) -> dict[str, tuple[float, float]]:
     """95 % intervals of (model - other model) on the same resampled patients: an interval that
     excludes 0 is a difference these patients support; one that straddles 0 is not."""
+    scores, other_scores = np.asarray(scores, dtype=np.float64), np.asarray(other_scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
     draws = []
     for picked in _resamples(groups, resamples, seed):
@@ -122,9 +123,9 @@ def _resamples(groups: np.ndarray, resamples: int, seed: int):
 
 
 def _figures(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict[str, float]:
-    called = np.asarray(scores, dtype=np.float64) >= threshold
+    called = scores >= threshold
     return {
-        "auc": roc_auc(np.asarray(scores, dtype=np.float64), positives),
+        "auc": roc_auc(scores, positives),
         "accuracy": float((called == positives).mean()),
         "sensitivity": float(called[positives].mean()) if positives.any() else float("nan"),
         "specificity": float((~called[~positives]).mean()) if (~positives).any() else float("nan"),
