@@ -10,7 +10,11 @@ import torch
 
 
 def augment_batch(batch: torch.Tensor, generator: torch.Generator, *, mix_channels: bool = False) -> torch.Tensor:
-    """Return a float batch in [0, 255] with random symmetries and colour jitter applied per image."""
+    """Return a float batch in [0, 255] with random symmetries and colour jitter applied per image.
+
+    The random draws come from ``generator`` on the CPU whatever the batch's device, so a seed gives
+    the same augmentations on a GPU as on the CPU.
+    """
     n = batch.shape[0]
     rotations = torch.randint(0, 4, (n,), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5
@@ -19,9 +23,9 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator, *, mix_channe
         image = torch.rot90(image, k, dims=(1, 2))
         images.append(torch.flip(image, dims=(2,)) if flip else image)
     out = torch.stack(images).float() / 255.0
-    gains = 1.0 + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.2
-    brightness = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
-    gamma = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    gains = (1.0 + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.2).to(out.device)
+    brightness = (1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3).to(out.device)
+    gamma = (1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3).to(out.device)
     out = (out * gains * brightness).clamp(0.0, 1.0) ** gamma
     if mix_channels:
         out = _mix_channels(out, generator).clamp(0.0, 1.0)
@@ -35,5 +39,5 @@ def _mix_channels(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     others can, and a linear map keeps black at black.
     """
     n = images.shape[0]
-    mixing = torch.eye(3) + (torch.rand(n, 3, 3, generator=generator) - 0.5) * 0.16
+    mixing = (torch.eye(3) + (torch.rand(n, 3, 3, generator=generator) - 0.5) * 0.16).to(images.device)
     return torch.einsum("nij,njhw->nihw", mixing, images)

@@ -11,7 +11,7 @@ import numpy as np
 from ml.model import CLASS_NAMES
 from ml.preprocessing import open_rgb, square_resize
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 @dataclass(frozen=True)

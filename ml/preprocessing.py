@@ -76,7 +76,7 @@ def standardise_stain(batch: torch.Tensor) -> torch.Tensor:
     foreground = (batch.sum(dim=1, keepdim=True) > BACKGROUND_LEVEL).float()
     area = foreground.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
     cell_mean = (batch * foreground).sum(dim=(2, 3), keepdim=True) / area
-    reference = torch.tensor(REFERENCE_CELL_COLOUR).view(1, 3, 1, 1)
+    reference = torch.tensor(REFERENCE_CELL_COLOUR, device=batch.device).view(1, 3, 1, 1)
     return (batch * (reference / cell_mean.clamp(min=1.0))).clamp(0.0, 255.0)
 
 
@@ -89,8 +89,8 @@ def model_inputs(batch: torch.Tensor, config) -> torch.Tensor:
 
 def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """NHWC or NCHW uint8 (NCHW expected) to normalised float NCHW."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
     return (batch_uint8.float() - mean_t) / std_t
 
 

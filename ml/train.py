@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.12, help="fraction of patient groups for validation")
     parser.add_argument("--min-sensitivity", type=float, default=0.97, help="sensitivity the threshold must keep")
     parser.add_argument("--limit", type=int, help="use at most this many images (smoke tests)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads and decoders")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the network trains")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
     parser.add_argument("--checkpoint", help="training-state file (default: OUT with .ckpt suffix)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -150,11 +151,11 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch,
     config = model.config
     started, seen = time.monotonic(), 0
     for step in range(start_step, steps):
-        index = order[step * args.batch_size : (step + 1) * args.batch_size]
+        index = order[step * args.batch_size : (step + 1) * args.batch_size].to(images.device)
         # Standardisation undoes per-channel gain jitter, so hue shifts are the colour variation left.
         batch = augment_batch(images[index], generator, mix_channels=config.stain_standardise)
         inputs = model_inputs(batch, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = F.cross_entropy(model(inputs).float(), labels[index], label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,15 +182,17 @@ def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         inputs = model_inputs(batch, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(inputs)
         scores.append(logits.float().softmax(dim=1)[:, PARASITIZED])
-    return torch.cat(scores).numpy()
+    return torch.cat(scores).cpu().numpy()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     torch.manual_seed(args.seed)
     checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".ckpt"))
 
@@ -215,13 +218,13 @@ def main(argv=None) -> None:
         flush=True,
     )
 
-    model = build_model(args).to(memory_format=torch.channels_last)
+    model = build_model(args).to(device, memory_format=torch.channels_last)
     if validation_run:
         check_same_recipe(model.config, validation_run, epochs=args.epochs)
     size = model.config.input_size
     loaded = time.monotonic()
-    train_x, train_y = (torch.from_numpy(a) for a in load_arrays(train_samples, size))
-    val_x, val_y = (torch.from_numpy(a) for a in load_arrays(val_samples, size))
+    train_x, train_y = (torch.from_numpy(a).to(device) for a in load_arrays(train_samples, size, workers=args.threads))
+    val_x, val_y = (torch.from_numpy(a).to(device) for a in load_arrays(val_samples, size, workers=args.threads))
     train_x, val_x = (x.permute(0, 3, 1, 2).contiguous() for x in (train_x, val_x))
     print(f"decoded {len(train_x) + len(val_x)} images at {size}px in {time.monotonic() - loaded:.0f}s", flush=True)
 
@@ -271,7 +274,7 @@ def main(argv=None) -> None:
                 export(model, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
         else:
             scores = evaluate(model, val_x, val_y, bf16=args.bf16)
-            positives = val_y.numpy() == PARASITIZED
+            positives = val_y.cpu().numpy() == PARASITIZED
             threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
             metrics = screening_metrics(scores, positives, threshold)
             print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
@@ -307,7 +310,7 @@ def export(
     config = model.config
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
-        digest.update(tensor.detach().half().numpy().tobytes() if tensor.is_floating_point() else b"")
+        digest.update(tensor.detach().half().cpu().numpy().tobytes() if tensor.is_floating_point() else b"")
     stamp = datetime.now(UTC).strftime("%Y%m%d")
     version = f"{config.arch}-{config.input_size}px-{stamp}-{digest.hexdigest()[:8]}"
     record = {

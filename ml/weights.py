@@ -27,7 +27,7 @@ class ModelInfo:
 
 def save_model(model: MalariaVGG, path: str | Path, *, info: ModelInfo, half: bool = True) -> None:
     tensors = {
-        name: (t.detach().half() if half and t.is_floating_point() else t.detach()).contiguous()
+        name: (t.detach().half() if half and t.is_floating_point() else t.detach()).cpu().contiguous()
         for name, t in model.state_dict().items()
     }
     metadata = {

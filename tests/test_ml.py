@@ -328,6 +328,25 @@ def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation
     assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
 
 
+@pytest.mark.slow
+def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp_path):
+    copy = tmp_path / "cells-32"
+    compacted = run_module("ml.compact", "--data", str(FIXTURE_CELLS), "--out", str(copy), "--size", "32")
+    assert compacted.returncode == 0, compacted.stderr
+    originals, copies = list_samples(FIXTURE_CELLS), list_samples(copy)
+    assert [(s.path.stem, s.label) for s in copies] == [(s.path.stem, s.label) for s in originals]
+    assert {s.patient_group for s in copies} == {s.patient_group for s in originals}
+    for original, small in zip(originals, copies, strict=True):
+        assert small.path.suffix == ".webp"
+        decoded = np.asarray(open_rgb(small.path), dtype=np.float32)
+        expected = square_resize(open_rgb(original.path), 32).astype(np.float32)
+        assert decoded.shape == (32, 32, 3) and np.abs(decoded - expected).mean() < 6
+
+    trained = train_on_fixture_cells(tmp_path / "model.safetensors", "--data", str(copy))
+    assert trained.returncode == 0, trained.stderr
+    assert "decoded 4 images at 32px" in trained.stdout
+
+
 def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_threshold(tmp_path):
     validation_run = tmp_path / "validation-run.safetensors"
     assert train_on_fixture_cells(validation_run).returncode == 0

@@ -1,0 +1,55 @@
+"""Write a compact copy of a cell folder: every image padded, resized to the training size, as WebP.
+
+    python -m ml.compact --data /tmp/malaria-split/train --out /tmp/cells-128 --size 128
+
+For training on a machine that the full-size PNGs cannot be copied to in time (a lent GPU takes a
+few tens of megabytes: 13,691 cells at 128 px and quality 90 take about 24 MiB, a third of JPEG's
+size at the same quality). Images go through the same ``square_resize`` that ``ml.train`` applies,
+so training on the copy at ``--size`` sees the same pixels up to the lossy coding. File names keep
+their stem, and so their patient group; only the suffix becomes ``.webp``.
+"""
+
+import argparse
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from ml.data import list_samples
+from ml.model import CLASS_NAMES
+from ml.preprocessing import open_rgb, square_resize
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
+    parser.add_argument("--out", required=True, help="folder to write the copy to (same layout)")
+    parser.add_argument("--size", type=int, required=True, help="side in pixels: the --input-size to train at")
+    parser.add_argument("--quality", type=int, default=90, help="WebP quality, 1-100")
+    parser.add_argument("--workers", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def compact_one(source: str, target: str, size: int, quality: int) -> int:
+    """Write one resized WebP; returns its size in bytes."""
+    pixels = square_resize(open_rgb(source), size)
+    Image.fromarray(pixels).save(target, format="WEBP", quality=quality)
+    return Path(target).stat().st_size
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    samples = list_samples(args.data)
+    out = Path(args.out)
+    for name in CLASS_NAMES:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    sources = [str(s.path) for s in samples]
+    targets = [str(out / CLASS_NAMES[s.label] / f"{s.path.stem}.webp") for s in samples]
+    n = len(samples)
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        written = sum(pool.map(compact_one, sources, targets, [args.size] * n, [args.quality] * n, chunksize=64))
+    print(f"wrote {n} images at {args.size}px to {out}: {written / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
