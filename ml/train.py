@@ -8,7 +8,9 @@ freezes its convolutional trunk and trains only the new two-way head (the seed's
 ``--input-size`` (progressive resizing: most epochs run cheaply at low resolution, a few at the
 resolution that shows small ring-stage parasites). ``--refit FILE`` repeats the run that wrote FILE on
 all of DATA, validation patients included, and keeps FILE's validation-chosen threshold: more patients
-to learn from once the recipe, epoch count and threshold have been chosen.
+to learn from once the recipe, epoch count and threshold have been chosen. ``--device cuda`` trains on
+a GPU (the shipped model's recipe; see ml/MODEL_CARD.md) with the same seed-driven order and
+augmentations.
 """
 
 import argparse
@@ -192,6 +194,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: PyTorch sees no CUDA GPU on this machine; leave --device out to train on the CPU"
+        )
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     torch.manual_seed(args.seed)
     checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".ckpt"))

@@ -347,6 +347,13 @@ def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp
     assert "decoded 4 images at 32px" in trained.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_training_on_a_missing_gpu_says_so_before_loading_anything(tmp_path):
+    refused = train_on_fixture_cells(tmp_path / "model.safetensors", "--device", "cuda")
+    assert refused.returncode != 0 and "sees no CUDA GPU" in refused.stderr
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_threshold(tmp_path):
     validation_run = tmp_path / "validation-run.safetensors"
     assert train_on_fixture_cells(validation_run).returncode == 0
