@@ -37,6 +37,11 @@ def done_events(*logs: Path) -> list[str]:
     return [m for log in logs for m in re.findall(r"event=done analysis_id=(\d+)", log.read_text(errors="replace"))]
 
 
+def wait_until_logged(count: int, *logs: Path) -> None:
+    """The worker logs ``done`` just after committing it: let those lines land before stopping it or reading them."""
+    wait_for(lambda: len(set(done_events(*logs))) >= count, timeout=15, interval=0.1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -70,6 +75,7 @@ def test_worker_killed_mid_task_loses_nothing_and_records_once(without_session_w
         started = time.monotonic()
         wait_for(lambda: Analysis.objects.filter(status="done").count() == 6, timeout=180)
         recovery = time.monotonic() - started
+        wait_until_logged(6, tmp_path / "first.log", tmp_path / "second.log")
     finally:
         second.stop()
     events = done_events(tmp_path / "first.log", tmp_path / "second.log")
@@ -196,6 +202,7 @@ def test_broker_lost_mid_task_loses_nothing_and_records_once(transactional_db, u
                 started = time.monotonic()
                 wait_for(lambda: Analysis.objects.filter(status="done").count() == count, timeout=240)
                 recovery = time.monotonic() - started
+                wait_until_logged(count, tmp_path / "worker.log")
         finally:
             worker.stop()
     events = done_events(tmp_path / "worker.log")
@@ -249,6 +256,7 @@ def test_load_ten_clients_three_hundred_images(celery_worker_process, live_serve
     assert not errors
     wait_for(lambda: Analysis.objects.filter(status="done").count() == total, timeout=600, interval=1)
     wall = time.monotonic() - started
+    wait_until_logged(total, celery_worker_process.log_path)
     assert Analysis.objects.count() == total
     assert Analysis.objects.filter(status="done", overlay="").count() == 0
     recorded = done_events(celery_worker_process.log_path)
