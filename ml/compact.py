@@ -1,9 +1,9 @@
-"""Write a compact copy of a cell folder: every image padded, resized to the training size, as WebP.
+"""Write a compact copy of a cell folder: every image padded, resized to one size, as WebP.
 
     python -m ml.compact --data /tmp/malaria-split/train --out /tmp/cells-128 --size 128
 
 For training on a machine that the full-size PNGs cannot be copied to in time (a lent GPU takes a
-few tens of megabytes: 13,691 cells at 128 px take 19 MiB at quality 85, about a third of JPEG's
+few tens of megabytes: 13,691 cells at 128 px take 19 MiB at quality 85, under half of JPEG's
 size at the same quality). Images go through the same ``square_resize`` that ``ml.train`` applies,
 so training on the copy at ``--size`` sees the same pixels up to the lossy coding. File names keep
 their stem, and so their patient group; only the suffix becomes ``.webp``.
