@@ -15,9 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ml.data import list_samples
+from ml.data import list_samples, load_resized
 from ml.model import CLASS_NAMES
-from ml.preprocessing import open_rgb, square_resize
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,8 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def compact_one(source: str, target: str, size: int, quality: int) -> int:
     """Write one resized WebP; returns its size in bytes."""
-    pixels = square_resize(open_rgb(source), size)
-    Image.fromarray(pixels).save(target, format="WEBP", quality=quality)
+    Image.fromarray(load_resized(source, size)).save(target, format="WEBP", quality=quality)
     return Path(target).stat().st_size
 
 

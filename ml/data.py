@@ -65,9 +65,10 @@ def load_arrays(samples: list[Sample], size: int, *, workers: int = 2) -> tuple[
     if not paths:  # a refit has no validation side
         return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        images = list(pool.map(_load_one, paths, [size] * len(paths), chunksize=64))
+        images = list(pool.map(load_resized, paths, [size] * len(paths), chunksize=64))
     return np.stack(images), np.array([s.label for s in samples], dtype=np.int64)
 
 
-def _load_one(path: str, size: int) -> np.ndarray:
+def load_resized(path: str, size: int) -> np.ndarray:
+    """One image as the network sees it before normalisation: padded square, ``size`` pixels, uint8."""
     return square_resize(open_rgb(path), size)
