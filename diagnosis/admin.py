@@ -1,5 +1,6 @@
 from django import forms
 from django.contrib import admin
+from django.contrib.admin.utils import flatten_fieldsets
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -63,27 +64,6 @@ class AnalysisAdmin(admin.ModelAdmin):
     search_fields = ["original_filename", "owner__username", "batch__sample_reference", "model_version"]
     date_hierarchy = "created_at"
     list_select_related = ["owner"]
-    readonly_fields = [
-        "owner",
-        "batch",
-        "original_filename",
-        "width",
-        "height",
-        "status",
-        "label",
-        "probability_parasitized",
-        "model_version",
-        "error",
-        "attempts",
-        "inference_ms",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "original_image",
-        "overlay_image",
-        "reviewed_by",
-        "reviewed_at",
-    ]
     fieldsets = [
         ("Images", {"fields": [("original_image", "overlay_image")]}),
         (
@@ -97,6 +77,7 @@ class AnalysisAdmin(admin.ModelAdmin):
                     "status",
                     "label",
                     "probability_parasitized",
+                    "decision_threshold",
                     "model_version",
                     "error",
                     "attempts",
@@ -107,6 +88,8 @@ class AnalysisAdmin(admin.ModelAdmin):
         ),
         ("Review", {"fields": ["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at"]}),
     ]
+    # Everything but the reviewer's own fields is the model's record and stays as the worker wrote it.
+    readonly_fields = [name for name in flatten_fieldsets(fieldsets) if name not in ReviewAdminForm.Meta.fields]
 
     def has_add_permission(self, request):
         return False  # analyses come from uploads, not from the admin

@@ -18,6 +18,7 @@ CSV_COLUMNS = [
     "status",
     "label",
     "probability_parasitized",
+    "decision_threshold",
     "model_version",
     "review_verdict",
     "corrected_label",
@@ -47,6 +48,7 @@ def _csv_response(analyses, filename: str) -> HttpResponse:
                 a.status,
                 a.label,
                 "" if a.probability_parasitized is None else f"{a.probability_parasitized:.4f}",
+                "" if a.decision_threshold is None else a.decision_threshold,
                 a.model_version,
                 a.review_verdict,
                 a.corrected_label,
@@ -76,5 +78,10 @@ def batch_csv(request, pk: int):
 def batch_report(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     analyses = selectors.batch_analyses_by_suspicion(batch=batch)
-    context = {"batch": batch, "analyses": analyses, "counts": selectors.batch_counts(batch=batch)}
+    context = {
+        "batch": batch,
+        "analyses": analyses,
+        "counts": selectors.batch_counts(batch=batch),
+        "models": selectors.batch_models(batch=batch),
+    }
     return render(request, "diagnosis/report.html", context)

@@ -94,6 +94,12 @@ def batch_analyses_by_suspicion(*, batch: Batch) -> QuerySet[Analysis]:
     return batch.analyses.order_by(F("probability_parasitized").desc(nulls_last=True), "id")
 
 
+def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:
+    """(model version, decision threshold) of every model that classified a cell of the batch."""
+    finished = batch.analyses.exclude(model_version="")
+    return list(finished.values_list("model_version", "decision_threshold").distinct().order_by("model_version"))
+
+
 def batch_counts(*, batch: Batch) -> dict[str, int]:
     counts = batch.analyses.aggregate(
         total=Count("id"),

@@ -18,7 +18,11 @@ def admin_client(client, db):
 def finished(user):
     analysis = create_analysis(owner=user, upload=upload("review-me.png"))
     Analysis.objects.filter(pk=analysis.pk).update(
-        status="done", label="Parasitized", probability_parasitized=0.91, model_version="test-model"
+        status="done",
+        label="Parasitized",
+        probability_parasitized=0.91,
+        decision_threshold=0.37,
+        model_version="test-model",
     )
     return Analysis.objects.get(pk=analysis.pk)
 
@@ -44,6 +48,7 @@ def test_change_view_shows_both_images_and_locks_predictions(admin_client, finis
     page = admin_client.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
     assert f"/analyses/{finished.pk}/image/" in page
     assert 'name="label"' not in page and 'name="probability_parasitized"' not in page
+    assert "Decision threshold" in page and "0.37" in page and 'name="decision_threshold"' not in page
     assert 'name="review_verdict"' in page
 
 

@@ -234,6 +234,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
         assert row["batch_id"] == str(batch.pk) and row["sample_reference"] == "WARD-7 slide 2"
         assert row["status"] == "done" and row["label"] == analysis.label
         assert float(row["probability_parasitized"]) == pytest.approx(analysis.probability_parasitized, abs=1e-4)
+        assert float(row["decision_threshold"]) == analysis.decision_threshold
         assert row["model_version"] == analysis.model_version != ""
         assert row["review_verdict"] == "" and row["finished_at"]
     assert sorted(row["original_filename"] for row in rows) == sorted(cell.name for cell in cells)

@@ -1,0 +1,59 @@
+"""The printable batch report and the CSV exports, read as a clinician or a spreadsheet would."""
+
+import csv
+import io
+
+import pytest
+
+from diagnosis.models import Analysis
+from diagnosis.services import create_batch
+from tests.factories import upload
+
+
+def finish(analysis: Analysis, *, label: str, probability: float) -> None:
+    Analysis.objects.filter(pk=analysis.pk).update(
+        status=Analysis.Status.DONE,
+        label=label,
+        probability_parasitized=probability,
+        decision_threshold=0.11,
+        model_version="vgg-test-1",
+    )
+
+
+@pytest.fixture
+def batch(user):
+    batch = create_batch(
+        owner=user,
+        uploads=[upload("=HYPERLINK(evil).png"), upload("likely.png"), upload("pending.png")],
+        sample_reference="@WARD-7",
+    )
+    by_name = {a.original_filename: a for a in batch.analyses.all()}
+    finish(by_name["=HYPERLINK(evil).png"], label="Uninfected", probability=0.04)
+    finish(by_name["likely.png"], label="Parasitized", probability=0.93)
+    return batch
+
+
+def test_report_puts_the_most_suspicious_cell_first_and_names_model_and_threshold(client, user, batch):
+    client.force_login(user)
+    page = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert page.index("likely.png") < page.index("=HYPERLINK(evil).png") < page.index("pending.png")
+    assert "<th>Cells</th><td>3</td>" in page and "<th>Parasitized</th><td>1</td>" in page
+    assert "Parasitized fraction: <span data-parasitemia>50</span>%" in page
+    assert "<span data-model>vgg-test-1</span>, labelling a cell Parasitized at a probability ≥ 0.11" in page
+
+
+def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):
+    batch = create_batch(owner=user, uploads=[upload("waiting.png")])
+    client.force_login(user)
+    page = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert "No cell classified yet." in page and "data-model" not in page
+
+
+def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client, user, batch):
+    client.force_login(user)
+    response = client.get(f"/batches/{batch.pk}/export.csv")
+    assert response["Content-Type"].startswith("text/csv")
+    rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(response.content.decode()))}
+    assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png", "pending.png"}
+    assert rows["likely.png"]["decision_threshold"] == "0.11" and rows["pending.png"]["decision_threshold"] == ""
+    assert {row["sample_reference"] for row in rows.values()} == {"'@WARD-7"}
