@@ -156,6 +156,8 @@ def record_result(
     if done:
         analysis.refresh_from_db()
         log_transition(analysis, "done")
+    elif not Analysis.objects.filter(pk=analysis.pk).exists():
+        storage.delete(overlay_name)  # deleted while the worker ran: leave no patient image behind
     return bool(done)
 
 
@@ -194,6 +196,19 @@ def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
         logger.info("event=requeue count=%s analysis_ids=%s", len(ids), ids)
         enqueue_analyses(analysis_ids=ids)
     return len(ids)
+
+
+def delete_analysis(*, analysis: Analysis) -> None:
+    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals)."""
+    logger.info("event=deleted analysis_id=%s owner_id=%s", analysis.pk, analysis.owner_id)
+    analysis.delete()
+
+
+def delete_batch(*, batch: Batch) -> None:
+    """Remove a batch with every analysis in it and their files."""
+    ids = list(batch.analyses.values_list("pk", flat=True))
+    logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, ids)
+    batch.delete()
 
 
 def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> str:

@@ -75,6 +75,36 @@ def analysis_detail(request, pk: int):
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
+def analysis_delete(request, pk: int):
+    analysis = selectors.get_analysis(user=request.user, pk=pk)
+    back = reverse("diagnosis:batch", args=[analysis.batch_id]) if analysis.batch_id else reverse("diagnosis:dashboard")
+    if request.method == "POST":
+        services.delete_analysis(analysis=analysis)
+        messages.success(request, f"Deleted {analysis.original_filename}: its image, heatmap and result are gone.")
+        return redirect(back)
+    context = {
+        "subject": analysis.original_filename,
+        "cells": 1,
+        "cancel_url": reverse("diagnosis:analysis", args=[pk]),
+    }
+    return render(request, "diagnosis/confirm_delete.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def batch_delete(request, pk: int):
+    batch = selectors.get_batch(user=request.user, pk=pk)
+    if request.method == "POST":
+        services.delete_batch(batch=batch)
+        messages.success(request, f"Deleted batch #{pk} with its images, heatmaps and results.")
+        return redirect("diagnosis:dashboard")
+    subject = f"batch #{pk}" + (f" ({batch.sample_reference})" if batch.sample_reference else "")
+    context = {"subject": subject, "cells": batch.analyses.count(), "cancel_url": reverse("diagnosis:batch", args=[pk])}
+    return render(request, "diagnosis/confirm_delete.html", context)
+
+
+@login_required
 @require_GET
 def analysis_file(request, pk: int, kind: str):
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)

@@ -18,7 +18,7 @@ from django.utils import timezone
 from playwright.sync_api import expect, sync_playwright
 
 from diagnosis.exports import CSV_COLUMNS
-from diagnosis.models import Analysis, Batch
+from diagnosis.models import Analysis, Batch, private_storage
 from tests.browser import (
     VIEWPORT,
     broken_images,
@@ -285,6 +285,24 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     expect(page.locator("table.results tbody tr")).to_have_count(len(cells))
     assert not broken_images(page) and not overflows_horizontally(page)
     screenshot(page, "dashboard", docs=True)
+
+    # 6. The owner deletes one cell, then the rest of the batch, files included.
+    page.goto(f"/analyses/{agreed.pk}/")
+    page.get_by_role("link", name="Delete…").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text(f"Delete {agreed.original_filename}?")
+    screenshot(page, "confirm_delete")
+    page.get_by_role("button", name="Delete for good").click()
+    page.wait_for_url(f"**/batches/{batch.pk}/")
+    expect(page.locator(".flash")).to_contain_text(f"Deleted {agreed.original_filename}")
+    expect(page.locator("#cell-grid li")).to_have_count(len(cells) - 1)
+    assert not private_storage.exists(agreed.image.name) and not private_storage.exists(agreed.overlay.name)
+    remaining = list(batch.analyses.all())
+    page.get_by_role("link", name="Delete batch…").click()
+    page.get_by_role("button", name="Delete for good").click()
+    page.wait_for_url(re.compile(r"/$"))
+    expect(page.locator(".flash")).to_contain_text(f"Deleted batch #{batch.pk}")
+    expect(page.locator("p.empty")).to_contain_text("No analyses yet.")
+    assert not any(private_storage.exists(a.image.name) for a in remaining)
 
 
 def test_dashboard_filters_survive_pagination(open_page, user, other_user):

@@ -18,6 +18,8 @@ OWNED = {
     "diagnosis:batch-status": "batch",
     "diagnosis:batch-csv": "batch",
     "diagnosis:batch-report": "batch",
+    "diagnosis:batch-delete": "batch",
+    "diagnosis:analysis-delete": "analysis",
     "diagnosis:analysis": "analysis",
     "diagnosis:analysis-file": "analysis-file",
     "api:analysis-detail": "analysis",

@@ -30,7 +30,9 @@ def _service_errors(error: ValidationError) -> ApiValidationError:
     return ApiValidationError({"detail": " ".join(error.messages), "errors": error.messages})
 
 
-class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class AnalysisViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
     serializer_class = AnalysisSerializer
     parser_classes = [MultiPartParser]
     lookup_value_regex = "[0-9]+"
@@ -59,6 +61,10 @@ class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             raise _service_errors(error) from None
         return Response(self.get_serializer(analysis).data, status=status.HTTP_202_ACCEPTED)
 
+    def perform_destroy(self, instance):
+        """204: the analysis, its image and its heatmap are gone for good."""
+        services.delete_analysis(analysis=instance)
+
     @extend_schema(operation_id="analyses_file_retrieve", responses={(200, "image/png"): bytes})
     @action(detail=True, methods=["get"], url_path=r"(?P<kind>image|overlay)", url_name="file")
     def file(self, request, pk=None, kind="image"):
@@ -66,7 +72,7 @@ class AnalysisViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
 
 
-class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = BatchSerializer
     parser_classes = [MultiPartParser]
     lookup_value_regex = "[0-9]+"
@@ -89,3 +95,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         except ValidationError as error:
             raise _service_errors(error) from None
         return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+
+    def perform_destroy(self, instance):
+        """204: the batch and every analysis in it, files included, are gone for good."""
+        services.delete_batch(batch=instance)

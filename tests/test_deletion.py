@@ -1,0 +1,132 @@
+"""Owners delete analyses and batches for good, files included; nobody else can, by any route."""
+
+import pytest
+from django.core.files.base import ContentFile
+from django.db import transaction
+from rest_framework.test import APIClient
+
+from diagnosis import services
+from diagnosis.models import Analysis, Batch, private_storage
+from tests.factories import upload
+
+
+def stored_files(analysis: Analysis) -> list[str]:
+    return [field.name for field in (analysis.image, analysis.thumbnail, analysis.overlay) if field]
+
+
+def with_overlay(analysis: Analysis) -> Analysis:
+    name = private_storage.save(f"overlays/{analysis.pk}.png", ContentFile(b"overlay"))
+    Analysis.objects.filter(pk=analysis.pk).update(status="done", label="Uninfected", overlay=name)
+    return Analysis.objects.get(pk=analysis.pk)
+
+
+@pytest.fixture
+def batch(user) -> Batch:
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="W-3")
+    for analysis in batch.analyses.all():
+        with_overlay(analysis)
+    return batch
+
+
+def all_files(batch: Batch) -> list[str]:
+    names = [name for analysis in batch.analyses.all() for name in stored_files(analysis)]
+    assert len(names) == 6 and all(private_storage.exists(name) for name in names)
+    return names
+
+
+def test_owner_deletes_one_cell_from_the_page_and_its_files_go(client, user, batch, django_capture_on_commit_callbacks):
+    analysis = batch.analyses.get(original_filename="a.png")
+    files = stored_files(analysis)
+    client.force_login(user)
+    confirm = client.get(f"/analyses/{analysis.pk}/delete/").content.decode()
+    assert "Delete a.png?" in confirm and "1 cell image for good" in confirm
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/analyses/{analysis.pk}/delete/")
+    assert response.status_code == 302 and response["Location"] == f"/batches/{batch.pk}/"
+    assert "Deleted a.png" in client.get(response["Location"]).content.decode()
+    assert not Analysis.objects.filter(pk=analysis.pk).exists()
+    assert not any(private_storage.exists(name) for name in files)
+    assert [a.original_filename for a in batch.analyses.all()] == ["b.png"]
+
+
+def test_owner_deletes_a_whole_batch_from_the_page(client, user, batch, django_capture_on_commit_callbacks):
+    files = all_files(batch)
+    client.force_login(user)
+    confirm = client.get(f"/batches/{batch.pk}/delete/").content.decode()
+    assert f"Delete batch #{batch.pk} (W-3)?" in confirm and "2 cell images for good" in confirm
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/batches/{batch.pk}/delete/")
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert not Batch.objects.exists() and not Analysis.objects.exists()
+    assert not any(private_storage.exists(name) for name in files)
+
+
+def test_api_deletes_analyses_and_batches_with_204(user, batch, django_capture_on_commit_callbacks):
+    files = all_files(batch)
+    api = APIClient()
+    api.force_authenticate(user)
+    single = services.create_analysis(owner=user, upload=upload("single.png"))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.delete(f"/api/analyses/{single.pk}/").status_code == 204
+        assert api.delete(f"/api/batches/{batch.pk}/").status_code == 204
+    assert not Analysis.objects.exists()
+    assert not any(private_storage.exists(name) for name in files + stored_files(single))
+    assert api.get(f"/api/batches/{batch.pk}/").status_code == 404
+
+
+def test_an_outsider_deletes_nothing(client, other_user, batch, django_capture_on_commit_callbacks):
+    files = all_files(batch)
+    analysis = batch.analyses.first()
+    client.force_login(other_user)
+    api = APIClient()
+    api.force_authenticate(other_user)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post(f"/analyses/{analysis.pk}/delete/").status_code == 404
+        assert client.post(f"/batches/{batch.pk}/delete/").status_code == 404
+        assert api.delete(f"/api/analyses/{analysis.pk}/").status_code == 404
+        assert api.delete(f"/api/batches/{batch.pk}/").status_code == 404
+    assert batch.analyses.count() == 2 and all(private_storage.exists(name) for name in files)
+
+
+def test_deleting_needs_a_post_with_the_csrf_token(user, batch):
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    analysis = batch.analyses.first()
+    assert browser.post(f"/analyses/{analysis.pk}/delete/").status_code == 403
+    assert Analysis.objects.filter(pk=analysis.pk).exists()
+
+
+def test_removing_a_user_removes_their_patients_images(user, batch, django_capture_on_commit_callbacks):
+    files = all_files(batch)
+    with django_capture_on_commit_callbacks(execute=True):
+        user.delete()
+    assert not Analysis.objects.exists()
+    assert not any(private_storage.exists(name) for name in files)
+
+
+def test_a_rolled_back_deletion_keeps_the_files(user, batch, django_capture_on_commit_callbacks):
+    files = all_files(batch)
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(RuntimeError):
+        with transaction.atomic():
+            services.delete_batch(batch=batch)
+            raise RuntimeError("the request failed after the delete")
+    assert Analysis.objects.count() == 2 and all(private_storage.exists(name) for name in files)
+
+
+def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user):
+    analysis = services.create_analysis(owner=user, upload=upload())
+    assert services.claim_analysis(analysis_id=analysis.pk, task_id="t")
+    Analysis.objects.filter(pk=analysis.pk).delete()
+    recorded = services.record_result(
+        analysis=analysis,
+        task_id="t",
+        label="Uninfected",
+        probability_parasitized=0.1,
+        decision_threshold=0.5,
+        model_version="m",
+        overlay_png=b"png",
+        inference_ms=1.0,
+    )
+    assert not recorded and not private_storage.exists(f"overlays/{analysis.pk}.png")
