@@ -211,6 +211,22 @@ def delete_batch(*, batch: Batch) -> None:
     batch.delete()
 
 
+def delete_expired_analyses(*, older_than: timedelta) -> int:
+    """Delete analyses uploaded longer ago than ``older_than`` (files included), and the batches
+    this leaves empty. Returns how many analyses went."""
+    cutoff = timezone.now() - older_than
+    expired = Analysis.objects.filter(created_at__lt=cutoff)
+    deleted = 0
+    # In chunks: each deletion loads its rows to remove their files, so memory stays bounded.
+    while ids := list(expired.values_list("pk", flat=True)[:500]):
+        with transaction.atomic():
+            deleted += Analysis.objects.filter(pk__in=ids).delete()[1].get(Analysis._meta.label, 0)
+    Batch.objects.filter(created_at__lt=cutoff, analyses__isnull=True).delete()
+    if deleted:
+        logger.info("event=retention_deleted count=%s older_than_days=%s", deleted, older_than.days)
+    return deleted
+
+
 def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> str:
     """Validate a verdict; returns the corrected label to store ("" when agreeing)."""
     if analysis.status != Analysis.Status.DONE:

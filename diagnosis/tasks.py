@@ -1,4 +1,7 @@
+from datetime import timedelta
+
 from celery import shared_task
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from diagnosis import inference, services
@@ -19,3 +22,10 @@ def analyse_images(self, analysis_ids: list[int]) -> None:
 @shared_task(ignore_result=True)
 def requeue_stale_analyses() -> int:
     return services.requeue_stale_analyses()
+
+
+@shared_task(ignore_result=True)
+def delete_expired_analyses() -> int:
+    if not settings.ANALYSIS_RETENTION_DAYS:
+        return 0
+    return services.delete_expired_analyses(older_than=timedelta(days=settings.ANALYSIS_RETENTION_DAYS))

@@ -1,11 +1,17 @@
-"""Owners delete analyses and batches for good, files included; nobody else can, by any route."""
+"""Owners delete analyses and batches for good, files included; nobody else can, by any route.
+The retention period deletes old ones the same way."""
+
+import io
+from datetime import timedelta
 
 import pytest
 from django.core.files.base import ContentFile
+from django.core.management import CommandError, call_command
 from django.db import transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
-from diagnosis import services
+from diagnosis import services, tasks
 from diagnosis.models import Analysis, Batch, private_storage
 from tests.factories import upload
 
@@ -130,3 +136,34 @@ def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user
         inference_ms=1.0,
     )
     assert not recorded and not private_storage.exists(f"overlays/{analysis.pk}.png")
+
+
+def test_retention_deletes_old_analyses_their_files_and_emptied_batches(
+    user, batch, settings, django_capture_on_commit_callbacks
+):
+    old_files = all_files(batch)
+    mixed = services.create_batch(owner=user, uploads=[upload("old.png"), upload("new.png")])
+    fresh = services.create_analysis(owner=user, upload=upload("fresh.png"))
+    long_ago = timezone.now() - timedelta(days=40)
+    batch.analyses.update(created_at=long_ago)
+    Batch.objects.filter(pk__in=[batch.pk, mixed.pk]).update(created_at=long_ago)
+    mixed.analyses.filter(original_filename="old.png").update(created_at=long_ago)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("delete_expired_analyses", days=30, stdout=io.StringIO())
+    assert sorted(Analysis.objects.values_list("original_filename", flat=True)) == ["fresh.png", "new.png"]
+    assert list(Batch.objects.all()) == [mixed]
+    assert not any(private_storage.exists(name) for name in old_files)
+    assert all(private_storage.exists(name) for name in stored_files(fresh))
+
+    settings.ANALYSIS_RETENTION_DAYS = 0  # the daily task keeps everything then, even if run by hand
+    Analysis.objects.update(created_at=long_ago)
+    assert tasks.delete_expired_analyses() == 0 and Analysis.objects.count() == 2
+    settings.ANALYSIS_RETENTION_DAYS = 30
+    assert tasks.delete_expired_analyses() == 2 and not Analysis.objects.exists()
+
+
+def test_retention_command_refuses_to_run_without_a_period(settings):
+    settings.ANALYSIS_RETENTION_DAYS = 0
+    with pytest.raises(CommandError, match="No retention period"):
+        call_command("delete_expired_analyses")
