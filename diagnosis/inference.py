@@ -15,6 +15,8 @@ from ml.preprocessing import ImageDecodeError, open_rgb
 from ml.weights import WeightsNotFound
 
 logger = logging.getLogger("diagnosis.analysis")
+# What loading a missing, corrupt or incompatible weights file raises.
+MODEL_UNAVAILABLE = (WeightsNotFound, ValueError, RuntimeError)
 
 
 @lru_cache(maxsize=1)
@@ -25,13 +27,25 @@ def get_predictor(weights_path: str) -> Predictor:
     return predictor
 
 
+def warm_up() -> None:
+    """Load the model and run it once, so the first upload after a worker starts waits for neither."""
+    try:
+        predictor = get_predictor(str(settings.MODEL_WEIGHTS))
+    except MODEL_UNAVAILABLE as error:
+        logger.warning("event=model_unavailable error=%s", error)  # each analysis then fails saying why
+        return
+    size = predictor.info.config.input_size
+    predictor.predict([Image.new("RGB", (size, size))])
+    logger.info("event=model_warm version=%s", predictor.version)
+
+
 def run_analyses(*, analysis_ids: list[int], task_id: str) -> None:
     claimed = [pk for pk in analysis_ids if services.claim_analysis(analysis_id=pk, task_id=task_id)]
     if not claimed:
         return
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
-    except (WeightsNotFound, ValueError, RuntimeError) as error:
+    except MODEL_UNAVAILABLE as error:
         for pk in claimed:
             services.fail_analysis(analysis_id=pk, task_id=task_id, error=f"Model unavailable: {error}")
         return

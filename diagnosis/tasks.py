@@ -1,10 +1,16 @@
 from datetime import timedelta
 
 from celery import shared_task
+from celery.signals import worker_process_init
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from diagnosis import inference, services
+
+
+@worker_process_init.connect
+def warm_up_model(**kwargs) -> None:
+    inference.warm_up()
 
 
 @shared_task(

@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 from diagnosis.models import Analysis
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
-from tests.conftest import fixture_cells, wait_for
+from tests.conftest import WorkerProcess, fixture_cells, wait_for
 from tests.factories import PASSWORD
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
@@ -87,3 +87,19 @@ def test_redelivered_task_does_no_harm(celery_worker_process, user):
     analysis.refresh_from_db()
     assert (analysis.finished_at, analysis.probability_parasitized, analysis.attempts) == first
     assert Analysis.objects.get(pk=probe.pk).status == "done"
+
+
+def test_a_new_worker_warms_up_the_model_before_its_first_task(without_session_worker, media_root, tmp_path):
+    """The first upload after a (re)start must not wait for the model to load; a worker without
+    weights stays up, so that its analyses can fail with instructions instead of vanishing."""
+    for name, env, event in (
+        ("warm", {}, b"event=model_warm version="),
+        ("unavailable", {"MODEL_WEIGHTS": str(tmp_path / "missing.safetensors")}, b"event=model_unavailable"),
+    ):
+        log = tmp_path / f"{name}.log"
+        worker = WorkerProcess(media_root, log, extra_env=env).start()
+        try:
+            wait_for(lambda log=log, event=event: event in log.read_bytes(), timeout=60)
+            assert worker.process.poll() is None, log.read_text()[-2000:]
+        finally:
+            worker.stop()
