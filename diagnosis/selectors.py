@@ -100,15 +100,32 @@ def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:
     return list(finished.values_list("model_version", "decision_threshold").distinct().order_by("model_version"))
 
 
+def _analysis_counts(path: str = "") -> dict[str, Count]:
+    """Analyses counted by status and label, reached through ``path`` ("" from a batch's analyses,
+    "analyses__" from batches)."""
+
+    def count(**condition) -> Count:
+        return Count(f"{path}id", filter=Q(**{path + key: value for key, value in condition.items()}) or None)
+
+    return {
+        "total": count(),
+        "queued": count(status=Analysis.Status.QUEUED),
+        "running": count(status=Analysis.Status.RUNNING),
+        "done": count(status=Analysis.Status.DONE),
+        "failed": count(status=Analysis.Status.FAILED),
+        "finished": count(status__in=[Analysis.Status.DONE, Analysis.Status.FAILED]),
+        "parasitized": count(label=Analysis.Label.PARASITIZED),
+        "uninfected": count(label=Analysis.Label.UNINFECTED),
+    }
+
+
 def batch_counts(*, batch: Batch) -> dict[str, int]:
-    counts = batch.analyses.aggregate(
-        total=Count("id"),
-        queued=Count("id", filter=Q(status=Analysis.Status.QUEUED)),
-        running=Count("id", filter=Q(status=Analysis.Status.RUNNING)),
-        done=Count("id", filter=Q(status=Analysis.Status.DONE)),
-        failed=Count("id", filter=Q(status=Analysis.Status.FAILED)),
-        parasitized=Count("id", filter=Q(label=Analysis.Label.PARASITIZED)),
-        uninfected=Count("id", filter=Q(label=Analysis.Label.UNINFECTED)),
-    )
-    counts["finished"] = counts["done"] + counts["failed"]
-    return counts
+    return batch.analyses.aggregate(**_analysis_counts())
+
+
+def batches_with_counts(*, user: AbstractBaseUser, search: str = "") -> QuerySet[Batch]:
+    """The user's batches, newest first, each with the counts of ``batch_counts`` as attributes."""
+    batches = batches_for(user=user)
+    if search:
+        batches = batches.filter(Q(sample_reference__icontains=search) | Q(note__icontains=search))
+    return batches.annotate(**_analysis_counts("analyses__")).order_by("-created_at", "-id")

@@ -9,6 +9,7 @@ urlpatterns = [
     path("export.csv", exports.dashboard_csv, name="export-csv"),
     path("upload/", views.upload, name="upload"),
     path("status.json", views.analyses_status, name="analyses-status"),
+    path("batches/", views.batch_list, name="batch-list"),
     path("batches/<int:pk>/", views.batch_detail, name="batch"),
     path("batches/<int:pk>/status.json", views.batch_status, name="batch-status"),
     path("batches/<int:pk>/export.csv", exports.batch_csv, name="batch-csv"),

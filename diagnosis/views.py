@@ -30,6 +30,15 @@ def dashboard(request):
 
 
 @login_required
+@require_GET
+def batch_list(request):
+    search = request.GET.get("search", "").strip()
+    batches = selectors.batches_with_counts(user=request.user, search=search)
+    page = Paginator(batches, PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "diagnosis/batches.html", {"page": page, "search": search})
+
+
+@login_required
 @require_http_methods(["GET", "POST"])
 def upload(request):
     form = UploadForm(request.POST or None, request.FILES or None)

@@ -286,6 +286,16 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     assert not broken_images(page) and not overflows_horizontally(page)
     screenshot(page, "dashboard", docs=True)
 
+    # The sample list sums the batch up.
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Samples").click()
+    row = page.locator(f'#samples tr[data-batch="{batch.pk}"]')
+    expect(row).to_contain_text("WARD-7 slide 2")
+    parasitized = sum(a.label == "Parasitized" for a in analyses)
+    expect(row.locator('[data-count="parasitized"]')).to_have_text(str(parasitized))
+    expect(row.locator("[data-parasitemia]")).to_contain_text(f"{round(100 * parasitized / len(cells))}%")
+    assert not overflows_horizontally(page)
+    screenshot(page, "samples", docs=True)
+
     # 6. The owner deletes one cell, then the rest of the batch, files included.
     page.goto(f"/analyses/{agreed.pk}/")
     page.get_by_role("link", name="Delete…").click()

@@ -30,6 +30,7 @@ OWNED = {
 LISTS = [
     "diagnosis:dashboard",
     "diagnosis:export-csv",
+    "diagnosis:batch-list",
     "diagnosis:analyses-status",
     "api:analysis-list",
     "api:batch-list",
@@ -144,7 +145,10 @@ def test_lists_show_only_the_users_own_items(client, user, other_user, owned, na
     mine = as_user(client, user, name).get(url)
     theirs = as_user(client, other_user, name).get(url)
     assert mine.status_code == theirs.status_code == 200
-    marker = b"owned.png" if name != "diagnosis:analyses-status" else f'"id": {owned["analysis"].pk}'.encode()
+    marker = {
+        "diagnosis:analyses-status": f'"id": {owned["analysis"].pk}'.encode(),
+        "diagnosis:batch-list": f'data-batch="{owned["batch"].pk}"'.encode(),
+    }.get(name, b"owned.png")
     assert marker in mine.content and marker not in theirs.content
     client.logout()
     client.defaults.pop("HTTP_AUTHORIZATION", None)

@@ -1,0 +1,42 @@
+"""The samples page: one row per batch with its progress and parasitized fraction, the owner's only."""
+
+import re
+
+from diagnosis.models import Analysis
+from diagnosis.services import create_batch
+from tests.factories import upload
+
+
+def rows(page: str) -> dict[int, str]:
+    return {int(pk): body for pk, body in re.findall(r'<tr data-batch="(\d+)">(.*?)</tr>', page, re.S)}
+
+
+def cell(row: str, name: str) -> str:
+    return re.sub(r"(?:<[^>]+>|\s)+", " ", re.search(rf"<td {name}>(.*?)</td>", row, re.S)[1]).strip()
+
+
+def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, other_user):
+    ward = create_batch(
+        owner=user, uploads=[upload("p.png"), upload("u.png"), upload("q.png")], sample_reference="WARD-7"
+    )
+    clinic = create_batch(owner=user, uploads=[upload("f.png")], sample_reference="CLINIC-B", note="repeat smear")
+    foreign = create_batch(owner=other_user, uploads=[upload("x.png")], sample_reference="WARD-7")
+    ward.analyses.filter(original_filename="p.png").update(status="done", label="Parasitized")
+    ward.analyses.filter(original_filename="u.png").update(status="done", label="Uninfected")
+    clinic.analyses.update(status="failed", error="unreadable")
+    Analysis.objects.filter(batch=foreign).update(status="done", label="Parasitized")
+
+    client.force_login(user)
+    page = client.get("/batches/").content.decode()
+    listed = rows(page)
+    assert list(listed) == [clinic.pk, ward.pk], "newest first, and never another user's"
+    ward_row, clinic_row = listed[ward.pk], listed[clinic.pk]
+    assert (cell(ward_row, 'data-count="total"'), cell(ward_row, 'data-count="finished"')) == ("3", "2 (in progress)")
+    assert cell(ward_row, 'data-count="parasitized"') == "1" and cell(ward_row, "data-parasitemia") == "50% of 2"
+    assert cell(clinic_row, 'data-count="failed"') == "1" and cell(clinic_row, "data-parasitemia") == "—"
+    assert "repeat smear" in clinic_row and f"/batches/{ward.pk}/report/" in ward_row
+    assert "2 samples" in page
+
+    assert list(rows(client.get("/batches/", {"search": "ward"}).content.decode())) == [ward.pk]
+    assert list(rows(client.get("/batches/", {"search": "repeat"}).content.decode())) == [clinic.pk]
+    assert "No sample matches “nothing”" in client.get("/batches/", {"search": "nothing"}).content.decode()
