@@ -123,9 +123,14 @@ def batch_counts(*, batch: Batch) -> dict[str, int]:
     return batch.analyses.aggregate(**_analysis_counts())
 
 
-def batches_with_counts(*, user: AbstractBaseUser, search: str = "") -> QuerySet[Batch]:
+BATCH_COUNT_NAMES = tuple(_analysis_counts())
+
+
+def batches_with_counts(*, user: AbstractBaseUser, search: str = "", sample_reference: str = "") -> QuerySet[Batch]:
     """The user's batches, newest first, each with the counts of ``batch_counts`` as attributes."""
     batches = batches_for(user=user)
     if search:
         batches = batches.filter(Q(sample_reference__icontains=search) | Q(note__icontains=search))
+    if sample_reference:
+        batches = batches.filter(sample_reference__iexact=sample_reference.strip())
     return batches.annotate(**_analysis_counts("analyses__")).order_by("-created_at", "-id")

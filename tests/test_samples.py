@@ -40,3 +40,18 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     assert list(rows(client.get("/batches/", {"search": "ward"}).content.decode())) == [ward.pk]
     assert list(rows(client.get("/batches/", {"search": "repeat"}).content.decode())) == [clinic.pk]
     assert "No sample matches “nothing”" in client.get("/batches/", {"search": "nothing"}).content.decode()
+
+
+def test_api_finds_a_sample_by_its_reference_with_its_counts(api_client, user, other_user):
+    ward = create_batch(owner=user, uploads=[upload("p.png"), upload("q.png")], sample_reference="WARD-7")
+    create_batch(owner=user, uploads=[upload("c.png")], sample_reference="CLINIC-B")
+    create_batch(owner=other_user, uploads=[upload("x.png")], sample_reference="WARD-7")
+    ward.analyses.filter(original_filename="p.png").update(status="done", label="Parasitized")
+
+    found = api_client.get("/api/batches/", {"sample_reference": "ward-7"}).json()
+    assert [batch["id"] for batch in found["results"]] == [ward.pk]
+    counts = found["results"][0]["counts"]
+    assert (counts["total"], counts["done"], counts["queued"], counts["parasitized"]) == (2, 1, 1, 1)
+    assert counts["finished"] == 1 and counts["uninfected"] == 0
+    assert api_client.get("/api/batches/").json()["count"] == 2
+    assert api_client.get("/api/batches/", {"sample_reference": "WARD"}).json()["count"] == 0  # exact, not a search

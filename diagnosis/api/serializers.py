@@ -2,7 +2,7 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from diagnosis.models import Analysis, Batch
-from diagnosis.selectors import batch_counts
+from diagnosis.selectors import BATCH_COUNT_NAMES
 
 
 class AnalysisSerializer(serializers.ModelSerializer):
@@ -72,4 +72,5 @@ class BatchSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_counts(self, batch: Batch) -> dict[str, int]:
-        return batch_counts(batch=batch)
+        """Annotated by ``selectors.batches_with_counts``: one query for a whole page of batches."""
+        return {name: getattr(batch, name) for name in BATCH_COUNT_NAMES}

@@ -78,7 +78,15 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
-        return selectors.batches_for(user=self.request.user).prefetch_related("analyses")
+        reference = self.request.query_params.get("sample_reference", "")
+        batches = selectors.batches_with_counts(user=self.request.user, sample_reference=reference)
+        return batches.prefetch_related("analyses")
+
+    @extend_schema(
+        parameters=[OpenApiParameter("sample_reference", description="only batches with this reference (any case)")]
+    )
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
 
     @extend_schema(request=BatchUploadSerializer, responses={202: BatchSerializer})
     def create(self, request):
@@ -94,6 +102,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             )
         except ValidationError as error:
             raise _service_errors(error) from None
+        batch = selectors.batches_with_counts(user=request.user).prefetch_related("analyses").get(pk=batch.pk)
         return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
 
     def perform_destroy(self, instance):
