@@ -1,6 +1,10 @@
+from datetime import timedelta
+
 import pytest
+from django.contrib.sessions.models import Session
 from django.core.cache import cache
 from django.test import Client
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from tests.factories import PASSWORD, upload
@@ -41,6 +45,17 @@ def test_successful_login_clears_the_failure_count(client, user, settings):
     settings.LOGIN_MAX_FAILURES = 3
     client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
     assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+
+
+def test_a_web_sign_in_ends_with_the_browser_and_after_a_shift(client, user):
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+    cookie = client.cookies["sessionid"]
+    assert not cookie["expires"] and not cookie["max-age"], "a browser-session cookie, not a persistent one"
+    assert client.session.get_expiry_age() == 12 * 3600
+
+    Session.objects.update(expire_date=timezone.now() - timedelta(seconds=1))  # the shift is over
+    response = client.get("/")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
 
 def test_api_token_endpoint_is_rate_limited(db, user, monkeypatch):
