@@ -81,6 +81,12 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
     return pending, disagreements
 
 
+def reviewed_analyses() -> QuerySet[Analysis]:
+    """Every user's finished analyses that a reviewer has confirmed or corrected (for operators only)."""
+    done = Analysis.objects.filter(status=Analysis.Status.DONE).exclude(review_verdict="")
+    return done.select_related("batch").order_by("pk")
+
+
 def batches_for(*, user: AbstractBaseUser) -> QuerySet[Batch]:
     return Batch.objects.filter(owner=user)
 

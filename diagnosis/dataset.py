@@ -1,0 +1,64 @@
+"""Reviewed cells as a class-folder dataset that ``ml.train`` and ``ml.evaluate`` read.
+
+File names carry the sample as the patient group (the part before ``_IMG_``), so ml's splits keep
+a sample's cells together, as they do the NIH patients'.
+"""
+
+import csv
+from pathlib import Path
+
+from django.utils.text import slugify
+
+from diagnosis.models import Analysis
+from diagnosis.selectors import reviewed_analyses
+
+MANIFEST_COLUMNS = [
+    "file",
+    "analysis_id",
+    "patient_group",
+    "model_label",
+    "reviewed_label",
+    "probability_parasitized",
+    "model_version",
+    "reviewed_at",
+]
+
+
+def patient_group(analysis: Analysis) -> str:
+    """One group per sample reference of each user; a batch without one is a group, and so is a
+    single upload."""
+    if not analysis.batch:
+        return f"u{analysis.owner_id}-cell{analysis.pk}"
+    return f"u{analysis.owner_id}-{slugify(analysis.batch.sample_reference) or f'batch{analysis.batch_id}'}"
+
+
+def export_reviewed_cells(*, out: Path) -> int:
+    """Write every reviewed cell under ``out/<reviewed label>/`` plus ``out/reviewed.csv``; returns the count.
+    Running it again brings the folder up to date (a relabelled cell moves to its new folder)."""
+    for label in Analysis.Label.values:
+        (out / label).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for analysis in reviewed_analyses():
+        label, group = analysis.final_label, patient_group(analysis)
+        name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
+        for other in set(Analysis.Label.values) - {label}:
+            (out / other / name).unlink(missing_ok=True)
+        with analysis.image.open("rb") as source:
+            (out / label / name).write_bytes(source.read())
+        rows.append(
+            [
+                f"{label}/{name}",
+                analysis.pk,
+                group,
+                analysis.label,
+                label,
+                analysis.probability_parasitized,
+                analysis.model_version,
+                analysis.reviewed_at.isoformat(),
+            ]
+        )
+    with open(out / "reviewed.csv", "w", newline="", encoding="utf-8") as manifest:
+        writer = csv.writer(manifest)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
+    return len(rows)

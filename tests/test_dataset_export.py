@@ -1,0 +1,71 @@
+"""Reviewed cells leave as a dataset ml reads: the reviewer's label decides the folder, the sample
+the patient group, and ml.evaluate scores the shipped model on them."""
+
+import csv
+import io
+
+from django.conf import settings
+from django.core.management import call_command
+from django.utils import timezone
+
+from diagnosis.models import Analysis
+from diagnosis.services import create_analysis, create_batch
+from ml.data import list_samples
+from ml.evaluate import evaluate_folder
+from ml.model import CLASS_NAMES
+from tests.conftest import fixture_cells
+from tests.factories import upload
+
+
+def finished(analysis: Analysis, *, label: str, verdict: str = "", corrected: str = "") -> Analysis:
+    Analysis.objects.filter(pk=analysis.pk).update(
+        status="done",
+        label=label,
+        probability_parasitized=0.9 if label == "Parasitized" else 0.1,
+        model_version="m1",
+        review_verdict=verdict,
+        corrected_label=corrected,
+        reviewed_at=timezone.now() if verdict else None,
+    )
+    return Analysis.objects.get(pk=analysis.pk)
+
+
+def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tmp_path):
+    cells = fixture_cells()
+    as_uploads = [upload(cell.name, cell.read_bytes()) for cell in cells]
+    ward = create_batch(owner=user, uploads=as_uploads[:3], sample_reference="WARD-7 slide 2")
+    agreed, corrected, unreviewed = ward.analyses.order_by("pk")
+    agreed = finished(agreed, label="Parasitized", verdict="agree")
+    corrected = finished(corrected, label="Parasitized", verdict="disagree", corrected="Uninfected")
+    finished(unreviewed, label="Uninfected")
+    single = finished(create_analysis(owner=other_user, upload=as_uploads[3]), label="Uninfected", verdict="agree")
+
+    out = tmp_path / "reviewed"
+    for _ in range(2):  # a second run brings the same folder up to date, duplicating nothing
+        call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
+    samples = list_samples(out)
+    by_id = {int(s.path.stem.rsplit("_IMG_", 1)[1]): s for s in samples}
+    assert set(by_id) == {agreed.pk, corrected.pk, single.pk}
+    assert CLASS_NAMES[by_id[agreed.pk].label] == "Parasitized"
+    assert CLASS_NAMES[by_id[corrected.pk].label] == "Uninfected", "the reviewer's label, not the model's"
+    assert by_id[agreed.pk].patient_group == by_id[corrected.pk].patient_group == f"u{user.pk}-ward-7-slide-2"
+    assert by_id[single.pk].patient_group == f"u{other_user.pk}-cell{single.pk}"
+    assert by_id[agreed.pk].path.read_bytes() == cells[0].read_bytes()
+
+    with open(out / "reviewed.csv", newline="", encoding="utf-8") as handle:
+        manifest = {int(row["analysis_id"]): row for row in csv.DictReader(handle)}
+    assert set(manifest) == set(by_id)
+    assert (manifest[corrected.pk]["model_label"], manifest[corrected.pk]["reviewed_label"]) == (
+        "Parasitized",
+        "Uninfected",
+    )
+
+    # A later review that changes its mind moves the cell.
+    Analysis.objects.filter(pk=agreed.pk).update(review_verdict="disagree", corrected_label="Uninfected")
+    call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
+    assert [CLASS_NAMES[s.label] for s in list_samples(out) if s.path.stem.endswith(f"_IMG_{agreed.pk}")] == [
+        "Uninfected"
+    ]
+
+    report = evaluate_folder(str(out), str(settings.MODEL_WEIGHTS))
+    assert report["n"] == 3 and report["patient_groups"] == 2 and report["uninfected"] == 3
