@@ -7,6 +7,7 @@ from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
@@ -35,7 +36,8 @@ def batch_list(request):
     search = request.GET.get("search", "").strip()
     batches = selectors.batches_with_counts(user=request.user, search=search)
     page = Paginator(batches, PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "diagnosis/batches.html", {"page": page, "search": search})
+    query = urlencode({"search": search}) if search else ""
+    return render(request, "diagnosis/batches.html", {"page": page, "search": search, "query": query})
 
 
 @login_required

@@ -2,7 +2,7 @@
 
 import re
 
-from diagnosis.models import Analysis
+from diagnosis.models import Analysis, Batch
 from diagnosis.services import create_batch
 from tests.factories import upload
 
@@ -55,3 +55,16 @@ def test_api_finds_a_sample_by_its_reference_with_its_counts(api_client, user, o
     assert counts["finished"] == 1 and counts["uninfected"] == 0
     assert api_client.get("/api/batches/").json()["count"] == 2
     assert api_client.get("/api/batches/", {"sample_reference": "WARD"}).json()["count"] == 0  # exact, not a search
+
+
+def test_search_survives_paging(client, user):
+    Batch.objects.bulk_create(
+        [Batch(owner=user, sample_reference=f"WARD-{n}") for n in range(27)]
+        + [Batch(owner=user, sample_reference="CLINIC-B")]
+    )
+    client.force_login(user)
+    first = client.get("/batches/", {"search": "ward"}).content.decode()
+    assert "Page 1 of 2 (27 samples)" in first and len(rows(first)) == 25
+    assert 'href="?search=ward&page=2"' in first
+    second = client.get("/batches/", {"search": "ward", "page": 2}).content.decode()
+    assert len(rows(second)) == 2 and "CLINIC-B" not in second
