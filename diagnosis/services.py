@@ -214,6 +214,8 @@ def delete_batch(*, batch: Batch) -> None:
 def delete_expired_analyses(*, older_than: timedelta) -> int:
     """Delete analyses uploaded longer ago than ``older_than`` (files included), and the batches
     this leaves empty. Returns how many analyses went."""
+    if older_than <= timedelta(0):
+        raise ValueError(f"a retention period must be positive, not {older_than}")  # it would delete everything
     cutoff = timezone.now() - older_than
     expired = Analysis.objects.filter(created_at__lt=cutoff)
     deleted = 0

@@ -32,6 +32,6 @@ def requeue_stale_analyses() -> int:
 
 @shared_task(ignore_result=True)
 def delete_expired_analyses() -> int:
-    if not settings.ANALYSIS_RETENTION_DAYS:
+    if settings.ANALYSIS_RETENTION_DAYS < 1:  # no retention period: keep everything
         return 0
     return services.delete_expired_analyses(older_than=timedelta(days=settings.ANALYSIS_RETENTION_DAYS))

@@ -156,7 +156,7 @@ ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=600)
 # The lab's retention period: analyses older than this many days are deleted with their images,
 # once a day. 0 keeps everything.
 ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)
-if ANALYSIS_RETENTION_DAYS:
+if ANALYSIS_RETENTION_DAYS > 0:
     CELERY_BEAT_SCHEDULE["delete-expired-analyses"] = {
         "task": "diagnosis.tasks.delete_expired_analyses",
         "schedule": 24 * 3600.0,

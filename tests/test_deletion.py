@@ -156,9 +156,12 @@ def test_retention_deletes_old_analyses_their_files_and_emptied_batches(
     assert not any(private_storage.exists(name) for name in old_files)
     assert all(private_storage.exists(name) for name in stored_files(fresh))
 
-    settings.ANALYSIS_RETENTION_DAYS = 0  # the daily task keeps everything then, even if run by hand
     Analysis.objects.update(created_at=long_ago)
-    assert tasks.delete_expired_analyses() == 0 and Analysis.objects.count() == 2
+    for no_period in (0, -5):  # the daily task keeps everything then, even if run by hand
+        settings.ANALYSIS_RETENTION_DAYS = no_period
+        assert tasks.delete_expired_analyses() == 0 and Analysis.objects.count() == 2
+    with pytest.raises(ValueError, match="must be positive"):
+        services.delete_expired_analyses(older_than=timedelta(days=-1))
     settings.ANALYSIS_RETENTION_DAYS = 30
     assert tasks.delete_expired_analyses() == 2 and not Analysis.objects.exists()
 
