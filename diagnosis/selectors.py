@@ -1,6 +1,8 @@
 """Every read of analyses and batches, always scoped to the requesting user."""
 
+import operator
 from dataclasses import dataclass
+from functools import reduce
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, F, Q, QuerySet, Value
@@ -107,21 +109,25 @@ def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:
 
 
 def _analysis_counts(path: str = "") -> dict[str, Count]:
-    """Analyses counted by status and label, reached through ``path`` ("" from a batch's analyses,
-    "analyses__" from batches)."""
+    """Analyses counted by status and by final label (a reviewer's correction overrides the model),
+    reached through ``path`` ("" from a batch's analyses, "analyses__" from batches)."""
 
-    def count(**condition) -> Count:
-        return Count(f"{path}id", filter=Q(**{path + key: value for key, value in condition.items()}) or None)
+    def count(*alternatives: dict) -> Count:
+        conditions = [Q(**{path + key: value for key, value in alternative.items()}) for alternative in alternatives]
+        return Count(f"{path}id", filter=reduce(operator.or_, conditions) if conditions else None)
+
+    def final_label(label: str) -> Count:
+        return count({"corrected_label": label}, {"corrected_label": "", "label": label})
 
     return {
         "total": count(),
-        "queued": count(status=Analysis.Status.QUEUED),
-        "running": count(status=Analysis.Status.RUNNING),
-        "done": count(status=Analysis.Status.DONE),
-        "failed": count(status=Analysis.Status.FAILED),
-        "finished": count(status__in=[Analysis.Status.DONE, Analysis.Status.FAILED]),
-        "parasitized": count(label=Analysis.Label.PARASITIZED),
-        "uninfected": count(label=Analysis.Label.UNINFECTED),
+        "queued": count({"status": Analysis.Status.QUEUED}),
+        "running": count({"status": Analysis.Status.RUNNING}),
+        "done": count({"status": Analysis.Status.DONE}),
+        "failed": count({"status": Analysis.Status.FAILED}),
+        "finished": count({"status__in": [Analysis.Status.DONE, Analysis.Status.FAILED]}),
+        "parasitized": final_label(Analysis.Label.PARASITIZED),
+        "uninfected": final_label(Analysis.Label.UNINFECTED),
     }
 
 

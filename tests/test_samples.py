@@ -2,6 +2,7 @@
 
 import re
 
+from diagnosis import selectors
 from diagnosis.models import Analysis, Batch
 from diagnosis.services import create_batch
 from tests.factories import upload
@@ -36,6 +37,21 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     assert cell(clinic_row, 'data-count="failed"') == "1" and cell(clinic_row, "data-parasitemia") == "—"
     assert "repeat smear" in clinic_row and f"/batches/{ward.pk}/report/" in ward_row
     assert "2 samples" in page
+
+    # A reviewer's correction counts, as it shows on the cell itself.
+    ward.analyses.filter(original_filename="u.png").update(review_verdict="disagree", corrected_label="Parasitized")
+    ward_row = rows(client.get("/batches/").content.decode())[ward.pk]
+    assert cell(ward_row, 'data-count="parasitized"') == "2" and cell(ward_row, "data-parasitemia") == "100% of 2"
+    assert selectors.batch_counts(batch=ward) == {
+        "total": 3,
+        "queued": 1,
+        "running": 0,
+        "done": 2,
+        "failed": 0,
+        "finished": 2,
+        "parasitized": 2,
+        "uninfected": 0,
+    }
 
     assert list(rows(client.get("/batches/", {"search": "ward"}).content.decode())) == [ward.pk]
     assert list(rows(client.get("/batches/", {"search": "repeat"}).content.decode())) == [clinic.pk]
