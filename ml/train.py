@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml.augment import augment_batch
 from ml.data import list_samples, load_arrays, patient_groups, split_by_patient
@@ -52,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="scale each cell to a reference mean colour (recorded in the model file); adds hue jitter",
     )
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="e.g. 0.1 when some labels are wrong")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="validate and export an exponential moving average of the weights (e.g. 0.998 per step)",
+    )
     parser.add_argument(
         "--exclude",
         metavar="FILE",
@@ -145,7 +152,7 @@ def excluded_file_names(path: str) -> set[str]:
     return {cell["file"] for cell in report["cells"]}
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step):
+def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step, average=None):
     model.train()
     generator = torch.Generator().manual_seed(args.seed + epoch)
     order = torch.randperm(len(images), generator=generator)
@@ -163,6 +170,8 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch,
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(model)
         seen += len(index)
         if step % 20 == 0 or step == steps - 1:
             rate = seen / (time.monotonic() - started)
@@ -192,6 +201,8 @@ def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1, e.g. 0.998")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -234,6 +245,8 @@ def main(argv=None) -> None:
     train_x, val_x = (x.permute(0, 3, 1, 2).contiguous() for x in (train_x, val_x))
     print(f"decoded {len(train_x) + len(val_x)} images at {size}px in {time.monotonic() - loaded:.0f}s", flush=True)
 
+    # The average keeps batch-norm statistics too (use_buffers), so it can be validated and exported as is.
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr or (1e-2 if args.init == "imagenet" else 2e-3)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.weight_decay)
@@ -247,6 +260,8 @@ def main(argv=None) -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if average is not None:
+            average.load_state_dict(saved["average"])
         state = saved["progress"]
         print(f"resumed from {checkpoint_path} at epoch {state['epoch'] + 1} step {state['step']}", flush=True)
 
@@ -259,6 +274,8 @@ def main(argv=None) -> None:
                 "scheduler": scheduler.state_dict(),
                 "progress": dict(state),
             }
+            if average is not None:
+                payload["average"] = average.state_dict()
             torch.save(payload, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
 
@@ -273,13 +290,15 @@ def main(argv=None) -> None:
             epoch=epoch,
             start_step=state["step"],
             on_step=save_checkpoint,
+            average=average,
         )
+        exported = average.module if average is not None else model
         record = dict(args=args, epoch=epoch + 1, train_samples=train_samples, excluded=excluded)
         if validation_run:
             if epoch + 1 == args.epochs:
-                export(model, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
+                export(exported, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
         else:
-            scores = evaluate(model, val_x, val_y, bf16=args.bf16)
+            scores = evaluate(exported, val_x, val_y, bf16=args.bf16)
             positives = val_y.cpu().numpy() == PARASITIZED
             threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
             metrics = screening_metrics(scores, positives, threshold)
@@ -287,7 +306,7 @@ def main(argv=None) -> None:
             # Written as "not <=" so a validation split with one class only (AUC is NaN) still exports.
             if not metrics["auc"] <= state["best_auc"]:
                 state["best_auc"] = metrics["auc"]
-                export(model, validation=metrics, val_samples=val_samples, **record)
+                export(exported, validation=metrics, val_samples=val_samples, **record)
         save_checkpoint(epoch + 1, 0)
 
 
@@ -330,6 +349,7 @@ def export(
         "validation_images": len(val_samples),
         "validation_groups": sorted(patient_groups(val_samples)),
         "seed": args.seed,
+        "ema_decay": args.ema,
     }
     if refit_of:
         # Validation figures and groups are the earlier run's; its validation patients are now trained on.

@@ -37,8 +37,12 @@ def save_model(model: MalariaVGG, path: str | Path, *, info: ModelInfo, half: bo
         "metrics": json.dumps(info.metrics),
         "format": "malaria-vgg19/1",
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed, so a run stopped mid-write leaves the previous file whole.
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
 
 
 def read_info(path: str | Path) -> ModelInfo:

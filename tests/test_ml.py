@@ -304,6 +304,27 @@ def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
 
 
 @pytest.mark.slow
+def test_ema_exports_the_weight_average_and_resumes_with_it(tmp_path):
+    """With a decay this close to 1 the average barely moves after its first update, so the exported
+    weights must differ from the same seed's run without it, which takes a second step."""
+    plain, averaged = tmp_path / "plain.safetensors", tmp_path / "ema.safetensors"
+    for out, options in ((plain, ()), (averaged, ("--ema", "0.999999"))):
+        trained = train_on_fixture_cells(out, "--epochs", "2", "--seed", "5", *options)
+        assert trained.returncode == 0, trained.stderr
+    plain_model, plain_info = load_model(plain)
+    ema_model, ema_info = load_model(averaged)
+    assert plain_info.metrics["ema_decay"] is None and ema_info.metrics["ema_decay"] == 0.999999
+    plain_state, ema_state = plain_model.state_dict(), ema_model.state_dict()
+    assert plain_state.keys() == ema_state.keys()
+    assert any(not torch.equal(plain_state[k], ema_state[k]) for k in plain_state)
+
+    checkpoint = torch.load(averaged.with_suffix(".ckpt"), map_location="cpu", weights_only=True)
+    assert "average" in checkpoint
+    resumed = train_on_fixture_cells(averaged, "--epochs", "2", "--seed", "5", "--ema", "0.999999", "--resume")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+
+
+@pytest.mark.slow
 def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation(tmp_path):
     train_side, val_side = split_by_patient(list_samples(FIXTURE_CELLS), holdout_fraction=0.5, seed=20261125)
     listed = [train_side[0].path.name, val_side[0].path.name]
