@@ -5,7 +5,8 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from diagnosis import services
-from diagnosis.models import Analysis, Batch
+from diagnosis.audit import counted, record_access
+from diagnosis.models import AccessEvent, Analysis, Batch
 
 
 class ReviewAdminForm(forms.ModelForm):
@@ -38,8 +39,29 @@ def _image_tag(analysis: Analysis, kind: str, size: int) -> str:
     )
 
 
+def _record_deleted(request, obj: Analysis | Batch) -> None:
+    if isinstance(obj, Batch):
+        detail = counted(obj.analyses.count(), "cell")
+        record_access(request=request, action=AccessEvent.Action.DELETED, batch=obj, detail=detail)
+    else:
+        record_access(request=request, action=AccessEvent.Action.DELETED, analysis=obj, detail="1 cell")
+
+
+class RecordedDeletionAdmin(admin.ModelAdmin):
+    """Deletions here go into the access trail like the owners' own, one entry per record."""
+
+    def delete_model(self, request, obj):
+        _record_deleted(request, obj)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            _record_deleted(request, obj)
+        super().delete_queryset(request, queryset)
+
+
 @admin.register(Analysis)
-class AnalysisAdmin(admin.ModelAdmin):
+class AnalysisAdmin(RecordedDeletionAdmin):
     form = ReviewAdminForm
     list_display = [
         "id",
@@ -114,6 +136,12 @@ class AnalysisAdmin(admin.ModelAdmin):
     def reviewed(self, obj):
         return bool(obj.review_verdict)
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        analysis = self.get_object(request, object_id) if request.method == "GET" else None
+        if analysis is not None:
+            record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data
         if not data.get("review_verdict"):
@@ -125,11 +153,31 @@ class AnalysisAdmin(admin.ModelAdmin):
             corrected_label=data.get("corrected_label") or "",
             note=data.get("review_note") or "",
         )
+        record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=obj, detail=data["review_verdict"])
 
 
 @admin.register(Batch)
-class BatchAdmin(admin.ModelAdmin):
+class BatchAdmin(RecordedDeletionAdmin):
     list_display = ["id", "owner", "sample_reference", "created_at"]
     list_filter = ["owner", "created_at"]
     search_fields = ["sample_reference", "owner__username"]
     readonly_fields = ["owner", "created_at"]
+
+
+@admin.register(AccessEvent)
+class AccessEventAdmin(admin.ModelAdmin):
+    """The access trail, read-only for everyone: no one adds, edits or removes entries here."""
+
+    list_display = ["at", "username", "action", "channel", "analysis_id", "batch_id", "owner_id", "detail", "client_ip"]
+    list_filter = ["action", "channel", "at"]
+    search_fields = ["username", "=analysis_id", "=batch_id", "=owner_id", "client_ip"]
+    date_hierarchy = "at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

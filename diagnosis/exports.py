@@ -8,7 +8,9 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from diagnosis import selectors
+from diagnosis.audit import record_access
 from diagnosis.forms import FilterForm
+from diagnosis.models import AccessEvent
 
 CSV_COLUMNS = [
     "analysis_id",
@@ -63,6 +65,7 @@ def _csv_response(analyses, filename: str) -> HttpResponse:
 @require_GET
 def dashboard_csv(request):
     analyses = selectors.analyses_for(user=request.user, filters=FilterForm(request.GET).to_filters())
+    record_access(request=request, action=AccessEvent.Action.EXPORTED, detail=f"dashboard CSV, {analyses.count()} rows")
     return _csv_response(analyses, "analyses.csv")
 
 
@@ -70,6 +73,7 @@ def dashboard_csv(request):
 @require_GET
 def batch_csv(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
+    record_access(request=request, action=AccessEvent.Action.EXPORTED, batch=batch, detail="CSV")
     return _csv_response(batch.analyses.select_related("batch").order_by("id"), f"batch-{batch.pk}.csv")
 
 
@@ -77,6 +81,7 @@ def batch_csv(request, pk: int):
 @require_GET
 def batch_report(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
+    record_access(request=request, action=AccessEvent.Action.EXPORTED, batch=batch, detail="printable report")
     analyses = selectors.batch_analyses_by_suspicion(batch=batch)
     context = {
         "batch": batch,

@@ -106,3 +106,41 @@ class Analysis(models.Model):
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds() * 1000
         return None
+
+
+class AccessEvent(models.Model):
+    """One opening, download, export, upload, review or deletion of patient data: who, what, when, from where.
+
+    Subjects are plain ids, not foreign keys, so the trail outlives the records it is about; the
+    user name is copied for the same reason. Rows are only ever added (see diagnosis.audit).
+    """
+
+    class Action(models.TextChoices):
+        UPLOADED = "uploaded", "uploaded"
+        VIEWED = "viewed", "viewed"
+        DOWNLOADED = "downloaded", "downloaded"
+        EXPORTED = "exported", "exported"
+        REVIEWED = "reviewed", "reviewed"
+        DELETED = "deleted", "deleted"
+
+    class Channel(models.TextChoices):
+        WEB = "web", "web"
+        API = "api", "API"
+        ADMIN = "admin", "admin"
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    username = models.CharField(max_length=150)
+    action = models.CharField(max_length=10, choices=Action.choices)
+    channel = models.CharField(max_length=5, choices=Channel.choices)
+    analysis_id = models.PositiveIntegerField(null=True, blank=True, db_index=True)
+    batch_id = models.PositiveIntegerField(null=True, blank=True, db_index=True)
+    owner_id = models.PositiveIntegerField(null=True, blank=True, help_text="owner of the record at the time")
+    detail = models.CharField(max_length=200, blank=True)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.username} {self.action} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -8,7 +8,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
+from diagnosis.audit import record_access
 from diagnosis.forms import ReviewForm
+from diagnosis.models import AccessEvent
 
 
 @login_required
@@ -24,6 +26,8 @@ def queue(request):
 def review(request, pk: int):
     selectors.review_queue(user=request.user)  # 404 for non-reviewers
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    if request.method == "GET":
+        record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
     form = ReviewForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -37,6 +41,8 @@ def review(request, pk: int):
         except ValidationError as error:
             form.add_error(None, error)
         else:
+            verdict = form.cleaned_data["verdict"]
+            record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
             messages.success(request, f"Review of {analysis.original_filename} saved.")
             following, _ = selectors.review_queue(user=request.user)
             next_case = following.first()

@@ -11,9 +11,10 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
+from diagnosis.audit import counted, record_access
 from diagnosis.files import protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
-from diagnosis.models import Analysis
+from diagnosis.models import AccessEvent, Analysis
 from malaria_site.celery import app as celery_app
 
 PAGE_SIZE = 25
@@ -56,7 +57,10 @@ def upload(request):
             for message in error.messages:
                 form.add_error("images", message)
         else:
-            messages.success(request, f"{batch.analyses.count()} image(s) queued for analysis.")
+            count = batch.analyses.count()
+            detail = counted(count, "image")
+            record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
+            messages.success(request, f"{count} image(s) queued for analysis.")
             url = reverse("diagnosis:batch", args=[batch.pk])
             if request.headers.get("X-Requested-With") == "XMLHttpRequest":
                 # The upload script navigates itself; an XHR following a redirect would eat the message.
@@ -71,6 +75,7 @@ def upload(request):
 @require_GET
 def batch_detail(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
+    record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch)
     # Read before the counts (see batch_status), so the page never shows every cell finished under
     # counts from an earlier moment, which it would then never update.
     analyses = list(selectors.batch_analyses_by_suspicion(batch=batch))
@@ -82,6 +87,7 @@ def batch_detail(request, pk: int):
 @require_GET
 def analysis_detail(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
+    record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
     return render(request, "diagnosis/analysis.html", {"analysis": analysis})
 
 
@@ -91,6 +97,7 @@ def analysis_delete(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
     back = reverse("diagnosis:batch", args=[analysis.batch_id]) if analysis.batch_id else reverse("diagnosis:dashboard")
     if request.method == "POST":
+        record_access(request=request, action=AccessEvent.Action.DELETED, analysis=analysis, detail="1 cell")
         services.delete_analysis(analysis=analysis)
         messages.success(request, f"Deleted {analysis.original_filename}: its image, heatmap and result are gone.")
         return redirect(back)
@@ -107,6 +114,8 @@ def analysis_delete(request, pk: int):
 def batch_delete(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     if request.method == "POST":
+        detail = counted(batch.analyses.count(), "cell")
+        record_access(request=request, action=AccessEvent.Action.DELETED, batch=batch, detail=detail)
         services.delete_batch(batch=batch)
         messages.success(request, f"Deleted batch #{pk} with its images, heatmaps and results.")
         return redirect("diagnosis:dashboard")
@@ -119,6 +128,8 @@ def batch_delete(request, pk: int):
 @require_GET
 def analysis_file(request, pk: int, kind: str):
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    if kind != "thumbnail":  # thumbnails come in bulk with the lists, which are not recorded either
+        record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
     return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
 
 

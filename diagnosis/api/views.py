@@ -15,8 +15,9 @@ from diagnosis.api.serializers import (
     BatchSerializer,
     BatchUploadSerializer,
 )
+from diagnosis.audit import counted, record_access
 from diagnosis.files import protected_file_response
-from diagnosis.models import Analysis
+from diagnosis.models import AccessEvent, Analysis
 
 
 class TokenView(ObtainAuthToken):
@@ -59,16 +60,24 @@ class AnalysisViewSet(
             analysis = services.create_analysis(owner=request.user, upload=upload.validated_data["image"])
         except ValidationError as error:
             raise _service_errors(error) from None
+        record_access(request=request, action=AccessEvent.Action.UPLOADED, analysis=analysis, detail="1 image")
         return Response(self.get_serializer(analysis).data, status=status.HTTP_202_ACCEPTED)
+
+    def retrieve(self, request, *args, **kwargs):
+        analysis = self.get_object()
+        record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
+        return Response(self.get_serializer(analysis).data)
 
     def perform_destroy(self, instance):
         """204: the analysis, its image and its heatmap are gone for good."""
+        record_access(request=self.request, action=AccessEvent.Action.DELETED, analysis=instance, detail="1 cell")
         services.delete_analysis(analysis=instance)
 
     @extend_schema(operation_id="analyses_file_retrieve", responses={(200, "image/png"): bytes})
     @action(detail=True, methods=["get"], url_path=r"(?P<kind>image|overlay)", url_name="file")
     def file(self, request, pk=None, kind="image"):
         analysis = selectors.get_analysis(user=request.user, pk=pk)
+        record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
         return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
 
 
@@ -103,8 +112,17 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         except ValidationError as error:
             raise _service_errors(error) from None
         batch = selectors.batches_with_counts(user=request.user).prefetch_related("analyses").get(pk=batch.pk)
+        detail = counted(len(batch.analyses.all()), "image")
+        record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
         return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+
+    def retrieve(self, request, *args, **kwargs):
+        batch = self.get_object()
+        record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch)
+        return Response(self.get_serializer(batch).data)
 
     def perform_destroy(self, instance):
         """204: the batch and every analysis in it, files included, are gone for good."""
+        detail = counted(len(instance.analyses.all()), "cell")
+        record_access(request=self.request, action=AccessEvent.Action.DELETED, batch=instance, detail=detail)
         services.delete_batch(batch=instance)

@@ -1,0 +1,56 @@
+"""The access trail: every opening of a patient record, download, export, upload, review and deletion.
+
+Views call ``record_access`` once a lookup has succeeded (a 404 for someone else's id opens
+nothing, so records nothing). Lists and the live-status polls are not recorded: they are the
+owner's own overview and would drown the trail; thumbnails are not either, for the same reason.
+"""
+
+import ipaddress
+
+from django.conf import settings
+
+from diagnosis.models import AccessEvent, Analysis, Batch
+
+
+def record_access(
+    *,
+    request,
+    action: AccessEvent.Action,
+    analysis: Analysis | None = None,
+    batch: Batch | None = None,
+    detail: str = "",
+) -> AccessEvent:
+    subject = analysis or batch
+    return AccessEvent.objects.create(
+        user=request.user,
+        username=request.user.get_username(),
+        action=action,
+        channel=_channel(request.path),
+        analysis_id=analysis.pk if analysis else None,
+        batch_id=batch.pk if batch else (analysis.batch_id if analysis else None),
+        owner_id=subject.owner_id if subject else None,
+        detail=detail[:200],
+        client_ip=_client_ip(request),
+    )
+
+
+def counted(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _channel(path: str) -> AccessEvent.Channel:
+    if path.startswith("/api/"):
+        return AccessEvent.Channel.API
+    if path.startswith("/admin/"):
+        return AccessEvent.Channel.ADMIN
+    return AccessEvent.Channel.WEB
+
+
+def _client_ip(request) -> str | None:
+    """The address the login throttle uses too (CLIENT_IP_HEADER behind a proxy); None if not an IP."""
+    value = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR") or ""
+    value = value.split(",")[0].strip()
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None

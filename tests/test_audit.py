@@ -1,0 +1,145 @@
+"""The access trail: who opened, downloaded, exported, uploaded, reviewed or deleted which record."""
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core.files.base import ContentFile
+from rest_framework.test import APIClient
+
+from diagnosis import services
+from diagnosis.models import AccessEvent, Analysis, Batch, private_storage
+from tests.factories import UserFactory, upload
+
+Action = AccessEvent.Action
+
+
+@pytest.fixture
+def batch(user) -> Batch:
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="W-9")
+    for analysis in batch.analyses.all():
+        name = private_storage.save(f"overlays/{analysis.pk}.png", ContentFile(b"overlay"))
+        Analysis.objects.filter(pk=analysis.pk).update(status="done", label="Parasitized", overlay=name)
+    return batch
+
+
+@pytest.fixture
+def cell(batch) -> Analysis:
+    return batch.analyses.get(original_filename="a.png")
+
+
+def trail() -> list[tuple]:
+    return list(
+        AccessEvent.objects.order_by("id").values_list(
+            "username", "action", "channel", "analysis_id", "batch_id", "detail"
+        )
+    )
+
+
+def test_each_opening_download_and_export_on_the_site_is_recorded_once(client, user, batch, cell):
+    client.force_login(user)
+    for url in (
+        f"/analyses/{cell.pk}/",
+        f"/analyses/{cell.pk}/overlay/",
+        f"/analyses/{cell.pk}/thumbnail/",  # comes in bulk with lists: not recorded
+        f"/batches/{batch.pk}/",
+        f"/batches/{batch.pk}/export.csv",
+        f"/batches/{batch.pk}/report/",
+        "/export.csv",
+        "/",  # the owner's own list: not recorded
+        f"/batches/{batch.pk}/status.json",  # the live poll: not recorded
+    ):
+        assert client.get(url).status_code == 200, url
+    u = user.username
+    assert trail() == [
+        (u, Action.VIEWED, "web", cell.pk, batch.pk, ""),
+        (u, Action.DOWNLOADED, "web", cell.pk, batch.pk, "overlay"),
+        (u, Action.VIEWED, "web", None, batch.pk, ""),
+        (u, Action.EXPORTED, "web", None, batch.pk, "CSV"),
+        (u, Action.EXPORTED, "web", None, batch.pk, "printable report"),
+        (u, Action.EXPORTED, "web", None, None, "dashboard CSV, 2 rows"),
+    ]
+    first = AccessEvent.objects.order_by("id").first()
+    assert first.user == user and first.owner_id == user.pk and first.client_ip == "127.0.0.1"
+
+
+def test_another_users_ids_open_nothing_and_record_nothing(client, other_user, batch, cell):
+    client.force_login(other_user)
+    for url in (f"/analyses/{cell.pk}/", f"/analyses/{cell.pk}/image/", f"/batches/{batch.pk}/export.csv"):
+        assert client.get(url).status_code == 404
+    assert trail() == []
+
+
+def test_upload_and_deletion_are_recorded_and_the_trail_outlives_record_and_user(client, user):
+    client.force_login(user)
+    response = client.post("/upload/", {"images": [upload("x.png"), upload("y.png")]})
+    batch_id = int(response["Location"].strip("/").split("/")[-1])
+    cell_id = Analysis.objects.get(original_filename="x.png").pk
+    client.get(f"/analyses/{cell_id}/delete/")  # the confirmation page deletes nothing, records nothing
+    client.post(f"/analyses/{cell_id}/delete/")
+    client.post(f"/batches/{batch_id}/delete/")
+    u = user.username
+    assert trail() == [
+        (u, Action.UPLOADED, "web", None, batch_id, "2 images"),
+        (u, Action.DELETED, "web", cell_id, batch_id, "1 cell"),
+        (u, Action.DELETED, "web", None, batch_id, "1 cell"),
+    ]
+    user.delete()
+    assert [(e.user, e.username) for e in AccessEvent.objects.all()] == [(None, u)] * 3
+
+
+def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cell):
+    api = APIClient()
+    api.force_authenticate(user)
+    created = api.post("/api/analyses/", {"image": upload("z.png")}, format="multipart").json()["id"]
+    assert api.get(f"/api/analyses/{cell.pk}/").status_code == 200
+    assert api.get(f"/api/analyses/{cell.pk}/image/").status_code == 200
+    assert api.get(f"/api/batches/{batch.pk}/").status_code == 200
+    assert api.get("/api/analyses/").status_code == 200  # lists are not recorded
+    assert api.delete(f"/api/batches/{batch.pk}/").status_code == 204
+    u = user.username
+    assert trail() == [
+        (u, Action.UPLOADED, "api", created, None, "1 image"),
+        (u, Action.VIEWED, "api", cell.pk, batch.pk, ""),
+        (u, Action.DOWNLOADED, "api", cell.pk, batch.pk, "image"),
+        (u, Action.VIEWED, "api", None, batch.pk, ""),
+        (u, Action.DELETED, "api", None, batch.pk, "2 cells"),
+    ]
+
+
+def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_the_owner(client, user, cell):
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    client.force_login(reviewer)
+    assert client.get(f"/review/{cell.pk}/").status_code == 200
+    assert client.post(f"/review/{cell.pk}/", {"verdict": "agree"}).status_code == 302
+    assert trail() == [
+        (reviewer.username, Action.VIEWED, "web", cell.pk, cell.batch_id, "review"),
+        (reviewer.username, Action.REVIEWED, "web", cell.pk, cell.batch_id, "agree"),
+    ]
+    assert set(AccessEvent.objects.values_list("owner_id", flat=True)) == {user.pk}
+
+
+def test_the_client_address_comes_from_the_configured_proxy_header(client, settings, user, cell):
+    settings.CLIENT_IP_HEADER = "HTTP_X_REAL_IP"
+    client.force_login(user)
+    client.get(f"/analyses/{cell.pk}/", HTTP_X_REAL_IP="203.0.113.7")
+    client.get(f"/analyses/{cell.pk}/", HTTP_X_REAL_IP="not an address")
+    assert list(AccessEvent.objects.order_by("id").values_list("client_ip", flat=True)) == ["203.0.113.7", None]
+
+
+def test_admin_views_and_deletions_are_recorded_and_the_trail_is_read_only(admin_client, batch, cell):
+    admin_client.get(f"/admin/diagnosis/analysis/{cell.pk}/change/")
+    admin_client.post(f"/admin/diagnosis/batch/{batch.pk}/delete/", {"post": "yes"})
+    assert [(action, channel, detail) for _, action, channel, _, _, detail in trail()] == [
+        (Action.VIEWED, "admin", ""),
+        (Action.DELETED, "admin", "2 cells"),
+    ]
+    assert not Batch.objects.filter(pk=batch.pk).exists()
+
+    listing = admin_client.get("/admin/diagnosis/accessevent/")
+    assert listing.status_code == 200 and b"2 cells" in listing.content
+    event = AccessEvent.objects.first()
+    assert admin_client.get("/admin/diagnosis/accessevent/add/").status_code == 403
+    assert admin_client.get(f"/admin/diagnosis/accessevent/{event.pk}/delete/").status_code == 403
+    admin_client.post(f"/admin/diagnosis/accessevent/{event.pk}/change/", {"detail": "edited"})
+    event.refresh_from_db()
+    assert event.detail != "edited"
