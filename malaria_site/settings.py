@@ -165,7 +165,7 @@ if ANALYSIS_RETENTION_DAYS > 0:
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "diagnosis.api.authentication.ExpiringTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -203,6 +203,8 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Clinical workstations are shared: a sign-in lasts one shift at most and ends with the browser.
 SESSION_COOKIE_AGE = env.int("SESSION_HOURS", default=12) * 3600
 SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+# An API token stops working this many days after it was issued (0: never); a new POST renews it.
+API_TOKEN_DAYS = env.int("API_TOKEN_DAYS", default=90)
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
 SECURE_HSTS_PRELOAD = not DEBUG

@@ -1,14 +1,18 @@
 from django.core.exceptions import ValidationError
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authtoken.models import Token
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError as ApiValidationError
 from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 
 from diagnosis import selectors, services
+from diagnosis.api.authentication import expires_at, token_expired
 from diagnosis.api.serializers import (
     AnalysisSerializer,
     AnalysisUploadSerializer,
@@ -21,10 +25,40 @@ from diagnosis.models import AccessEvent, Analysis
 
 
 class TokenView(ObtainAuthToken):
-    """Exchange username and password for an API token (send as `Authorization: Token <key>`)."""
+    """Exchange username and password for an API token (send as `Authorization: Token <key>`).
+
+    A user has one token at a time: POST returns it, or a new one once it has expired (API_TOKEN_DAYS)
+    or been revoked; DELETE revokes the token the request is signed with, for a lab system being
+    retired or a key that leaked.
+    """
 
     throttle_classes = [ScopedRateThrottle]
     throttle_scope = "login"
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "DELETE" else []
+
+    @extend_schema(
+        request=AuthTokenSerializer,
+        responses=inline_serializer(
+            "IssuedToken",
+            {"token": serializers.CharField(), "expires_at": serializers.DateTimeField(allow_null=True)},
+        ),
+    )
+    def post(self, request, *args, **kwargs):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        user = serializer.validated_data["user"]
+        token, _ = Token.objects.get_or_create(user=user)
+        if token_expired(token):
+            token.delete()
+            token = Token.objects.create(user=user)
+        return Response({"token": token.key, "expires_at": expires_at(token)})
+
+    @extend_schema(request=None, responses={204: None})
+    def delete(self, request):
+        Token.objects.filter(user=request.user).delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 def _service_errors(error: ValidationError) -> ApiValidationError:
