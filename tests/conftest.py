@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from tests.factories import PASSWORD, UserFactory
@@ -22,6 +23,14 @@ def media_root(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _private_media(settings, media_root):
     settings.MEDIA_ROOT = str(media_root)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    """Throttle and login-failure counters live in the (local-memory) cache: each test starts at zero."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture

@@ -1,20 +1,11 @@
 from datetime import timedelta
 
-import pytest
 from django.contrib.sessions.models import Session
-from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from tests.factories import PASSWORD, upload
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counters():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
