@@ -1,11 +1,15 @@
+import csv
+
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
+from django.http import HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
 from diagnosis import services
 from diagnosis.audit import counted, record_access
+from diagnosis.exports import csv_safe
 from diagnosis.models import AccessEvent, Analysis, Batch
 
 
@@ -164,14 +168,39 @@ class BatchAdmin(RecordedDeletionAdmin):
     readonly_fields = ["owner", "created_at"]
 
 
+ACCESS_TRAIL_COLUMNS = [
+    "at",
+    "username",
+    "action",
+    "channel",
+    "analysis_id",
+    "batch_id",
+    "owner_id",
+    "detail",
+    "client_ip",
+]
+
+
 @admin.register(AccessEvent)
 class AccessEventAdmin(admin.ModelAdmin):
     """The access trail, read-only for everyone: no one adds, edits or removes entries here."""
 
-    list_display = ["at", "username", "action", "channel", "analysis_id", "batch_id", "owner_id", "detail", "client_ip"]
+    list_display = ACCESS_TRAIL_COLUMNS
     list_filter = ["action", "channel", "at"]
     search_fields = ["username", "=analysis_id", "=batch_id", "=owner_id", "client_ip"]
     date_hierarchy = "at"
+    actions = ["export_csv"]
+
+    @admin.action(description="Export selected entries as CSV")
+    def export_csv(self, request, queryset):
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="access-trail.csv"'
+        writer = csv.writer(response)
+        writer.writerow(ACCESS_TRAIL_COLUMNS)
+        for event in queryset.order_by("at", "id"):
+            values = (csv_safe(getattr(event, name)) for name in ACCESS_TRAIL_COLUMNS[1:])
+            writer.writerow([event.at.isoformat(), *values])
+        return response
 
     def has_add_permission(self, request):
         return False

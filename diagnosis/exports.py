@@ -29,7 +29,7 @@ CSV_COLUMNS = [
 ]
 
 
-def _csv_safe(value) -> str:
+def csv_safe(value) -> str:
     """Stop spreadsheet formula injection from user-chosen text such as file names."""
     text = "" if value is None else str(value)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
@@ -45,8 +45,8 @@ def _csv_response(analyses, filename: str) -> HttpResponse:
             [
                 a.pk,
                 a.batch_id or "",
-                _csv_safe(a.batch.sample_reference if a.batch else ""),
-                _csv_safe(a.original_filename),
+                csv_safe(a.batch.sample_reference if a.batch else ""),
+                csv_safe(a.original_filename),
                 a.status,
                 a.label,
                 "" if a.probability_parasitized is None else f"{a.probability_parasitized:.4f}",

@@ -1,5 +1,8 @@
 """The access trail: who opened, downloaded, exported, uploaded, reviewed or deleted which record."""
 
+import csv
+import io
+
 import pytest
 from django.contrib.auth.models import Group
 from django.core.files.base import ContentFile
@@ -143,3 +146,18 @@ def test_admin_views_and_deletions_are_recorded_and_the_trail_is_read_only(admin
     admin_client.post(f"/admin/diagnosis/accessevent/{event.pk}/change/", {"detail": "edited"})
     event.refresh_from_db()
     assert event.detail != "edited"
+
+
+def test_admins_export_the_trail_as_csv_safe_for_spreadsheets(admin_client, cell):
+    outsider = UserFactory(username="=cmd|calc")
+    AccessEvent.objects.create(user=outsider, username=outsider.username, action=Action.VIEWED, channel="web")
+    admin_client.get(f"/admin/diagnosis/analysis/{cell.pk}/change/")
+    ids = list(AccessEvent.objects.values_list("pk", flat=True))
+    response = admin_client.post(
+        "/admin/diagnosis/accessevent/", {"action": "export_csv", "_selected_action": [str(pk) for pk in ids]}
+    )
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(response.content.decode())))
+    assert rows[0][:3] == ["at", "username", "action"] and len(rows) == 3
+    assert rows[1][1:4] == ["'=cmd|calc", "viewed", "web"]  # oldest first; a formula is defused
+    assert rows[2][1:5] == ["admin", "viewed", "admin", str(cell.pk)]
