@@ -3,13 +3,20 @@
 Views call ``record_access`` once a lookup has succeeded (a 404 for someone else's id opens
 nothing, so records nothing). Lists and the live-status polls are not recorded: they are the
 owner's own overview and would drown the trail; thumbnails are not either, for the same reason.
+A lab system polling a batch until it finishes would drown it too, so a viewing that repeats one
+by the same user, of the same record, through the same channel within REPEAT_WINDOW is not
+recorded again; every other action always is.
 """
 
 import ipaddress
+from datetime import timedelta
 
 from django.conf import settings
+from django.utils import timezone
 
 from diagnosis.models import AccessEvent, Analysis, Batch
+
+REPEAT_WINDOW = timedelta(minutes=10)
 
 
 def record_access(
@@ -19,9 +26,9 @@ def record_access(
     analysis: Analysis | None = None,
     batch: Batch | None = None,
     detail: str = "",
-) -> AccessEvent:
+) -> AccessEvent | None:
     subject = analysis or batch
-    return AccessEvent.objects.create(
+    event = AccessEvent(
         user=request.user,
         username=request.user.get_username(),
         action=action,
@@ -32,6 +39,22 @@ def record_access(
         detail=detail[:200],
         client_ip=_client_ip(request),
     )
+    if action == AccessEvent.Action.VIEWED and _seen_recently(event):
+        return None
+    event.save()
+    return event
+
+
+def _seen_recently(event: AccessEvent) -> bool:
+    return AccessEvent.objects.filter(
+        user=event.user,
+        action=event.action,
+        channel=event.channel,
+        analysis_id=event.analysis_id,
+        batch_id=event.batch_id,
+        detail=event.detail,
+        at__gte=timezone.now() - REPEAT_WINDOW,
+    ).exists()
 
 
 def counted(number: int, noun: str) -> str:

@@ -6,9 +6,10 @@ import io
 import pytest
 from django.contrib.auth.models import Group
 from django.core.files.base import ContentFile
+from django.utils import timezone
 from rest_framework.test import APIClient
 
-from diagnosis import services
+from diagnosis import audit, services
 from diagnosis.models import AccessEvent, Analysis, Batch, private_storage
 from tests.factories import UserFactory, upload
 
@@ -108,6 +109,18 @@ def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cel
     ]
 
 
+def test_a_lab_system_polling_a_batch_is_recorded_once_per_window_but_every_download_is(user, batch, cell):
+    api = APIClient()
+    api.force_authenticate(user)
+    for _ in range(3):
+        assert api.get(f"/api/batches/{batch.pk}/").status_code == 200
+        assert api.get(f"/api/analyses/{cell.pk}/overlay/").status_code == 200
+    assert [action for _, action, *_ in trail()] == [Action.VIEWED] + [Action.DOWNLOADED] * 3
+    AccessEvent.objects.filter(action=Action.VIEWED).update(at=timezone.now() - audit.REPEAT_WINDOW)
+    api.get(f"/api/batches/{batch.pk}/")
+    assert AccessEvent.objects.filter(action=Action.VIEWED).count() == 2
+
+
 def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_the_owner(client, user, cell):
     reviewer = UserFactory()
     reviewer.groups.add(Group.objects.get(name="reviewers"))
@@ -125,7 +138,7 @@ def test_the_client_address_comes_from_the_configured_proxy_header(client, setti
     settings.CLIENT_IP_HEADER = "HTTP_X_REAL_IP"
     client.force_login(user)
     client.get(f"/analyses/{cell.pk}/", HTTP_X_REAL_IP="203.0.113.7")
-    client.get(f"/analyses/{cell.pk}/", HTTP_X_REAL_IP="not an address")
+    client.get(f"/analyses/{cell.pk}/image/", HTTP_X_REAL_IP="not an address")
     assert list(AccessEvent.objects.order_by("id").values_list("client_ip", flat=True)) == ["203.0.113.7", None]
 
 
