@@ -54,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="e.g. 0.1 when some labels are wrong")
     parser.add_argument(
+        "--mixup",
+        type=float,
+        metavar="ALPHA",
+        help="blend each training cell with another, in a Beta(ALPHA, ALPHA) share (e.g. 0.2); softens wrong labels",
+    )
+    parser.add_argument(
         "--ema",
         type=float,
         metavar="DECAY",
@@ -155,6 +161,7 @@ def excluded_file_names(path: str) -> set[str]:
 def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step, average=None):
     model.train()
     generator = torch.Generator().manual_seed(args.seed + epoch)
+    mixing = np.random.default_rng(args.seed + epoch)
     order = torch.randperm(len(images), generator=generator)
     steps = len(order) // args.batch_size
     config = model.config
@@ -163,9 +170,18 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch,
         index = order[step * args.batch_size : (step + 1) * args.batch_size].to(images.device)
         # Standardisation undoes per-channel gain jitter, so hue shifts are the colour variation left.
         batch = augment_batch(images[index], generator, mix_channels=config.stain_standardise)
-        inputs = model_inputs(batch, config)
+        inputs, targets = model_inputs(batch, config), labels[index]
+        share, partner = 1.0, None
+        if args.mixup:
+            # Each cell is blended with another; the loss is blended by the same share.
+            share = float(mixing.beta(args.mixup, args.mixup))
+            partner = torch.randperm(len(index), generator=generator).to(images.device)
+            inputs = share * inputs + (1 - share) * inputs[partner]
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = F.cross_entropy(model(inputs).float(), labels[index], label_smoothing=args.label_smoothing)
+            logits = model(inputs).float()
+        loss = share * F.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+        if partner is not None:
+            loss = loss + (1 - share) * F.cross_entropy(logits, targets[partner], label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,6 +217,8 @@ def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.mixup is not None and args.mixup <= 0:
+        raise SystemExit(f"--mixup {args.mixup}: alpha must be above 0, e.g. 0.2")
     if args.ema is not None and not 0 < args.ema < 1:
         raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1, e.g. 0.998")
     torch.set_num_threads(args.threads)
@@ -350,6 +368,7 @@ def export(
         "validation_groups": sorted(patient_groups(val_samples)),
         "seed": args.seed,
         "ema_decay": args.ema,
+        "mixup_alpha": args.mixup,
     }
     if refit_of:
         # Validation figures and groups are the earlier run's; its validation patients are now trained on.

@@ -304,6 +304,23 @@ def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
 
 
 @pytest.mark.slow
+def test_mixup_trains_on_blended_cells_and_is_recorded(tmp_path):
+    plain, mixed = tmp_path / "plain.safetensors", tmp_path / "mixed.safetensors"
+    for out, options in ((plain, ()), (mixed, ("--mixup", "0.4"))):
+        trained = train_on_fixture_cells(
+            out, "--epochs", "2", "--batch-size", "3", "--val-fraction", "0.25", "--seed", "5", *options
+        )
+        assert trained.returncode == 0, trained.stderr
+    assert read_info(mixed).metrics["mixup_alpha"] == 0.4 and read_info(plain).metrics["mixup_alpha"] is None
+    # Same seed, cells and order: only the blending can make the weights differ. Three training cells
+    # and two epochs, since this seed pairs each of the first epoch's cells with itself.
+    plain_state, mixed_state = load_model(plain)[0].state_dict(), load_model(mixed)[0].state_dict()
+    assert any(not torch.equal(plain_state[k], mixed_state[k]) for k in plain_state)
+    refused = train_on_fixture_cells(tmp_path / "bad.safetensors", "--mixup", "0")
+    assert refused.returncode != 0 and "alpha must be above 0" in refused.stderr
+
+
+@pytest.mark.slow
 def test_ema_exports_the_weight_average_and_resumes_with_it(tmp_path):
     """With a decay this close to 1 the average barely moves after its first update, so the exported
     weights must differ from the same seed's run without it, which takes a second step."""
