@@ -162,10 +162,19 @@ class AnalysisAdmin(RecordedDeletionAdmin):
 
 @admin.register(Batch)
 class BatchAdmin(RecordedDeletionAdmin):
-    list_display = ["id", "owner", "sample_reference", "created_at"]
-    list_filter = ["owner", "created_at"]
+    list_display = ["id", "owner", "sample_reference", "created_at", "callback_state"]
+    list_filter = ["callback_state", "owner", "created_at"]
     search_fields = ["sample_reference", "owner__username"]
-    readonly_fields = ["owner", "created_at"]
+    readonly_fields = [
+        "owner",
+        "created_at",
+        "callback_url",
+        "callback_state",
+        "callback_attempts",
+        "callback_due_at",
+        "callback_error",
+        "callback_delivered_at",
+    ]
 
 
 ACCESS_TRAIL_COLUMNS = [

@@ -10,6 +10,7 @@ recorded again; every other action always is.
 
 import ipaddress
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils import timezone
@@ -43,6 +44,18 @@ def record_access(
         return None
     event.save()
     return event
+
+
+def record_callback(*, batch: Batch) -> AccessEvent:
+    """A batch's results sent to its lab system's callback URL: a disclosure with no user behind it."""
+    return AccessEvent.objects.create(
+        username="(callback)",
+        action=AccessEvent.Action.EXPORTED,
+        channel=AccessEvent.Channel.API,
+        batch_id=batch.pk,
+        owner_id=batch.owner_id,
+        detail=f"results POSTed to {urlsplit(batch.callback_url).netloc}"[:200],
+    )
 
 
 def _seen_recently(event: AccessEvent) -> bool:

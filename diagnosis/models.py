@@ -21,10 +21,25 @@ def upload_path(instance, filename: str) -> str:
 
 
 class Batch(models.Model):
+    class CallbackState(models.TextChoices):
+        NONE = "", "no callback"
+        PENDING = "pending", "pending"
+        DELIVERED = "delivered", "delivered"
+        FAILED = "failed", "failed"
+
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches")
     sample_reference = models.CharField(max_length=100, blank=True, help_text="Patient or sample reference")
     note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    # A lab system's URL to POST the results to once every cell is finished (diagnosis.callbacks).
+    callback_url = models.URLField(max_length=500, blank=True)
+    callback_state = models.CharField(max_length=10, choices=CallbackState.choices, blank=True, default="")
+    callback_attempts = models.PositiveSmallIntegerField(default=0)
+    # No attempt starts before this: the pause after a failure, or the lease of an attempt under way.
+    callback_due_at = models.DateTimeField(null=True, blank=True)
+    callback_error = models.CharField(max_length=300, blank=True)
+    callback_delivered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -16,6 +16,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from PIL import Image
 
+from diagnosis.callbacks import check_callback_url
 from diagnosis.models import Analysis, Batch, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
@@ -28,16 +29,30 @@ ANALYSES_PER_TASK = 16
 
 
 def create_batch(
-    *, owner: AbstractBaseUser, uploads: Sequence[UploadedFile], sample_reference: str = "", note: str = ""
+    *,
+    owner: AbstractBaseUser,
+    uploads: Sequence[UploadedFile],
+    sample_reference: str = "",
+    note: str = "",
+    callback_url: str = "",
 ) -> Batch:
-    """Validate every file, then store them all as queued analyses of one batch (all or nothing)."""
+    """Validate every file, then store them all as queued analyses of one batch (all or nothing).
+    With a ``callback_url``, the results are POSTed there once every cell is finished."""
     if not uploads:
         raise ValidationError("Choose at least one image.")
     if len(uploads) > settings.BATCH_MAX_FILES:
         raise ValidationError(f"A batch holds at most {settings.BATCH_MAX_FILES} images; {len(uploads)} were sent.")
+    if callback_url:
+        check_callback_url(callback_url)
     images = _validate_all(uploads)
     with _removing_files_on_error() as stored, transaction.atomic():
-        batch = Batch.objects.create(owner=owner, sample_reference=sample_reference.strip(), note=note.strip())
+        batch = Batch.objects.create(
+            owner=owner,
+            sample_reference=sample_reference.strip(),
+            note=note.strip(),
+            callback_url=callback_url,
+            callback_state=Batch.CallbackState.PENDING if callback_url else Batch.CallbackState.NONE,
+        )
         analyses = [_store_analysis(owner=owner, image=image, batch=batch, stored=stored) for image in images]
         transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[a.pk for a in analyses]))
     return batch

@@ -5,7 +5,7 @@ from celery.signals import worker_process_init
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from diagnosis import inference, services
+from diagnosis import callbacks, inference, services
 
 
 @worker_process_init.connect
@@ -23,11 +23,19 @@ def warm_up_model(**kwargs) -> None:
 )
 def analyse_images(self, analysis_ids: list[int]) -> None:
     inference.run_analyses(analysis_ids=analysis_ids, task_id=self.request.id)
+    callbacks.notify_finished_batches(analysis_ids=analysis_ids)
+
+
+@shared_task(ignore_result=True)
+def deliver_batch_callback(batch_id: int) -> None:
+    callbacks.deliver(batch_id=batch_id)
 
 
 @shared_task(ignore_result=True)
 def requeue_stale_analyses() -> int:
-    return services.requeue_stale_analyses()
+    requeued = services.requeue_stale_analyses()
+    callbacks.requeue_due_callbacks()
+    return requeued
 
 
 @shared_task(ignore_result=True)

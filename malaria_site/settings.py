@@ -156,6 +156,11 @@ ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=600)
 # The lab's retention period: analyses older than this many days are deleted with their images,
 # once a day. 0 keeps everything.
 ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)
+# Batch callbacks (diagnosis.callbacks): the only hosts a batch's callback_url may name (none: off),
+# the HMAC key that signs each body (default: DJANGO_SECRET_KEY), and how many attempts to make.
+CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
+CALLBACK_SECRET = env("CALLBACK_SECRET", default="")
+CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=6)
 if ANALYSIS_RETENTION_DAYS > 0:
     CELERY_BEAT_SCHEDULE["delete-expired-analyses"] = {
         "task": "diagnosis.tasks.delete_expired_analyses",

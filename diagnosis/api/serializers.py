@@ -60,6 +60,12 @@ class BatchUploadSerializer(serializers.Serializer):
     )
     sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
     note = serializers.CharField(required=False, allow_blank=True)
+    callback_url = serializers.URLField(
+        max_length=500,
+        required=False,
+        allow_blank=True,
+        help_text="POSTed the results, signed, once every cell is finished (hosts in CALLBACK_ALLOWED_HOSTS only).",
+    )
 
 
 class BatchSerializer(serializers.ModelSerializer):
@@ -68,7 +74,19 @@ class BatchSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Batch
-        fields = ["id", "sample_reference", "note", "created_at", "counts", "analyses"]
+        fields = [
+            "id",
+            "sample_reference",
+            "note",
+            "created_at",
+            "callback_url",
+            "callback_state",
+            "callback_attempts",
+            "callback_error",
+            "callback_delivered_at",
+            "counts",
+            "analyses",
+        ]
         read_only_fields = fields
 
     def get_counts(self, batch: Batch) -> dict[str, int]:

@@ -142,6 +142,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
                 uploads=data["images"],
                 sample_reference=data.get("sample_reference", ""),
                 note=data.get("note", ""),
+                callback_url=data.get("callback_url", ""),
             )
         except ValidationError as error:
             raise _service_errors(error) from None

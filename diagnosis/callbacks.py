@@ -1,0 +1,187 @@
+"""Batch callbacks: a lab system sends a URL with a batch and is POSTed the results once every cell
+is finished, instead of polling.
+
+Only hosts named in CALLBACK_ALLOWED_HOSTS can be called (the server must not be made to reach
+arbitrary addresses), redirects are not followed, and each body is signed with HMAC-SHA256 under
+CALLBACK_SECRET (``X-Malaria-Signature: sha256=<hex>``). Delivery is at least once: an attempt is
+claimed with a conditional update that also sets a lease, so a duplicate task does nothing, and
+a failed attempt is tried again by the sweeper after 1, 2, 4, ... minutes, up to
+CALLBACK_MAX_ATTEMPTS. The state moves pending -> delivered, or pending -> failed.
+"""
+
+import hashlib
+import hmac
+import json
+import logging
+import urllib.error
+import urllib.request
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db.models import Exists, F, OuterRef, Q
+from django.utils import timezone
+
+from diagnosis import selectors
+from diagnosis.audit import record_callback
+from diagnosis.models import Analysis, Batch
+
+logger = logging.getLogger("diagnosis.callbacks")
+
+LEASE = timedelta(minutes=5)  # longer than an attempt can take (TIMEOUT_SECONDS)
+TIMEOUT_SECONDS = 10
+UNFINISHED = (Analysis.Status.QUEUED, Analysis.Status.RUNNING)
+
+
+def check_callback_url(url: str) -> str:
+    """The URL if this server may call it, else a ValidationError saying why."""
+    allowed = {host.lower() for host in settings.CALLBACK_ALLOWED_HOSTS}
+    if not allowed:
+        raise ValidationError("Callbacks are not enabled on this server (CALLBACK_ALLOWED_HOSTS is empty).")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("The callback URL must be an http or https URL.")
+    if parts.hostname.lower() not in allowed:
+        raise ValidationError(
+            f"This server may not call {parts.hostname}; allowed callback hosts: {', '.join(sorted(allowed))}."
+        )
+    return url
+
+
+def notify_finished_batches(*, analysis_ids: list[int]) -> None:
+    """After a task: enqueue the callback of each batch among these analyses that is now finished."""
+    batch_ids = set(
+        Analysis.objects.filter(pk__in=analysis_ids, batch__callback_state=Batch.CallbackState.PENDING).values_list(
+            "batch_id", flat=True
+        )
+    )
+    for batch_id in sorted(_due().filter(pk__in=batch_ids).values_list("pk", flat=True)):
+        _enqueue(batch_id)
+
+
+def requeue_due_callbacks() -> int:
+    """The sweeper's part: callbacks whose enqueue was lost or whose pause after a failure is over."""
+    due = list(_due().values_list("pk", flat=True))
+    for batch_id in due:
+        _enqueue(batch_id)
+    return len(due)
+
+
+def deliver(*, batch_id: int) -> bool:
+    """One attempt, if this caller wins it. True once the receiver has answered 2xx."""
+    claimed = (
+        _due()
+        .filter(pk=batch_id)
+        .update(callback_due_at=timezone.now() + LEASE, callback_attempts=F("callback_attempts") + 1)
+    )
+    if not claimed:
+        return False
+    batch = Batch.objects.get(pk=batch_id)
+    body = json.dumps(_payload(batch)).encode()
+    try:
+        status = _post(batch.callback_url, body, batch_id=batch.pk)
+        error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"
+    except OSError as failure:  # refused, unreachable, timed out, TLS
+        cause = getattr(failure, "reason", failure)  # urllib wraps the socket's error in a URLError
+        error = f"{cause.__class__.__name__}: {cause}"
+    pending = Batch.objects.filter(pk=batch_id, callback_state=Batch.CallbackState.PENDING)
+    if not error:
+        pending.update(
+            callback_state=Batch.CallbackState.DELIVERED,
+            callback_delivered_at=timezone.now(),
+            callback_due_at=None,
+            callback_error="",
+        )
+        record_callback(batch=batch)
+        logger.info("event=callback_delivered batch_id=%s attempts=%s", batch_id, batch.callback_attempts)
+        return True
+    given_up = batch.callback_attempts >= settings.CALLBACK_MAX_ATTEMPTS
+    pending.update(
+        callback_state=Batch.CallbackState.FAILED if given_up else Batch.CallbackState.PENDING,
+        callback_due_at=None if given_up else timezone.now() + retry_pause(batch.callback_attempts),
+        callback_error=error[:300],
+    )
+    logger.warning("event=callback_failed batch_id=%s attempts=%s error=%r", batch_id, batch.callback_attempts, error)
+    return False
+
+
+def retry_pause(attempts: int) -> timedelta:
+    return timedelta(minutes=2 ** (attempts - 1))
+
+
+def signature(body: bytes) -> str:
+    secret = (settings.CALLBACK_SECRET or settings.SECRET_KEY).encode()
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def _due():
+    """Batches with a pending callback, every cell finished, and no pause or lease running."""
+    unfinished = Analysis.objects.filter(batch=OuterRef("pk"), status__in=UNFINISHED)
+    return (
+        Batch.objects.filter(callback_state=Batch.CallbackState.PENDING)
+        .filter(Q(callback_due_at__isnull=True) | Q(callback_due_at__lte=timezone.now()))
+        .exclude(Exists(unfinished))
+    )
+
+
+def _enqueue(batch_id: int) -> None:
+    from diagnosis.tasks import deliver_batch_callback  # here, not at the top: tasks imports this module
+
+    try:
+        deliver_batch_callback.apply_async(args=[batch_id], retry=True)
+    except Exception:  # noqa: BLE001 - the sweeper enqueues it again
+        logger.warning("event=callback_enqueue_failed batch_id=%s; the sweeper will retry", batch_id, exc_info=True)
+
+
+def _payload(batch: Batch) -> dict:
+    analyses = batch.analyses.order_by("pk")
+    return {
+        "event": "batch.finished",
+        "batch": {
+            "id": batch.pk,
+            "sample_reference": batch.sample_reference,
+            "created_at": batch.created_at.isoformat(),
+            "counts": selectors.batch_counts(batch=batch),
+            "analyses": [
+                {
+                    "id": a.pk,
+                    "original_filename": a.original_filename,
+                    "status": a.status,
+                    "label": a.final_label,
+                    "probability_parasitized": a.probability_parasitized,
+                    "decision_threshold": a.decision_threshold,
+                    "model_version": a.model_version,
+                    "error": a.error,
+                }
+                for a in analyses
+            ],
+        },
+    }
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect could lead anywhere, past the allowed hosts: it counts as a failure
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
+def _post(url: str, body: bytes, *, batch_id: int) -> int:
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "User-Agent": "malaria-screening-callback/1",
+            "X-Malaria-Batch": str(batch_id),
+            "X-Malaria-Signature": signature(body),
+        },
+    )
+    try:
+        with _opener.open(request, timeout=TIMEOUT_SECONDS) as response:
+            return response.status
+    except urllib.error.HTTPError as answer:
+        return answer.code

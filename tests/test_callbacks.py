@@ -1,0 +1,177 @@
+"""Batch callbacks: the results are POSTed, signed, to an allowed lab-system URL once every cell is
+finished; failures pause and retry, then give up; nothing else can be made to call out."""
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from diagnosis import callbacks, services
+from diagnosis.models import AccessEvent, Analysis, Batch
+from malaria_site.celery import app as celery_app
+from tests.conftest import fixture_cells, wait_for
+from tests.factories import upload
+
+State = Batch.CallbackState
+
+
+@pytest.fixture
+def receiver():
+    """A lab system's endpoint on this machine: records each POST, answers with queued codes (else 200)."""
+    received, answers = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(SimpleNamespace(path=self.path, headers=dict(self.headers), body=body))
+            code = answers.pop(0) if answers else 200
+            self.send_response(code)
+            if code in (301, 302, 307):
+                self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}/results", received=received, answers=answers)
+    server.shutdown()
+    server.server_close()
+
+
+def finished_batch(user, url: str) -> Batch:
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], callback_url=url)
+    batch.analyses.update(status=Analysis.Status.DONE, label="Uninfected", probability_parasitized=0.02)
+    return batch
+
+
+def refreshed(batch: Batch) -> Batch:
+    batch.refresh_from_db()
+    return batch
+
+
+def make_due(batch: Batch) -> None:
+    Batch.objects.filter(pk=batch.pk).update(callback_due_at=timezone.now() - timedelta(seconds=1))
+
+
+@pytest.mark.worker
+@pytest.mark.slow
+def test_the_worker_posts_a_signed_result_when_the_last_cell_is_finished(celery_worker_process, user, receiver):
+    api = APIClient()
+    api.force_authenticate(user)
+    cells = fixture_cells()[:3]
+    handles = [open(path, "rb") for path in cells]  # noqa: SIM115 - closed below
+    try:
+        created = api.post(
+            "/api/batches/", {"images": handles, "sample_reference": "WARD-2", "callback_url": receiver.url}
+        )
+    finally:
+        for handle in handles:
+            handle.close()
+    assert created.status_code == 202 and created.json()["callback_state"] == "pending", created.content
+    batch_id = created.json()["id"]
+
+    wait_for(lambda: receiver.received, timeout=120)
+    (call,) = receiver.received
+    assert call.path == "/results" and call.headers["X-Malaria-Batch"] == str(batch_id)
+    expected = "sha256=" + hmac.new(settings.SECRET_KEY.encode(), call.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(call.headers["X-Malaria-Signature"], expected)
+
+    payload = json.loads(call.body)["batch"]
+    analyses = {a.pk: a for a in Analysis.objects.filter(batch_id=batch_id)}
+    assert payload["id"] == batch_id and payload["sample_reference"] == "WARD-2"
+    assert payload["counts"]["total"] == 3 and payload["counts"]["done"] == 3
+    assert {a["id"]: (a["status"], a["label"]) for a in payload["analyses"]} == {
+        pk: ("done", a.label) for pk, a in analyses.items()
+    }
+    shown = wait_for(lambda: (b := api.get(f"/api/batches/{batch_id}/").json())["callback_state"] == "delivered" and b)
+    assert shown["callback_attempts"] == 1 and shown["callback_delivered_at"]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "url", "message"),
+    [
+        ([], "http://127.0.0.1/x", "not enabled on this server"),
+        (["127.0.0.1"], "http://10.0.0.5/x", "may not call 10.0.0.5"),
+        (["127.0.0.1"], "ftp://127.0.0.1/x", "must be an http or https URL"),
+        (["127.0.0.1"], "not a url", "Enter a valid URL"),
+    ],
+)
+def test_a_callback_url_this_server_may_not_call_is_refused_and_nothing_is_stored(
+    settings, api_client, allowed, url, message
+):
+    settings.CALLBACK_ALLOWED_HOSTS = allowed
+    response = api_client.post("/api/batches/", {"images": [upload()], "callback_url": url})
+    assert response.status_code == 400 and message in response.json()["detail"]
+    assert not Batch.objects.exists()
+
+
+def test_a_failed_attempt_pauses_then_the_next_one_delivers_once(user, receiver):
+    batch = finished_batch(user, receiver.url)
+    receiver.answers.append(500)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    failed = refreshed(batch)
+    assert (failed.callback_state, failed.callback_attempts) == (State.PENDING, 1)
+    assert "HTTP 500" in failed.callback_error
+    pause = failed.callback_due_at - timezone.now()
+    assert timedelta(seconds=50) < pause <= callbacks.retry_pause(1)
+
+    assert not callbacks.deliver(batch_id=batch.pk)  # still pausing: no request
+    assert len(receiver.received) == 1
+    make_due(batch)
+    assert callbacks.deliver(batch_id=batch.pk)
+    assert not callbacks.deliver(batch_id=batch.pk)  # a redelivered task: already done
+    delivered = refreshed(batch)
+    assert (delivered.callback_state, delivered.callback_attempts, delivered.callback_error) == (State.DELIVERED, 2, "")
+    assert len(receiver.received) == 2
+
+
+def test_nothing_is_sent_while_a_cell_is_unfinished(user, receiver):
+    batch = finished_batch(user, receiver.url)
+    batch.analyses.filter(original_filename="b.png").update(status=Analysis.Status.RUNNING)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    assert receiver.received == [] and refreshed(batch).callback_attempts == 0
+
+
+def test_redirects_are_not_followed_and_it_gives_up_after_the_last_attempt(settings, user, receiver):
+    settings.CALLBACK_MAX_ATTEMPTS = 2
+    batch = finished_batch(user, receiver.url)
+    receiver.answers.extend([302, 302])
+    assert not callbacks.deliver(batch_id=batch.pk)
+    make_due(batch)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    given_up = refreshed(batch)
+    assert given_up.callback_state == State.FAILED and given_up.callback_due_at is None
+    assert "HTTP 302" in given_up.callback_error and len(receiver.received) == 2
+    make_due(batch)
+    assert not callbacks.deliver(batch_id=batch.pk) and len(receiver.received) == 2
+
+
+def test_an_unreachable_receiver_is_a_failed_attempt_with_the_reason(user):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    batch = finished_batch(user, f"http://127.0.0.1:{port}/results")
+    assert not callbacks.deliver(batch_id=batch.pk)
+    assert "ConnectionRefusedError" in refreshed(batch).callback_error
+
+
+def test_the_sweeper_sends_a_callback_whose_enqueue_was_lost(user, receiver, monkeypatch):
+    monkeypatch.setitem(celery_app.conf, "task_always_eager", True)  # the task runs here, on this database
+    batch = finished_batch(user, receiver.url)
+    assert callbacks.requeue_due_callbacks() == 1
+    assert refreshed(batch).callback_state == State.DELIVERED and len(receiver.received) == 1
+    assert callbacks.requeue_due_callbacks() == 0
+    (disclosure,) = AccessEvent.objects.all()  # the access trail names where the results went
+    assert (disclosure.action, disclosure.batch_id, disclosure.owner_id) == ("exported", batch.pk, user.pk)
+    assert disclosure.detail == f"results POSTed to {receiver.url.split('/')[2]}" and disclosure.user is None
