@@ -10,7 +10,6 @@ recorded again; every other action always is.
 
 import ipaddress
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils import timezone
@@ -54,7 +53,7 @@ def record_callback(*, batch: Batch) -> AccessEvent:
         channel=AccessEvent.Channel.API,
         batch_id=batch.pk,
         owner_id=batch.owner_id,
-        detail=f"results POSTed to {urlsplit(batch.callback_url).netloc}"[:200],
+        detail=f"results POSTed to {batch.callback_host}"[:200],
     )
 
 

@@ -1,4 +1,5 @@
 import uuid
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage
@@ -47,6 +48,10 @@ class Batch(models.Model):
 
     def __str__(self) -> str:
         return f"Batch {self.pk}" + (f" ({self.sample_reference})" if self.sample_reference else "")
+
+    @property
+    def callback_host(self) -> str:
+        return urlsplit(self.callback_url).netloc
 
 
 class Analysis(models.Model):

@@ -136,6 +136,22 @@ def test_a_failed_attempt_pauses_then_the_next_one_delivers_once(user, receiver)
     assert len(receiver.received) == 2
 
 
+def test_the_batch_page_says_where_the_results_go_and_whether_they_arrived(client, user, receiver):
+    batch = finished_batch(user, receiver.url)
+    client.force_login(user)
+    host = receiver.url.split("/")[2]
+    page = lambda: client.get(f"/batches/{batch.pk}/").content.decode()  # noqa: E731
+    assert f"Results for the lab system ({host})" in page() and "sent once every cell is finished" in page()
+    receiver.answers.append(503)
+    callbacks.deliver(batch_id=batch.pk)
+    assert "attempt 1 failed (the receiver answered HTTP 503); trying again" in page()
+    make_due(batch)
+    callbacks.deliver(batch_id=batch.pk)
+    assert f"sent {timezone.localtime(refreshed(batch).callback_delivered_at):%Y-%m-%d %H:%M}" in page()
+    plain = services.create_batch(owner=user, uploads=[upload()])
+    assert "Results for the lab system" not in client.get(f"/batches/{plain.pk}/").content.decode()
+
+
 def test_nothing_is_sent_while_a_cell_is_unfinished(user, receiver):
     batch = finished_batch(user, receiver.url)
     batch.analyses.filter(original_filename="b.png").update(status=Analysis.Status.RUNNING)
@@ -143,7 +159,7 @@ def test_nothing_is_sent_while_a_cell_is_unfinished(user, receiver):
     assert receiver.received == [] and refreshed(batch).callback_attempts == 0
 
 
-def test_redirects_are_not_followed_and_it_gives_up_after_the_last_attempt(settings, user, receiver):
+def test_redirects_are_not_followed_and_it_gives_up_after_the_last_attempt(settings, client, user, receiver):
     settings.CALLBACK_MAX_ATTEMPTS = 2
     batch = finished_batch(user, receiver.url)
     receiver.answers.extend([302, 302])
@@ -155,6 +171,8 @@ def test_redirects_are_not_followed_and_it_gives_up_after_the_last_attempt(setti
     assert "HTTP 302" in given_up.callback_error and len(receiver.received) == 2
     make_due(batch)
     assert not callbacks.deliver(batch_id=batch.pk) and len(receiver.received) == 2
+    client.force_login(user)
+    assert "<strong>not delivered</strong> after 2 attempts" in client.get(f"/batches/{batch.pk}/").content.decode()
 
 
 def test_an_unreachable_receiver_is_a_failed_attempt_with_the_reason(user):
