@@ -7,7 +7,7 @@ from django.http import HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
-from diagnosis import services
+from diagnosis import callbacks, services
 from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_safe
 from diagnosis.models import AccessEvent, Analysis, Batch
@@ -162,6 +162,13 @@ class AnalysisAdmin(RecordedDeletionAdmin):
 
 @admin.register(Batch)
 class BatchAdmin(RecordedDeletionAdmin):
+    actions = ["retry_callbacks"]
+
+    @admin.action(description="Retry failed callbacks of the selected batches")
+    def retry_callbacks(self, request, queryset):
+        retried = sum(callbacks.retry(batch=batch) for batch in queryset)
+        self.message_user(request, f"{retried} failed callback(s) will be tried again.")
+
     list_display = ["id", "owner", "sample_reference", "created_at", "callback_state"]
     list_filter = ["callback_state", "owner", "created_at"]
     search_fields = ["sample_reference", "owner__username"]

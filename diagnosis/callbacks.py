@@ -106,6 +106,18 @@ def deliver(*, batch_id: int) -> bool:
     return False
 
 
+def retry(*, batch: Batch) -> bool:
+    """failed -> pending with a fresh count of attempts, e.g. once the lab system is back. Only a
+    failed callback can be retried: a pending one is still being tried, a delivered one arrived."""
+    restarted = Batch.objects.filter(pk=batch.pk, callback_state=Batch.CallbackState.FAILED).update(
+        callback_state=Batch.CallbackState.PENDING, callback_attempts=0, callback_due_at=None, callback_error=""
+    )
+    if restarted:
+        logger.info("event=callback_retry batch_id=%s", batch.pk)
+        _enqueue(batch.pk)
+    return bool(restarted)
+
+
 def retry_pause(attempts: int) -> timedelta:
     return timedelta(minutes=2 ** (attempts - 1))
 

@@ -193,3 +193,27 @@ def test_the_sweeper_sends_a_callback_whose_enqueue_was_lost(user, receiver, mon
     (disclosure,) = AccessEvent.objects.all()  # the access trail names where the results went
     assert (disclosure.action, disclosure.batch_id, disclosure.owner_id) == ("exported", batch.pk, user.pk)
     assert disclosure.detail == f"results POSTed to {receiver.url.split('/')[2]}" and disclosure.user is None
+
+
+def test_a_failed_callback_can_be_retried_through_the_api_and_admin_and_nothing_else_can(
+    user, receiver, monkeypatch, admin_client
+):
+    monkeypatch.setitem(celery_app.conf, "task_always_eager", True)  # the retried attempt runs here
+    api = APIClient()
+    api.force_authenticate(user)
+    batch = finished_batch(user, receiver.url)
+    refused = api.post(f"/api/batches/{batch.pk}/callback/retry/")
+    assert refused.status_code == 409 and "this batch's is pending" in refused.json()["detail"]
+
+    Batch.objects.filter(pk=batch.pk).update(callback_state=State.FAILED, callback_attempts=6, callback_error="x")
+    retried = api.post(f"/api/batches/{batch.pk}/callback/retry/")
+    assert retried.status_code == 202 and retried.json()["callback_state"] == "delivered"
+    assert retried.json()["callback_attempts"] == 1 and len(receiver.received) == 1
+    assert api.post(f"/api/batches/{batch.pk}/callback/retry/").status_code == 409  # delivered: nothing to do
+
+    Batch.objects.filter(pk=batch.pk).update(callback_state=State.FAILED)
+    response = admin_client.post(
+        "/admin/diagnosis/batch/", {"action": "retry_callbacks", "_selected_action": [str(batch.pk)]}, follow=True
+    )
+    assert "1 failed callback(s) will be tried again." in response.content.decode()
+    assert refreshed(batch).callback_state == State.DELIVERED and len(receiver.received) == 2

@@ -26,6 +26,9 @@ OWNED = {
     "api:analysis-file": "analysis-file",
     "api:batch-detail": "batch",
 }
+# POST-only actions on an owned object -> (object, the owner's status: past the lookup, 409 here
+# since the batch has no failed callback to retry).
+OWNED_ACTIONS = {"api:batch-callback-retry": ("batch", 409)}
 # Lists scoped to the user: another user gets 200 but must not see the owner's items.
 LISTS = [
     "diagnosis:dashboard",
@@ -68,7 +71,8 @@ def all_url_names(resolver=None, namespace="") -> set[str]:
 
 
 def test_every_url_is_classified():
-    known = set(OWNED) | set(LISTS) | set(FORMS) | set(REVIEWER_ONLY) | set(PUBLIC) | set(LOGIN_ONLY)
+    tables = (OWNED, OWNED_ACTIONS, LISTS, FORMS, REVIEWER_ONLY, PUBLIC, LOGIN_ONLY)
+    known = set().union(*tables)
     unclassified = {
         name
         for name in all_url_names()
@@ -135,6 +139,19 @@ def test_owned_objects(client, user, other_user, owned, name):
     client.logout()
     client.defaults.pop("HTTP_AUTHORIZATION", None)
     assert anonymous_refused(client.get(url), name), url
+
+
+@pytest.mark.parametrize("name", sorted(OWNED_ACTIONS))
+def test_owned_actions(client, user, other_user, owned, name):
+    from django.urls import reverse
+
+    kind, owner_status = OWNED_ACTIONS[name]
+    url = reverse(name, kwargs={"pk": owned[kind].pk})
+    assert as_user(client, user, name).post(url).status_code == owner_status, url
+    assert as_user(client, other_user, name).post(url).status_code == 404, url
+    client.logout()
+    client.defaults.pop("HTTP_AUTHORIZATION", None)
+    assert anonymous_refused(client.post(url), name), url
 
 
 @pytest.mark.parametrize("name", LISTS)

@@ -5,13 +5,14 @@ from rest_framework.authtoken.models import Token
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
+from rest_framework.exceptions import APIException
 from rest_framework.exceptions import ValidationError as ApiValidationError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 
-from diagnosis import selectors, services
+from diagnosis import callbacks, selectors, services
 from diagnosis.api.authentication import expires_at, token_expired
 from diagnosis.api.serializers import (
     AnalysisSerializer,
@@ -59,6 +60,11 @@ class TokenView(ObtainAuthToken):
     def delete(self, request):
         Token.objects.filter(user=request.user).delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
 
 
 def _service_errors(error: ValidationError) -> ApiValidationError:
@@ -150,6 +156,16 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         detail = counted(len(batch.analyses.all()), "image")
         record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
         return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: BatchSerializer})
+    @action(detail=True, methods=["post"], url_path="callback/retry", url_name="callback-retry")
+    def retry_callback(self, request, pk=None):
+        """Try a failed callback again from its first attempt (409 unless it failed)."""
+        batch = self.get_object()
+        if not callbacks.retry(batch=batch):
+            state = batch.get_callback_state_display()
+            raise Conflict(f"Only a failed callback can be retried; this batch's is {state}.")
+        return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
 
     def retrieve(self, request, *args, **kwargs):
         batch = self.get_object()
