@@ -1,14 +1,17 @@
-"""Every read of analyses and batches, always scoped to the requesting user."""
+"""Every read of analyses and batches, always scoped to the requesting user; only the staff's
+operations summary at the end counts across users, and it holds no patient data."""
 
 import operator
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import reduce
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, F, Q, QuerySet, Value
+from django.db.models import Avg, Count, F, Min, Q, QuerySet, Value
 from django.db.models.functions import Abs, Coalesce
 from django.http import Http404
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 
 from diagnosis.models import Analysis, Batch
 
@@ -146,3 +149,32 @@ def batches_with_counts(*, user: AbstractBaseUser, search: str = "", sample_refe
     if sample_reference:
         batches = batches.filter(sample_reference__iexact=sample_reference.strip())
     return batches.annotate(**_analysis_counts("analyses__")).order_by("-created_at", "-id")
+
+
+def operations_status() -> dict:
+    """Queue, throughput, failures and callbacks across all users, for monitoring: counts only."""
+    now = timezone.now()
+    last_day = Q(finished_at__gte=now - timedelta(hours=24))
+    done, failed = Q(status=Analysis.Status.DONE), Q(status=Analysis.Status.FAILED)
+    analyses = Analysis.objects.aggregate(
+        queued=Count("pk", filter=Q(status=Analysis.Status.QUEUED)),
+        running=Count("pk", filter=Q(status=Analysis.Status.RUNNING)),
+        oldest_queued_at=Min("created_at", filter=Q(status=Analysis.Status.QUEUED)),
+        done_last_24h=Count("pk", filter=done & last_day),
+        failed_last_24h=Count("pk", filter=failed & last_day),
+        mean_inference_ms_last_24h=Avg("inference_ms", filter=done & last_day),
+        mean_turnaround_last_24h=Avg(F("finished_at") - F("created_at"), filter=done & last_day),
+    )
+    oldest, turnaround = analyses.pop("oldest_queued_at"), analyses.pop("mean_turnaround_last_24h")
+    callbacks = Batch.objects.aggregate(
+        callbacks_pending=Count("pk", filter=Q(callback_state=Batch.CallbackState.PENDING)),
+        callbacks_failed=Count("pk", filter=Q(callback_state=Batch.CallbackState.FAILED)),
+    )
+    versions = Analysis.objects.filter(done & last_day).values_list("model_version", flat=True).distinct()
+    return {
+        **analyses,
+        "oldest_queued_seconds": (now - oldest).total_seconds() if oldest else None,
+        "mean_turnaround_seconds_last_24h": turnaround.total_seconds() if turnaround else None,
+        "model_versions_last_24h": sorted(versions),
+        **callbacks,
+    }

@@ -29,6 +29,8 @@ OWNED = {
 # POST-only actions on an owned object -> (object, the owner's status: past the lookup, 409 here
 # since the batch has no failed callback to retry).
 OWNED_ACTIONS = {"api:batch-callback-retry": ("batch", 409)}
+# For staff only (counts across users, no patient data): everyone else gets 403, tested in test_ops.py.
+STAFF_ONLY = ["api:ops-status"]
 # Lists scoped to the user: another user gets 200 but must not see the owner's items.
 LISTS = [
     "diagnosis:dashboard",
@@ -71,7 +73,7 @@ def all_url_names(resolver=None, namespace="") -> set[str]:
 
 
 def test_every_url_is_classified():
-    tables = (OWNED, OWNED_ACTIONS, LISTS, FORMS, REVIEWER_ONLY, PUBLIC, LOGIN_ONLY)
+    tables = (OWNED, OWNED_ACTIONS, STAFF_ONLY, LISTS, FORMS, REVIEWER_ONLY, PUBLIC, LOGIN_ONLY)
     known = set().union(*tables)
     unclassified = {
         name

@@ -2,7 +2,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 from rest_framework.routers import DefaultRouter
 
-from diagnosis.api.views import AnalysisViewSet, BatchViewSet, TokenView
+from diagnosis.api.views import AnalysisViewSet, BatchViewSet, OperationsStatusView, TokenView
 
 app_name = "api"
 
@@ -12,6 +12,7 @@ router.register("batches", BatchViewSet, basename="batch")
 
 urlpatterns = [
     path("auth/token/", TokenView.as_view(), name="token"),
+    path("ops/status/", OperationsStatusView.as_view(), name="ops-status"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularRedocView.as_view(url_name="api:schema"), name="docs"),
     *router.urls,

@@ -1,4 +1,5 @@
 from django.core.exceptions import ValidationError
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.models import Token
@@ -8,9 +9,10 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import APIException
 from rest_framework.exceptions import ValidationError as ApiValidationError
 from rest_framework.parsers import MultiPartParser
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
 
 from diagnosis import callbacks, selectors, services
 from diagnosis.api.authentication import expires_at, token_expired
@@ -177,3 +179,14 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         detail = counted(len(instance.analyses.all()), "cell")
         record_access(request=self.request, action=AccessEvent.Action.DELETED, batch=instance, detail=detail)
         services.delete_batch(batch=instance)
+
+
+class OperationsStatusView(APIView):
+    """Staff only: queue depth and age, the last day's throughput, failures and turnaround, and
+    callbacks waiting or failed; counts, no patient data. For a monitoring system's service account."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request):
+        return Response(selectors.operations_status())
