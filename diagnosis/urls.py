@@ -18,6 +18,7 @@ urlpatterns = [
     path("analyses/<int:pk>/", views.analysis_detail, name="analysis"),
     path("analyses/<int:pk>/delete/", views.analysis_delete, name="analysis-delete"),
     re_path(r"^analyses/(?P<pk>[0-9]+)/(?P<kind>image|overlay|thumbnail)/$", views.analysis_file, name="analysis-file"),
+    path("account/api-token/", views.api_token, name="api-token"),
     path("review/", review.queue, name="review-queue"),
     path("review/<int:pk>/", review.review, name="review"),
 ]

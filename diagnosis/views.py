@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods
 
-from diagnosis import selectors, services
+from diagnosis import selectors, services, tokens
 from diagnosis.audit import counted, record_access
 from diagnosis.files import protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
@@ -131,6 +131,27 @@ def analysis_file(request, pk: int, kind: str):
     if kind != "thumbnail":  # thumbnails come in bulk with the lists, which are not recorded either
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
     return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_token(request):
+    """The user's API token for a lab system: when it expires; issue a new one (shown once) or revoke it."""
+    issued = None
+    if request.method == "POST":
+        if request.POST.get("action") == "revoke":
+            tokens.revoke_token(user=request.user)
+            messages.success(request, "API token revoked: the key no longer works.")
+            return redirect("diagnosis:api-token")
+        issued = tokens.new_token(user=request.user)
+    token = issued or tokens.current_token(user=request.user)
+    context = {
+        "token": token,
+        "issued": issued,
+        "expires_at": tokens.expires_at(token) if token else None,
+        "expired": bool(token) and tokens.token_expired(token),
+    }
+    return render(request, "diagnosis/api_token.html", context)
 
 
 @require_GET

@@ -66,3 +66,29 @@ def test_bad_credentials_issue_nothing(user, password):
     response = APIClient().post("/api/auth/token/", {"username": user.username, "password": password})
     assert response.status_code == 400 and response.json()["detail"]
     assert not Token.objects.filter(user=user).exists()
+
+
+def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(client, settings, user, other_user):
+    settings.API_TOKEN_DAYS = 30
+    theirs = issue(other_user)["token"]
+    client.force_login(user)
+    assert "You have no API token." in client.get("/account/api-token/").content.decode()
+
+    page = client.post("/account/api-token/", {"action": "issue"}).content.decode()
+    key = Token.objects.get(user=user).key
+    assert f'<code id="token-key">{key}</code>' in page and status_with(key) == 200
+
+    later = client.get("/account/api-token/").content.decode()
+    assert key not in later and f"…{key[-4:]}" in later  # the whole key is shown only once
+    until = timezone.localtime(Token.objects.get(user=user).created + timedelta(days=30))
+    assert f"It works until {until:%Y-%m-%d %H:%M}." in later
+
+    replaced = client.post("/account/api-token/", {"action": "issue"}).content.decode()
+    new = Token.objects.get(user=user).key
+    assert new != key and new in replaced and status_with(key) == 401 and status_with(new) == 200
+
+    age(new, 31)
+    assert "It has expired" in client.get("/account/api-token/").content.decode()
+    revoked = client.post("/account/api-token/", {"action": "revoke"}, follow=True).content.decode()
+    assert "API token revoked" in revoked and "You have no API token." in revoked
+    assert status_with(new) == 401 and status_with(theirs) == 200

@@ -16,6 +16,7 @@ from django.apps import apps
 from django.contrib.auth.models import Group
 from django.utils import timezone
 from playwright.sync_api import expect, sync_playwright
+from rest_framework.test import APIClient
 
 from diagnosis.exports import CSV_COLUMNS
 from diagnosis.models import Analysis, Batch, private_storage
@@ -390,3 +391,21 @@ def test_dashboard_filters_survive_pagination(open_page, user, other_user):
     expect(pager).to_contain_text("Page 1 of 1 (6 analyses)")
     assert not overflows_horizontally(page)
     screenshot(page, "dashboard_tablet")
+
+
+def test_a_lab_system_key_is_issued_on_the_account_page_and_works(open_page, user):
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="API token").click()
+    expect(page.locator("#no-token")).to_be_visible()
+    page.get_by_role("button", name="Issue a key").click()
+    key = page.locator("#token-key").inner_text()
+    expect(page.locator("#token-expiry")).to_contain_text("It works until")
+    assert not overflows_horizontally(page)
+    screenshot(page, "api_token")
+    assert APIClient().get("/api/batches/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
+
+    page.get_by_role("button", name="Revoke").click()
+    expect(page.locator(".flash")).to_contain_text("API token revoked")
+    expect(page.locator("#no-token")).to_be_visible()
+    assert APIClient().get("/api/batches/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 401

@@ -56,7 +56,7 @@ PUBLIC = [
     "logout",
     "api:api-root",
 ]
-LOGIN_ONLY = ["password_change", "password_change_done"]
+LOGIN_ONLY = ["password_change", "password_change_done", "diagnosis:api-token"]
 ADMIN_PREFIX = "admin:"
 IGNORED_SUFFIXES = ("-format",)  # DRF's `.json` suffix routes mirror the ones above
 

@@ -1,22 +1,9 @@
 """API tokens that expire: a key copied into a lab system's configuration should not work forever."""
 
-from datetime import datetime, timedelta
-
-from django.conf import settings
-from django.utils import timezone
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 
-
-def expires_at(token) -> datetime | None:
-    """When the token stops working: API_TOKEN_DAYS after it was issued; never for zero or less."""
-    days = settings.API_TOKEN_DAYS
-    return token.created + timedelta(days=days) if days > 0 else None
-
-
-def token_expired(token) -> bool:
-    end = expires_at(token)
-    return end is not None and end <= timezone.now()
+from diagnosis.tokens import token_expired
 
 
 class ExpiringTokenAuthentication(TokenAuthentication):

@@ -2,7 +2,6 @@ from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
-from rest_framework.authtoken.models import Token
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
@@ -14,8 +13,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from diagnosis import callbacks, selectors, services
-from diagnosis.api.authentication import expires_at, token_expired
+from diagnosis import callbacks, selectors, services, tokens
 from diagnosis.api.serializers import (
     AnalysisSerializer,
     AnalysisUploadSerializer,
@@ -51,16 +49,12 @@ class TokenView(ObtainAuthToken):
     def post(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        user = serializer.validated_data["user"]
-        token, _ = Token.objects.get_or_create(user=user)
-        if token_expired(token):
-            token.delete()
-            token = Token.objects.create(user=user)
-        return Response({"token": token.key, "expires_at": expires_at(token)})
+        token = tokens.working_token(user=serializer.validated_data["user"])
+        return Response({"token": token.key, "expires_at": tokens.expires_at(token)})
 
     @extend_schema(request=None, responses={204: None})
     def delete(self, request):
-        Token.objects.filter(user=request.user).delete()
+        tokens.revoke_token(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
