@@ -51,7 +51,9 @@ class Batch(models.Model):
 
     @property
     def callback_host(self) -> str:
-        return urlsplit(self.callback_url).netloc
+        """Host and port only: a URL may carry credentials, which pages and the trail must not show."""
+        parts = urlsplit(self.callback_url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
 
 
 class Analysis(models.Model):

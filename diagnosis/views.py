@@ -8,6 +8,7 @@ from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import urlencode
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services, tokens
@@ -133,6 +134,7 @@ def analysis_file(request, pk: int, kind: str):
     return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
 
 
+@never_cache  # the page can hold a new key: no copy of it may stay in a shared workstation's cache
 @login_required
 @require_http_methods(["GET", "POST"])
 def api_token(request):

@@ -74,8 +74,9 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
     client.force_login(user)
     assert "You have no API token." in client.get("/account/api-token/").content.decode()
 
-    page = client.post("/account/api-token/", {"action": "issue"}).content.decode()
-    key = Token.objects.get(user=user).key
+    response = client.post("/account/api-token/", {"action": "issue"})
+    assert "no-store" in response["Cache-Control"]
+    page, key = response.content.decode(), Token.objects.get(user=user).key
     assert f'<code id="token-key">{key}</code>' in page and status_with(key) == 200
 
     later = client.get("/account/api-token/").content.decode()

@@ -148,6 +148,8 @@ def test_the_batch_page_says_where_the_results_go_and_whether_they_arrived(clien
     make_due(batch)
     callbacks.deliver(batch_id=batch.pk)
     assert f"sent {timezone.localtime(refreshed(batch).callback_delivered_at):%Y-%m-%d %H:%M}" in page()
+    Batch.objects.filter(pk=batch.pk).update(callback_url=receiver.url.replace("//", "//lis:s3cret@"))
+    assert f"Results for the lab system ({host})" in page() and "s3cret" not in page()
     plain = services.create_batch(owner=user, uploads=[upload()])
     assert "Results for the lab system" not in client.get(f"/batches/{plain.pk}/").content.decode()
 
