@@ -15,12 +15,13 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from diagnosis import selectors
@@ -109,13 +110,24 @@ def deliver(*, batch_id: int) -> bool:
 def retry(*, batch: Batch) -> bool:
     """failed -> pending with a fresh count of attempts, e.g. once the lab system is back. Only a
     failed callback can be retried: a pending one is still being tried, a delivered one arrived."""
-    restarted = Batch.objects.filter(pk=batch.pk, callback_state=Batch.CallbackState.FAILED).update(
-        callback_state=Batch.CallbackState.PENDING, callback_attempts=0, callback_due_at=None, callback_error=""
-    )
+    restarted = _restart(Batch.objects.filter(pk=batch.pk), from_states=[Batch.CallbackState.FAILED])
     if restarted:
         logger.info("event=callback_retry batch_id=%s", batch.pk)
         _enqueue(batch.pk)
     return bool(restarted)
+
+
+def send_again(*, batch_ids: Iterable[int]) -> int:
+    """delivered or failed -> pending: these batches have new results (cells analysed again), which
+    go out once every cell is finished, as the first ones did."""
+    finished = [Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
+    return _restart(Batch.objects.filter(pk__in=batch_ids), from_states=finished)
+
+
+def _restart(batches: QuerySet[Batch], *, from_states: list[str]) -> int:
+    return batches.filter(callback_state__in=from_states).update(
+        callback_state=Batch.CallbackState.PENDING, callback_attempts=0, callback_due_at=None, callback_error=""
+    )
 
 
 def retry_pause(attempts: int) -> timedelta:

@@ -12,11 +12,11 @@ from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from PIL import Image
 
-from diagnosis.callbacks import check_callback_url
+from diagnosis.callbacks import check_callback_url, send_again
 from diagnosis.models import Analysis, Batch, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
@@ -211,6 +211,34 @@ def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
         logger.info("event=requeue count=%s analysis_ids=%s", len(ids), ids)
         enqueue_analyses(analysis_ids=ids)
     return len(ids)
+
+
+def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
+    """failed -> queued for those of ``analyses`` that failed (the model file was missing, the
+    image unreadable until restored, a worker kept dying): result fields cleared, sent to the
+    worker again. Others are left alone. A batch whose callback has gone out (or given up) is set
+    to send again, so the lab system gets the new results. Returns the ids queued again."""
+    failed = Analysis.Status.FAILED
+    with transaction.atomic():
+        ids = list(analyses.select_for_update().filter(status=failed).values_list("pk", flat=True))
+        Analysis.objects.filter(pk__in=ids, status=failed).update(
+            status=Analysis.Status.QUEUED,
+            error="",
+            label="",
+            probability_parasitized=None,
+            decision_threshold=None,
+            model_version="",
+            inference_ms=None,
+            claimed_by_task="",
+            enqueued_at=None,
+            started_at=None,
+            finished_at=None,
+        )
+        send_again(batch_ids=Analysis.objects.filter(pk__in=ids).values_list("batch_id", flat=True))
+        if ids:
+            logger.info("event=retry analysis_ids=%s", ids)
+            transaction.on_commit(lambda: enqueue_analyses(analysis_ids=ids))
+    return ids
 
 
 def delete_analysis(*, analysis: Analysis) -> None:

@@ -9,7 +9,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from diagnosis import selectors, services, tokens
 from diagnosis.audit import counted, record_access
@@ -123,6 +123,26 @@ def batch_delete(request, pk: int):
     subject = f"batch #{pk}" + (f" ({batch.sample_reference})" if batch.sample_reference else "")
     context = {"subject": subject, "cells": batch.analyses.count(), "cancel_url": reverse("diagnosis:batch", args=[pk])}
     return render(request, "diagnosis/confirm_delete.html", context)
+
+
+@login_required
+@require_POST
+def analysis_retry(request, pk: int):
+    analysis = selectors.get_analysis(user=request.user, pk=pk)
+    if services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=analysis.pk)):
+        messages.success(request, f"{analysis.original_filename} is queued for analysis again.")
+    else:
+        messages.info(request, f"{analysis.original_filename} has not failed: nothing to try again.")
+    return redirect("diagnosis:analysis", pk=pk)
+
+
+@login_required
+@require_POST
+def batch_retry(request, pk: int):
+    batch = selectors.get_batch(user=request.user, pk=pk)
+    retried = services.retry_failed_analyses(analyses=batch.analyses.all())
+    messages.success(request, f"{len(retried)} failed cell(s) queued for analysis again.")
+    return redirect("diagnosis:batch", pk=pk)
 
 
 @login_required

@@ -26,9 +26,15 @@ OWNED = {
     "api:analysis-file": "analysis-file",
     "api:batch-detail": "batch",
 }
-# POST-only actions on an owned object -> (object, the owner's status: past the lookup, 409 here
-# since the batch has no failed callback to retry).
-OWNED_ACTIONS = {"api:batch-callback-retry": ("batch", 409)}
+# POST-only actions on an owned object -> (object, the owner's status: past the lookup; 409 or a
+# redirect with a message where there is nothing to retry, as the owned analysis is done).
+OWNED_ACTIONS = {
+    "api:batch-callback-retry": ("batch", 409),
+    "api:analysis-retry": ("analysis", 409),
+    "api:batch-retry-failed": ("batch", 202),
+    "diagnosis:analysis-retry": ("analysis", 302),
+    "diagnosis:batch-retry": ("batch", 302),
+}
 # For staff only (counts across users, no patient data): everyone else gets 403, tested in test_ops.py.
 STAFF_ONLY = ["api:ops-status"]
 # Lists scoped to the user: another user gets 200 but must not see the owner's items.

@@ -109,6 +109,15 @@ class AnalysisViewSet(
         record_access(request=self.request, action=AccessEvent.Action.DELETED, analysis=instance, detail="1 cell")
         services.delete_analysis(analysis=instance)
 
+    @extend_schema(request=None, responses={202: AnalysisSerializer})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        """Send a failed analysis to the worker again (409 unless it failed)."""
+        analysis = self.get_object()
+        if not services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=analysis.pk)):
+            raise Conflict(f"Only a failed analysis can be tried again; this one is {analysis.get_status_display()}.")
+        return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+
     @extend_schema(operation_id="analyses_file_retrieve", responses={(200, "image/png"): bytes})
     @action(detail=True, methods=["get"], url_path=r"(?P<kind>image|overlay)", url_name="file")
     def file(self, request, pk=None, kind="image"):
@@ -152,6 +161,13 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         detail = counted(len(batch.analyses.all()), "image")
         record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
         return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: BatchSerializer})
+    @action(detail=True, methods=["post"], url_path="retry-failed", url_name="retry-failed")
+    def retry_failed(self, request, pk=None):
+        """Send the batch's failed analyses to the worker again (none failed: nothing changes)."""
+        services.retry_failed_analyses(analyses=self.get_object().analyses.all())
+        return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: BatchSerializer})
     @action(detail=True, methods=["post"], url_path="callback/retry", url_name="callback-retry")
