@@ -67,6 +67,7 @@ class RecordedDeletionAdmin(admin.ModelAdmin):
 @admin.register(Analysis)
 class AnalysisAdmin(RecordedDeletionAdmin):
     form = ReviewAdminForm
+    actions = ["retry_failed"]
     list_display = [
         "id",
         "thumb",
@@ -139,6 +140,11 @@ class AnalysisAdmin(RecordedDeletionAdmin):
     @admin.display(description="Reviewed", boolean=True, ordering="reviewed_at")
     def reviewed(self, obj):
         return bool(obj.review_verdict)
+
+    @admin.action(description="Analyse the selected failed analyses again")
+    def retry_failed(self, request, queryset):
+        retried = services.retry_failed_analyses(analyses=queryset)
+        self.message_user(request, f"{len(retried)} failed analyses queued again; the others were left alone.")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         analysis = self.get_object(request, object_id) if request.method == "GET" else None

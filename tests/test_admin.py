@@ -77,3 +77,16 @@ def test_disagreement_without_a_corrected_label_is_a_form_error(admin_client, fi
     assert response.status_code == 200 and "corrected label" in response.content.decode()
     finished.refresh_from_db()
     assert finished.review_verdict == ""
+
+
+def test_admins_send_failed_analyses_of_any_user_back_to_the_worker(admin_client, finished, other_user):
+    failed = create_analysis(owner=other_user, upload=upload("broken.png"))
+    Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Model unavailable: no weights")
+    response = admin_client.post(
+        "/admin/diagnosis/analysis/",
+        {"action": "retry_failed", "_selected_action": [str(failed.pk), str(finished.pk)]},
+        follow=True,
+    )
+    assert "1 failed analyses queued again; the others were left alone." in response.content.decode()
+    assert Analysis.objects.get(pk=failed.pk).status == "queued" and Analysis.objects.get(pk=failed.pk).error == ""
+    assert Analysis.objects.get(pk=finished.pk).status == "done"
