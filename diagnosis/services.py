@@ -220,7 +220,7 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
     to send again, so the lab system gets the new results. Returns the ids queued again."""
     failed = Analysis.Status.FAILED
     with transaction.atomic():
-        ids = list(analyses.select_for_update().filter(status=failed).values_list("pk", flat=True))
+        ids = list(analyses.select_for_update(of=("self",)).filter(status=failed).values_list("pk", flat=True))
         Analysis.objects.filter(pk__in=ids, status=failed).update(
             status=Analysis.Status.QUEUED,
             error="",
