@@ -76,9 +76,9 @@ def deliver(*, batch_id: int) -> bool:
         .filter(pk=batch_id)
         .update(callback_due_at=timezone.now() + LEASE, callback_attempts=F("callback_attempts") + 1)
     )
-    if not claimed:
+    batch = Batch.objects.filter(pk=batch_id).first() if claimed else None
+    if batch is None:  # not due, another attempt holds it, or deleted in between
         return False
-    batch = Batch.objects.get(pk=batch_id)
     body = json.dumps(_payload(batch)).encode()
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
