@@ -10,14 +10,17 @@ import re
 import signal
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.apps import apps
 from django.contrib.auth.models import Group
+from django.db import transaction
 from django.utils import timezone
 from playwright.sync_api import expect, sync_playwright
 from rest_framework.test import APIClient
 
+from diagnosis import services
 from diagnosis.exports import CSV_COLUMNS
 from diagnosis.models import Analysis, Batch, private_storage
 from tests.browser import (
@@ -31,7 +34,7 @@ from tests.browser import (
     watch_for_errors,
 )
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, UserFactory
+from tests.factories import PASSWORD, UserFactory, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -409,3 +412,36 @@ def test_a_lab_system_key_is_issued_on_the_account_page_and_works(open_page, use
     expect(page.locator(".flash")).to_contain_text("API token revoked")
     expect(page.locator("#no-token")).to_be_visible()
     assert APIClient().get("/api/batches/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 401
+
+
+def test_a_cell_that_fails_while_the_batch_page_is_open_can_be_sent_again_from_it(
+    open_page, celery_worker_process, user
+):
+    cells = fixture_cells()[:2]
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    with paused(celery_worker_process):
+        with transaction.atomic():
+            batch = services.create_batch(owner=user, uploads=[upload(p.name, p.read_bytes()) for p in cells])
+            broken = batch.analyses.get(original_filename=cells[0].name)
+            stored = Path(broken.image.path)
+            original = stored.read_bytes()
+            stored.write_bytes(b"lost to a storage fault")
+        page.goto(f"/batches/{batch.pk}/")
+        retry = page.get_by_role("button", name=re.compile("Analyse the failed cells again"))
+        expect(retry).to_be_hidden()
+
+    # The page learns of the failure by polling and offers the retry without a reload.
+    expect(page.locator("#progress-text")).to_contain_text("2 / 2 done", timeout=ANALYSIS_TIMEOUT_MS)
+    expect(page.locator("#progress-text")).to_contain_text("1 failed")
+    expect(retry).to_be_visible()
+    expect(retry).to_have_text("Analyse the failed cells again (1)")
+
+    stored.write_bytes(original)  # the fault is repaired
+    retry.click()
+    expect(page.locator(".flash")).to_have_text("1 failed cell(s) queued for analysis again.")
+    expect(page.locator("#progress-text")).to_contain_text("2 / 2 done", timeout=ANALYSIS_TIMEOUT_MS)
+    expect(page.locator("#progress-text")).to_contain_text("0 failed")
+    expect(retry).to_be_hidden()
+    broken.refresh_from_db()
+    assert broken.status == Analysis.Status.DONE and broken.error == ""

@@ -42,9 +42,10 @@
 
   function applyCounts(counts) {
     for (const [key, value] of Object.entries(counts)) {
-      const el = progress.querySelector('[data-count="' + key + '"]');
-      if (el) el.textContent = value;
+      progress.querySelectorAll('[data-count="' + key + '"]').forEach((el) => { el.textContent = value; });
     }
+    // A cell that fails while the page is open offers the retry at once, not after a reload.
+    progress.querySelector("[data-retry-block]").hidden = !counts.failed;
     const bar = document.getElementById("progress-bar");
     bar.max = counts.total; bar.value = counts.finished;
     const block = progress.querySelector("[data-parasitemia-block]");
