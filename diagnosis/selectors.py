@@ -13,7 +13,9 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from diagnosis.models import Analysis, Batch
+from diagnosis.models import AccessEvent, Analysis, Batch
+
+ACCESS_HISTORY_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,23 @@ def batches_with_counts(*, user: AbstractBaseUser, search: str = "", sample_refe
     if sample_reference:
         batches = batches.filter(sample_reference__iexact=sample_reference.strip())
     return batches.annotate(**_analysis_counts("analyses__")).order_by("-created_at", "-id")
+
+
+def access_history(*, analysis: Analysis | None = None, batch: Batch | None = None) -> tuple[list[AccessEvent], int]:
+    """The latest trail entries about a record its owner has opened, and how many there are in all.
+
+    A cell's history includes its batch's batch-wide entries (opening the batch page, CSV exports,
+    printed reports, callbacks), since each of those disclosed the cell too; a batch's history is
+    those batch-wide entries alone. Callers pass a record already fetched for its owner.
+    """
+    if analysis is not None:
+        about = Q(analysis_id=analysis.pk)
+        if analysis.batch_id:
+            about |= Q(batch_id=analysis.batch_id, analysis_id__isnull=True)
+    else:
+        about = Q(batch_id=batch.pk, analysis_id__isnull=True)
+    events = AccessEvent.objects.filter(about)
+    return list(events[:ACCESS_HISTORY_SHOWN]), events.count()
 
 
 def operations_status() -> dict:

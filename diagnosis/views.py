@@ -80,7 +80,12 @@ def batch_detail(request, pk: int):
     # Read before the counts (see batch_status), so the page never shows every cell finished under
     # counts from an earlier moment, which it would then never update.
     analyses = list(selectors.batch_analyses_by_suspicion(batch=batch))
-    context = {"batch": batch, "analyses": analyses, "counts": selectors.batch_counts(batch=batch)}
+    context = {
+        "batch": batch,
+        "analyses": analyses,
+        "counts": selectors.batch_counts(batch=batch),
+        "history": selectors.access_history(batch=batch),
+    }
     return render(request, "diagnosis/batch.html", context)
 
 
@@ -89,7 +94,8 @@ def batch_detail(request, pk: int):
 def analysis_detail(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
     record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
-    return render(request, "diagnosis/analysis.html", {"analysis": analysis})
+    context = {"analysis": analysis, "history": selectors.access_history(analysis=analysis)}
+    return render(request, "diagnosis/analysis.html", context)
 
 
 @login_required

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import re
 
 import pytest
 from django.contrib.auth.models import Group
@@ -174,3 +175,45 @@ def test_admins_export_the_trail_as_csv_safe_for_spreadsheets(admin_client, cell
     assert rows[0][:3] == ["at", "username", "action"] and len(rows) == 3
     assert rows[1][1:4] == ["'=cmd|calc", "viewed", "web"]  # oldest first; a formula is defused
     assert rows[2][1:5] == ["admin", "viewed", "admin", str(cell.pk)]
+
+
+def history_rows(page: str) -> list[str]:
+    """The access-history table's body rows as text, newest first (cells joined by |)."""
+    body = page.split('id="access-history"')[1].split("<tbody>")[1].split("</tbody>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)
+    return ["|".join(re.sub(r"<[^>]+>", "", td) for td in re.findall(r"<td>(.*?)</td>", row)) for row in rows]
+
+
+def test_the_owner_sees_who_opened_a_cell_and_its_batch(client, user, batch, cell):
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    client.force_login(reviewer)
+    client.post(f"/review/{cell.pk}/", {"verdict": "agree"})
+    client.force_login(user)
+    client.get(f"/batches/{batch.pk}/export.csv")
+    client.get(f"/analyses/{batch.analyses.get(original_filename='b.png').pk}/")  # another cell: not in a's history
+
+    page = client.get(f"/analyses/{cell.pk}/").content.decode()
+    assert "Who has opened this cell (3 records)" in page
+    rows = history_rows(page)
+    assert [row.split("|")[1:] for row in rows] == [
+        [user.username, "viewed", "web"],
+        [user.username, "exported the batch (CSV)", "web"],
+        [reviewer.username, "reviewed (agree)", "web"],
+    ]
+    assert "127.0.0.1" not in page.split('id="access-history"')[1]  # addresses stay with the administrators
+
+    rows = history_rows(client.get(f"/batches/{batch.pk}/").content.decode())
+    assert [row.split("|")[2] for row in rows] == ["viewed", "exported (CSV)"]
+
+
+def test_a_long_history_shows_the_latest_entries_and_says_how_many_there_are(client, user, cell):
+    AccessEvent.objects.bulk_create(
+        AccessEvent(username=f"clinician-{k}", action=Action.DOWNLOADED, channel="api", analysis_id=cell.pk)
+        for k in range(30)
+    )
+    client.force_login(user)
+    page = client.get(f"/analyses/{cell.pk}/").content.decode()
+    assert "Who has opened this cell (31 records)" in page and "the latest 20 are shown here" in page
+    rows = history_rows(page)
+    assert len(rows) == 20 and rows[0].split("|")[1] == user.username

@@ -220,6 +220,12 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     slider.blur()
     assert not broken_images(page) and not overflows_horizontally(page)
     screenshot(page, "analysis", docs=True)
+    history = page.locator("#access-history")
+    history.get_by_text("Who has opened this cell").click()  # folded away until asked for
+    expect(history.locator("tbody")).to_contain_text("downloaded (overlay)")
+    expect(history.locator("tbody")).to_contain_text("viewed the batch")
+    screenshot(page, "analysis_history")
+    assert not overflows_horizontally(page)
 
     # 4. Export the batch as CSV.
     page.get_by_role("link", name="← Back").click()
