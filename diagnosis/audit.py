@@ -3,9 +3,10 @@
 Views call ``record_access`` once a lookup has succeeded (a 404 for someone else's id opens
 nothing, so records nothing). Lists and the live-status polls are not recorded: they are the
 owner's own overview and would drown the trail; thumbnails are not either, for the same reason.
-A lab system polling a batch until it finishes would drown it too, so a viewing that repeats one
-by the same user, of the same record, through the same channel within REPEAT_WINDOW is not
-recorded again; every other action always is.
+A lab system polling a batch until it finishes would drown it too, as would the batch grid's
+heatmap previews on hover, so a viewing or download that repeats one by the same user, of the
+same record and file, through the same channel within REPEAT_WINDOW is not recorded again; every
+other action always is.
 """
 
 import ipaddress
@@ -17,6 +18,7 @@ from django.utils import timezone
 from diagnosis.models import AccessEvent, Analysis, Batch
 
 REPEAT_WINDOW = timedelta(minutes=10)
+REPEATABLE = (AccessEvent.Action.VIEWED, AccessEvent.Action.DOWNLOADED)
 
 
 def record_access(
@@ -39,7 +41,7 @@ def record_access(
         detail=detail[:200],
         client_ip=_client_ip(request),
     )
-    if action == AccessEvent.Action.VIEWED and _seen_recently(event):
+    if action in REPEATABLE and _seen_recently(event):
         return None
     event.save()
     return event

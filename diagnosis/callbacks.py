@@ -2,11 +2,14 @@
 is finished, instead of polling.
 
 Only hosts named in CALLBACK_ALLOWED_HOSTS can be called (the server must not be made to reach
-arbitrary addresses), redirects are not followed, and each body is signed with HMAC-SHA256 under
-CALLBACK_SECRET (``X-Malaria-Signature: sha256=<hex>``). Delivery is at least once: an attempt is
-claimed with a conditional update that also sets a lease, so a duplicate task does nothing, and
-a failed attempt is tried again by the sweeper after 1, 2, 4, ... minutes, up to
-CALLBACK_MAX_ATTEMPTS. The state moves pending -> delivered, or pending -> failed.
+arbitrary addresses; the list is checked again before every attempt, so removing a host stops
+its deliveries), redirects are not followed, and each body is signed with HMAC-SHA256 under
+CALLBACK_SECRET (``X-Malaria-Signature: sha256=<hex>``), without which callbacks are off. Delivery
+is at least once: an attempt is claimed with a conditional update that also sets a lease, so a
+duplicate task does nothing, and a failed attempt is tried again by the sweeper after 1, 2, 4, ...
+minutes, up to CALLBACK_MAX_ATTEMPTS. The state moves pending -> delivered, or pending -> failed;
+an attempt records its outcome only while it still holds its lease, so a restart (cells analysed
+again) while it is under way makes the batch go out again once those cells are finished.
 """
 
 import hashlib
@@ -40,6 +43,8 @@ def check_callback_url(url: str) -> str:
     allowed = {host.lower() for host in settings.CALLBACK_ALLOWED_HOSTS}
     if not allowed:
         raise ValidationError("Callbacks are not enabled on this server (CALLBACK_ALLOWED_HOSTS is empty).")
+    if not settings.CALLBACK_SECRET:
+        raise ValidationError("Callbacks are not enabled on this server (CALLBACK_SECRET is not set).")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("The callback URL must be an http or https URL.")
@@ -71,13 +76,23 @@ def requeue_due_callbacks() -> int:
 
 def deliver(*, batch_id: int) -> bool:
     """One attempt, if this caller wins it. True once the receiver has answered 2xx."""
-    claimed = (
-        _due()
-        .filter(pk=batch_id)
-        .update(callback_due_at=timezone.now() + LEASE, callback_attempts=F("callback_attempts") + 1)
-    )
+    lease = timezone.now() + LEASE
+    claimed = _due().filter(pk=batch_id).update(callback_due_at=lease, callback_attempts=F("callback_attempts") + 1)
     batch = Batch.objects.filter(pk=batch_id).first() if claimed else None
     if batch is None:  # not due, another attempt holds it, or deleted in between
+        return False
+    # The outcome is written only while this attempt's lease stands: a restart clears it.
+    held = Batch.objects.filter(
+        pk=batch_id,
+        callback_state=Batch.CallbackState.PENDING,
+        callback_due_at=lease,
+        callback_attempts=batch.callback_attempts,
+    )
+    try:
+        check_callback_url(batch.callback_url)
+    except ValidationError as refusal:  # the host was removed from the list since the batch came
+        held.update(callback_state=Batch.CallbackState.FAILED, callback_due_at=None, callback_error=refusal.message)
+        logger.warning("event=callback_refused batch_id=%s error=%r", batch_id, refusal.message)
         return False
     body = json.dumps(_payload(batch)).encode()
     try:
@@ -86,19 +101,18 @@ def deliver(*, batch_id: int) -> bool:
     except OSError as failure:  # refused, unreachable, timed out, TLS
         cause = getattr(failure, "reason", failure)  # urllib wraps the socket's error in a URLError
         error = f"{cause.__class__.__name__}: {cause}"
-    pending = Batch.objects.filter(pk=batch_id, callback_state=Batch.CallbackState.PENDING)
     if not error:
-        pending.update(
+        held.update(
             callback_state=Batch.CallbackState.DELIVERED,
             callback_delivered_at=timezone.now(),
             callback_due_at=None,
             callback_error="",
         )
-        record_callback(batch=batch)
+        record_callback(batch=batch)  # sent, whether or not newer results will follow
         logger.info("event=callback_delivered batch_id=%s attempts=%s", batch_id, batch.callback_attempts)
         return True
     given_up = batch.callback_attempts >= settings.CALLBACK_MAX_ATTEMPTS
-    pending.update(
+    held.update(
         callback_state=Batch.CallbackState.FAILED if given_up else Batch.CallbackState.PENDING,
         callback_due_at=None if given_up else timezone.now() + retry_pause(batch.callback_attempts),
         callback_error=error[:300],
@@ -118,10 +132,11 @@ def retry(*, batch: Batch) -> bool:
 
 
 def send_again(*, batch_ids: Iterable[int]) -> int:
-    """delivered or failed -> pending: these batches have new results (cells analysed again), which
-    go out once every cell is finished, as the first ones did."""
-    finished = [Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
-    return _restart(Batch.objects.filter(pk__in=batch_ids), from_states=finished)
+    """Any state -> pending with no lease: these batches have new results (cells analysed again),
+    which go out once every cell is finished, as the first ones did. An attempt under way for a
+    pending one loses its lease, so it cannot mark the batch delivered with the old results."""
+    states = [Batch.CallbackState.PENDING, Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
+    return _restart(Batch.objects.filter(pk__in=batch_ids), from_states=states)
 
 
 def _restart(batches: QuerySet[Batch], *, from_states: list[str]) -> int:
@@ -135,8 +150,8 @@ def retry_pause(attempts: int) -> timedelta:
 
 
 def signature(body: bytes) -> str:
-    secret = (settings.CALLBACK_SECRET or settings.SECRET_KEY).encode()
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    # Never SECRET_KEY: the receiving system holds this key, and Django's key signs sessions.
+    return "sha256=" + hmac.new(settings.CALLBACK_SECRET.encode(), body, hashlib.sha256).hexdigest()
 
 
 def _due():

@@ -19,3 +19,4 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 # Batch callbacks go to a receiver the tests run on this machine.
 CALLBACK_ALLOWED_HOSTS = ["127.0.0.1"]
+CALLBACK_SECRET = "key-shared-with-the-test-receiver"

@@ -110,16 +110,23 @@ def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cel
     ]
 
 
-def test_a_lab_system_polling_a_batch_is_recorded_once_per_window_but_every_download_is(user, batch, cell):
+def test_repeated_polls_and_downloads_are_recorded_once_per_window_and_per_file(user, batch, cell):
     api = APIClient()
     api.force_authenticate(user)
     for _ in range(3):
         assert api.get(f"/api/batches/{batch.pk}/").status_code == 200
         assert api.get(f"/api/analyses/{cell.pk}/overlay/").status_code == 200
-    assert [action for _, action, *_ in trail()] == [Action.VIEWED] + [Action.DOWNLOADED] * 3
-    AccessEvent.objects.filter(action=Action.VIEWED).update(at=timezone.now() - audit.REPEAT_WINDOW)
+    assert api.get(f"/api/analyses/{cell.pk}/image/").status_code == 200  # another file: recorded
+    assert [(action, detail) for _, action, _, _, _, detail in trail()] == [
+        (Action.VIEWED, ""),
+        (Action.DOWNLOADED, "overlay"),
+        (Action.DOWNLOADED, "image"),
+    ]
+    AccessEvent.objects.update(at=timezone.now() - audit.REPEAT_WINDOW)
     api.get(f"/api/batches/{batch.pk}/")
+    api.get(f"/api/analyses/{cell.pk}/overlay/")
     assert AccessEvent.objects.filter(action=Action.VIEWED).count() == 2
+    assert AccessEvent.objects.filter(action=Action.DOWNLOADED).count() == 3
 
 
 def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_the_owner(client, user, cell):

@@ -84,7 +84,7 @@ def test_the_worker_posts_a_signed_result_when_the_last_cell_is_finished(celery_
     wait_for(lambda: receiver.received, timeout=120)
     (call,) = receiver.received
     assert call.path == "/results" and call.headers["X-Malaria-Batch"] == str(batch_id)
-    expected = "sha256=" + hmac.new(settings.SECRET_KEY.encode(), call.body, hashlib.sha256).hexdigest()
+    expected = "sha256=" + hmac.new(settings.CALLBACK_SECRET.encode(), call.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(call.headers["X-Malaria-Signature"], expected)
 
     payload = json.loads(call.body)["batch"]
@@ -219,3 +219,48 @@ def test_a_failed_callback_can_be_retried_through_the_api_and_admin_and_nothing_
     )
     assert "1 failed callback(s) will be tried again." in response.content.decode()
     assert refreshed(batch).callback_state == State.DELIVERED and len(receiver.received) == 2
+
+
+def test_callbacks_stay_off_without_a_signing_key_of_their_own(settings, api_client):
+    settings.CALLBACK_SECRET = ""
+    response = api_client.post("/api/batches/", {"images": [upload()], "callback_url": "http://127.0.0.1/x"})
+    assert response.status_code == 400 and "CALLBACK_SECRET is not set" in response.json()["detail"]
+    assert not Batch.objects.exists()
+
+
+def test_a_host_removed_from_the_allowed_list_is_no_longer_called(settings, user, receiver):
+    batch = finished_batch(user, receiver.url)
+    settings.CALLBACK_ALLOWED_HOSTS = ["lis.example-hospital.org"]
+    assert not callbacks.deliver(batch_id=batch.pk)
+    refused = refreshed(batch)
+    assert receiver.received == [] and refused.callback_state == State.FAILED
+    assert "may not call 127.0.0.1" in refused.callback_error
+    make_due(batch)
+    assert not callbacks.deliver(batch_id=batch.pk) and receiver.received == []
+
+
+def test_cells_analysed_again_while_an_attempt_is_under_way_are_sent_once_finished(user, receiver, monkeypatch):
+    """The owner retries a failed cell while the lab system is still answering the first POST: that
+    attempt must not mark the batch delivered, or the new result would never be sent."""
+    batch = finished_batch(user, receiver.url)
+    failed = batch.analyses.get(original_filename="a.png")
+    Analysis.objects.filter(pk=failed.pk).update(status=Analysis.Status.FAILED, label="", error="Cannot read")
+    post = callbacks._post
+
+    def retried_during_the_post(url, body, *, batch_id):
+        services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=failed.pk))
+        return post(url, body, batch_id=batch_id)
+
+    monkeypatch.setattr(callbacks, "_post", retried_during_the_post)
+    assert callbacks.deliver(batch_id=batch.pk)  # the receiver did get the first results
+    monkeypatch.setattr(callbacks, "_post", post)
+    restarted = refreshed(batch)
+    assert (restarted.callback_state, restarted.callback_attempts) == (State.PENDING, 0)
+    assert json.loads(receiver.received[0].body)["batch"]["counts"]["failed"] == 1
+
+    assert not callbacks.deliver(batch_id=batch.pk)  # the cell is queued again: nothing to send yet
+    Analysis.objects.filter(pk=failed.pk).update(status=Analysis.Status.DONE, label="Parasitized", error="")
+    assert callbacks.deliver(batch_id=batch.pk)
+    second = json.loads(receiver.received[1].body)["batch"]
+    assert second["counts"]["failed"] == 0 and second["counts"]["parasitized"] == 1
+    assert refreshed(batch).callback_state == State.DELIVERED
