@@ -54,7 +54,7 @@ def create_batch(
             callback_state=Batch.CallbackState.PENDING if callback_url else Batch.CallbackState.NONE,
         )
         analyses = [_store_analysis(owner=owner, image=image, batch=batch, stored=stored) for image in images]
-        transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[a.pk for a in analyses]))
+        transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[a.pk for a in analyses]), robust=True)
     return batch
 
 
@@ -62,7 +62,7 @@ def create_analysis(*, owner: AbstractBaseUser, upload: UploadedFile) -> Analysi
     (image,) = _validate_all([upload])
     with _removing_files_on_error() as stored, transaction.atomic():
         analysis = _store_analysis(owner=owner, image=image, batch=None, stored=stored)
-        transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[analysis.pk]))
+        transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[analysis.pk]), robust=True)
     return analysis
 
 
@@ -120,8 +120,10 @@ def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:
         try:
             analyse_images.apply_async(args=[chunk], retry=True)
         except Exception:  # noqa: BLE001 - any broker failure must not lose the upload
-            logger.warning("event=enqueue_failed analysis_ids=%s; the sweeper will retry", chunk, exc_info=True)
-            continue
+            # The rest would wait out the same connection timeout each: the sweeper sends them all.
+            rest = list(analysis_ids[start:])
+            logger.warning("event=enqueue_failed analysis_ids=%s; the sweeper will retry", rest, exc_info=True)
+            return
         Analysis.objects.filter(pk__in=chunk, status=Analysis.Status.QUEUED).update(enqueued_at=timezone.now())
 
 
@@ -237,7 +239,7 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
         send_again(batch_ids=Analysis.objects.filter(pk__in=ids).values_list("batch_id", flat=True))
         if ids:
             logger.info("event=retry analysis_ids=%s", ids)
-            transaction.on_commit(lambda: enqueue_analyses(analysis_ids=ids))
+            transaction.on_commit(lambda: enqueue_analyses(analysis_ids=ids), robust=True)
     return ids
 
 

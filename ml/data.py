@@ -1,6 +1,7 @@
 """Listing a class-folder dataset, splitting it by patient group, and loading it into memory."""
 
 import random
+import re
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ def patient_group(file_name: str) -> str:
     return file_name.split("_IMG_", 1)[0]
 
 
+def patient(group: str) -> str:
+    """The patient behind a group: its ``C<n>P<m>`` code where the prefix has one, else the group.
+
+    One patient's smear was photographed on two microscopes and filed under two prefixes
+    (``C47P8thinOriginalOlympusCX21`` and ``C47P8thin_Original_Motic``); a split must keep them together.
+    """
+    code = re.match(r"C\d+P\d+", group, re.IGNORECASE)
+    return code.group(0).upper() if code else group
+
+
 def list_samples(data_dir: str | Path) -> list[Sample]:
     root = Path(data_dir)
     missing = [name for name in CLASS_NAMES if not (root / name).is_dir()]
@@ -49,11 +60,17 @@ def patient_groups(samples: Iterable[Sample]) -> set[str]:
 def split_by_patient(
     samples: Iterable[Sample], *, holdout_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
-    """Put whole patient groups on one side or the other, about ``holdout_fraction`` of groups held out."""
+    """Put whole patient groups on one side or the other, about ``holdout_fraction`` of groups held out.
+
+    Groups are drawn as they always were (so a seed gives the same split as before this rule); a
+    patient filed under several groups is held out only if all of them were drawn, else all are kept.
+    """
     samples = list(samples)
     groups = sorted(patient_groups(samples))
     random.Random(seed).shuffle(groups)
-    held_out = set(groups[: max(1, round(len(groups) * holdout_fraction))])
+    drawn = set(groups[: max(1, round(len(groups) * holdout_fraction))])
+    partly_kept = {patient(g) for g in groups if g not in drawn}
+    held_out = {g for g in drawn if patient(g) not in partly_kept}
     kept = [s for s in samples if s.patient_group not in held_out]
     holdout = [s for s in samples if s.patient_group in held_out]
     return kept, holdout

@@ -19,15 +19,16 @@ def main(argv=None) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):  # links left from another seed would mix two splits
+        parser.error(f"{out} is not empty; give a new folder")
 
     train, test = split_by_patient(list_samples(args.data), holdout_fraction=args.test_fraction, seed=args.seed)
     for part, samples in (("train", train), ("test", test)):
         for name in CLASS_NAMES:
-            (Path(args.out) / part / name).mkdir(parents=True, exist_ok=True)
+            (out / part / name).mkdir(parents=True, exist_ok=True)
         for sample in samples:
-            link = Path(args.out) / part / CLASS_NAMES[sample.label] / sample.path.name
-            if not link.exists():
-                link.symlink_to(sample.path.resolve())
+            (out / part / CLASS_NAMES[sample.label] / sample.path.name).symlink_to(sample.path.resolve())
         groups = len(patient_groups(samples))
         print(f"{part}: {len(samples)} images from {groups} patient groups")
 

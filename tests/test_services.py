@@ -1,8 +1,10 @@
 """State transitions: claiming is exclusive, results are recorded once, lost work is re-enqueued."""
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from django.db import OperationalError
 from django.utils import timezone
 
 from diagnosis import inference, services
@@ -79,3 +81,15 @@ def test_sweeper_requeues_lost_work_only(user, monkeypatch):
     stuck.refresh_from_db()
     assert stuck.status == "queued" and stuck.claimed_by_task == ""
     assert not services.claim_analysis(analysis_id=fresh.pk, task_id="someone-else")
+
+
+@pytest.mark.django_db(transaction=True)  # the upload really commits, so its on-commit hook really runs
+def test_a_failure_after_the_commit_keeps_the_stored_upload(user, monkeypatch):
+    def database_gone(*, analysis_ids):
+        raise OperationalError("database is locked")  # e.g. recording enqueued_at after the publish
+
+    monkeypatch.setattr(services, "enqueue_analyses", database_gone)
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")])
+    for analysis in batch.analyses.all():  # committed rows, queued for the sweeper, with their files
+        assert analysis.status == Analysis.Status.QUEUED and analysis.enqueued_at is None
+        assert Path(analysis.image.path).is_file() and Path(analysis.thumbnail.path).is_file()
