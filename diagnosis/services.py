@@ -1,6 +1,5 @@
 """Every write to analyses and batches goes through here."""
 
-import io
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,7 +13,6 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
-from PIL import Image
 
 from diagnosis.callbacks import check_callback_url, send_again
 from diagnosis.models import Analysis, Batch, private_storage
@@ -22,7 +20,6 @@ from diagnosis.validation import ValidImage, validate_upload
 
 logger = logging.getLogger("diagnosis.analysis")
 
-THUMBNAIL_SIZE = (128, 128)
 # Images per task message: large enough for batched forward passes, small enough to spread
 # a batch over several workers.
 ANALYSES_PER_TASK = 16
@@ -91,24 +88,14 @@ def _removing_files_on_error() -> Iterator[list[str]]:
 
 
 def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:
-    analysis = Analysis(
-        owner=owner, batch=batch, original_filename=image.name, width=image.image.width, height=image.image.height
-    )
+    analysis = Analysis(owner=owner, batch=batch, original_filename=image.name, width=image.width, height=image.height)
     analysis.image.save(f"upload.{image.extension}", ContentFile(image.content), save=False)
     stored.append(analysis.image.name)
-    analysis.thumbnail.save("thumb.png", ContentFile(_thumbnail_png(image.image)), save=False)
+    analysis.thumbnail.save("thumb.png", ContentFile(image.thumbnail_png), save=False)
     stored.append(analysis.thumbnail.name)
     analysis.save()
     log_transition(analysis, "queued")
     return analysis
-
-
-def _thumbnail_png(image: Image.Image) -> bytes:
-    thumb = image.copy()
-    thumb.thumbnail(THUMBNAIL_SIZE)
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:

@@ -13,6 +13,7 @@ from ml.preprocessing import to_rgb
 
 ALLOWED_FORMATS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "BMP": "bmp"}
 ALLOWED_DESCRIPTION = "PNG, JPEG, TIFF or BMP"
+THUMBNAIL_SIZE = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,9 @@ class ValidImage:
     name: str
     content: bytes
     extension: str
-    image: Image.Image  # decoded, RGB, EXIF orientation not yet applied
+    width: int  # as displayed: EXIF orientation applied
+    height: int
+    thumbnail_png: bytes  # not the decoded image: a batch of large images would hold gigabytes
 
 
 def validate_upload(upload: UploadedFile) -> ValidImage:
@@ -32,7 +35,14 @@ def validate_upload(upload: UploadedFile) -> ValidImage:
         raise ValidationError(f"{name}: the file is larger than the {limit_mb:.0f} MB limit.")
     content = upload.read()
     image_format, image = _decode(name, content)
-    return ValidImage(name=name, content=content, extension=ALLOWED_FORMATS[image_format], image=image)
+    return ValidImage(
+        name=name,
+        content=content,
+        extension=ALLOWED_FORMATS[image_format],
+        width=image.width,
+        height=image.height,
+        thumbnail_png=_thumbnail_png(image),
+    )
 
 
 def display_name(raw: str | None) -> str:
@@ -40,6 +50,13 @@ def display_name(raw: str | None) -> str:
     base = (raw or "upload").replace("\\", "/").rsplit("/", 1)[-1]
     cleaned = "".join(ch for ch in base if ch.isprintable()).strip()
     return cleaned[:200] or "upload"
+
+
+def _thumbnail_png(image: Image.Image) -> bytes:
+    image.thumbnail(THUMBNAIL_SIZE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _decode(name: str, content: bytes) -> tuple[str, Image.Image]:
@@ -62,7 +79,8 @@ def _decode(name: str, content: bytes) -> tuple[str, Image.Image]:
                     raise ValidationError(
                         f"{name}: {width}x{height} px is too small; the minimum is {min_side}x{min_side}."
                     )
-                if getattr(image, "n_frames", 1) > 1:
+                # An MPO is a JPEG with extra pictures (a phone's preview or gain map): its first is the photo.
+                if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
                     raise ValidationError(f"{name}: multi-frame images are not accepted; upload a single cell.")
                 image.load()
                 return image.format, to_rgb(ImageOps.exif_transpose(image))

@@ -217,7 +217,7 @@ def _status_payload(analysis: Analysis) -> dict:
 @require_GET
 def analyses_status(request):
     """Current state of the user's analyses named in ``?ids=1,2,3`` (the pages poll this)."""
-    ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.isdigit()][:200]
+    ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.isascii() and part.isdigit()][:200]
     analyses = selectors.analyses_for(user=request.user).filter(pk__in=ids)
     return JsonResponse({"analyses": [_status_payload(a) for a in analyses]})
 

@@ -77,6 +77,9 @@ CORPUS = {
     "细胞 ünïcødé ✓.png": (CELL, ACCEPT),
     "name-with-<script>.png": (CELL, ACCEPT),
     "tiff.tif": (encode(cell(), "TIFF"), ACCEPT),
+    "multi-page.tif": (encode(cell(), "TIFF", save_all=True, append_images=[cell().rotate(90)]), REJECT),
+    # A phone JPEG carrying a second picture (preview or gain map): Pillow reads it as MPO.
+    "phone-mpo.jpg": (encode(cell(), "MPO", save_all=True, append_images=[cell().resize((40, 40))]), ACCEPT),
     "bitmap.bmp": (encode(cell(), "BMP"), ACCEPT),
 }
 

@@ -7,6 +7,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from diagnosis import services
 from diagnosis.models import Analysis, Batch
 from tests.conftest import fixture_cells, stored_files
 from tests.factories import image_bytes, upload
@@ -134,3 +135,11 @@ def test_odd_but_valid_images_are_accepted(api_client, db):
         response = api_client.post("/api/analyses/", {"image": upload(name, content)})
         assert response.status_code == 202, response.json()
     assert Analysis.objects.filter(status=Analysis.Status.QUEUED).count() == 4
+
+
+def test_the_status_poll_ignores_ids_that_are_not_plain_numbers(client, user):
+    analysis = services.create_analysis(owner=user, upload=upload())
+    client.force_login(user)
+    response = client.get(f"/status.json?ids=²,{analysis.pk},x,-1,٣")  # superscript and Arabic-Indic digits
+    assert response.status_code == 200
+    assert [item["id"] for item in response.json()["analyses"]] == [analysis.pk]
