@@ -18,6 +18,10 @@ from diagnosis.callbacks import check_callback_url, send_again
 from diagnosis.models import Analysis, Batch, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
+GAVE_UP = (
+    "The worker stopped {attempts} times while analysing this image (it crashed, ran out of memory or"
+    " time), so it was given up. Analyse it again once the cause is fixed."
+)
 logger = logging.getLogger("diagnosis.analysis")
 
 # Images per task message: large enough for batched forward passes, small enough to spread
@@ -116,7 +120,12 @@ def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:
 
 def claim_analysis(*, analysis_id: int, task_id: str) -> bool:
     """Move queued -> running for this task. A task retried or redelivered under the same id may
-    claim again; any other task (a duplicate) gets False and must do nothing."""
+    claim again; any other task (a duplicate) gets False and must do nothing. A cell whose worker
+    has died on it ANALYSIS_MAX_ATTEMPTS times (an image that exhausts memory, say) is failed
+    instead, so it cannot block the queue for ever."""
+    own_claim = Analysis.objects.filter(pk=analysis_id, status=Analysis.Status.RUNNING, claimed_by_task=task_id)
+    if _give_up(own_claim):
+        return False
     claimable = Q(status=Analysis.Status.QUEUED) | Q(status=Analysis.Status.RUNNING, claimed_by_task=task_id)
     claimed = Analysis.objects.filter(claimable, pk=analysis_id).update(
         status=Analysis.Status.RUNNING,
@@ -174,15 +183,31 @@ def fail_analysis(*, analysis_id: int, task_id: str, error: str, model_version: 
     return bool(failed)
 
 
+def _give_up(running: QuerySet[Analysis]) -> int:
+    """running -> failed for those of ``running`` that have used up their attempts."""
+    exhausted = running.filter(status=Analysis.Status.RUNNING, attempts__gte=settings.ANALYSIS_MAX_ATTEMPTS)
+    ids = list(exhausted.values_list("pk", flat=True))
+    if ids:
+        Analysis.objects.filter(pk__in=ids, status=Analysis.Status.RUNNING).update(
+            status=Analysis.Status.FAILED,
+            error=GAVE_UP.format(attempts=settings.ANALYSIS_MAX_ATTEMPTS),
+            finished_at=timezone.now(),
+        )
+        logger.warning("event=gave_up analysis_ids=%s", ids)
+    return len(ids)
+
+
 def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
     """Re-enqueue analyses whose task was lost: queued but never sent (broker down) or sent long
-    ago, and running for longer than a task can take (worker died). Returns how many."""
+    ago, and running for longer than a task can take (worker died), unless they have used up
+    their attempts (then they fail). Returns how many were enqueued again."""
     older_than = older_than or timedelta(seconds=settings.ANALYSIS_STALE_SECONDS)
     cutoff = timezone.now() - older_than
     with transaction.atomic():
         stale_running = Analysis.objects.select_for_update(skip_locked=True).filter(
             status=Analysis.Status.RUNNING, started_at__lt=cutoff
         )
+        _give_up(stale_running)
         running_ids = list(stale_running.values_list("pk", flat=True))
         Analysis.objects.filter(pk__in=running_ids, status=Analysis.Status.RUNNING).update(
             status=Analysis.Status.QUEUED, claimed_by_task=""
@@ -219,6 +244,7 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
             model_version="",
             inference_ms=None,
             claimed_by_task="",
+            attempts=0,
             enqueued_at=None,
             started_at=None,
             finished_at=None,

@@ -153,6 +153,8 @@ CELERY_BEAT_SCHEDULE = {
 }
 # Analyses queued or running longer than this are considered lost and enqueued again.
 ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=600)
+# A cell whose worker died on it this many times is failed, not sent again (a poison image).
+ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
 # The lab's retention period: analyses older than this many days are deleted with their images,
 # once a day. 0 keeps everything.
 ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)

@@ -43,7 +43,7 @@ def test_only_failed_analyses_are_queued_again_with_their_failure_cleared(batch,
         "",
         "",
         None,
-        1,
+        0,  # a fresh count of attempts (see ANALYSIS_MAX_ATTEMPTS)
     )
     assert (cells["b.png"].status, cells["b.png"].label) == ("done", "Uninfected")  # done stays done
     assert cells["c.png"].status == "queued"

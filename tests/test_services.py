@@ -93,3 +93,30 @@ def test_a_failure_after_the_commit_keeps_the_stored_upload(user, monkeypatch):
     for analysis in batch.analyses.all():  # committed rows, queued for the sweeper, with their files
         assert analysis.status == Analysis.Status.QUEUED and analysis.enqueued_at is None
         assert Path(analysis.image.path).is_file() and Path(analysis.thumbnail.path).is_file()
+
+
+def test_a_cell_that_keeps_killing_its_worker_is_failed_not_sent_again(user, settings, monkeypatch):
+    settings.ANALYSIS_MAX_ATTEMPTS = 2
+    sent = []
+    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    poison = services.create_analysis(owner=user, upload=upload())
+    # Redelivered under the same task id each time its worker dies (task_reject_on_worker_lost).
+    assert services.claim_analysis(analysis_id=poison.pk, task_id="t")
+    assert services.claim_analysis(analysis_id=poison.pk, task_id="t")
+    assert not services.claim_analysis(analysis_id=poison.pk, task_id="t")
+    poison.refresh_from_db()
+    assert poison.status == "failed" and "stopped 2 times" in poison.error and poison.finished_at
+
+    # Left running by a dead worker: the sweeper gives up on it instead of sending it again.
+    stuck = services.create_analysis(owner=user, upload=upload())
+    services.claim_analysis(analysis_id=stuck.pk, task_id="a")
+    Analysis.objects.filter(pk=stuck.pk).update(status="queued", claimed_by_task="")  # swept once
+    services.claim_analysis(analysis_id=stuck.pk, task_id="b")
+    Analysis.objects.filter(pk=stuck.pk).update(started_at=timezone.now() - timedelta(hours=1))
+    assert services.requeue_stale_analyses(older_than=timedelta(minutes=10)) == 0 and sent == []
+    stuck.refresh_from_db()
+    assert stuck.status == "failed" and "Analyse it again" in stuck.error
+
+    # Analysing it again by hand starts a fresh count.
+    assert services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=stuck.pk)) == [stuck.pk]
+    assert services.claim_analysis(analysis_id=stuck.pk, task_id="c")
