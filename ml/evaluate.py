@@ -10,6 +10,7 @@ resampling the same patients for both.
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,19 @@ def main(argv=None) -> None:
         bootstrap=args.bootstrap,
         against=args.against,
     )
-    sys.stdout.write(json.dumps(metrics) + "\n" if args.json else describe(metrics) + "\n")
+    report = json.dumps(without_nan(metrics), allow_nan=False) if args.json else describe(metrics)
+    sys.stdout.write(report + "\n")
+
+
+def without_nan(value):
+    """NaN (e.g. the AUC of a folder with one class) as null: bare NaN is not JSON to strict parsers."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(item) for item in value]
+    return value
 
 
 if __name__ == "__main__":

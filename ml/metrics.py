@@ -60,7 +60,8 @@ def screening_metrics(scores: np.ndarray, positives: np.ndarray, threshold: floa
 def choose_threshold(scores: np.ndarray, positives: np.ndarray, *, min_sensitivity: float = 0.97) -> float:
     """Most accurate threshold whose sensitivity stays at or above ``min_sensitivity`` (on validation).
 
-    Falls back to the most accurate threshold overall when no candidate reaches that sensitivity.
+    When no candidate reaches that sensitivity (a positive scored below 0.01), the most accurate of
+    the most sensitive candidates: a screening threshold gives up specificity before sensitivity.
     """
     scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
@@ -68,8 +69,8 @@ def choose_threshold(scores: np.ndarray, positives: np.ndarray, *, min_sensitivi
     predicted = scores[None, :] >= candidates[:, None]
     accuracy = (predicted == positives[None, :]).mean(axis=1)
     sensitivity = (predicted & positives[None, :]).sum(axis=1) / max(int(positives.sum()), 1)
-    allowed = sensitivity >= min_sensitivity
-    pool = np.where(allowed, accuracy, -1.0) if allowed.any() else accuracy
+    allowed = sensitivity >= min(min_sensitivity, sensitivity.max())
+    pool = np.where(allowed, accuracy, -1.0)
     return round(float(candidates[int(np.argmax(pool))]), 2)
 
 

@@ -1,9 +1,11 @@
 """Screening metrics: AUC, the validation threshold rule and patient-group intervals."""
 
 import itertools
+import json
 
 import numpy as np
 
+from ml.evaluate import without_nan
 from ml.metrics import choose_threshold, paired_patient_bootstrap, patient_bootstrap, roc_auc
 
 
@@ -28,6 +30,18 @@ def test_threshold_is_the_most_accurate_one_that_keeps_the_sensitivity():
     assert 0.5 < choose_threshold(scores, positives, min_sensitivity=0.9) <= 0.9
     # Keeping all ten positives forces the threshold down to the lowest positive's score.
     assert choose_threshold(scores, positives, min_sensitivity=1.0) <= 0.05
+
+
+def test_when_no_threshold_keeps_the_sensitivity_the_most_sensitive_one_is_chosen():
+    positives = np.array([True] * 10 + [False] * 10)
+    scores = np.array([0.001] + [0.3] * 2 + [0.9] * 7 + [0.4] * 10)  # one positive below every candidate
+    # 9 of 10 found at 0.30 or lower; the most accurate threshold (0.41, accuracy 0.85) would miss 3.
+    assert choose_threshold(scores, positives, min_sensitivity=0.97) <= 0.30
+
+
+def test_json_reports_write_an_undefined_figure_as_null():
+    report = without_nan({"auc": float("nan"), "ci95": {"auc": (float("nan"), 0.9)}, "n": 3})
+    assert json.loads(json.dumps(report, allow_nan=False)) == {"auc": None, "ci95": {"auc": [None, 0.9]}, "n": 3}
 
 
 def test_intervals_resample_whole_patient_groups():
