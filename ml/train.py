@@ -36,6 +36,29 @@ from ml.weights import ModelInfo, load_model, read_info, save_model
 IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 
 
+# A run resumed with any of these changed would continue another schedule, data set or recipe.
+RESUME_MUST_MATCH = (
+    "data",
+    "init",
+    "init_from",
+    "input_size",
+    "trunk_stride",
+    "stain_standardise",
+    "label_smoothing",
+    "mixup",
+    "ema",
+    "exclude",
+    "refit",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "val_fraction",
+    "limit",
+    "seed",
+)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
@@ -272,9 +295,17 @@ def main(argv=None) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=max(1, args.epochs * steps_per_epoch), pct_start=0.15
     )
-    state = {"epoch": 0, "step": 0, "best_auc": -1.0}
-    if args.resume and checkpoint_path.is_file():
+    recipe = {name: getattr(args, name) for name in RESUME_MUST_MATCH} | {"training_cells": len(train_x)}
+    state = {"epoch": 0, "step": 0, "best_auc": -1.0, "recipe": recipe}
+    if args.resume:
+        if not checkpoint_path.is_file():
+            raise SystemExit(
+                f"--resume: there is no checkpoint at {checkpoint_path}; leave --resume out to start afresh"
+            )
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        differ = sorted(k for k, v in saved["progress"].get("recipe", recipe).items() if recipe.get(k) != v)
+        if differ:
+            raise SystemExit(f"--resume: the checkpoint was made with other settings or data ({', '.join(differ)})")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -193,6 +193,10 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
     assert "validation" in trained.stdout and out.is_file() and out.with_suffix(".ckpt").is_file()
     resumed = train_on_fixture_cells(out, "--seed", "3", "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    other_schedule = train_on_fixture_cells(out, "--seed", "3", "--resume", "--batch-size", "4")
+    assert other_schedule.returncode != 0 and "other settings or data (batch_size)" in other_schedule.stderr
+    nothing_to_resume = train_on_fixture_cells(tmp_path / "new.safetensors", "--resume")
+    assert nothing_to_resume.returncode != 0 and "there is no checkpoint" in nothing_to_resume.stderr
 
     evaluated = run_module(
         "ml.evaluate",
