@@ -36,6 +36,8 @@ from ml.weights import ModelInfo, load_model, read_info, save_model
 IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 
 
+# A refit repeats the run it refits: the same options, so the same schedule (see check_same_recipe).
+REFIT_MUST_MATCH = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "mixup", "ema", "seed")
 # A run resumed with any of these changed would continue another schedule, data set or recipe.
 RESUME_MUST_MATCH = (
     "data",
@@ -63,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
     parser.add_argument(
-        "--out", required=True, help="model file to write: the best validation AUC's epoch (with --refit: the last)"
+        "--out", required=True, help="model file to write: the best validation AUC's epoch (with --refit: FILE's)"
     )
     parser.add_argument("--init", choices=("scratch", "imagenet"), default="scratch")
     parser.add_argument("--backbone-weights", help="torchvision VGG19 ImageNet state dict (.pth or .safetensors)")
@@ -277,8 +279,7 @@ def main(argv=None) -> None:
     )
 
     model = build_model(args).to(device, memory_format=torch.channels_last)
-    if validation_run:
-        check_same_recipe(model.config, validation_run, epochs=args.epochs)
+    last_epoch = check_same_recipe(model.config, validation_run, args=args) if validation_run else args.epochs
     size = model.config.input_size
     loaded = time.monotonic()
     train_x, train_y = (torch.from_numpy(a).to(device) for a in load_arrays(train_samples, size, workers=args.threads))
@@ -328,7 +329,7 @@ def main(argv=None) -> None:
             torch.save(payload, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
 
-    for epoch in range(state["epoch"], args.epochs):
+    for epoch in range(state["epoch"], last_epoch):
         train_one_epoch(
             model,
             optimizer,
@@ -344,7 +345,7 @@ def main(argv=None) -> None:
         exported = average.module if average is not None else model
         record = dict(args=args, epoch=epoch + 1, train_samples=train_samples, excluded=excluded)
         if validation_run:
-            if epoch + 1 == args.epochs:
+            if epoch + 1 == last_epoch:
                 export(exported, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
         else:
             scores = evaluate(exported, val_x, val_y, bf16=args.bf16)
@@ -359,15 +360,31 @@ def main(argv=None) -> None:
         save_checkpoint(epoch + 1, 0)
 
 
-def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, epochs: int) -> None:
-    """A refit inherits its threshold from the validation run, which only holds for the same recipe."""
+def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, args) -> int:
+    """A refit inherits its threshold from the validation run, which only holds for the same recipe:
+    the same options and the same learning-rate schedule, stopped at the epoch that run chose.
+    Returns that epoch."""
     if config != validation_run.config:
         raise SystemExit(f"--refit {validation_run.version} was {validation_run.config}; this run is {config}")
-    if validation_run.metrics.get("epoch") != epochs:
+    chosen = validation_run.metrics.get("epoch")
+    recipe = validation_run.metrics.get("recipe")
+    if recipe is not None:
+        differ = [_as_option(k, v) for k, v in sorted(recipe.items()) if getattr(args, k) != v]
+        if differ:
+            raise SystemExit(f"--refit {validation_run.version} was trained {', '.join(differ)}; run it the same way")
+        return chosen
+    # Files written before the recipe was recorded: their schedule ended at the chosen epoch.
+    if chosen != args.epochs:
         raise SystemExit(
             f"--refit {validation_run.version} was chosen at epoch {validation_run.metrics.get('epoch')}; "
             f"pass --epochs {validation_run.metrics.get('epoch')}"
         )
+    return chosen
+
+
+def _as_option(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"without {flag}" if value is None else f"with {flag} {value}"
 
 
 def export(
@@ -400,6 +417,7 @@ def export(
         "seed": args.seed,
         "ema_decay": args.ema,
         "mixup_alpha": args.mixup,
+        "recipe": {name: getattr(args, name) for name in REFIT_MUST_MATCH},
     }
     if refit_of:
         # Validation figures and groups are the earlier run's; its validation patients are now trained on.

@@ -415,11 +415,11 @@ def test_training_on_a_missing_gpu_says_so_before_loading_anything(tmp_path):
 
 def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_threshold(tmp_path):
     validation_run = tmp_path / "validation-run.safetensors"
-    assert train_on_fixture_cells(validation_run).returncode == 0
+    assert train_on_fixture_cells(validation_run, "--epochs", "2").returncode == 0
     chosen = read_info(validation_run)
 
     refit = tmp_path / "refit.safetensors"
-    trained = train_on_fixture_cells(refit, "--refit", str(validation_run))
+    trained = train_on_fixture_cells(refit, "--refit", str(validation_run), "--epochs", "2")
     assert trained.returncode == 0, trained.stderr
     assert "validation: 0 images" in trained.stdout
     info = read_info(refit)
@@ -429,11 +429,17 @@ def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_t
     assert info.metrics["train_images"] == len(list_samples(FIXTURE_CELLS))
     assert info.metrics["validation"] == chosen.metrics["validation"]
     assert info.metrics["validation_groups"] == chosen.metrics["validation_groups"]
+    # The same two-epoch schedule, stopped where the validation run chose its weights.
+    assert info.metrics["epoch"] == chosen.metrics["epoch"] and info.metrics["recipe"]["epochs"] == 2
 
-    other_epochs = train_on_fixture_cells(tmp_path / "x.safetensors", "--refit", str(validation_run), "--epochs", "2")
-    assert other_epochs.returncode != 0 and "pass --epochs 1" in other_epochs.stderr
+    other_epochs = train_on_fixture_cells(tmp_path / "x.safetensors", "--refit", str(validation_run))
+    assert other_epochs.returncode != 0 and "with --epochs 2" in other_epochs.stderr
+    other_recipe = train_on_fixture_cells(
+        tmp_path / "z.safetensors", "--refit", str(validation_run), "--epochs", "2", "--mixup", "0.2"
+    )
+    assert other_recipe.returncode != 0 and "without --mixup" in other_recipe.stderr
     other_size = train_on_fixture_cells(
-        tmp_path / "y.safetensors", "--refit", str(validation_run), "--input-size", "48"
+        tmp_path / "y.safetensors", "--refit", str(validation_run), "--epochs", "2", "--input-size", "48"
     )
     assert other_size.returncode != 0 and "input_size=32" in other_size.stderr
 
