@@ -35,12 +35,13 @@ def validate_upload(upload: UploadedFile) -> ValidImage:
         raise ValidationError(f"{name}: the file is larger than the {limit_mb:.0f} MB limit.")
     content = upload.read()
     image_format, image = _decode(name, content)
+    width, height = image.size  # before the thumbnail shrinks the image in place
     return ValidImage(
         name=name,
         content=content,
         extension=ALLOWED_FORMATS[image_format],
-        width=image.width,
-        height=image.height,
+        width=width,
+        height=height,
         thumbnail_png=_thumbnail_png(image),
     )
 
