@@ -10,7 +10,7 @@ from django.utils.html import format_html
 from diagnosis import callbacks, services
 from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_safe
-from diagnosis.models import AccessEvent, Analysis, Batch
+from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
 
 
 class ReviewAdminForm(forms.ModelForm):
@@ -231,4 +231,20 @@ class AccessEventAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Who holds an API key and when it was last used; an admin can revoke one (delete) but never read it."""
+
+    list_display = ["user", "hint", "created", "last_used_at"]
+    search_fields = ["user__username"]
+    fields = ["user", "hint", "created", "last_used_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False

@@ -4,6 +4,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage
 from django.db import models
+from django.utils import timezone
 
 
 class PrivateStorage(FileSystemStorage):
@@ -166,3 +167,23 @@ class AccessEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.username} {self.action} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class ApiToken(models.Model):
+    """A user's API key, kept only as its SHA-256 digest: a copy of the database holds no working key.
+
+    The key itself is shown once, when it is issued (diagnosis.tokens). A plain hash is enough
+    because keys are 160 random bits, not passwords a dictionary could guess.
+    """
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_token")
+    digest = models.CharField(max_length=64, unique=True)
+    hint = models.CharField(max_length=4, help_text="the key's last four characters, to tell keys apart")
+    created = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"key …{self.hint} of {self.user}"

@@ -165,17 +165,18 @@ def analysis_file(request, pk: int, kind: str):
 @require_http_methods(["GET", "POST"])
 def api_token(request):
     """The user's API token for a lab system: when it expires; issue a new one (shown once) or revoke it."""
-    issued = None
+    issued_key = None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
             tokens.revoke_token(user=request.user)
             messages.success(request, "API token revoked: the key no longer works.")
             return redirect("diagnosis:api-token")
-        issued = tokens.new_token(user=request.user)
-    token = issued or tokens.current_token(user=request.user)
+        token, issued_key = tokens.new_token(user=request.user)
+    else:
+        token = tokens.current_token(user=request.user)
     context = {
         "token": token,
-        "issued": issued,
+        "issued_key": issued_key,
         "expires_at": tokens.expires_at(token) if token else None,
         "expired": bool(token) and tokens.token_expired(token),
     }

@@ -24,7 +24,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
     "diagnosis",
 ]
@@ -210,7 +209,7 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Clinical workstations are shared: a sign-in lasts one shift at most and ends with the browser.
 SESSION_COOKIE_AGE = env.int("SESSION_HOURS", default=12) * 3600
 SESSION_EXPIRE_AT_BROWSER_CLOSE = True
-# An API token stops working this many days after it was issued (0: never); a new POST renews it.
+# An API token stops working this many days after it was issued (0: never); a new POST issues another.
 API_TOKEN_DAYS = env.int("API_TOKEN_DAYS", default=90)
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG

@@ -24,3 +24,10 @@ def image_bytes(size=(120, 110), color=(180, 90, 120), fmt="PNG", mode="RGB") ->
 
 def upload(name="cell.png", content: bytes | None = None, content_type="image/png") -> SimpleUploadedFile:
     return SimpleUploadedFile(name, image_bytes() if content is None else content, content_type=content_type)
+
+
+def api_key(user) -> str:
+    """A working API key for user (issuing it replaces any key the user had)."""
+    from diagnosis.tokens import new_token
+
+    return new_token(user=user)[1]

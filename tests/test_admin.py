@@ -3,7 +3,7 @@ from django.contrib.auth import get_user_model
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis
-from tests.factories import upload
+from tests.factories import api_key, upload
 
 
 @pytest.fixture
@@ -90,3 +90,21 @@ def test_admins_send_failed_analyses_of_any_user_back_to_the_worker(admin_client
     assert "1 failed analyses queued again; the others were left alone." in response.content.decode()
     assert Analysis.objects.get(pk=failed.pk).status == "queued" and Analysis.objects.get(pk=failed.pk).error == ""
     assert Analysis.objects.get(pk=finished.pk).status == "done"
+
+
+def test_admins_see_who_holds_an_api_key_and_revoke_it_without_reading_it(admin_client, user):
+    from rest_framework.test import APIClient
+
+    from diagnosis.models import ApiToken
+
+    key = api_key(user)
+    token = ApiToken.objects.get(user=user)
+    listing = admin_client.get("/admin/diagnosis/apitoken/").content.decode()
+    detail = admin_client.get(f"/admin/diagnosis/apitoken/{token.pk}/change/").content.decode()
+    assert user.username in listing and token.hint in listing
+    assert key not in listing + detail and token.digest not in listing + detail
+    assert admin_client.get("/admin/diagnosis/apitoken/add/").status_code == 403
+
+    admin_client.post(f"/admin/diagnosis/apitoken/{token.pk}/delete/", {"post": "yes"})
+    assert not ApiToken.objects.filter(user=user).exists()
+    assert APIClient().get("/api/analyses/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 401

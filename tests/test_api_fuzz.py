@@ -5,10 +5,9 @@ import schemathesis
 from django.core import signals
 from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
-from rest_framework.authtoken.models import Token
 
 from malaria_site.wsgi import application
-from tests.factories import UserFactory
+from tests.factories import UserFactory, api_key
 
 schema = schemathesis.openapi.from_wsgi("/api/schema/", application)
 
@@ -19,7 +18,7 @@ def fuzz_token(db) -> str:
     # Django's own test client avoids that the same way.
     signals.request_started.disconnect(close_old_connections)
     signals.request_finished.disconnect(close_old_connections)
-    yield Token.objects.create(user=UserFactory()).key
+    yield api_key(UserFactory())
     signals.request_started.connect(close_old_connections)
     signals.request_finished.connect(close_old_connections)
 

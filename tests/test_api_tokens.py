@@ -1,13 +1,16 @@
-"""API tokens: one per user, renewed by a POST once expired, revoked by DELETE."""
+"""API tokens: one per user, stored only as a digest, renewed by a POST, revoked by DELETE."""
 
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from diagnosis.models import ApiToken
+from diagnosis.tokens import USE_RECORDED_EVERY, digest
 from tests.factories import PASSWORD, UserFactory
 
 
@@ -22,15 +25,27 @@ def status_with(key: str) -> int:
 
 
 def age(key: str, days: int) -> None:
-    Token.objects.filter(key=key).update(created=timezone.now() - timedelta(days=days))
+    ApiToken.objects.filter(digest=digest(key)).update(created=timezone.now() - timedelta(days=days))
 
 
-def test_a_token_is_issued_once_and_says_when_it_expires(settings, user):
+def test_a_post_issues_a_key_that_says_when_it_expires_and_replaces_the_last(settings, user):
     settings.API_TOKEN_DAYS = 30
-    first, again = issue(user), issue(user)
-    assert first["token"] == again["token"] and status_with(first["token"]) == 200
+    first = issue(user)
+    assert status_with(first["token"]) == 200
     expires = parse_datetime(first["expires_at"])
     assert abs(expires - (timezone.now() + timedelta(days=30))) < timedelta(minutes=1)
+    second = issue(user)
+    assert second["token"] != first["token"] and status_with(second["token"]) == 200
+    assert status_with(first["token"]) == 401 and ApiToken.objects.filter(user=user).count() == 1
+
+
+def test_the_database_holds_no_working_key(user):
+    key = issue(user)["token"]
+    stored = ApiToken.objects.get(user=user)
+    assert stored.digest == digest(key) and stored.hint == key[-4:]
+    columns = [str(value) for value in ApiToken.objects.filter(user=user).values().get().values()]
+    assert not any(key in value for value in columns)
+    assert status_with(stored.digest) == 401  # the stored digest is not itself a key
 
 
 def test_an_expired_token_is_refused_with_a_reason_and_a_post_renews_it(settings, user):
@@ -49,7 +64,27 @@ def test_a_period_of_zero_never_expires(settings, user):
     settings.API_TOKEN_DAYS = 0
     key = issue(user)["token"]
     age(key, 3650)
-    assert status_with(key) == 200 and issue(user) == {"token": key, "expires_at": None}
+    assert status_with(key) == 200 and issue(user)["expires_at"] is None
+
+
+def test_a_deactivated_users_key_stops_working(user):
+    key = issue(user)["token"]
+    user.is_active = False
+    user.save()
+    assert status_with(key) == 401
+
+
+def test_use_is_recorded_at_most_every_few_minutes(user):
+    key = issue(user)["token"]
+    assert ApiToken.objects.get(user=user).last_used_at is None
+    assert status_with(key) == 200
+    first_use = ApiToken.objects.get(user=user).last_used_at
+    assert first_use is not None and timezone.now() - first_use < timedelta(minutes=1)
+    assert status_with(key) == 200
+    assert ApiToken.objects.get(user=user).last_used_at == first_use  # no write on every request
+    ApiToken.objects.filter(user=user).update(last_used_at=first_use - USE_RECORDED_EVERY)
+    assert status_with(key) == 200
+    assert ApiToken.objects.get(user=user).last_used_at > first_use
 
 
 def test_delete_revokes_only_the_callers_token(user):
@@ -65,7 +100,7 @@ def test_delete_revokes_only_the_callers_token(user):
 def test_bad_credentials_issue_nothing(user, password):
     response = APIClient().post("/api/auth/token/", {"username": user.username, "password": password})
     assert response.status_code == 400 and response.json()["detail"]
-    assert not Token.objects.filter(user=user).exists()
+    assert not ApiToken.objects.filter(user=user).exists()
 
 
 def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(client, settings, user, other_user):
@@ -76,20 +111,51 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
 
     response = client.post("/account/api-token/", {"action": "issue"})
     assert "no-store" in response["Cache-Control"]
-    page, key = response.content.decode(), Token.objects.get(user=user).key
-    assert f'<code id="token-key">{key}</code>' in page and status_with(key) == 200
+    page = response.content.decode()
+    key = page.split('<code id="token-key">')[1].split("</code>")[0]
+    assert ApiToken.objects.get(user=user).digest == digest(key) and status_with(key) == 200
 
     later = client.get("/account/api-token/").content.decode()
     assert key not in later and f"…{key[-4:]}" in later  # the whole key is shown only once
-    until = timezone.localtime(Token.objects.get(user=user).created + timedelta(days=30))
+    until = timezone.localtime(ApiToken.objects.get(user=user).created + timedelta(days=30))
     assert f"It works until {until:%Y-%m-%d %H:%M}." in later
+    last_used = timezone.localtime(ApiToken.objects.get(user=user).last_used_at)
+    assert f"Last used {last_used:%Y-%m-%d %H:%M}." in later
 
     replaced = client.post("/account/api-token/", {"action": "issue"}).content.decode()
-    new = Token.objects.get(user=user).key
-    assert new != key and new in replaced and status_with(key) == 401 and status_with(new) == 200
+    new = replaced.split('<code id="token-key">')[1].split("</code>")[0]
+    assert new != key and status_with(key) == 401 and status_with(new) == 200
 
     age(new, 31)
     assert "It has expired" in client.get("/account/api-token/").content.decode()
     revoked = client.post("/account/api-token/", {"action": "revoke"}, follow=True).content.decode()
     assert "API token revoked" in revoked and "You have no API token." in revoked
     assert status_with(new) == 401 and status_with(theirs) == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keys_issued_in_plain_text_before_the_upgrade_keep_working_and_are_erased(user):
+    """DRF's authtoken table, as an earlier release left it, is carried over as digests and emptied."""
+    plain_key = "0123456789abcdef0123456789abcdef01234567"
+    executor = MigrationExecutor(connection)
+    executor.migrate([("diagnosis", "0005_batch_callback")])
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE TABLE authtoken_token (key varchar(40) PRIMARY KEY,"
+                " created timestamp with time zone NOT NULL, user_id integer NOT NULL)"
+            )
+            cursor.execute(
+                "INSERT INTO authtoken_token (key, created, user_id) VALUES (%s, %s, %s)",
+                [plain_key, timezone.now().isoformat(), user.pk],
+            )
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM authtoken_token")
+            assert cursor.fetchone()[0] == 0
+        assert status_with(plain_key) == 200
+        assert ApiToken.objects.get(user=user).hint == plain_key[-4:]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS authtoken_token")

@@ -7,10 +7,9 @@ it is added to one of the tables below.
 import pytest
 from django.contrib.auth.models import Group
 from django.urls import URLPattern, URLResolver, get_resolver
-from rest_framework.authtoken.models import Token
 
 from diagnosis.models import Analysis
-from tests.factories import PASSWORD, UserFactory, upload
+from tests.factories import PASSWORD, UserFactory, api_key, upload
 
 # URL name -> how its kwargs are filled from the owner's objects.
 OWNED = {
@@ -131,8 +130,7 @@ def as_user(client, user, name):
     """Session login for pages, a token for the API (both are supported there)."""
     client.logout()
     if web_or_api(name) == "api":
-        token, _ = Token.objects.get_or_create(user=user)
-        client.defaults["HTTP_AUTHORIZATION"] = f"Token {token.key}"
+        client.defaults["HTTP_AUTHORIZATION"] = f"Token {api_key(user)}"
     else:
         client.defaults.pop("HTTP_AUTHORIZATION", None)
         client.login(username=user.username, password=PASSWORD)

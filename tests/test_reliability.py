@@ -17,10 +17,10 @@ import pytest
 import requests
 from django.db import connection
 from PIL import Image
-from rest_framework.authtoken.models import Token
 
 from diagnosis.models import Analysis
 from tests.conftest import ROOT, WorkerProcess, database_url, fixture_cells, wait_for
+from tests.factories import api_key
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
@@ -54,7 +54,7 @@ def test_worker_killed_mid_task_loses_nothing_and_records_once(without_session_w
     app.control.purge()
     fast_sweeper = {"ANALYSIS_STALE_SECONDS": "6", "SWEEP_INTERVAL_SECONDS": "2"}
     first = WorkerProcess(media_root, tmp_path / "first.log").start()
-    client_token = Token.objects.create(user=user).key
+    client_token = api_key(user)
     from rest_framework.test import APIClient
 
     api = APIClient()
@@ -147,7 +147,7 @@ def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactio
     port = free_port()
     broker = private_broker_env(port, stale_seconds=600)
     with web_server(media_root, broker, tmp_path / "web.log") as base:
-        headers = {"Authorization": f"Token {Token.objects.create(user=user).key}"}
+        headers = {"Authorization": f"Token {api_key(user)}"}
         cells = fixture_cells()
         started = time.monotonic()
         statuses = [
@@ -184,7 +184,7 @@ def test_broker_lost_mid_task_loses_nothing_and_records_once(transactional_db, u
     with web_server(media_root, broker, tmp_path / "web.log") as base, redis_server(port) as redis:
         worker = WorkerProcess(media_root, tmp_path / "worker.log", extra_env=broker, beat=True).start()
         try:
-            content, token = big_cell_png(), Token.objects.create(user=user).key
+            content, token = big_cell_png(), api_key(user)
             for index in range(count):  # one task message each, so most wait in the broker
                 response = requests.post(
                     f"{base}/api/analyses/",
@@ -229,7 +229,7 @@ def _listening(port: int) -> bool:
 
 
 def test_load_ten_clients_three_hundred_images(celery_worker_process, live_server, user):
-    token = Token.objects.create(user=user).key
+    token = api_key(user)
     cells = [(p.name, p.read_bytes()) for p in fixture_cells()]
     clients, batches_per_client, batch_size = 10, 3, 10
     errors: list[str] = []

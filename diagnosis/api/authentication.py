@@ -1,16 +1,22 @@
-"""API tokens that expire: a key copied into a lab system's configuration should not work forever."""
+"""API tokens that are stored hashed and expire: a key copied into a lab system's configuration
+should not work forever, and a copy of the database should not hold working keys."""
 
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 
-from diagnosis.tokens import token_expired
+from diagnosis import tokens
 
 
 class ExpiringTokenAuthentication(TokenAuthentication):
     def authenticate_credentials(self, key):
-        user, token = super().authenticate_credentials(key)
-        if token_expired(token):
+        token = tokens.token_for_key(key=key)
+        if token is None:
+            raise AuthenticationFailed("Invalid token.")
+        if not token.user.is_active:
+            raise AuthenticationFailed("User inactive or deleted.")
+        if tokens.token_expired(token):
             raise AuthenticationFailed(
                 "This token has expired. POST your username and password to /api/auth/token/ for a new one."
             )
-        return user, token
+        tokens.record_use(token)
+        return token.user, token

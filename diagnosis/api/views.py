@@ -3,11 +3,10 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.serializers import AuthTokenSerializer
-from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException
 from rest_framework.exceptions import ValidationError as ApiValidationError
-from rest_framework.parsers import MultiPartParser
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
@@ -25,14 +24,16 @@ from diagnosis.files import protected_file_response
 from diagnosis.models import AccessEvent, Analysis
 
 
-class TokenView(ObtainAuthToken):
+class TokenView(APIView):
     """Exchange username and password for an API token (send as `Authorization: Token <key>`).
 
-    A user has one token at a time: POST returns it, or a new one once it has expired (API_TOKEN_DAYS)
-    or been revoked; DELETE revokes the token the request is signed with, for a lab system being
-    retired or a key that leaked.
+    A user has one token at a time. POST issues a new key, which replaces the previous one: only a
+    digest of each key is stored, so a key is shown once, in this response, and never again. It works
+    until `expires_at` (API_TOKEN_DAYS after it was issued). DELETE revokes the token the request is
+    signed with, for a lab system being retired or a key that leaked.
     """
 
+    parser_classes = [FormParser, MultiPartParser, JSONParser]
     throttle_classes = [ScopedRateThrottle]
     throttle_scope = "login"
 
@@ -47,10 +48,10 @@ class TokenView(ObtainAuthToken):
         ),
     )
     def post(self, request, *args, **kwargs):
-        serializer = self.get_serializer(data=request.data)
+        serializer = AuthTokenSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        token = tokens.working_token(user=serializer.validated_data["user"])
-        return Response({"token": token.key, "expires_at": tokens.expires_at(token)})
+        token, key = tokens.new_token(user=serializer.validated_data["user"])
+        return Response({"token": key, "expires_at": tokens.expires_at(token)})
 
     @extend_schema(request=None, responses={204: None})
     def delete(self, request):
