@@ -156,12 +156,14 @@ class AnalysisAdmin(RecordedDeletionAdmin):
         data = form.cleaned_data
         if not data.get("review_verdict"):
             return super().save_model(request, obj, form, change)
+        saved = Analysis.objects.get(pk=obj.pk)
         services.review_analysis(
-            analysis=Analysis.objects.get(pk=obj.pk),
+            analysis=saved,
             reviewer=request.user,
             verdict=data["review_verdict"],
             corrected_label=data.get("corrected_label") or "",
             note=data.get("review_note") or "",
+            replacing=saved.reviewed_at,  # the admin form is the last word: it replaces whatever is there
         )
         record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=obj, detail=data["review_verdict"])
 

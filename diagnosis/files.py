@@ -1,13 +1,15 @@
 """Serving protected media after the caller has checked ownership."""
 
 import mimetypes
+from pathlib import PurePosixPath
 
 from django.conf import settings
 from django.db.models.fields.files import FieldFile
 from django.http import FileResponse, Http404, HttpResponse
 
 
-def protected_file_response(field_file: FieldFile, *, download_name: str) -> HttpResponse:
+def protected_file_response(field_file: FieldFile, *, download_stem: str) -> HttpResponse:
+    """The file, named ``download_stem`` plus the stored file's own extension (an original may be a JPEG)."""
     if not field_file:
         raise Http404("This file does not exist (yet).")
     content_type = mimetypes.guess_type(field_file.name)[0] or "application/octet-stream"
@@ -22,8 +24,10 @@ def protected_file_response(field_file: FieldFile, *, download_name: str) -> Htt
             response = FileResponse(field_file.open("rb"), content_type=content_type)
         except FileNotFoundError:
             raise Http404("This file is missing from storage.") from None
-    response["Content-Disposition"] = f'inline; filename="{_ascii_name(download_name)}"'
-    response["Cache-Control"] = "private, max-age=3600"
+    extension = PurePosixPath(field_file.name).suffix
+    response["Content-Disposition"] = f'inline; filename="{_ascii_name(download_stem + extension)}"'
+    # Workstations are shared: no copy of a patient image may outlive the page in the browser's cache.
+    response["Cache-Control"] = "private, no-store"
     response["X-Content-Type-Options"] = "nosniff"
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return response

@@ -1,6 +1,6 @@
 from django import forms
 
-from diagnosis.models import Analysis
+from diagnosis.models import NOTE_MAX_LENGTH, Analysis
 from diagnosis.selectors import AnalysisFilters
 
 
@@ -27,7 +27,7 @@ class UploadForm(forms.Form):
         widget=MultipleFileInput(attrs={"accept": "image/png,image/jpeg,image/tiff,image/bmp", "multiple": True}),
     )
     sample_reference = forms.CharField(max_length=100, required=False, label="Patient / sample reference")
-    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=NOTE_MAX_LENGTH)
 
 
 class FilterForm(forms.Form):
@@ -65,5 +65,7 @@ class FilterForm(forms.Form):
 
 class ReviewForm(forms.Form):
     verdict = forms.ChoiceField(choices=Analysis.Verdict.choices, widget=forms.RadioSelect)
+    # When the case was last reviewed as the reviewer opened it: empty if it had no review yet.
+    replacing = forms.DateTimeField(required=False, widget=forms.HiddenInput)
     corrected_label = forms.ChoiceField(choices=[("", "—"), *Analysis.Label.choices], required=False)
-    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=NOTE_MAX_LENGTH)

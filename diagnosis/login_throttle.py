@@ -1,4 +1,8 @@
-"""Sign-in with a limit on failed attempts per client address and username (brute-force guard)."""
+"""A limit on failed sign-ins per client address and username (brute-force guard).
+
+The web sign-in and the API's token endpoint both check passwords, so both count failures here:
+a locked-out username stays locked out on either.
+"""
 
 from django.conf import settings
 from django.contrib.auth.views import LoginView
@@ -10,22 +14,36 @@ def _key(request, username: str) -> str:
     return f"login-failures:{address}:{username.strip().lower()[:150]}"
 
 
+def locked_out(request, username: str) -> bool:
+    return cache.get(_key(request, username), 0) >= settings.LOGIN_MAX_FAILURES
+
+
+def lockout_message() -> str:
+    return f"Too many failed sign-in attempts. Try again in {settings.LOGIN_LOCKOUT_SECONDS // 60} minutes."
+
+
+def record_failure(request, username: str) -> None:
+    key = _key(request, username)
+    cache.add(key, 0, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+    cache.incr(key)
+
+
+def clear_failures(request, username: str) -> None:
+    cache.delete(_key(request, username))
+
+
 class ThrottledLoginView(LoginView):
     def post(self, request, *args, **kwargs):
-        key = _key(request, request.POST.get("username", ""))
-        if cache.get(key, 0) >= settings.LOGIN_MAX_FAILURES:
+        if locked_out(request, request.POST.get("username", "")):
             form = self.get_form()
-            minutes = settings.LOGIN_LOCKOUT_SECONDS // 60
-            form.add_error(None, f"Too many failed sign-in attempts. Try again in {minutes} minutes.")
+            form.add_error(None, lockout_message())
             return self.render_to_response(self.get_context_data(form=form), status=429)
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):
-        key = _key(self.request, self.request.POST.get("username", ""))
-        cache.add(key, 0, timeout=settings.LOGIN_LOCKOUT_SECONDS)
-        cache.incr(key)
+        record_failure(self.request, self.request.POST.get("username", ""))
         return super().form_invalid(form)
 
     def form_valid(self, form):
-        cache.delete(_key(self.request, self.request.POST.get("username", "")))
+        clear_failures(self.request, self.request.POST.get("username", ""))
         return super().form_valid(form)

@@ -13,7 +13,7 @@ class RequestSizeLimitMiddleware:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        limit = settings.REQUEST_MAX_BYTES
         if length > limit:
             message = f"The request is too large ({length} bytes); the limit is {limit} bytes."
             return JsonResponse({"detail": message}, status=413)

@@ -22,6 +22,10 @@ def upload_path(instance, filename: str) -> str:
     return f"uploads/{uuid.uuid4().hex}.{filename.rsplit('.', 1)[-1]}"
 
 
+# Free-text notes are for a sentence or two; the cap keeps a runaway client from storing megabytes.
+NOTE_MAX_LENGTH = 2000
+
+
 class Batch(models.Model):
     class CallbackState(models.TextChoices):
         NONE = "", "no callback"

@@ -37,9 +37,11 @@ def review(request, pk: int):
                 verdict=form.cleaned_data["verdict"],
                 corrected_label=form.cleaned_data["corrected_label"],
                 note=form.cleaned_data["note"],
+                replacing=form.cleaned_data["replacing"],
             )
         except ValidationError as error:
             form.add_error(None, error)
+            analysis.refresh_from_db()  # show the review that got there first
         else:
             verdict = form.cleaned_data["verdict"]
             record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)

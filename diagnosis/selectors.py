@@ -51,7 +51,10 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
     if filters.date_to:
         queryset = queryset.filter(created_at__date__lte=filters.date_to)
     sort = filters.sort if filters.sort in AnalysisFilters.SORTS else "-created_at"
-    return queryset.order_by(sort, "-id")
+    field = F(sort.lstrip("-"))
+    # Unfinished cells have no probability yet: last in either direction, on PostgreSQL as on SQLite.
+    ordering = field.desc(nulls_last=True) if sort.startswith("-") else field.asc(nulls_last=True)
+    return queryset.order_by(ordering, "-id")
 
 
 def get_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:
@@ -84,7 +87,9 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
         .annotate(confidence=Abs(F("probability_parasitized") - Coalesce(F("decision_threshold"), Value(0.5))))
         .order_by("confidence", "created_at")
     )
-    disagreements = done.filter(review_verdict=Analysis.Verdict.DISAGREE).order_by("-reviewed_at")
+    disagreements = (
+        done.filter(review_verdict=Analysis.Verdict.DISAGREE).select_related("reviewed_by").order_by("-reviewed_at")
+    )
     return pending, disagreements
 
 

@@ -3,7 +3,7 @@
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -301,14 +301,35 @@ def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> s
 
 
 def review_analysis(
-    *, analysis: Analysis, reviewer: AbstractBaseUser, verdict: str, corrected_label: str = "", note: str = ""
+    *,
+    analysis: Analysis,
+    reviewer: AbstractBaseUser,
+    verdict: str,
+    corrected_label: str = "",
+    note: str = "",
+    replacing: datetime | None,
 ) -> Analysis:
-    analysis.corrected_label = check_review(analysis=analysis, verdict=verdict, corrected_label=corrected_label)
-    analysis.review_verdict = verdict
-    analysis.review_note = note.strip()
-    analysis.reviewed_by = reviewer
-    analysis.reviewed_at = timezone.now()
-    analysis.save(update_fields=["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at"])
+    """Record a reviewer's verdict. ``replacing`` is the review time the reviewer saw (None: none yet):
+    if someone else has reviewed the case since, nothing is saved and the error says who."""
+    corrected = check_review(analysis=analysis, verdict=verdict, corrected_label=corrected_label)
+    changes = {
+        "review_verdict": verdict,
+        "corrected_label": corrected,
+        "review_note": note.strip(),
+        "reviewed_by": reviewer,
+        "reviewed_at": timezone.now(),
+    }
+    if not Analysis.objects.filter(pk=analysis.pk, reviewed_at=replacing).update(**changes):
+        current = Analysis.objects.select_related("reviewed_by").get(pk=analysis.pk)
+        if current.reviewed_at is None:
+            raise ValidationError("The review of this case was withdrawn while you had it open; save again.")
+        who = current.reviewed_by.get_username() if current.reviewed_by else "Someone"
+        raise ValidationError(
+            f"{who} reviewed this case at {timezone.localtime(current.reviewed_at):%Y-%m-%d %H:%M} while you had "
+            f"it open ({current.get_review_verdict_display()}). Read their review; save again to replace it."
+        )
+    for name, value in changes.items():
+        setattr(analysis, name, value)
     logger.info("event=reviewed analysis_id=%s verdict=%s reviewer_id=%s", analysis.pk, verdict, reviewer.pk)
     return analysis
 

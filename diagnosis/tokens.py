@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
 from django.utils import timezone
 
 from diagnosis.models import ApiToken
@@ -46,9 +45,11 @@ def token_for_key(*, key: str) -> ApiToken | None:
 def new_token(*, user: AbstractBaseUser) -> tuple[ApiToken, str]:
     """Replace the user's token: the old key stops working at once. Returns the token and its key."""
     key = secrets.token_hex(20)
-    with transaction.atomic():
-        revoke_token(user=user)
-        token = ApiToken.objects.create(user=user, digest=digest(key), hint=key[-4:])
+    # One row per user, rewritten in place: two requests at once (a double click) both succeed, the last wins.
+    token, _ = ApiToken.objects.update_or_create(
+        user=user,
+        defaults={"digest": digest(key), "hint": key[-4:], "created": timezone.now(), "last_used_at": None},
+    )
     return token, key
 
 

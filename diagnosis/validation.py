@@ -89,7 +89,7 @@ def _decode(name: str, content: bytes) -> tuple[str, Image.Image]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValidationError(f"{name}: the image has too many pixels to decode safely.") from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError, EOFError):
+    except Exception:  # Pillow's decoders raise many kinds (TypeError, struct.error, ...) on crafted files
         raise ValidationError(
             f"{name}: the file is not a readable image (corrupt, truncated or not an image). "
             f"Upload {ALLOWED_DESCRIPTION}."

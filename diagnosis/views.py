@@ -157,7 +157,7 @@ def analysis_file(request, pk: int, kind: str):
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
     if kind != "thumbnail":  # thumbnails come in bulk with the lists, which are not recorded either
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
-    return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
+    return protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
 
 
 @never_cache  # the page can hold a new key: no copy of it may stay in a shared workstation's cache
@@ -218,7 +218,9 @@ def _status_payload(analysis: Analysis) -> dict:
 @require_GET
 def analyses_status(request):
     """Current state of the user's analyses named in ``?ids=1,2,3`` (the pages poll this)."""
-    ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.isascii() and part.isdigit()][:200]
+    parts = request.GET.get("ids", "").split(",")
+    # Longer than 18 digits cannot be a row id, and SQLite overflows on it.
+    ids = [int(part) for part in parts if part.isascii() and part.isdigit() and len(part) <= 18][:200]
     analyses = selectors.analyses_for(user=request.user).filter(pk__in=ids)
     return JsonResponse({"analyses": [_status_payload(a) for a in analyses]})
 

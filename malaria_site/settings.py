@@ -108,8 +108,10 @@ UPLOAD_MIN_SIDE = env.int("UPLOAD_MIN_SIDE", default=16)
 UPLOAD_MAX_SIDE = env.int("UPLOAD_MAX_SIDE", default=4096)
 BATCH_MAX_FILES = env.int("BATCH_MAX_FILES", default=100)
 DATA_UPLOAD_MAX_NUMBER_FILES = BATCH_MAX_FILES
-# Whole-request cap, checked from Content-Length before the body is read.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("REQUEST_MAX_BYTES", default=200 * 1024 * 1024)
+# Whole-request cap (a batch of images), checked from Content-Length before the body is read.
+REQUEST_MAX_BYTES = env.int("REQUEST_MAX_BYTES", default=200 * 1024 * 1024)
+# Form fields and JSON bodies are read into memory: Django's default cap, far below a batch's size.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
 # --- Model ----------------------------------------------------------------------------------

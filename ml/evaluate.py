@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.data import list_samples, patient_groups
+from ml.data import list_samples, patient, patient_groups
 from ml.metrics import paired_patient_bootstrap, patient_bootstrap, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
@@ -45,7 +45,8 @@ def evaluate_folder(
     scores = score_samples(predictor, samples, overlays_dir=overlays_dir, overlays=overlays)
     elapsed = time.perf_counter() - started
     positives = np.array([s.label == PARASITIZED for s in samples])
-    groups = np.array([s.patient_group for s in samples])
+    # Resample patients, not file-name prefixes: one patient photographed on two microscopes is one unit.
+    groups = np.array([patient(s.patient_group) for s in samples])
     metrics = screening_metrics(scores, positives, predictor.info.threshold)
     metrics.update(
         model_version=predictor.version,

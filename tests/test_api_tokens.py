@@ -159,3 +159,13 @@ def test_keys_issued_in_plain_text_before_the_upgrade_keep_working_and_are_erase
     finally:
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE IF EXISTS authtoken_token")
+
+
+def test_a_client_still_sending_its_expired_key_can_get_a_new_one(settings, user):
+    settings.API_TOKEN_DAYS = 30
+    old = issue(user)["token"]
+    age(old, 31)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {old}")  # set once as a default, as HTTP clients do
+    renewed = client.post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
+    assert renewed.status_code == 200 and status_with(renewed.json()["token"]) == 200

@@ -137,7 +137,7 @@ def test_corpus_through_api_and_web_form(user, media_root, settings, capsys):
 
 
 def test_huge_multipart_request_is_refused_before_it_is_read(user, settings):
-    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
+    settings.REQUEST_MAX_BYTES = 1024 * 1024
     response = via_api(user, "huge.png", CELL + b"\x00" * (2 * 1024 * 1024))
     assert response.status_code == 413 and "too large" in response.json()["detail"]
     assert Analysis.objects.count() == 0

@@ -674,7 +674,7 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
             assert response.getheader("X-Accel-Redirect") is None  # nginx consumes it
             assert response.getheader("Content-Type") == "image/png"
             assert response.getheader("Content-Disposition") == f'inline; filename="image-{analysis.pk}.png"'
-            assert response.headers.get_all("Cache-Control") == ["private, max-age=3600"]
+            assert response.headers.get_all("Cache-Control") == ["private, no-store"]
             assert response.headers.get_all("X-Content-Type-Options") == ["nosniff"]
             assert response.getheader("Content-Security-Policy") == "default-src 'none'; sandbox"
             assert request(port, "GET", url, {**host, **stranger}).status == 404, url

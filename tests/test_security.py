@@ -84,3 +84,34 @@ def test_healthz_reports_database_and_broker(client, db):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_the_token_endpoint_shares_the_sign_in_lockout(client, user, settings):
+    """Guessing passwords through the API must not get around the web sign-in's limit, nor the reverse."""
+    settings.LOGIN_MAX_FAILURES = 3
+    api = APIClient()
+    for _ in range(2):
+        assert api.post("/api/auth/token/", {"username": user.username, "password": "x"}).status_code == 400
+    assert client.post("/accounts/login/", {"username": user.username, "password": "x"}).status_code == 200
+    blocked = api.post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
+    assert blocked.status_code == 429 and "Too many failed sign-in attempts" in blocked.json()["detail"]
+    assert "token" not in blocked.json()
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 429
+
+
+def test_a_correct_password_on_the_token_endpoint_clears_the_failure_count(user, settings):
+    settings.LOGIN_MAX_FAILURES = 2
+    api = APIClient()
+    api.post("/api/auth/token/", {"username": user.username, "password": "x"})
+    assert api.post("/api/auth/token/", {"username": user.username, "password": PASSWORD}).status_code == 200
+    api.post("/api/auth/token/", {"username": user.username, "password": "x"})
+    assert api.post("/api/auth/token/", {"username": user.username, "password": PASSWORD}).status_code == 200
+
+
+def test_form_and_json_bodies_are_capped_far_below_an_image_batch(client, db):
+    """Only multipart file parts may be large; a huge form field is refused, not read into memory."""
+    huge_field = "username=a&password=" + "x" * 3_000_000
+    response = client.post("/accounts/login/", huge_field, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    api = APIClient().post("/api/auth/token/", huge_field, content_type="application/x-www-form-urlencoded")
+    assert api.status_code == 400

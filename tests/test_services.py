@@ -120,3 +120,16 @@ def test_a_cell_that_keeps_killing_its_worker_is_failed_not_sent_again(user, set
     # Analysing it again by hand starts a fresh count.
     assert services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=stuck.pk)) == [stuck.pk]
     assert services.claim_analysis(analysis_id=stuck.pk, task_id="c")
+
+
+@pytest.mark.parametrize("sort", ["-probability_parasitized", "probability_parasitized"])
+def test_unfinished_cells_sort_last_by_probability_on_every_database(user, sort):
+    from diagnosis.selectors import AnalysisFilters, analyses_for
+
+    probabilities = [0.9, None, 0.2, None, 0.5]
+    for probability in probabilities:
+        analysis = services.create_analysis(owner=user, upload=upload())
+        Analysis.objects.filter(pk=analysis.pk).update(probability_parasitized=probability)
+    listed = [a.probability_parasitized for a in analyses_for(user=user, filters=AnalysisFilters(sort=sort))]
+    finished = sorted((p for p in probabilities if p is not None), reverse=sort.startswith("-"))
+    assert listed == [*finished, None, None]

@@ -1,6 +1,7 @@
 """Bad uploads are refused with a clear 4xx and leave no row and no file behind."""
 
 import io
+import random
 import struct
 import zlib
 
@@ -91,7 +92,7 @@ def test_file_over_the_size_limit(api_client, no_leftovers, settings):
 
 
 def test_request_over_the_size_limit_is_refused_before_reading(api_client, no_leftovers, settings):
-    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    settings.REQUEST_MAX_BYTES = 10_000
     response = api_client.post("/api/analyses/", {"image": upload("big.png", b"x" * 20_000)})
     assert response.status_code == 413 and "too large" in response.json()["detail"]
 
@@ -143,3 +144,49 @@ def test_the_status_poll_ignores_ids_that_are_not_plain_numbers(client, user):
     response = client.get(f"/status.json?ids=²,{analysis.pk},x,-1,٣")  # superscript and Arabic-Indic digits
     assert response.status_code == 200
     assert [item["id"] for item in response.json()["analyses"]] == [analysis.pk]
+
+
+def test_the_status_poll_ignores_ids_too_long_to_be_a_row(client, user):
+    analysis = services.create_analysis(owner=user, upload=upload())
+    client.force_login(user)
+    response = client.get(f"/status.json?ids={'9' * 25},{analysis.pk}")
+    assert response.status_code == 200
+    assert [item["id"] for item in response.json()["analyses"]] == [analysis.pk]
+
+
+def test_a_batch_note_has_a_length_limit(api_client, web_client, no_leftovers):
+    long_note = "n" * 2001
+    response = api_client.post("/api/batches/", {"images": [upload()], "note": long_note})
+    assert response.status_code == 400 and "note" in response.json()["detail"].lower()
+    page = web_client.post("/upload/", {"images": [upload()], "note": long_note})
+    assert page.status_code == 400 and "at most 2000 characters" in page.content.decode()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # Pillow's remarks on the damage
+def test_mutated_images_are_either_accepted_or_refused_with_a_message():
+    """Random byte damage to small PNG, TIFF, BMP and JPEG files: Pillow raises many kinds of error
+    on such files (TypeError, struct.error, ...); every one must become a message, never a 500."""
+    from django.core.exceptions import ValidationError
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from diagnosis.validation import validate_upload
+
+    originals = [image_bytes(size=(32, 32), fmt=fmt) for fmt in ("PNG", "TIFF", "BMP", "JPEG")]
+    lzw = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(lzw, format="TIFF", compression="tiff_lzw")
+    originals.append(lzw.getvalue())
+    rng = random.Random(20261127)
+    outcomes = {"accepted": 0, "refused": 0}
+    for _ in range(3000):
+        damaged = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 8)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            damaged = damaged[: rng.randrange(1, len(damaged))]
+        try:
+            validate_upload(SimpleUploadedFile("damaged.tif", bytes(damaged)))
+            outcomes["accepted"] += 1
+        except ValidationError as error:
+            assert "damaged.tif" in error.messages[0]
+            outcomes["refused"] += 1
+    assert outcomes["accepted"] and outcomes["refused"]

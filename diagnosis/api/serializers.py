@@ -1,7 +1,7 @@
 from django.urls import reverse
 from rest_framework import serializers
 
-from diagnosis.models import Analysis, Batch
+from diagnosis.models import NOTE_MAX_LENGTH, Analysis, Batch
 from diagnosis.selectors import BATCH_COUNT_NAMES
 
 
@@ -59,7 +59,7 @@ class BatchUploadSerializer(serializers.Serializer):
         child=serializers.FileField(), allow_empty=False, help_text="Repeat the field per image."
     )
     sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
-    note = serializers.CharField(required=False, allow_blank=True)
+    note = serializers.CharField(required=False, allow_blank=True, max_length=NOTE_MAX_LENGTH)
     callback_url = serializers.URLField(
         max_length=500,
         required=False,

@@ -1,10 +1,12 @@
+from collections.abc import Mapping
+
 from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, Throttled
 from rest_framework.exceptions import ValidationError as ApiValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
@@ -12,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from diagnosis import callbacks, selectors, services, tokens
+from diagnosis import callbacks, login_throttle, selectors, services, tokens
 from diagnosis.api.serializers import (
     AnalysisSerializer,
     AnalysisUploadSerializer,
@@ -40,6 +42,11 @@ class TokenView(APIView):
     def get_permissions(self):
         return [IsAuthenticated()] if self.request.method == "DELETE" else []
 
+    def get_authenticators(self):
+        # A POST signs in with a password: an expired key the client still sends must not block it.
+        posting = getattr(self.request, "method", None) == "POST"  # no request yet while the schema is built
+        return [] if posting else super().get_authenticators()
+
     @extend_schema(
         request=AuthTokenSerializer,
         responses=inline_serializer(
@@ -48,8 +55,14 @@ class TokenView(APIView):
         ),
     )
     def post(self, request, *args, **kwargs):
+        username = str(request.data.get("username", "")) if isinstance(request.data, Mapping) else ""
+        if login_throttle.locked_out(request, username):
+            raise Throttled(detail=login_throttle.lockout_message())
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
-        serializer.is_valid(raise_exception=True)
+        if not serializer.is_valid():
+            login_throttle.record_failure(request, username)
+            raise ApiValidationError(serializer.errors)
+        login_throttle.clear_failures(request, username)
         token, key = tokens.new_token(user=serializer.validated_data["user"])
         return Response({"token": key, "expires_at": tokens.expires_at(token)})
 
@@ -124,7 +137,7 @@ class AnalysisViewSet(
     def file(self, request, pk=None, kind="image"):
         analysis = selectors.get_analysis(user=request.user, pk=pk)
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
-        return protected_file_response(getattr(analysis, kind), download_name=f"{kind}-{analysis.pk}.png")
+        return protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
 
 
 class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):

@@ -1,0 +1,79 @@
+"""Reviewers confirm or correct the model's calls; two reviewers on one case never overwrite silently."""
+
+import pytest
+from django.contrib.auth.models import Group
+from django.test import Client
+
+from diagnosis.models import Analysis
+from diagnosis.services import create_analysis
+from tests.factories import UserFactory, upload
+
+
+@pytest.fixture
+def case(user):
+    analysis = create_analysis(owner=user, upload=upload("case.png"))
+    Analysis.objects.filter(pk=analysis.pk).update(
+        status="done", label="Parasitized", probability_parasitized=0.6, decision_threshold=0.5, model_version="m"
+    )
+    return Analysis.objects.get(pk=analysis.pk)
+
+
+def reviewer_client() -> tuple[Client, object]:
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    client = Client()
+    client.force_login(reviewer)
+    return client, reviewer
+
+
+def seen_review_time(page: str) -> str:
+    return page.split('name="replacing" value="')[1].split('"')[0]
+
+
+def test_a_second_reviewer_is_told_who_got_there_first_and_may_then_replace_it(case):
+    (first, first_reviewer), (second, second_reviewer) = reviewer_client(), reviewer_client()
+    opened_by_first = seen_review_time(first.get(f"/review/{case.pk}/").content.decode())
+    opened_by_second = seen_review_time(second.get(f"/review/{case.pk}/").content.decode())
+    assert opened_by_first == opened_by_second == ""
+
+    saved = first.post(f"/review/{case.pk}/", {"verdict": "agree", "replacing": opened_by_first})
+    assert saved.status_code == 302
+
+    refused = second.post(
+        f"/review/{case.pk}/",
+        {"verdict": "disagree", "corrected_label": "Uninfected", "replacing": opened_by_second},
+    )
+    page = refused.content.decode()
+    assert refused.status_code == 400
+    assert f"{first_reviewer.username} reviewed this case at" in page and "save again to replace it" in page
+    kept = Analysis.objects.get(pk=case.pk)
+    assert kept.review_verdict == "agree" and kept.reviewed_by == first_reviewer
+
+    again = second.post(
+        f"/review/{case.pk}/",
+        {"verdict": "disagree", "corrected_label": "Uninfected", "replacing": seen_review_time(page)},
+    )
+    assert again.status_code == 302
+    replaced = Analysis.objects.get(pk=case.pk)
+    assert replaced.review_verdict == "disagree" and replaced.corrected_label == "Uninfected"
+    assert replaced.reviewed_by == second_reviewer
+
+
+def test_the_queue_lists_disagreements_with_their_reviewer_in_a_fixed_number_of_queries(
+    case, user, django_assert_max_num_queries
+):
+    client, _ = reviewer_client()
+    reviewers = [UserFactory() for _ in range(5)]
+    for index, their_reviewer in enumerate(reviewers):
+        other = create_analysis(owner=user, upload=upload(f"other-{index}.png"))
+        Analysis.objects.filter(pk=other.pk).update(
+            status="done",
+            label="Parasitized",
+            probability_parasitized=0.9,
+            review_verdict="disagree",
+            corrected_label="Uninfected",
+            reviewed_by=their_reviewer,
+        )
+    with django_assert_max_num_queries(12):
+        page = client.get("/review/").content.decode()
+    assert all(their_reviewer.username in page for their_reviewer in reviewers)
