@@ -5,6 +5,7 @@ import logging
 import time
 from functools import lru_cache
 
+import torch
 from django.conf import settings
 from PIL import Image
 
@@ -15,7 +16,7 @@ from ml.preprocessing import ImageDecodeError, open_rgb
 from ml.weights import WeightsNotFound
 
 logger = logging.getLogger("diagnosis.analysis")
-# What loading a missing, corrupt or incompatible weights file raises.
+# What loading a missing, corrupt (ml.weights.WeightsUnreadable is a ValueError) or incompatible weights file raises.
 MODEL_UNAVAILABLE = (WeightsNotFound, ValueError, RuntimeError)
 
 
@@ -29,6 +30,8 @@ def get_predictor(weights_path: str) -> Predictor:
 
 def warm_up() -> None:
     """Load the model and run it once, so the first upload after a worker starts waits for neither."""
+    if settings.MODEL_THREADS > 0:
+        torch.set_num_threads(settings.MODEL_THREADS)
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:
@@ -39,9 +42,16 @@ def warm_up() -> None:
     logger.info("event=model_warm version=%s", predictor.version)
 
 
-def run_analyses(*, analysis_ids: list[int], task_id: str) -> None:
-    claimed = [pk for pk in analysis_ids if services.claim_analysis(analysis_id=pk, task_id=task_id)]
+def run_analyses(*, analysis_ids: list[int], task_id: str, retrying: bool = False) -> None:
+    """Classify the cells this task can claim. ``retrying``: the task is running again after a
+    database error, not redelivered after its worker died."""
+    claimed = [
+        pk for pk in analysis_ids if services.claim_analysis(analysis_id=pk, task_id=task_id, new_attempt=not retrying)
+    ]
     if not claimed:
+        return
+    if len(claimed) > 1 and services.has_stopped_a_worker(analysis_ids=claimed):
+        services.send_separately(analysis_ids=claimed, task_id=task_id)
         return
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
@@ -69,6 +79,17 @@ def run_analyses(*, analysis_ids: list[int], task_id: str) -> None:
     predictions = predictor.predict(images)
     per_image_ms = (time.perf_counter() - started) * 1000 / len(images)
     for analysis, image, prediction in zip(analyses, images, predictions, strict=True):
+        try:
+            overlay_png = _png_bytes(prediction.overlay(image))
+        except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
+            logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
+            services.fail_analysis(
+                analysis_id=analysis.pk,
+                task_id=task_id,
+                error=f"Cannot draw the heatmap overlay: {error}",
+                model_version=predictor.version,
+            )
+            continue
         services.record_result(
             analysis=analysis,
             task_id=task_id,
@@ -76,7 +97,7 @@ def run_analyses(*, analysis_ids: list[int], task_id: str) -> None:
             probability_parasitized=prediction.probability_parasitized,
             decision_threshold=predictor.info.threshold,
             model_version=predictor.version,
-            overlay_png=_png_bytes(prediction.overlay(image)),
+            overlay_png=overlay_png,
             inference_ms=per_image_ms,
         )
 

@@ -17,6 +17,11 @@ class PrivateStorage(FileSystemStorage):
 private_storage = PrivateStorage()
 
 
+def overlay_path(analysis_id: int) -> str:
+    """Where an analysis's heatmap overlay is stored: one per analysis, found again from its id alone."""
+    return f"overlays/{analysis_id}.png"
+
+
 def upload_path(instance, filename: str) -> str:
     # The client's file name is kept only as data; paths are random so names can't traverse or clash.
     return f"uploads/{uuid.uuid4().hex}.{filename.rsplit('.', 1)[-1]}"

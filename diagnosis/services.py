@@ -15,7 +15,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from diagnosis.callbacks import check_callback_url, send_again
-from diagnosis.models import Analysis, Batch, private_storage
+from diagnosis.models import Analysis, Batch, overlay_path, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
 GAVE_UP = (
@@ -102,12 +102,12 @@ def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: li
     return analysis
 
 
-def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:
+def enqueue_analyses(*, analysis_ids: Sequence[int], per_task: int = ANALYSES_PER_TASK) -> None:
     """Send analyses to the worker. If the broker is unreachable they stay queued for the sweeper."""
     from diagnosis.tasks import analyse_images  # here, not at the top: tasks imports this module
 
-    for start in range(0, len(analysis_ids), ANALYSES_PER_TASK):
-        chunk = list(analysis_ids[start : start + ANALYSES_PER_TASK])
+    for start in range(0, len(analysis_ids), per_task):
+        chunk = list(analysis_ids[start : start + per_task])
         try:
             analyse_images.apply_async(args=[chunk], retry=True)
         except Exception:  # noqa: BLE001 - any broker failure must not lose the upload
@@ -118,11 +118,12 @@ def enqueue_analyses(*, analysis_ids: Sequence[int]) -> None:
         Analysis.objects.filter(pk__in=chunk, status=Analysis.Status.QUEUED).update(enqueued_at=timezone.now())
 
 
-def claim_analysis(*, analysis_id: int, task_id: str) -> bool:
+def claim_analysis(*, analysis_id: int, task_id: str, new_attempt: bool = True) -> bool:
     """Move queued -> running for this task. A task retried or redelivered under the same id may
     claim again; any other task (a duplicate) gets False and must do nothing. A cell whose worker
     has died on it ANALYSIS_MAX_ATTEMPTS times (an image that exhausts memory, say) is failed
-    instead, so it cannot block the queue for ever."""
+    instead, so it cannot block the queue for ever. A task retrying after a database error passes
+    ``new_attempt=False``: its worker did not die, so the cell's count of attempts stays."""
     own_claim = Analysis.objects.filter(pk=analysis_id, status=Analysis.Status.RUNNING, claimed_by_task=task_id)
     if _give_up(own_claim):
         return False
@@ -131,11 +132,26 @@ def claim_analysis(*, analysis_id: int, task_id: str) -> bool:
         status=Analysis.Status.RUNNING,
         claimed_by_task=task_id,
         started_at=timezone.now(),
-        attempts=F("attempts") + 1,
+        attempts=F("attempts") + int(new_attempt),
     )
     if claimed:
         logger.info("event=running analysis_id=%s task_id=%s", analysis_id, task_id)
     return bool(claimed)
+
+
+def has_stopped_a_worker(*, analysis_ids: Sequence[int]) -> bool:
+    """Whether any of these cells is on its second attempt or later: an earlier task died on it."""
+    return Analysis.objects.filter(pk__in=analysis_ids, attempts__gt=1).exists()
+
+
+def send_separately(*, analysis_ids: Sequence[int], task_id: str) -> None:
+    """running -> queued for this task's cells, each sent again as a task of its own, so that only
+    the cell that stops a worker (an image too large for memory, say) uses up its attempts."""
+    Analysis.objects.filter(pk__in=analysis_ids, status=Analysis.Status.RUNNING, claimed_by_task=task_id).update(
+        status=Analysis.Status.QUEUED, claimed_by_task="", enqueued_at=None
+    )
+    logger.info("event=split analysis_ids=%s task_id=%s", list(analysis_ids), task_id)
+    enqueue_analyses(analysis_ids=analysis_ids, per_task=1)
 
 
 def record_result(
@@ -150,10 +166,9 @@ def record_result(
     inference_ms: float,
 ) -> bool:
     """running -> done, once: a second recording of the same analysis changes nothing."""
-    overlay_name = f"overlays/{analysis.pk}.png"
     storage = analysis.overlay.storage
-    storage.delete(overlay_name)  # a crashed earlier attempt may have left it
-    storage.save(overlay_name, ContentFile(overlay_png))
+    storage.delete(overlay_path(analysis.pk))  # a crashed earlier attempt may have left it
+    overlay_name = storage.save(overlay_path(analysis.pk), ContentFile(overlay_png))
     now = timezone.now()
     done = Analysis.objects.filter(pk=analysis.pk, status=Analysis.Status.RUNNING, claimed_by_task=task_id).update(
         status=Analysis.Status.DONE,

@@ -117,6 +117,9 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 # --- Model ----------------------------------------------------------------------------------
 MODEL_WEIGHTS = Path(env("MODEL_WEIGHTS", default=str(BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors")))
 MODEL_BATCH_SIZE = env.int("MODEL_BATCH_SIZE", default=16)
+# Threads torch may use per worker process; 0 uses every core the host has. Set it when several
+# workers share a host, or a container's CPU limit is below the host's core count.
+MODEL_THREADS = env.int("MODEL_THREADS", default=0)
 
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")

@@ -1,10 +1,12 @@
 """Saving and loading model files as safetensors (no pickle), with metadata alongside."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ml.model import MalariaVGG, ModelConfig
@@ -14,6 +16,10 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "malaria_vgg19.s
 
 class WeightsNotFound(FileNotFoundError):
     pass
+
+
+class WeightsUnreadable(ValueError):
+    """The file is there but is not a whole malaria-vgg19 safetensors file (truncated, an LFS pointer)."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,32 @@ def save_model(model: MalariaVGG, path: str | Path, *, info: ModelInfo, half: bo
 
 
 def read_info(path: str | Path) -> ModelInfo:
-    with safe_open(str(_existing(path)), framework="pt") as handle:
+    with _opened(path) as handle:
         return _info_from_metadata(handle.metadata())
 
 
 def load_model(path: str | Path) -> tuple[MalariaVGG, ModelInfo]:
     """Build the network described by the file and load its weights in fp32, eval mode."""
-    with safe_open(str(_existing(path)), framework="pt") as handle:
+    with _opened(path) as handle:
         info = _info_from_metadata(handle.metadata())
         state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
     model = MalariaVGG(info.config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval(), info
+
+
+@contextmanager
+def _opened(path: str | Path) -> Iterator:
+    """safe_open, with every way a damaged file can fail turned into one WeightsUnreadable."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise WeightsUnreadable(
+            f"{path} is not a usable weights file ({error}). If it is a Git LFS pointer or was cut short "
+            "while copying, fetch the whole file again."
+        ) from error
 
 
 def _existing(path: str | Path) -> Path:

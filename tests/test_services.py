@@ -52,6 +52,90 @@ def test_missing_weights_fail_the_analysis_with_instructions(queued, settings, t
     assert queued.status == "failed" and "ml.train" in queued.error and queued.label == ""
 
 
+@pytest.mark.parametrize("damage", ["cut short while copying", "a Git LFS pointer"])
+def test_damaged_weights_fail_the_analysis_at_once_saying_why(queued, settings, tmp_path, damage):
+    shipped = Path(settings.MODEL_WEIGHTS).read_bytes()
+    damaged = tmp_path / "damaged.safetensors"
+    if damage == "a Git LFS pointer":
+        damaged.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 41943040\n")
+    else:
+        damaged.write_bytes(shipped[: len(shipped) // 2])
+    settings.MODEL_WEIGHTS = damaged
+    inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
+    queued.refresh_from_db()
+    assert queued.status == "failed" and queued.error.startswith("Model unavailable:")
+    assert "fetch the whole file again" in queued.error
+
+
+def test_a_retry_after_a_database_error_does_not_use_up_an_attempt(queued):
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="t")
+    for _ in range(5):
+        assert services.claim_analysis(analysis_id=queued.pk, task_id="t", new_attempt=False)
+    queued.refresh_from_db()
+    assert queued.status == "running" and queued.attempts == 1
+
+
+def test_a_chunk_that_stopped_a_worker_is_sent_again_one_cell_per_task(user, monkeypatch):
+    sent: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(
+        services, "enqueue_analyses", lambda *, analysis_ids, per_task: sent.append((list(analysis_ids), per_task))
+    )
+    cells = [services.create_analysis(owner=user, upload=upload(f"{n}.png")) for n in range(3)]
+    ids = [cell.pk for cell in cells]
+    for pk in ids:  # the first delivery: its worker died before recording anything
+        services.claim_analysis(analysis_id=pk, task_id="chunk")
+    inference.run_analyses(analysis_ids=ids, task_id="chunk")  # redelivered under the same id
+
+    assert sent == [(ids, 1)]
+    assert set(Analysis.objects.filter(pk__in=ids).values_list("status", "claimed_by_task")) == {("queued", "")}
+    for pk in ids:  # each on its own: only a cell that stops its worker again uses up its attempts
+        inference.run_analyses(analysis_ids=[pk], task_id=f"single-{pk}")
+    assert set(Analysis.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"done"}
+
+
+def test_a_cell_whose_overlay_cannot_be_drawn_fails_alone(user, monkeypatch):
+    first = services.create_analysis(owner=user, upload=upload("a.png"))
+    second = services.create_analysis(owner=user, upload=upload("b.png"))
+    draw = inference._png_bytes
+    calls = []
+
+    def fail_the_first(rgb):
+        calls.append(rgb.shape)
+        if len(calls) == 1:
+            raise MemoryError("cannot allocate the overlay")
+        return draw(rgb)
+
+    monkeypatch.setattr(inference, "_png_bytes", fail_the_first)
+    inference.run_analyses(analysis_ids=[first.pk, second.pk], task_id="t")
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.status == "failed" and "Cannot draw the heatmap overlay" in first.error and first.model_version
+    assert second.status == "done" and second.overlay
+
+
+def test_an_overlay_recorded_after_the_page_loaded_the_cell_goes_with_it(queued, django_capture_on_commit_callbacks):
+    seen_by_the_page = Analysis.objects.get(pk=queued.pk)
+    services.claim_analysis(analysis_id=queued.pk, task_id="t")
+    inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
+    overlay = Path(Analysis.objects.get(pk=queued.pk).overlay.path)
+    assert overlay.is_file() and not seen_by_the_page.overlay
+    with django_capture_on_commit_callbacks(execute=True):
+        services.delete_analysis(analysis=seen_by_the_page)
+    assert not overlay.exists()
+
+
+def test_the_worker_uses_the_threads_it_is_given(settings):
+    import torch
+
+    before = torch.get_num_threads()
+    settings.MODEL_THREADS = 1
+    try:
+        inference.warm_up()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unreadable_stored_image_fails_that_analysis_only(user, settings):
     first = services.create_analysis(owner=user, upload=upload("a.png"))
     second = services.create_analysis(owner=user, upload=upload("b.png"))
