@@ -45,8 +45,7 @@ def evaluate_folder(
     scores = score_samples(predictor, samples, overlays_dir=overlays_dir, overlays=overlays)
     elapsed = time.perf_counter() - started
     positives = np.array([s.label == PARASITIZED for s in samples])
-    # Resample patients, not file-name prefixes: one patient photographed on two microscopes is one unit.
-    groups = np.array([patient(s.patient_group) for s in samples])
+    groups = resampling_units(samples)
     metrics = screening_metrics(scores, positives, predictor.info.threshold)
     metrics.update(
         model_version=predictor.version,
@@ -71,6 +70,12 @@ def evaluate_folder(
             compared["difference_ci95"] = {name: list(bounds) for name, bounds in difference.items()}
         metrics["against"] = compared
     return metrics
+
+
+def resampling_units(samples) -> np.ndarray:
+    """The patient of each sample, not its file-name prefix: one patient photographed on two
+    microscopes is one unit of the bootstrap, as they are one unit of the split."""
+    return np.array([patient(s.patient_group) for s in samples])
 
 
 def score_samples(predictor: Predictor, samples, *, overlays_dir: str | None = None, overlays: int = 0) -> np.ndarray:

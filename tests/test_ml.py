@@ -480,3 +480,17 @@ def test_audit_cli_lists_and_sheets_the_cells_every_model_gets_wrong(tmp_path):
 
     alone = run_module("ml.audit", "--data", str(FIXTURE_CELLS), "--weights", str(one))
     assert alone.returncode != 0 and "at least two" in alone.stderr
+
+
+def test_the_bootstrap_resamples_patients_not_file_name_prefixes():
+    from ml.data import Sample
+    from ml.evaluate import resampling_units
+
+    names = [
+        "C47P8thinOriginalOlympusCX21_IMG_20150604_1_cell_1.png",
+        "C47P8thin_Original_Motic_IMG_20150604_2_cell_2.png",
+        "C39P4thinF_original_IMG_20150622_113126_cell_12.png",
+    ]
+    samples = [Sample(path=Path(name), label=0) for name in names]
+    units = resampling_units(samples)
+    assert units[0] == units[1] != units[2]
