@@ -42,12 +42,9 @@ def warm_up() -> None:
     logger.info("event=model_warm version=%s", predictor.version)
 
 
-def run_analyses(*, analysis_ids: list[int], task_id: str, retrying: bool = False) -> None:
-    """Classify the cells this task can claim. ``retrying``: the task is running again after a
-    database error, not redelivered after its worker died."""
-    claimed = [
-        pk for pk in analysis_ids if services.claim_analysis(analysis_id=pk, task_id=task_id, new_attempt=not retrying)
-    ]
+def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> None:
+    """Classify the cells this task can claim; ``retries`` is the task's retry count (see claim_analysis)."""
+    claimed = [pk for pk in analysis_ids if services.claim_analysis(analysis_id=pk, task_id=task_id, retries=retries)]
     if not claimed:
         return
     if len(claimed) > 1 and services.has_stopped_a_worker(analysis_ids=claimed):

@@ -100,6 +100,9 @@ class Analysis(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     # Celery task id that claimed the analysis; lets that task (and only it) resume after a retry.
     claimed_by_task = models.CharField(max_length=64, blank=True)
+    # That task's retry count when it claimed: the same task claiming again with a higher count is
+    # retrying after an error; with the same count, its message was redelivered because its worker died.
+    claimed_at_retry = models.PositiveSmallIntegerField(default=0)
     inference_ms = models.FloatField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

@@ -29,6 +29,9 @@ def review(request, pk: int):
     if request.method == "GET":
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
     form = ReviewForm(request.POST or None)
+    # The review time the reviewer has seen: resubmitted as is after a mistake in the form, so a
+    # review saved by someone else meanwhile is still noticed.
+    replacing = request.POST.get("replacing", "") if request.method == "POST" else _iso(analysis.reviewed_at)
     if request.method == "POST" and form.is_valid():
         try:
             services.review_analysis(
@@ -42,6 +45,7 @@ def review(request, pk: int):
         except ValidationError as error:
             form.add_error(None, error)
             analysis.refresh_from_db()  # show the review that got there first
+            replacing = _iso(analysis.reviewed_at)
         else:
             verdict = form.cleaned_data["verdict"]
             record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
@@ -50,4 +54,9 @@ def review(request, pk: int):
             next_case = following.first()
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
     status = 400 if request.method == "POST" else 200
-    return render(request, "diagnosis/review.html", {"analysis": analysis, "form": form}, status=status)
+    context = {"analysis": analysis, "form": form, "replacing": replacing}
+    return render(request, "diagnosis/review.html", context, status=status)
+
+
+def _iso(moment) -> str:
+    return moment.isoformat() if moment else ""

@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from diagnosis.callbacks import check_callback_url, send_again
@@ -118,21 +118,24 @@ def enqueue_analyses(*, analysis_ids: Sequence[int], per_task: int = ANALYSES_PE
         Analysis.objects.filter(pk__in=chunk, status=Analysis.Status.QUEUED).update(enqueued_at=timezone.now())
 
 
-def claim_analysis(*, analysis_id: int, task_id: str, new_attempt: bool = True) -> bool:
+def claim_analysis(*, analysis_id: int, task_id: str, retries: int = 0) -> bool:
     """Move queued -> running for this task. A task retried or redelivered under the same id may
-    claim again; any other task (a duplicate) gets False and must do nothing. A cell whose worker
-    has died on it ANALYSIS_MAX_ATTEMPTS times (an image that exhausts memory, say) is failed
-    instead, so it cannot block the queue for ever. A task retrying after a database error passes
-    ``new_attempt=False``: its worker did not die, so the cell's count of attempts stays."""
+    claim again; any other task (a duplicate) gets False and must do nothing. ``retries`` is the
+    task's retry count: claiming again with a higher one is a retry after a database error, which
+    does not count as an attempt; with the same one, the message came back because the worker died,
+    which does. A cell whose worker has died on it ANALYSIS_MAX_ATTEMPTS times (an image that
+    exhausts memory, say) is failed instead, so it cannot block the queue for ever."""
     own_claim = Analysis.objects.filter(pk=analysis_id, status=Analysis.Status.RUNNING, claimed_by_task=task_id)
     if _give_up(own_claim):
         return False
     claimable = Q(status=Analysis.Status.QUEUED) | Q(status=Analysis.Status.RUNNING, claimed_by_task=task_id)
+    retried_after_an_error = Q(status=Analysis.Status.RUNNING, claimed_at_retry__lt=retries)
     claimed = Analysis.objects.filter(claimable, pk=analysis_id).update(
         status=Analysis.Status.RUNNING,
         claimed_by_task=task_id,
+        claimed_at_retry=retries,
         started_at=timezone.now(),
-        attempts=F("attempts") + int(new_attempt),
+        attempts=F("attempts") + Case(When(retried_after_an_error, then=Value(0)), default=Value(1)),
     )
     if claimed:
         logger.info("event=running analysis_id=%s task_id=%s", analysis_id, task_id)
@@ -148,7 +151,10 @@ def send_separately(*, analysis_ids: Sequence[int], task_id: str) -> None:
     """running -> queued for this task's cells, each sent again as a task of its own, so that only
     the cell that stops a worker (an image too large for memory, say) uses up its attempts."""
     Analysis.objects.filter(pk__in=analysis_ids, status=Analysis.Status.RUNNING, claimed_by_task=task_id).update(
-        status=Analysis.Status.QUEUED, claimed_by_task="", enqueued_at=None
+        status=Analysis.Status.QUEUED,
+        claimed_by_task="",
+        enqueued_at=None,
+        attempts=F("attempts") - 1,  # this claim ran nothing: only the crashes count
     )
     logger.info("event=split analysis_ids=%s task_id=%s", list(analysis_ids), task_id)
     enqueue_analyses(analysis_ids=analysis_ids, per_task=1)

@@ -22,7 +22,7 @@ def warm_up_model(**kwargs) -> None:
     max_retries=8,
 )
 def analyse_images(self, analysis_ids: list[int]) -> None:
-    inference.run_analyses(analysis_ids=analysis_ids, task_id=self.request.id, retrying=self.request.retries > 0)
+    inference.run_analyses(analysis_ids=analysis_ids, task_id=self.request.id, retries=self.request.retries)
     callbacks.notify_finished_batches(analysis_ids=analysis_ids)
 
 

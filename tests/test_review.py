@@ -77,3 +77,22 @@ def test_the_queue_lists_disagreements_with_their_reviewer_in_a_fixed_number_of_
     with django_assert_max_num_queries(12):
         page = client.get("/review/").content.decode()
     assert all(their_reviewer.username in page for their_reviewer in reviewers)
+
+
+def test_a_mistake_in_the_form_keeps_what_was_typed_and_still_notices_a_review_saved_meanwhile(case):
+    (first, first_reviewer), (second, _) = reviewer_client(), reviewer_client()
+    opened = seen_review_time(second.get(f"/review/{case.pk}/").content.decode())
+    assert first.post(f"/review/{case.pk}/", {"verdict": "agree", "replacing": ""}).status_code == 302
+
+    too_long = second.post(f"/review/{case.pk}/", {"verdict": "disagree", "note": "x" * 2001, "replacing": opened})
+    page = too_long.content.decode()
+    assert too_long.status_code == 400 and "Note: Ensure this value has at most 2000 characters" in page
+    assert 'value="disagree" checked' in page and "x" * 2001 in page and 'maxlength="2000"' in page
+    assert seen_review_time(page) == opened  # not the newer review's time: that one has not been seen
+
+    conflict = second.post(
+        f"/review/{case.pk}/",
+        {"verdict": "disagree", "corrected_label": "Uninfected", "note": "short", "replacing": seen_review_time(page)},
+    )
+    assert conflict.status_code == 400 and f"{first_reviewer.username} reviewed this case" in conflict.content.decode()
+    assert Analysis.objects.get(pk=case.pk).reviewed_by == first_reviewer

@@ -67,12 +67,16 @@ def test_damaged_weights_fail_the_analysis_at_once_saying_why(queued, settings, 
     assert "fetch the whole file again" in queued.error
 
 
-def test_a_retry_after_a_database_error_does_not_use_up_an_attempt(queued):
-    assert services.claim_analysis(analysis_id=queued.pk, task_id="t")
-    for _ in range(5):
-        assert services.claim_analysis(analysis_id=queued.pk, task_id="t", new_attempt=False)
-    queued.refresh_from_db()
-    assert queued.status == "running" and queued.attempts == 1
+def test_a_retry_after_a_database_error_does_not_use_up_an_attempt_but_a_crash_does(queued):
+    def attempts() -> int:
+        return Analysis.objects.get(pk=queued.pk).attempts
+
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=0) and attempts() == 1
+    for retry in (1, 2, 3):  # autoretry after database errors: same task id, a higher retry count
+        assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=retry)
+    assert attempts() == 1
+    # The worker dies and the retried message comes back with its count unchanged: that is an attempt.
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=3) and attempts() == 2
 
 
 def test_a_chunk_that_stopped_a_worker_is_sent_again_one_cell_per_task(user, monkeypatch):
@@ -87,7 +91,8 @@ def test_a_chunk_that_stopped_a_worker_is_sent_again_one_cell_per_task(user, mon
     inference.run_analyses(analysis_ids=ids, task_id="chunk")  # redelivered under the same id
 
     assert sent == [(ids, 1)]
-    assert set(Analysis.objects.filter(pk__in=ids).values_list("status", "claimed_by_task")) == {("queued", "")}
+    states = Analysis.objects.filter(pk__in=ids).values_list("status", "claimed_by_task", "attempts")
+    assert set(states) == {("queued", "", 1)}  # the splitting claim ran nothing, so it is not counted
     for pk in ids:  # each on its own: only a cell that stops its worker again uses up its attempts
         inference.run_analyses(analysis_ids=[pk], task_id=f"single-{pk}")
     assert set(Analysis.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"done"}

@@ -20,6 +20,8 @@ def hash_plain_tokens(apps, schema_editor):
     api_token = apps.get_model("diagnosis", "ApiToken")
     table = connection.ops.quote_name(PLAIN_TOKENS)
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":  # a web process of the old release must not add keys meanwhile
+            cursor.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
         cursor.execute(f"SELECT key, user_id, created FROM {table}")
         for key, user_id, created in cursor.fetchall():
             digest = hashlib.sha256(key.encode()).hexdigest()
