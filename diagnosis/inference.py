@@ -12,7 +12,7 @@ from PIL import Image
 from diagnosis import services
 from diagnosis.models import Analysis
 from ml.predictor import Predictor
-from ml.preprocessing import ImageDecodeError, open_rgb
+from ml.preprocessing import ImageDecodeError, open_rgb, square_resize
 from ml.weights import WeightsNotFound
 
 logger = logging.getLogger("diagnosis.analysis")
@@ -57,10 +57,13 @@ def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> 
             services.fail_analysis(analysis_id=pk, task_id=task_id, error=f"Model unavailable: {error}")
         return
 
-    analyses, images = [], []
+    # Only the model-sized copy of each cell is kept for the batch, and each original is decoded
+    # again for its own overlay: sixteen 4096 px originals held at once would need 800 MB.
+    size = predictor.info.config.input_size
+    analyses, model_sized = [], []
     for analysis in Analysis.objects.filter(pk__in=claimed).order_by("pk"):
         try:
-            images.append(open_rgb(analysis.image.path))
+            model_sized.append(Image.fromarray(square_resize(open_rgb(analysis.image.path), size)))
             analyses.append(analysis)
         except (ImageDecodeError, FileNotFoundError) as error:
             services.fail_analysis(
@@ -73,11 +76,11 @@ def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> 
         return
 
     started = time.perf_counter()
-    predictions = predictor.predict(images)
-    per_image_ms = (time.perf_counter() - started) * 1000 / len(images)
-    for analysis, image, prediction in zip(analyses, images, predictions, strict=True):
+    predictions = predictor.predict(model_sized)
+    per_image_ms = (time.perf_counter() - started) * 1000 / len(model_sized)
+    for analysis, prediction in zip(analyses, predictions, strict=True):
         try:
-            overlay_png = _png_bytes(prediction.overlay(image))
+            overlay_png = _png_bytes(prediction.overlay(open_rgb(analysis.image.path)))
         except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
             logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
             services.fail_analysis(

@@ -28,7 +28,7 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
             return _decode(stream)
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"image is too large to decode safely: {error}") from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except Exception as error:  # Pillow raises many kinds on damaged files (TypeError, struct.error, ...)
         raise ImageDecodeError(f"cannot decode image: {error}") from error
 
 

@@ -222,3 +222,27 @@ def test_unfinished_cells_sort_last_by_probability_on_every_database(user, sort)
     listed = [a.probability_parasitized for a in analyses_for(user=user, filters=AnalysisFilters(sort=sort))]
     finished = sorted((p for p in probabilities if p is not None), reverse=sort.startswith("-"))
     assert listed == [*finished, None, None]
+
+
+def test_the_worker_records_what_the_predictor_says_about_the_original(user, settings):
+    """The worker batches model-sized copies and decodes each original again for its overlay: the
+    probability and the overlay must be those of the original image."""
+    import io as bytes_io
+
+    from PIL import Image
+
+    from ml.predictor import Predictor
+    from ml.preprocessing import open_rgb
+    from tests.conftest import fixture_cells
+
+    cells = fixture_cells()
+    analyses = [services.create_analysis(owner=user, upload=upload(p.name, p.read_bytes())) for p in cells]
+    inference.run_analyses(analysis_ids=[a.pk for a in analyses], task_id="t")
+    originals = [open_rgb(p) for p in cells]
+    expected = Predictor(settings.MODEL_WEIGHTS).predict(originals)
+    for analysis, original, prediction in zip(analyses, originals, expected, strict=True):
+        analysis.refresh_from_db()
+        assert analysis.probability_parasitized == pytest.approx(prediction.probability_parasitized, abs=1e-6)
+        with analysis.overlay.open("rb") as stored:
+            overlay = Image.open(bytes_io.BytesIO(stored.read()))
+            assert overlay.size == original.size
