@@ -50,8 +50,9 @@ class FilterForm(forms.Form):
     )
 
     def to_filters(self) -> AnalysisFilters:
-        """The query's filters; invalid values (a bad date, an unknown choice) are ignored."""
-        data = self.cleaned_data if self.is_valid() else {}
+        """The query's filters; invalid values (a bad date, an unknown choice) are ignored, the rest apply."""
+        self.is_valid()
+        data = self.cleaned_data  # holds only the fields that validated
         return AnalysisFilters(
             status=data.get("status") or "",
             label=data.get("label") or "",

@@ -68,7 +68,12 @@ def upload(request):
                 return JsonResponse({"redirect": url})
             return redirect(url)
     status = 400 if request.method == "POST" else 200
-    context = {"form": form, "max_files": settings.BATCH_MAX_FILES, "max_mb": settings.UPLOAD_MAX_BYTES // 2**20}
+    context = {
+        "form": form,
+        "max_files": settings.BATCH_MAX_FILES,
+        "max_mb": settings.UPLOAD_MAX_BYTES // 2**20,
+        "max_request_bytes": settings.REQUEST_MAX_BYTES,
+    }
     return render(request, "diagnosis/upload.html", context, status=status)
 
 

@@ -168,6 +168,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     with paused(celery_worker_process):  # the batch page must open before any result exists
         upload_button.click()
         page.wait_for_url(re.compile(r"/batches/\d+/$"))
+        page.mouse.move(0, 0)  # the grid waits to re-sort while the pointer rests on it
         assert page.evaluate("JSON.parse(sessionStorage.getItem('file-notes'))") == ["uploaded"] * len(cells)
         progress = page.locator("#progress-text")
         expect(progress).to_contain_text(f"0 / {len(cells)} done")
@@ -455,3 +456,27 @@ def test_a_cell_that_fails_while_the_batch_page_is_open_can_be_sent_again_from_i
     expect(retry).to_be_hidden()
     broken.refresh_from_db()
     assert broken.status == Analysis.Status.DONE and broken.error == ""
+
+
+def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open_page, user, settings):
+    cells = fixture_cells()
+    first_two = sum(cell.stat().st_size for cell in cells[:2])
+    settings.REQUEST_MAX_BYTES = first_two + 3 * 1024 + 65536  # room for two cells and the form around them
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.get_by_label("Patient / sample reference").fill("WARD-3")
+    drop_files(page, "#dropzone", cells)
+    expect(page.locator("#file-list li")).to_have_count(len(cells))
+    expect(page.locator("#file-list li.rejected")).to_have_count(len(cells) - 2)
+    expect(page.locator("#file-list li.rejected").first).to_contain_text("one upload takes at most")
+    expect(page.locator("#upload-button")).to_have_text("Upload and analyse 2 image(s)")
+
+    settings.REQUEST_MAX_BYTES = 1000  # the server's limit fell after the page was loaded
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("The request is too large")
+    expect(page.locator("#client-errors")).to_contain_text("Nothing was stored.")
+    open_page.expect_error(page, "status of 413")
+    expect(page.get_by_label("Patient / sample reference")).to_have_value("WARD-3")
+    expect(page.locator("#upload-button")).to_be_enabled()
+    assert not Batch.objects.exists() and not Analysis.objects.exists()

@@ -57,3 +57,18 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png", "pending.png"}
     assert rows["likely.png"]["decision_threshold"] == "0.11" and rows["pending.png"]["decision_threshold"] == ""
     assert {row["sample_reference"] for row in rows.values()} == {"'@WARD-7"}
+
+
+def test_one_bad_filter_value_is_ignored_and_said_so_while_the_others_still_apply(client, user):
+    from diagnosis import services
+
+    kept = services.create_analysis(owner=user, upload=upload("kept.png"))
+    services.create_analysis(owner=user, upload=upload("dropped.png"))
+    Analysis.objects.filter(pk=kept.pk).update(status="failed")
+    client.force_login(user)
+    query = "?status=failed&sort=outdated-choice&date_from=not-a-date"
+    page = client.get("/" + query).content.decode()
+    assert "kept.png" in page and "dropped.png" not in page
+    assert "Ignored:" in page and "Sort" in page and "From" in page
+    exported = client.get("/export.csv" + query).content.decode()
+    assert "kept.png" in exported and "dropped.png" not in exported

@@ -115,3 +115,12 @@ def test_form_and_json_bodies_are_capped_far_below_an_image_batch(client, db):
     assert response.status_code == 400
     api = APIClient().post("/api/auth/token/", huge_field, content_type="application/x-www-form-urlencoded")
     assert api.status_code == 400
+
+
+def test_signed_in_pages_are_never_kept_in_the_browser_cache(client, user):
+    """After sign-out on a shared workstation, Back must not show the last user's patient pages."""
+    client.force_login(user)
+    for url in ("/", "/batches/", "/upload/", "/api/analyses/"):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert "no-store" in response["Cache-Control"] and "private" in response["Cache-Control"], url

@@ -28,16 +28,25 @@
   }
 
   // Keeps the batch grid "most suspicious first" as results arrive (unscored cells last, then by id).
+  // Not while the pointer or the keyboard focus is in the grid: a cell must not move from under
+  // a click. The order catches up when they leave.
   function sortGrid() {
     const grid = document.getElementById("cell-grid");
-    if (!grid) return;
+    if (!grid || grid.matches(":hover") || grid.contains(document.activeElement)) return;
     const score = (li) => (li.dataset.score === undefined ? -1 : Number(li.dataset.score));
     const items = Array.from(grid.children);
     const sorted = items.slice().sort((a, b) => score(b) - score(a) || a.dataset.analysis - b.dataset.analysis);
     if (sorted.every((li, i) => li === items[i])) return;
-    const focused = document.activeElement;
     sorted.forEach((li) => grid.appendChild(li));
-    if (focused && grid.contains(focused)) focused.focus();
+  }
+  const grid = document.getElementById("cell-grid");
+  if (grid) { grid.addEventListener("mouseleave", sortGrid); grid.addEventListener("focusout", () => setTimeout(sortGrid)); }
+
+  // As the server's templates round (Python's round, half to even), so both show the same percentage.
+  function percent(part, whole) {
+    const exact = (100 * part) / whole;
+    const rounded = Math.round(exact);
+    return exact % 1 === 0.5 && rounded % 2 === 1 ? rounded - 1 : rounded;
   }
 
   function applyCounts(counts) {
@@ -51,7 +60,7 @@
     const block = progress.querySelector("[data-parasitemia-block]");
     if (block && counts.done) {
       block.hidden = false;
-      block.querySelector("[data-parasitemia]").textContent = Math.round(100 * counts.parasitized / counts.done);
+      block.querySelector("[data-parasitemia]").textContent = percent(counts.parasitized, counts.done);
     }
   }
 

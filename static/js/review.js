@@ -8,9 +8,20 @@
   select.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && select.value) { event.preventDefault(); form.requestSubmit(); }
   });
+  // One verdict per page: a second key press (or click) while the first is being saved must not
+  // land on the next case before its images are even on screen.
+  let submitted = false;
+  form.addEventListener("submit", (event) => {
+    if (submitted) { event.preventDefault(); return; }
+    submitted = true;
+    form.querySelector("button[type=submit]").disabled = true;
+  });
+  // Shortcuts wait until the cell's images are shown: a verdict needs them to have been seen.
+  let imagesShown = false;
+  window.addEventListener("load", () => { imagesShown = true; });
   document.addEventListener("keydown", (event) => {
     if (event.target.closest("textarea, input[type=text], select") || event.ctrlKey || event.metaKey || event.altKey) return;
-    if (event.repeat) return; // a held key must not agree with case after case unseen
+    if (event.repeat || submitted || !imagesShown) return; // a held key must not agree with case after case unseen
     const key = event.key.toLowerCase();
     if (key === "a") {
       form.querySelector('input[value="agree"]').checked = true;

@@ -11,6 +11,8 @@
   const button = document.getElementById("upload-button");
   const maxFiles = Number(form.dataset.maxFiles);
   const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
+  const maxRequestBytes = Number(form.dataset.maxRequestBytes);
+  const errors = document.getElementById("client-errors");
   const accepted = /\.(png|jpe?g|tiff?|bmp)$/i;
   let chosen = [];
   let notes = []; // the per-file status line of each chosen file
@@ -39,6 +41,7 @@
     chosen = [];
     notes = [];
     list.textContent = "";
+    let total = 0;
     Array.from(files).forEach((file) => {
       const why = reason(file);
       const li = document.createElement("li");
@@ -46,7 +49,11 @@
       const note = document.createElement("span");
       if (why) { li.className = "rejected"; note.textContent = "skipped: " + why; }
       else if (chosen.length >= maxFiles) { li.className = "rejected"; note.textContent = "skipped: over " + maxFiles + " files"; }
-      else { chosen.push(file); notes.push(note); note.textContent = (file.size / 1024).toFixed(0) + " KB"; }
+      else if (total + file.size + 1024 * (chosen.length + 1) + 65536 > maxRequestBytes) { // multipart adds a little
+        li.className = "rejected";
+        note.textContent = "skipped: one upload takes at most " + Math.floor(maxRequestBytes / 1048576) + " MB in all; upload it next";
+      }
+      else { chosen.push(file); notes.push(note); total += file.size; note.textContent = (file.size / 1024).toFixed(0) + " KB"; }
       li.appendChild(note);
       list.appendChild(li);
     });
@@ -62,10 +69,23 @@
   }));
   ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
   zone.addEventListener("drop", (event) => { event.preventDefault(); choose(event.dataTransfer.files); });
+  // A file dropped just outside the zone would make the browser open it in place of this page,
+  // losing what was typed in the form.
+  ["dragover", "drop"].forEach((type) => document.addEventListener(type, (event) => {
+    if (!zone.contains(event.target)) event.preventDefault();
+  }));
   // The focusable drop zone opens the file chooser from the keyboard too.
   zone.addEventListener("keydown", (event) => {
     if (event.target === zone && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); input.click(); }
   });
+
+  function fail(message) {
+    bar.hidden = true;
+    button.disabled = false;
+    errors.textContent = message;
+    errors.hidden = false;
+    errors.focus();
+  }
 
   form.addEventListener("submit", (event) => {
     if (!chosen.length) return; // let the server explain what is missing
@@ -89,11 +109,19 @@
         window.location.assign(JSON.parse(xhr.responseText).redirect);
       } else if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
         window.location.assign(xhr.responseURL); // e.g. the sign-in page when the session ended
-      } else {
+      } else if (type.startsWith("text/html")) {
         document.open(); document.write(xhr.responseText); document.close();
+      } else {
+        // A refusal before the form was read (the request too large, too many requests): say why,
+        // and keep the page and what was typed on it.
+        let message = "The upload was refused (HTTP " + xhr.status + ").";
+        try { message = JSON.parse(xhr.responseText).detail || message; } catch (error) { /* not JSON */ }
+        fail(message + " Nothing was stored.");
       }
     });
-    xhr.addEventListener("error", () => { button.disabled = false; alert("The upload failed: check the connection and try again."); });
+    xhr.addEventListener("error", () => {
+      fail("The upload did not reach the server: check the connection, or upload fewer or smaller files at a time. Nothing was stored.");
+    });
     xhr.send(data);
   });
 })();
