@@ -7,7 +7,7 @@ from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.http import urlencode
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -94,12 +94,33 @@ def batch_detail(request, pk: int):
     return render(request, "diagnosis/batch.html", context)
 
 
+def _came_from(request) -> str:
+    """The list page (with its filters and page number) the user opened this analysis from, if any:
+    only a path on this site, never another host."""
+    target = request.POST.get("from") or request.GET.get("from") or ""
+    on_this_site = url_has_allowed_host_and_scheme(target, allowed_hosts=None) and target.startswith("/")
+    return target if on_this_site else ""
+
+
+def _analysis_context(request, analysis: Analysis) -> dict:
+    came_from = _came_from(request)
+    if analysis.batch_id:
+        default = reverse("diagnosis:batch", args=[analysis.batch_id])
+    else:
+        default = reverse("diagnosis:dashboard")
+    return {"back_url": came_from or default, "came_from": came_from}
+
+
 @login_required
 @require_GET
 def analysis_detail(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
     record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
-    context = {"analysis": analysis, "history": selectors.access_history(analysis=analysis)}
+    context = {
+        "analysis": analysis,
+        "history": selectors.access_history(analysis=analysis),
+        **_analysis_context(request, analysis),
+    }
     return render(request, "diagnosis/analysis.html", context)
 
 
@@ -107,16 +128,20 @@ def analysis_detail(request, pk: int):
 @require_http_methods(["GET", "POST"])
 def analysis_delete(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
-    back = reverse("diagnosis:batch", args=[analysis.batch_id]) if analysis.batch_id else reverse("diagnosis:dashboard")
+    navigation = _analysis_context(request, analysis)
     if request.method == "POST":
         record_access(request=request, action=AccessEvent.Action.DELETED, analysis=analysis, detail="1 cell")
         services.delete_analysis(analysis=analysis)
         messages.success(request, f"Deleted {analysis.original_filename}: its image, heatmap and result are gone.")
-        return redirect(back)
+        return redirect(navigation["back_url"])
+    cancel_url = reverse("diagnosis:analysis", args=[pk])
+    if navigation["came_from"]:
+        cancel_url += "?" + urlencode({"from": navigation["came_from"]})
     context = {
         "subject": analysis.original_filename,
         "cells": 1,
-        "cancel_url": reverse("diagnosis:analysis", args=[pk]),
+        "cancel_url": cancel_url,
+        "came_from": navigation["came_from"],
     }
     return render(request, "diagnosis/confirm_delete.html", context)
 

@@ -220,3 +220,30 @@ def test_files_keep_their_own_extension_and_stay_out_of_the_browser_cache(client
         assert response.status_code == 200 and response["Content-Type"] == "image/jpeg"
         assert response["Content-Disposition"] == f'inline; filename="image-{jpeg.pk}.jpg"'
         assert response["Cache-Control"] == "private, no-store"
+
+
+def test_back_and_delete_return_to_the_filtered_list_page_the_cell_was_opened_from(client, user):
+    from urllib.parse import quote
+
+    from diagnosis.services import create_analysis
+
+    cell = create_analysis(owner=user, upload=upload("listed.png"))
+    as_user(client, user, "x")
+    listing = "/?status=queued&sort=created_at&page=1"
+    dashboard = client.get(listing).content.decode()
+    link = f"/analyses/{cell.pk}/?from={quote(listing, safe='')}"
+    assert link in dashboard
+
+    page = client.get(link).content.decode()
+    assert '<a href="/?status=queued&amp;sort=created_at&amp;page=1">← Back</a>' in page
+    confirm = client.get(f"/analyses/{cell.pk}/delete/?from={quote(listing, safe='')}").content.decode()
+    assert f'name="from" value="{listing.replace("&", "&amp;")}"' in confirm
+    deleted = client.post(f"/analyses/{cell.pk}/delete/", {"from": listing})
+    assert deleted.status_code == 302 and deleted["Location"] == listing
+
+    for elsewhere in ("https://evil.example/", "//evil.example/", "javascript:alert(1)"):
+        other = create_analysis(owner=user, upload=upload("other.png"))
+        page = client.get(f"/analyses/{other.pk}/?from={quote(elsewhere, safe='')}").content.decode()
+        assert "evil.example" not in page and "javascript:" not in page
+        gone = client.post(f"/analyses/{other.pk}/delete/", {"from": elsewhere})
+        assert gone["Location"] == "/"
