@@ -183,11 +183,19 @@ def excluded_file_names(path: str) -> set[str]:
     return {cell["file"] for cell in report["cells"]}
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step, average=None):
+def train_one_epoch(
+    model, optimizer, scheduler, images, labels, *, args, epoch, start_step, on_step, average=None, random_state=None
+):
+    """One epoch from ``start_step``. ``on_step(epoch, step, random_state)`` follows every step;
+    passing that ``random_state`` back when resuming at that step continues the same augmentations
+    and mixup draws an uninterrupted run would have made."""
     model.train()
     generator = torch.Generator().manual_seed(args.seed + epoch)
     mixing = np.random.default_rng(args.seed + epoch)
     order = torch.randperm(len(images), generator=generator)
+    if random_state is not None:
+        generator.set_state(random_state["torch"])
+        mixing.bit_generator.state = random_state["numpy"]
     steps = len(order) // args.batch_size
     config = model.config
     started, seen = time.monotonic(), 0
@@ -222,7 +230,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, *, args, epoch,
                 f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s eta {eta / 60:.1f} min",
                 flush=True,
             )
-        on_step(epoch, step + 1)
+        on_step(epoch, step + 1, {"torch": generator.get_state(), "numpy": mixing.bit_generator.state})
 
 
 @torch.inference_mode()
@@ -313,9 +321,12 @@ def main(argv=None) -> None:
         if average is not None:
             average.load_state_dict(saved["average"])
         state = saved["progress"]
+        resumed_random = saved.get("random") if state["step"] else None
         print(f"resumed from {checkpoint_path} at epoch {state['epoch'] + 1} step {state['step']}", flush=True)
+    else:
+        resumed_random = None
 
-    def save_checkpoint(epoch: int, step: int) -> None:
+    def save_checkpoint(epoch: int, step: int, random_state: dict | None = None) -> None:
         state.update(epoch=epoch, step=step)
         if step % args.checkpoint_every == 0 or step == 0:
             payload = {
@@ -323,6 +334,7 @@ def main(argv=None) -> None:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "progress": dict(state),
+                "random": random_state,
             }
             if average is not None:
                 payload["average"] = average.state_dict()
@@ -341,7 +353,9 @@ def main(argv=None) -> None:
             start_step=state["step"],
             on_step=save_checkpoint,
             average=average,
+            random_state=resumed_random,
         )
+        resumed_random = None  # only the epoch the run was resumed in continues mid-way
         exported = average.module if average is not None else model
         record = dict(args=args, epoch=epoch + 1, train_samples=train_samples, excluded=excluded)
         if validation_run:

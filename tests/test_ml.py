@@ -483,7 +483,6 @@ def test_audit_cli_lists_and_sheets_the_cells_every_model_gets_wrong(tmp_path):
 
 
 def test_the_bootstrap_resamples_patients_not_file_name_prefixes():
-    from ml.data import Sample
     from ml.evaluate import resampling_units
 
     names = [
@@ -494,3 +493,51 @@ def test_the_bootstrap_resamples_patients_not_file_name_prefixes():
     samples = [Sample(path=Path(name), label=0) for name in names]
     units = resampling_units(samples)
     assert units[0] == units[1] != units[2]
+
+
+def test_a_run_resumed_mid_epoch_makes_the_same_draws_as_one_never_stopped():
+    import copy
+    from argparse import Namespace
+
+    from ml.train import train_one_epoch
+
+    args = Namespace(seed=5, batch_size=2, mixup=0.4, label_smoothing=0.0, bf16=False, epochs=1)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1] * 4)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = MalariaVGG(ModelConfig(input_size=32, trunk_stride=8))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model, optimizer, scheduler = fresh()
+    saved = {}
+
+    def checkpoint(epoch, step, random_state):
+        if step == 2:  # where an interrupted run would have saved its last checkpoint
+            saved.update(
+                model=copy.deepcopy(model.state_dict()),
+                optimizer=copy.deepcopy(optimizer.state_dict()),
+                random=copy.deepcopy(random_state),
+            )
+
+    train_one_epoch(model, optimizer, scheduler, images, labels, args=args, epoch=0, start_step=0, on_step=checkpoint)
+
+    resumed, resumed_optimizer, resumed_scheduler = fresh()
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    train_one_epoch(
+        resumed,
+        resumed_optimizer,
+        resumed_scheduler,
+        images,
+        labels,
+        args=args,
+        epoch=0,
+        start_step=2,
+        on_step=lambda *_: None,
+        random_state=saved["random"],
+    )
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
