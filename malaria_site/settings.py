@@ -164,7 +164,7 @@ ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
 # once a day. 0 keeps everything.
 ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)
 # Batch callbacks (diagnosis.callbacks): the only hosts a batch's callback_url may name (none: off),
-# the HMAC key that signs each body (default: DJANGO_SECRET_KEY), and how many attempts to make.
+# the HMAC key that signs each body (unset: callbacks off), and how many attempts to make.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_SECRET = env("CALLBACK_SECRET", default="")
 CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=6)
