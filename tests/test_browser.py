@@ -289,6 +289,17 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     disagreed.refresh_from_db()
     assert (disagreed.review_verdict, disagreed.corrected_label) == ("disagree", other_label)
 
+    # The single-key shortcuts can be switched off, and stay off in this browser.
+    reviewer_page.wait_for_load_state()
+    third = Analysis.objects.get(pk=int(re.search(r"/review/(\d+)/", reviewer_page.url)[1]))
+    reviewer_page.get_by_label("Keyboard shortcuts").uncheck()
+    reviewer_page.reload()
+    expect(reviewer_page.get_by_label("Keyboard shortcuts")).not_to_be_checked()
+    reviewer_page.keyboard.press("a")
+    reviewer_page.wait_for_timeout(1000)
+    third.refresh_from_db()
+    assert not third.review_verdict and reviewer_page.locator(".flash").count() == 0
+
     # The owner sees both verdicts.
     page.goto(f"/analyses/{agreed.pk}/")
     expect(page.locator("#review-verdict")).to_contain_text(f"Agreed by {reviewer.username}")

@@ -16,12 +16,17 @@
     submitted = true;
     form.querySelector("button[type=submit]").disabled = true;
   });
+  // Single-key shortcuts can be switched off (WCAG 2.1.4), for speech input or a reviewer who
+  // prefers clicks; the choice is remembered on this browser.
+  const toggle = document.getElementById("shortcuts-on");
+  toggle.checked = localStorage.getItem("review-shortcuts") !== "off";
+  toggle.addEventListener("change", () => localStorage.setItem("review-shortcuts", toggle.checked ? "on" : "off"));
   // Shortcuts wait until the cell's images are shown: a verdict needs them to have been seen.
   let imagesShown = false;
   window.addEventListener("load", () => { imagesShown = true; });
   document.addEventListener("keydown", (event) => {
     if (event.target.closest("textarea, input[type=text], select") || event.ctrlKey || event.metaKey || event.altKey) return;
-    if (event.repeat || submitted || !imagesShown) return; // a held key must not agree with case after case unseen
+    if (event.repeat || submitted || !imagesShown || !toggle.checked) return; // a held key must not agree with case after case unseen
     const key = event.key.toLowerCase();
     if (key === "a") {
       form.querySelector('input[value="agree"]').checked = true;
