@@ -16,7 +16,8 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # Logs go to the container's stdout/stderr. nginx is the only client; X-Real-IP is the visitor's address.
 accesslog = "-"
 errorlog = "-"
-access_log_format = '%({x-real-ip}i)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+# The path without its query string: queries can carry patient references (?search=...).
+access_log_format = '%({x-real-ip}i)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 # Only nginx can reach this port (it is not published), so its X-Forwarded-* headers are trusted.
 forwarded_allow_ips = "*"

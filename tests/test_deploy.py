@@ -359,7 +359,7 @@ def test_nginx_forwards_scheme_host_and_address():
     proxy = nginx_locations()["/"]
     assert "proxy_pass http://$web;" in proxy
     assert re.search(r"proxy_set_header X-Forwarded-Proto \$\w+;", proxy)
-    assert "proxy_set_header Host $host;" in proxy
+    assert "proxy_set_header Host $http_host;" in proxy  # with the port, as the browser's Origin has it
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in proxy  # replaced, not appended to
     assert django_settings.SECURE_PROXY_SSL_HEADER == ("HTTP_X_FORWARDED_PROTO", "https")
     for header in ("X-Content-Type-Options", "Content-Security-Policy", "X-Frame-Options"):
@@ -600,6 +600,7 @@ def running_nginx(workdir: Path, *, upstream: str, media: Path, static: Path):
         "set $web web:8000;": f"set $web {upstream};",
         "alias /data/media/;": f"alias {media}/;",
         "alias /data/static/;": f"alias {static}/;",
+        "access_log /dev/stdout without_query;": f"access_log {workdir}/access.log without_query;",
     }.items():
         assert site.count(old) == 1, old
         site = site.replace(old, new)
@@ -617,7 +618,6 @@ def running_nginx(workdir: Path, *, upstream: str, media: Path, static: Path):
         http {{
             {mime_types}
             default_type application/octet-stream;
-            access_log {workdir}/access.log;
             {temp_paths}
             include {workdir}/site.conf;
         }}
@@ -700,6 +700,11 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
         assert connection.getresponse().status == 413
         connection.close()
 
+        # Queries can carry patient references: the access log keeps only the path.
+        request(port, "GET", "/?search=PATIENT-4711&status=done", {**host, **owner})
+        logged = (tmp_path / "nginx" / "access.log").read_text()
+        assert '"GET / HTTP/1.1" 200' in logged and "PATIENT-4711" not in logged
+
 
 @needs_nginx
 @local_dotenv_sets_secret
@@ -768,7 +773,7 @@ def test_gunicorn_behind_nginx_in_production_mode(tmp_path):
     finally:
         stop(gunicorn)
     # Access log on stdout, with the visitor's address from nginx's X-Real-IP.
-    assert re.search(r'^127\.0\.0\.1 "GET /accounts/login/ HTTP/1\.0" 200 ', log.read_text(), re.M)
+    assert re.search(r'^127\.0\.0\.1 "GET /accounts/login/" 200 ', log.read_text(), re.M)
 
 
 @pytest.mark.worker
@@ -810,3 +815,34 @@ def test_worker_health_check_pings_its_own_replica(tmp_path):
         assert health("another-replica") != 0
     finally:
         stop(worker)
+
+
+@local_dotenv_sets_secret
+@pytest.mark.parametrize("key", ["change-me", "change-me-" + "x" * 60, "too-short-to-be-random"])
+def test_production_refuses_a_placeholder_or_short_secret_key(key):
+    result = run_python(["-c", "import malaria_site.settings"], production_env(DJANGO_SECRET_KEY=key))
+    assert result.returncode != 0 and "placeholder or shorter than 50 characters" in result.stderr
+
+
+@local_dotenv_sets_secret
+def test_retention_runs_at_a_fixed_hour_and_redis_outlasts_a_long_task():
+    """An interval schedule restarts with beat's container, so a daily deploy would never delete;
+    Redis must not hand a task that may still be running to a second worker."""
+    code = (
+        "from malaria_site import settings as s;"
+        "print(s.CELERY_BEAT_SCHEDULE['delete-expired-analyses']['schedule']);"
+        "print(s.CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'])"
+    )
+    env = production_env(
+        ANALYSIS_RETENTION_DAYS="30", CELERY_BROKER_URL="redis://127.0.0.1:6379/0", CELERY_TASK_SOFT_TIME_LIMIT="4000"
+    )
+    result = run_python(["-c", code], env)
+    assert result.returncode == 0, result.stderr
+    schedule, visibility = result.stdout.split("\n")[:2]
+    assert schedule.startswith("<crontab: 0 3 ") and int(visibility) == 2 * 4030
+
+
+def test_gunicorn_logs_paths_without_their_query_strings():
+    config = (ROOT / "deploy" / "gunicorn.conf.py").read_text()
+    (log_format,) = re.findall(r"access_log_format = '(.*)'", config)
+    assert "%(U)s" in log_format and "%(r)s" not in log_format and "%(q)s" not in log_format
