@@ -173,26 +173,29 @@ def record_result(
 ) -> bool:
     """running -> done, once: a second recording of the same analysis changes nothing."""
     storage = analysis.overlay.storage
-    storage.delete(overlay_path(analysis.pk))  # a crashed earlier attempt may have left it
-    overlay_name = storage.save(overlay_path(analysis.pk), ContentFile(overlay_png))
-    now = timezone.now()
-    done = Analysis.objects.filter(pk=analysis.pk, status=Analysis.Status.RUNNING, claimed_by_task=task_id).update(
-        status=Analysis.Status.DONE,
-        label=label,
-        probability_parasitized=probability_parasitized,
-        decision_threshold=decision_threshold,
-        model_version=model_version,
-        overlay=overlay_name,
-        inference_ms=inference_ms,
-        finished_at=now,
-        error="",
-    )
-    if done:
-        analysis.refresh_from_db()
-        log_transition(analysis, "done")
-    elif not Analysis.objects.filter(pk=analysis.pk).exists():
-        storage.delete(overlay_name)  # deleted while the worker ran: leave no patient image behind
-    return bool(done)
+    with transaction.atomic():
+        # The row stays locked while the overlay is written, so a task that has lost its claim (or
+        # a redelivery after the result is in) never replaces the overlay of the result that stands.
+        claimed = Analysis.objects.select_for_update().filter(
+            pk=analysis.pk, status=Analysis.Status.RUNNING, claimed_by_task=task_id
+        )
+        if not claimed.values_list("pk", flat=True):
+            return False  # deleted, finished or claimed by another task meanwhile: nothing is written
+        storage.delete(overlay_path(analysis.pk))  # a crashed earlier attempt may have left it
+        claimed.update(
+            status=Analysis.Status.DONE,
+            label=label,
+            probability_parasitized=probability_parasitized,
+            decision_threshold=decision_threshold,
+            model_version=model_version,
+            overlay=storage.save(overlay_path(analysis.pk), ContentFile(overlay_png)),
+            inference_ms=inference_ms,
+            finished_at=timezone.now(),
+            error="",
+        )
+    analysis.refresh_from_db()
+    log_transition(analysis, "done")
+    return True
 
 
 def fail_analysis(*, analysis_id: int, task_id: str, error: str, model_version: str = "") -> bool:

@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "diagnosis",
 ]
 
@@ -106,6 +107,16 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env("STATIC_ROOT", default=str(VAR_DIR / "static")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# Production pages link each static file by a name carrying its content hash (collectstatic writes
+# the manifest), so a browser fetches a release's new JS and CSS at once instead of running cached
+# old code against new pages; nginx can then cache those names for good.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage."
+        + ("StaticFilesStorage" if DEBUG else "ManifestStaticFilesStorage")
+    },
+}
 # Uploads and overlays are patient data: MEDIA_ROOT is never exposed under a public URL; files are
 # streamed by views that check ownership (or handed to nginx via X-Accel-Redirect).
 MEDIA_ROOT = Path(env("MEDIA_ROOT", default=str(VAR_DIR / "media")))
@@ -217,6 +228,8 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # The API description is not patient data; publishing it lets lab integrators read it before signing in.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    # Hospital networks are often offline, and a CDN would learn who reads the docs: Redoc is served from here.
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {"AnalysisLabelEnum": "diagnosis.models.Analysis.Label"},
 }

@@ -13,6 +13,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(_broker_dir),
         "control_folder": str(_broker_dir / "control"),
     }
+# Pages render without a collectstatic manifest, whatever DJANGO_DEBUG a local .env sets.
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
 # Password hashing is deliberately slow; tests log in many times.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Rate-limit counters must not carry over between test runs through a shared Redis.

@@ -45,6 +45,26 @@ def test_result_is_recorded_once(queued):
     assert not services.claim_analysis(analysis_id=queued.pk, task_id="a")  # done is final
 
 
+def test_a_task_that_lost_its_claim_leaves_the_standing_overlay_alone(queued):
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="a")
+    result = dict(
+        analysis=queued,
+        label="Uninfected",
+        probability_parasitized=0.2,
+        decision_threshold=0.5,
+        model_version="m1",
+        inference_ms=5.0,
+    )
+    # "a" stalled; its cell was handed to "b", which recorded its result; then "a" came back.
+    Analysis.objects.filter(pk=queued.pk).update(claimed_by_task="b")
+    assert services.record_result(**result, task_id="b", overlay_png=b"overlay of b")
+    assert not services.record_result(**result, task_id="a", overlay_png=b"overlay of a")
+    queued.refresh_from_db()
+    assert queued.claimed_by_task == "b"
+    with queued.overlay.open("rb") as overlay:
+        assert overlay.read() == b"overlay of b"
+
+
 def test_missing_weights_fail_the_analysis_with_instructions(queued, settings, tmp_path):
     settings.MODEL_WEIGHTS = tmp_path / "absent.safetensors"
     inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
