@@ -7,10 +7,13 @@ from django.http import HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
-from diagnosis import callbacks, services
+from diagnosis import callbacks, selectors, services
 from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_safe
+from diagnosis.login_throttle import LockoutAdminAuthenticationForm
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
+
+admin.site.login_form = LockoutAdminAuthenticationForm
 
 
 class ReviewAdminForm(forms.ModelForm):
@@ -20,12 +23,17 @@ class ReviewAdminForm(forms.ModelForm):
 
     def clean(self):
         data = super().clean()
+        if "review_verdict" not in self.fields:
+            return data  # read-only for this user: nothing of the review can change
         if data.get("review_verdict"):
             services.check_review(
                 analysis=self.instance,
                 verdict=data["review_verdict"],
                 corrected_label=data.get("corrected_label") or "",
             )
+        elif data.get("corrected_label") or data.get("review_note") or self.instance.review_verdict:
+            # Without a verdict nothing would record who changed the final label, or when.
+            raise forms.ValidationError("A review needs a verdict: agree or disagree. Reviews are not cleared here.")
         return data
 
 
@@ -141,7 +149,12 @@ class AnalysisAdmin(RecordedDeletionAdmin):
     def reviewed(self, obj):
         return bool(obj.review_verdict)
 
-    @admin.action(description="Analyse the selected failed analyses again")
+    def get_readonly_fields(self, request, obj=None):
+        if selectors.can_review(request.user):
+            return self.readonly_fields
+        return flatten_fieldsets(self.fieldsets)  # only the `reviewers` group records verdicts
+
+    @admin.action(description="Analyse the selected failed analyses again", permissions=["change"])
     def retry_failed(self, request, queryset):
         retried = services.retry_failed_analyses(analyses=queryset)
         self.message_user(request, f"{len(retried)} failed analyses queued again; the others were left alone.")
@@ -155,7 +168,7 @@ class AnalysisAdmin(RecordedDeletionAdmin):
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data
         if not data.get("review_verdict"):
-            return super().save_model(request, obj, form, change)
+            return  # an unreviewed case saved as it was: the review fields are the only editable ones
         saved = Analysis.objects.get(pk=obj.pk)
         services.review_analysis(
             analysis=saved,
@@ -172,7 +185,7 @@ class AnalysisAdmin(RecordedDeletionAdmin):
 class BatchAdmin(RecordedDeletionAdmin):
     actions = ["retry_callbacks"]
 
-    @admin.action(description="Retry failed callbacks of the selected batches")
+    @admin.action(description="Retry failed callbacks of the selected batches", permissions=["change"])
     def retry_callbacks(self, request, queryset):
         retried = sum(callbacks.retry(batch=batch) for batch in queryset)
         self.message_user(request, f"{retried} failed callback(s) will be tried again.")
@@ -180,16 +193,26 @@ class BatchAdmin(RecordedDeletionAdmin):
     list_display = ["id", "owner", "sample_reference", "created_at", "callback_state"]
     list_filter = ["callback_state", "owner", "created_at"]
     search_fields = ["sample_reference", "owner__username"]
-    readonly_fields = [
+    # All read-only: a sample reference ties results to a patient and is the owner's record; the
+    # callback URL may carry credentials, so only its host is shown.
+    fields = readonly_fields = [
         "owner",
+        "sample_reference",
+        "note",
         "created_at",
-        "callback_url",
+        "callback_host",
         "callback_state",
         "callback_attempts",
         "callback_due_at",
         "callback_error",
         "callback_delivered_at",
     ]
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        batch = self.get_object(request, object_id) if request.method == "GET" else None
+        if batch is not None:
+            record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch)
+        return super().change_view(request, object_id, form_url, extra_context)
 
 
 ACCESS_TRAIL_COLUMNS = [

@@ -17,7 +17,13 @@ class MultipleImageField(forms.FileField):
         files = data if isinstance(data, list | tuple) else [data] if data else []
         if not files:
             raise forms.ValidationError("Choose at least one image.")
-        return [super(MultipleImageField, self).clean(f, initial) for f in files]
+        cleaned = []
+        for file in files:
+            try:
+                cleaned.append(super().clean(file, initial))
+            except forms.ValidationError as error:  # e.g. an empty file: say which one of the selection
+                raise forms.ValidationError(f"{file.name}: {' '.join(error.messages)}") from error
+        return cleaned
 
 
 class UploadForm(forms.Form):

@@ -1,12 +1,14 @@
 """A limit on failed sign-ins per client address and username (brute-force guard).
 
-The web sign-in and the API's token endpoint both check passwords, so both count failures here:
-a locked-out username stays locked out on either.
+The web sign-in, the admin's sign-in and the API's token endpoint all check passwords, so all
+count failures here: a locked-out username stays locked out on each.
 """
 
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.views import LoginView
 from django.core.cache import cache
+from django.core.exceptions import ValidationError
 
 
 def _key(request, username: str) -> str:
@@ -47,3 +49,19 @@ class ThrottledLoginView(LoginView):
     def form_valid(self, form):
         clear_failures(self.request, self.request.POST.get("username", ""))
         return super().form_valid(form)
+
+
+class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
+    """The admin's sign-in form under the same lockout: staff accounts can see every user's data."""
+
+    def clean(self):
+        username = self.data.get("username", "")
+        if locked_out(self.request, username):
+            raise ValidationError(lockout_message(), code="locked_out")
+        try:
+            cleaned = super().clean()
+        except ValidationError:
+            record_failure(self.request, username)
+            raise
+        clear_failures(self.request, username)
+        return cleaned

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from diagnosis.login_throttle import ThrottledLoginView
@@ -8,7 +9,14 @@ urlpatterns = [
     path("", include("diagnosis.urls")),
     path("api/", include("diagnosis.api.urls")),
     path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
-    path("accounts/", include("django.contrib.auth.urls")),
+    # Accounts are made by an administrator, who also resets passwords: no public reset-by-email pages.
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/password_change/", auth_views.PasswordChangeView.as_view(), name="password_change"),
+    path(
+        "accounts/password_change/done/",
+        auth_views.PasswordChangeDoneView.as_view(),
+        name="password_change_done",
+    ),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
 ]

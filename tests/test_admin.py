@@ -108,3 +108,69 @@ def test_admins_see_who_holds_an_api_key_and_revoke_it_without_reading_it(admin_
     admin_client.post(f"/admin/diagnosis/apitoken/{token.pk}/delete/", {"post": "yes"})
     assert not ApiToken.objects.filter(user=user).exists()
     assert APIClient().get("/api/analyses/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 401
+
+
+def staff_with(client, *codenames: str):
+    from django.contrib.auth.models import Permission
+
+    staff = get_user_model().objects.create_user("clerk", password="pw-for-tests-123", is_staff=True)
+    staff.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    client.force_login(staff)
+    return client
+
+
+def test_the_admin_sign_in_shares_the_lockout_of_the_web_sign_in(client, db, settings):
+    from django.test import Client
+
+    settings.LOGIN_MAX_FAILURES = 3
+    get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    for _ in range(3):
+        wrong = client.post("/admin/login/", {"username": "boss", "password": "guess"})
+        assert wrong.status_code == 200 and "_auth_user_id" not in client.session
+    right = client.post("/admin/login/", {"username": "boss", "password": "pw-for-tests-123"})
+    assert "Too many failed sign-in attempts" in right.content.decode() and "_auth_user_id" not in client.session
+    assert Client().post("/accounts/login/", {"username": "boss", "password": "pw-for-tests-123"}).status_code == 429
+
+
+def test_a_label_cannot_be_corrected_in_the_admin_without_a_verdict(admin_client, finished):
+    response = admin_client.post(
+        f"/admin/diagnosis/analysis/{finished.pk}/change/",
+        {"review_verdict": "", "corrected_label": "Uninfected", "review_note": "looks clean"},
+    )
+    assert response.status_code == 200 and "A review needs a verdict" in response.content.decode()
+    finished.refresh_from_db()
+    assert (finished.corrected_label, finished.review_note, finished.final_label) == ("", "", "Parasitized")
+
+
+def test_staff_outside_the_reviewers_group_cannot_record_a_verdict(client, finished):
+    clerk = staff_with(client, "view_analysis", "change_analysis")
+    page = clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
+    assert "review-me.png" in page and 'name="review_verdict"' not in page
+    clerk.post(
+        f"/admin/diagnosis/analysis/{finished.pk}/change/",
+        {"review_verdict": "disagree", "corrected_label": "Uninfected"},
+    )
+    finished.refresh_from_db()
+    assert finished.review_verdict == "" and finished.final_label == "Parasitized"
+
+
+def test_view_only_staff_cannot_send_analyses_back_to_the_worker(client, finished):
+    failed = create_analysis(owner=finished.owner, upload=upload("broken.png"))
+    Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Model unavailable")
+    viewer = staff_with(client, "view_analysis")
+    assert "retry_failed" not in viewer.get("/admin/diagnosis/analysis/").content.decode()
+    viewer.post("/admin/diagnosis/analysis/", {"action": "retry_failed", "_selected_action": [str(failed.pk)]})
+    assert Analysis.objects.get(pk=failed.pk).status == "failed"
+
+
+def test_opening_a_batch_in_the_admin_is_recorded_and_hides_callback_credentials(admin_client, user):
+    from diagnosis.models import AccessEvent, Batch
+    from diagnosis.services import create_batch
+
+    batch = create_batch(owner=user, uploads=[upload()], sample_reference="PT-77")
+    Batch.objects.filter(pk=batch.pk).update(callback_url="https://lab:s3cret@lis.example.org/results")
+    page = admin_client.get(f"/admin/diagnosis/batch/{batch.pk}/change/").content.decode()
+    assert "PT-77" in page and "lis.example.org" in page and "s3cret" not in page
+    assert 'name="sample_reference"' not in page  # the owner's record, not editable here
+    viewed = AccessEvent.objects.get(batch_id=batch.pk, action=AccessEvent.Action.VIEWED)
+    assert viewed.username == "boss" and viewed.channel == "admin"

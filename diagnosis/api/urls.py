@@ -7,6 +7,9 @@ from diagnosis.api.views import AnalysisViewSet, BatchViewSet, OperationsStatusV
 app_name = "api"
 
 router = DefaultRouter(trailing_slash=True)
+# No `.json`/`.api` copies of every route: the API speaks JSON only, and the copies' extra `format`
+# argument broke the actions that do not take it.
+router.include_format_suffixes = False
 router.register("analyses", AnalysisViewSet, basename="analysis")
 router.register("batches", BatchViewSet, basename="batch")
 
