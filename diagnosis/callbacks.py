@@ -14,6 +14,7 @@ again) while it is under way makes the batch go out again once those cells are f
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import urllib.error
@@ -48,6 +49,19 @@ def check_callback_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("The callback URL must be an http or https URL.")
+    if parts.scheme == "http" and not settings.CALLBACK_ALLOW_HTTP:
+        raise ValidationError(
+            "The callback URL must be https: the results name patients' samples "
+            "(CALLBACK_ALLOW_HTTP allows plain http on a trusted network)."
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValidationError("The callback URL must not carry a user name or password: each body is signed instead.")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValidationError("The callback URL's port is not a port number (1-65535).")
     if parts.hostname.lower() not in allowed:
         raise ValidationError(
             f"This server may not call {parts.hostname}; allowed callback hosts: {', '.join(sorted(allowed))}."
@@ -98,7 +112,7 @@ def deliver(*, batch_id: int) -> bool:
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
         error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"
-    except OSError as failure:  # refused, unreachable, timed out, TLS
+    except (OSError, http.client.HTTPException) as failure:  # refused, unreachable, timed out, TLS, not HTTP
         cause = getattr(failure, "reason", failure)  # urllib wraps the socket's error in a URLError
         error = f"{cause.__class__.__name__}: {cause}"
     if not error:
@@ -174,20 +188,26 @@ def _enqueue(batch_id: int) -> None:
 
 
 def _payload(batch: Batch) -> dict:
-    analyses = batch.analyses.order_by("pk")
+    analyses = list(batch.analyses.order_by("pk"))
+    # Results can change after they were sent (cells analysed again, a reviewer's correction): the
+    # receiver keeps the latest `results_as_of` for a batch.
+    changes = [moment for a in analyses for moment in (a.finished_at, a.reviewed_at) if moment]
     return {
         "event": "batch.finished",
         "batch": {
             "id": batch.pk,
             "sample_reference": batch.sample_reference,
             "created_at": batch.created_at.isoformat(),
+            "results_as_of": max(changes, default=batch.created_at).isoformat(),
             "counts": selectors.batch_counts(batch=batch),
             "analyses": [
                 {
                     "id": a.pk,
                     "original_filename": a.original_filename,
                     "status": a.status,
-                    "label": a.final_label,
+                    "label": a.final_label,  # the reviewer's, where one disagreed with the model
+                    "model_label": a.label,
+                    "review_verdict": a.review_verdict,
                     "probability_parasitized": a.probability_parasitized,
                     "decision_threshold": a.decision_threshold,
                     "model_version": a.model_version,

@@ -63,7 +63,11 @@ class Batch(models.Model):
     def callback_host(self) -> str:
         """Host and port only: a URL may carry credentials, which pages and the trail must not show."""
         parts = urlsplit(self.callback_url)
-        return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+        try:
+            port = parts.port
+        except ValueError:  # stored before URLs were checked for it; the attempt fails saying why
+            port = None
+        return f"{parts.hostname}:{port}" if port else parts.hostname or ""
 
 
 class Analysis(models.Model):

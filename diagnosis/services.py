@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
-from diagnosis.callbacks import check_callback_url, send_again
+from diagnosis.callbacks import check_callback_url, notify_finished_batches, send_again
 from diagnosis.models import Analysis, Batch, overlay_path, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
@@ -354,6 +354,9 @@ def review_analysis(
         )
     for name, value in changes.items():
         setattr(analysis, name, value)
+    if analysis.batch_id:  # a lab system that was sent the batch's results is sent the reviewed ones
+        send_again(batch_ids=[analysis.batch_id])
+        transaction.on_commit(lambda: notify_finished_batches(analysis_ids=[analysis.pk]), robust=True)
     logger.info("event=reviewed analysis_id=%s verdict=%s reviewer_id=%s", analysis.pk, verdict, reviewer.pk)
     return analysis
 

@@ -190,6 +190,8 @@ ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)
 # the HMAC key that signs each body (unset: callbacks off), and how many attempts to make.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_SECRET = env("CALLBACK_SECRET", default="")
+# Results name patients' samples: plain-http receivers only where the network itself is trusted.
+CALLBACK_ALLOW_HTTP = env.bool("CALLBACK_ALLOW_HTTP", default=False)
 CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=6)
 if ANALYSIS_RETENTION_DAYS > 0:
     # At a fixed hour, not "every 24 h": beat's interval restarts whenever its container is recreated,

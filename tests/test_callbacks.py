@@ -105,11 +105,16 @@ def test_the_worker_posts_a_signed_result_when_the_last_cell_is_finished(celery_
         (["127.0.0.1"], "http://10.0.0.5/x", "may not call 10.0.0.5"),
         (["127.0.0.1"], "ftp://127.0.0.1/x", "must be an http or https URL"),
         (["127.0.0.1"], "not a url", "Enter a valid URL"),
+        (["127.0.0.1"], "http://lis:s3cret@127.0.0.1/x", "must not carry a user name or password"),
+        (["127.0.0.1"], "http://127.0.0.1:99999/x", "not a port number"),
+        (["127.0.0.1"], "http://127.0.0.1:0/x", "not a port number"),
+        (["127.0.0.1", "plain-http"], "http://127.0.0.1/x", "must be https"),
     ],
 )
 def test_a_callback_url_this_server_may_not_call_is_refused_and_nothing_is_stored(
     settings, api_client, allowed, url, message
 ):
+    settings.CALLBACK_ALLOW_HTTP = "plain-http" not in allowed
     settings.CALLBACK_ALLOWED_HOSTS = allowed
     response = api_client.post("/api/batches/", {"images": [upload()], "callback_url": url})
     assert response.status_code == 400 and message in response.json()["detail"]
@@ -184,6 +189,57 @@ def test_an_unreachable_receiver_is_a_failed_attempt_with_the_reason(user):
     batch = finished_batch(user, f"http://127.0.0.1:{port}/results")
     assert not callbacks.deliver(batch_id=batch.pk)
     assert "ConnectionRefusedError" in refreshed(batch).callback_error
+
+
+def test_a_receiver_that_does_not_speak_http_is_a_failed_attempt_not_a_stuck_one(user):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_with_a_banner():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    threading.Thread(target=answer_with_a_banner, daemon=True).start()
+    batch = finished_batch(user, f"http://127.0.0.1:{port}/results")
+    try:
+        assert not callbacks.deliver(batch_id=batch.pk)
+    finally:
+        listener.close()
+    failed = refreshed(batch)
+    assert (failed.callback_state, failed.callback_attempts) == (State.PENDING, 1)
+    assert "BadStatusLine" in failed.callback_error and failed.callback_due_at > timezone.now()
+
+
+def test_a_reviewers_correction_is_sent_to_the_lab_system_again(
+    user, receiver, monkeypatch, django_capture_on_commit_callbacks
+):
+    from django.contrib.auth import get_user_model
+
+    batch = finished_batch(user, receiver.url)
+    assert callbacks.deliver(batch_id=batch.pk)
+    first = json.loads(receiver.received[0].body)["batch"]
+    cell = batch.analyses.get(original_filename="a.png")
+    reviewer = get_user_model().objects.create_superuser("microscopist", password="pw-for-tests-123")
+
+    enqueued = []
+    monkeypatch.setattr(callbacks, "_enqueue", enqueued.append)  # the worker's part is the delivery below
+    with django_capture_on_commit_callbacks(execute=True):
+        services.review_analysis(
+            analysis=cell, reviewer=reviewer, verdict="disagree", corrected_label="Parasitized", replacing=None
+        )
+    assert enqueued == [batch.pk]
+    assert refreshed(batch).callback_state == State.PENDING
+    assert callbacks.deliver(batch_id=batch.pk)
+    second = json.loads(receiver.received[1].body)["batch"]
+    corrected = next(a for a in second["analyses"] if a["id"] == cell.pk)
+    assert (corrected["label"], corrected["model_label"], corrected["review_verdict"]) == (
+        "Parasitized",
+        "Uninfected",
+        "disagree",
+    )
+    assert second["results_as_of"] > first["results_as_of"]
 
 
 def test_the_sweeper_sends_a_callback_whose_enqueue_was_lost(user, receiver, monkeypatch):
