@@ -5,6 +5,7 @@ from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.http import HttpResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from diagnosis import callbacks, selectors, services
@@ -242,11 +243,11 @@ class AccessEventAdmin(admin.ModelAdmin):
     def export_csv(self, request, queryset):
         response = HttpResponse(content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = 'attachment; filename="access-trail.csv"'
-        writer = csv.writer(response)
+        writer = csv.writer(response, quoting=csv.QUOTE_ALL)
         writer.writerow(ACCESS_TRAIL_COLUMNS)
         for event in queryset.order_by("at", "id"):
             values = (csv_safe(getattr(event, name)) for name in ACCESS_TRAIL_COLUMNS[1:])
-            writer.writerow([event.at.isoformat(), *values])
+            writer.writerow([timezone.localtime(event.at).isoformat(), *values])
         return response
 
     def has_add_permission(self, request):

@@ -5,6 +5,7 @@ import csv
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from diagnosis import selectors
@@ -18,12 +19,15 @@ CSV_COLUMNS = [
     "sample_reference",
     "original_filename",
     "status",
+    "final_label",
     "label",
     "probability_parasitized",
     "decision_threshold",
     "model_version",
     "review_verdict",
     "corrected_label",
+    "reviewed_by",
+    "reviewed_at",
     "created_at",
     "finished_at",
 ]
@@ -38,9 +42,10 @@ def csv_safe(value) -> str:
 def _csv_response(analyses, filename: str) -> HttpResponse:
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    writer = csv.writer(response)
+    # Every field quoted: where a spreadsheet splits on ";", an unquoted "x;=cmd" would start a formula.
+    writer = csv.writer(response, quoting=csv.QUOTE_ALL)
     writer.writerow(CSV_COLUMNS)
-    for a in analyses:
+    for a in analyses.select_related("reviewed_by"):
         writer.writerow(
             [
                 a.pk,
@@ -48,17 +53,25 @@ def _csv_response(analyses, filename: str) -> HttpResponse:
                 csv_safe(a.batch.sample_reference if a.batch else ""),
                 csv_safe(a.original_filename),
                 a.status,
+                a.final_label,
                 a.label,
                 "" if a.probability_parasitized is None else f"{a.probability_parasitized:.4f}",
                 "" if a.decision_threshold is None else a.decision_threshold,
                 a.model_version,
                 a.review_verdict,
                 a.corrected_label,
-                a.created_at.isoformat(),
-                a.finished_at.isoformat() if a.finished_at else "",
+                csv_safe(a.reviewed_by.get_username() if a.reviewed_by else ""),
+                _local(a.reviewed_at),
+                _local(a.created_at),
+                _local(a.finished_at),
             ]
         )
     return response
+
+
+def _local(moment) -> str:
+    """In the site's time zone, as the pages show it, with its UTC offset."""
+    return timezone.localtime(moment).isoformat() if moment else ""
 
 
 @login_required
@@ -82,11 +95,13 @@ def batch_csv(request, pk: int):
 def batch_report(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     record_access(request=request, action=AccessEvent.Action.EXPORTED, batch=batch, detail="printable report")
-    analyses = selectors.batch_analyses_by_suspicion(batch=batch)
+    analyses = selectors.batch_analyses_by_suspicion(batch=batch).select_related("reviewed_by")
+    counts = selectors.batch_counts(batch=batch)
     context = {
         "batch": batch,
         "analyses": analyses,
-        "counts": selectors.batch_counts(batch=batch),
+        "counts": counts,
+        "unfinished": counts["queued"] + counts["running"],
         "models": selectors.batch_models(batch=batch),
     }
     return render(request, "diagnosis/report.html", context)

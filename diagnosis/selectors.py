@@ -36,8 +36,8 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
     queryset = Analysis.objects.filter(owner=user).select_related("batch")
     if filters.status in Analysis.Status.values:
         queryset = queryset.filter(status=filters.status)
-    if filters.label in Analysis.Label.values:
-        queryset = queryset.filter(label=filters.label)
+    if filters.label in Analysis.Label.values:  # the label shown: the reviewer's where one corrected it
+        queryset = queryset.filter(Q(corrected_label=filters.label) | Q(corrected_label="", label=filters.label))
     if filters.search:
         queryset = queryset.filter(
             Q(original_filename__icontains=filters.search) | Q(batch__sample_reference__icontains=filters.search)

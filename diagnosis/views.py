@@ -239,6 +239,7 @@ def _status_payload(analysis: Analysis) -> dict:
         "status_display": analysis.get_status_display(),
         "label": analysis.final_label,
         "probability_parasitized": analysis.probability_parasitized,
+        "decision_threshold": analysis.decision_threshold,
         "finished": analysis.is_finished,
         "overlay_url": reverse("diagnosis:analysis-file", args=[analysis.pk, "overlay"]) if analysis.overlay else None,
     }

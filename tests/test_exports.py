@@ -72,3 +72,66 @@ def test_one_bad_filter_value_is_ignored_and_said_so_while_the_others_still_appl
     assert "Ignored:" in page and "Sort" in page and "From" in page
     exported = client.get("/export.csv" + query).content.decode()
     assert "kept.png" in exported and "dropped.png" not in exported
+
+
+def test_the_label_filter_and_the_csv_follow_a_reviewers_correction_in_the_sites_time_zone(
+    client, user, batch, settings
+):
+    from django.contrib.auth import get_user_model
+
+    from diagnosis.services import review_analysis
+
+    settings.TIME_ZONE = "Africa/Nairobi"  # UTC+3, no daylight saving
+    reviewer = get_user_model().objects.create_superuser("microscopist", password="pw-for-tests-123")
+    corrected = batch.analyses.get(original_filename="=HYPERLINK(evil).png")
+    review_analysis(
+        analysis=corrected, reviewer=reviewer, verdict="disagree", corrected_label="Parasitized", replacing=None
+    )
+    client.force_login(user)
+    positives = client.get("/?label=Parasitized").content.decode()
+    assert "likely.png" in positives and "HYPERLINK(evil).png" in positives
+    assert "HYPERLINK(evil).png" not in client.get("/?label=Uninfected").content.decode()
+
+    exported = client.get("/export.csv?label=Parasitized").content.decode()
+    assert exported.startswith('"analysis_id","batch_id",')  # every field quoted
+    rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(exported))}
+    assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png"}
+    row = rows["'=HYPERLINK(evil).png"]
+    assert (row["final_label"], row["label"], row["review_verdict"], row["reviewed_by"]) == (
+        "Parasitized",
+        "Uninfected",
+        "disagree",
+        "microscopist",
+    )
+    assert row["created_at"].endswith("+03:00") and row["reviewed_at"].endswith("+03:00")
+
+
+def test_a_report_printed_early_says_it_is_preliminary_and_names_reviewer_threshold_and_zone(
+    client, user, batch, settings
+):
+    from django.contrib.auth import get_user_model
+
+    from diagnosis.services import review_analysis
+
+    settings.TIME_ZONE = "Africa/Nairobi"
+    reviewer = get_user_model().objects.create_superuser("microscopist", password="pw-for-tests-123")
+    likely = batch.analyses.get(original_filename="likely.png")
+    review_analysis(analysis=likely, reviewer=reviewer, verdict="agree", note="ring forms", replacing=None)
+    client.force_login(user)
+    page = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert "Preliminary:</strong> 1 of 3 cells still being analysed" in page
+    assert "(times in Africa/Nairobi)" in page and f'href="/batches/{batch.pk}/"' in page
+    assert "Model: Parasitized 0.930." in page and "Confirmed by microscopist" in page and "ring forms" in page
+    assert "P 0.040 (Parasitized from 0.11)" in page
+
+    batch.analyses.filter(original_filename="pending.png").update(status="failed", error="Cannot read the image")
+    final = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert "Preliminary" not in final and "Cannot read the image" in final
+
+
+def test_scores_are_shown_with_the_threshold_they_were_judged_against(client, user, batch):
+    client.force_login(user)
+    for page in (client.get("/"), client.get(f"/batches/{batch.pk}/")):
+        html = page.content.decode()
+        assert "<span data-probability>0.040</span>" in html and "Parasitized from 0.11</small>" in html
+        assert "Times are in UTC." in html

@@ -21,6 +21,11 @@
     if (label && item.label) { label.textContent = item.label; label.className = "badge label-" + item.label.toLowerCase(); }
     const probability = el.querySelector("[data-probability]");
     if (probability && item.probability_parasitized !== null) probability.textContent = item.probability_parasitized.toFixed(3);
+    const threshold = el.querySelector("[data-threshold]");
+    if (threshold && item.decision_threshold !== null) {
+      threshold.textContent = "Parasitized from " + item.decision_threshold.toFixed(2);
+      threshold.hidden = false;
+    }
     const img = el.querySelector("img");
     if (img && item.overlay_url) img.dataset.overlay = item.overlay_url;
     if (item.probability_parasitized !== null) el.dataset.score = item.probability_parasitized;
