@@ -1,3 +1,5 @@
+from functools import wraps
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -245,7 +247,19 @@ def _status_payload(analysis: Analysis) -> dict:
     }
 
 
-@login_required
+def signed_in_json(view):
+    """For the endpoints pages poll: a 401 the script can act on, not a redirect to the sign-in page."""
+
+    @wraps(view)
+    def checked(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return JsonResponse({"detail": "Your session has ended; sign in again."}, status=401)
+        return view(request, *args, **kwargs)
+
+    return checked
+
+
+@signed_in_json
 @require_GET
 def analyses_status(request):
     """Current state of the user's analyses named in ``?ids=1,2,3`` (the pages poll this)."""
@@ -256,7 +270,7 @@ def analyses_status(request):
     return JsonResponse({"analyses": [_status_payload(a) for a in analyses]})
 
 
-@login_required
+@signed_in_json
 @require_GET
 def batch_status(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)

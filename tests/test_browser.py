@@ -491,3 +491,29 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     expect(page.get_by_label("Patient / sample reference")).to_have_value("WARD-3")
     expect(page.locator("#upload-button")).to_be_enabled()
     assert not Batch.objects.exists() and not Analysis.objects.exists()
+
+
+def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, monkeypatch):
+    from django.contrib.sessions.models import Session
+
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # stays queued
+    batch = services.create_batch(owner=user, uploads=[upload("waiting.png"), upload("gone.png")])
+    gone = batch.analyses.get(original_filename="gone.png")
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+
+    # A cell deleted in another window: its page stops polling and says so.
+    page.goto(f"/analyses/{gone.pk}/")
+    services.delete_analysis(analysis=gone)
+    expect(page.get_by_role("alert")).to_contain_text("This record no longer exists")
+
+    # The session ends (signed out in another tab, or the shift is over) while the batch page is open.
+    page.goto(f"/batches/{batch.pk}/")
+    expect(page.locator("#progress-text")).to_contain_text("0 / 1 done")
+    Session.objects.all().delete()
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("Your session has ended, so this page no longer updates.")
+    open_page.expect_error(page, "401")
+    alert.get_by_role("link", name="Sign in again").click()
+    page.wait_for_url(re.compile(rf"/accounts/login/\?next=%2Fbatches%2F{batch.pk}%2F$"))
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()

@@ -112,8 +112,12 @@ def web_or_api(name: str) -> str:
     return "api" if name.startswith("api:") else "web"
 
 
+# What the pages poll answers 401, which their script acts on, rather than a redirect it cannot follow.
+POLLED = ("diagnosis:analyses-status", "diagnosis:batch-status")
+
+
 def anonymous_refused(response, name) -> bool:
-    if web_or_api(name) == "api":
+    if web_or_api(name) == "api" or name in POLLED:
         return response.status_code == 401
     return response.status_code == 302 and "/accounts/login/" in response["Location"]
 

@@ -17,9 +17,13 @@
     let delay = 1000;
     const poll = async () => {
       try {
-        const response = await fetch("/status.json?ids=" + id, { credentials: "same-origin" });
-        const data = await response.json();
-        if (data.analyses.length && data.analyses[0].finished) { window.location.reload(); return; }
+        const response = await fetch(facts.dataset.statusUrl + "?ids=" + id, { credentials: "same-origin" });
+        if (window.pollingEnds(response.status)) return;
+        if (response.ok) {
+          const data = await response.json();
+          if (!data.analyses.length && window.pollingEnds(404)) return;
+          if (data.analyses[0].finished) { window.location.reload(); return; }
+        }
       } catch (error) { /* retry */ }
       delay = Math.min(delay * 1.5, 10000);
       setTimeout(poll, delay);

@@ -56,7 +56,10 @@
 
   function applyCounts(counts) {
     for (const [key, value] of Object.entries(counts)) {
-      progress.querySelectorAll('[data-count="' + key + '"]').forEach((el) => { el.textContent = value; });
+      // Only what changed: the sentence is a live region, read out again on every change.
+      progress.querySelectorAll('[data-count="' + key + '"]').forEach((el) => {
+        if (el.textContent !== String(value)) el.textContent = value;
+      });
     }
     // A cell that fails while the page is open offers the retry at once, not after a reload.
     progress.querySelector("[data-retry-block]").hidden = !counts.failed;
@@ -76,6 +79,7 @@
     let changed = false;
     try {
       const response = await fetch(url + query, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+      if (window.pollingEnds(response.status)) return;
       if (response.ok) {
         const data = await response.json();
         data.analyses.forEach((item) => {
