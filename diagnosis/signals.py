@@ -1,10 +1,12 @@
-"""An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's removal."""
+"""An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
+removal; and a user's API key goes with their password."""
 
+from django.conf import settings
 from django.db import transaction
-from django.db.models.signals import post_delete
+from django.db.models.signals import post_delete, pre_save
 from django.dispatch import receiver
 
-from diagnosis.models import Analysis, overlay_path, private_storage
+from diagnosis.models import Analysis, ApiToken, overlay_path, private_storage
 
 
 @receiver(post_delete, sender=Analysis, dispatch_uid="diagnosis.remove_analysis_files")
@@ -19,3 +21,13 @@ def remove_analysis_files(sender, instance: Analysis, **kwargs) -> None:
 def _delete_files(names: list[str]) -> None:
     for name in names:
         private_storage.delete(name)
+
+
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.revoke_token_on_new_password")
+def revoke_token_on_new_password(sender, instance, **kwargs) -> None:
+    """A new password (changed by its owner, or set by an admin after a suspected leak) also ends the
+    user's API key: whoever may have taken the password may have taken a key with it."""
+    # set_password() leaves the new password here until the save; Django's own re-hashing of an
+    # unchanged password on sign-in clears it, so that does not count as a change.
+    if instance.pk is not None and getattr(instance, "_password", None) is not None:
+        ApiToken.objects.filter(user_id=instance.pk).delete()

@@ -13,7 +13,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from diagnosis import selectors, services, tokens
+from diagnosis import login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access
 from diagnosis.files import protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
@@ -196,23 +196,45 @@ def analysis_file(request, pk: int, kind: str):
 @login_required
 @require_http_methods(["GET", "POST"])
 def api_token(request):
-    """The user's API token for a lab system: when it expires; issue a new one (shown once) or revoke it."""
-    issued_key = None
+    """The user's API token for a lab system: when it expires; issue a new one (shown once) or revoke it.
+
+    Issuing asks for the password again: a key outlives the session, so someone at a workstation
+    left signed in must not be able to walk away with one."""
+    password_error = ""
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
             tokens.revoke_token(user=request.user)
             messages.success(request, "API token revoked: the key no longer works.")
             return redirect("diagnosis:api-token")
-        token, issued_key = tokens.new_token(user=request.user)
-    else:
-        token = tokens.current_token(user=request.user)
+        password_error = _password_refusal(request)
+        if not password_error:
+            _, key = tokens.new_token(user=request.user)
+            # Shown by the page this redirects to, once: reloading that page cannot issue another key.
+            request.session[ISSUED_KEY] = key
+            return redirect("diagnosis:api-token")
+    token = tokens.current_token(user=request.user)
     context = {
         "token": token,
-        "issued_key": issued_key,
+        "issued_key": request.session.pop(ISSUED_KEY, None) if request.method == "GET" else None,
+        "password_error": password_error,
         "expires_at": tokens.expires_at(token) if token else None,
         "expired": bool(token) and tokens.token_expired(token),
     }
-    return render(request, "diagnosis/api_token.html", context)
+    return render(request, "diagnosis/api_token.html", context, status=400 if password_error else 200)
+
+
+ISSUED_KEY = "issued_api_key"
+
+
+def _password_refusal(request) -> str:
+    """Why the password given to issue a key is refused ("" if it is the user's), counting failures."""
+    username = request.user.get_username()
+    if login_throttle.locked_out(request, username):
+        return login_throttle.lockout_message()
+    if not request.user.check_password(request.POST.get("password", "")):
+        login_throttle.record_failure(request, username)
+        return "That is not your password. A new key needs your current password."
+    return ""
 
 
 @require_GET

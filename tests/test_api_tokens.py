@@ -14,8 +14,8 @@ from diagnosis.tokens import USE_RECORDED_EVERY, digest
 from tests.factories import PASSWORD, UserFactory
 
 
-def issue(user) -> dict:
-    response = APIClient().post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
+def issue(user, password: str = PASSWORD) -> dict:
+    response = APIClient().post("/api/auth/token/", {"username": user.username, "password": password})
     assert response.status_code == 200, response.content
     return response.json()
 
@@ -109,7 +109,12 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
     client.force_login(user)
     assert "You have no API token." in client.get("/account/api-token/").content.decode()
 
-    response = client.post("/account/api-token/", {"action": "issue"})
+    refused = client.post("/account/api-token/", {"action": "issue", "password": "not-mine"})
+    assert refused.status_code == 400 and "That is not your password" in refused.content.decode()
+    assert not ApiToken.objects.filter(user=user).exists()
+
+    response = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD}, follow=True)
+    assert response.redirect_chain == [("/account/api-token/", 302)]  # reloading cannot issue another key
     assert "no-store" in response["Cache-Control"]
     page = response.content.decode()
     key = page.split('<code id="token-key">')[1].split("</code>")[0]
@@ -122,7 +127,8 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
     last_used = timezone.localtime(ApiToken.objects.get(user=user).last_used_at)
     assert f"Last used {last_used:%Y-%m-%d %H:%M}." in later
 
-    replaced = client.post("/account/api-token/", {"action": "issue"}).content.decode()
+    replaced = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD}, follow=True)
+    replaced = replaced.content.decode()
     new = replaced.split('<code id="token-key">')[1].split("</code>")[0]
     assert new != key and status_with(key) == 401 and status_with(new) == 200
 
@@ -169,3 +175,27 @@ def test_a_client_still_sending_its_expired_key_can_get_a_new_one(settings, user
     client.credentials(HTTP_AUTHORIZATION=f"Token {old}")  # set once as a default, as HTTP clients do
     renewed = client.post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
     assert renewed.status_code == 200 and status_with(renewed.json()["token"]) == 200
+
+
+def test_a_new_password_ends_the_api_key_but_signing_in_does_not(client, user, settings):
+    from django.contrib.auth.hashers import make_password
+
+    key = issue(user)["token"]
+    # Django re-hashes an unchanged password on sign-in when it was stored with an older hasher.
+    settings.PASSWORD_HASHERS = [*settings.PASSWORD_HASHERS, "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher"]
+    type(user).objects.filter(pk=user.pk).update(password=make_password(PASSWORD, hasher="pbkdf2_sha1"))
+    assert client.login(username=user.username, password=PASSWORD)
+    user.refresh_from_db()
+    assert user.password.startswith("md5$") and status_with(key) == 200
+
+    response = client.post(
+        "/accounts/password_change/",
+        {"old_password": PASSWORD, "new_password1": "a-new-pass-phrase-42", "new_password2": "a-new-pass-phrase-42"},
+    )
+    assert response.status_code == 302 and status_with(key) == 401
+
+    fresh = issue(user, password="a-new-pass-phrase-42")["token"]
+    user.refresh_from_db()
+    user.set_password("set-by-an-admin-77")
+    user.save()
+    assert status_with(fresh) == 401

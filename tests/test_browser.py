@@ -424,7 +424,13 @@ def test_a_lab_system_key_is_issued_on_the_account_page_and_works(open_page, use
     page.get_by_role("navigation", name="Main").get_by_role("link", name="API token").click()
     expect(page.locator("#no-token")).to_be_visible()
     page.get_by_role("button", name="Issue a key").click()
+    expect(page.get_by_role("alert")).to_contain_text("A new key needs your current password.")
+    open_page.expect_error(page, "400")
+    page.get_by_label("Your password").fill(PASSWORD)
+    page.get_by_role("button", name="Issue a key").click()
     key = page.locator("#token-key").inner_text()
+    page.reload()  # the key was shown once; reloading issues no other
+    expect(page.locator("#token-key")).to_have_count(0)
     expect(page.locator("#token-expiry")).to_contain_text("It works until")
     assert not overflows_horizontally(page)
     screenshot(page, "api_token")
