@@ -1,4 +1,8 @@
+import time
+
 from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import logout
 from django.http import JsonResponse
 from django.utils.cache import patch_cache_control
 
@@ -34,3 +38,34 @@ class NoStoreWhenSignedInMiddleware:
         if user is not None and user.is_authenticated and not response.has_header("Cache-Control"):
             patch_cache_control(response, private=True, no_store=True)
         return response
+
+
+class IdleSignOutMiddleware:
+    """Signs a web session out after SESSION_IDLE_MINUTES without the user doing anything: a clinician
+    called away leaves a shared workstation signed in. The pages' own polling (views marked
+    ``polled``) is not the user doing anything, so a results page left open does not keep it alive."""
+
+    LAST_ACTIVITY = "last_activity"
+    RECORD_EVERY = 60  # seconds: the session is not written on every request
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        idle_seconds = settings.SESSION_IDLE_MINUTES * 60
+        if not idle_seconds or not request.user.is_authenticated:
+            return None
+        now = int(time.time())
+        last = request.session.get(self.LAST_ACTIVITY, now)
+        if now - last > idle_seconds:
+            logout(request)  # the view then sees no one: the sign-in page, or a 401 for scripts and the API
+            minutes = settings.SESSION_IDLE_MINUTES
+            messages.info(request, f"You were signed out after {minutes} minutes without activity.")
+        elif not getattr(view_func, "polled", False) and (
+            self.LAST_ACTIVITY not in request.session or now - last >= self.RECORD_EVERY
+        ):
+            request.session[self.LAST_ACTIVITY] = now
+        return None

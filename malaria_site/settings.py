@@ -46,6 +46,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "diagnosis.middleware.NoStoreWhenSignedInMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "diagnosis.middleware.IdleSignOutMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -244,6 +245,8 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Clinical workstations are shared: a sign-in lasts one shift at most and ends with the browser.
 SESSION_COOKIE_AGE = env.int("SESSION_HOURS", default=12) * 3600
 SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+# ... and after this long without the user doing anything (0: never), for the walk-away case.
+SESSION_IDLE_MINUTES = env.int("SESSION_IDLE_MINUTES", default=30)
 # An API token stops working this many days after it was issued (0: never); a new POST issues another.
 API_TOKEN_DAYS = env.int("API_TOKEN_DAYS", default=90)
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31536000)

@@ -1,3 +1,4 @@
+import time
 from datetime import timedelta
 
 from django.contrib.sessions.models import Session
@@ -132,3 +133,25 @@ def test_signed_in_pages_are_never_kept_in_the_browser_cache(client, user):
         response = client.get(url)
         assert response.status_code == 200, url
         assert "no-store" in response["Cache-Control"] and "private" in response["Cache-Control"], url
+
+
+def test_a_sign_in_left_idle_ends_and_the_pages_polling_does_not_keep_it_alive(client, user):
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+    assert client.get("/").status_code == 200
+
+    def idle_for(minutes: int) -> None:
+        session = client.session
+        session["last_activity"] = int(time.time()) - minutes * 60
+        session.save()
+
+    idle_for(29)
+    assert client.get("/status.json?ids=1").status_code == 200  # the page polling on its own
+    assert time.time() - client.session["last_activity"] > 28 * 60
+    assert client.get("/batches/").status_code == 200  # the user doing something
+    assert time.time() - client.session["last_activity"] < 60
+
+    idle_for(31)
+    assert client.get("/status.json?ids=1").status_code == 401
+    page = client.get("/", follow=True)
+    assert page.redirect_chain[-1][0].startswith("/accounts/login/")
+    assert "You were signed out after 30 minutes without activity." in page.content.decode()
