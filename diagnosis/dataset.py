@@ -1,12 +1,13 @@
 """Reviewed cells as a class-folder dataset that ``ml.train`` and ``ml.evaluate`` read.
 
-File names carry the sample as the patient group (the part before ``_IMG_``), so ml's splits keep
+File names carry a digest of the sample as the patient group (the part before ``_IMG_``), so ml's splits keep
 a sample's cells together, as they do the NIH patients'.
 """
 
 import csv
 from pathlib import Path
 
+from django.utils.crypto import salted_hmac
 from django.utils.text import slugify
 
 from diagnosis.models import Analysis
@@ -26,10 +27,17 @@ MANIFEST_COLUMNS = [
 
 def patient_group(analysis: Analysis) -> str:
     """One group per sample reference of each user; a batch without one is a group, and so is a
-    single upload."""
+    single upload. A sample reference can name a patient and the data set leaves the clinical
+    system, so the group carries a keyed digest of it (the same on every export), not the reference."""
     if not analysis.batch:
         return f"u{analysis.owner_id}-cell{analysis.pk}"
-    return f"u{analysis.owner_id}-{slugify(analysis.batch.sample_reference) or f'batch{analysis.batch_id}'}"
+    reference = slugify(analysis.batch.sample_reference)
+    if not reference:
+        return f"u{analysis.owner_id}-batch{analysis.batch_id}"
+    return f"u{analysis.owner_id}-s{salted_hmac(GROUP_KEY_SALT, reference).hexdigest()[:12]}"
+
+
+GROUP_KEY_SALT = "diagnosis.dataset.patient_group"
 
 
 def export_reviewed_cells(*, out: Path) -> int:

@@ -187,7 +187,9 @@ def batch_retry(request, pk: int):
 @require_GET
 def analysis_file(request, pk: int, kind: str):
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
-    if kind != "thumbnail":  # thumbnails come in bulk with the lists, which are not recorded either
+    # An owner's thumbnails come in bulk with their own lists, which are not recorded either; anyone
+    # else's (a reviewer's queue) are someone else's patient data, and are.
+    if kind != "thumbnail" or analysis.owner_id != request.user.pk:
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
     return protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
 

@@ -134,9 +134,11 @@ def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_t
     reviewer.groups.add(Group.objects.get(name="reviewers"))
     client.force_login(reviewer)
     assert client.get(f"/review/{cell.pk}/").status_code == 200
+    assert client.get(f"/analyses/{cell.pk}/thumbnail/").status_code == 200  # as the queue shows it
     assert client.post(f"/review/{cell.pk}/", {"verdict": "agree"}).status_code == 302
     assert trail() == [
         (reviewer.username, Action.VIEWED, "web", cell.pk, cell.batch_id, "review"),
+        (reviewer.username, Action.DOWNLOADED, "web", cell.pk, cell.batch_id, "thumbnail"),
         (reviewer.username, Action.REVIEWED, "web", cell.pk, cell.batch_id, "agree"),
     ]
     assert set(AccessEvent.objects.values_list("owner_id", flat=True)) == {user.pk}
