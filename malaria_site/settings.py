@@ -21,7 +21,14 @@ if not DEBUG and (len(SECRET_KEY) < 50 or SECRET_KEY.startswith("change-me")):
         "DJANGO_SECRET_KEY is a placeholder or shorter than 50 characters; generate one with "
         "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
     )
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+THIS_MACHINE = ["localhost", "127.0.0.1", "[::1]", "testserver"]
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=THIS_MACHINE)
+# Debug error pages show local variables (file names, sample references) and settings: never to others.
+if DEBUG and not set(ALLOWED_HOSTS) <= set(THIS_MACHINE):
+    raise ImproperlyConfigured(
+        f"DJANGO_DEBUG=true serves this machine only, but DJANGO_ALLOWED_HOSTS names {ALLOWED_HOSTS}: "
+        "debug error pages would show patient data. Set DJANGO_DEBUG=false (and DJANGO_SECRET_KEY)."
+    )
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [

@@ -2,8 +2,8 @@
 the patient group, and ml.evaluate scores the shipped model on them."""
 
 import csv
-import re
 import io
+import re
 
 from django.conf import settings
 from django.core.management import call_command

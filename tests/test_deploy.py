@@ -840,6 +840,15 @@ def test_production_refuses_a_placeholder_or_short_secret_key(key):
     assert result.returncode != 0 and "placeholder or shorter than 50 characters" in result.stderr
 
 
+def test_debug_pages_are_refused_for_any_host_but_this_machine():
+    """Debug error pages show local variables: a development setting served to the network is refused."""
+    base = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "DJANGO_DEBUG": "true"}
+    served = run_python(["-c", "import malaria_site.settings"], {**base, "DJANGO_ALLOWED_HOSTS": "lab.example.org"})
+    assert served.returncode != 0 and "debug error pages would show patient data" in served.stderr
+    local = run_python(["-c", "import malaria_site.settings"], {**base, "DJANGO_ALLOWED_HOSTS": "localhost,127.0.0.1"})
+    assert local.returncode == 0, local.stderr
+
+
 @local_dotenv_sets_secret
 def test_retention_runs_at_a_fixed_hour_and_redis_outlasts_a_long_task():
     """An interval schedule restarts with beat's container, so a daily deploy would never delete;
