@@ -114,7 +114,7 @@ def batch_analyses_by_suspicion(*, batch: Batch) -> QuerySet[Analysis]:
 
 def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:
     """(model version, decision threshold) of every model that classified a cell of the batch."""
-    finished = batch.analyses.exclude(model_version="")
+    finished = batch.analyses.filter(status=Analysis.Status.DONE)  # a failed cell may name a model but no threshold
     return list(finished.values_list("model_version", "decision_threshold").distinct().order_by("model_version"))
 
 
@@ -141,8 +141,11 @@ def _analysis_counts(path: str = "") -> dict[str, Count]:
     }
 
 
-def batch_counts(*, batch: Batch) -> dict[str, int]:
-    return batch.analyses.aggregate(**_analysis_counts())
+def batch_counts(*, batch: Batch) -> dict[str, int | None]:
+    counts = batch.analyses.aggregate(**_analysis_counts())
+    # As the templates' {% widthratio %} computes it, so the live page and a reload agree.
+    counts["parasitized_percent"] = round(counts["parasitized"] / counts["done"] * 100) if counts["done"] else None
+    return counts
 
 
 BATCH_COUNT_NAMES = tuple(_analysis_counts())

@@ -63,7 +63,7 @@ def upload(request):
             count = batch.analyses.count()
             detail = counted(count, "image")
             record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
-            messages.success(request, f"{count} image(s) queued for analysis.")
+            messages.success(request, f"{counted(count, 'image')} queued for analysis.")
             url = reverse("diagnosis:batch", args=[batch.pk])
             if request.headers.get("X-Requested-With") == "XMLHttpRequest":
                 # The upload script navigates itself; an XHR following a redirect would eat the message.
@@ -179,7 +179,10 @@ def analysis_retry(request, pk: int):
 def batch_retry(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     retried = services.retry_failed_analyses(analyses=batch.analyses.all())
-    messages.success(request, f"{len(retried)} failed cell(s) queued for analysis again.")
+    if retried:
+        messages.success(request, f"{counted(len(retried), 'failed cell')} queued for analysis again.")
+    else:  # a double submit, or a page older than the last retry
+        messages.info(request, "No failed cells to analyse again.")
     return redirect("diagnosis:batch", pk=pk)
 
 

@@ -166,7 +166,8 @@ def test_admin_views_and_deletions_are_recorded_and_the_trail_is_read_only(admin
     event = AccessEvent.objects.first()
     assert admin_client.get("/admin/diagnosis/accessevent/add/").status_code == 403
     assert admin_client.get(f"/admin/diagnosis/accessevent/{event.pk}/delete/").status_code == 403
-    admin_client.post(f"/admin/diagnosis/accessevent/{event.pk}/change/", {"detail": "edited"})
+    edit = admin_client.post(f"/admin/diagnosis/accessevent/{event.pk}/change/", {"detail": "edited"})
+    assert edit.status_code == 403
     event.refresh_from_db()
     assert event.detail != "edited"
 

@@ -23,6 +23,7 @@ from rest_framework.test import APIClient
 from diagnosis import services
 from diagnosis.exports import CSV_COLUMNS
 from diagnosis.models import Analysis, Batch, private_storage
+from diagnosis.templatetags.scores import score
 from tests.browser import (
     VIEWPORT,
     broken_images,
@@ -155,7 +156,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     for cell in cells:
         expect(page.locator("#file-list")).to_contain_text(cell.name)
     upload_button = page.locator("#upload-button")
-    expect(upload_button).to_have_text(f"Upload and analyse {len(cells)} image(s)")
+    expect(upload_button).to_have_text(f"Upload and analyse {len(cells)} images")
     page.get_by_label("Patient / sample reference").fill("WARD-7 slide 2")
     screenshot(page, "upload")
 
@@ -171,15 +172,15 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
         page.mouse.move(0, 0)  # the grid waits to re-sort while the pointer rests on it
         assert page.evaluate("JSON.parse(sessionStorage.getItem('file-notes'))") == ["uploaded"] * len(cells)
         progress = page.locator("#progress-text")
-        expect(progress).to_contain_text(f"0 / {len(cells)} done")
-        expect(page.locator(".flash")).to_have_text(f"{len(cells)} image(s) queued for analysis.")
+        expect(progress).to_contain_text(f"0 / {len(cells)} finished")
+        expect(page.locator(".flash")).to_have_text(f"{len(cells)} images queued for analysis.")
         page.evaluate("window.__marker = 'no reload'")
     batch = Batch.objects.get()
     assert batch.owner == user and batch.sample_reference == "WARD-7 slide 2"
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Batch #{batch.pk} — WARD-7 slide 2")
 
     # The page follows the worker without reloading.
-    expect(progress).to_contain_text(f"{len(cells)} / {len(cells)} done", timeout=ANALYSIS_TIMEOUT_MS)
+    expect(progress).to_contain_text(f"{len(cells)} / {len(cells)} finished", timeout=ANALYSIS_TIMEOUT_MS)
     assert page.evaluate("window.__marker") == "no reload"
     analyses = list(batch.analyses.order_by("pk"))
     assert all(a.status == Analysis.Status.DONE for a in analyses), [a.error for a in analyses]
@@ -194,7 +195,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
         cell = page.locator(f'#cell-grid [data-analysis="{analysis.pk}"]')
         expect(cell.locator("[data-status]")).to_have_text("Done")
         expect(cell.locator("[data-label]")).to_have_text(analysis.label)
-        expect(cell.locator("[data-probability]")).to_have_text(f"{analysis.probability_parasitized:.3f}")
+        expect(cell.locator("[data-probability]")).to_have_text(score(analysis.probability_parasitized))
     assert not broken_images(page) and not overflows_horizontally(page)
     screenshot(page, "batch", docs=True)
 
@@ -460,15 +461,15 @@ def test_a_cell_that_fails_while_the_batch_page_is_open_can_be_sent_again_from_i
         expect(retry).to_be_hidden()
 
     # The page learns of the failure by polling and offers the retry without a reload.
-    expect(page.locator("#progress-text")).to_contain_text("2 / 2 done", timeout=ANALYSIS_TIMEOUT_MS)
+    expect(page.locator("#progress-text")).to_contain_text("2 / 2 finished", timeout=ANALYSIS_TIMEOUT_MS)
     expect(page.locator("#progress-text")).to_contain_text("1 failed")
     expect(retry).to_be_visible()
     expect(retry).to_have_text("Analyse the failed cells again (1)")
 
     stored.write_bytes(original)  # the fault is repaired
     retry.click()
-    expect(page.locator(".flash")).to_have_text("1 failed cell(s) queued for analysis again.")
-    expect(page.locator("#progress-text")).to_contain_text("2 / 2 done", timeout=ANALYSIS_TIMEOUT_MS)
+    expect(page.locator(".flash")).to_have_text("1 failed cell queued for analysis again.")
+    expect(page.locator("#progress-text")).to_contain_text("2 / 2 finished", timeout=ANALYSIS_TIMEOUT_MS)
     expect(page.locator("#progress-text")).to_contain_text("0 failed")
     expect(retry).to_be_hidden()
     broken.refresh_from_db()
@@ -487,7 +488,7 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     expect(page.locator("#file-list li")).to_have_count(len(cells))
     expect(page.locator("#file-list li.rejected")).to_have_count(len(cells) - 2)
     expect(page.locator("#file-list li.rejected").first).to_contain_text("one upload takes at most")
-    expect(page.locator("#upload-button")).to_have_text("Upload and analyse 2 image(s)")
+    expect(page.locator("#upload-button")).to_have_text("Upload and analyse 2 images")
 
     settings.REQUEST_MAX_BYTES = 1000  # the server's limit fell after the page was loaded
     page.locator("#upload-button").click()
@@ -515,7 +516,7 @@ def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_p
 
     # The session ends (signed out in another tab, or the shift is over) while the batch page is open.
     page.goto(f"/batches/{batch.pk}/")
-    expect(page.locator("#progress-text")).to_contain_text("0 / 1 done")
+    expect(page.locator("#progress-text")).to_contain_text("0 / 1 finished")
     Session.objects.all().delete()
     alert = page.get_by_role("alert")
     expect(alert).to_contain_text("Your session has ended, so this page no longer updates.")

@@ -135,3 +135,28 @@ def test_scores_are_shown_with_the_threshold_they_were_judged_against(client, us
         html = page.content.decode()
         assert "<span data-probability>0.040</span>" in html and "Parasitized from 0.11</small>" in html
         assert "Times are in UTC." in html
+
+
+def test_a_score_just_under_the_threshold_never_reads_as_the_threshold():
+    from diagnosis.templatetags.scores import score
+
+    assert [score(p) for p in (0.1096, 0.11, 0.29, 0.99999, 0.0, None)] == [
+        "0.109",
+        "0.110",
+        "0.290",
+        "0.999",
+        "0.000",
+        "—",
+    ]
+
+
+def test_the_live_parasitized_percentage_is_the_one_the_page_renders(client, user):
+    # 23 of 40 is 57.5 %, and floating point puts 23 / 40 * 100 just under it: both must say 57.
+    batch = create_batch(owner=user, uploads=[upload(f"c{i}.png") for i in range(40)])
+    ids = list(batch.analyses.order_by("pk").values_list("pk", flat=True))
+    Analysis.objects.filter(pk__in=ids[:23]).update(status="done", label="Parasitized")
+    Analysis.objects.filter(pk__in=ids[23:]).update(status="done", label="Uninfected")
+    client.force_login(user)
+    page = client.get(f"/batches/{batch.pk}/").content.decode()
+    live = client.get(f"/batches/{batch.pk}/status.json").json()["counts"]["parasitized_percent"]
+    assert f"<span data-parasitemia>{live}</span>%" in page and live == 57

@@ -20,7 +20,7 @@
     const label = el.querySelector("[data-label]");
     if (label && item.label) { label.textContent = item.label; label.className = "badge label-" + item.label.toLowerCase(); }
     const probability = el.querySelector("[data-probability]");
-    if (probability && item.probability_parasitized !== null) probability.textContent = item.probability_parasitized.toFixed(3);
+    if (probability && item.probability_parasitized !== null) probability.textContent = score(item.probability_parasitized);
     const threshold = el.querySelector("[data-threshold]");
     if (threshold && item.decision_threshold !== null) {
       threshold.textContent = "Parasitized from " + item.decision_threshold.toFixed(2);
@@ -47,11 +47,10 @@
   const grid = document.getElementById("cell-grid");
   if (grid) { grid.addEventListener("mouseleave", sortGrid); grid.addEventListener("focusout", () => setTimeout(sortGrid)); }
 
-  // As the server's templates round (Python's round, half to even), so both show the same percentage.
-  function percent(part, whole) {
-    const exact = (100 * part) / whole;
-    const rounded = Math.round(exact);
-    return exact % 1 === 0.5 && rounded % 2 === 1 ? rounded - 1 : rounded;
+  // Rounded down, as the templates' `score` filter does: rounded up, a score just under the
+  // threshold could read as the threshold itself.
+  function score(probability) {
+    return (Math.floor(probability * 1000 + 1e-9) / 1000).toFixed(3);
   }
 
   function applyCounts(counts) {
@@ -68,7 +67,7 @@
     const block = progress.querySelector("[data-parasitemia-block]");
     if (block && counts.done) {
       block.hidden = false;
-      block.querySelector("[data-parasitemia]").textContent = percent(counts.parasitized, counts.done);
+      block.querySelector("[data-parasitemia]").textContent = counts.parasitized_percent;  // the server's rounding
     }
   }
 

@@ -57,7 +57,8 @@
       li.appendChild(note);
       list.appendChild(li);
     });
-    button.textContent = chosen.length ? "Upload and analyse " + chosen.length + " image(s)" : "Upload and analyse";
+    const images = chosen.length === 1 ? "1 image" : chosen.length + " images";
+    button.textContent = chosen.length ? "Upload and analyse " + images : "Upload and analyse";
     // Dropped files and folders never reach the file input, whose `required` would block the submit.
     input.required = !chosen.length;
   }
