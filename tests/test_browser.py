@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from django.apps import apps
 from django.contrib.auth.models import Group
+from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.utils import timezone
 from playwright.sync_api import expect, sync_playwright
@@ -499,10 +500,15 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     expect(page.locator("#upload-button")).to_be_enabled()
     assert not Batch.objects.exists() and not Analysis.objects.exists()
 
+    # The session ends before the click: the page says so rather than leave for the sign-in page.
+    settings.REQUEST_MAX_BYTES = first_two * 10
+    Session.objects.all().delete()
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("Your session has ended, so nothing was stored.")
+    assert page.url.endswith("/upload/") and not Batch.objects.exists()
+
 
 def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, monkeypatch):
-    from django.contrib.sessions.models import Session
-
     monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # stays queued
     batch = services.create_batch(owner=user, uploads=[upload("waiting.png"), upload("gone.png")])
     gone = batch.analyses.get(original_filename="gone.png")

@@ -155,3 +155,22 @@ def test_a_sign_in_left_idle_ends_and_the_pages_polling_does_not_keep_it_alive(c
     page = client.get("/", follow=True)
     assert page.redirect_chain[-1][0].startswith("/accounts/login/")
     assert "You were signed out after 30 minutes without activity." in page.content.decode()
+
+
+def test_error_pages_say_what_happened_and_lead_back(client, user):
+    from django.test import RequestFactory
+    from django.views.defaults import server_error
+
+    client.force_login(user)
+    missing = client.get("/analyses/987654/")
+    assert missing.status_code == 404 and "Back to your analyses" in missing.content.decode()
+    assert "There is nothing here for you" in missing.content.decode()
+
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(user)
+    expired = strict.post("/upload/", {"images": [upload()]})
+    assert expired.status_code == 403 and "The form had expired" in expired.content.decode()
+    assert "Nothing was stored" in expired.content.decode()
+
+    crashed = server_error(RequestFactory().get("/"))
+    assert crashed.status_code == 500 and "Something went wrong" in crashed.content.decode()

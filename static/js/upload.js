@@ -108,8 +108,11 @@
       const type = xhr.getResponseHeader("Content-Type") || "";
       if (xhr.status === 200 && type.startsWith("application/json")) {
         window.location.assign(JSON.parse(xhr.responseText).redirect);
+      } else if (xhr.status < 400 && xhr.responseURL.includes(document.body.dataset.loginUrl)) {
+        // The session ended before the upload: going to the sign-in page would drop the chosen files unsaid.
+        fail("Your session has ended, so nothing was stored. Sign in again, then choose the files again.");
       } else if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
-        window.location.assign(xhr.responseURL); // e.g. the sign-in page when the session ended
+        window.location.assign(xhr.responseURL);
       } else if (type.startsWith("text/html")) {
         document.open(); document.write(xhr.responseText); document.close();
       } else {
