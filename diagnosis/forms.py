@@ -55,6 +55,12 @@ class FilterForm(forms.Form):
         required=False,
     )
 
+    def clean(self):
+        data = super().clean()
+        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
+            self.add_error("date_to", "it is before From, so nothing could match")
+        return data
+
     def to_filters(self) -> AnalysisFilters:
         """The query's filters; invalid values (a bad date, an unknown choice) are ignored, the rest apply."""
         self.is_valid()

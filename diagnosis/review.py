@@ -10,7 +10,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from diagnosis import selectors, services
 from diagnosis.audit import record_access
 from diagnosis.forms import ReviewForm
-from diagnosis.models import AccessEvent
+from diagnosis.models import AccessEvent, Analysis
 
 
 @login_required
@@ -26,6 +26,10 @@ def queue(request):
 def review(request, pk: int):
     selectors.review_queue(user=request.user)  # 404 for non-reviewers
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    if analysis.status != Analysis.Status.DONE:  # nothing to judge yet, or ever: its own page says why
+        state = analysis.get_status_display()
+        messages.info(request, f"{analysis.original_filename} has no result to review ({state}).")
+        return redirect("diagnosis:review-queue")
     if request.method == "GET":
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
     form = ReviewForm(request.POST or None)

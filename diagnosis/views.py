@@ -31,7 +31,10 @@ def dashboard(request):
     page = Paginator(analyses, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
-    return render(request, "diagnosis/dashboard.html", {"form": form, "page": page, "query": query.urlencode()})
+    # "Apply" with every filter empty filters nothing: a new account still sees how to start.
+    filtered = any(value for name, values in query.lists() if name != "sort" for value in values)
+    context = {"form": form, "page": page, "query": query.urlencode(), "filtered": filtered}
+    return render(request, "diagnosis/dashboard.html", context)
 
 
 @login_required

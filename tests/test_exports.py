@@ -160,3 +160,11 @@ def test_the_live_parasitized_percentage_is_the_one_the_page_renders(client, use
     page = client.get(f"/batches/{batch.pk}/").content.decode()
     live = client.get(f"/batches/{batch.pk}/status.json").json()["counts"]["parasitized_percent"]
     assert f"<span data-parasitemia>{live}</span>%" in page and live == 57
+
+
+def test_empty_filters_still_show_how_to_start_and_a_reversed_date_range_is_named(client, user):
+    client.force_login(user)
+    empty = client.get("/?search=&status=&label=&reviewed=&date_from=&date_to=&sort=-created_at").content.decode()
+    assert "No analyses yet." in empty and "No analyses match" not in empty
+    reversed_range = client.get("/?date_from=2026-11-20&date_to=2026-11-01").content.decode()
+    assert "Ignored: To (it is before From, so nothing could match)" in reversed_range

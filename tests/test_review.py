@@ -96,3 +96,21 @@ def test_a_mistake_in_the_form_keeps_what_was_typed_and_still_notices_a_review_s
     )
     assert conflict.status_code == 400 and f"{first_reviewer.username} reviewed this case" in conflict.content.decode()
     assert Analysis.objects.get(pk=case.pk).reviewed_by == first_reviewer
+
+
+def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
+    from django.contrib.auth.models import Group
+
+    from diagnosis.services import create_analysis
+    from tests.factories import UserFactory, upload
+
+    waiting = create_analysis(owner=user, upload=upload("waiting.png"))
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    client.force_login(reviewer)
+    response = client.get(f"/review/{waiting.pk}/", follow=True)
+    assert response.redirect_chain == [("/review/", 302)]
+    assert "waiting.png has no result to review (Queued)." in response.content.decode()
+    assert client.post(f"/review/{waiting.pk}/", {"verdict": "agree"}).status_code == 302
+    waiting.refresh_from_db()
+    assert waiting.review_verdict == ""

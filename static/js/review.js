@@ -18,9 +18,12 @@
   });
   // Single-key shortcuts can be switched off (WCAG 2.1.4), for speech input or a reviewer who
   // prefers clicks; the choice is remembered on this browser.
+  // Where policy blocks site storage, reading it throws: the shortcuts then work, unremembered.
   const toggle = document.getElementById("shortcuts-on");
-  toggle.checked = localStorage.getItem("review-shortcuts") !== "off";
-  toggle.addEventListener("change", () => localStorage.setItem("review-shortcuts", toggle.checked ? "on" : "off"));
+  try { toggle.checked = localStorage.getItem("review-shortcuts") !== "off"; } catch (error) { toggle.checked = true; }
+  toggle.addEventListener("change", () => {
+    try { localStorage.setItem("review-shortcuts", toggle.checked ? "on" : "off"); } catch (error) { /* not remembered */ }
+  });
   // Shortcuts wait until the cell's images are shown: a verdict needs them to have been seen.
   let imagesShown = false;
   window.addEventListener("load", () => { imagesShown = true; });
