@@ -51,6 +51,7 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
         "finished": 2,
         "parasitized": 2,
         "uninfected": 0,
+        "parasitized_percent": 100,
     }
 
     assert list(rows(client.get("/batches/", {"search": "ward"}).content.decode())) == [ward.pk]

@@ -174,3 +174,14 @@ def test_error_pages_say_what_happened_and_lead_back(client, user):
 
     crashed = server_error(RequestFactory().get("/"))
     assert crashed.status_code == 500 and "Something went wrong" in crashed.content.decode()
+
+
+def test_pages_carry_a_content_security_policy_and_the_api_docs_need_no_other_site(client, user):
+    client.force_login(user)
+    policy = client.get("/")["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy and "unsafe-eval" not in policy
+    docs = Client().get("/api/docs/")
+    body = docs.content.decode()
+    assert docs["Content-Security-Policy"] == policy
+    assert '<redoc spec-url="/api/schema/">' in body and "<script>" not in body
+    assert "http://" not in body and "https://" not in body  # no CDN, no web fonts
