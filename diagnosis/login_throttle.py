@@ -11,13 +11,23 @@ from django.core.cache import cache
 from django.core.exceptions import ValidationError
 
 
+def _address(request) -> str:
+    return request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "unknown")
+
+
 def _key(request, username: str) -> str:
-    address = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "unknown")
-    return f"login-failures:{address}:{username.strip().lower()[:150]}"
+    return f"login-failures:{_address(request)}:{username.strip().lower()[:150]}"
+
+
+def _address_key(request) -> str:
+    return f"login-failures-address:{_address(request)}"
 
 
 def locked_out(request, username: str) -> bool:
-    return cache.get(_key(request, username), 0) >= settings.LOGIN_MAX_FAILURES
+    return (
+        cache.get(_key(request, username), 0) >= settings.LOGIN_MAX_FAILURES
+        or cache.get(_address_key(request), 0) >= settings.LOGIN_MAX_FAILURES_PER_ADDRESS
+    )
 
 
 def lockout_message() -> str:
@@ -25,9 +35,9 @@ def lockout_message() -> str:
 
 
 def record_failure(request, username: str) -> None:
-    key = _key(request, username)
-    cache.add(key, 0, timeout=settings.LOGIN_LOCKOUT_SECONDS)
-    cache.incr(key)
+    for key in (_key(request, username), _address_key(request)):
+        cache.add(key, 0, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+        cache.incr(key)
 
 
 def clear_failures(request, username: str) -> None:

@@ -97,6 +97,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "diagnosis:dashboard"
 LOGOUT_REDIRECT_URL = "login"
 LOGIN_MAX_FAILURES = env.int("LOGIN_MAX_FAILURES", default=5)
+# Failures from one address over all usernames: trying one password on every account is refused too.
+LOGIN_MAX_FAILURES_PER_ADDRESS = env.int("LOGIN_MAX_FAILURES_PER_ADDRESS", default=30)
 LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
 # Behind a reverse proxy every request comes from the proxy: name the header (as in request.META)
 # that the proxy overwrites with the client's address, e.g. HTTP_X_REAL_IP behind the bundled nginx.

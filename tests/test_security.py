@@ -6,7 +6,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from tests.factories import PASSWORD, upload
+from tests.factories import PASSWORD, UserFactory, upload
 
 
 def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
@@ -185,3 +185,19 @@ def test_pages_carry_a_content_security_policy_and_the_api_docs_need_no_other_si
     assert docs["Content-Security-Policy"] == policy
     assert '<redoc spec-url="/api/schema/">' in body and "<script>" not in body
     assert "http://" not in body and "https://" not in body  # no CDN, no web fonts
+
+
+def test_one_address_trying_a_password_on_every_account_is_stopped(db, settings):
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 4
+    accounts = [UserFactory() for _ in range(5)]
+    for account in accounts[:4]:  # one guess each: no username reaches its own limit
+        assert (
+            Client().post("/accounts/login/", {"username": account.username, "password": "Summer2026"}).status_code
+            == 200
+        )
+    sprayed = Client().post("/accounts/login/", {"username": accounts[4].username, "password": PASSWORD})
+    assert sprayed.status_code == 429
+    elsewhere = Client(REMOTE_ADDR="198.51.100.7")
+    assert (
+        elsewhere.post("/accounts/login/", {"username": accounts[4].username, "password": PASSWORD}).status_code == 302
+    )
