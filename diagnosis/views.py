@@ -76,7 +76,7 @@ def upload(request):
     context = {
         "form": form,
         "max_files": settings.BATCH_MAX_FILES,
-        "max_mb": settings.UPLOAD_MAX_BYTES // 2**20,
+        "max_bytes": settings.UPLOAD_MAX_BYTES,
         "max_request_bytes": settings.REQUEST_MAX_BYTES,
     }
     return render(request, "diagnosis/upload.html", context, status=status)

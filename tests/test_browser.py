@@ -554,3 +554,19 @@ def test_the_api_docs_and_the_printable_report_work_under_the_content_security_p
     page.evaluate("window.print = () => { window.__printed = true; }")  # no print dialog in a test
     page.get_by_role("button", name="Print").click()
     assert page.evaluate("window.__printed") is True
+
+
+def test_the_per_file_limit_is_checked_in_bytes_before_sending(open_page, user, settings, tmp_path):
+    big = fixture_cells()[0]
+    settings.UPLOAD_MAX_BYTES = big.stat().st_size - 1  # one byte short: a whole-MB limit would let it through
+    small = tmp_path / "small.png"
+    small.write_bytes(upload("small.png").read())
+    assert small.stat().st_size <= settings.UPLOAD_MAX_BYTES
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    drop_files(page, "#dropzone", [big, small])
+    expect(page.locator("#file-list li.rejected")).to_have_count(1)
+    expect(page.locator("#file-list li.rejected")).to_contain_text(big.name)
+    expect(page.locator("#file-list li.rejected")).to_contain_text("larger than")
+    expect(page.locator("#upload-button")).to_have_text("Upload and analyse 1 image")

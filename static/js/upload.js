@@ -10,7 +10,7 @@
   const bar = document.getElementById("upload-progress");
   const button = document.getElementById("upload-button");
   const maxFiles = Number(form.dataset.maxFiles);
-  const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
+  const maxBytes = Number(form.dataset.maxBytes);  // in bytes, as the server counts
   const maxRequestBytes = Number(form.dataset.maxRequestBytes);
   const errors = document.getElementById("client-errors");
   const accepted = /\.(png|jpe?g|tiff?|bmp)$/i;
@@ -33,7 +33,7 @@
   function reason(file) {
     if (!accepted.test(file.name)) return "not a PNG, JPEG, TIFF or BMP file";
     if (file.size === 0) return "empty file";
-    if (file.size > maxBytes) return "larger than " + form.dataset.maxBytes + " MB";
+    if (file.size > maxBytes) return "larger than " + form.dataset.maxSize;
     return "";
   }
 
