@@ -160,7 +160,7 @@ def batch_delete(request, pk: int):
         record_access(request=request, action=AccessEvent.Action.DELETED, batch=batch, detail=detail)
         services.delete_batch(batch=batch)
         messages.success(request, f"Deleted batch #{pk} with its images, heatmaps and results.")
-        return redirect("diagnosis:dashboard")
+        return redirect("diagnosis:batch-list")  # the list of samples it was one of
     subject = f"batch #{pk}" + (f" ({batch.sample_reference})" if batch.sample_reference else "")
     context = {"subject": subject, "cells": batch.analyses.count(), "cancel_url": reverse("diagnosis:batch", args=[pk])}
     return render(request, "diagnosis/confirm_delete.html", context)

@@ -86,6 +86,11 @@ class Pages:
         return page
 
     def expect_error(self, page, fragment: str) -> None:
+        """The page reported an error containing ``fragment`` (waiting for it a while, as for any other expectation)."""
+        for _ in range(TIMEOUT_MS // 100):
+            if any(fragment in error for error in self.errors[page]):
+                break
+            page.wait_for_timeout(100)
         matching = [error for error in self.errors[page] if fragment in error]
         assert matching, f"expected an error containing {fragment!r}, got {self.errors[page]}"
         self.errors[page].remove(matching[0])
@@ -341,9 +346,9 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     remaining = list(batch.analyses.all())
     page.get_by_role("link", name="Delete batch…").click()
     page.get_by_role("button", name="Delete for good").click()
-    page.wait_for_url(re.compile(r"/$"))
+    page.wait_for_url("**/batches/")
     expect(page.locator(".flash")).to_contain_text(f"Deleted batch #{batch.pk}")
-    expect(page.locator("p.empty")).to_contain_text("No analyses yet.")
+    expect(page.locator("p.empty")).to_contain_text("No samples yet.")
     assert not any(private_storage.exists(a.image.name) for a in remaining)
 
 

@@ -62,7 +62,7 @@ def test_owner_deletes_a_whole_batch_from_the_page(client, user, batch, django_c
     assert f"Delete batch #{batch.pk} (W-3)?" in confirm and "2 cell images for good" in confirm
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(f"/batches/{batch.pk}/delete/")
-    assert response.status_code == 302 and response["Location"] == "/"
+    assert response.status_code == 302 and response["Location"] == "/batches/"
     assert not Batch.objects.exists() and not Analysis.objects.exists()
     assert not any(private_storage.exists(name) for name in files)
 

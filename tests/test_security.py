@@ -6,7 +6,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from tests.factories import PASSWORD, UserFactory, upload
+from tests.factories import PASSWORD, UserFactory, api_key, upload
 
 
 def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
@@ -87,6 +87,9 @@ def test_session_api_writes_require_csrf_but_token_writes_do_not(user):
     session_api = APIClient(enforce_csrf_checks=True)
     session_api.login(username=user.username, password=PASSWORD)
     assert session_api.post("/api/analyses/", {"image": upload()}).status_code == 403
+    token_api = APIClient(enforce_csrf_checks=True)  # a lab system has no CSRF cookie, and needs none
+    token_api.credentials(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
+    assert token_api.post("/api/analyses/", {"image": upload()}).status_code == 202
 
 
 def test_healthz_reports_database_and_broker(client, db):
