@@ -286,6 +286,7 @@ def test_database_connection_dropped_mid_task_is_retried(celery_worker_process, 
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         dropped = cursor.fetchone()[0]
+    assert dropped >= 1, "the worker's connection was to be cut while it worked"
     wait_for(lambda: Analysis.objects.filter(status="done").count() == 4, timeout=180)
     log = celery_worker_process.log_path.read_text(errors="replace")
     print(
