@@ -53,7 +53,7 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
     client.force_login(user)
     response = client.get(f"/batches/{batch.pk}/export.csv")
     assert response["Content-Type"].startswith("text/csv")
-    rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(response.content.decode()))}
+    rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(response.getvalue().decode()))}
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png", "pending.png"}
     assert rows["likely.png"]["decision_threshold"] == "0.11" and rows["pending.png"]["decision_threshold"] == ""
     assert {row["sample_reference"] for row in rows.values()} == {"'@WARD-7"}
@@ -70,7 +70,7 @@ def test_one_bad_filter_value_is_ignored_and_said_so_while_the_others_still_appl
     page = client.get("/" + query).content.decode()
     assert "kept.png" in page and "dropped.png" not in page
     assert "Ignored:" in page and "Sort" in page and "From" in page
-    exported = client.get("/export.csv" + query).content.decode()
+    exported = client.get("/export.csv" + query).getvalue().decode()
     assert "kept.png" in exported and "dropped.png" not in exported
 
 
@@ -92,7 +92,7 @@ def test_the_label_filter_and_the_csv_follow_a_reviewers_correction_in_the_sites
     assert "likely.png" in positives and "HYPERLINK(evil).png" in positives
     assert "HYPERLINK(evil).png" not in client.get("/?label=Uninfected").content.decode()
 
-    exported = client.get("/export.csv?label=Parasitized").content.decode()
+    exported = client.get("/export.csv?label=Parasitized").getvalue().decode()
     assert exported.startswith('"analysis_id","batch_id",')  # every field quoted
     rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(exported))}
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png"}

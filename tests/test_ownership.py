@@ -168,7 +168,7 @@ def test_lists_show_only_the_users_own_items(client, user, other_user, owned, na
         "diagnosis:analyses-status": f'"id": {owned["analysis"].pk}'.encode(),
         "diagnosis:batch-list": f'data-batch="{owned["batch"].pk}"'.encode(),
     }.get(name, b"owned.png")
-    assert marker in mine.content and marker not in theirs.content
+    assert marker in mine.getvalue() and marker not in theirs.getvalue()
     client.logout()
     client.defaults.pop("HTTP_AUTHORIZATION", None)
     assert anonymous_refused(client.get(url), name)
