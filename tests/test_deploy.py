@@ -534,6 +534,20 @@ def test_owner_download_is_handed_to_nginx_and_a_stranger_gets_404(settings, web
 # --- The Dockerfile ----------------------------------------------------------------------------------
 
 
+def test_the_dockerfiles_collectstatic_step_runs_as_written(tmp_path):
+    """The image's only manifest of hashed static names comes from this step, under production settings."""
+    flat = re.sub(r"\\\n", " ", DOCKERFILE)
+    image_env = dict(re.findall(r"(\w+)=(\S+)", re.search(r"^ENV (.*)$", flat, re.M)[1]))
+    step = re.search(r"&& ((?:\w+=\S+ )+)\s*python manage.py (collectstatic[^&]*)", flat)
+    assert image_env["DJANGO_DEBUG"] == "false" and step, "the Dockerfile collects static files in production mode"
+    step_env = dict(assignment.split("=", 1) for assignment in step[1].split())
+    env = {**image_env, **step_env, "STATIC_ROOT": str(tmp_path / "static"), "VAR_DIR": str(tmp_path)}
+    result = run_python(["manage.py", *shlex.split(step[2])], env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "static" / "staticfiles.json").read_text())["paths"]
+    assert re.fullmatch(r"css/app\.[0-9a-f]{12}\.css", manifest["css/app.css"])
+
+
 def test_dockerfile_builds_a_non_root_image_with_everything_the_app_needs():
     instructions = [line.split(None, 1) for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if line[:1].isalpha()]
     assert instructions[0] == ["FROM", "python:3.11-slim"]
