@@ -40,11 +40,16 @@ class NoStoreWhenSignedInMiddleware:
         return response
 
 
-class IdleSignOutMiddleware:
-    """Signs a web session out after SESSION_IDLE_MINUTES without the user doing anything: a clinician
-    called away leaves a shared workstation signed in. The pages' own polling (views marked
-    ``polled``) is not the user doing anything, so a results page left open does not keep it alive."""
+class SignOutMiddleware:
+    """Ends a web sign-in SESSION_HOURS after it began, however busy, and after SESSION_IDLE_MINUTES
+    without the user doing anything: a clinician called away leaves a shared workstation signed in.
 
+    The pages' own polling (views marked ``polled``) is not the user doing anything, so a results
+    page left open does not keep a sign-in alive. Activity is written to the session at most once
+    a minute; that write also moves Django's own expiry of the session on, which is why the
+    sign-in time is kept and checked here."""
+
+    SIGNED_IN_AT = "signed_in_at"
     LAST_ACTIVITY = "last_activity"
     RECORD_EVERY = 60  # seconds: the session is not written on every request
 
@@ -55,19 +60,24 @@ class IdleSignOutMiddleware:
         return self.get_response(request)
 
     def process_view(self, request, view_func, view_args, view_kwargs):
-        idle_seconds = settings.SESSION_IDLE_MINUTES * 60
-        if not idle_seconds or not request.user.is_authenticated:
+        if not request.user.is_authenticated:
             return None
-        now = int(time.time())
-        last = request.session.get(self.LAST_ACTIVITY, now)
-        if now - last > idle_seconds:
-            logout(request)  # the view then sees no one: the sign-in page, or a 401 for scripts and the API
-            minutes = settings.SESSION_IDLE_MINUTES
-            messages.info(request, f"You were signed out after {minutes} minutes without activity.")
-        elif not getattr(view_func, "polled", False) and (
-            self.LAST_ACTIVITY not in request.session or now - last >= self.RECORD_EVERY
-        ):
-            request.session[self.LAST_ACTIVITY] = now
+        session, now = request.session, int(time.time())
+        signed_in_at = session.setdefault(self.SIGNED_IN_AT, now)  # a sign-in from before this check began
+        last = session.get(self.LAST_ACTIVITY, now)
+        idle_seconds = settings.SESSION_IDLE_MINUTES * 60
+        if now - signed_in_at > settings.SESSION_COOKIE_AGE:
+            reason = f"Your sign-in ended after {settings.SESSION_COOKIE_AGE // 3600} hours."
+        elif idle_seconds and now - last > idle_seconds + self.RECORD_EVERY:  # the last record may be a minute old
+            reason = f"You were signed out after {settings.SESSION_IDLE_MINUTES} minutes without activity."
+        else:
+            if not getattr(view_func, "polled", False) and (
+                self.LAST_ACTIVITY not in session or now - last >= self.RECORD_EVERY
+            ):
+                session[self.LAST_ACTIVITY] = now
+            return None
+        logout(request)  # the view then sees no one: the sign-in page, or a 401 for scripts and the API
+        messages.info(request, f"{reason} Sign in again.")
         return None
 
 

@@ -1,11 +1,15 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
-removal; and a user's API key goes with their password."""
+removal; a user's API key goes with their password; and a sign-in's clock starts at sign-in."""
+
+import time
 
 from django.conf import settings
+from django.contrib.auth.signals import user_logged_in
 from django.db import transaction
 from django.db.models.signals import post_delete, pre_save
 from django.dispatch import receiver
 
+from diagnosis.middleware import SignOutMiddleware
 from diagnosis.models import Analysis, ApiToken, overlay_path, private_storage
 
 
@@ -31,3 +35,9 @@ def revoke_token_on_new_password(sender, instance, **kwargs) -> None:
     # unchanged password on sign-in clears it, so that does not count as a change.
     if instance.pk is not None and getattr(instance, "_password", None) is not None:
         ApiToken.objects.filter(user_id=instance.pk).delete()
+
+
+@receiver(user_logged_in, dispatch_uid="diagnosis.start_sign_in_clock")
+def start_sign_in_clock(sender, request, user, **kwargs) -> None:
+    if request is not None and hasattr(request, "session"):  # the API's token endpoint has no session
+        request.session[SignOutMiddleware.SIGNED_IN_AT] = int(time.time())

@@ -286,7 +286,7 @@ def signed_in_json(view):
             return JsonResponse({"detail": "Your session has ended; sign in again."}, status=401)
         return view(request, *args, **kwargs)
 
-    checked.polled = True  # not the user's activity: see IdleSignOutMiddleware
+    checked.polled = True  # not the user's activity: see SignOutMiddleware
     return checked
 
 

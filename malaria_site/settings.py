@@ -54,7 +54,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "diagnosis.middleware.NoStoreWhenSignedInMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "diagnosis.middleware.IdleSignOutMiddleware",
+    "diagnosis.middleware.SignOutMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 

@@ -153,11 +153,25 @@ def test_a_sign_in_left_idle_ends_and_the_pages_polling_does_not_keep_it_alive(c
     assert client.get("/batches/").status_code == 200  # the user doing something
     assert time.time() - client.session["last_activity"] < 60
 
-    idle_for(31)
+    idle_for(32)
     assert client.get("/status.json?ids=1").status_code == 401
     page = client.get("/", follow=True)
     assert page.redirect_chain[-1][0].startswith("/accounts/login/")
-    assert "You were signed out after 30 minutes without activity." in page.content.decode()
+    assert "You were signed out after 30 minutes without activity. Sign in again." in page.content.decode()
+
+
+def test_a_busy_sign_in_still_ends_when_its_hours_are_up(client, user):
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+    session = client.session
+    session["signed_in_at"] -= 12 * 3600 - 30  # signed in nearly a shift ago, active all along
+    session.save()
+    assert client.get("/").status_code == 200
+    session = client.session
+    session["signed_in_at"] -= 60
+    session.save()
+    page = client.get("/batches/", follow=True)
+    assert page.redirect_chain[-1][0].startswith("/accounts/login/")
+    assert "Your sign-in ended after 12 hours. Sign in again." in page.content.decode()
 
 
 def test_error_pages_say_what_happened_and_lead_back(client, user):
