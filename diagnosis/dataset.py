@@ -5,6 +5,7 @@ a sample's cells together, as they do the NIH patients'.
 """
 
 import csv
+import re
 from pathlib import Path
 
 from django.utils.crypto import salted_hmac
@@ -38,21 +39,25 @@ def patient_group(analysis: Analysis) -> str:
 
 
 GROUP_KEY_SALT = "diagnosis.dataset.patient_group"
+EXPORTED_NAME = re.compile(r".+_IMG_\d+\.\w+")  # what this export writes; any other file is left alone
 
 
 def export_reviewed_cells(*, out: Path) -> int:
     """Write every reviewed cell under ``out/<reviewed label>/`` plus ``out/reviewed.csv``; returns the count.
-    Running it again brings the folder up to date (a relabelled cell moves to its new folder)."""
+    Running it again brings the folder up to date: a relabelled cell moves to its new folder, a cell
+    filed under an older name (an earlier group naming, another SECRET_KEY) is not left beside its
+    new one, and a cell deleted since, or no longer reviewed, leaves."""
     for label in Analysis.Label.values:
         (out / label).mkdir(parents=True, exist_ok=True)
-    rows = []
+    folders = [out / label for label in Analysis.Label.values]
+    earlier = {path for folder in folders for path in folder.iterdir() if EXPORTED_NAME.fullmatch(path.name)}
+    rows, written = [], set()
     for analysis in reviewed_analyses():
         label, group = analysis.final_label, patient_group(analysis)
         name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
-        for other in set(Analysis.Label.values) - {label}:
-            (out / other / name).unlink(missing_ok=True)
         with analysis.image.open("rb") as source:
             (out / label / name).write_bytes(source.read())
+        written.add(out / label / name)
         rows.append(
             [
                 f"{label}/{name}",
@@ -65,6 +70,8 @@ def export_reviewed_cells(*, out: Path) -> int:
                 analysis.reviewed_at.isoformat(),
             ]
         )
+    for path in earlier - written:
+        path.unlink()
     with open(out / "reviewed.csv", "w", newline="", encoding="utf-8") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(MANIFEST_COLUMNS)

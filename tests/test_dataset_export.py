@@ -42,8 +42,13 @@ def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tm
     single = finished(create_analysis(owner=other_user, upload=as_uploads[3]), label="Uninfected", verdict="agree")
 
     out = tmp_path / "reviewed"
+    # An export made when groups carried the sample reference, and a file that is not the export's.
+    (out / "Parasitized").mkdir(parents=True)
+    (out / "Parasitized" / f"u{user.pk}-ward-7-slide-2_IMG_{agreed.pk}.png").write_bytes(b"old name")
+    (out / "Parasitized" / "notes.txt").write_text("the lab's own file")
     for _ in range(2):  # a second run brings the same folder up to date, duplicating nothing
         call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
+    assert (out / "Parasitized" / "notes.txt").exists()
     samples = list_samples(out)
     by_id = {int(s.path.stem.rsplit("_IMG_", 1)[1]): s for s in samples}
     assert set(by_id) == {agreed.pk, corrected.pk, single.pk}
@@ -65,12 +70,14 @@ def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tm
         "Uninfected",
     )
 
-    # A later review that changes its mind moves the cell.
+    # A later review that changes its mind moves the cell; a deleted cell leaves the data set.
     Analysis.objects.filter(pk=agreed.pk).update(review_verdict="disagree", corrected_label="Uninfected")
+    Analysis.objects.filter(pk=single.pk).delete()
     call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
     assert [CLASS_NAMES[s.label] for s in list_samples(out) if s.path.stem.endswith(f"_IMG_{agreed.pk}")] == [
         "Uninfected"
     ]
+    assert not [s for s in list_samples(out) if s.path.stem.endswith(f"_IMG_{single.pk}")]
 
     report = evaluate_folder(str(out), str(settings.MODEL_WEIGHTS))
-    assert report["n"] == 3 and report["patient_groups"] == 2 and report["uninfected"] == 3
+    assert report["n"] == 2 and report["patient_groups"] == 1 and report["uninfected"] == 2
