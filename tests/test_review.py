@@ -114,3 +114,19 @@ def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
     assert client.post(f"/review/{waiting.pk}/", {"verdict": "agree"}).status_code == 302
     waiting.refresh_from_db()
     assert waiting.review_verdict == ""
+
+
+def test_the_api_filters_and_reports_the_reviewers_label(case):
+    from rest_framework.test import APIClient
+
+    from diagnosis.services import review_analysis
+    from tests.factories import UserFactory
+
+    review_analysis(
+        analysis=case, reviewer=UserFactory(), verdict="disagree", corrected_label="Uninfected", replacing=None
+    )
+    api = APIClient()
+    api.force_authenticate(case.owner)
+    (row,) = api.get("/api/analyses/?label=Uninfected").json()["results"]
+    assert (row["id"], row["final_label"], row["label"]) == (case.pk, "Uninfected", "Parasitized")
+    assert api.get("/api/analyses/?label=Parasitized").json()["results"] == []

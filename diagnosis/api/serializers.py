@@ -9,6 +9,12 @@ class AnalysisSerializer(serializers.ModelSerializer):
     image_url = serializers.SerializerMethodField()
     overlay_url = serializers.SerializerMethodField()
     batch = serializers.PrimaryKeyRelatedField(read_only=True)
+    final_label = serializers.ChoiceField(
+        choices=Analysis.Label.choices,
+        read_only=True,
+        allow_blank=True,
+        help_text="The reviewer's corrected label where a reviewer disagreed, else the model's `label`.",
+    )
 
     class Meta:
         model = Analysis
@@ -16,6 +22,7 @@ class AnalysisSerializer(serializers.ModelSerializer):
             "id",
             "batch",
             "status",
+            "final_label",
             "label",
             "probability_parasitized",
             "decision_threshold",

@@ -96,7 +96,11 @@ class AnalysisViewSet(
     @extend_schema(
         parameters=[
             OpenApiParameter("status", enum=Analysis.Status.values),
-            OpenApiParameter("label", enum=Analysis.Label.values),
+            OpenApiParameter(
+                "label",
+                enum=Analysis.Label.values,
+                description="The final label: the reviewer's where a reviewer corrected the model.",
+            ),
         ]
     )
     def list(self, request, *args, **kwargs):
