@@ -168,8 +168,8 @@ class AnalysisAdmin(RecordedDeletionAdmin):
 
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data
-        if not data.get("review_verdict"):
-            return  # an unreviewed case saved as it was: the review fields are the only editable ones
+        if not data.get("review_verdict") or not form.has_changed():
+            return  # saved as it was (the review fields are the only editable ones): nobody reviewed anything
         saved = Analysis.objects.get(pk=obj.pk)
         services.review_analysis(
             analysis=saved,

@@ -1,7 +1,9 @@
+import secrets
 from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
@@ -207,23 +209,27 @@ def api_token(request):
     """The user's API token for a lab system: when it expires; issue a new one (shown once) or revoke it.
 
     Issuing asks for the password again: a key outlives the session, so someone at a workstation
-    left signed in must not be able to walk away with one."""
-    password_error = ""
+    left signed in must not be able to walk away with one. Each rendering of the form carries a
+    one-time id, so reloading the page that shows a new key (the browser sends the form again)
+    cannot issue another and stop the one just copied into the lab system."""
+    password_error, issued_key = "", None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
             tokens.revoke_token(user=request.user)
             messages.success(request, "API token revoked: the key no longer works.")
             return redirect("diagnosis:api-token")
+        if request.POST.get("form_id") != request.session.get(TOKEN_FORM_ID):
+            messages.info(request, "That form had been sent already, so no other key was issued.")
+            return redirect("diagnosis:api-token")
         password_error = _password_refusal(request)
         if not password_error:
-            _, key = tokens.new_token(user=request.user)
-            # Shown by the page this redirects to, once: reloading that page cannot issue another key.
-            request.session[ISSUED_KEY] = key
-            return redirect("diagnosis:api-token")
+            _, issued_key = tokens.new_token(user=request.user)
+    request.session[TOKEN_FORM_ID] = secrets.token_urlsafe(16)
     token = tokens.current_token(user=request.user)
     context = {
         "token": token,
-        "issued_key": request.session.pop(ISSUED_KEY, None) if request.method == "GET" else None,
+        "issued_key": issued_key,
+        "form_id": request.session[TOKEN_FORM_ID],
         "password_error": password_error,
         "expires_at": tokens.expires_at(token) if token else None,
         "expired": bool(token) and tokens.token_expired(token),
@@ -231,7 +237,7 @@ def api_token(request):
     return render(request, "diagnosis/api_token.html", context, status=400 if password_error else 200)
 
 
-ISSUED_KEY = "issued_api_key"
+TOKEN_FORM_ID = "api_token_form_id"
 
 
 def _password_refusal(request) -> str:
@@ -242,6 +248,7 @@ def _password_refusal(request) -> str:
     if not request.user.check_password(request.POST.get("password", "")):
         login_throttle.record_failure(request, username)
         return "That is not your password. A new key needs your current password."
+    update_session_auth_hash(request, request.user)  # checking may have re-hashed it: stay signed in
     return ""
 
 

@@ -174,3 +174,17 @@ def test_opening_a_batch_in_the_admin_is_recorded_and_hides_callback_credentials
     assert 'name="sample_reference"' not in page  # the owner's record, not editable here
     viewed = AccessEvent.objects.get(batch_id=batch.pk, action=AccessEvent.Action.VIEWED)
     assert viewed.username == "boss" and viewed.channel == "admin"
+
+
+def test_saving_a_reviewed_case_unchanged_keeps_its_reviewer(admin_client, finished, user):
+    from diagnosis.services import review_analysis
+
+    review_analysis(analysis=finished, reviewer=user, verdict="agree", note="ring forms", replacing=None)
+    finished.refresh_from_db()
+    response = admin_client.post(
+        f"/admin/diagnosis/analysis/{finished.pk}/change/",
+        {"review_verdict": "agree", "corrected_label": "", "review_note": "ring forms"},
+    )
+    assert response.status_code == 302
+    unchanged = Analysis.objects.get(pk=finished.pk)
+    assert (unchanged.reviewed_by, unchanged.reviewed_at) == (user, finished.reviewed_at)

@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 import pytest
+from django.contrib.sessions.models import Session
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
@@ -107,18 +108,27 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
     settings.API_TOKEN_DAYS = 30
     theirs = issue(other_user)["token"]
     client.force_login(user)
-    assert "You have no API token." in client.get("/account/api-token/").content.decode()
+    empty = client.get("/account/api-token/").content.decode()
+    assert "You have no API token." in empty
 
-    refused = client.post("/account/api-token/", {"action": "issue", "password": "not-mine"})
+    def form_id(page: str) -> str:
+        return page.split('name="form_id" value="')[1].split('"')[0]
+
+    refused = client.post("/account/api-token/", {"action": "issue", "password": "not-mine", "form_id": form_id(empty)})
     assert refused.status_code == 400 and "That is not your password" in refused.content.decode()
     assert not ApiToken.objects.filter(user=user).exists()
 
-    response = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD}, follow=True)
-    assert response.redirect_chain == [("/account/api-token/", 302)]  # reloading cannot issue another key
-    assert "no-store" in response["Cache-Control"]
+    sent = {"action": "issue", "password": PASSWORD, "form_id": form_id(refused.content.decode())}
+    response = client.post("/account/api-token/", sent)
+    assert response.status_code == 200 and "no-store" in response["Cache-Control"]
     page = response.content.decode()
     key = page.split('<code id="token-key">')[1].split("</code>")[0]
     assert ApiToken.objects.get(user=user).digest == digest(key) and status_with(key) == 200
+    assert not any(key in str(s.get_decoded()) for s in Session.objects.all())  # only a digest is ever kept
+    # Reloading that page sends the same form again: no other key, and the one copied still works.
+    reloaded = client.post("/account/api-token/", sent, follow=True).content.decode()
+    assert "That form had been sent already, so no other key was issued." in reloaded
+    assert status_with(key) == 200
 
     later = client.get("/account/api-token/").content.decode()
     assert key not in later and f"…{key[-4:]}" in later  # the whole key is shown only once
@@ -127,7 +137,7 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
     last_used = timezone.localtime(ApiToken.objects.get(user=user).last_used_at)
     assert f"Last used {last_used:%Y-%m-%d %H:%M}." in later
 
-    replaced = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD}, follow=True)
+    replaced = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD, "form_id": form_id(later)})
     replaced = replaced.content.decode()
     new = replaced.split('<code id="token-key">')[1].split("</code>")[0]
     assert new != key and status_with(key) == 401 and status_with(new) == 200
