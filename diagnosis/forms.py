@@ -55,11 +55,12 @@ class FilterForm(forms.Form):
         required=False,
     )
 
-    def clean(self):
-        data = super().clean()
-        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
-            self.add_error("date_to", "it is before From, so nothing could match")
-        return data
+    @property
+    def reversed_dates(self) -> bool:
+        """Both dates valid and To before From: applied as given, so nothing matches, and said so."""
+        self.is_valid()  # cleans once; cleaned_data then holds the fields that validated
+        data = getattr(self, "cleaned_data", {})
+        return bool(data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"])
 
     def to_filters(self) -> AnalysisFilters:
         """The query's filters; invalid values (a bad date, an unknown choice) are ignored, the rest apply."""

@@ -71,7 +71,8 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
         try:
             cleaned = super().clean()
         except ValidationError:
-            record_failure(self.request, username)
+            if self.user_cache is None:  # a wrong password; a right one of a non-staff account is no guess
+                record_failure(self.request, username)
             raise
         clear_failures(self.request, username)
         return cleaned

@@ -96,6 +96,7 @@ class ContentSecurityPolicyMiddleware:
 
     def __call__(self, request):
         response = self.get_response(request)
-        if response.get("Content-Type", "").startswith("text/html"):
+        # Not in development: Django's debug error pages run inline scripts.
+        if not settings.DEBUG and response.get("Content-Type", "").startswith("text/html"):
             response.headers.setdefault("Content-Security-Policy", self.POLICY)
         return response

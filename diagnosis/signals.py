@@ -4,6 +4,7 @@ removal; a user's API key goes with their password; and a sign-in's clock starts
 import time
 
 from django.conf import settings
+from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
 from django.contrib.auth.signals import user_logged_in
 from django.db import transaction
 from django.db.models.signals import post_delete, pre_save
@@ -29,11 +30,18 @@ def _delete_files(names: list[str]) -> None:
 
 @receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.revoke_token_on_new_password")
 def revoke_token_on_new_password(sender, instance, **kwargs) -> None:
-    """A new password (changed by its owner, or set by an admin after a suspected leak) also ends the
-    user's API key: whoever may have taken the password may have taken a key with it."""
+    """A new password (changed by its owner, or set by an admin after a suspected leak), or one an
+    admin disables, also ends the user's API key: whoever may have taken the password may have
+    taken a key with it."""
+    if instance.pk is None:
+        return
     # set_password() leaves the new password here until the save; Django's own re-hashing of an
     # unchanged password on sign-in clears it, so that does not count as a change.
-    if instance.pk is not None and getattr(instance, "_password", None) is not None:
+    changed = getattr(instance, "_password", None) is not None
+    if not changed and not instance.has_usable_password():
+        stored = sender.objects.filter(pk=instance.pk).values_list("password", flat=True).first() or ""
+        changed = not stored.startswith(UNUSABLE_PASSWORD_PREFIX)
+    if changed:
         ApiToken.objects.filter(user_id=instance.pk).delete()
 
 

@@ -188,3 +188,12 @@ def test_saving_a_reviewed_case_unchanged_keeps_its_reviewer(admin_client, finis
     assert response.status_code == 302
     unchanged = Analysis.objects.get(pk=finished.pk)
     assert (unchanged.reviewed_by, unchanged.reviewed_at) == (user, finished.reviewed_at)
+
+
+def test_a_clinician_opening_the_admin_by_mistake_is_not_locked_out(client, user, settings):
+    from tests.factories import PASSWORD
+
+    settings.LOGIN_MAX_FAILURES = 1
+    refused = client.post("/admin/login/", {"username": user.username, "password": PASSWORD})
+    assert refused.status_code == 200 and "_auth_user_id" not in client.session
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302

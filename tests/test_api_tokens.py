@@ -209,3 +209,9 @@ def test_a_new_password_ends_the_api_key_but_signing_in_does_not(client, user, s
     user.set_password("set-by-an-admin-77")
     user.save()
     assert status_with(fresh) == 401
+
+    last = issue(user, password="set-by-an-admin-77")["token"]
+    user.refresh_from_db()
+    user.set_unusable_password()  # an admin locks the account's password
+    user.save()
+    assert status_with(last) == 401

@@ -167,4 +167,4 @@ def test_empty_filters_still_show_how_to_start_and_a_reversed_date_range_is_name
     empty = client.get("/?search=&status=&label=&reviewed=&date_from=&date_to=&sort=-created_at").content.decode()
     assert "No analyses yet." in empty and "No analyses match" not in empty
     reversed_range = client.get("/?date_from=2026-11-20&date_to=2026-11-01").content.decode()
-    assert "Ignored: To (it is before From, so nothing could match)" in reversed_range
+    assert "The To date is before the From date, so nothing can match." in reversed_range
