@@ -5,7 +5,6 @@ a sample's cells together, as they do the NIH patients'.
 """
 
 import csv
-import re
 from pathlib import Path
 
 from django.utils.crypto import salted_hmac
@@ -39,25 +38,25 @@ def patient_group(analysis: Analysis) -> str:
 
 
 GROUP_KEY_SALT = "diagnosis.dataset.patient_group"
-EXPORTED_NAME = re.compile(r".+_IMG_\d+\.\w+")  # what this export writes; any other file is left alone
+MANIFEST_NAME = "reviewed.csv"
 
 
 def export_reviewed_cells(*, out: Path) -> int:
     """Write every reviewed cell under ``out/<reviewed label>/`` plus ``out/reviewed.csv``; returns the count.
     Running it again brings the folder up to date: a relabelled cell moves to its new folder, a cell
     filed under an older name (an earlier group naming, another SECRET_KEY) is not left beside its
-    new one, and a cell deleted since, or no longer reviewed, leaves."""
+    new one, and a cell deleted since, or no longer reviewed, leaves. Only files the previous run
+    listed in its manifest are ever removed."""
     for label in Analysis.Label.values:
         (out / label).mkdir(parents=True, exist_ok=True)
-    folders = [out / label for label in Analysis.Label.values]
-    earlier = {path for folder in folders for path in folder.iterdir() if EXPORTED_NAME.fullmatch(path.name)}
+    earlier = _previously_exported(out)
     rows, written = [], set()
     for analysis in reviewed_analyses():
         label, group = analysis.final_label, patient_group(analysis)
         name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
         with analysis.image.open("rb") as source:
             (out / label / name).write_bytes(source.read())
-        written.add(out / label / name)
+        written.add((out / label / name).resolve())
         rows.append(
             [
                 f"{label}/{name}",
@@ -71,9 +70,20 @@ def export_reviewed_cells(*, out: Path) -> int:
             ]
         )
     for path in earlier - written:
-        path.unlink()
-    with open(out / "reviewed.csv", "w", newline="", encoding="utf-8") as manifest:
+        path.unlink(missing_ok=True)
+    with open(out / MANIFEST_NAME, "w", newline="", encoding="utf-8") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(MANIFEST_COLUMNS)
         writer.writerows(rows)
     return len(rows)
+
+
+def _previously_exported(out: Path) -> set[Path]:
+    """The cell files the last run listed in its manifest, inside the label folders only."""
+    manifest = out / MANIFEST_NAME
+    if not manifest.exists():
+        return set()
+    folders = {(out / label).resolve() for label in Analysis.Label.values}
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        listed = {(out / row["file"]).resolve() for row in csv.DictReader(handle) if row.get("file")}
+    return {path for path in listed if path.parent in folders and path.is_file()}

@@ -74,5 +74,6 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
             if self.user_cache is None:  # a wrong password; a right one of a non-staff account is no guess
                 record_failure(self.request, username)
             raise
-        clear_failures(self.request, username)
+        if self.user_cache is not None:  # signed in (an empty password checks nothing, and clears nothing)
+            clear_failures(self.request, username)
         return cleaned

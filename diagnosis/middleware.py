@@ -60,20 +60,19 @@ class SignOutMiddleware:
         return self.get_response(request)
 
     def process_view(self, request, view_func, view_args, view_kwargs):
-        if not request.user.is_authenticated:
+        # Signing in or out starts or ends the sign-in itself: no "you were signed out" on top.
+        if not request.user.is_authenticated or request.resolver_match.url_name in ("login", "logout"):
             return None
         session, now = request.session, int(time.time())
         signed_in_at = session.setdefault(self.SIGNED_IN_AT, now)  # a sign-in from before this check began
-        last = session.get(self.LAST_ACTIVITY, now)
+        last = session.setdefault(self.LAST_ACTIVITY, now)
         idle_seconds = settings.SESSION_IDLE_MINUTES * 60
         if now - signed_in_at > settings.SESSION_COOKIE_AGE:
             reason = f"Your sign-in ended after {settings.SESSION_COOKIE_AGE // 3600} hours."
         elif idle_seconds and now - last > idle_seconds + self.RECORD_EVERY:  # the last record may be a minute old
             reason = f"You were signed out after {settings.SESSION_IDLE_MINUTES} minutes without activity."
         else:
-            if not getattr(view_func, "polled", False) and (
-                self.LAST_ACTIVITY not in session or now - last >= self.RECORD_EVERY
-            ):
+            if idle_seconds and not getattr(view_func, "polled", False) and now - last >= self.RECORD_EVERY:
                 session[self.LAST_ACTIVITY] = now
             return None
         logout(request)  # the view then sees no one: the sign-in page, or a 401 for scripts and the API

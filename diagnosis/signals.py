@@ -48,4 +48,6 @@ def revoke_token_on_new_password(sender, instance, **kwargs) -> None:
 @receiver(user_logged_in, dispatch_uid="diagnosis.start_sign_in_clock")
 def start_sign_in_clock(sender, request, user, **kwargs) -> None:
     if request is not None and hasattr(request, "session"):  # the API's token endpoint has no session
-        request.session[SignOutMiddleware.SIGNED_IN_AT] = int(time.time())
+        now = int(time.time())
+        request.session[SignOutMiddleware.SIGNED_IN_AT] = now
+        request.session[SignOutMiddleware.LAST_ACTIVITY] = now

@@ -218,18 +218,22 @@ def api_token(request):
             tokens.revoke_token(user=request.user)
             messages.success(request, "API token revoked: the key no longer works.")
             return redirect("diagnosis:api-token")
-        if request.POST.get("form_id") != request.session.get(TOKEN_FORM_ID):
-            messages.info(request, "That form had been sent already, so no other key was issued.")
+        open_forms = request.session.get(TOKEN_FORM_IDS, [])
+        if request.POST.get("form_id") not in open_forms:
+            messages.info(request, "That form had been used already, so no key was issued: use the one below.")
             return redirect("diagnosis:api-token")
         password_error = _password_refusal(request)
         if not password_error:
             _, issued_key = tokens.new_token(user=request.user)
-    request.session[TOKEN_FORM_ID] = secrets.token_urlsafe(16)
+            request.session[TOKEN_FORM_IDS] = [i for i in open_forms if i != request.POST["form_id"]]
+    form_id = secrets.token_urlsafe(16)
+    # A few pages at once (two tabs) each keep a working form.
+    request.session[TOKEN_FORM_IDS] = [*request.session.get(TOKEN_FORM_IDS, [])[-4:], form_id]
     token = tokens.current_token(user=request.user)
     context = {
         "token": token,
         "issued_key": issued_key,
-        "form_id": request.session[TOKEN_FORM_ID],
+        "form_id": form_id,
         "password_error": password_error,
         "expires_at": tokens.expires_at(token) if token else None,
         "expired": bool(token) and tokens.token_expired(token),
@@ -237,7 +241,7 @@ def api_token(request):
     return render(request, "diagnosis/api_token.html", context, status=400 if password_error else 200)
 
 
-TOKEN_FORM_ID = "api_token_form_id"
+TOKEN_FORM_IDS = "api_token_form_ids"
 
 
 def _password_refusal(request) -> str:
@@ -245,10 +249,12 @@ def _password_refusal(request) -> str:
     username = request.user.get_username()
     if login_throttle.locked_out(request, username):
         return login_throttle.lockout_message()
+    hashed = request.user.password
     if not request.user.check_password(request.POST.get("password", "")):
         login_throttle.record_failure(request, username)
         return "That is not your password. A new key needs your current password."
-    update_session_auth_hash(request, request.user)  # checking may have re-hashed it: stay signed in
+    if request.user.password != hashed:  # Django re-hashed it on checking: stay signed in
+        update_session_auth_hash(request, request.user)
     return ""
 
 

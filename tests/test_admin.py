@@ -193,3 +193,12 @@ def test_a_clinician_opening_the_admin_by_mistake_is_not_locked_out(client, user
     refused = client.post("/admin/login/", {"username": user.username, "password": PASSWORD})
     assert refused.status_code == 200 and "_auth_user_id" not in client.session
     assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+
+
+def test_an_empty_password_at_the_admin_sign_in_does_not_reset_the_count(client, db, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    for password in ("guess-1", "guess-2", "", "guess-3"):
+        client.post("/admin/login/", {"username": "boss", "password": password})
+    right = client.post("/admin/login/", {"username": "boss", "password": "pw-for-tests-123"})
+    assert "Too many failed sign-in attempts" in right.content.decode() and "_auth_user_id" not in client.session

@@ -127,7 +127,7 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
     assert not any(key in str(s.get_decoded()) for s in Session.objects.all())  # only a digest is ever kept
     # Reloading that page sends the same form again: no other key, and the one copied still works.
     reloaded = client.post("/account/api-token/", sent, follow=True).content.decode()
-    assert "That form had been sent already, so no other key was issued." in reloaded
+    assert "That form had been used already, so no key was issued: use the one below." in reloaded
     assert status_with(key) == 200
 
     later = client.get("/account/api-token/").content.decode()
@@ -215,3 +215,17 @@ def test_a_new_password_ends_the_api_key_but_signing_in_does_not(client, user, s
     user.set_unusable_password()  # an admin locks the account's password
     user.save()
     assert status_with(last) == 401
+
+
+def test_a_key_can_be_issued_from_either_of_two_open_account_pages(client, user):
+    client.force_login(user)
+
+    def form_id() -> str:
+        return client.get("/account/api-token/").content.decode().split('name="form_id" value="')[1].split('"')[0]
+
+    first_tab, second_tab = form_id(), form_id()
+    issued = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD, "form_id": first_tab})
+    assert issued.status_code == 200 and '<code id="token-key">' in issued.content.decode()
+    again = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD, "form_id": second_tab})
+    assert again.status_code == 200 and '<code id="token-key">' in again.content.decode()
+    assert client.post("/account/api-token/", {"action": "issue", "password": PASSWORD}).status_code == 302

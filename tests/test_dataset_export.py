@@ -42,13 +42,18 @@ def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tm
     single = finished(create_analysis(owner=other_user, upload=as_uploads[3]), label="Uninfected", verdict="agree")
 
     out = tmp_path / "reviewed"
-    # An export made when groups carried the sample reference, and a file that is not the export's.
+    # An export made when groups carried the sample reference, and files that are not the export's.
     (out / "Parasitized").mkdir(parents=True)
-    (out / "Parasitized" / f"u{user.pk}-ward-7-slide-2_IMG_{agreed.pk}.png").write_bytes(b"old name")
-    (out / "Parasitized" / "notes.txt").write_text("the lab's own file")
+    old_name = f"Parasitized/u{user.pk}-ward-7-slide-2_IMG_{agreed.pk}.png"
+    (out / old_name).write_bytes(b"old name")
+    (out / "reviewed.csv").write_text(f"file,analysis_id\n{old_name},{agreed.pk}\n../outside.png,0\n")
+    (tmp_path / "outside.png").write_bytes(b"not in the export")
+    (out / "Parasitized" / "siteB_IMG_5.png").write_bytes(b"another site's export, merged in")
     for _ in range(2):  # a second run brings the same folder up to date, duplicating nothing
         call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
-    assert (out / "Parasitized" / "notes.txt").exists()
+    assert (out / "Parasitized" / "siteB_IMG_5.png").exists() and (tmp_path / "outside.png").exists()
+    assert not (out / old_name).exists()
+    (out / "Parasitized" / "siteB_IMG_5.png").unlink()  # left alone; out of the way of the checks below
     samples = list_samples(out)
     by_id = {int(s.path.stem.rsplit("_IMG_", 1)[1]): s for s in samples}
     assert set(by_id) == {agreed.pk, corrected.pk, single.pk}

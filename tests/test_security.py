@@ -218,3 +218,13 @@ def test_one_address_trying_a_password_on_every_account_is_stopped(db, settings)
     assert (
         elsewhere.post("/accounts/login/", {"username": accounts[4].username, "password": PASSWORD}).status_code == 302
     )
+
+
+def test_signing_in_again_after_the_idle_limit_says_nothing_about_being_signed_out(client, user):
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+    session = client.session
+    session["last_activity"] -= 3600
+    session.save()
+    page = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}, follow=True)
+    assert page.status_code == 200 and "signed out" not in page.content.decode()
+    assert client.get("/").status_code == 200
