@@ -85,8 +85,11 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not memory, so a worker process can share the test database.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
     # Transactions take the write lock when they begin, so one that reads and then writes (recording
-    # a result) waits its turn behind the web's writes instead of failing with "database is locked".
-    DATABASES["default"].setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
+    # a result) waits its turn behind the web's writes instead of failing with "database is locked";
+    # and with a write-ahead log, a long read (a CSV download) does not hold the worker's writes up.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        timeout=20, transaction_mode="IMMEDIATE", init_command="PRAGMA journal_mode=WAL"
+    )
 
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -885,3 +885,14 @@ def test_gunicorn_logs_paths_without_their_query_strings():
     config = (ROOT / "deploy" / "gunicorn.conf.py").read_text()
     (log_format,) = re.findall(r"access_log_format = '(.*)'", config)
     assert "%(U)s" in log_format and "%(r)s" not in log_format and "%(q)s" not in log_format
+
+
+def test_the_embedded_sqlite_default_lets_a_long_read_and_a_write_overlap(tmp_path):
+    """A CSV download streams from an open query: with a write-ahead log the worker can still record results."""
+    code = (
+        "import django; django.setup(); from django.db import connection;"
+        "cursor = connection.cursor(); cursor.execute('PRAGMA journal_mode'); print(cursor.fetchone()[0])"
+    )
+    env = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "VAR_DIR": str(tmp_path)}  # no DATABASE_URL
+    result = run_python(["-c", code], env)
+    assert result.returncode == 0 and result.stdout.strip() == "wal", result.stderr
