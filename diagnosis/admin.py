@@ -3,6 +3,8 @@ import csv
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.http import HttpResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -58,6 +60,15 @@ def _record_deleted(request, obj: Analysis | Batch) -> None:
         record_access(request=request, action=AccessEvent.Action.DELETED, batch=obj, detail=detail)
     else:
         record_access(request=request, action=AccessEvent.Action.DELETED, analysis=obj, detail="1 cell")
+
+
+def _record_users_data_deleted(request, user) -> None:
+    """A user's batches and cells go with the account (and their files with them): each one leaves
+    an entry in the access trail, as if deleted one by one."""
+    for batch in user.batches.all():
+        _record_deleted(request, batch)
+    for analysis in user.analyses.filter(batch__isnull=True):
+        _record_deleted(request, analysis)
 
 
 class RecordedDeletionAdmin(admin.ModelAdmin):
@@ -274,3 +285,20 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+admin.site.unregister(get_user_model())
+
+
+@admin.register(get_user_model())
+class RecordedUserAdmin(UserAdmin):
+    """Django's user admin; deleting an account records the patient data that goes with it."""
+
+    def delete_model(self, request, obj):
+        _record_users_data_deleted(request, obj)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset:
+            _record_users_data_deleted(request, user)
+        super().delete_queryset(request, queryset)

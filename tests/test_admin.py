@@ -202,3 +202,18 @@ def test_an_empty_password_at_the_admin_sign_in_does_not_reset_the_count(client,
         client.post("/admin/login/", {"username": "boss", "password": password})
     right = client.post("/admin/login/", {"username": "boss", "password": "pw-for-tests-123"})
     assert "Too many failed sign-in attempts" in right.content.decode() and "_auth_user_id" not in client.session
+
+
+def test_deleting_an_account_records_the_patient_data_that_goes_with_it(admin_client, user):
+    from diagnosis.models import AccessEvent
+    from diagnosis.services import create_batch
+
+    batch = create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="PT-1")
+    single = create_analysis(owner=user, upload=upload("alone.png"))
+    response = admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302 and not get_user_model().objects.filter(pk=user.pk).exists()
+    deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED, username="boss")
+    assert set(deleted.values_list("batch_id", "analysis_id", "owner_id", "detail")) == {
+        (batch.pk, None, user.pk, "2 cells"),
+        (None, single.pk, user.pk, "1 cell"),
+    }
