@@ -310,6 +310,10 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     reviewer_page.wait_for_timeout(1000)
     third.refresh_from_db()
     assert not third.review_verdict and reviewer_page.locator(".flash").count() == 0
+    # Switched on again, the same key on the same loaded page does save: the wait above was long enough.
+    reviewer_page.get_by_label("Keyboard shortcuts").check()
+    reviewer_page.keyboard.press("a")
+    expect(reviewer_page.locator(".flash")).to_have_text(f"Review of {third.original_filename} saved.")
 
     # The owner sees both verdicts.
     page.goto(f"/analyses/{agreed.pk}/")

@@ -73,6 +73,9 @@ def test_api_is_rate_limited_per_token(api_client, monkeypatch):
     monkeypatch.setattr(UserRateThrottle, "THROTTLE_RATES", {"user": "5/minute", "anon": "5/minute"})
     codes = [api_client.get("/api/analyses/").status_code for _ in range(6)]
     assert codes[:5] == [200] * 5 and codes[5] == 429
+    colleague = APIClient()  # another lab system's key has its own allowance
+    colleague.force_authenticate(UserFactory())
+    assert colleague.get("/api/analyses/").status_code == 200
 
 
 def test_forms_require_csrf(user):
