@@ -71,17 +71,23 @@ def _record_users_data_deleted(request, user) -> None:
         _record_deleted(request, analysis)
 
 
-class RecordedDeletionAdmin(admin.ModelAdmin):
+class RecordsDeletions:
     """Deletions here go into the access trail like the owners' own, one entry per record."""
 
+    record_deletion = staticmethod(_record_deleted)
+
     def delete_model(self, request, obj):
-        _record_deleted(request, obj)
+        self.record_deletion(request, obj)
         super().delete_model(request, obj)
 
     def delete_queryset(self, request, queryset):
         for obj in queryset:
-            _record_deleted(request, obj)
+            self.record_deletion(request, obj)
         super().delete_queryset(request, queryset)
+
+
+class RecordedDeletionAdmin(RecordsDeletions, admin.ModelAdmin):
+    pass
 
 
 @admin.register(Analysis)
@@ -291,14 +297,7 @@ admin.site.unregister(get_user_model())
 
 
 @admin.register(get_user_model())
-class RecordedUserAdmin(UserAdmin):
+class RecordedUserAdmin(RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
-    def delete_model(self, request, obj):
-        _record_users_data_deleted(request, obj)
-        super().delete_model(request, obj)
-
-    def delete_queryset(self, request, queryset):
-        for user in queryset:
-            _record_users_data_deleted(request, user)
-        super().delete_queryset(request, queryset)
+    record_deletion = staticmethod(_record_users_data_deleted)
