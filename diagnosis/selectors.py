@@ -36,8 +36,8 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
     queryset = Analysis.objects.filter(owner=user).select_related("batch")
     if filters.status in Analysis.Status.values:
         queryset = queryset.filter(status=filters.status)
-    if filters.label in Analysis.Label.values:  # the label shown: the reviewer's where one corrected it
-        queryset = queryset.filter(Q(corrected_label=filters.label) | Q(corrected_label="", label=filters.label))
+    if filters.label in Analysis.Label.values:
+        queryset = queryset.filter(final_label_is(filters.label))
     if filters.search:
         queryset = queryset.filter(
             Q(original_filename__icontains=filters.search) | Q(batch__sample_reference__icontains=filters.search)
@@ -118,6 +118,11 @@ def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:
     return list(finished.values_list("model_version", "decision_threshold").distinct().order_by("model_version"))
 
 
+def final_label_is(label: str, *, path: str = "") -> Q:
+    """The label a cell shows (Analysis.final_label): a reviewer's correction, else the model's."""
+    return Q(**{f"{path}corrected_label": label}) | Q(**{f"{path}corrected_label": "", f"{path}label": label})
+
+
 def _analysis_counts(path: str = "") -> dict[str, Count]:
     """Analyses counted by status and by final label (a reviewer's correction overrides the model),
     reached through ``path`` ("" from a batch's analyses, "analyses__" from batches)."""
@@ -127,7 +132,7 @@ def _analysis_counts(path: str = "") -> dict[str, Count]:
         return Count(f"{path}id", filter=reduce(operator.or_, conditions) if conditions else None)
 
     def final_label(label: str) -> Count:
-        return count({"corrected_label": label}, {"corrected_label": "", "label": label})
+        return Count(f"{path}id", filter=final_label_is(label, path=path))
 
     return {
         "total": count(),

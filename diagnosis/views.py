@@ -65,10 +65,9 @@ def upload(request):
             for message in error.messages:
                 form.add_error("images", message)
         else:
-            count = batch.analyses.count()
-            detail = counted(count, "image")
+            detail = counted(batch.analyses.count(), "image")
             record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
-            messages.success(request, f"{counted(count, 'image')} queued for analysis.")
+            messages.success(request, f"{detail} queued for analysis.")
             url = reverse("diagnosis:batch", args=[batch.pk])
             if request.headers.get("X-Requested-With") == "XMLHttpRequest":
                 # The upload script navigates itself; an XHR following a redirect would eat the message.
