@@ -182,18 +182,21 @@ def record_result(
         if not claimed.values_list("pk", flat=True):
             return False  # deleted, finished or claimed by another task meanwhile: nothing is written
         storage.delete(overlay_path(analysis.pk))  # a crashed earlier attempt may have left it
-        claimed.update(
-            status=Analysis.Status.DONE,
-            label=label,
-            probability_parasitized=probability_parasitized,
-            decision_threshold=decision_threshold,
-            model_version=model_version,
-            overlay=storage.save(overlay_path(analysis.pk), ContentFile(overlay_png)),
-            inference_ms=inference_ms,
-            finished_at=timezone.now(),
-            error="",
-        )
-    analysis.refresh_from_db()
+        result = {
+            "status": Analysis.Status.DONE,
+            "label": label,
+            "probability_parasitized": probability_parasitized,
+            "decision_threshold": decision_threshold,
+            "model_version": model_version,
+            "overlay": storage.save(overlay_path(analysis.pk), ContentFile(overlay_png)),
+            "inference_ms": inference_ms,
+            "finished_at": timezone.now(),
+            "error": "",
+        }
+        claimed.update(**result)
+    # Not read back: the owner may delete the cell the moment the lock is released.
+    for field, value in result.items():
+        setattr(analysis, field, value)
     log_transition(analysis, "done")
     return True
 

@@ -139,6 +139,31 @@ def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user
     assert not recorded and not private_storage.exists(f"overlays/{analysis.pk}.png")
 
 
+def test_a_cell_deleted_as_soon_as_its_result_is_committed_does_not_fail_the_task(transactional_db, user, monkeypatch):
+    analysis = services.create_analysis(owner=user, upload=upload())
+    assert services.claim_analysis(analysis_id=analysis.pk, task_id="t")
+    save_overlay = private_storage.save
+
+    def save_then_delete_on_commit(name, content, **kwargs):
+        # The owner's delete was waiting on the row lock: it lands the moment the result commits.
+        transaction.on_commit(lambda: services.delete_analysis(analysis=Analysis.objects.get(pk=analysis.pk)))
+        return save_overlay(name, content, **kwargs)
+
+    monkeypatch.setattr(private_storage, "save", save_then_delete_on_commit)
+    recorded = services.record_result(
+        analysis=analysis,
+        task_id="t",
+        label="Uninfected",
+        probability_parasitized=0.1,
+        decision_threshold=0.5,
+        model_version="m",
+        overlay_png=b"png",
+        inference_ms=1.0,
+    )
+    assert recorded and analysis.status == Analysis.Status.DONE and analysis.model_version == "m"
+    assert not Analysis.objects.filter(pk=analysis.pk).exists()
+
+
 def test_retention_deletes_old_analyses_their_files_and_emptied_batches(
     user, batch, settings, django_capture_on_commit_callbacks
 ):
