@@ -86,12 +86,26 @@ class RecordsDeletions:
         super().delete_queryset(request, queryset)
 
 
-class RecordedDeletionAdmin(RecordsDeletions, admin.ModelAdmin):
-    pass
+class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
+    """Cells and batches: made by uploads, never here; each opening of one enters the access trail."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        record = self.get_object(request, object_id) if request.method == "GET" else None
+        # get_object checks no permission: a refused opening (403) opened nothing, so records nothing.
+        if record is not None and self.has_view_or_change_permission(request, record):
+            self.record_viewing(request, record)
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def record_viewing(self, request, record) -> None:
+        subject = {"batch": record} if isinstance(record, Batch) else {"analysis": record}
+        record_access(request=request, action=AccessEvent.Action.VIEWED, **subject)
 
 
 @admin.register(Analysis)
-class AnalysisAdmin(RecordedDeletionAdmin):
+class AnalysisAdmin(PatientRecordAdmin):
     form = ReviewAdminForm
     actions = ["retry_failed"]
     list_display = [
@@ -144,9 +158,6 @@ class AnalysisAdmin(RecordedDeletionAdmin):
     # Everything but the reviewer's own fields is the model's record and stays as the worker wrote it.
     readonly_fields = [name for name in flatten_fieldsets(fieldsets) if name not in ReviewAdminForm.Meta.fields]
 
-    def has_add_permission(self, request):
-        return False  # analyses come from uploads, not from the admin
-
     @admin.display(description="Image")
     def thumb(self, obj):
         return _image_tag(obj, "thumbnail", 48)
@@ -177,12 +188,6 @@ class AnalysisAdmin(RecordedDeletionAdmin):
         retried = services.retry_failed_analyses(analyses=queryset)
         self.message_user(request, f"{len(retried)} failed analyses queued again; the others were left alone.")
 
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        analysis = self.get_object(request, object_id) if request.method == "GET" else None
-        if analysis is not None:
-            record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
-        return super().change_view(request, object_id, form_url, extra_context)
-
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data
         if not data.get("review_verdict") or not form.has_changed():
@@ -200,7 +205,7 @@ class AnalysisAdmin(RecordedDeletionAdmin):
 
 
 @admin.register(Batch)
-class BatchAdmin(RecordedDeletionAdmin):
+class BatchAdmin(PatientRecordAdmin):
     actions = ["retry_callbacks"]
 
     @admin.action(description="Retry failed callbacks of the selected batches", permissions=["change"])
@@ -225,12 +230,6 @@ class BatchAdmin(RecordedDeletionAdmin):
         "callback_error",
         "callback_delivered_at",
     ]
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        batch = self.get_object(request, object_id) if request.method == "GET" else None
-        if batch is not None:
-            record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch)
-        return super().change_view(request, object_id, form_url, extra_context)
 
 
 ACCESS_TRAIL_COLUMNS = [

@@ -172,6 +172,29 @@ def test_opening_a_batch_in_the_admin_is_recorded_and_hides_callback_credentials
     assert viewed.username == "boss" and viewed.channel == "admin"
 
 
+def test_an_admin_page_refused_for_want_of_permission_records_no_opening(client, finished):
+    from django.contrib.auth.models import Permission
+
+    from diagnosis.models import AccessEvent
+
+    clerk = staff_with(client, "view_batch")  # batches, but not cells
+    assert clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").status_code == 403
+    assert not AccessEvent.objects.filter(analysis_id=finished.pk).exists()
+    account = get_user_model().objects.get(username="clerk")
+    account.user_permissions.add(Permission.objects.get(codename="view_analysis"))
+    assert clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").status_code == 200
+    assert AccessEvent.objects.get(analysis_id=finished.pk).username == "clerk"
+
+
+def test_batches_and_cells_cannot_be_added_in_the_admin(admin_client):
+    for model in ("batch", "analysis"):
+        assert admin_client.get(f"/admin/diagnosis/{model}/add/").status_code == 403
+        assert (
+            f'href="/admin/diagnosis/{model}/add/"'
+            not in admin_client.get(f"/admin/diagnosis/{model}/").content.decode()
+        )
+
+
 def test_saving_a_reviewed_case_unchanged_keeps_its_reviewer(admin_client, finished, user):
     from diagnosis.services import review_analysis
 
