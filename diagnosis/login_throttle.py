@@ -1,12 +1,13 @@
 """A limit on failed sign-ins per client address and username (brute-force guard).
 
-The web sign-in, the admin's sign-in and the API's token endpoint all check passwords, so all
-count failures here: a locked-out username stays locked out on each.
+The web sign-in, the admin's sign-in, the password change, the API token page and the API's token
+endpoint all check passwords, so all count failures here: a locked-out username stays locked out
+on each (a workstation left signed in must not become a place to guess its user's password).
 """
 
 from django.conf import settings
 from django.contrib.admin.forms import AdminAuthenticationForm
-from django.contrib.auth.views import LoginView
+from django.contrib.auth.views import LoginView, PasswordChangeView
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 
@@ -77,3 +78,21 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
         if self.user_cache is not None:  # signed in (an empty password checks nothing, and clears nothing)
             clear_failures(self.request, username)
         return cleaned
+
+
+class ThrottledPasswordChangeView(PasswordChangeView):
+    def post(self, request, *args, **kwargs):
+        if locked_out(request, request.user.get_username()):
+            form = self.get_form()
+            form.add_error(None, lockout_message())
+            return self.render_to_response(self.get_context_data(form=form), status=429)
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        if form.has_error("old_password"):  # a wrong current password is a guess; a weak new one is not
+            record_failure(self.request, self.request.user.get_username())
+        return super().form_invalid(form)
+
+    def form_valid(self, form):
+        clear_failures(self.request, self.request.user.get_username())
+        return super().form_valid(form)

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from diagnosis.login_throttle import ThrottledLoginView
+from diagnosis.login_throttle import ThrottledLoginView, ThrottledPasswordChangeView
 from diagnosis.views import healthz
 
 urlpatterns = [
@@ -11,7 +11,7 @@ urlpatterns = [
     path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
     # Accounts are made by an administrator, who also resets passwords: no public reset-by-email pages.
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("accounts/password_change/", auth_views.PasswordChangeView.as_view(), name="password_change"),
+    path("accounts/password_change/", ThrottledPasswordChangeView.as_view(), name="password_change"),
     path(
         "accounts/password_change/done/",
         auth_views.PasswordChangeDoneView.as_view(),

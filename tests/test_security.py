@@ -114,6 +114,36 @@ def test_the_token_endpoint_shares_the_sign_in_lockout(client, user, settings):
     assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 429
 
 
+def test_the_password_change_form_shares_the_sign_in_lockout(client, user, settings):
+    """A workstation left signed in is no place to guess its user's password at leisure."""
+    settings.LOGIN_MAX_FAILURES = 3
+    client.force_login(user)
+    new = {"new_password1": "a-Fresh-passphrase-42", "new_password2": "a-Fresh-passphrase-42"}
+    weak = client.post(
+        "/accounts/password_change/", {"old_password": PASSWORD, "new_password1": "1", "new_password2": "1"}
+    )
+    assert weak.status_code == 200  # a weak new password is refused, but is no guess at the old one
+    for _ in range(3):
+        wrong = client.post("/accounts/password_change/", {"old_password": "guess", **new})
+        assert wrong.status_code == 200 and "old password was entered incorrectly" in wrong.content.decode()
+    blocked = client.post("/accounts/password_change/", {"old_password": PASSWORD, **new})
+    assert blocked.status_code == 429 and "Too many failed sign-in attempts" in blocked.content.decode()
+    user.refresh_from_db()
+    assert user.check_password(PASSWORD)
+    assert Client().post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 429
+
+
+def test_a_password_change_clears_the_failure_count(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 2
+    client.force_login(user)
+    new = {"new_password1": "a-Fresh-passphrase-42", "new_password2": "a-Fresh-passphrase-42"}
+    client.post("/accounts/password_change/", {"old_password": "typo", **new})
+    assert client.post("/accounts/password_change/", {"old_password": PASSWORD, **new}).status_code == 302
+    Client().post("/accounts/login/", {"username": user.username, "password": "typo"})
+    login = Client().post("/accounts/login/", {"username": user.username, "password": new["new_password1"]})
+    assert login.status_code == 302
+
+
 def test_a_correct_password_on_the_token_endpoint_clears_the_failure_count(user, settings):
     settings.LOGIN_MAX_FAILURES = 2
     api = APIClient()
