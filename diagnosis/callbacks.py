@@ -14,7 +14,6 @@ again) while it is under way makes the batch go out again once those cells are f
 
 import hashlib
 import hmac
-import http.client
 import json
 import logging
 import urllib.error
@@ -46,6 +45,8 @@ def check_callback_url(url: str) -> str:
         raise ValidationError("Callbacks are not enabled on this server (CALLBACK_ALLOWED_HOSTS is empty).")
     if not settings.CALLBACK_SECRET:
         raise ValidationError("Callbacks are not enabled on this server (CALLBACK_SECRET is not set).")
+    if not url.isascii():  # http.client cannot send it: every attempt would fail the same way
+        raise ValidationError("The callback URL must be plain ASCII: percent-encode other characters.")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("The callback URL must be an http or https URL.")
@@ -112,7 +113,9 @@ def deliver(*, batch_id: int) -> bool:
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
         error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"
-    except (OSError, http.client.HTTPException) as failure:  # refused, unreachable, timed out, TLS, not HTTP
+    # Refused, unreachable, timed out, TLS, not HTTP, or the task's time limit: whatever stops an
+    # attempt is a failed attempt, counted, paused and in the end given up, never one left hanging.
+    except Exception as failure:  # noqa: BLE001
         cause = getattr(failure, "reason", failure)  # urllib wraps the socket's error in a URLError
         error = f"{cause.__class__.__name__}: {cause}"
     if not error:

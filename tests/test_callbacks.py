@@ -109,6 +109,7 @@ def test_the_worker_posts_a_signed_result_when_the_last_cell_is_finished(celery_
         (["127.0.0.1"], "http://127.0.0.1:99999/x", "not a port number"),
         (["127.0.0.1"], "http://127.0.0.1:0/x", "not a port number"),
         (["127.0.0.1", "plain-http"], "http://127.0.0.1/x", "must be https"),
+        (["127.0.0.1"], "http://127.0.0.1/ergebnisse/prüfung", "percent-encode"),
     ],
 )
 def test_a_callback_url_this_server_may_not_call_is_refused_and_nothing_is_stored(
@@ -210,6 +211,29 @@ def test_a_receiver_that_does_not_speak_http_is_a_failed_attempt_not_a_stuck_one
     failed = refreshed(batch)
     assert (failed.callback_state, failed.callback_attempts) == (State.PENDING, 1)
     assert "BadStatusLine" in failed.callback_error and failed.callback_due_at > timezone.now()
+
+
+def test_an_attempt_stopped_by_the_tasks_time_limit_is_a_failed_attempt_not_a_stuck_one(user, receiver, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def trickling_receiver(*args, **kwargs):  # one byte every few seconds beats each read's timeout
+        raise SoftTimeLimitExceeded()
+
+    batch = finished_batch(user, receiver.url)
+    monkeypatch.setattr(callbacks, "_post", trickling_receiver)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    failed = refreshed(batch)
+    assert (failed.callback_state, failed.callback_attempts) == (State.PENDING, 1)
+    assert "SoftTimeLimitExceeded" in failed.callback_error and failed.callback_due_at > timezone.now()
+
+
+def test_a_stored_url_http_cannot_send_fails_at_once_saying_why(user, receiver):
+    batch = finished_batch(user, receiver.url)
+    Batch.objects.filter(pk=batch.pk).update(callback_url=receiver.url + "/prüfung")  # stored before the check
+    assert not callbacks.deliver(batch_id=batch.pk)
+    failed = refreshed(batch)
+    assert failed.callback_state == State.FAILED and "percent-encode" in failed.callback_error
+    assert not receiver.received
 
 
 def test_a_reviewers_correction_is_sent_to_the_lab_system_again(
