@@ -126,7 +126,7 @@ def claim_analysis(*, analysis_id: int, task_id: str, retries: int = 0) -> bool:
     which does. A cell whose worker has died on it ANALYSIS_MAX_ATTEMPTS times (an image that
     exhausts memory, say) is failed instead, so it cannot block the queue for ever."""
     own_claim = Analysis.objects.filter(pk=analysis_id, status=Analysis.Status.RUNNING, claimed_by_task=task_id)
-    if _give_up(own_claim):
+    if _give_up(own_claim.filter(claimed_at_retry__gte=retries)):  # a redelivery; an error retry is no crash
         return False
     claimable = Q(status=Analysis.Status.QUEUED) | Q(status=Analysis.Status.RUNNING, claimed_by_task=task_id)
     retried_after_an_error = Q(status=Analysis.Status.RUNNING, claimed_at_retry__lt=retries)

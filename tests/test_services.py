@@ -99,6 +99,19 @@ def test_a_retry_after_a_database_error_does_not_use_up_an_attempt_but_a_crash_d
     assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=3) and attempts() == 2
 
 
+def test_a_database_error_on_the_last_allowed_attempt_is_retried_not_given_up(queued, settings):
+    settings.ANALYSIS_MAX_ATTEMPTS = 2
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=0)
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=0)  # the worker died once
+    # The last allowed attempt hits a database error while recording: the autoretry claims again.
+    assert services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=1)
+    retried = Analysis.objects.get(pk=queued.pk)
+    assert (retried.status, retried.attempts, retried.error) == ("running", 2, "")
+    # Its worker dying there is the second crash: now it is given up.
+    assert not services.claim_analysis(analysis_id=queued.pk, task_id="t", retries=1)
+    assert "stopped 2 times" in Analysis.objects.get(pk=queued.pk).error
+
+
 def test_a_chunk_that_stopped_a_worker_is_sent_again_one_cell_per_task(user, monkeypatch):
     sent: list[tuple[list[int], int]] = []
     monkeypatch.setattr(
