@@ -615,6 +615,7 @@ def running_nginx(workdir: Path, *, upstream: str, media: Path, static: Path):
         "alias /data/media/;": f"alias {media}/;",
         "alias /data/static/;": f"alias {static}/;",
         "access_log /dev/stdout without_query;": f"access_log {workdir}/access.log without_query;",
+        "error_log /dev/stderr crit;": f"error_log {workdir}/site-error.log crit;",
     }.items():
         assert site.count(old) == 1, old
         site = site.replace(old, new)
@@ -727,6 +728,20 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
         request(port, "GET", "/?search=PATIENT-4711&status=done", {**host, **owner})
         logged = logged_once(tmp_path / "nginx" / "access.log", '"GET / HTTP/1.1" 200')
         assert "PATIENT-4711" not in logged
+
+
+@needs_nginx
+def test_nginx_logs_no_query_while_the_web_service_is_down(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on: the web service is restarting
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    workdir = tmp_path / "nginx"
+    with running_nginx(workdir, upstream=dead, media=tmp_path, static=tmp_path) as port:
+        headers = {"Host": "localhost", "Referer": "http://localhost/?sample_reference=PATIENT-4711"}
+        assert request(port, "GET", "/?search=PATIENT-4711", headers).status == 502
+        logged_once(workdir / "access.log", '"GET / HTTP/1.1" 502')
+    for log in workdir.glob("*.log"):
+        assert "PATIENT-4711" not in log.read_text(), log.name
 
 
 @needs_nginx
