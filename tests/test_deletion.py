@@ -121,14 +121,10 @@ def test_a_rolled_back_deletion_keeps_the_files(user, batch, django_capture_on_c
     assert Analysis.objects.count() == 2 and all(private_storage.exists(name) for name in files)
 
 
-def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user):
-    analysis = services.create_analysis(owner=user, upload=upload())
-    assert services.claim_analysis(analysis_id=analysis.pk, task_id="t")
-    Analysis.objects.filter(pk=analysis.pk).delete()
-    private_storage.delete(f"overlays/{analysis.pk}.png")  # an earlier test's cell may have had this id (SQLite)
-    recorded = services.record_result(
+def record_uninfected(analysis: Analysis, *, task_id: str) -> bool:
+    return services.record_result(
         analysis=analysis,
-        task_id="t",
+        task_id=task_id,
         label="Uninfected",
         probability_parasitized=0.1,
         decision_threshold=0.5,
@@ -136,6 +132,14 @@ def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user
         overlay_png=b"png",
         inference_ms=1.0,
     )
+
+
+def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user):
+    analysis = services.create_analysis(owner=user, upload=upload())
+    assert services.claim_analysis(analysis_id=analysis.pk, task_id="t")
+    Analysis.objects.filter(pk=analysis.pk).delete()
+    private_storage.delete(f"overlays/{analysis.pk}.png")  # an earlier test's cell may have had this id (SQLite)
+    recorded = record_uninfected(analysis, task_id="t")
     assert not recorded and not private_storage.exists(f"overlays/{analysis.pk}.png")
 
 
@@ -150,16 +154,7 @@ def test_a_cell_deleted_as_soon_as_its_result_is_committed_does_not_fail_the_tas
         return save_overlay(name, content, **kwargs)
 
     monkeypatch.setattr(private_storage, "save", save_then_delete_on_commit)
-    recorded = services.record_result(
-        analysis=analysis,
-        task_id="t",
-        label="Uninfected",
-        probability_parasitized=0.1,
-        decision_threshold=0.5,
-        model_version="m",
-        overlay_png=b"png",
-        inference_ms=1.0,
-    )
+    recorded = record_uninfected(analysis, task_id="t")
     assert recorded and analysis.status == Analysis.Status.DONE and analysis.model_version == "m"
     assert not Analysis.objects.filter(pk=analysis.pk).exists()
 
