@@ -45,21 +45,42 @@ def clear_failures(request, username: str) -> None:
     cache.delete(_key(request, username))
 
 
-class ThrottledLoginView(LoginView):
+class LockoutMixin:
+    """For a password form view: refused while locked out; a wrong password counts, a right one clears."""
+
+    def checked_username(self) -> str:
+        return self.request.POST.get("username", "")
+
+    def is_guess(self, form) -> bool:
+        return True
+
     def post(self, request, *args, **kwargs):
-        if locked_out(request, request.POST.get("username", "")):
+        if locked_out(request, self.checked_username()):
             form = self.get_form()
             form.add_error(None, lockout_message())
             return self.render_to_response(self.get_context_data(form=form), status=429)
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):
-        record_failure(self.request, self.request.POST.get("username", ""))
+        if self.is_guess(form):
+            record_failure(self.request, self.checked_username())
         return super().form_invalid(form)
 
     def form_valid(self, form):
-        clear_failures(self.request, self.request.POST.get("username", ""))
+        clear_failures(self.request, self.checked_username())
         return super().form_valid(form)
+
+
+class ThrottledLoginView(LockoutMixin, LoginView):
+    pass
+
+
+class ThrottledPasswordChangeView(LockoutMixin, PasswordChangeView):
+    def checked_username(self) -> str:
+        return self.request.user.get_username()
+
+    def is_guess(self, form) -> bool:
+        return form.has_error("old_password")  # a wrong current password is a guess; a weak new one is not
 
 
 class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
@@ -78,21 +99,3 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
         if self.user_cache is not None:  # signed in (an empty password checks nothing, and clears nothing)
             clear_failures(self.request, username)
         return cleaned
-
-
-class ThrottledPasswordChangeView(PasswordChangeView):
-    def post(self, request, *args, **kwargs):
-        if locked_out(request, request.user.get_username()):
-            form = self.get_form()
-            form.add_error(None, lockout_message())
-            return self.render_to_response(self.get_context_data(form=form), status=429)
-        return super().post(request, *args, **kwargs)
-
-    def form_invalid(self, form):
-        if form.has_error("old_password"):  # a wrong current password is a guess; a weak new one is not
-            record_failure(self.request, self.request.user.get_username())
-        return super().form_invalid(form)
-
-    def form_valid(self, form):
-        clear_failures(self.request, self.request.user.get_username())
-        return super().form_valid(form)
