@@ -105,6 +105,11 @@ LOGIN_MAX_FAILURES = env.int("LOGIN_MAX_FAILURES", default=5)
 # Failures from one address over all usernames: trying one password on every account is refused too.
 LOGIN_MAX_FAILURES_PER_ADDRESS = env.int("LOGIN_MAX_FAILURES_PER_ADDRESS", default=30)
 LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
+# Other settings read 0 as "off"; here 0 would refuse every sign-in, so it is refused at start.
+if min(LOGIN_MAX_FAILURES, LOGIN_MAX_FAILURES_PER_ADDRESS) < 1:
+    raise ImproperlyConfigured(
+        "LOGIN_MAX_FAILURES and LOGIN_MAX_FAILURES_PER_ADDRESS must be at least 1: with 0 nobody could sign in."
+    )
 # Behind a reverse proxy every request comes from the proxy: name the header (as in request.META)
 # that the proxy overwrites with the client's address, e.g. HTTP_X_REAL_IP behind the bundled nginx.
 CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")

@@ -878,6 +878,15 @@ def test_production_refuses_a_placeholder_or_short_secret_key(key):
     assert result.returncode != 0 and "placeholder or shorter than 50 characters" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["LOGIN_MAX_FAILURES", "LOGIN_MAX_FAILURES_PER_ADDRESS"])
+def test_a_lockout_after_zero_failures_is_refused_at_start(name):
+    """0 turns other limits off, but here it would lock every account out before any password is checked."""
+    env = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings"}
+    refused = run_python(["-c", "import malaria_site.settings"], {**env, name: "0"})
+    assert refused.returncode != 0 and "with 0 nobody could sign in" in refused.stderr
+    assert run_python(["-c", "import malaria_site.settings"], {**env, name: "1"}).returncode == 0
+
+
 def test_debug_pages_are_refused_for_any_host_but_this_machine():
     """Debug error pages show local variables: a development setting served to the network is refused."""
     base = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "DJANGO_DEBUG": "true"}
