@@ -25,6 +25,19 @@ class RequestSizeLimitMiddleware:
         return self.get_response(request)
 
 
+class RefuseNulCharactersMiddleware:
+    """Refuse a query string holding a NUL character (``?search=%00``): PostgreSQL cannot compare
+    text with one, so every search, filter and admin lookup it reached would fail with a 500."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if any("\x00" in key or "\x00" in "".join(values) for key, values in request.GET.lists()):
+            return JsonResponse({"detail": "The query string must not contain NUL characters."}, status=400)
+        return self.get_response(request)
+
+
 class NoStoreWhenSignedInMiddleware:
     """Pages for a signed-in user hold patient data, and workstations are shared: after sign-out,
     the browser's Back button must not bring the last user's pages back from its cache."""

@@ -47,6 +47,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "diagnosis.middleware.RequestSizeLimitMiddleware",
+    "diagnosis.middleware.RefuseNulCharactersMiddleware",
     "diagnosis.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

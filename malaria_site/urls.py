@@ -20,3 +20,4 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
 ]
+handler400 = "diagnosis.errors.bad_request"

@@ -130,3 +130,17 @@ def test_the_api_filters_and_reports_the_reviewers_label(case):
     (row,) = api.get("/api/analyses/?label=Uninfected").json()["results"]
     assert (row["id"], row["final_label"], row["label"]) == (case.pk, "Uninfected", "Parasitized")
     assert api.get("/api/analyses/?label=Parasitized").json()["results"] == []
+
+
+@pytest.mark.parametrize("query", ["label=parasitized", "label=Positive", "status=DONE", "status=finished"])
+def test_the_api_refuses_a_filter_value_it_does_not_know(case, query):
+    """An unknown value must not be ignored: a lab system would take the unfiltered list for the filtered one."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(case.owner)
+    response = api.get(f"/api/analyses/?{query}")
+    name, value = query.split("=")
+    assert response.status_code == 400
+    assert response.json()["detail"] == f'{name}: "{value}" is not a valid choice.'
+    assert api.get("/api/analyses/?status=done&label=").json()["count"] == 1, "an empty value filters nothing"

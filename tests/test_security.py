@@ -1,6 +1,7 @@
 import time
 from datetime import timedelta
 
+import pytest
 from django.contrib.sessions.models import Session
 from django.test import Client
 from django.utils import timezone
@@ -158,8 +159,29 @@ def test_form_and_json_bodies_are_capped_far_below_an_image_batch(client, db):
     huge_field = "username=a&password=" + "x" * 3_000_000
     response = client.post("/accounts/login/", huge_field, content_type="application/x-www-form-urlencoded")
     assert response.status_code == 400
+    assert "form fields (everything but the image files) exceed" in response.content.decode()
     api = APIClient().post("/api/auth/token/", huge_field, content_type="application/x-www-form-urlencoded")
-    assert api.status_code == 400
+    assert api.status_code == 400 and "exceed 2621440 bytes" in api.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/?search=a%00b",
+        "/batches/?search=%00",
+        "/api/analyses/?label=%00",
+        "/api/batches/?sample_reference=a%00",
+        "/admin/diagnosis/analysis/?q=%00",
+        "/admin/diagnosis/batch/?owner__id__exact=%00",
+    ],
+)
+def test_a_nul_character_in_the_query_is_refused_with_a_message(admin_user, url):
+    """PostgreSQL cannot compare text holding NUL: such a search would otherwise end in a 500."""
+    for client in (Client(), APIClient()):
+        client.force_login(admin_user)
+        response = client.get(url)
+        assert response.status_code == 400, url
+        assert response.json()["detail"] == "The query string must not contain NUL characters."
 
 
 def test_signed_in_pages_are_never_kept_in_the_browser_cache(client, user):

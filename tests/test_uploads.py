@@ -104,6 +104,27 @@ def test_too_many_files_in_a_batch(api_client, no_leftovers, settings):
     assert response.status_code == 400 and "at most 2" in response.json()["detail"]
 
 
+def test_one_file_over_the_batch_limit_is_refused_with_the_limit_named(api_client, web_client, no_leftovers, settings):
+    """Django stops reading at DATA_UPLOAD_MAX_NUMBER_FILES, before the upload service could count."""
+    files = [upload(f"{i}.png") for i in range(settings.BATCH_MAX_FILES + 1)]
+    expected = f"A batch holds at most {settings.BATCH_MAX_FILES} images; this request sent more."
+    response = api_client.post("/api/batches/", {"images": files})
+    assert response.status_code == 400 and response.json()["detail"] == expected
+    for file in files:
+        file.seek(0)
+    page = web_client.post("/upload/", {"images": files})
+    assert page.status_code == 400 and expected in page.content.decode()
+    assert "Back to the upload page" in page.content.decode()
+
+
+def test_a_batch_names_the_file_that_is_refused(api_client, no_leftovers):
+    response = api_client.post("/api/batches/", {"images": [upload("good.png"), upload("blank.png", b"")]})
+    assert response.status_code == 400 and response.json()["detail"] == "blank.png: the file is empty."
+    not_a_file = api_client.post("/api/batches/", {"images": "just text"})
+    assert not_a_file.status_code == 400
+    assert not_a_file.json()["detail"].startswith("images[0]: The submitted data was not a file.")
+
+
 def test_json_instead_of_multipart_is_415(api_client, no_leftovers):
     response = api_client.post("/api/analyses/", {"image": "x"}, format="json")
     assert response.status_code == 415

@@ -1,13 +1,29 @@
+from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+from diagnosis.errors import unreadable_request_message
 
 
 def api_exception_handler(exc, context):
     """DRF's handler, plus a one-line ``detail`` on field errors so every 4xx carries a message."""
+    if (message := unreadable_request_message(exc)) is not None:  # DRF would leave these to Django's bare 400
+        return Response({"detail": message}, status=400)
     response = exception_handler(exc, context)
     if response is not None and isinstance(response.data, dict) and "detail" not in response.data:
-        parts = []
-        for field, errors in response.data.items():
-            messages = errors if isinstance(errors, list) else [errors]
-            parts.append(f"{field}: " + " ".join(str(m) for m in messages))
-        response.data["detail"] = "; ".join(parts)
+        response.data["detail"] = "; ".join(_field_messages(response.data))
     return response
+
+
+def _field_messages(errors, prefix: str = "") -> list[str]:
+    """One line per field, nested ones named by path: ``{"images": {1: ["Not a file."]}}`` gives
+    ``["images[1]: Not a file."]``."""
+    if isinstance(errors, dict):
+        return [
+            message
+            for key, value in errors.items()
+            for message in _field_messages(value, f"{prefix}[{key}]" if prefix else str(key))
+        ]
+    if isinstance(errors, list) and any(isinstance(item, dict | list) for item in errors):
+        return [message for index, item in enumerate(errors) for message in _field_messages(item, f"{prefix}[{index}]")]
+    messages = errors if isinstance(errors, list) else [errors]
+    return [f"{prefix}: " + " ".join(str(message) for message in messages)]

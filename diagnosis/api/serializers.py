@@ -57,13 +57,21 @@ class AnalysisSerializer(serializers.ModelSerializer):
         return self._url(analysis, "overlay")
 
 
+class AnalysisListQuerySerializer(serializers.Serializer):
+    """The list's filters: an unknown value is refused, never ignored into an unfiltered list."""
+
+    status = serializers.ChoiceField(choices=Analysis.Status.values, required=False, allow_blank=True)
+    label = serializers.ChoiceField(choices=Analysis.Label.values, required=False, allow_blank=True)
+
+
 class AnalysisUploadSerializer(serializers.Serializer):
     image = serializers.FileField(help_text="One cell image: PNG, JPEG, TIFF or BMP.")
 
 
 class BatchUploadSerializer(serializers.Serializer):
+    # Empty files pass here so that the upload service refuses them by name.
     images = serializers.ListField(
-        child=serializers.FileField(), allow_empty=False, help_text="Repeat the field per image."
+        child=serializers.FileField(allow_empty_file=True), allow_empty=False, help_text="Repeat the field per image."
     )
     sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
     note = serializers.CharField(required=False, allow_blank=True, max_length=NOTE_MAX_LENGTH)

@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
 from diagnosis.api.serializers import (
+    AnalysisListQuerySerializer,
     AnalysisSerializer,
     AnalysisUploadSerializer,
     BatchSerializer,
@@ -89,9 +90,9 @@ class AnalysisViewSet(
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
-        params = self.request.query_params
-        filters = selectors.AnalysisFilters(status=params.get("status", ""), label=params.get("label", ""))
-        return selectors.analyses_for(user=self.request.user, filters=filters)
+        query = AnalysisListQuerySerializer(data=self.request.query_params)
+        query.is_valid(raise_exception=True)
+        return selectors.analyses_for(user=self.request.user, filters=selectors.AnalysisFilters(**query.validated_data))
 
     @extend_schema(
         parameters=[
