@@ -6,6 +6,7 @@ import time
 from functools import lru_cache
 
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from PIL import Image
 
@@ -51,6 +52,30 @@ def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> 
         services.send_separately(analysis_ids=claimed, task_id=task_id)
         return
     try:
+        _classify(claimed=claimed, task_id=task_id)
+    except SoftTimeLimitExceeded:
+        _stop_at_the_time_limit(claimed=claimed, task_id=task_id)
+
+
+def _stop_at_the_time_limit(*, claimed: list[int], task_id: str) -> None:
+    """The task ran out of time (a slow host, large images): the cells it has not finished go back
+    to the queue, each as a task of its own; a cell that runs out of time alone fails, saying so."""
+    unfinished = list(
+        Analysis.objects.filter(pk__in=claimed, status=Analysis.Status.RUNNING, claimed_by_task=task_id)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    logger.warning("event=time_limit task_id=%s unfinished=%s", task_id, unfinished)
+    if len(claimed) > 1:
+        services.send_separately(analysis_ids=unfinished, task_id=task_id)
+        return
+    limit = settings.CELERY_TASK_SOFT_TIME_LIMIT
+    for pk in unfinished:
+        services.fail_analysis(analysis_id=pk, task_id=task_id, error=f"The analysis took longer than {limit} s.")
+
+
+def _classify(*, claimed: list[int], task_id: str) -> None:
+    try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:
         for pk in claimed:
@@ -66,6 +91,8 @@ def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> 
             model_sized.append(Image.fromarray(square_resize(open_rgb(analysis.image.path), size)))
             analyses.append(analysis)
         except (ImageDecodeError, FileNotFoundError) as error:
+            if isinstance(error.__cause__, SoftTimeLimitExceeded):  # open_rgb wraps whatever decoding raised
+                raise error.__cause__ from None
             services.fail_analysis(
                 analysis_id=analysis.pk,
                 task_id=task_id,
@@ -81,6 +108,8 @@ def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> 
     for analysis, prediction in zip(analyses, predictions, strict=True):
         try:
             overlay_png = _png_bytes(prediction.overlay(open_rgb(analysis.image.path)))
+        except SoftTimeLimitExceeded:
+            raise
         except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
             logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
             services.fail_analysis(

@@ -151,6 +151,45 @@ def test_a_cell_whose_overlay_cannot_be_drawn_fails_alone(user, monkeypatch):
     assert second.status == "done" and second.overlay
 
 
+def test_a_chunk_out_of_time_sends_its_unfinished_cells_back_one_by_one(user, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    sent: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(
+        services, "enqueue_analyses", lambda *, analysis_ids, per_task: sent.append((list(analysis_ids), per_task))
+    )
+    ids = [services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk for n in range(3)]
+    draw, calls = inference._png_bytes, []
+
+    def time_runs_out_on_the_second(rgb):  # Celery raises the soft limit wherever the task is
+        calls.append(1)
+        if len(calls) == 2:
+            raise SoftTimeLimitExceeded()
+        return draw(rgb)
+
+    monkeypatch.setattr(inference, "_png_bytes", time_runs_out_on_the_second)
+    inference.run_analyses(analysis_ids=ids, task_id="chunk")
+    states = dict(Analysis.objects.filter(pk__in=ids).values_list("pk", "status"))
+    assert states == {ids[0]: "done", ids[1]: "queued", ids[2]: "queued"}, "no cell is failed as unreadable"
+    assert sent == [(ids[1:], 1)]
+    assert set(Analysis.objects.filter(pk__in=ids[1:]).values_list("attempts", "error")) == {(0, "")}
+
+
+def test_a_cell_out_of_time_on_its_own_fails_saying_so(queued, monkeypatch, settings):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from ml import preprocessing
+
+    def time_runs_out_while_decoding(stream):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(preprocessing, "_decode", time_runs_out_while_decoding)
+    inference.run_analyses(analysis_ids=[queued.pk], task_id="alone")
+    queued.refresh_from_db()
+    limit = settings.CELERY_TASK_SOFT_TIME_LIMIT
+    assert (queued.status, queued.error) == ("failed", f"The analysis took longer than {limit} s.")
+
+
 def test_an_overlay_recorded_after_the_page_loaded_the_cell_goes_with_it(queued, django_capture_on_commit_callbacks):
     seen_by_the_page = Analysis.objects.get(pk=queued.pk)
     services.claim_analysis(analysis_id=queued.pk, task_id="t")
