@@ -1,6 +1,7 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
 removal; a user's API key goes with their password; and a sign-in's clock starts at sign-in."""
 
+import logging
 import time
 
 from django.conf import settings
@@ -13,6 +14,8 @@ from django.dispatch import receiver
 from diagnosis.middleware import SignOutMiddleware
 from diagnosis.models import Analysis, ApiToken, overlay_path, private_storage
 
+logger = logging.getLogger("diagnosis.deletion")
+
 
 @receiver(post_delete, sender=Analysis, dispatch_uid="diagnosis.remove_analysis_files")
 def remove_analysis_files(sender, instance: Analysis, **kwargs) -> None:
@@ -20,12 +23,16 @@ def remove_analysis_files(sender, instance: Analysis, **kwargs) -> None:
     # Also by its id: an overlay recorded after this instance was loaded is not in instance.overlay.
     names.append(overlay_path(instance.pk))
     # Only once the deletion commits: a rolled-back delete keeps its row, so it must keep its files.
-    transaction.on_commit(lambda: _delete_files(names))
+    # Robust: a failure here must not drop the hooks of the other cells deleted in the same commit.
+    transaction.on_commit(lambda: _delete_files(names), robust=True)
 
 
 def _delete_files(names: list[str]) -> None:
     for name in names:
-        private_storage.delete(name)
+        try:
+            private_storage.delete(name)
+        except OSError:  # the row is gone already: log the file left behind, and remove the others
+            logger.exception("event=file_not_deleted name=%s", name)
 
 
 @receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.revoke_token_on_new_password")

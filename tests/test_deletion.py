@@ -134,6 +134,28 @@ def record_uninfected(analysis: Analysis, *, task_id: str) -> bool:
     )
 
 
+def test_a_file_that_cannot_be_removed_leaves_the_other_files_to_go(transactional_db, user, monkeypatch, caplog):
+    """Once the rows are gone nothing else would remove the files: one refusal (a read-only or
+    failing volume) must not keep the rest of a batch's images on disk."""
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="W-4")
+    for analysis in batch.analyses.all():
+        with_overlay(analysis)
+    names = all_files(batch)
+    stuck = names[0]
+    delete = private_storage.delete
+
+    def refuse_one(name):
+        if name == stuck:
+            raise PermissionError(13, "Permission denied", name)
+        delete(name)
+
+    monkeypatch.setattr(private_storage, "delete", refuse_one)
+    services.delete_batch(batch=batch)  # commits at once: no test transaction around it
+    assert [name for name in names if private_storage.exists(name)] == [stuck]
+    assert f"event=file_not_deleted name={stuck}" in caplog.text
+    delete(stuck)
+
+
 def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user):
     analysis = services.create_analysis(owner=user, upload=upload())
     assert services.claim_analysis(analysis_id=analysis.pk, task_id="t")
