@@ -3,6 +3,7 @@ a real Celery worker: sign-in, drag-and-drop upload, live batch progress, the he
 export, the reviewer's keyboard shortcuts and the dashboard filters. Screenshots of the main pages
 go to test-output/screenshots/."""
 
+import base64
 import csv
 import importlib
 import os
@@ -336,6 +337,12 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     expect(row.locator("[data-parasitemia]")).to_contain_text(f"{round(100 * parasitized / len(cells))}%")
     assert not overflows_horizontally(page)
     screenshot(page, "samples", docs=True)
+    # On a phone the table scrolls inside itself and keeps every count, failures included.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for count in ("total", "failed"):
+        expect(row.locator(f'[data-count="{count}"]')).to_be_visible()
+    assert not overflows_horizontally(page)
+    page.set_viewport_size(VIEWPORT)
 
     # 6. The owner deletes one cell, then the rest of the batch, files included.
     page.goto(f"/analyses/{agreed.pk}/")
@@ -520,6 +527,47 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     page.locator("#upload-button").click()
     expect(page.locator("#client-errors")).to_contain_text("Your session has ended, so nothing was stored.")
     assert page.url.endswith("/upload/") and not Batch.objects.exists()
+
+
+def test_a_dropped_folder_uploads_the_images_inside_it(open_page, user, monkeypatch):
+    """Browsers hand a dropped folder over as one entry, its files only through the directory API.
+    Playwright cannot drag a folder from the desktop, so the drop carries entries shaped like
+    Chromium's: a folder whose reader returns its entries in two batches, then none."""
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+    cell = base64.b64encode(fixture_cells()[0].read_bytes()).decode()
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.evaluate(
+        """(cell) => {
+            const bytes = Uint8Array.from(atob(cell), (c) => c.charCodeAt(0));
+            const file = (path) => ({ isFile: true, isDirectory: false, fullPath: path,
+                file: (done) => done(new File([bytes], path.split("/").pop(), { type: "image/png" })) });
+            const folder = (path, children) => ({ isFile: false, isDirectory: true, fullPath: path,
+                createReader: () => { const batches = [children.slice(0, 2), children.slice(2)];
+                    return { readEntries: (done) => done(batches.shift() || []) }; } });
+            const root = folder("/slide-3", [file("/slide-3/b.png"), file("/slide-3/._b.png"),
+                folder("/slide-3/more", [file("/slide-3/more/c.png")]), file("/slide-3/a.png"),
+                file("/slide-3/notes.txt")]);
+            const drop = new Event("drop", { bubbles: true, cancelable: true });
+            const dropped = new File([], "slide-3");  // what a folder looks like in dataTransfer.files
+            Object.defineProperty(drop, "dataTransfer",
+                { value: { files: [dropped], items: [{ webkitGetAsEntry: () => root }] } });
+            document.getElementById("dropzone").dispatchEvent(drop);
+        }""",
+        cell,
+    )
+    listed = page.locator("#file-list li")
+    expect(listed).to_have_count(5)
+    expect(page.locator("#file-list li.rejected")).to_have_count(2)
+    expect(listed.filter(has_text="slide-3/._b.png")).to_contain_text("skipped: hidden file")
+    expect(listed.filter(has_text="slide-3/notes.txt")).to_contain_text("skipped: not a PNG")
+    expect(listed.filter(has_text="slide-3/more/c.png")).not_to_have_class("rejected")
+    expect(page.locator("#upload-button")).to_have_text("Upload and analyse 3 images")
+    page.locator("#upload-button").click()
+    page.wait_for_url(re.compile(r"/batches/\d+/"))
+    (batch,) = Batch.objects.filter(owner=user)
+    assert sorted(batch.analyses.values_list("original_filename", flat=True)) == ["a.png", "b.png", "c.png"]
 
 
 def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, monkeypatch):

@@ -31,21 +31,25 @@
   }
 
   function reason(file) {
+    // macOS leaves "._cell.png" twins on USB sticks: they look like images, and the server would
+    // refuse the whole batch for them.
+    if (file.name.startsWith(".")) return "hidden file";
     if (!accepted.test(file.name)) return "not a PNG, JPEG, TIFF or BMP file";
     if (file.size === 0) return "empty file";
     if (file.size > maxBytes) return "larger than " + form.dataset.maxSize;
     return "";
   }
 
-  function choose(files) {
+  // `paths` names dropped folders' files, whose webkitRelativePath the browser leaves empty.
+  function choose(files, paths) {
     chosen = [];
     notes = [];
     list.textContent = "";
     let total = 0;
-    Array.from(files).forEach((file) => {
+    Array.from(files).forEach((file, i) => {
       const why = reason(file);
       const li = document.createElement("li");
-      li.textContent = file.webkitRelativePath || file.name;
+      li.textContent = (paths && paths[i]) || file.webkitRelativePath || file.name;
       const note = document.createElement("span");
       if (why) { li.className = "rejected"; note.textContent = "skipped: " + why; }
       else if (chosen.length >= maxFiles) { li.className = "rejected"; note.textContent = "skipped: over " + maxFiles + " files"; }
@@ -69,7 +73,36 @@
     event.preventDefault(); zone.classList.add("over");
   }));
   ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
-  zone.addEventListener("drop", (event) => { event.preventDefault(); choose(event.dataTransfer.files); });
+  // A dropped folder arrives as one entry without its files: read them through its directory entry.
+  function entryFile(entry) {
+    return new Promise((resolve, reject) => entry.file(resolve, reject));
+  }
+  async function entryChildren(directory) {
+    const reader = directory.createReader();
+    const children = [];
+    for (;;) { // readEntries hands over a directory's entries a batch at a time, then an empty one
+      const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+      if (!batch.length) return children;
+      children.push(...batch);
+    }
+  }
+  async function filesIn(entry) {
+    if (entry.isFile) return [{ file: await entryFile(entry), path: entry.fullPath.replace(/^\//, "") }];
+    const nested = await Promise.all((await entryChildren(entry)).map(filesIn));
+    return nested.flat();
+  }
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    // The entries must be taken now: the drop's data is gone once this handler returns.
+    const entries = Array.from(event.dataTransfer.items || [], (item) => item.webkitGetAsEntry && item.webkitGetAsEntry());
+    if (!entries.some((entry) => entry && entry.isDirectory)) { choose(event.dataTransfer.files); return; }
+    Promise.all(entries.filter(Boolean).map(filesIn))
+      .then((found) => {
+        const files = found.flat().sort((a, b) => a.path.localeCompare(b.path));
+        choose(files.map((f) => f.file), files.map((f) => f.path));
+      })
+      .catch(() => fail("The dropped folder could not be read. Choose its files with the button instead."));
+  });
   // A file dropped just outside the zone would make the browser open it in place of this page,
   // losing what was typed in the form.
   ["dragover", "drop"].forEach((type) => document.addEventListener(type, (event) => {
