@@ -20,9 +20,17 @@ admin.site.login_form = LockoutAdminAuthenticationForm
 
 
 class ReviewAdminForm(forms.ModelForm):
+    # The case's review time as the form was opened: a review saved elsewhere meanwhile is not
+    # replaced unseen.
+    replacing = forms.DateTimeField(required=False, widget=forms.HiddenInput)
+
     class Meta:
         model = Analysis
         fields = ["review_verdict", "corrected_label", "review_note"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial["replacing"] = self.instance.reviewed_at
 
     def clean(self):
         data = super().clean()
@@ -34,10 +42,19 @@ class ReviewAdminForm(forms.ModelForm):
                 verdict=data["review_verdict"],
                 corrected_label=data.get("corrected_label") or "",
             )
+            if "replacing" in data and data["replacing"] != self.instance.reviewed_at:
+                # Shown again with the review that got there first: saving again replaces that one.
+                self.data = self.data.copy()
+                self.data[self.add_prefix("replacing")] = _iso(self.instance.reviewed_at)
+                services.check_not_reviewed_since(analysis_id=self.instance.pk, replacing=data["replacing"])
         elif data.get("corrected_label") or data.get("review_note") or self.instance.review_verdict:
             # Without a verdict nothing would record who changed the final label, or when.
             raise forms.ValidationError("A review needs a verdict: agree or disagree. Reviews are not cleared here.")
         return data
+
+
+def _iso(moment) -> str:
+    return moment.isoformat() if moment else ""
 
 
 def _image_tag(analysis: Analysis, kind: str, size: int) -> str:
@@ -153,10 +170,15 @@ class AnalysisAdmin(PatientRecordAdmin):
                 ]
             },
         ),
-        ("Review", {"fields": ["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at"]}),
+        (
+            "Review",
+            {"fields": ["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at", "replacing"]},
+        ),
     ]
     # Everything but the reviewer's own fields is the model's record and stays as the worker wrote it.
-    readonly_fields = [name for name in flatten_fieldsets(fieldsets) if name not in ReviewAdminForm.Meta.fields]
+    readonly_fields = [
+        name for name in flatten_fieldsets(fieldsets) if name not in [*ReviewAdminForm.Meta.fields, "replacing"]
+    ]
 
     @admin.display(description="Image")
     def thumb(self, obj):
@@ -181,7 +203,8 @@ class AnalysisAdmin(PatientRecordAdmin):
     def get_readonly_fields(self, request, obj=None):
         if selectors.can_review(request.user):
             return self.readonly_fields
-        return flatten_fieldsets(self.fieldsets)  # only the `reviewers` group records verdicts
+        # Only the `reviewers` group records verdicts ("replacing" is the form's, and hidden).
+        return [name for name in flatten_fieldsets(self.fieldsets) if name != "replacing"]
 
     @admin.action(description="Analyse the selected failed analyses again", permissions=["change"])
     def retry_failed(self, request, queryset):
@@ -199,7 +222,7 @@ class AnalysisAdmin(PatientRecordAdmin):
             verdict=data["review_verdict"],
             corrected_label=data.get("corrected_label") or "",
             note=data.get("review_note") or "",
-            replacing=saved.reviewed_at,  # the admin form is the last word: it replaces whatever is there
+            replacing=data["replacing"],
         )
         record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=obj, detail=data["review_verdict"])
 

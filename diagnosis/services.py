@@ -347,14 +347,8 @@ def review_analysis(
         "reviewed_at": timezone.now(),
     }
     if not Analysis.objects.filter(pk=analysis.pk, reviewed_at=replacing).update(**changes):
-        current = Analysis.objects.select_related("reviewed_by").get(pk=analysis.pk)
-        if current.reviewed_at is None:
-            raise ValidationError("The review of this case was withdrawn while you had it open; save again.")
-        who = current.reviewed_by.get_username() if current.reviewed_by else "Someone"
-        raise ValidationError(
-            f"{who} reviewed this case at {timezone.localtime(current.reviewed_at):%Y-%m-%d %H:%M} while you had "
-            f"it open ({current.get_review_verdict_display()}). Read their review; save again to replace it."
-        )
+        check_not_reviewed_since(analysis_id=analysis.pk, replacing=replacing)
+        raise ValidationError("The case changed while you had it open; save again.")  # its review is back as seen
     for name, value in changes.items():
         setattr(analysis, name, value)
     if analysis.batch_id:  # a lab system that was sent the batch's results is sent the reviewed ones
@@ -362,6 +356,21 @@ def review_analysis(
         transaction.on_commit(lambda: notify_finished_batches(analysis_ids=[analysis.pk]), robust=True)
     logger.info("event=reviewed analysis_id=%s verdict=%s reviewer_id=%s", analysis.pk, verdict, reviewer.pk)
     return analysis
+
+
+def check_not_reviewed_since(*, analysis_id: int, replacing: datetime | None) -> None:
+    """Raise, saying who and when, if the case's review is no longer the one the reviewer saw
+    (``replacing``: its review time then, None for no review)."""
+    current = Analysis.objects.select_related("reviewed_by").get(pk=analysis_id)
+    if current.reviewed_at == replacing:
+        return
+    if current.reviewed_at is None:
+        raise ValidationError("The review of this case was withdrawn while you had it open; save again.")
+    who = current.reviewed_by.get_username() if current.reviewed_by else "Someone"
+    raise ValidationError(
+        f"{who} reviewed this case at {timezone.localtime(current.reviewed_at):%Y-%m-%d %H:%M} while you had "
+        f"it open ({current.get_review_verdict_display()}). Read their review; save again to replace it."
+    )
 
 
 def log_transition(analysis: Analysis, event: str) -> None:

@@ -202,11 +202,45 @@ def test_saving_a_reviewed_case_unchanged_keeps_its_reviewer(admin_client, finis
     finished.refresh_from_db()
     response = admin_client.post(
         f"/admin/diagnosis/analysis/{finished.pk}/change/",
-        {"review_verdict": "agree", "corrected_label": "", "review_note": "ring forms"},
+        {
+            "review_verdict": "agree",
+            "corrected_label": "",
+            "review_note": "ring forms",
+            "replacing": finished.reviewed_at.isoformat(),
+        },
     )
     assert response.status_code == 302
     unchanged = Analysis.objects.get(pk=finished.pk)
     assert (unchanged.reviewed_by, unchanged.reviewed_at) == (user, finished.reviewed_at)
+
+
+def test_a_review_saved_elsewhere_while_the_admin_form_was_open_is_not_replaced_unseen(admin_client, finished):
+    import re
+
+    from diagnosis.services import review_analysis
+    from tests.factories import UserFactory
+
+    url = f"/admin/diagnosis/analysis/{finished.pk}/change/"
+
+    def replacing_on(page) -> str:
+        return re.search(r'name="replacing"(?: value="([^"]*)")?', page.content.decode())[1] or ""
+
+    opened = replacing_on(admin_client.get(url))
+    assert opened == ""  # not reviewed yet
+    colleague = UserFactory(username="colleague")
+    review_analysis(
+        analysis=finished, reviewer=colleague, verdict="disagree", corrected_label="Uninfected", replacing=None
+    )
+    agree = {"review_verdict": "agree", "corrected_label": "", "review_note": ""}
+    refused = admin_client.post(url, {**agree, "replacing": opened})
+    assert refused.status_code == 200 and "colleague reviewed this case at" in refused.content.decode()
+    kept = Analysis.objects.get(pk=finished.pk)
+    assert (kept.reviewed_by, kept.review_verdict, kept.final_label) == (colleague, "disagree", "Uninfected")
+    # Having read it, the admin saves again from the page as shown: now it replaces the colleague's.
+    replaced = admin_client.post(url, {**agree, "replacing": replacing_on(refused)})
+    assert replaced.status_code == 302
+    final = Analysis.objects.get(pk=finished.pk)
+    assert (final.reviewed_by, final.review_verdict, final.final_label) == (admin_client.admin, "agree", "Parasitized")
 
 
 def test_a_clinician_opening_the_admin_by_mistake_is_not_locked_out(client, user, settings):
