@@ -55,7 +55,7 @@ def review(request, pk: int):
             record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
             messages.success(request, f"Review of {analysis.original_filename} saved.")
             following, _ = selectors.review_queue(user=request.user)
-            next_case = following.first()
+            next_case = selectors.next_case(user=request.user, pending=following)
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
     status = 400 if request.method == "POST" else 200
     context = {"analysis": analysis, "form": form, "replacing": replacing}

@@ -93,6 +93,21 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
     return pending, disagreements
 
 
+# How long a case opened for review (diagnosis.review records each opening in the trail) is left
+# to the reviewer who opened it when the next case is picked for someone else.
+REVIEW_HOLD = timedelta(minutes=10)
+
+
+def next_case(*, user: AbstractBaseUser, pending: QuerySet[Analysis]) -> Analysis | None:
+    """The first of ``pending`` that no other reviewer has opened for review lately, so that two
+    reviewers saving in turn are not both sent to the same case; if all are open elsewhere, the first."""
+    lately = timezone.now() - REVIEW_HOLD
+    opened_elsewhere = AccessEvent.objects.filter(
+        action=AccessEvent.Action.VIEWED, detail="review", at__gte=lately
+    ).exclude(user=user)
+    return pending.exclude(pk__in=opened_elsewhere.values("analysis_id")).first() or pending.first()
+
+
 def reviewed_analyses() -> QuerySet[Analysis]:
     """Every user's finished analyses that a reviewer has confirmed or corrected (for operators only)."""
     done = Analysis.objects.filter(status=Analysis.Status.DONE).exclude(review_verdict="")

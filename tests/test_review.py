@@ -116,6 +116,24 @@ def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
     assert waiting.review_verdict == ""
 
 
+def test_reviewers_saving_in_turn_are_sent_to_cases_nobody_else_has_open(user):
+    cases = []
+    for confidence in (0.01, 0.02, 0.03):  # the queue's order: least confident first
+        analysis = create_analysis(owner=user, upload=upload(f"{confidence}.png"))
+        Analysis.objects.filter(pk=analysis.pk).update(
+            status="done", label="Parasitized", probability_parasitized=0.5 + confidence, decision_threshold=0.5
+        )
+        cases.append(analysis.pk)
+    (first, _), (second, _) = reviewer_client(), reviewer_client()
+    first.get(f"/review/{cases[0]}/")
+    second.get(f"/review/{cases[1]}/")
+    saved = first.post(f"/review/{cases[0]}/", {"verdict": "agree", "replacing": ""})
+    assert saved.url == f"/review/{cases[2]}/", "the second case is open on the other reviewer's screen"
+    first.get(saved.url)
+    saved = second.post(f"/review/{cases[1]}/", {"verdict": "agree", "replacing": ""})
+    assert saved.url == f"/review/{cases[2]}/", "when every case left is open elsewhere, the queue's first"
+
+
 def test_the_api_filters_and_reports_the_reviewers_label(case):
     from rest_framework.test import APIClient
 
