@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.data import Sample, list_samples
+from ml.data import Sample, list_samples, open_sample
 from ml.evaluate import CHUNK
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
@@ -29,7 +29,7 @@ def scores_for(weights: str, samples: list[Sample]) -> np.ndarray:
     predictor = Predictor(weights)
     scores: list[float] = []
     for start in range(0, len(samples), CHUNK):
-        images = [open_rgb(s.path) for s in samples[start : start + CHUNK]]
+        images = [open_sample(s.path) for s in samples[start : start + CHUNK]]
         scores.extend(p.probability_parasitized for p in predictor.predict(images))
     return np.array(scores)
 

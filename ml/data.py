@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ml.model import CLASS_NAMES
-from ml.preprocessing import open_rgb, square_resize
+from ml.preprocessing import ImageDecodeError, open_rgb, square_resize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -49,7 +50,8 @@ def list_samples(data_dir: str | Path) -> list[Sample]:
         Sample(path, label)
         for label, name in enumerate(CLASS_NAMES)
         for path in sorted((root / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
+        # Hidden names are not cells: macOS writes "._<name>.png" twins onto exFAT and network drives.
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
     ]
 
 
@@ -88,4 +90,13 @@ def load_arrays(samples: list[Sample], size: int, *, workers: int = 2) -> tuple[
 
 def load_resized(path: str, size: int) -> np.ndarray:
     """One image as the network sees it before normalisation: padded square, ``size`` pixels, uint8."""
-    return square_resize(open_rgb(path), size)
+    return square_resize(open_sample(path), size)
+
+
+def open_sample(path: str | Path) -> Image.Image:
+    """A data set's image as RGB; one that cannot be decoded stops the run naming its file, which
+    a run over thousands of files must say."""
+    try:
+        return open_rgb(path)
+    except ImageDecodeError as error:
+        raise ImageDecodeError(f"{path}: {error}") from error

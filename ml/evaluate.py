@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.data import list_samples, patient, patient_groups
+from ml.data import list_samples, open_sample, patient, patient_groups
 from ml.metrics import paired_patient_bootstrap, patient_bootstrap, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
-from ml.preprocessing import open_rgb
+from ml.preprocessing import ImageDecodeError
 from ml.weights import DEFAULT_WEIGHTS
 
 CHUNK = 256  # images decoded at a time, to bound memory on large folders
@@ -84,7 +84,7 @@ def score_samples(predictor: Predictor, samples, *, overlays_dir: str | None = N
     saved_per_class: dict[int, int] = {}
     for start in range(0, len(samples), CHUNK):
         chunk = samples[start : start + CHUNK]
-        images = [open_rgb(s.path) for s in chunk]
+        images = [open_sample(s.path) for s in chunk]
         predictions = predictor.predict(images)
         scores.extend(p.probability_parasitized for p in predictions)
         if overlays_dir:
@@ -161,14 +161,17 @@ def main(argv=None) -> None:
         "--bootstrap", type=int, default=1000, metavar="N", help="patient-group resamples for the intervals; 0: none"
     )
     args = parser.parse_args(argv)
-    metrics = evaluate_folder(
-        args.data,
-        args.weights,
-        overlays_dir=args.save_overlays,
-        overlays=args.overlays_per_class,
-        bootstrap=args.bootstrap,
-        against=args.against,
-    )
+    try:
+        metrics = evaluate_folder(
+            args.data,
+            args.weights,
+            overlays_dir=args.save_overlays,
+            overlays=args.overlays_per_class,
+            bootstrap=args.bootstrap,
+            against=args.against,
+        )
+    except ImageDecodeError as error:  # figures without that cell would not be the folder's
+        parser.exit(1, f"ml.evaluate: {error}\n")
     report = json.dumps(without_nan(metrics), allow_nan=False) if args.json else describe(metrics)
     sys.stdout.write(report + "\n")
 

@@ -1,5 +1,7 @@
 """Binary screening metrics, Parasitized being the positive class."""
 
+import math
+
 import numpy as np
 
 
@@ -33,6 +35,11 @@ def expected_calibration_error(scores: np.ndarray, positives: np.ndarray, bins: 
     return float(total)
 
 
+def ratio(part: int, whole: int) -> float:
+    """NaN where a figure is undefined (the sensitivity of a folder without parasitized cells), not 0.0."""
+    return part / whole if whole else math.nan
+
+
 def screening_metrics(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict:
     scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
@@ -41,16 +48,16 @@ def screening_metrics(scores: np.ndarray, positives: np.ndarray, threshold: floa
     tn = int((~predicted & ~positives).sum())
     fp = int((predicted & ~positives).sum())
     fn = int((~predicted & positives).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    sensitivity = tp / (tp + fn) if tp + fn else 0.0
+    precision = ratio(tp, tp + fp)
+    sensitivity = ratio(tp, tp + fn)
     return {
         "n": len(scores),
         "threshold": threshold,
-        "accuracy": (tp + tn) / len(scores) if len(scores) else 0.0,
+        "accuracy": ratio(tp + tn, len(scores)),
         "sensitivity": sensitivity,
-        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "specificity": ratio(tn, tn + fp),
         "precision": precision,
-        "f1": 2 * precision * sensitivity / (precision + sensitivity) if precision + sensitivity else 0.0,
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
         "auc": roc_auc(scores, positives),
         "ece": expected_calibration_error(scores, positives),
         "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn},

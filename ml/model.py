@@ -40,6 +40,8 @@ class ModelConfig:
             raise ValueError("trunk_stride must be 8, 16 or 32")
         if self.input_size % self.trunk_stride:
             raise ValueError("input_size must be a multiple of trunk_stride")
+        if self.class_names != CLASS_NAMES:  # the probability and heatmap are read at index PARASITIZED
+            raise ValueError(f"class_names must be {CLASS_NAMES}, not {self.class_names}")
 
     @property
     def heatmap_size(self) -> int:

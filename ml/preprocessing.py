@@ -39,12 +39,15 @@ def _decode(stream) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Flatten any mode (palette, 16-bit, alpha, grayscale) to 8-bit RGB on black."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
+    """Flatten any mode (palette, 16-bit, 32-bit float, alpha, grayscale) to 8-bit RGB on black."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, None)
         peak = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+        # Float images (ImageJ's TIFFs) mostly hold 0..1: Pillow's own conversion would clip them to black.
+        scale = 255.0 if image.mode == "F" and peak <= 1.0 else 255.0 / peak
+        image = Image.fromarray((array * scale).astype(np.uint8), mode="L")
+    # A PNG's tRNS colour key marks the background as transparent without an alpha channel.
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)

@@ -37,7 +37,19 @@ IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 
 
 # A refit repeats the run it refits: the same options, so the same schedule (see check_same_recipe).
-REFIT_MUST_MATCH = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "mixup", "ema", "seed")
+REFIT_MUST_MATCH = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "label_smoothing",
+    "mixup",
+    "ema",
+    "seed",
+    "init_from",
+    "exclude",
+    "limit",
+)
 # A run resumed with any of these changed would continue another schedule, data set or recipe.
 RESUME_MUST_MATCH = (
     "data",
@@ -285,6 +297,10 @@ def main(argv=None) -> None:
         f"validation: {len(val_samples)} images / {len(patient_groups(val_samples))} groups",
         flush=True,
     )
+    if len(train_samples) < args.batch_size:  # not one step: the file would hold untrained weights
+        raise SystemExit(f"{len(train_samples)} training images, fewer than --batch-size {args.batch_size}")
+    if not val_samples and not validation_run:
+        raise SystemExit("no patient group is left for validation, where the epoch and threshold are chosen")
 
     model = build_model(args).to(device, memory_format=torch.channels_last)
     last_epoch = check_same_recipe(model.config, validation_run, args=args) if validation_run else args.epochs

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from ml.evaluate import without_nan
-from ml.metrics import choose_threshold, paired_patient_bootstrap, patient_bootstrap, roc_auc
+from ml.metrics import choose_threshold, paired_patient_bootstrap, patient_bootstrap, roc_auc, screening_metrics
 
 
 def pairwise_auc(scores, positives):
@@ -37,6 +37,16 @@ def test_when_no_threshold_keeps_the_sensitivity_the_most_sensitive_one_is_chose
     scores = np.array([0.001] + [0.3] * 2 + [0.9] * 7 + [0.4] * 10)  # one positive below every candidate
     # 9 of 10 found at 0.30 or lower; the most accurate threshold (0.41, accuracy 0.85) would miss 3.
     assert choose_threshold(scores, positives, min_sensitivity=0.97) <= 0.30
+
+
+def test_figures_a_folder_of_one_class_cannot_have_are_undefined_not_zero():
+    """All uninfected, all called so: no sensitivity, precision or F1 to speak of, and no AUC."""
+    metrics = screening_metrics(np.array([0.1, 0.2, 0.05]), np.zeros(3, dtype=bool), 0.5)
+    assert (metrics["accuracy"], metrics["specificity"]) == (1.0, 1.0)
+    assert all(np.isnan(metrics[name]) for name in ("sensitivity", "precision", "f1", "auc"))
+    one_missed = screening_metrics(np.array([0.1, 0.9]), np.array([True, True]), 0.5)
+    assert (one_missed["sensitivity"], one_missed["precision"], one_missed["f1"]) == (0.5, 1.0, 2 / 3)
+    assert np.isnan(one_missed["specificity"])
 
 
 def test_json_reports_write_an_undefined_figure_as_null():

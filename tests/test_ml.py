@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ml.audit import shared_mistakes
 from ml.augment import augment_batch
@@ -128,6 +130,20 @@ def test_any_mode_decodes_to_rgb(tmp_path, mode):
     assert open_rgb(path).mode == "RGB"
 
 
+def test_a_float_tiff_keeps_its_picture_and_a_colour_keyed_background_turns_black(tmp_path):
+    """ImageJ saves 32-bit float TIFFs in 0..1, which a plain conversion clips to black; a PNG may
+    mark its background transparent with a colour key (tRNS) instead of an alpha channel."""
+    gradient = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))
+    Image.fromarray(gradient, mode="F").save(tmp_path / "float.tif")
+    decoded = np.asarray(open_rgb(tmp_path / "float.tif"))
+    assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[0, -1].tolist() == [255, 255, 255]
+    keyed = np.full((30, 40, 3), 255, np.uint8)
+    keyed[10:20, 10:30] = (180, 90, 120)  # the cell on a white background declared transparent
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=(255, 255, 255))
+    decoded = np.asarray(open_rgb(tmp_path / "keyed.png"))
+    assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[15, 15].tolist() == [180, 90, 120]
+
+
 def test_grad_cam_equals_closed_form_cam_up_to_scale():
     torch.manual_seed(0)
     model = MalariaVGG(ModelConfig(input_size=64, trunk_stride=8)).eval()
@@ -138,6 +154,19 @@ def test_grad_cam_equals_closed_form_cam_up_to_scale():
     assert gradient_maps.shape == closed_form.shape == (3, 8, 8)
     assert gradient_maps.max() > 0
     torch.testing.assert_close(gradient_maps, closed_form, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_file_with_its_classes_the_other_way_round_is_refused(tmp_path):
+    """Its P(Uninfected) would be read as P(Parasitized), and its heatmap drawn for the wrong class."""
+    path = tiny_weights(tmp_path / "model.safetensors")
+    with safe_open(path, "pt") as stored:
+        metadata, tensors = stored.metadata(), {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 - not a dict
+    config = json.loads(metadata["config"])
+    config["class_names"] = ["Uninfected", "Parasitized"]
+    swapped = {**metadata, "config": json.dumps(config)}
+    save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata=swapped)
+    with pytest.raises(ValueError, match="class_names must be"):
+        Predictor(tmp_path / "swapped.safetensors")
 
 
 def test_heatmap_grid_is_at_least_8x8_for_the_shipped_config():
@@ -191,6 +220,21 @@ def train_on_fixture_cells(out: Path, *options: str, env: dict | None = None) ->
     """One quick epoch of ``ml.train`` at 32 px on the fixture cells, half of the groups for validation."""
     common = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--val-fraction", "0.5"]
     return run_module("ml.train", "--data", str(FIXTURE_CELLS), "--out", str(out), *common, *options, env=env)
+
+
+def test_evaluate_passes_over_hidden_files_and_stops_at_an_unreadable_cell_naming_it(tmp_path):
+    data = tmp_path / "cells"
+    shutil.copytree(FIXTURE_CELLS, data)
+    (data / "Parasitized" / "._C137P98ThinF_IMG_20151005_160256_cell_67.png").write_bytes(b"\0\5\26\7AppleDouble")
+    assert len(list_samples(data)) == 4, "a macOS twin is no cell, nor its own patient group"
+    evaluated = run_module("ml.evaluate", "--data", str(data), "--json", "--bootstrap", "0")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["n"] == 4
+    broken = data / "Uninfected" / "C1P1_IMG_20150101_000000_cell_1.png"
+    broken.write_bytes(b"\x89PNG truncated in the copy")
+    refused = run_module("ml.evaluate", "--data", str(data), "--json", "--bootstrap", "0")
+    assert refused.returncode == 1 and refused.stdout == "", "no figures that leave a cell out"
+    assert f"ml.evaluate: {broken}: cannot decode image" in refused.stderr
 
 
 @pytest.mark.slow
@@ -450,6 +494,34 @@ def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_t
         tmp_path / "y.safetensors", "--refit", str(validation_run), "--epochs", "2", "--input-size", "48"
     )
     assert other_size.returncode != 0 and "input_size=32" in other_size.stderr
+    other_cells = train_on_fixture_cells(
+        tmp_path / "w.safetensors", "--refit", str(validation_run), "--epochs", "2", "--limit", "3"
+    )
+    assert other_cells.returncode != 0 and "without --limit" in other_cells.stderr
+
+
+def test_training_refuses_a_split_it_could_not_learn_or_choose_from(tmp_path):
+    too_few = train_on_fixture_cells(tmp_path / "a.safetensors", "--batch-size", "4")
+    assert too_few.returncode != 0 and "2 training images, fewer than --batch-size 4" in too_few.stderr
+
+    def one_patient(folder: Path, *prefixes: str) -> Path:
+        for name in ("Parasitized", "Uninfected"):
+            (folder / name).mkdir(parents=True)
+            for n, prefix in enumerate(prefixes * 2):
+                cell = Image.fromarray(synthetic_cell((180, 120, 140)))
+                cell.save(folder / name / f"{prefix}_IMG_20150101_000000_cell_{n}.png")
+        return folder
+
+    def train(data: Path) -> subprocess.CompletedProcess:
+        options = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--val-fraction", "0.5"]
+        return run_module("ml.train", "--data", str(data), "--out", str(tmp_path / "b.safetensors"), *options)
+
+    alone = train(one_patient(tmp_path / "one-group", "C1P1thin"))  # its only group is drawn for validation
+    assert alone.returncode != 0 and "0 training images, fewer than --batch-size 2" in alone.stderr
+    # One patient under two prefixes: the half drawn for validation stays with the other half.
+    kept_together = train(one_patient(tmp_path / "two-prefixes", "C1P1thinOlympus", "C1P1thinMotic"))
+    assert kept_together.returncode != 0 and "no patient group is left for validation" in kept_together.stderr
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
 
 
 def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
