@@ -15,6 +15,7 @@ from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_safe
 from diagnosis.login_throttle import LockoutAdminAuthenticationForm
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
+from diagnosis.templatetags.scores import score
 
 admin.site.login_form = LockoutAdminAuthenticationForm
 
@@ -194,7 +195,7 @@ class AnalysisAdmin(PatientRecordAdmin):
 
     @admin.display(description="P(parasitized)", ordering="probability_parasitized")
     def probability(self, obj):
-        return "—" if obj.probability_parasitized is None else f"{obj.probability_parasitized:.3f}"
+        return score(obj.probability_parasitized)
 
     @admin.display(description="Reviewed", boolean=True, ordering="reviewed_at")
     def reviewed(self, obj):

@@ -64,9 +64,7 @@ def check_callback_url(url: str) -> str:
     if port == 0:
         raise ValidationError("The callback URL's port is not a port number (1-65535).")
     if parts.hostname.lower() not in allowed:
-        raise ValidationError(
-            f"This server may not call {parts.hostname}; allowed callback hosts: {', '.join(sorted(allowed))}."
-        )
+        raise ValidationError(f"This server may not call {parts.hostname}: it is not in CALLBACK_ALLOWED_HOSTS.")
     return url
 
 
@@ -106,7 +104,8 @@ def deliver(*, batch_id: int) -> bool:
     try:
         check_callback_url(batch.callback_url)
     except ValidationError as refusal:  # the host was removed from the list since the batch came
-        held.update(callback_state=Batch.CallbackState.FAILED, callback_due_at=None, callback_error=refusal.message)
+        error = refusal.message[:300]  # the column's length: PostgreSQL refuses a longer one
+        held.update(callback_state=Batch.CallbackState.FAILED, callback_due_at=None, callback_error=error)
         logger.warning("event=callback_refused batch_id=%s error=%r", batch_id, refusal.message)
         return False
     body = json.dumps(_payload(batch)).encode()

@@ -31,7 +31,8 @@ def patient_group(analysis: Analysis) -> str:
     system, so the group carries a keyed digest of it (the same on every export), not the reference."""
     if not analysis.batch:
         return f"u{analysis.owner_id}-cell{analysis.pk}"
-    reference = slugify(analysis.batch.sample_reference)
+    # Unicode kept: an ASCII slug of a Cyrillic or Arabic reference is empty, and of "患者-123" is "123".
+    reference = slugify(analysis.batch.sample_reference, allow_unicode=True)
     if not reference:
         return f"u{analysis.owner_id}-batch{analysis.batch_id}"
     return f"u{analysis.owner_id}-s{salted_hmac(GROUP_KEY_SALT, reference).hexdigest()[:12]}"

@@ -12,6 +12,7 @@ from diagnosis import selectors
 from diagnosis.audit import record_access
 from diagnosis.forms import FilterForm
 from diagnosis.models import AccessEvent
+from diagnosis.templatetags.scores import score
 
 CSV_COLUMNS = [
     "analysis_id",
@@ -70,7 +71,7 @@ def _csv_row(a) -> list:
         a.status,
         a.final_label,
         a.label,
-        "" if a.probability_parasitized is None else f"{a.probability_parasitized:.4f}",
+        "" if a.probability_parasitized is None else score(a.probability_parasitized),
         "" if a.decision_threshold is None else a.decision_threshold,
         a.model_version,
         a.review_verdict,

@@ -308,6 +308,21 @@ def test_callbacks_stay_off_without_a_signing_key_of_their_own(settings, api_cli
     assert not Batch.objects.exists()
 
 
+def test_a_refusal_of_the_longest_host_name_is_stored_and_ends_the_callback(settings, user):
+    """The refusal names the host; one of 253 characters must still fit the error column (PostgreSQL
+    refuses a longer value, which left the callback pending and retried for ever)."""
+    host = ".".join(["a" * 63] * 3 + ["b" * 61])
+    settings.CALLBACK_ALLOWED_HOSTS = [host]
+    batch = finished_batch(user, f"https://{host}/results")
+    settings.CALLBACK_ALLOWED_HOSTS = ["lis.example-hospital.org"]
+    assert not callbacks.deliver(batch_id=batch.pk)
+    refused = refreshed(batch)
+    assert refused.callback_state == State.FAILED and refused.callback_error.startswith(
+        f"This server may not call {host}"
+    )
+    assert "lis.example-hospital.org" not in refused.callback_error, "the allowed hosts are the server's business"
+
+
 def test_a_host_removed_from_the_allowed_list_is_no_longer_called(settings, user, receiver):
     batch = finished_batch(user, receiver.url)
     settings.CALLBACK_ALLOWED_HOSTS = ["lis.example-hospital.org"]

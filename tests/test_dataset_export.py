@@ -86,3 +86,16 @@ def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tm
 
     report = evaluate_folder(str(out), str(settings.MODEL_WEIGHTS))
     assert report["n"] == 2 and report["patient_groups"] == 1 and report["uninfected"] == 2
+
+
+def test_a_reference_in_any_script_keeps_one_patient_in_one_group_and_two_apart(user):
+    """An ASCII-only slug makes a Cyrillic name empty (each batch its own group, one patient on both
+    sides of a split) and "患者-123" the same as "病人-123"."""
+    from diagnosis.dataset import patient_group
+
+    def group(reference: str) -> str:
+        return patient_group(create_batch(owner=user, uploads=[upload()], sample_reference=reference).analyses.get())
+
+    assert group("Иванов И.") == group("Иванов И.") != group("Петров П.")
+    assert group("患者-123") != group("病人-123")
+    assert group("WARD-7 slide 2") == group("ward 7 slide 2")

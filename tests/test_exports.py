@@ -59,6 +59,25 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
     assert {row["sample_reference"] for row in rows.values()} == {"'@WARD-7"}
 
 
+def test_the_csv_and_the_admin_list_show_a_score_just_under_the_threshold_as_under_it(client, user, batch):
+    """0.10996, labelled Uninfected at 0.11, rounded to nearest would read 0.1100: "Parasitized from 0.11"."""
+    from django.contrib.auth import get_user_model
+
+    Analysis.objects.filter(batch=batch, original_filename="likely.png").update(
+        label="Uninfected", probability_parasitized=0.10996
+    )
+    client.force_login(user)
+    rows = {
+        row["original_filename"]: row
+        for row in csv.DictReader(io.StringIO(client.get("/export.csv").getvalue().decode()))
+    }
+    assert (rows["likely.png"]["probability_parasitized"], rows["likely.png"]["label"]) == ("0.109", "Uninfected")
+    assert rows["pending.png"]["probability_parasitized"] == ""
+    client.force_login(get_user_model().objects.create_superuser("boss", password="pw-for-tests-123"))
+    listing = client.get("/admin/diagnosis/analysis/").content.decode()
+    assert "0.109" in listing and "0.110" not in listing
+
+
 def test_one_bad_filter_value_is_ignored_and_said_so_while_the_others_still_apply(client, user):
     from diagnosis import services
 
