@@ -1,4 +1,5 @@
 import csv
+from datetime import datetime
 
 from django import forms
 from django.contrib import admin
@@ -20,10 +21,20 @@ from diagnosis.templatetags.scores import score
 admin.site.login_form = LockoutAdminAuthenticationForm
 
 
+class ReviewTimeField(forms.DateTimeField):
+    """A review time that round-trips exactly: ISO 8601 keeps the microseconds and the UTC offset
+    (Django's own rendering drops the offset, which makes an hour a year ambiguous)."""
+
+    widget = forms.HiddenInput
+
+    def prepare_value(self, value):
+        return value.isoformat() if isinstance(value, datetime) else value
+
+
 class ReviewAdminForm(forms.ModelForm):
     # The case's review time as the form was opened: a review saved elsewhere meanwhile is not
     # replaced unseen.
-    replacing = forms.DateTimeField(required=False, widget=forms.HiddenInput)
+    replacing = ReviewTimeField(required=False)
 
     class Meta:
         model = Analysis
@@ -46,16 +57,14 @@ class ReviewAdminForm(forms.ModelForm):
             if "replacing" in data and data["replacing"] != self.instance.reviewed_at:
                 # Shown again with the review that got there first: saving again replaces that one.
                 self.data = self.data.copy()
-                self.data[self.add_prefix("replacing")] = _iso(self.instance.reviewed_at)
+                self.data[self.add_prefix("replacing")] = self.fields["replacing"].prepare_value(
+                    self.instance.reviewed_at
+                )
                 services.check_not_reviewed_since(analysis_id=self.instance.pk, replacing=data["replacing"])
         elif data.get("corrected_label") or data.get("review_note") or self.instance.review_verdict:
             # Without a verdict nothing would record who changed the final label, or when.
             raise forms.ValidationError("A review needs a verdict: agree or disagree. Reviews are not cleared here.")
         return data
-
-
-def _iso(moment) -> str:
-    return moment.isoformat() if moment else ""
 
 
 def _image_tag(analysis: Analysis, kind: str, size: int) -> str:

@@ -91,8 +91,7 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
             model_sized.append(Image.fromarray(square_resize(open_rgb(analysis.image.path), size)))
             analyses.append(analysis)
         except (ImageDecodeError, FileNotFoundError) as error:
-            if isinstance(error.__cause__, SoftTimeLimitExceeded):  # open_rgb wraps whatever decoding raised
-                raise error.__cause__ from None
+            stop_at_the_time_limit(error)
             services.fail_analysis(
                 analysis_id=analysis.pk,
                 task_id=task_id,
@@ -108,9 +107,8 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
     for analysis, prediction in zip(analyses, predictions, strict=True):
         try:
             overlay_png = _png_bytes(prediction.overlay(open_rgb(analysis.image.path)))
-        except SoftTimeLimitExceeded:
-            raise
         except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
+            stop_at_the_time_limit(error)
             logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
             services.fail_analysis(
                 analysis_id=analysis.pk,
@@ -129,6 +127,15 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
             overlay_png=overlay_png,
             inference_ms=per_image_ms,
         )
+
+
+def stop_at_the_time_limit(error: Exception) -> None:
+    """Re-raise the task's soft time limit, also where open_rgb has wrapped it as a decoding error:
+    running out of time is no fault of the cell."""
+    if isinstance(error, SoftTimeLimitExceeded):
+        raise error
+    if isinstance(error.__cause__, SoftTimeLimitExceeded):
+        raise error.__cause__ from None
 
 
 def _png_bytes(rgb) -> bytes:

@@ -1,4 +1,5 @@
 import time
+from urllib.parse import unquote_plus
 
 from django.conf import settings
 from django.contrib import messages
@@ -33,7 +34,8 @@ class RefuseNulCharactersMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        if any("\x00" in key or "\x00" in "".join(values) for key, values in request.GET.lists()):
+        # From the raw query string: parsing request.GET here would raise its own errors too early.
+        if "\x00" in unquote_plus(request.META.get("QUERY_STRING", "")):
             return JsonResponse({"detail": "The query string must not contain NUL characters."}, status=400)
         return self.get_response(request)
 

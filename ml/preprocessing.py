@@ -41,7 +41,8 @@ def _decode(stream) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Flatten any mode (palette, 16-bit, 32-bit float, alpha, grayscale) to 8-bit RGB on black."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.clip(np.asarray(image, dtype=np.float64), 0, None)
+        # ImageJ writes NaN for "no data": black, like the padding, as is any infinite value.
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
         peak = array.max() or 1.0
         # Float images (ImageJ's TIFFs) mostly hold 0..1: Pillow's own conversion would clip them to black.
         scale = 255.0 if image.mode == "F" and peak <= 1.0 else 255.0 / peak

@@ -297,10 +297,6 @@ def main(argv=None) -> None:
         f"validation: {len(val_samples)} images / {len(patient_groups(val_samples))} groups",
         flush=True,
     )
-    if len(train_samples) < args.batch_size:  # not one step: the file would hold untrained weights
-        raise SystemExit(f"{len(train_samples)} training images, fewer than --batch-size {args.batch_size}")
-    if not val_samples and not validation_run:
-        raise SystemExit("no patient group is left for validation, where the epoch and threshold are chosen")
 
     model = build_model(args).to(device, memory_format=torch.channels_last)
     last_epoch = check_same_recipe(model.config, validation_run, args=args) if validation_run else args.epochs
@@ -341,6 +337,11 @@ def main(argv=None) -> None:
         print(f"resumed from {checkpoint_path} at epoch {state['epoch'] + 1} step {state['step']}", flush=True)
     else:
         resumed_random = None
+    # Checked after the options are (a mistaken option says so first), before a minute is trained.
+    if len(train_samples) < args.batch_size:  # not one step: the file would hold untrained weights
+        raise SystemExit(f"{len(train_samples)} training images, fewer than --batch-size {args.batch_size}")
+    if not val_samples and not validation_run:
+        raise SystemExit("no patient group is left for validation, where the epoch and threshold are chosen")
 
     def save_checkpoint(epoch: int, step: int, random_state: dict | None = None) -> None:
         state.update(epoch=epoch, step=step)
@@ -399,7 +400,8 @@ def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, args) -
     chosen = validation_run.metrics.get("epoch")
     recipe = validation_run.metrics.get("recipe")
     if recipe is not None:
-        differ = [_as_option(k, v) for k, v in sorted(recipe.items()) if getattr(args, k) != v]
+        this_run = refit_recipe(args)
+        differ = [_as_option(k, v) for k, v in sorted(recipe.items()) if this_run.get(k) != v]
         if differ:
             raise SystemExit(f"--refit {validation_run.version} was trained {', '.join(differ)}; run it the same way")
         return chosen
@@ -410,6 +412,18 @@ def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, args) -
             f"pass --epochs {validation_run.metrics.get('epoch')}"
         )
     return chosen
+
+
+def refit_recipe(args) -> dict:
+    """The options a refit must repeat; files by what they hold (a model's version, a digest of
+    the excluded names), so the same files under another path still match."""
+    recipe = {name: getattr(args, name) for name in REFIT_MUST_MATCH}
+    if args.init_from:
+        recipe["init_from"] = read_info(args.init_from).version
+    if args.exclude:
+        names = "\n".join(sorted(excluded_file_names(args.exclude)))
+        recipe["exclude"] = "names-" + hashlib.sha256(names.encode()).hexdigest()[:12]
+    return recipe
 
 
 def _as_option(name: str, value) -> str:
@@ -447,7 +461,7 @@ def export(
         "seed": args.seed,
         "ema_decay": args.ema,
         "mixup_alpha": args.mixup,
-        "recipe": {name: getattr(args, name) for name in REFIT_MUST_MATCH},
+        "recipe": refit_recipe(args),
     }
     if refit_of:
         # Validation figures and groups are the earlier run's; its validation patients are now trained on.

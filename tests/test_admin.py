@@ -274,3 +274,20 @@ def test_deleting_an_account_records_the_patient_data_that_goes_with_it(admin_cl
         (batch.pk, None, user.pk, "2 cells"),
         (None, single.pk, user.pk, "1 cell"),
     }
+
+
+def test_a_case_reviewed_in_the_hour_a_clock_change_repeats_can_be_saved_again(admin_client, finished, settings):
+    """01:30 happens twice in London on 25 October 2026: the form must carry which one it saw."""
+    import re
+    from datetime import UTC, datetime
+
+    settings.TIME_ZONE = "Europe/London"
+    reviewed_at = datetime(2026, 10, 25, 0, 30, 0, 123456, tzinfo=UTC)  # 01:30:00.123456 BST, the first 01:30
+    Analysis.objects.filter(pk=finished.pk).update(
+        review_verdict="agree", reviewed_by=admin_client.admin, reviewed_at=reviewed_at
+    )
+    url = f"/admin/diagnosis/analysis/{finished.pk}/change/"
+    opened = re.search(r'name="replacing" value="([^"]*)"', admin_client.get(url).content.decode())[1]
+    saved = admin_client.post(url, {"review_verdict": "disagree", "corrected_label": "Uninfected", "replacing": opened})
+    assert saved.status_code == 302, "the review time read back is the one it was"
+    assert Analysis.objects.get(pk=finished.pk).final_label == "Uninfected"

@@ -134,9 +134,11 @@ def test_a_float_tiff_keeps_its_picture_and_a_colour_keyed_background_turns_blac
     """ImageJ saves 32-bit float TIFFs in 0..1, which a plain conversion clips to black; a PNG may
     mark its background transparent with a colour key (tRNS) instead of an alpha channel."""
     gradient = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))
+    gradient[5, 5], gradient[6, 6] = np.nan, np.inf  # ImageJ's "no data", and a broken pixel
     Image.fromarray(gradient, mode="F").save(tmp_path / "float.tif")
     decoded = np.asarray(open_rgb(tmp_path / "float.tif"))
     assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[0, -1].tolist() == [255, 255, 255]
+    assert decoded[5, 5].tolist() == decoded[6, 6].tolist() == [0, 0, 0]
     keyed = np.full((30, 40, 3), 255, np.uint8)
     keyed[10:20, 10:30] = (180, 90, 120)  # the cell on a white background declared transparent
     Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=(255, 255, 255))

@@ -175,6 +175,26 @@ def test_a_chunk_out_of_time_sends_its_unfinished_cells_back_one_by_one(user, mo
     assert set(Analysis.objects.filter(pk__in=ids[1:]).values_list("attempts", "error")) == {(0, "")}
 
 
+def test_a_chunk_out_of_time_while_decoding_an_original_for_its_overlay_sends_the_rest_back(user, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from ml import preprocessing
+
+    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
+    ids = [services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk for n in range(2)]
+    decode, decoded = preprocessing._decode, []
+
+    def time_runs_out_on_the_third_decoding(stream):  # two for the model, then the first overlay's
+        decoded.append(1)
+        if len(decoded) == 3:
+            raise SoftTimeLimitExceeded()
+        return decode(stream)
+
+    monkeypatch.setattr(preprocessing, "_decode", time_runs_out_on_the_third_decoding)
+    inference.run_analyses(analysis_ids=ids, task_id="chunk")
+    assert set(Analysis.objects.filter(pk__in=ids).values_list("status", "error")) == {("queued", "")}
+
+
 def test_a_cell_out_of_time_on_its_own_fails_saying_so(queued, monkeypatch, settings):
     from celery.exceptions import SoftTimeLimitExceeded
 
