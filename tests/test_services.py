@@ -4,6 +4,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import OperationalError
 from django.utils import timezone
 
@@ -151,23 +152,27 @@ def test_a_cell_whose_overlay_cannot_be_drawn_fails_alone(user, monkeypatch):
     assert second.status == "done" and second.overlay
 
 
-def test_a_chunk_out_of_time_sends_its_unfinished_cells_back_one_by_one(user, monkeypatch):
-    from celery.exceptions import SoftTimeLimitExceeded
+def time_runs_out_at_call(number: int, function):
+    """``function``, but the task's soft time limit strikes on its ``number``-th call, as Celery
+    raises it wherever the task happens to be."""
+    calls = []
 
+    def timed(*args):
+        calls.append(1)
+        if len(calls) == number:
+            raise SoftTimeLimitExceeded()
+        return function(*args)
+
+    return timed
+
+
+def test_a_chunk_out_of_time_sends_its_unfinished_cells_back_one_by_one(user, monkeypatch):
     sent: list[tuple[list[int], int]] = []
     monkeypatch.setattr(
         services, "enqueue_analyses", lambda *, analysis_ids, per_task: sent.append((list(analysis_ids), per_task))
     )
     ids = [services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk for n in range(3)]
-    draw, calls = inference._png_bytes, []
-
-    def time_runs_out_on_the_second(rgb):  # Celery raises the soft limit wherever the task is
-        calls.append(1)
-        if len(calls) == 2:
-            raise SoftTimeLimitExceeded()
-        return draw(rgb)
-
-    monkeypatch.setattr(inference, "_png_bytes", time_runs_out_on_the_second)
+    monkeypatch.setattr(inference, "_png_bytes", time_runs_out_at_call(2, inference._png_bytes))
     inference.run_analyses(analysis_ids=ids, task_id="chunk")
     states = dict(Analysis.objects.filter(pk__in=ids).values_list("pk", "status"))
     assert states == {ids[0]: "done", ids[1]: "queued", ids[2]: "queued"}, "no cell is failed as unreadable"
@@ -176,34 +181,20 @@ def test_a_chunk_out_of_time_sends_its_unfinished_cells_back_one_by_one(user, mo
 
 
 def test_a_chunk_out_of_time_while_decoding_an_original_for_its_overlay_sends_the_rest_back(user, monkeypatch):
-    from celery.exceptions import SoftTimeLimitExceeded
-
     from ml import preprocessing
 
     monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
     ids = [services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk for n in range(2)]
-    decode, decoded = preprocessing._decode, []
-
-    def time_runs_out_on_the_third_decoding(stream):  # two for the model, then the first overlay's
-        decoded.append(1)
-        if len(decoded) == 3:
-            raise SoftTimeLimitExceeded()
-        return decode(stream)
-
-    monkeypatch.setattr(preprocessing, "_decode", time_runs_out_on_the_third_decoding)
+    # Two decodings for the model, then the first overlay's.
+    monkeypatch.setattr(preprocessing, "_decode", time_runs_out_at_call(3, preprocessing._decode))
     inference.run_analyses(analysis_ids=ids, task_id="chunk")
     assert set(Analysis.objects.filter(pk__in=ids).values_list("status", "error")) == {("queued", "")}
 
 
 def test_a_cell_out_of_time_on_its_own_fails_saying_so(queued, monkeypatch, settings):
-    from celery.exceptions import SoftTimeLimitExceeded
-
     from ml import preprocessing
 
-    def time_runs_out_while_decoding(stream):
-        raise SoftTimeLimitExceeded()
-
-    monkeypatch.setattr(preprocessing, "_decode", time_runs_out_while_decoding)
+    monkeypatch.setattr(preprocessing, "_decode", time_runs_out_at_call(1, preprocessing._decode))
     inference.run_analyses(analysis_ids=[queued.pk], task_id="alone")
     queued.refresh_from_db()
     limit = settings.CELERY_TASK_SOFT_TIME_LIMIT
