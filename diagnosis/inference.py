@@ -54,10 +54,10 @@ def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> 
     try:
         _classify(claimed=claimed, task_id=task_id)
     except SoftTimeLimitExceeded:
-        _stop_at_the_time_limit(claimed=claimed, task_id=task_id)
+        _send_back_unfinished_cells(claimed=claimed, task_id=task_id)
 
 
-def _stop_at_the_time_limit(*, claimed: list[int], task_id: str) -> None:
+def _send_back_unfinished_cells(*, claimed: list[int], task_id: str) -> None:
     """The task ran out of time (a slow host, large images): the cells it has not finished go back
     to the queue, each as a task of its own; a cell that runs out of time alone fails, saying so."""
     unfinished = list(
@@ -91,7 +91,7 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
             model_sized.append(Image.fromarray(square_resize(open_rgb(analysis.image.path), size)))
             analyses.append(analysis)
         except (ImageDecodeError, FileNotFoundError) as error:
-            stop_at_the_time_limit(error)
+            _raise_if_time_limit(error)
             services.fail_analysis(
                 analysis_id=analysis.pk,
                 task_id=task_id,
@@ -108,7 +108,7 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
         try:
             overlay_png = _png_bytes(prediction.overlay(open_rgb(analysis.image.path)))
         except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
-            stop_at_the_time_limit(error)
+            _raise_if_time_limit(error)
             logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
             services.fail_analysis(
                 analysis_id=analysis.pk,
@@ -129,7 +129,7 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
         )
 
 
-def stop_at_the_time_limit(error: Exception) -> None:
+def _raise_if_time_limit(error: Exception) -> None:
     """Re-raise the task's soft time limit, also where open_rgb has wrapped it as a decoding error:
     running out of time is no fault of the cell."""
     if isinstance(error, SoftTimeLimitExceeded):
