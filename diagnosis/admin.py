@@ -1,5 +1,4 @@
 import csv
-from datetime import datetime
 
 from django import forms
 from django.contrib import admin
@@ -14,21 +13,12 @@ from django.utils.html import format_html
 from diagnosis import callbacks, selectors, services
 from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_safe
+from diagnosis.forms import ReviewTimeField, show_review_time
 from diagnosis.login_throttle import LockoutAdminAuthenticationForm
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
 from diagnosis.templatetags.scores import score
 
 admin.site.login_form = LockoutAdminAuthenticationForm
-
-
-class ReviewTimeField(forms.DateTimeField):
-    """A review time that round-trips exactly: ISO 8601 keeps the microseconds and the UTC offset
-    (Django's own rendering drops the offset, which makes an hour a year ambiguous)."""
-
-    widget = forms.HiddenInput
-
-    def prepare_value(self, value):
-        return value.isoformat() if isinstance(value, datetime) else value
 
 
 class ReviewAdminForm(forms.ModelForm):
@@ -55,11 +45,7 @@ class ReviewAdminForm(forms.ModelForm):
                 corrected_label=data.get("corrected_label") or "",
             )
             if "replacing" in data and data["replacing"] != self.instance.reviewed_at:
-                # Shown again with the review that got there first: saving again replaces that one.
-                self.data = self.data.copy()
-                self.data[self.add_prefix("replacing")] = self.fields["replacing"].prepare_value(
-                    self.instance.reviewed_at
-                )
+                show_review_time(self, self.instance.reviewed_at)
                 services.check_not_reviewed_since(analysis_id=self.instance.pk, replacing=data["replacing"])
         elif data.get("corrected_label") or data.get("review_note") or self.instance.review_verdict:
             # Without a verdict nothing would record who changed the final label, or when.

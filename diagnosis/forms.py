@@ -1,3 +1,5 @@
+from datetime import datetime
+
 from django import forms
 
 from diagnosis.models import NOTE_MAX_LENGTH, Analysis
@@ -77,9 +79,26 @@ class FilterForm(forms.Form):
         )
 
 
+class ReviewTimeField(forms.DateTimeField):
+    """When the case was last reviewed as the reviewer opened it (empty: no review yet), so a review
+    saved elsewhere meanwhile is not replaced unseen. It round-trips exactly: ISO 8601 keeps the
+    microseconds and the UTC offset (Django's own rendering drops the offset, which makes an hour a
+    year ambiguous)."""
+
+    widget = forms.HiddenInput
+
+    def prepare_value(self, value):
+        return value.isoformat() if isinstance(value, datetime) else value
+
+
+def show_review_time(form: forms.BaseForm, reviewed_at: datetime | None) -> None:
+    """After a conflict the form carries the review that got there first: saving again replaces it."""
+    form.data = form.data.copy()
+    form.data[form.add_prefix("replacing")] = form.fields["replacing"].prepare_value(reviewed_at)
+
+
 class ReviewForm(forms.Form):
     verdict = forms.ChoiceField(choices=Analysis.Verdict.choices, widget=forms.RadioSelect)
-    # When the case was last reviewed as the reviewer opened it: empty if it had no review yet.
-    replacing = forms.DateTimeField(required=False, widget=forms.HiddenInput)
+    replacing = ReviewTimeField(required=False)
     corrected_label = forms.ChoiceField(choices=[("", "—"), *Analysis.Label.choices], required=False)
     note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=NOTE_MAX_LENGTH)

@@ -5,6 +5,8 @@ endpoint all check passwords, so all count failures here: a locked-out username 
 on each (a workstation left signed in must not become a place to guess its user's password).
 """
 
+import hashlib
+
 from django.conf import settings
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.views import LoginView, PasswordChangeView
@@ -16,12 +18,18 @@ def _address(request) -> str:
     return request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "unknown")
 
 
+def _digest(text: str) -> str:
+    # A username or a client header may hold spaces, control characters or any length, which
+    # memcached refuses as a key; a digest is always a valid key.
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _key(request, username: str) -> str:
-    return f"login-failures:{_address(request)}:{username.strip().lower()[:150]}"
+    return f"login-failures:{_digest(_address(request))}:{_digest(username.strip().lower()[:150])}"
 
 
 def _address_key(request) -> str:
-    return f"login-failures-address:{_address(request)}"
+    return f"login-failures-address:{_digest(_address(request))}"
 
 
 def locked_out(request, username: str) -> bool:
@@ -37,8 +45,11 @@ def lockout_message() -> str:
 
 def record_failure(request, username: str) -> None:
     for key in (_key(request, username), _address_key(request)):
-        cache.add(key, 0, timeout=settings.LOGIN_LOCKOUT_SECONDS)
-        cache.incr(key)
+        if not cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
+            try:
+                cache.incr(key)
+            except ValueError:  # expired between the two calls: this failure starts a new count
+                cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS)
 
 
 def clear_failures(request, username: str) -> None:

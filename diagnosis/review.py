@@ -9,7 +9,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
 from diagnosis.audit import record_access
-from diagnosis.forms import ReviewForm
+from diagnosis.forms import ReviewForm, show_review_time
 from diagnosis.models import AccessEvent, Analysis
 
 
@@ -32,10 +32,7 @@ def review(request, pk: int):
         return redirect("diagnosis:review-queue")
     if request.method == "GET":
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
-    form = ReviewForm(request.POST or None)
-    # The review time the reviewer has seen: resubmitted as is after a mistake in the form, so a
-    # review saved by someone else meanwhile is still noticed.
-    replacing = request.POST.get("replacing", "") if request.method == "POST" else _iso(analysis.reviewed_at)
+    form = ReviewForm(request.POST or None, initial={"replacing": analysis.reviewed_at})
     if request.method == "POST" and form.is_valid():
         try:
             services.review_analysis(
@@ -49,7 +46,7 @@ def review(request, pk: int):
         except ValidationError as error:
             form.add_error(None, error)
             analysis.refresh_from_db()  # show the review that got there first
-            replacing = _iso(analysis.reviewed_at)
+            show_review_time(form, analysis.reviewed_at)
         else:
             verdict = form.cleaned_data["verdict"]
             record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
@@ -58,9 +55,4 @@ def review(request, pk: int):
             next_case = selectors.next_case(user=request.user, pending=following)
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
     status = 400 if request.method == "POST" else 200
-    context = {"analysis": analysis, "form": form, "replacing": replacing}
-    return render(request, "diagnosis/review.html", context, status=status)
-
-
-def _iso(moment) -> str:
-    return moment.isoformat() if moment else ""
+    return render(request, "diagnosis/review.html", {"analysis": analysis, "form": form}, status=status)

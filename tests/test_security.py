@@ -1,8 +1,10 @@
 import time
+import warnings
 from datetime import timedelta
 
 import pytest
 from django.contrib.sessions.models import Session
+from django.core.cache.backends.base import CacheKeyWarning
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -17,6 +19,18 @@ def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
     blocked = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
     assert blocked.status_code == 429 and "Too many failed sign-in attempts" in blocked.content.decode()
     assert "_auth_user_id" not in client.session
+
+
+def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(client, user, settings):
+    # Spaces, control characters and 150 characters: memcached refuses such keys, and Django warns.
+    settings.LOGIN_MAX_FAILURES = 2
+    odd = "dr \x07" + "x" * 146
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheKeyWarning)
+        for _ in range(2):
+            assert client.post("/accounts/login/", {"username": odd, "password": "x"}).status_code == 200
+        assert client.post("/accounts/login/", {"username": odd, "password": "x"}).status_code == 429
+    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
 
 
 def test_behind_a_proxy_failures_count_per_client_not_per_proxy(client, user, settings):
