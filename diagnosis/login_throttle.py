@@ -11,7 +11,7 @@ from django.conf import settings
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.views import LoginView, PasswordChangeView
 from django.core.cache import cache
-from django.core.exceptions import ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 
 
 def _address(request) -> str:
@@ -63,7 +63,9 @@ class LockoutMixin:
         return self.request.POST.get("username", "")
 
     def is_guess(self, form) -> bool:
-        return True
+        # A wrong password is a guess; an empty field (Enter pressed too early, a password manager
+        # not done filling) checks no password and must not lock anyone out.
+        return form.has_error(NON_FIELD_ERRORS, "invalid_login")
 
     def post(self, request, *args, **kwargs):
         if locked_out(request, self.checked_username()):
@@ -91,7 +93,8 @@ class ThrottledPasswordChangeView(LockoutMixin, PasswordChangeView):
         return self.request.user.get_username()
 
     def is_guess(self, form) -> bool:
-        return form.has_error("old_password")  # a wrong current password is a guess; a weak new one is not
+        # A wrong current password is a guess; an empty one or a weak new one is not.
+        return form.has_error("old_password", "password_incorrect")
 
 
 class LockoutAdminAuthenticationForm(AdminAuthenticationForm):

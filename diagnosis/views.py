@@ -214,6 +214,9 @@ def api_token(request):
     password_error, issued_key = "", None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
+            token = tokens.current_token(user=request.user)
+            if token and request.POST.get("confirmed") != "yes":  # one slip must not cut a lab system off
+                return render(request, "diagnosis/api_token_revoke.html", {"token": token})
             tokens.revoke_token(user=request.user)
             messages.success(request, "API token revoked: the key no longer works.")
             return redirect("diagnosis:api-token")
@@ -248,8 +251,11 @@ def _password_refusal(request) -> str:
     username = request.user.get_username()
     if login_throttle.locked_out(request, username):
         return login_throttle.lockout_message()
+    password = request.POST.get("password", "")
+    if not password:  # checks nothing, so counts for nothing
+        return "Enter your current password: a new key needs it."
     hashed = request.user.password
-    if not request.user.check_password(request.POST.get("password", "")):
+    if not request.user.check_password(password):
         login_throttle.record_failure(request, username)
         return "That is not your password. A new key needs your current password."
     if request.user.password != hashed:  # Django re-hashed it on checking: stay signed in

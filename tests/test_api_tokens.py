@@ -144,7 +144,11 @@ def test_the_account_page_issues_a_key_once_shows_its_expiry_and_revokes_it(clie
 
     age(new, 31)
     assert "It has expired" in client.get("/account/api-token/").content.decode()
-    revoked = client.post("/account/api-token/", {"action": "revoke"}, follow=True).content.decode()
+    asked = client.post("/account/api-token/", {"action": "revoke"})
+    assert asked.status_code == 200 and "Revoke the API token?" in asked.content.decode()
+    assert ApiToken.objects.filter(user=user).exists()  # one slip of the finger cuts no lab system off
+    confirmed = {"action": "revoke", "confirmed": "yes"}
+    revoked = client.post("/account/api-token/", confirmed, follow=True).content.decode()
     assert "API token revoked" in revoked and "You have no API token." in revoked
     assert status_with(new) == 401 and status_with(theirs) == 200
 

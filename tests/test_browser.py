@@ -447,8 +447,13 @@ def test_a_lab_system_key_is_issued_on_the_account_page_and_works(open_page, use
     log_in(page, user.username, PASSWORD)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="API token").click()
     expect(page.locator("#no-token")).to_be_visible()
+    page.get_by_role("button", name="Issue a key").click()  # the browser itself asks for the password
+    expect(page.get_by_role("alert")).to_have_count(0)
+    page.get_by_label("Your password").fill("not-" + PASSWORD)
     page.get_by_role("button", name="Issue a key").click()
-    expect(page.get_by_role("alert")).to_contain_text("A new key needs your current password.")
+    expect(page.get_by_role("alert")).to_contain_text(
+        "That is not your password. A new key needs your current password."
+    )
     open_page.expect_error(page, "400")
     page.get_by_label("Your password").fill(PASSWORD)
     page.get_by_role("button", name="Issue a key").click()
@@ -462,6 +467,11 @@ def test_a_lab_system_key_is_issued_on_the_account_page_and_works(open_page, use
     assert APIClient().get("/api/batches/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
 
     page.get_by_role("button", name="Revoke").click()
+    expect(page.get_by_role("heading", name="Revoke the API token?")).to_be_visible()
+    page.get_by_role("link", name="Keep it").click()
+    assert APIClient().get("/api/batches/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
+    page.get_by_role("button", name="Revoke").click()
+    page.get_by_role("button", name="Revoke the key").click()
     expect(page.locator(".flash")).to_contain_text("API token revoked")
     expect(page.locator("#no-token")).to_be_visible()
     assert APIClient().get("/api/batches/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 401

@@ -1,3 +1,4 @@
+import re
 import time
 import warnings
 from datetime import timedelta
@@ -31,6 +32,22 @@ def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(clien
             assert client.post("/accounts/login/", {"username": odd, "password": "x"}).status_code == 200
         assert client.post("/accounts/login/", {"username": odd, "password": "x"}).status_code == 429
     assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+
+
+def test_an_empty_password_is_asked_for_and_never_counts_as_a_guess(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 2
+    for _ in range(3):  # Enter pressed before the password manager filled the field
+        empty = client.post("/accounts/login/", {"username": user.username, "password": ""})
+        assert empty.status_code == 200 and "Enter your password." in empty.content.decode()
+        assert APIClient().post("/api/auth/token/", {"username": user.username, "password": ""}).status_code == 400
+    client.force_login(user)
+    for _ in range(3):
+        form_id = re.search(r'name="form_id" value="([^"]+)"', client.get("/account/api-token/").content.decode())[1]
+        asked = client.post("/account/api-token/", {"action": "issue", "password": "", "form_id": form_id})
+        assert asked.status_code == 400 and "Enter your current password" in asked.content.decode()
+        new = {"new_password1": "a-Fresh-passphrase-42", "new_password2": "a-Fresh-passphrase-42"}
+        assert client.post("/accounts/password_change/", {"old_password": "", **new}).status_code == 200
+    assert Client().post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
 
 
 def test_behind_a_proxy_failures_count_per_client_not_per_proxy(client, user, settings):

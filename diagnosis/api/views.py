@@ -61,7 +61,8 @@ class TokenView(APIView):
             raise Throttled(detail=login_throttle.lockout_message())
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
         if not serializer.is_valid():
-            login_throttle.record_failure(request, username)
+            if serializer.errors.keys() == {"non_field_errors"}:  # wrong credentials, not missing ones
+                login_throttle.record_failure(request, username)
             raise ApiValidationError(serializer.errors)
         login_throttle.clear_failures(request, username)
         token, key = tokens.new_token(user=serializer.validated_data["user"])
