@@ -529,6 +529,7 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     expect(page.locator("#client-errors")).to_contain_text("The request is too large")
     expect(page.locator("#client-errors")).to_contain_text("Nothing was stored.")
     open_page.expect_error(page, "status of 413")
+    expect(page.locator("#file-list li:not(.rejected) span")).to_have_text(["not stored", "not stored"])
     expect(page.get_by_label("Patient / sample reference")).to_have_value("WARD-3")
     expect(page.locator("#upload-button")).to_be_enabled()
     assert not Batch.objects.exists() and not Analysis.objects.exists()
@@ -539,6 +540,33 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     page.locator("#upload-button").click()
     expect(page.locator("#client-errors")).to_contain_text("Your session has ended, so nothing was stored.")
     assert page.url.endswith("/upload/") and not Batch.objects.exists()
+
+
+def test_the_selection_stays_as_sent_while_an_upload_is_on_its_way(open_page, user, monkeypatch):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+    cells = fixture_cells()
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    # A drop whose every file is skipped replaces the images chosen before: nothing unlisted is sent.
+    page.set_input_files("#id_images", str(cells[0]))
+    drop_files(page, "#dropzone", [("notes.gif", b"GIF89a")], content_type="image/gif")
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("None of the chosen files can be uploaded")
+    assert not Batch.objects.exists()
+
+    held = []
+    page.route("**/upload/", lambda route: held.append(route) if route.request.method == "POST" else route.continue_())
+    page.set_input_files("#id_images", [str(cell) for cell in cells[:2]])
+    page.locator("#upload-button").click()
+    expect(page.get_by_role("status")).to_have_text("Uploading 2 images…")
+    for control in ("#id_images", "#folder-picker", "#upload-button"):
+        expect(page.locator(control)).to_be_disabled()
+    drop_files(page, "#dropzone", [cells[2]], check_highlight=False)
+    expect(page.locator("#file-list li")).to_have_text([re.compile(cells[0].name), re.compile(cells[1].name)])
+    held[0].continue_()
+    page.wait_for_url(re.compile(r"/batches/\d+/$"))
+    assert sorted(Analysis.objects.values_list("original_filename", flat=True)) == sorted(c.name for c in cells[:2])
 
 
 def test_a_dropped_folder_uploads_the_images_inside_it(open_page, user, monkeypatch):

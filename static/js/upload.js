@@ -13,9 +13,21 @@
   const maxBytes = Number(form.dataset.maxBytes);  // in bytes, as the server counts
   const maxRequestBytes = Number(form.dataset.maxRequestBytes);
   const errors = document.getElementById("client-errors");
+  const status = document.getElementById("upload-status");
   const accepted = /\.(png|jpe?g|tiff?|bmp)$/i;
   let chosen = [];
   let notes = []; // the per-file status line of each chosen file
+  let sending = false;
+
+  // While one upload is on its way the selection stays as sent: a new one would be listed as
+  // "uploaded" while the request still carries the old files.
+  function lock(locked) {
+    sending = locked;
+    button.disabled = locked;
+    input.disabled = locked;
+    folder.disabled = locked;
+    zone.setAttribute("aria-disabled", String(locked));
+  }
 
   // Per-file progress from the one request's byte count: files are sent in order, so a file is
   // uploaded once the bytes sent pass its end (multipart overhead makes this slightly early).
@@ -42,6 +54,8 @@
 
   // `paths` names dropped folders' files, whose webkitRelativePath the browser leaves empty.
   function choose(files, paths) {
+    if (sending) return;
+    errors.hidden = true;
     chosen = [];
     notes = [];
     list.textContent = "";
@@ -63,14 +77,18 @@
     });
     const images = chosen.length === 1 ? "1 image" : chosen.length + " images";
     button.textContent = chosen.length ? "Upload and analyse " + images : "Upload and analyse";
-    // Dropped files and folders never reach the file input, whose `required` would block the submit.
-    input.required = !chosen.length;
+    // Dropped files and folders never reach the file input, whose `required` would block the submit
+    // (and the message saying why none of the listed files can go).
+    input.required = !list.children.length;
   }
 
   input.addEventListener("change", () => choose(input.files));
-  folder.addEventListener("change", () => choose(folder.files));
+  // A folder or a drop replaces what the file input holds: the form must not send files no
+  // longer listed.
+  folder.addEventListener("change", () => { input.value = ""; choose(folder.files); });
   ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {
-    event.preventDefault(); zone.classList.add("over");
+    event.preventDefault();
+    if (!sending) zone.classList.add("over");
   }));
   ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
   // A dropped folder arrives as one entry without its files: read them through its directory entry.
@@ -93,6 +111,8 @@
   }
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
+    if (sending) return;
+    input.value = "";
     // The entries must be taken now: the drop's data is gone once this handler returns.
     const entries = Array.from(event.dataTransfer.items || [], (item) => item.webkitGetAsEntry && item.webkitGetAsEntry());
     if (!entries.some((entry) => entry && entry.isDirectory)) { choose(event.dataTransfer.files); return; }
@@ -110,19 +130,26 @@
   }));
   // The focusable drop zone opens the file chooser from the keyboard too.
   zone.addEventListener("keydown", (event) => {
-    if (event.target === zone && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); input.click(); }
+    if (event.target === zone && !sending && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); input.click(); }
   });
 
   function fail(message) {
+    if (sending) notes.forEach((note) => { note.textContent = "not stored"; });
     bar.hidden = true;
-    button.disabled = false;
+    lock(false);
+    status.textContent = "";
     errors.textContent = message;
     errors.hidden = false;
     errors.focus();
   }
 
   form.addEventListener("submit", (event) => {
-    if (!chosen.length) return; // let the server explain what is missing
+    if (!chosen.length) {
+      if (!list.children.length) return; // nothing chosen: let the server explain what is missing
+      event.preventDefault();
+      fail("None of the chosen files can be uploaded: the list says why for each.");
+      return;
+    }
     event.preventDefault();
     const data = new FormData(form);
     data.delete("images");
@@ -131,12 +158,15 @@
     xhr.open("POST", form.action || window.location.href);
     xhr.setRequestHeader("X-Requested-With", "XMLHttpRequest");
     bar.hidden = false;
-    button.disabled = true;
+    lock(true);
+    status.textContent = "Uploading " + (chosen.length === 1 ? "1 image" : chosen.length + " images") + "…";
     xhr.upload.addEventListener("progress", (e) => {
       if (!e.lengthComputable) return;
       bar.value = (100 * e.loaded) / e.total;
       showFileProgress(e.loaded, e.total);
     });
+    // The server checks every image before it answers, which can take a while for a large batch.
+    xhr.upload.addEventListener("load", () => { status.textContent = "All files sent. The server is checking them…"; });
     xhr.addEventListener("load", () => {
       const type = xhr.getResponseHeader("Content-Type") || "";
       if (xhr.status === 200 && type.startsWith("application/json")) {
