@@ -96,7 +96,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
     parser.add_argument("--weights", nargs="+", required=True, help="two or more model files")
-    parser.add_argument("--cut", type=float, default=0.5, help="probability above which a model says Parasitized")
+    parser.add_argument(
+        "--cut",
+        type=float,
+        default=0.5,
+        help="probability at or above which a model says Parasitized (0.5: the labels are checked "
+        "against the model's even call, not its screening threshold)",
+    )
     parser.add_argument("--sheets", metavar="DIR", help="write a contact sheet of the shared mistakes per label")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -78,13 +78,20 @@ def split_by_patient(
     return kept, holdout
 
 
+# Fewer cells than this decode faster here than decoder processes start (and none is forked).
+DECODED_IN_PROCESS = 64
+
+
 def load_arrays(samples: list[Sample], size: int, *, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Decode and resize every sample: N x size x size x 3 uint8 images and N labels."""
     paths = [str(s.path) for s in samples]
     if not paths:  # a refit has no validation side
         return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        images = list(pool.map(load_resized, paths, [size] * len(paths), chunksize=64))
+    if workers <= 1 or len(paths) <= DECODED_IN_PROCESS:
+        images = [load_resized(path, size) for path in paths]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            images = list(pool.map(load_resized, paths, [size] * len(paths), chunksize=64))
     return np.stack(images), np.array([s.label for s in samples], dtype=np.int64)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 
 def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve via the rank-sum statistic (ties get average ranks)."""
+    scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if not n_pos or not n_neg:
         return float("nan")

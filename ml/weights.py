@@ -94,9 +94,12 @@ def _existing(path: str | Path) -> Path:
 def _info_from_metadata(metadata: dict[str, str] | None) -> ModelInfo:
     if not metadata or metadata.get("format") != "malaria-vgg19/1":
         raise ValueError("not a malaria-vgg19 weights file (missing or unknown metadata)")
+    threshold = float(metadata["threshold"])
+    if not 0 <= threshold <= 1:  # NaN too: no probability is >= NaN, so every cell would be Uninfected
+        raise ValueError(f"the operating threshold must lie between 0 and 1, not {metadata['threshold']!r}")
     return ModelInfo(
         config=ModelConfig.from_dict(json.loads(metadata["config"])),
         version=metadata["version"],
-        threshold=float(metadata["threshold"]),
+        threshold=threshold,
         metrics=json.loads(metadata.get("metrics", "{}")),
     )

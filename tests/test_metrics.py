@@ -21,6 +21,7 @@ def test_rank_auc_matches_the_pairwise_definition_with_ties():
     positives = rng.random(60) < 0.4
     assert roc_auc(scores, positives) == pairwise_auc(scores, positives)
     assert np.isnan(roc_auc(scores, np.zeros(60, dtype=bool)))
+    assert roc_auc(list(scores), positives.astype(int).tolist()) == roc_auc(scores, positives)  # 0/1 labels too
 
 
 def test_threshold_is_the_most_accurate_one_that_keeps_the_sensitivity():

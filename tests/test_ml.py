@@ -158,17 +158,57 @@ def test_grad_cam_equals_closed_form_cam_up_to_scale():
     torch.testing.assert_close(gradient_maps, closed_form, atol=1e-5, rtol=1e-4)
 
 
-def test_a_model_file_with_its_classes_the_other_way_round_is_refused(tmp_path):
-    """Its P(Uninfected) would be read as P(Parasitized), and its heatmap drawn for the wrong class."""
-    path = tiny_weights(tmp_path / "model.safetensors")
+def with_metadata(path: Path, out: Path, **changes) -> Path:
+    """A copy of the model file at ``path`` with metadata entries changed; ``config_<key>`` changes
+    one key of its config."""
     with safe_open(path, "pt") as stored:
         metadata, tensors = stored.metadata(), {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 - not a dict
-    config = json.loads(metadata["config"])
-    config["class_names"] = ["Uninfected", "Parasitized"]
-    swapped = {**metadata, "config": json.dumps(config)}
-    save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata=swapped)
-    with pytest.raises(ValueError, match="class_names must be"):
-        Predictor(tmp_path / "swapped.safetensors")
+    config = json.loads(metadata["config"]) | {
+        k.removeprefix("config_"): v for k, v in changes.items() if k.startswith("config_")
+    }
+    metadata = {"config": json.dumps(config)} | {k: v for k, v in (metadata | changes).items() if "config" not in k}
+    save_file(tensors, str(out), metadata=metadata | ({"config": changes["config"]} if "config" in changes else {}))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [
+        # Its P(Uninfected) would be read as P(Parasitized), and its heatmap drawn for the wrong class.
+        ({"config_class_names": ["Uninfected", "Parasitized"]}, "class_names must be"),
+        # No probability is >= NaN: every cell would be called Uninfected, and nothing would say why.
+        ({"threshold": "nan"}, "threshold must lie between 0 and 1"),
+        ({"threshold": "1.5"}, "threshold must lie between 0 and 1"),
+        ({"config": "[]"}, "a model config is a JSON object"),
+        ({"config_input_size": 0}, "input_size must be a positive multiple"),
+        ({"config_std": [0.2, 0.0, 0.2]}, "std must be above 0"),
+        ({"config_mean": [0.5, 0.5]}, "mean must be three finite numbers"),
+    ],
+    ids=[
+        "classes-swapped",
+        "threshold-nan",
+        "threshold-above-1",
+        "config-not-an-object",
+        "input-size-0",
+        "std-0",
+        "mean-short",
+    ],
+)
+def test_a_model_file_that_would_mislabel_cells_is_refused(tmp_path, changes, refusal):
+    path = with_metadata(tiny_weights(tmp_path / "model.safetensors"), tmp_path / "changed.safetensors", **changes)
+    with pytest.raises(ValueError, match=refusal):
+        Predictor(path)
+
+
+@pytest.mark.parametrize("arch", ["vgg19", "vgg19_bn"])
+def test_the_trunk_is_torchvisions_layer_for_layer(arch):
+    """So torchvision's ImageNet weights load into it by name (--init imagenet)."""
+    from torchvision import models
+
+    ours = MalariaVGG(ModelConfig(arch=arch, input_size=32, trunk_stride=32)).features
+    theirs = getattr(models, arch)(weights=None).features
+    assert str(ours) == str(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
 def test_heatmap_grid_is_at_least_8x8_for_the_shipped_config():
