@@ -11,6 +11,8 @@ their stem, and so their patient group; only the suffix becomes ``.webp``.
 
 import argparse
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -25,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder to write the copy to (same layout)")
     parser.add_argument("--size", type=int, required=True, help="side in pixels: the --input-size to train at")
     parser.add_argument("--quality", type=int, default=85, help="WebP quality, 1-100")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes; 1: none, all in this one")
     return parser.parse_args(argv)
 
 
@@ -44,8 +46,9 @@ def main(argv=None) -> None:
     sources = [str(s.path) for s in samples]
     targets = [str(out / CLASS_NAMES[s.label] / f"{s.path.stem}.webp") for s in samples]
     n = len(samples)
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        written = sum(pool.map(compact_one, sources, targets, [args.size] * n, [args.quality] * n, chunksize=64))
+    with ProcessPoolExecutor(max_workers=args.workers) if args.workers > 1 else nullcontext() as pool:
+        each = partial(pool.map, chunksize=64) if pool else map
+        written = sum(each(compact_one, sources, targets, [args.size] * n, [args.quality] * n))
     print(f"wrote {n} images at {args.size}px to {out}: {written / 2**20:.1f} MiB")
 
 

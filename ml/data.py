@@ -1,5 +1,6 @@
 """Listing a class-folder dataset, splitting it by patient group, and loading it into memory."""
 
+import argparse
 import random
 import re
 from collections.abc import Iterable
@@ -55,6 +56,14 @@ def list_samples(data_dir: str | Path) -> list[Sample]:
     ]
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a share of patient groups, strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a fraction between 0 and 1, e.g. 0.15")
+    return value
+
+
 def patient_groups(samples: Iterable[Sample]) -> set[str]:
     return {s.patient_group for s in samples}
 
@@ -67,6 +76,8 @@ def split_by_patient(
     Groups are drawn as they always were (so a seed gives the same split as before this rule); a
     patient filed under several groups is held out only if all of them were drawn, else all are kept.
     """
+    if not 0 < holdout_fraction < 1:  # 0 would still hold out one group (at least one is drawn)
+        raise ValueError(f"the fraction of patient groups held out must lie between 0 and 1, not {holdout_fraction}")
     samples = list(samples)
     groups = sorted(patient_groups(samples))
     random.Random(seed).shuffle(groups)

@@ -29,7 +29,7 @@ class Predictor:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         # bf16 autocast is a large win on CPUs with native bf16 and a loss elsewhere.
-        self.bf16 = _cpu_has_bf16() if bf16 is None else bf16
+        self.bf16 = cpu_has_bf16() if bf16 is None else bf16
 
     @property
     def version(self) -> str:
@@ -64,7 +64,7 @@ class Predictor:
         ]
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -8,7 +8,7 @@ writes OUT/train/{Parasitized,Uninfected} and OUT/test/{Parasitized,Uninfected}.
 import argparse
 from pathlib import Path
 
-from ml.data import list_samples, patient_groups, split_by_patient
+from ml.data import fraction, list_samples, patient_groups, split_by_patient
 from ml.model import CLASS_NAMES
 
 
@@ -16,7 +16,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=fraction, default=0.15, help="of the patient groups")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -24,6 +24,8 @@ def main(argv=None) -> None:
         parser.error(f"{out} is not empty; give a new folder")
 
     train, test = split_by_patient(list_samples(args.data), holdout_fraction=args.test_fraction, seed=args.seed)
+    if not test:  # every drawn group belongs to a patient with another group kept
+        parser.error("no patient is wholly among the groups drawn for the test side; try another --seed")
     for part, samples in (("train", train), ("test", test)):
         for name in CLASS_NAMES:
             (out / part / name).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ augmentations.
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import time
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml.augment import augment_batch
-from ml.data import list_samples, load_arrays, patient_groups, split_by_patient
+from ml.data import fraction, list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
-from ml.model import PARASITIZED, MalariaVGG, ModelConfig
+from ml.model import CLASS_NAMES, PARASITIZED, MalariaVGG, ModelConfig
+from ml.predictor import cpu_has_bf16
 from ml.preprocessing import model_inputs
 from ml.weights import ModelInfo, load_model, read_info, save_model
 
@@ -68,6 +70,7 @@ RESUME_MUST_MATCH = (
     "lr",
     "weight_decay",
     "val_fraction",
+    "min_sensitivity",
     "limit",
     "seed",
 )
@@ -117,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 scratch, 1e-2 imagenet")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--val-fraction", type=float, default=0.12, help="fraction of patient groups for validation")
+    parser.add_argument("--val-fraction", type=fraction, default=0.12, help="fraction of patient groups for validation")
     parser.add_argument("--min-sensitivity", type=float, default=0.97, help="sensitivity the threshold must keep")
     parser.add_argument("--limit", type=int, help="use at most this many images (smoke tests)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads and decoders")
@@ -245,6 +248,16 @@ def train_one_epoch(
         on_step(epoch, step + 1, {"torch": generator.get_state(), "numpy": mixing.bit_generator.state})
 
 
+def as_stored(model: MalariaVGG) -> MalariaVGG:
+    """A copy of ``model`` with its weights rounded as the model file stores them (fp16)."""
+    stored = copy.deepcopy(model)
+    with torch.no_grad():
+        for tensor in stored.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return stored
+
+
 @torch.inference_mode()
 def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.ndarray:
     """Probability of Parasitized for each image."""
@@ -342,6 +355,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"{len(train_samples)} training images, fewer than --batch-size {args.batch_size}")
     if not val_samples and not validation_run:
         raise SystemExit("no patient group is left for validation, where the epoch and threshold are chosen")
+    if val_samples and len({s.label for s in val_samples}) < 2:  # no AUC, and no threshold worth having
+        only = CLASS_NAMES[val_samples[0].label]
+        raise SystemExit(
+            f"the validation patients' cells are all {only}; the epoch and threshold are chosen on both "
+            "classes: give a larger --val-fraction or another --seed"
+        )
 
     def save_checkpoint(epoch: int, step: int, random_state: dict | None = None) -> None:
         state.update(epoch=epoch, step=step)
@@ -358,6 +377,9 @@ def main(argv=None) -> None:
             torch.save(payload, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
 
+    # Validation scores as the worker will compute them, so that the epoch and the threshold are
+    # chosen on its figures: on a CPU the worker uses bf16 only where it is native.
+    validation_bf16 = device.type == "cpu" and cpu_has_bf16()
     for epoch in range(state["epoch"], last_epoch):
         train_one_epoch(
             model,
@@ -379,13 +401,12 @@ def main(argv=None) -> None:
             if epoch + 1 == last_epoch:
                 export(exported, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
         else:
-            scores = evaluate(exported, val_x, val_y, bf16=args.bf16)
+            scores = evaluate(as_stored(exported), val_x, val_y, bf16=validation_bf16)
             positives = val_y.cpu().numpy() == PARASITIZED
             threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
             metrics = screening_metrics(scores, positives, threshold)
             print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
-            # Written as "not <=" so a validation split with one class only (AUC is NaN) still exports.
-            if not metrics["auc"] <= state["best_auc"]:
+            if metrics["auc"] > state["best_auc"]:
                 state["best_auc"] = metrics["auc"]
                 export(exported, validation=metrics, val_samples=val_samples, **record)
         save_checkpoint(epoch + 1, 0)

@@ -1,5 +1,8 @@
 """The ml package on its own: split, preprocessing, Grad-CAM, weights files and the CLIs."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +21,7 @@ from ml.audit import shared_mistakes
 from ml.augment import augment_batch
 from ml.data import Sample, list_samples, patient, patient_group, split_by_patient
 from ml.gradcam import cam_from_features, grad_cam, render_overlay
+from ml.metrics import choose_threshold, screening_metrics
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import Predictor
 from ml.preprocessing import REFERENCE_CELL_COLOUR, open_rgb, square_resize, standardise_stain
@@ -109,17 +113,20 @@ def test_augmentation_keeps_black_black_and_values_in_range():
 
 
 def test_predictor_applies_the_models_stain_standardisation(tmp_path):
+    """What the network is fed, seen through its first layer: with standardisation a pink and a
+    lavender smear of the same cell look alike to it, without it they do not."""
     pink, lavender = (Image.fromarray(synthetic_cell(c)) for c in ((200, 140, 140), (150, 148, 172)))
     gaps = {}
     for standardise in (True, False):
-        torch.manual_seed(0)  # the same weights both times; only the preprocessing differs
         model = MalariaVGG(ModelConfig(input_size=32, trunk_stride=8, stain_standardise=standardise))
         path = tmp_path / f"{standardise}.safetensors"
         save_model(model, path, info=ModelInfo(config=model.config, version="tiny", threshold=0.5))
         predictor = Predictor(path, bf16=False)
         assert predictor.info.config.stain_standardise is standardise
-        first, second = (p.probability_parasitized for p in predictor.predict([pink, lavender]))
-        gaps[standardise] = abs(first - second)
+        fed = []
+        predictor.model.features[0].register_forward_hook(lambda layer, inputs, output, fed=fed: fed.append(inputs[0]))
+        predictor.predict([pink, lavender])
+        gaps[standardise] = (fed[0][0] - fed[0][1]).abs().mean()
     assert gaps[True] < gaps[False] / 10
 
 
@@ -247,21 +254,42 @@ def test_predictor_batches_match_single_predictions(tmp_path):
         assert a.heatmap.shape == (4, 4)
 
 
-def run_module(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` run in this process, which has torch imported already (a new
+    process takes seconds to import it): its exit status and what it printed."""
+    module, *argv = args
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            importlib.import_module(module).main(argv)
+        except SystemExit as exit_:
+            if isinstance(exit_.code, str):  # what the interpreter does with SystemExit("message")
+                print(exit_.code, file=sys.stderr)
+            status = 1 if isinstance(exit_.code, str) else exit_.code or 0
+    return subprocess.CompletedProcess(args, status, stdout.getvalue(), stderr.getvalue())
 
 
-def train_on_fixture_cells(out: Path, *options: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """One quick epoch of ``ml.train`` at 32 px on the fixture cells, half of the groups for validation."""
+@pytest.fixture(scope="module")
+def training_cells(tmp_path_factory) -> Path:
+    """The fixture cells' four patients, each with a cell of either class, so that every split by
+    patient has both classes on both sides (validation needs both to choose an epoch and a threshold)."""
+    folder = tmp_path_factory.mktemp("training-cells")
+    for label, name in enumerate(("Parasitized", "Uninfected")):
+        (folder / name).mkdir()
+        cells = sorted((FIXTURE_CELLS / name).glob("*.png"))
+        for k, path in enumerate(sorted(FIXTURE_CELLS.glob("*/*.png"))):
+            cell = f"{patient_group(path.name)}_IMG_20150101_000000_cell_{label}{k}.png"
+            shutil.copy(cells[k % len(cells)], folder / name / cell)
+    return folder
+
+
+def train_on_fixture_cells(data: Path, out: Path, *options: str, bf16: bool = False) -> subprocess.CompletedProcess:
+    """One quick epoch of ``ml.train`` at 32 px, half of the patients for validation; in fp32 unless
+    asked (bf16 is slow on a CPU without it)."""
     common = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--val-fraction", "0.5"]
-    return run_module("ml.train", "--data", str(FIXTURE_CELLS), "--out", str(out), *common, *options, env=env)
+    common += [] if bf16 else ["--no-bf16"]
+    return run_module("ml.train", "--data", str(data), "--out", str(out), *common, *options)
 
 
 def test_evaluate_passes_over_hidden_files_and_stops_at_an_unreadable_cell_naming_it(tmp_path):
@@ -280,17 +308,31 @@ def test_evaluate_passes_over_hidden_files_and_stops_at_an_unreadable_cell_namin
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
+def test_train_then_evaluate_cli_on_fixture_cells(tmp_path, training_cells):
     out = tmp_path / "model.safetensors"
-    trained = train_on_fixture_cells(out, "--seed", "3")
+    trained = train_on_fixture_cells(training_cells, out, bf16=True)
     assert trained.returncode == 0, trained.stderr
     assert "validation" in trained.stdout and out.is_file() and out.with_suffix(".ckpt").is_file()
-    resumed = train_on_fixture_cells(out, "--seed", "3", "--resume")
+    resumed = train_on_fixture_cells(training_cells, out, "--resume", bf16=True)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
-    other_schedule = train_on_fixture_cells(out, "--seed", "3", "--resume", "--batch-size", "4")
-    assert other_schedule.returncode != 0 and "other settings or data (batch_size)" in other_schedule.stderr
-    nothing_to_resume = train_on_fixture_cells(tmp_path / "new.safetensors", "--resume")
+    for changed, name in ((("--batch-size", "4"), "batch_size"), (("--min-sensitivity", "0.5"), "min_sensitivity")):
+        other = train_on_fixture_cells(training_cells, out, "--resume", *changed, bf16=True)
+        assert other.returncode != 0 and f"other settings or data ({name})" in other.stderr
+    nothing_to_resume = train_on_fixture_cells(training_cells, tmp_path / "new.safetensors", "--resume")
     assert nothing_to_resume.returncode != 0 and "there is no checkpoint" in nothing_to_resume.stderr
+
+    # The epoch and threshold were chosen on the figures the worker's predictor gets from the file.
+    info = read_info(out)
+    validation = [s for s in list_samples(training_cells) if s.patient_group in info.metrics["validation_groups"]]
+    scores = np.array(
+        [p.probability_parasitized for p in Predictor(out).predict([open_rgb(s.path) for s in validation])]
+    )
+    positives = np.array([s.label == PARASITIZED for s in validation])
+    assert info.metrics["validation"]["n"] == len(validation) == 4
+    assert screening_metrics(scores, positives, info.threshold)["ece"] == pytest.approx(
+        info.metrics["validation"]["ece"], abs=1e-6
+    )
+    assert choose_threshold(scores, positives) == info.threshold
 
     evaluated = run_module(
         "ml.evaluate",
@@ -306,7 +348,7 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
-    assert report["n"] == 4 and report["model_version"] == load_model(out)[1].version
+    assert report["n"] == 4 and report["model_version"] == info.version
     for key in ("accuracy", "sensitivity", "specificity", "auc", "images_per_second"):
         assert key in report
     low, high = report["ci95"]["accuracy"]
@@ -325,7 +367,7 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path):
 
 
 @pytest.mark.slow
-def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
+def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path, training_cells):
     """The seed's method, with an ImageNet-shaped VGG19 state dict the test writes itself."""
     from torchvision.models import vgg19
 
@@ -335,11 +377,7 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
     torch.save(backbone, backbone_file)
     out = tmp_path / "head.safetensors"
     trained = train_on_fixture_cells(
-        out,
-        "--init",
-        "imagenet",
-        "--backbone-weights",
-        str(backbone_file),
+        training_cells, out, "--init", "imagenet", "--backbone-weights", str(backbone_file)
     )
     assert trained.returncode == 0, trained.stderr
     model, info = load_model(out)
@@ -350,143 +388,154 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_continues_an_earlier_model_at_a_larger_input_size(tmp_path):
-    """Progressive resizing: a second stage starts from the first stage's file at a larger input size."""
+def test_init_from_continues_an_earlier_model_at_a_larger_input_size(tmp_path, training_cells):
+    """Progressive resizing: a second stage starts from the first stage's file at a larger input
+    size, and may switch stain standardisation on (batch norm adapts)."""
     earlier = tiny_weights(tmp_path / "stage1.safetensors")
+    assert not read_info(earlier).config.stain_standardise
     out = tmp_path / "stage2.safetensors"
-    common = ["--data", str(FIXTURE_CELLS), "--out", str(out), "--init-from", str(earlier)]
-    trained = run_module(
-        "ml.train",
-        *common,
-        "--input-size",
-        "48",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-9",
-        "--val-fraction",
-        "0.5",
-    )
+    continued = ("--init-from", str(earlier), "--input-size", "48", "--lr", "1e-9", "--stain-standardise")
+    trained = train_on_fixture_cells(training_cells, out, *continued)
     assert trained.returncode == 0, trained.stderr
     assert "starting from test-tiny at 48px" in trained.stdout
     model, info = load_model(out)
-    assert info.config.input_size == 48 and info.config.trunk_stride == 8
+    assert info.config.input_size == 48 and info.config.trunk_stride == 8 and info.config.stain_standardise
     assert info.metrics["init_from"] == "test-tiny"
     start, _ = load_model(earlier)
     convolutions = [k for k, v in start.state_dict().items() if k.startswith("features.") and v.dim() == 4]
     for name in convolutions:  # a 1e-9 learning rate leaves the earlier convolutions in place
         torch.testing.assert_close(model.state_dict()[name], start.state_dict()[name])
 
-    restrided = run_module("ml.train", *common, "--trunk-stride", "16", "--epochs", "1")
+    restrided = train_on_fixture_cells(training_cells, out, "--init-from", str(earlier), "--trunk-stride", "16")
     assert restrided.returncode != 0 and "trunk stride" in restrided.stderr
 
 
-def test_imagenet_init_without_weights_explains(tmp_path):
-    result = run_module(
-        "ml.train",
-        "--data",
-        str(FIXTURE_CELLS),
-        "--out",
-        str(tmp_path / "x.safetensors"),
-        "--init",
-        "imagenet",
-        "--backbone-weights",
-        str(tmp_path / "absent.pth"),
+def test_imagenet_init_without_weights_explains(tmp_path, training_cells):
+    absent = str(tmp_path / "absent.pth")
+    result = train_on_fixture_cells(
+        training_cells, tmp_path / "x.safetensors", "--init", "imagenet", "--backbone-weights", absent
     )
     assert result.returncode != 0 and "--backbone-weights" in result.stderr
 
 
 @pytest.mark.slow
-def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path):
+def test_stain_standardised_recipe_is_recorded_in_the_model_file(tmp_path, training_cells):
     out = tmp_path / "stain.safetensors"
-    trained = train_on_fixture_cells(
-        out,
-        "--stain-standardise",
-        "--label-smoothing",
-        "0.1",
-    )
+    trained = train_on_fixture_cells(training_cells, out, "--stain-standardise", "--label-smoothing", "0.1")
     assert trained.returncode == 0, trained.stderr
     assert load_model(out)[1].config.stain_standardise
-    plain = tiny_weights(tmp_path / "plain.safetensors")
-    assert not load_model(plain)[1].config.stain_standardise
-    continued = train_on_fixture_cells(
-        tmp_path / "continued.safetensors", "--init-from", str(plain), "--stain-standardise"
-    )
-    assert continued.returncode == 0, continued.stderr
-    assert load_model(tmp_path / "continued.safetensors")[1].config.stain_standardise
+
+
+# Two epochs of two steps each (six training cells, three at a time), a quarter of the patients
+# (two cells, one of either class) for validation: shared by the recipe options' tests.
+SHORT_RUN = ("--epochs", "2", "--batch-size", "3", "--val-fraction", "0.25", "--seed", "5")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, training_cells) -> Path:
+    out = tmp_path_factory.mktemp("plain-run") / "plain.safetensors"
+    trained = train_on_fixture_cells(training_cells, out, *SHORT_RUN)
+    assert trained.returncode == 0, trained.stderr
+    return out
 
 
 @pytest.mark.slow
-def test_mixup_trains_on_blended_cells_and_is_recorded(tmp_path):
-    plain, mixed = tmp_path / "plain.safetensors", tmp_path / "mixed.safetensors"
-    for out, options in ((plain, ()), (mixed, ("--mixup", "0.4"))):
-        trained = train_on_fixture_cells(
-            out, "--epochs", "2", "--batch-size", "3", "--val-fraction", "0.25", "--seed", "5", *options
-        )
-        assert trained.returncode == 0, trained.stderr
-    assert read_info(mixed).metrics["mixup_alpha"] == 0.4 and read_info(plain).metrics["mixup_alpha"] is None
-    # Same seed, cells and order: only the blending can make the weights differ. Three training cells
-    # and two epochs, since this seed pairs each of the first epoch's cells with itself.
-    plain_state, mixed_state = load_model(plain)[0].state_dict(), load_model(mixed)[0].state_dict()
+def test_mixup_trains_on_blended_cells_and_is_recorded(tmp_path, training_cells, plain_run):
+    mixed = tmp_path / "mixed.safetensors"
+    trained = train_on_fixture_cells(training_cells, mixed, *SHORT_RUN, "--mixup", "0.4")
+    assert trained.returncode == 0, trained.stderr
+    assert read_info(mixed).metrics["mixup_alpha"] == 0.4 and read_info(plain_run).metrics["mixup_alpha"] is None
+    # Same seed, cells and order: only the blending can make the weights differ.
+    plain_state, mixed_state = load_model(plain_run)[0].state_dict(), load_model(mixed)[0].state_dict()
     assert any(not torch.equal(plain_state[k], mixed_state[k]) for k in plain_state)
-    refused = train_on_fixture_cells(tmp_path / "bad.safetensors", "--mixup", "0")
+    refused = train_on_fixture_cells(training_cells, tmp_path / "bad.safetensors", "--mixup", "0")
     assert refused.returncode != 0 and "alpha must be above 0" in refused.stderr
 
 
 @pytest.mark.slow
-def test_ema_exports_the_weight_average_and_resumes_with_it(tmp_path):
+def test_ema_exports_the_weight_average_and_resumes_with_it(tmp_path, training_cells, plain_run):
     """With a decay this close to 1 the average barely moves after its first update, so the exported
-    weights must differ from the same seed's run without it, which takes a second step."""
-    plain, averaged = tmp_path / "plain.safetensors", tmp_path / "ema.safetensors"
-    for out, options in ((plain, ()), (averaged, ("--ema", "0.999999"))):
-        trained = train_on_fixture_cells(out, "--epochs", "2", "--seed", "5", *options)
-        assert trained.returncode == 0, trained.stderr
-    plain_model, plain_info = load_model(plain)
+    weights must differ from the same seed's run without it, which takes more steps."""
+    averaged = tmp_path / "ema.safetensors"
+    trained = train_on_fixture_cells(training_cells, averaged, *SHORT_RUN, "--ema", "0.999999")
+    assert trained.returncode == 0, trained.stderr
+    plain_model, plain_info = load_model(plain_run)
     ema_model, ema_info = load_model(averaged)
     assert plain_info.metrics["ema_decay"] is None and ema_info.metrics["ema_decay"] == 0.999999
     plain_state, ema_state = plain_model.state_dict(), ema_model.state_dict()
     assert plain_state.keys() == ema_state.keys()
     assert any(not torch.equal(plain_state[k], ema_state[k]) for k in plain_state)
 
-    checkpoint = torch.load(averaged.with_suffix(".ckpt"), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(averaged.with_suffix(".ckpt"), map_location="cpu", weights_only=True, mmap=True)
     assert "average" in checkpoint
-    resumed = train_on_fixture_cells(averaged, "--epochs", "2", "--seed", "5", "--ema", "0.999999", "--resume")
+    resumed = train_on_fixture_cells(training_cells, averaged, *SHORT_RUN, "--ema", "0.999999", "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
 
 
+def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_threshold(
+    tmp_path, training_cells, plain_run
+):
+    chosen = read_info(plain_run)
+    refit = tmp_path / "refit.safetensors"
+    trained = train_on_fixture_cells(training_cells, refit, *SHORT_RUN, "--refit", str(plain_run))
+    assert trained.returncode == 0, trained.stderr
+    assert "validation: 0 images" in trained.stdout
+    info = read_info(refit)
+    assert info.version != chosen.version
+    assert info.threshold == chosen.threshold
+    assert info.metrics["refit_of"] == chosen.version
+    assert info.metrics["train_images"] == len(list_samples(training_cells))
+    assert info.metrics["validation"] == chosen.metrics["validation"]
+    assert info.metrics["validation_groups"] == chosen.metrics["validation_groups"]
+    # The same two-epoch schedule, stopped where the validation run chose its weights.
+    assert info.metrics["epoch"] == chosen.metrics["epoch"] and info.metrics["recipe"]["epochs"] == 2
+
+    def refused(*options: str) -> str:
+        result = train_on_fixture_cells(training_cells, tmp_path / "x.safetensors", "--refit", str(plain_run), *options)
+        assert result.returncode != 0 and not (tmp_path / "x.safetensors").exists()
+        return result.stderr
+
+    assert "with --epochs 2" in refused("--batch-size", "3", "--seed", "5")
+    assert "without --mixup" in refused(*SHORT_RUN, "--mixup", "0.2")
+    assert "input_size=32" in refused(*SHORT_RUN, "--input-size", "48")
+    assert "without --limit" in refused(*SHORT_RUN, "--limit", "7")
+
+
 @pytest.mark.slow
-def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation(tmp_path):
-    train_side, val_side = split_by_patient(list_samples(FIXTURE_CELLS), holdout_fraction=0.5, seed=20261125)
+def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation(tmp_path, training_cells):
+    from ml.train import excluded_file_names
+
+    train_side, val_side = split_by_patient(list_samples(training_cells), holdout_fraction=0.5, seed=20261125)
     listed = [train_side[0].path.name, val_side[0].path.name]
     audit_report = tmp_path / "audit.json"  # the shape ml.audit --json writes
     audit_report.write_text(json.dumps({"cells": [{"file": name, "label": "?", "scores": []} for name in listed]}))
     plain_list = tmp_path / "recheck.txt"
     plain_list.write_text(f"# cells to re-check\n{listed[0]}\n\n{listed[1]}  # on the validation side\n")
+    assert excluded_file_names(str(plain_list)) == excluded_file_names(str(audit_report)) == set(listed)
 
-    for exclude in (audit_report, plain_list):
-        out = tmp_path / f"{exclude.stem}.safetensors"
-        trained = train_on_fixture_cells(out, "--batch-size", "1", "--exclude", str(exclude))
-        assert trained.returncode == 0, trained.stderr
-        assert f"left 1 of {len(train_side)} training cells out" in trained.stdout
-        metrics = load_model(out)[1].metrics
-        assert metrics["excluded_from_training"] == 1
-        assert metrics["train_images"] == len(train_side) - 1
-        assert metrics["validation_images"] == len(val_side)
+    out = tmp_path / "model.safetensors"
+    trained = train_on_fixture_cells(training_cells, out, "--exclude", str(audit_report))
+    assert trained.returncode == 0, trained.stderr
+    assert f"left 1 of {len(train_side)} training cells out" in trained.stdout
+    metrics = load_model(out)[1].metrics
+    assert metrics["excluded_from_training"] == 1
+    assert metrics["train_images"] == len(train_side) - 1
+    assert metrics["validation_images"] == len(val_side)
 
     not_a_report = tmp_path / "other.json"
     not_a_report.write_text(json.dumps([listed[0]]))
-    refused = train_on_fixture_cells(tmp_path / "x.safetensors", "--exclude", str(not_a_report))
+    refused = train_on_fixture_cells(training_cells, tmp_path / "x.safetensors", "--exclude", str(not_a_report))
     assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
 
 
 @pytest.mark.slow
-def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp_path):
+def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp_path, training_cells):
     copy = tmp_path / "cells-32"
-    compacted = run_module("ml.compact", "--data", str(FIXTURE_CELLS), "--out", str(copy), "--size", "32")
+    compacted = run_module(
+        "ml.compact", "--data", str(training_cells), "--out", str(copy), "--size", "32", "--workers", "1"
+    )
     assert compacted.returncode == 0, compacted.stderr
-    originals, copies = list_samples(FIXTURE_CELLS), list_samples(copy)
+    originals, copies = list_samples(training_cells), list_samples(copy)
     assert [(s.path.stem, s.label) for s in copies] == [(s.path.stem, s.label) for s in originals]
     assert {s.patient_group for s in copies} == {s.patient_group for s in originals}
     for original, small in zip(originals, copies, strict=True):
@@ -495,56 +544,35 @@ def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp
         expected = square_resize(open_rgb(original.path), 32).astype(np.float32)
         assert decoded.shape == (32, 32, 3) and np.abs(decoded - expected).mean() < 6
 
-    trained = train_on_fixture_cells(tmp_path / "model.safetensors", "--data", str(copy))
+    trained = train_on_fixture_cells(copy, tmp_path / "model.safetensors")
     assert trained.returncode == 0, trained.stderr
-    assert "decoded 4 images at 32px" in trained.stdout
+    assert "decoded 8 images at 32px" in trained.stdout
 
 
-def test_training_on_a_missing_gpu_says_so_before_loading_anything(tmp_path):
-    no_gpu = {"CUDA_VISIBLE_DEVICES": ""}  # as on a machine without one, even where there is one
-    refused = train_on_fixture_cells(tmp_path / "model.safetensors", "--device", "cuda", env=no_gpu)
+def test_training_on_a_missing_gpu_says_so_before_loading_anything(tmp_path, training_cells):
+    """Run as ``python -m ml.train`` in a process of its own, as a user would (the other tests run
+    the CLIs' main() in this process)."""
+    out = tmp_path / "model.safetensors"
+    refused = subprocess.run(
+        [sys.executable, "-m", "ml.train", "--data", str(training_cells), "--out", str(out), "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # as on a machine without one, even where there is one
+    )
     assert refused.returncode != 0 and "sees no CUDA GPU" in refused.stderr
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not out.exists()
 
 
-def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_threshold(tmp_path):
-    validation_run = tmp_path / "validation-run.safetensors"
-    assert train_on_fixture_cells(validation_run, "--epochs", "2").returncode == 0
-    chosen = read_info(validation_run)
-
-    refit = tmp_path / "refit.safetensors"
-    trained = train_on_fixture_cells(refit, "--refit", str(validation_run), "--epochs", "2")
-    assert trained.returncode == 0, trained.stderr
-    assert "validation: 0 images" in trained.stdout
-    info = read_info(refit)
-    assert info.version != chosen.version
-    assert info.threshold == chosen.threshold
-    assert info.metrics["refit_of"] == chosen.version
-    assert info.metrics["train_images"] == len(list_samples(FIXTURE_CELLS))
-    assert info.metrics["validation"] == chosen.metrics["validation"]
-    assert info.metrics["validation_groups"] == chosen.metrics["validation_groups"]
-    # The same two-epoch schedule, stopped where the validation run chose its weights.
-    assert info.metrics["epoch"] == chosen.metrics["epoch"] and info.metrics["recipe"]["epochs"] == 2
-
-    other_epochs = train_on_fixture_cells(tmp_path / "x.safetensors", "--refit", str(validation_run))
-    assert other_epochs.returncode != 0 and "with --epochs 2" in other_epochs.stderr
-    other_recipe = train_on_fixture_cells(
-        tmp_path / "z.safetensors", "--refit", str(validation_run), "--epochs", "2", "--mixup", "0.2"
-    )
-    assert other_recipe.returncode != 0 and "without --mixup" in other_recipe.stderr
-    other_size = train_on_fixture_cells(
-        tmp_path / "y.safetensors", "--refit", str(validation_run), "--epochs", "2", "--input-size", "48"
-    )
-    assert other_size.returncode != 0 and "input_size=32" in other_size.stderr
-    other_cells = train_on_fixture_cells(
-        tmp_path / "w.safetensors", "--refit", str(validation_run), "--epochs", "2", "--limit", "3"
-    )
-    assert other_cells.returncode != 0 and "without --limit" in other_cells.stderr
-
-
-def test_training_refuses_a_split_it_could_not_learn_or_choose_from(tmp_path):
-    too_few = train_on_fixture_cells(tmp_path / "a.safetensors", "--batch-size", "4")
-    assert too_few.returncode != 0 and "2 training images, fewer than --batch-size 4" in too_few.stderr
+def test_training_refuses_a_split_it_could_not_learn_or_choose_from(tmp_path, training_cells):
+    too_few = train_on_fixture_cells(training_cells, tmp_path / "a.safetensors", "--batch-size", "5")
+    assert too_few.returncode != 0 and "4 training images, fewer than --batch-size 5" in too_few.stderr
+    no_share = train_on_fixture_cells(training_cells, tmp_path / "a.safetensors", "--val-fraction", "0")
+    assert no_share.returncode != 0 and "give a fraction between 0 and 1" in no_share.stderr
+    # The fixture's own four patients have one cell each: this draw holds out both Uninfected ones.
+    one_class = train_on_fixture_cells(FIXTURE_CELLS, tmp_path / "a.safetensors", "--seed", "20261125")
+    assert one_class.returncode != 0 and "the validation patients' cells are all Uninfected" in one_class.stderr
 
     def one_patient(folder: Path, *prefixes: str) -> Path:
         for name in ("Parasitized", "Uninfected"):
@@ -554,16 +582,15 @@ def test_training_refuses_a_split_it_could_not_learn_or_choose_from(tmp_path):
                 cell.save(folder / name / f"{prefix}_IMG_20150101_000000_cell_{n}.png")
         return folder
 
-    def train(data: Path) -> subprocess.CompletedProcess:
-        options = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--val-fraction", "0.5"]
-        return run_module("ml.train", "--data", str(data), "--out", str(tmp_path / "b.safetensors"), *options)
-
-    alone = train(one_patient(tmp_path / "one-group", "C1P1thin"))  # its only group is drawn for validation
+    out = tmp_path / "b.safetensors"
+    alone = train_on_fixture_cells(one_patient(tmp_path / "one-group", "C1P1thin"), out)  # its only group is drawn
     assert alone.returncode != 0 and "0 training images, fewer than --batch-size 2" in alone.stderr
     # One patient under two prefixes: the half drawn for validation stays with the other half.
-    kept_together = train(one_patient(tmp_path / "two-prefixes", "C1P1thinOlympus", "C1P1thinMotic"))
+    kept_together = train_on_fixture_cells(
+        one_patient(tmp_path / "two-prefixes", "C1P1thinOlympus", "C1P1thinMotic"), out
+    )
     assert kept_together.returncode != 0 and "no patient group is left for validation" in kept_together.stderr
-    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+    assert not (tmp_path / "a.safetensors").exists() and not out.exists()
 
 
 def test_shared_mistakes_are_those_every_model_makes_most_confident_first():
