@@ -47,6 +47,7 @@ def create_batch(
         check_callback_url(callback_url)
     images = _validate_all(uploads)
     with _removing_files_on_error() as stored, transaction.atomic():
+        _keep_files_once_committed(stored)
         batch = Batch.objects.create(
             owner=owner,
             sample_reference=sample_reference.strip(),
@@ -62,6 +63,7 @@ def create_batch(
 def create_analysis(*, owner: AbstractBaseUser, upload: UploadedFile) -> Analysis:
     (image,) = _validate_all([upload])
     with _removing_files_on_error() as stored, transaction.atomic():
+        _keep_files_once_committed(stored)
         analysis = _store_analysis(owner=owner, image=image, batch=None, stored=stored)
         transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[analysis.pk]), robust=True)
     return analysis
@@ -89,6 +91,13 @@ def _removing_files_on_error() -> Iterator[list[str]]:
         for name in stored:
             private_storage.delete(name)
         raise
+
+
+def _keep_files_once_committed(stored: list[str]) -> None:
+    """Registered first, so it runs first at commit: from then on the files are the committed
+    rows', and nothing a later commit hook raises (a worker process aborted while the broker
+    stalls raises SystemExit, which even a robust hook lets through) may delete them."""
+    transaction.on_commit(stored.clear)
 
 
 def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:

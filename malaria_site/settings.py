@@ -192,6 +192,10 @@ if not CELERY_BROKER_URL.startswith("filesystem://"):
     # Redis hands an unacknowledged task to another worker after this long: it must outlast the
     # longest a task may run, or a running cell is analysed twice.
     CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = max(3600, 2 * CELERY_TASK_TIME_LIMIT)
+    # Without these a Redis that stalls (paused, swapping, behind a network dropping packets)
+    # holds an upload's enqueue, and so its request, for ever; with them the upload is answered
+    # and its cells wait for the sweeper. Longer than the worker's 1 s BRPOP polls.
+    CELERY_BROKER_TRANSPORT_OPTIONS |= {"socket_connect_timeout": 3, "socket_timeout": 10}
 # Fail fast when the broker is down: the upload stays queued and the sweeper enqueues it later.
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}

@@ -175,6 +175,56 @@ def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactio
     )
 
 
+@contextmanager
+def stalled_broker(port: int):
+    """A broker address that takes connections and never answers: a Redis that is paused or
+    swapping, or a network that drops its packets."""
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def hold_connections():
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    holder = threading.Thread(target=hold_connections, daemon=True)
+    holder.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        holder.join()
+        for connection_ in held:
+            connection_.close()
+        listener.close()
+
+
+def test_an_upload_while_the_broker_stalls_is_answered_and_kept(transactional_db, user, media_root, tmp_path):
+    port = free_port()
+    with (
+        stalled_broker(port),
+        web_server(media_root, private_broker_env(port, stale_seconds=600), tmp_path / "web.log") as base,
+    ):
+        cell = fixture_cells()[0]
+        started = time.monotonic()
+        response = requests.post(
+            f"{base}/api/analyses/",
+            headers={"Authorization": f"Token {api_key(user)}"},
+            timeout=90,  # gunicorn's own timeout is 60 s: an answer after that would be no answer
+            files={"image": (cell.name, cell.read_bytes(), "image/png")},
+        )
+        waited = time.monotonic() - started
+    assert response.status_code == 202, response.text
+    analysis = Analysis.objects.get()
+    assert analysis.status == "queued" and analysis.enqueued_at is None  # the sweeper sends it later
+    assert (media_root / analysis.image.name).is_file()
+    assert waited < 60, f"answered after {waited:.0f} s"
+    print(f"\n[broker stalls] the upload was answered in {waited:.1f}s and kept for the sweeper")
+
+
 @needs_redis_server
 def test_broker_lost_mid_task_loses_nothing_and_records_once(transactional_db, user, media_root, tmp_path):
     """Redis dies with queued messages in it while a task runs; it comes back empty."""

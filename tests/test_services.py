@@ -9,8 +9,8 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from diagnosis import inference, services
-from diagnosis.models import Analysis
-from tests.factories import upload
+from diagnosis.models import Analysis, private_storage
+from tests.factories import UserFactory, upload
 
 
 @pytest.fixture
@@ -329,3 +329,19 @@ def test_the_worker_records_what_the_predictor_says_about_the_original(user, set
         with analysis.overlay.open("rb") as stored:
             overlay = Image.open(bytes_io.BytesIO(stored.read()))
             assert overlay.size == original.size
+
+
+def test_a_committed_uploads_files_stay_when_a_commit_hook_aborts_the_process(transactional_db, monkeypatch):
+    """gunicorn aborts a request that outlives its timeout (a broker that stalls the enqueue) with
+    SystemExit, which Django's robust commit hooks let through: the rows are committed by then."""
+
+    def aborted(**kwargs):
+        raise SystemExit(1)
+
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", aborted)
+    with pytest.raises(SystemExit):
+        services.create_batch(owner=UserFactory(), uploads=[upload(), upload()])
+    analyses = Analysis.objects.all()
+    assert len(analyses) == 2 and all(a.status == "queued" for a in analyses)
+    for analysis in analyses:
+        assert private_storage.exists(analysis.image.name) and private_storage.exists(analysis.thumbnail.name)
