@@ -89,14 +89,17 @@ class RecordsDeletions:
 
     record_deletion = staticmethod(_record_deleted)
 
+    def delete_record(self, obj) -> None:
+        obj.delete()
+
     def delete_model(self, request, obj):
         self.record_deletion(request, obj)
-        super().delete_model(request, obj)
+        self.delete_record(obj)
 
     def delete_queryset(self, request, queryset):
         for obj in queryset:
             self.record_deletion(request, obj)
-        super().delete_queryset(request, queryset)
+            self.delete_record(obj)
 
 
 class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
@@ -104,6 +107,13 @@ class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def delete_record(self, obj) -> None:
+        # As the owners' deletions: a lab system that was sent the results is told they are withdrawn.
+        if isinstance(obj, Batch):
+            services.delete_batch(batch=obj)
+        else:
+            services.delete_analysis(analysis=obj)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         record = self.get_object(request, object_id) if request.method == "GET" else None

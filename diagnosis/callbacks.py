@@ -79,6 +79,13 @@ def notify_finished_batches(*, analysis_ids: list[int]) -> None:
         _enqueue(batch_id)
 
 
+def notify_deletion(*, batch_id: int) -> None:
+    """Enqueue the callback of a batch whose delivered results a deletion changed (a cell of it,
+    or the whole batch: then its event is ``batch.withdrawn``, with no cells)."""
+    if _due().filter(pk=batch_id).exists():
+        _enqueue(batch_id)
+
+
 def requeue_due_callbacks() -> int:
     """The sweeper's part: callbacks whose enqueue was lost or whose pause after a failure is over."""
     due = list(_due().values_list("pk", flat=True))
@@ -91,11 +98,11 @@ def deliver(*, batch_id: int) -> bool:
     """One attempt, if this caller wins it. True once the receiver has answered 2xx."""
     lease = timezone.now() + LEASE
     claimed = _due().filter(pk=batch_id).update(callback_due_at=lease, callback_attempts=F("callback_attempts") + 1)
-    batch = Batch.objects.filter(pk=batch_id).first() if claimed else None
+    batch = Batch.with_withdrawn.filter(pk=batch_id).first() if claimed else None
     if batch is None:  # not due, another attempt holds it, or deleted in between
         return False
     # The outcome is written only while this attempt's lease stands: a restart clears it.
-    held = Batch.objects.filter(
+    held = Batch.with_withdrawn.filter(
         pk=batch_id,
         callback_state=Batch.CallbackState.PENDING,
         callback_due_at=lease,
@@ -118,14 +125,17 @@ def deliver(*, batch_id: int) -> bool:
         cause = getattr(failure, "reason", failure)  # urllib wraps the socket's error in a URLError
         error = f"{cause.__class__.__name__}: {cause}"
     if not error:
+        delivered_at = timezone.now()
         held.update(
             callback_state=Batch.CallbackState.DELIVERED,
-            callback_delivered_at=timezone.now(),
+            callback_delivered_at=delivered_at,
             callback_due_at=None,
             callback_error="",
         )
         record_callback(batch=batch)  # sent, whether or not newer results will follow
         logger.info("event=callback_delivered batch_id=%s attempts=%s", batch_id, batch.callback_attempts)
+        if batch.withdrawn_at:  # the lab system knows: nothing of the batch is left to keep
+            Batch.with_withdrawn.filter(pk=batch_id, callback_delivered_at=delivered_at).delete()
         return True
     given_up = batch.callback_attempts >= settings.CALLBACK_MAX_ATTEMPTS
     held.update(
@@ -140,7 +150,7 @@ def deliver(*, batch_id: int) -> bool:
 def retry(*, batch: Batch) -> bool:
     """failed -> pending with a fresh count of attempts, e.g. once the lab system is back. Only a
     failed callback can be retried: a pending one is still being tried, a delivered one arrived."""
-    restarted = _restart(Batch.objects.filter(pk=batch.pk), from_states=[Batch.CallbackState.FAILED])
+    restarted = _restart(Batch.with_withdrawn.filter(pk=batch.pk), from_states=[Batch.CallbackState.FAILED])
     if restarted:
         logger.info("event=callback_retry batch_id=%s", batch.pk)
         _enqueue(batch.pk)
@@ -152,7 +162,7 @@ def send_again(*, batch_ids: Iterable[int]) -> int:
     which go out once every cell is finished, as the first ones did. An attempt under way for a
     pending one loses its lease, so it cannot mark the batch delivered with the old results."""
     states = [Batch.CallbackState.PENDING, Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
-    return _restart(Batch.objects.filter(pk__in=batch_ids), from_states=states)
+    return _restart(Batch.with_withdrawn.filter(pk__in=batch_ids), from_states=states)
 
 
 def _restart(batches: QuerySet[Batch], *, from_states: list[str]) -> int:
@@ -174,7 +184,7 @@ def _due():
     """Batches with a pending callback, every cell finished, and no pause or lease running."""
     unfinished = Analysis.objects.filter(batch=OuterRef("pk"), status__in=UNFINISHED)
     return (
-        Batch.objects.filter(callback_state=Batch.CallbackState.PENDING)
+        Batch.with_withdrawn.filter(callback_state=Batch.CallbackState.PENDING)
         .filter(Q(callback_due_at__isnull=True) | Q(callback_due_at__lte=timezone.now()))
         .exclude(Exists(unfinished))
     )
@@ -194,8 +204,9 @@ def _payload(batch: Batch) -> dict:
     # Results can change after they were sent (cells analysed again, a reviewer's correction): the
     # receiver keeps the latest `results_as_of` for a batch.
     changes = [moment for a in analyses for moment in (a.finished_at, a.reviewed_at) if moment]
+    changes += [moment for moment in (batch.cell_deleted_at, batch.withdrawn_at) if moment]
     return {
-        "event": "batch.finished",
+        "event": "batch.withdrawn" if batch.withdrawn_at else "batch.finished",
         "batch": {
             "id": batch.pk,
             "sample_reference": batch.sample_reference,

@@ -31,6 +31,14 @@ def upload_path(instance, filename: str) -> str:
 NOTE_MAX_LENGTH = 2000
 
 
+class KeptBatches(models.Manager):
+    """Batches as users, the API and the admin see them: not those deleted after their lab system
+    was sent results, which stay only until it is told they are withdrawn (diagnosis.callbacks)."""
+
+    def get_queryset(self):
+        return super().get_queryset().filter(withdrawn_at__isnull=True)
+
+
 class Batch(models.Model):
     class CallbackState(models.TextChoices):
         NONE = "", "no callback"
@@ -51,6 +59,13 @@ class Batch(models.Model):
     callback_due_at = models.DateTimeField(null=True, blank=True)
     callback_error = models.CharField(max_length=300, blank=True)
     callback_delivered_at = models.DateTimeField(null=True, blank=True)
+    # When a cell was last deleted from the batch, and when the batch itself was: each makes the
+    # results the lab system holds out of date, so each is a change it is sent.
+    cell_deleted_at = models.DateTimeField(null=True, blank=True)
+    withdrawn_at = models.DateTimeField(null=True, blank=True)
+
+    objects = KeptBatches()
+    with_withdrawn = models.Manager()  # noqa: DJ012 - ruff takes the manager above for a field
 
     class Meta:
         ordering = ["-created_at", "-id"]

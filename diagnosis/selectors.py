@@ -213,7 +213,7 @@ def operations_status() -> dict:
         mean_turnaround_last_24h=Avg(F("finished_at") - F("created_at"), filter=done & last_day),
     )
     oldest, turnaround = analyses.pop("oldest_queued_at"), analyses.pop("mean_turnaround_last_24h")
-    callbacks = Batch.objects.aggregate(
+    callbacks = Batch.with_withdrawn.aggregate(
         callbacks_pending=Count("pk", filter=Q(callback_state=Batch.CallbackState.PENDING)),
         callbacks_failed=Count("pk", filter=Q(callback_state=Batch.CallbackState.FAILED)),
     )

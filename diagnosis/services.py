@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
-from diagnosis.callbacks import check_callback_url, notify_finished_batches, send_again
+from diagnosis.callbacks import check_callback_url, notify_deletion, notify_finished_batches, send_again
 from diagnosis.models import Analysis, Batch, overlay_path, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
@@ -293,16 +293,32 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
 
 
 def delete_analysis(*, analysis: Analysis) -> None:
-    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals)."""
+    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals). A lab
+    system that was sent its batch's results is sent them again without it."""
     logger.info("event=deleted analysis_id=%s owner_id=%s", analysis.pk, analysis.owner_id)
-    analysis.delete()
+    with transaction.atomic():
+        analysis.delete()
+        sent = Batch.objects.filter(pk=analysis.batch_id, callback_delivered_at__isnull=False)
+        if sent.update(cell_deleted_at=timezone.now()):
+            send_again(batch_ids=[analysis.batch_id])
+            transaction.on_commit(lambda: notify_deletion(batch_id=analysis.batch_id), robust=True)
 
 
 def delete_batch(*, batch: Batch) -> None:
-    """Remove a batch with every analysis in it and their files."""
+    """Remove a batch with every analysis in it and their files. If its lab system was sent its
+    results, the batch is kept, empty and hidden, until the lab system is told they are withdrawn."""
     ids = list(batch.analyses.values_list("pk", flat=True))
     logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, ids)
-    batch.delete()
+    if not batch.callback_delivered_at:
+        batch.delete()
+        return
+    with transaction.atomic():
+        batch.analyses.all().delete()
+        # The note may name the patient and the lab system has no use for it; the sample
+        # reference stays, as the lab system's key to the results it withdraws.
+        Batch.objects.filter(pk=batch.pk).update(withdrawn_at=timezone.now(), note="")
+        send_again(batch_ids=[batch.pk])
+        transaction.on_commit(lambda: notify_deletion(batch_id=batch.pk), robust=True)
 
 
 def delete_expired_analyses(*, older_than: timedelta) -> int:
@@ -317,7 +333,8 @@ def delete_expired_analyses(*, older_than: timedelta) -> int:
     while ids := list(expired.values_list("pk", flat=True)[:500]):
         with transaction.atomic():
             deleted += Analysis.objects.filter(pk__in=ids).delete()[1].get(Analysis._meta.label, 0)
-    Batch.objects.filter(created_at__lt=cutoff, analyses__isnull=True).delete()
+    # Withdrawn batches too: one whose lab system could never be told goes with the rest.
+    Batch.with_withdrawn.filter(created_at__lt=cutoff, analyses__isnull=True).delete()
     if deleted:
         logger.info("event=retention_deleted count=%s older_than_days=%s", deleted, older_than.days)
     return deleted

@@ -16,7 +16,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from diagnosis import callbacks, services
-from diagnosis.models import AccessEvent, Analysis, Batch
+from diagnosis.models import AccessEvent, Analysis, Batch, private_storage
 from malaria_site.celery import app as celery_app
 from tests.conftest import fixture_cells, wait_for
 from tests.factories import upload
@@ -359,3 +359,73 @@ def test_cells_analysed_again_while_an_attempt_is_under_way_are_sent_once_finish
     second = json.loads(receiver.received[1].body)["batch"]
     assert second["counts"]["failed"] == 0 and second["counts"]["parasitized"] == 1
     assert refreshed(batch).callback_state == State.DELIVERED
+
+
+def test_a_cell_deleted_after_delivery_is_withdrawn_from_the_lab_system(
+    user, receiver, monkeypatch, django_capture_on_commit_callbacks
+):
+    batch = finished_batch(user, receiver.url)
+    assert callbacks.deliver(batch_id=batch.pk)
+    first = json.loads(receiver.received[0].body)["batch"]
+    enqueued = []
+    monkeypatch.setattr(callbacks, "_enqueue", enqueued.append)  # the worker's part is the delivery below
+    api = APIClient()
+    api.force_authenticate(user)
+    wrong_patient = batch.analyses.get(original_filename="a.png")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.delete(f"/api/analyses/{wrong_patient.pk}/").status_code == 204
+    assert enqueued == [batch.pk] and refreshed(batch).callback_state == State.PENDING
+    assert callbacks.deliver(batch_id=batch.pk)
+    second = json.loads(receiver.received[1].body)
+    assert second["event"] == "batch.finished"
+    assert [a["original_filename"] for a in second["batch"]["analyses"]] == ["b.png"]
+    assert second["batch"]["results_as_of"] > first["results_as_of"]  # a receiver keeping the latest takes it
+
+
+def test_a_batch_deleted_after_delivery_is_withdrawn_then_gone(
+    client, user, receiver, monkeypatch, django_capture_on_commit_callbacks
+):
+    batch = finished_batch(user, receiver.url)
+    Batch.objects.filter(pk=batch.pk).update(note="bed 4, Mrs A.")
+    assert callbacks.deliver(batch_id=batch.pk)
+    enqueued = []
+    monkeypatch.setattr(callbacks, "_enqueue", enqueued.append)
+    files = [f.name for a in batch.analyses.all() for f in (a.image, a.thumbnail)]
+    client.force_login(user)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post(f"/batches/{batch.pk}/delete/").status_code == 302
+    # Gone for its owner, its cells and files at once; kept only to tell the lab system.
+    assert client.get(f"/batches/{batch.pk}/").status_code == 404
+    api = APIClient()
+    api.force_authenticate(user)
+    assert api.get(f"/api/batches/{batch.pk}/").status_code == 404 and api.get("/api/batches/").json()["count"] == 0
+    assert not Analysis.objects.exists() and not any(private_storage.exists(name) for name in files)
+    assert enqueued == [batch.pk] and Batch.with_withdrawn.get(pk=batch.pk).note == ""
+
+    assert callbacks.deliver(batch_id=batch.pk)
+    withdrawn = receiver.received[1]
+    assert withdrawn.headers["X-Malaria-Signature"] == callbacks.signature(withdrawn.body)
+    body = json.loads(withdrawn.body)
+    assert body["event"] == "batch.withdrawn"
+    assert (body["batch"]["id"], body["batch"]["sample_reference"], body["batch"]["analyses"]) == (batch.pk, "", [])
+    assert not Batch.with_withdrawn.filter(pk=batch.pk).exists()
+
+
+def test_a_batch_deleted_before_any_delivery_tells_the_lab_system_nothing(user, receiver):
+    batch = services.create_batch(owner=user, uploads=[upload("a.png")], callback_url=receiver.url)
+    services.delete_batch(batch=batch)
+    assert not Batch.with_withdrawn.exists() and callbacks.requeue_due_callbacks() == 0
+    assert receiver.received == []
+
+
+def test_an_admins_deletion_is_withdrawn_from_the_lab_system_too(admin_client, user, receiver, monkeypatch):
+    batch, other = finished_batch(user, receiver.url), finished_batch(user, receiver.url)
+    assert callbacks.deliver(batch_id=batch.pk) and callbacks.deliver(batch_id=other.pk)
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    assert admin_client.post(f"/admin/diagnosis/batch/{batch.pk}/delete/", {"post": "yes"}).status_code == 302
+    cell = other.analyses.first()
+    selected = {"action": "delete_selected", "_selected_action": [cell.pk], "post": "yes"}
+    assert admin_client.post("/admin/diagnosis/analysis/", selected).status_code == 302
+    assert refreshed(other).callback_state == State.PENDING and other.analyses.count() == 1
+    assert Batch.with_withdrawn.get(pk=batch.pk).withdrawn_at is not None
+    assert admin_client.get("/admin/diagnosis/batch/").content.decode().count("/change/") == 1
