@@ -24,13 +24,14 @@ WORKDIR /app
 
 # requirements.txt pins torch==2.14.1 and torchvision==0.29.1. From PyPI those are the CUDA builds
 # (several GB of nvidia-* wheels). The workers run on CPU, so to shrink the image by several GB
-# build with PyTorch's CPU wheel index, whose `2.14.1+cpu` builds satisfy the same pins:
-#   docker compose build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# build with PyTorch's CPU wheel index, whose `2.14.1+cpu` builds satisfy the same pins: set
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu in .env (docker-compose.yml passes it on).
 ARG TORCH_INDEX_URL=""
 COPY requirements.txt .
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r requirements.txt
 
 # Only what runs in production is copied: never .env (secrets), var/ (local patient data) or .venv.
+# .dockerignore keeps those out of the build context too, and training checkpoints out of ml/.
 COPY manage.py ./
 COPY malaria_site/ malaria_site/
 COPY diagnosis/ diagnosis/
@@ -42,7 +43,7 @@ COPY ml/ ml/
 ARG REQUIRE_WEIGHTS=1
 RUN if [ "$REQUIRE_WEIGHTS" = 1 ] && [ ! -f ml/weights/malaria_vgg19.safetensors ]; then \
         echo "ml/weights/malaria_vgg19.safetensors is missing: train it first (README.md, 'The model')," \
-             "or build with --build-arg REQUIRE_WEIGHTS=0 and mount a model at MODEL_WEIGHTS." >&2; \
+             "or build with REQUIRE_WEIGHTS=0 (in .env, or --build-arg) and mount a model at MODEL_WEIGHTS." >&2; \
         exit 1; \
     fi
 

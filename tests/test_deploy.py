@@ -8,7 +8,8 @@ No image is built and no container started here. What is checked instead:
   and the settings the app containers would get from `.env` plus the compose `environment:` block;
 * `manage.py check --deploy` with production variables, and the refusal to start without a secret key;
 * the X-Accel-Redirect hand-off, in-process and, where an `nginx` binary is installed, through the
-  real deploy/nginx.conf in front of a Django server and of gunicorn run with deploy/gunicorn.conf.py.
+  real deploy/nginx.conf in front of a Django server and of gunicorn run with deploy/gunicorn.conf.py;
+* .dockerignore, read as Docker reads it, against what the Dockerfile copies.
 """
 
 import ast
@@ -150,12 +151,43 @@ def interpolated_names(value) -> set[str]:
     return {m["braced"] or m["named"] for m in INTERPOLATION.finditer(value) if not m["escaped"]}
 
 
+def dockerfile_instructions() -> list[list[str]]:
+    """[instruction, arguments] for each instruction, continuation lines joined."""
+    return [line.split(None, 1) for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if line[:1].isalpha()]
+
+
 def dockerfile_env() -> dict[str, str]:
     env = {}
-    for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines():
-        if line.startswith("ENV "):
-            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    for op, arg in dockerfile_instructions():
+        if op == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(arg))
     return env
+
+
+def dockerfile_args() -> dict[str, str]:
+    """The Dockerfile's build arguments and their defaults."""
+    args = (arg.split("=", 1) for op, arg in dockerfile_instructions() if op == "ARG")
+    return {name: "".join(shlex.split(default)) for name, default in args}
+
+
+def dockerignore_regex(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as Docker matches it: `**` spans folders, `*` and `?` stay within one."""
+    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    tokens = re.split(r"(\*\*/?|\*|\?)", pattern.strip("/"))
+    return re.compile("".join(wildcards.get(token, re.escape(token)) for token in tokens))
+
+
+def dockerignored(path: str) -> bool:
+    """Whether the build context leaves `path` out: the last pattern that matches it, or a folder
+    above it, decides; a `!` pattern takes it back in."""
+    lines = (line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines())
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    folders = [Path(path), *Path(path).parents][:-1]  # without "."
+    excluded = False
+    for pattern in patterns:
+        if any(dockerignore_regex(pattern.removeprefix("!")).fullmatch(folder.as_posix()) for folder in folders):
+            excluded = not pattern.startswith("!")
+    return excluded
 
 
 def container_environment(service: str, dotenv: dict[str, str]) -> dict[str, str]:
@@ -178,9 +210,30 @@ def nginx_locations(conf: str = NGINX_CONF) -> dict[str, str]:
     return {m.group(2): m.group(3) for m in re.finditer(r"location\s+(=\s*)?(\S+)\s*\{([^}]*)\}", conf)}
 
 
+def nginx_site(dotenv: dict[str, str]) -> str:
+    """deploy/nginx.conf as the nginx image writes it from its template at start: envsubst over the
+    variables of the service's environment that NGINX_ENVSUBST_FILTER lets through, `$NAME` and
+    `${NAME}` of those only."""
+    env = interpolate(SERVICES["nginx"]["environment"], dotenv)
+    values = {name: value for name, value in env.items() if re.search(env["NGINX_ENVSUBST_FILTER"], name)}
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))", lambda m: values.get(m[1] or m[2], m[0]), NGINX_CONF)
+
+
+def nginx_directive(site: str, name: str) -> str:
+    (value,) = re.findall(rf"^\s*{name}\s+(\S+);", site, re.M)
+    return value
+
+
 def size_in_bytes(value: str) -> int:
     number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", value).groups()
     return int(number) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit.lower()]
+
+
+def duration_seconds(value: str) -> int:
+    """A duration as nginx and compose write it ("1m30s", "340s"; nginx also takes a bare number)."""
+    parts = re.findall(r"(\d+)([hms]?)", value)
+    assert "".join(number + unit for number, unit in parts) == value, value
+    return sum(int(number) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit] for number, unit in parts)
 
 
 def settings_default(name: str):
@@ -229,8 +282,20 @@ def test_every_service_is_there_and_long_running_ones_have_health_checks():
     assert SERVICES["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
     assert "/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
     # One image, built once from this repository, runs every Python service.
-    assert {SERVICES[name]["build"] for name in APP_SERVICES} == {"."}
+    assert {SERVICES[name]["build"]["context"] for name in APP_SERVICES} == {"."}
     assert len({SERVICES[name]["image"] for name in APP_SERVICES}) == 1
+
+
+def test_compose_builds_with_the_dockerfiles_arguments_and_defaults():
+    """`docker compose up -d --build` takes no `--build-arg`: .env sets them, and a blank line there must
+    not turn the weights check off (an empty REQUIRE_WEIGHTS is not 1)."""
+    cpu = "https://download.pytorch.org/whl/cpu"
+    for name in APP_SERVICES:
+        args = SERVICES[name]["build"]["args"]
+        assert interpolate(args, {}) == dockerfile_args() == {"TORCH_INDEX_URL": "", "REQUIRE_WEIGHTS": "1"}
+        assert interpolate(args, {"REQUIRE_WEIGHTS": ""}) == dockerfile_args()
+        set_in_dotenv = {"TORCH_INDEX_URL": cpu, "REQUIRE_WEIGHTS": "0"}
+        assert interpolate(args, set_in_dotenv) == set_in_dotenv
 
 
 def test_migrate_is_one_shot():
@@ -277,6 +342,19 @@ def test_workers_scale_and_only_nginx_is_published():
     assert "inspect ping -d celery@$HOSTNAME" in " ".join(ping)
     assert [name for name, spec in SERVICES.items() if "ports" in spec] == ["nginx"]
     assert not any("container_name" in spec for spec in SERVICES.values())
+
+
+def test_a_stopped_worker_may_finish_the_longest_task():
+    """Docker kills a worker that has not stopped after stop_grace_period: it must outlast the task's
+    hard time limit (CELERY_TASK_SOFT_TIME_LIMIT + 30 s), by default and as .env.example sets both."""
+    example = dotenv_as_intended(ENV_EXAMPLE)
+    grace = SERVICES["worker"]["stop_grace_period"]
+    assert interpolate(grace, {}) == interpolate(grace, {"WORKER_STOP_GRACE": ""}) == example["WORKER_STOP_GRACE"]
+    soft_limit = settings_default("CELERY_TASK_SOFT_TIME_LIMIT")
+    assert soft_limit == int(example["CELERY_TASK_SOFT_TIME_LIMIT"])
+    margin = django_settings.CELERY_TASK_TIME_LIMIT - django_settings.CELERY_TASK_SOFT_TIME_LIMIT
+    assert duration_seconds(interpolate(grace, {})) > soft_limit + margin
+    assert interpolate(grace, {"WORKER_STOP_GRACE": "15m"}) == "15m"
 
 
 def test_beat_runs_the_stale_analysis_sweeper(settings):
@@ -349,10 +427,42 @@ def test_static_location_matches_static_url_and_root():
     assert re.search(rf"alias {re.escape(SERVICES['web']['environment']['STATIC_ROOT'])}/;", static)
 
 
-def test_body_limit_matches_request_max_bytes():
-    (limit,) = re.findall(r"client_max_body_size\s+(\w+);", NGINX_CONF)
-    example = dotenv_as_intended(ENV_EXAMPLE)["REQUEST_MAX_BYTES"]
-    assert size_in_bytes(limit) == settings_default("REQUEST_MAX_BYTES") == int(example)
+def test_nginx_body_limit_and_timeout_follow_the_app(monkeypatch):
+    """nginx refuses bodies over REQUEST_MAX_BYTES, and waits a minute longer than gunicorn's timeout."""
+    example = dotenv_as_intended(ENV_EXAMPLE)
+    monkeypatch.delenv("GUNICORN_TIMEOUT", raising=False)
+    gunicorn_default = runpy.run_path(str(GUNICORN_CONF))["timeout"]
+    assert gunicorn_default == int(example["GUNICORN_TIMEOUT"])
+    for site in (nginx_site({}), nginx_site(example)):
+        limit = size_in_bytes(nginx_directive(site, "client_max_body_size"))
+        assert limit == settings_default("REQUEST_MAX_BYTES") == int(example["REQUEST_MAX_BYTES"])
+        assert duration_seconds(nginx_directive(site, "proxy_read_timeout")) == gunicorn_default + 60
+    changed = nginx_site({"REQUEST_MAX_BYTES": "1048576", "GUNICORN_TIMEOUT": "90"})
+    assert nginx_directive(changed, "client_max_body_size") == "1048576"
+    assert duration_seconds(nginx_directive(changed, "proxy_read_timeout")) == 150
+    # Only those two are filled in: nginx's own variables ($remote_addr, $uri, ...) stay as they are,
+    # and so would one that happened to share a name with the image's environment.
+    placeholders = {"${REQUEST_MAX_BYTES}": "1048576", "${GUNICORN_TIMEOUT}": "90"}
+    assert changed == re.sub(r"\$\{\w+\}", lambda m: placeholders[m[0]], NGINX_CONF)
+    env = interpolate(SERVICES["nginx"]["environment"], {})
+    candidates = [*env, "HOSTNAME", "HOME", "PATH", "NGINX_VERSION"]
+    let_through = {name for name in candidates if re.search(env["NGINX_ENVSUBST_FILTER"], name)}
+    assert let_through == {"REQUEST_MAX_BYTES", "GUNICORN_TIMEOUT"}
+    assert mounts("nginx")["/etc/nginx/templates/default.conf.template"] == ("./deploy/nginx.conf", "ro")
+
+
+@pytest.mark.skipif(shutil.which("envsubst") is None, reason="no envsubst here (gettext-base)")
+def test_nginx_site_is_what_envsubst_writes():
+    """The rendering the other tests use, against the envsubst the nginx image runs, given the names it lists."""
+    dotenv = {"REQUEST_MAX_BYTES": "1048576", "GUNICORN_TIMEOUT": "90"}
+    env = interpolate(SERVICES["nginx"]["environment"], dotenv)
+    listed = " ".join(f"${{{name}}}" for name in env if re.search(env["NGINX_ENVSUBST_FILTER"], name))
+    base = {k: os.environ[k] for k in ("PATH",) if k in os.environ}
+    result = subprocess.run(
+        ["envsubst", listed], input=NGINX_CONF, env={**base, **env}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == nginx_site(dotenv)
 
 
 def test_nginx_forwards_scheme_host_and_address():
@@ -461,7 +571,8 @@ def test_docker_compose_itself_accepts_the_file(tmp_path):
     (tmp_path / ".env").write_text("".join(f"{name}={value}\n" for name, value in dotenv.items()))
 
     def config() -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARS and not k.startswith("POSTGRES_")}
+        documented = SETTINGS_VARS | env_example_names()[1]  # what the developer's own shell may set
+        env = {k: v for k, v in os.environ.items() if k not in documented and not k.startswith("POSTGRES_")}
         return subprocess.run([*compose_command(), "config"], cwd=tmp_path, env=env, capture_output=True, text=True)
 
     result = config()
@@ -474,6 +585,10 @@ def test_docker_compose_itself_accepts_the_file(tmp_path):
             k: v for k, v in expected.items() if k in resolved[name]["environment"]
         }
         assert set(resolved[name]["environment"]) == set(SERVICES[name]["environment"]) | set(dotenv)
+        assert resolved[name]["build"]["args"] == interpolate(SERVICES[name]["build"]["args"], dotenv)
+    for name in ("REQUEST_MAX_BYTES", "GUNICORN_TIMEOUT"):  # what nginx fills into its template
+        assert str(resolved["nginx"]["environment"][name]) == interpolate(SERVICES["nginx"]["environment"][name], {})
+    assert duration_seconds(resolved["worker"]["stop_grace_period"]) == 340
     (tmp_path / ".env").write_text("POSTGRES_PASSWORD=x\nDJANGO_SECRET_KEY=\n")
     refused = config()
     assert refused.returncode != 0 and "set DJANGO_SECRET_KEY in .env" in refused.stderr
@@ -549,7 +664,7 @@ def test_the_dockerfiles_collectstatic_step_runs_as_written(tmp_path):
 
 
 def test_dockerfile_builds_a_non_root_image_with_everything_the_app_needs():
-    instructions = [line.split(None, 1) for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if line[:1].isalpha()]
+    instructions = dockerfile_instructions()
     assert instructions[0] == ["FROM", "python:3.11-slim"]
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0")
@@ -569,6 +684,30 @@ def test_dockerfile_builds_a_non_root_image_with_everything_the_app_needs():
     for name in APP_SERVICES:
         for target in mounts(name):
             assert target in DOCKERFILE or target in dockerfile_env().values(), (name, target)
+
+
+def test_dockerignore_keeps_secrets_and_patient_data_out_and_nothing_the_image_copies():
+    sources = [source for op, arg in dockerfile_instructions() if op == "COPY" for source in arg.split()[:-1]]
+    assert sources, "the Dockerfile copies nothing?"
+    for source in sources:
+        path = ROOT / source
+        for file in [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]:
+            relative = file.relative_to(ROOT)
+            # Caches and training checkpoints are all that may be left out of what the image copies.
+            droppable = file.suffix in (".pyc", ".ckpt") or "__pycache__" in relative.parts
+            assert dockerignored(relative.as_posix()) == droppable, relative
+    assert not dockerignored(str(Path(settings_default("MODEL_WEIGHTS")).relative_to(ROOT)))
+    for left_out in (
+        ".env",
+        "var/db.sqlite3",
+        "var/media/uploads/cell.png",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "ml/weights/malaria_vgg19.ckpt",
+        "malaria_vgg19.ckpt",
+        "diagnosis/__pycache__/models.cpython-311.pyc",
+    ):
+        assert dockerignored(left_out), left_out
 
 
 # --- nginx and gunicorn for real (where an nginx binary is installed) ------------------------------------------------
@@ -608,7 +747,7 @@ def stop(process: subprocess.Popen) -> None:
 def running_nginx(workdir: Path, *, upstream: str, media: Path, static: Path):
     """deploy/nginx.conf, unchanged but for the addresses and folders, in an nginx of its own."""
     port = free_port()
-    site = NGINX_CONF
+    site = nginx_site({})  # the compose file's defaults
     for old, new in {
         "listen 80;": f"listen 127.0.0.1:{port};",
         "set $web web:8000;": f"set $web {upstream};",
