@@ -2,7 +2,8 @@
 
 Views call ``record_access`` once a lookup has succeeded (a 404 for someone else's id opens
 nothing, so records nothing). Lists and the live-status polls are not recorded: they are the
-owner's own overview and would drown the trail; thumbnails are not either, for the same reason.
+owner's own overview and would drown the trail; an owner's own thumbnails are not either, for the
+same reason (anyone else's are: a reviewer's queue shows other users' patients).
 A lab system polling a batch until it finishes would drown it too, as would the batch grid's
 heatmap previews on hover, so a viewing or download that repeats one by the same user, of the
 same record and file, through the same channel within REPEAT_WINDOW is not recorded again; every
