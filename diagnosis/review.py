@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
@@ -34,22 +35,23 @@ def review(request, pk: int):
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
     form = ReviewForm(request.POST or None, initial={"replacing": analysis.reviewed_at})
     if request.method == "POST" and form.is_valid():
+        verdict = form.cleaned_data["verdict"]
         try:
-            services.review_analysis(
-                analysis=analysis,
-                reviewer=request.user,
-                verdict=form.cleaned_data["verdict"],
-                corrected_label=form.cleaned_data["corrected_label"],
-                note=form.cleaned_data["note"],
-                replacing=form.cleaned_data["replacing"],
-            )
+            with transaction.atomic():  # a review is saved with its entry in the access trail, or not at all
+                services.review_analysis(
+                    analysis=analysis,
+                    reviewer=request.user,
+                    verdict=verdict,
+                    corrected_label=form.cleaned_data["corrected_label"],
+                    note=form.cleaned_data["note"],
+                    replacing=form.cleaned_data["replacing"],
+                )
+                record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
         except ValidationError as error:
             form.add_error(None, error)
             analysis.refresh_from_db()  # show the review that got there first
             show_review_time(form, analysis.reviewed_at)
         else:
-            verdict = form.cleaned_data["verdict"]
-            record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
             messages.success(request, f"Review of {analysis.original_filename} saved.")
             following, _ = selectors.review_queue(user=request.user)
             next_case = selectors.next_case(user=request.user, pending=following)

@@ -372,14 +372,17 @@ def review_analysis(
         "reviewed_by": reviewer,
         "reviewed_at": timezone.now(),
     }
-    if not Analysis.objects.filter(pk=analysis.pk, reviewed_at=replacing).update(**changes):
-        check_not_reviewed_since(analysis_id=analysis.pk, replacing=replacing)
-        raise ValidationError("The case changed while you had it open; save again.")  # its review is back as seen
+    # With the re-send to the lab system, or not at all: a correction it is never sent would leave
+    # it holding the model's call.
+    with transaction.atomic():
+        if not Analysis.objects.filter(pk=analysis.pk, reviewed_at=replacing).update(**changes):
+            check_not_reviewed_since(analysis_id=analysis.pk, replacing=replacing)
+            raise ValidationError("The case changed while you had it open; save again.")  # its review is back as seen
+        if analysis.batch_id:  # a lab system that was sent the batch's results is sent the reviewed ones
+            send_again(batch_ids=[analysis.batch_id])
+            transaction.on_commit(lambda: notify_finished_batches(analysis_ids=[analysis.pk]), robust=True)
     for name, value in changes.items():
         setattr(analysis, name, value)
-    if analysis.batch_id:  # a lab system that was sent the batch's results is sent the reviewed ones
-        send_again(batch_ids=[analysis.batch_id])
-        transaction.on_commit(lambda: notify_finished_batches(analysis_ids=[analysis.pk]), robust=True)
     logger.info("event=reviewed analysis_id=%s verdict=%s reviewer_id=%s", analysis.pk, verdict, reviewer.pk)
     return analysis
 

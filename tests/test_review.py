@@ -4,10 +4,11 @@ import re
 
 import pytest
 from django.contrib.auth.models import Group
+from django.db import OperationalError
 from django.test import Client
 
-from diagnosis.models import Analysis
-from diagnosis.services import create_analysis
+from diagnosis.models import AccessEvent, Analysis
+from diagnosis.services import create_analysis, create_batch
 from tests.factories import UserFactory, upload
 
 
@@ -164,3 +165,21 @@ def test_the_api_refuses_a_filter_value_it_does_not_know(case, query):
     assert response.status_code == 400
     assert response.json()["detail"] == f'{name}: "{value}" is not a valid choice.'
     assert api.get("/api/analyses/?status=done&label=").json()["count"] == 1, "an empty value filters nothing"
+
+
+@pytest.mark.parametrize("failing", ["diagnosis.services.send_again", "diagnosis.review.record_access"])
+def test_a_review_is_saved_with_its_re_send_and_trail_entry_or_not_at_all(user, monkeypatch, failing):
+    batch = create_batch(owner=user, uploads=[upload("cell.png")])
+    Analysis.objects.filter(batch=batch).update(status="done", label="Parasitized", probability_parasitized=0.6)
+    cell = batch.analyses.get()
+
+    def database_gone(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(failing, database_gone)
+    client, _ = reviewer_client()
+    client.raise_request_exception = False
+    answered = client.post(f"/review/{cell.pk}/", {"verdict": "disagree", "corrected_label": "Uninfected"})
+    assert answered.status_code == 500
+    cell.refresh_from_db()
+    assert cell.review_verdict == "" and cell.reviewed_at is None and not AccessEvent.objects.filter(action="reviewed")
