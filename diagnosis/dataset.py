@@ -5,6 +5,7 @@ a sample's cells together, as they do the NIH patients'.
 """
 
 import csv
+import logging
 from pathlib import Path
 
 from django.utils.crypto import salted_hmac
@@ -12,6 +13,8 @@ from django.utils.text import slugify
 
 from diagnosis.models import Analysis
 from diagnosis.selectors import reviewed_analyses
+
+logger = logging.getLogger("diagnosis.dataset")
 
 MANIFEST_COLUMNS = [
     "file",
@@ -55,8 +58,12 @@ def export_reviewed_cells(*, out: Path) -> int:
     for analysis in reviewed_analyses():
         label, group = analysis.final_label, patient_group(analysis)
         name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
-        with analysis.image.open("rb") as source:
-            (out / label / name).write_bytes(source.read())
+        try:
+            with analysis.image.open("rb") as source:
+                (out / label / name).write_bytes(source.read())
+        except FileNotFoundError:  # deleted since the list was read (by its owner, by retention)
+            logger.warning("event=export_skipped analysis_id=%s: its image is gone", analysis.pk)
+            continue
         written.add((out / label / name).resolve())
         rows.append(
             [

@@ -99,3 +99,19 @@ def test_a_reference_in_any_script_keeps_one_patient_in_one_group_and_two_apart(
     assert group("Иванов И.") == group("Иванов И.") != group("Петров П.")
     assert group("患者-123") != group("病人-123")
     assert group("WARD-7 slide 2") == group("ward 7 slide 2")
+
+
+def test_a_cell_whose_image_went_during_an_export_is_left_out_and_the_rest_listed(user, tmp_path):
+    from diagnosis.dataset import export_reviewed_cells
+    from diagnosis.models import private_storage
+
+    kept, gone = (
+        finished(create_analysis(owner=user, upload=upload(f"{n}.png")), label="Uninfected", verdict="agree")
+        for n in "ab"
+    )
+    private_storage.delete(gone.image.name)  # deleted by its owner or by retention as the export ran
+    out = tmp_path / "reviewed"
+    assert export_reviewed_cells(out=out) == 1
+    with open(out / "reviewed.csv", newline="") as manifest:
+        assert [int(row["analysis_id"]) for row in csv.DictReader(manifest)] == [kept.pk]
+    assert [s.path.name for s in list_samples(out)] == [f"u{user.pk}-cell{kept.pk}_IMG_{kept.pk}.png"]
