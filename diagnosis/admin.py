@@ -1,18 +1,15 @@
-import csv
-
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
-from django.http import HttpResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
 from diagnosis import callbacks, selectors, services
 from diagnosis.audit import counted, record_access
-from diagnosis.exports import csv_safe
+from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import ReviewTimeField, show_review_time
 from diagnosis.login_throttle import LockoutAdminAuthenticationForm
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
@@ -286,14 +283,14 @@ class AccessEventAdmin(admin.ModelAdmin):
 
     @admin.action(description="Export selected entries as CSV")
     def export_csv(self, request, queryset):
-        response = HttpResponse(content_type="text/csv; charset=utf-8")
-        response["Content-Disposition"] = 'attachment; filename="access-trail.csv"'
-        writer = csv.writer(response, quoting=csv.QUOTE_ALL)
-        writer.writerow(ACCESS_TRAIL_COLUMNS)
-        for event in queryset.order_by("at", "id"):
-            values = (csv_safe(getattr(event, name)) for name in ACCESS_TRAIL_COLUMNS[1:])
-            writer.writerow([timezone.localtime(event.at).isoformat(), *values])
-        return response
+        rows = (
+            [
+                timezone.localtime(event.at).isoformat(),
+                *(csv_safe(getattr(event, name)) for name in ACCESS_TRAIL_COLUMNS[1:]),
+            ]
+            for event in queryset.order_by("at", "id").iterator(chunk_size=2000)
+        )
+        return csv_download(header=ACCESS_TRAIL_COLUMNS, rows=rows, filename="access-trail.csv")
 
     def has_add_permission(self, request):
         return False
