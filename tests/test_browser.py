@@ -156,7 +156,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     )
     expect(page.locator("#file-list li")).to_have_count(2)
     page.locator("#upload-button").click()
-    expect(page.locator("#server-errors")).to_contain_text("broken.png: the file is not a readable image")
+    expect(page.locator("#id_images_error")).to_contain_text("broken.png: the file is not a readable image")
     open_page.expect_error(page, "status of 400 (Bad Request)")
     assert not Batch.objects.exists() and not Analysis.objects.exists()
     # The error page came back through the upload script; once it has loaded, dropping works on it.

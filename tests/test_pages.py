@@ -1,0 +1,104 @@
+"""Every page's markup holds together for assistive technology: each id an attribute or a label
+points at is on the page, no id is used twice, and the page says its language and fits a phone."""
+
+from html.parser import HTMLParser
+
+import pytest
+from django.contrib.auth.models import Group
+from django.utils import timezone
+
+from diagnosis.models import Analysis
+from diagnosis.services import create_analysis, create_batch
+from tests.factories import upload
+
+REFERRING = ("aria-describedby", "aria-labelledby", "aria-controls", "for", "list")
+
+
+class Markup(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.references: list[tuple[str, str, str]] = []  # (tag, attribute, id)
+        self.html: dict[str, str | None] = {}
+        self.viewport = False
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if attributes.get("id"):
+            self.ids.append(attributes["id"])
+        for name in REFERRING:
+            for target in (attributes.get(name) or "").split():
+                self.references.append((tag, name, target))
+        if tag == "html":
+            self.html = attributes
+        if tag == "meta" and attributes.get("name") == "viewport":
+            self.viewport = True
+
+
+@pytest.fixture
+def pages(user):
+    """A path for each page a signed-in reviewer can open, with a batch, a finished cell and a
+    failed one behind them, and the pages as they show a form's errors."""
+    user.groups.add(Group.objects.get(name="reviewers"))
+    batch = create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="WARD-1")
+    done, failed = batch.analyses.order_by("pk")
+    Analysis.objects.filter(pk=done.pk).update(
+        status="done",
+        label="Parasitized",
+        probability_parasitized=0.9,
+        decision_threshold=0.5,
+        model_version="m",
+        finished_at=timezone.now(),
+    )
+    Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Cannot read the image.")
+    single = create_analysis(owner=user, upload=upload("c.png"))
+    return [
+        "/",
+        "/?status=failed&date_from=not-a-date",
+        "/upload/",
+        "/batches/",
+        f"/batches/{batch.pk}/",
+        f"/batches/{batch.pk}/report/",
+        f"/batches/{batch.pk}/delete/",
+        f"/analyses/{done.pk}/",
+        f"/analyses/{failed.pk}/",
+        f"/analyses/{single.pk}/delete/",
+        "/review/",
+        f"/review/{done.pk}/",
+        "/account/api-token/",
+        "/accounts/password_change/",
+        "/api/docs/",
+    ]
+
+
+def checked(page: str) -> Markup:
+    markup = Markup()
+    markup.feed(page)
+    missing = [f"<{tag} {name}={target!r}>" for tag, name, target in markup.references if target not in markup.ids]
+    assert not missing, f"pointing at ids that are not on the page: {missing}"
+    duplicated = sorted({i for i in markup.ids if markup.ids.count(i) > 1})
+    assert not duplicated, f"ids used twice: {duplicated}"
+    assert markup.html.get("lang"), "the page does not say its language"
+    assert markup.viewport, "no viewport: a phone shows the page at desktop width"
+    return markup
+
+
+def test_every_page_refers_only_to_ids_it_has_and_says_its_language(client, user, pages):
+    client.force_login(user)
+    for path in pages:
+        response = client.get(path)
+        assert response.status_code == 200, path
+        try:
+            checked(response.content.decode())
+        except AssertionError as problem:
+            raise AssertionError(f"{path}: {problem}") from None
+
+
+def test_pages_showing_a_forms_errors_still_point_at_what_they_say(client, user):
+    client.force_login(user)
+    refused_upload = client.post("/upload/", {"images": [upload("x.png", b"not an image")], "note": "n" * 2001})
+    assert refused_upload.status_code == 400
+    checked(refused_upload.content.decode())
+    client.logout()
+    for form in ({"username": "", "password": ""}, {"username": user.username, "password": "wrong"}):
+        checked(client.post("/accounts/login/", form).content.decode())
