@@ -115,7 +115,12 @@ def deliver(*, batch_id: int) -> bool:
         held.update(callback_state=Batch.CallbackState.FAILED, callback_due_at=None, callback_error=error)
         logger.warning("event=callback_refused batch_id=%s error=%r", batch_id, refusal.message)
         return False
-    body = json.dumps(_payload(batch)).encode()
+    payload = _payload(batch)
+    if any(cell["status"] in UNFINISHED for cell in payload["batch"]["analyses"]):
+        # A cell was sent for analysis again after the claim: the batch goes out once it is done.
+        held.update(callback_due_at=None, callback_attempts=F("callback_attempts") - 1)
+        return False
+    body = json.dumps(payload).encode()
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
         error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"

@@ -429,3 +429,22 @@ def test_an_admins_deletion_is_withdrawn_from_the_lab_system_too(admin_client, u
     assert refreshed(other).callback_state == State.PENDING and other.analyses.count() == 1
     assert Batch.with_withdrawn.get(pk=batch.pk).withdrawn_at is not None
     assert admin_client.get("/admin/diagnosis/batch/").content.decode().count("/change/") == 1
+
+
+def test_a_cell_sent_again_just_after_the_claim_is_not_announced_as_finished(user, receiver, monkeypatch):
+    batch = finished_batch(user, receiver.url)
+    failed = batch.analyses.get(original_filename="a.png")
+    Analysis.objects.filter(pk=failed.pk).update(status=Analysis.Status.FAILED, label="", error="Cannot read")
+    check = callbacks.check_callback_url
+
+    def retried_after_the_claim(url):
+        services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=failed.pk))
+        return check(url)
+
+    monkeypatch.setattr(callbacks, "check_callback_url", retried_after_the_claim)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    assert receiver.received == []  # no "batch.finished" with a queued cell in it
+    monkeypatch.setattr(callbacks, "check_callback_url", check)
+    Analysis.objects.filter(pk=failed.pk).update(status=Analysis.Status.DONE, label="Parasitized", error="")
+    assert callbacks.deliver(batch_id=batch.pk)
+    assert {a["status"] for a in json.loads(receiver.received[0].body)["batch"]["analyses"]} == {"done"}
