@@ -63,6 +63,10 @@ class Batch(models.Model):
     # results the lab system holds out of date, so each is a change it is sent.
     cell_deleted_at = models.DateTimeField(null=True, blank=True)
     withdrawn_at = models.DateTimeField(null=True, blank=True)
+    # A lab system's Idempotency-Key for the request that made the batch, and a digest of that
+    # request, so that sending it again (its response was lost) makes no second batch.
+    idempotency_key = models.CharField(max_length=100, blank=True, default="")
+    request_digest = models.CharField(max_length=64, blank=True, default="")
 
     objects = KeptBatches()
     with_withdrawn = models.Manager()  # noqa: DJ012 - ruff takes the manager above for a field
@@ -70,6 +74,13 @@ class Batch(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         verbose_name_plural = "batches"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="one_batch_per_idempotency_key",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"Batch {self.pk}" + (f" ({self.sample_reference})" if self.sample_reference else "")

@@ -1,5 +1,7 @@
 """Every write to analyses and batches goes through here."""
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -10,7 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
@@ -36,6 +38,8 @@ def create_batch(
     sample_reference: str = "",
     note: str = "",
     callback_url: str = "",
+    idempotency_key: str = "",
+    request_digest: str = "",
 ) -> Batch:
     """Validate every file, then store them all as queued analyses of one batch (all or nothing).
     With a ``callback_url``, the results are POSTed there once every cell is finished."""
@@ -54,10 +58,65 @@ def create_batch(
             note=note.strip(),
             callback_url=callback_url,
             callback_state=Batch.CallbackState.PENDING if callback_url else Batch.CallbackState.NONE,
+            idempotency_key=idempotency_key,
+            request_digest=request_digest,
         )
         analyses = [_store_analysis(owner=owner, image=image, batch=batch, stored=stored) for image in images]
         transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[a.pk for a in analyses]), robust=True)
     return batch
+
+
+def create_batch_once(
+    *,
+    owner: AbstractBaseUser,
+    idempotency_key: str,
+    uploads: Sequence[UploadedFile],
+    sample_reference: str = "",
+    note: str = "",
+    callback_url: str = "",
+) -> tuple[Batch, bool]:
+    """create_batch for a client that may send a request again when its response was lost: the
+    first request under a key makes the batch (True); the same request again gets that batch back
+    (False). The key sent with another request, or again after its batch was deleted, is refused."""
+    request = {"sample_reference": sample_reference, "note": note, "callback_url": callback_url}
+    digest = request_digest(uploads=uploads, **request)
+    earlier = _batch_made_under(owner=owner, idempotency_key=idempotency_key)
+    if earlier is None:
+        try:
+            batch = create_batch(
+                owner=owner, uploads=uploads, idempotency_key=idempotency_key, request_digest=digest, **request
+            )
+            return batch, True
+        except IntegrityError:  # the same request, sent twice at once: the other one made it
+            earlier = _batch_made_under(owner=owner, idempotency_key=idempotency_key)
+            if earlier is None:
+                raise
+    if earlier.request_digest != digest:
+        raise KeyReused(f"The Idempotency-Key {idempotency_key!r} was sent before with another request.")
+    if earlier.withdrawn_at:
+        raise KeyReused(f"The batch made under the Idempotency-Key {idempotency_key!r} has been deleted.")
+    return earlier, False
+
+
+class KeyReused(ValidationError):
+    pass
+
+
+def _batch_made_under(*, owner: AbstractBaseUser, idempotency_key: str) -> Batch | None:
+    return Batch.with_withdrawn.filter(owner=owner, idempotency_key=idempotency_key).first()
+
+
+def request_digest(*, uploads: Sequence[UploadedFile], sample_reference: str, note: str, callback_url: str) -> str:
+    """SHA-256 of what a batch request carries: its fields, and each file's name and bytes in order."""
+    digest = hashlib.sha256(json.dumps([sample_reference, note, callback_url]).encode())
+    for upload in uploads:
+        digest.update(json.dumps(upload.name).encode())
+        content = hashlib.sha256()
+        for chunk in upload.chunks():
+            content.update(chunk)
+        upload.seek(0)  # validation reads it again
+        digest.update(content.digest())
+    return digest.hexdigest()
 
 
 def create_analysis(*, owner: AbstractBaseUser, upload: UploadedFile) -> Analysis:

@@ -79,6 +79,18 @@ class Conflict(APIException):
     default_code = "conflict"
 
 
+class Unprocessable(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_code = "unprocessable"
+
+
+def _idempotency_key(request) -> str:
+    key = request.headers.get("Idempotency-Key", "")
+    if key and not (len(key) <= 100 and key.isascii() and key.isprintable() and " " not in key):
+        raise ApiValidationError({"detail": "An Idempotency-Key is up to 100 printable ASCII characters, no spaces."})
+    return key
+
+
 def _service_errors(error: ValidationError) -> ApiValidationError:
     return ApiValidationError({"detail": " ".join(error.messages), "errors": error.messages})
 
@@ -162,25 +174,49 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
-    @extend_schema(request=BatchUploadSerializer, responses={202: BatchSerializer})
+    @extend_schema(
+        request=BatchUploadSerializer,
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                location=OpenApiParameter.HEADER,
+                description="any unique string (up to 100 printable ASCII characters, e.g. a UUID): the same "
+                "request sent again under it, after a lost response, gets the first one's batch back (200)",
+            )
+        ],
+        responses={202: BatchSerializer, 200: BatchSerializer},
+    )
     def create(self, request):
         upload = BatchUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
-        try:
-            batch = services.create_batch(
-                owner=request.user,
-                uploads=data["images"],
-                sample_reference=data.get("sample_reference", ""),
-                note=data.get("note", ""),
-                callback_url=data.get("callback_url", ""),
+        request_fields = {
+            "owner": request.user,
+            "uploads": data["images"],
+            "sample_reference": data.get("sample_reference", ""),
+            "note": data.get("note", ""),
+            "callback_url": data.get("callback_url", ""),
+        }
+        key = request.headers.get("Idempotency-Key", "")
+        if key and not (len(key) <= 100 and key.isascii() and key.isprintable() and " " not in key):
+            raise ApiValidationError(
+                {"detail": "An Idempotency-Key is at most 100 printable ASCII characters, no spaces."}
             )
+        try:
+            if key:
+                batch, created = services.create_batch_once(idempotency_key=key, **request_fields)
+            else:
+                batch, created = services.create_batch(**request_fields), True
+        except services.KeyReused as refusal:
+            raise Unprocessable(" ".join(refusal.messages)) from None
         except ValidationError as error:
             raise _service_errors(error) from None
         batch = selectors.batches_with_counts(user=request.user).prefetch_related("analyses").get(pk=batch.pk)
-        detail = counted(len(batch.analyses.all()), "image")
-        record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
-        return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+        if created:
+            detail = counted(len(batch.analyses.all()), "image")
+            record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
+            return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+        return Response(self.get_serializer(batch).data, headers={"Idempotent-Replayed": "true"})
 
     @extend_schema(request=None, responses={202: BatchSerializer})
     @action(detail=True, methods=["post"], url_path="retry-failed", url_name="retry-failed")
