@@ -399,6 +399,33 @@ def delete_expired_analyses(*, older_than: timedelta) -> int:
     return deleted
 
 
+# Where analyses' files are stored (flat folders of private_storage), and the field naming each.
+FILE_FOLDERS = {"uploads": "image", "thumbnails": "thumbnail", "overlays": "overlay"}
+
+
+def delete_orphaned_files(*, older_than: timedelta) -> int:
+    """Delete stored files that no analysis names, written longer ago than ``older_than`` (an upload
+    still being stored has files and no committed row yet). An upload process killed mid-batch (a
+    redeploy, the out-of-memory killer) rolls its rows back but cannot remove the files it wrote:
+    patient images nothing else would ever find. Returns how many went."""
+    cutoff = timezone.now() - older_than
+    deleted = 0
+    for folder, field in FILE_FOLDERS.items():
+        if not private_storage.exists(folder):
+            continue
+        named = set(Analysis.objects.exclude(**{field: ""}).values_list(field, flat=True))
+        if folder == "overlays":  # an overlay is found by its analysis's id as well
+            named |= {overlay_path(pk) for pk in Analysis.objects.values_list("pk", flat=True)}
+        for file_name in private_storage.listdir(folder)[1]:
+            name = f"{folder}/{file_name}"
+            if name not in named and private_storage.get_modified_time(name) < cutoff:
+                private_storage.delete(name)
+                deleted += 1
+    if deleted:
+        logger.info("event=orphaned_files_deleted count=%s", deleted)
+    return deleted
+
+
 def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> str:
     """Validate a verdict; returns the corrected label to store ("" when agreeing)."""
     if analysis.status != Analysis.Status.DONE:

@@ -43,3 +43,12 @@ def delete_expired_analyses() -> int:
     if settings.ANALYSIS_RETENTION_DAYS < 1:  # no retention period: keep everything
         return 0
     return services.delete_expired_analyses(older_than=timedelta(days=settings.ANALYSIS_RETENTION_DAYS))
+
+
+# Far longer than storing the largest batch takes, so no upload still under way loses a file.
+ORPHAN_AGE_HOURS = 6
+
+
+@shared_task(ignore_result=True)
+def delete_orphaned_files() -> int:
+    return services.delete_orphaned_files(older_than=timedelta(hours=ORPHAN_AGE_HOURS))

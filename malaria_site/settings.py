@@ -219,6 +219,11 @@ CALLBACK_SECRET = env("CALLBACK_SECRET", default="")
 # Results name patients' samples: plain-http receivers only where the network itself is trusted.
 CALLBACK_ALLOW_HTTP = env.bool("CALLBACK_ALLOW_HTTP", default=False)
 CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=6)
+# Files left by an upload process killed mid-batch (diagnosis.services.delete_orphaned_files).
+CELERY_BEAT_SCHEDULE["delete-orphaned-files"] = {
+    "task": "diagnosis.tasks.delete_orphaned_files",
+    "schedule": crontab(hour=3, minute=30),
+}
 if ANALYSIS_RETENTION_DAYS > 0:
     # At a fixed hour, not "every 24 h": beat's interval restarts whenever its container is recreated,
     # and a site that deploys daily would never delete anything.

@@ -2,9 +2,12 @@
 The retention period deletes old ones the same way."""
 
 import io
+import os
+import time
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.management import CommandError, call_command
 from django.db import transaction
@@ -213,3 +216,28 @@ def test_retention_command_refuses_to_run_without_a_period(settings):
     settings.ANALYSIS_RETENTION_DAYS = 0
     with pytest.raises(CommandError, match="No retention period"):
         call_command("delete_expired_analyses")
+
+
+def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(user, media_root):
+    """The rows of an upload process killed mid-batch are rolled back; the files it wrote are not."""
+    kept = with_overlay(services.create_analysis(owner=user, upload=upload("kept.png")))
+    before = set(media_root.rglob("*"))
+    with pytest.raises(RuntimeError), transaction.atomic():  # the process dies before its commit
+        services.create_analysis(owner=user, upload=upload("killed.png"))
+        raise RuntimeError("SIGKILL")
+    orphaned = [path for path in set(media_root.rglob("*")) - before if path.is_file()]
+    assert len(orphaned) == 2  # its image and thumbnail
+    orphaned.append(media_root / "overlays" / "999999.png")  # an overlay of a cell deleted mid-task
+    orphaned[-1].write_bytes(b"overlay")
+    being_stored = media_root / "uploads" / "f00d.png"  # an upload still being stored: no row yet
+    being_stored.write_bytes(b"png")
+    hours_ago = time.time() - 7 * 3600
+    for path in orphaned:
+        os.utime(path, (hours_ago, hours_ago))
+    for name in stored_files(kept):
+        os.utime(media_root / name, (hours_ago, hours_ago))
+
+    assert tasks.delete_orphaned_files() == len(orphaned) >= 3
+    assert not any(path.exists() for path in orphaned)
+    assert being_stored.exists() and all(private_storage.exists(name) for name in stored_files(kept))
+    assert "diagnosis.tasks.delete_orphaned_files" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
