@@ -91,8 +91,11 @@ def batch_detail(request, pk: int):
     # Read before the counts (see batch_status), so the page never shows every cell finished under
     # counts from an earlier moment, which it would then never update.
     analyses = list(selectors.batch_analyses_by_suspicion(batch=batch))
+    came_from = _came_from(request)
     context = {
         "batch": batch,
+        "came_from": came_from,
+        "back_url": came_from or reverse("diagnosis:batch-list"),
         "analyses": analyses,
         "counts": selectors.batch_counts(batch=batch),
         "history": selectors.access_history(batch=batch),
@@ -106,6 +109,10 @@ def _came_from(request) -> str:
     target = request.POST.get("from") or request.GET.get("from") or ""
     on_this_site = url_has_allowed_host_and_scheme(target, allowed_hosts=None) and target.startswith("/")
     return target if on_this_site else ""
+
+
+def _keeping_from(url: str, came_from: str) -> str:
+    return f"{url}?{urlencode({'from': came_from})}" if came_from else url
 
 
 def _analysis_context(request, analysis: Analysis) -> dict:
@@ -140,13 +147,10 @@ def analysis_delete(request, pk: int):
         services.delete_analysis(analysis=analysis)
         messages.success(request, f"Deleted {analysis.original_filename}: its image, heatmap and result are gone.")
         return redirect(navigation["back_url"])
-    cancel_url = reverse("diagnosis:analysis", args=[pk])
-    if navigation["came_from"]:
-        cancel_url += "?" + urlencode({"from": navigation["came_from"]})
     context = {
         "subject": analysis.original_filename,
         "cells": 1,
-        "cancel_url": cancel_url,
+        "cancel_url": _keeping_from(reverse("diagnosis:analysis", args=[pk]), navigation["came_from"]),
         "came_from": navigation["came_from"],
     }
     return render(request, "diagnosis/confirm_delete.html", context)
@@ -161,9 +165,15 @@ def batch_delete(request, pk: int):
         record_access(request=request, action=AccessEvent.Action.DELETED, batch=batch, detail=detail)
         services.delete_batch(batch=batch)
         messages.success(request, f"Deleted batch #{pk} with its images, heatmaps and results.")
-        return redirect("diagnosis:batch-list")  # the list of samples it was one of
-    subject = f"batch #{pk}" + (f" ({batch.sample_reference})" if batch.sample_reference else "")
-    context = {"subject": subject, "cells": batch.analyses.count(), "cancel_url": reverse("diagnosis:batch", args=[pk])}
+        return redirect(_came_from(request) or "diagnosis:batch-list")  # the list of samples it was one of
+    came_from = _came_from(request)
+    context = {
+        "subject": f"batch #{pk}" + (f" ({batch.sample_reference})" if batch.sample_reference else ""),
+        "cells": batch.analyses.count(),
+        "cancel_url": _keeping_from(reverse("diagnosis:batch", args=[pk]), came_from),
+        "came_from": came_from,
+        "lab_system": batch.callback_host if batch.callback_delivered_at else "",
+    }
     return render(request, "diagnosis/confirm_delete.html", context)
 
 
@@ -175,7 +185,8 @@ def analysis_retry(request, pk: int):
         messages.success(request, f"{analysis.original_filename} is queued for analysis again.")
     else:
         messages.info(request, f"{analysis.original_filename} has not failed: nothing to try again.")
-    return redirect("diagnosis:analysis", pk=pk)
+    # Still on the way back to the list it was opened from, filters and page kept.
+    return redirect(_keeping_from(reverse("diagnosis:analysis", args=[pk]), _came_from(request)))
 
 
 @login_required

@@ -85,3 +85,30 @@ def test_search_survives_paging(client, user):
     assert 'href="?search=ward&page=2"' in first
     second = client.get("/batches/", {"search": "ward", "page": 2}).content.decode()
     assert len(rows(second)) == 2 and "CLINIC-B" not in second
+
+
+def test_a_searched_list_is_kept_through_a_batch_its_deletion_and_a_cells_second_analysis(client, user):
+    """Working through `?search=ward&page=2`, a user comes back to that page, not to the first one."""
+    for n in range(3):
+        create_batch(owner=user, uploads=[upload(f"{n}.png")], sample_reference=f"WARD-{n}")
+    client.force_login(user)
+    listing = "/batches/?search=ward&page=1"
+    page = client.get(listing).content.decode()
+    link = re.search(r'<a href="(/batches/(\d+)/\?from=[^"]+)">', page)
+    batch_id = int(link[2])
+    opened = client.get(link[1].replace("&amp;", "&")).content.decode()
+    assert f'<a href="{listing.replace("&", "&amp;")}">← Back</a>' in opened
+    deleting = re.search(r'href="(/batches/\d+/delete/\?from=[^"]+)"', opened)[1].replace("&amp;", "&")
+    assert f'name="from" value="{listing.replace("&", "&amp;")}"' in client.get(deleting).content.decode()
+    deleted = client.post(deleting, {"from": listing})
+    assert deleted.status_code == 302 and deleted["Location"] == listing
+    assert not Batch.objects.filter(pk=batch_id).exists()
+
+    failed = Analysis.objects.filter(owner=user).first()
+    Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Cannot read the image.")
+    dashboard = "/?status=failed&page=1"
+    retry = client.get(f"/analyses/{failed.pk}/", {"from": dashboard}).content.decode()
+    assert 'name="from" value="/?status=failed&amp;page=1"' in retry
+    again = client.post(f"/analyses/{failed.pk}/retry/", {"from": dashboard}, follow=True)
+    assert again.redirect_chain[-1][0] == f"/analyses/{failed.pk}/?from=%2F%3Fstatus%3Dfailed%26page%3D1"
+    assert '<a href="/?status=failed&amp;page=1">← Back</a>' in again.content.decode()
