@@ -610,6 +610,21 @@ def test_a_dropped_folder_uploads_the_images_inside_it(open_page, user, monkeypa
     assert sorted(batch.analyses.values_list("original_filename", flat=True)) == ["a.png", "b.png", "c.png"]
 
 
+def test_the_dashboard_tells_a_screen_reader_what_finished(open_page, user, monkeypatch):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # the test finishes them
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png"), upload("c.png")])
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/")
+    announcer = page.get_by_role("status")
+    expect(announcer).to_have_text("")
+    done = {"status": "done", "label": "Parasitized", "probability_parasitized": 0.9}
+    batch.analyses.filter(original_filename="a.png").update(**done)
+    batch.analyses.filter(original_filename="b.png").update(status="failed", error="Cannot read the image.")
+    expect(announcer).to_have_text("2 analyses finished: 1 parasitized, 1 failed.")
+    expect(page.locator("[data-status]").filter(has_text="Queued")).to_have_count(1)
+
+
 def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, monkeypatch):
     monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # stays queued
     batch = services.create_batch(owner=user, uploads=[upload("waiting.png"), upload("gone.png")])

@@ -7,6 +7,21 @@
   const url = progress ? progress.dataset.statusUrl : table && table.dataset.statusUrl;
   if (!url) return;
   let delay = 1000;
+  // The dashboard's rows change silently; a screen reader hears what finished here. (The batch
+  // page's progress sentence is a live region of its own.)
+  const announcer = document.getElementById("live-announcer");
+
+  function announcement(items) {
+    const tally = {};
+    items.forEach((item) => {
+      const outcome = item.status === "done" ? (item.label || "done").toLowerCase() : item.status_display.toLowerCase();
+      tally[outcome] = (tally[outcome] || 0) + 1;
+    });
+    const first = ["parasitized", "uninfected"];  // the results before anything else, in one order
+    const rank = (outcome) => (first.includes(outcome) ? first.indexOf(outcome) : first.length);
+    const parts = Object.keys(tally).sort((a, b) => rank(a) - rank(b)).map((outcome) => tally[outcome] + " " + outcome);
+    return (items.length === 1 ? "1 analysis" : items.length + " analyses") + " finished: " + parts.join(", ") + ".";
+  }
 
   function pending() {
     return Array.from(document.querySelectorAll('[data-analysis][data-finished="0"]'));
@@ -81,11 +96,13 @@
       if (window.pollingEnds(response.status)) return;
       if (response.ok) {
         const data = await response.json();
+        const finished = [];
         data.analyses.forEach((item) => {
           const el = document.querySelector('[data-analysis="' + item.id + '"]');
-          if (el && el.dataset.finished === "0" && item.finished) changed = true;
+          if (el && el.dataset.finished === "0" && item.finished) { changed = true; finished.push(item); }
           apply(item);
         });
+        if (announcer && finished.length) announcer.textContent = announcement(finished);
         if (progress) { applyCounts(data.counts); sortGrid(); }
       }
     } catch (error) { /* network blip: try again later */ }
