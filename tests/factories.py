@@ -31,3 +31,18 @@ def api_key(user) -> str:
     from diagnosis.tokens import new_token
 
     return new_token(user=user)[1]
+
+
+def classified(analysis, **fields):
+    """The analysis as the worker leaves it: done, Parasitized at 0.91 under threshold 0.37 (or ``fields``)."""
+    from diagnosis.models import Analysis
+
+    result = {
+        "status": "done",
+        "label": "Parasitized",
+        "probability_parasitized": 0.91,
+        "decision_threshold": 0.37,
+        "model_version": "test-model",
+    }
+    Analysis.objects.filter(pk=analysis.pk).update(**result | fields)
+    return Analysis.objects.get(pk=analysis.pk)

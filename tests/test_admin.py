@@ -3,7 +3,7 @@ from django.contrib.auth import get_user_model
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis
-from tests.factories import api_key, upload
+from tests.factories import api_key, classified, upload
 
 
 @pytest.fixture
@@ -16,15 +16,7 @@ def admin_client(client, db):
 
 @pytest.fixture
 def finished(user):
-    analysis = create_analysis(owner=user, upload=upload("review-me.png"))
-    Analysis.objects.filter(pk=analysis.pk).update(
-        status="done",
-        label="Parasitized",
-        probability_parasitized=0.91,
-        decision_threshold=0.37,
-        model_version="test-model",
-    )
-    return Analysis.objects.get(pk=analysis.pk)
+    return classified(create_analysis(owner=user, upload=upload("review-me.png")))
 
 
 def test_changelist_with_filters_and_search(admin_client, finished):

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis, create_batch
-from tests.factories import upload
+from tests.factories import classified, upload
 
 REFERRING = ("aria-describedby", "aria-labelledby", "aria-controls", "for", "list")
 
@@ -42,14 +42,7 @@ def pages(user):
     user.groups.add(Group.objects.get(name="reviewers"))
     batch = create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="WARD-1")
     done, failed = batch.analyses.order_by("pk")
-    Analysis.objects.filter(pk=done.pk).update(
-        status="done",
-        label="Parasitized",
-        probability_parasitized=0.9,
-        decision_threshold=0.5,
-        model_version="m",
-        finished_at=timezone.now(),
-    )
+    classified(done, finished_at=timezone.now())
     Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Cannot read the image.")
     single = create_analysis(owner=user, upload=upload("c.png"))
     return [
