@@ -230,6 +230,19 @@ class AnalysisAdmin(PatientRecordAdmin):
         record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=obj, detail=data["review_verdict"])
 
 
+class WithdrawnFilter(admin.SimpleListFilter):
+    title = "deleted, lab system to be told"
+    parameter_name = "withdrawn"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "yes"), ("no", "no")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(withdrawn_at__isnull=self.value() == "no")
+        return queryset
+
+
 @admin.register(Batch)
 class BatchAdmin(PatientRecordAdmin):
     actions = ["retry_callbacks"]
@@ -239,8 +252,13 @@ class BatchAdmin(PatientRecordAdmin):
         retried = sum(callbacks.retry(batch=batch) for batch in queryset)
         self.message_user(request, f"{retried} failed callback(s) will be tried again.")
 
-    list_display = ["id", "owner", "sample_reference", "created_at", "callback_state"]
-    list_filter = ["callback_state", "owner", "created_at"]
+    list_display = ["id", "owner", "sample_reference", "created_at", "callback_state", "withdrawn_at"]
+    list_filter = ["callback_state", WithdrawnFilter, "owner", "created_at"]
+
+    def get_queryset(self, request):
+        # Deleted batches waiting to tell their lab system too: a failed withdrawal is retried here.
+        return Batch.with_withdrawn.all()
+
     search_fields = ["sample_reference", "owner__username"]
     # All read-only: a sample reference ties results to a patient and is the owner's record; the
     # callback URL may carry credentials, so only its host is shown.
@@ -255,6 +273,7 @@ class BatchAdmin(PatientRecordAdmin):
         "callback_due_at",
         "callback_error",
         "callback_delivered_at",
+        "withdrawn_at",
     ]
 
 

@@ -77,7 +77,8 @@ def create_batch_once(
 ) -> tuple[Batch, bool]:
     """create_batch for a client that may send a request again when its response was lost: the
     first request under a key makes the batch (True); the same request again gets that batch back
-    (False). The key sent with another request, or again after its batch was deleted, is refused."""
+    (False). The key sent with another request, or of a batch withdrawn from its lab system, is
+    refused; the key of a batch deleted outright is free again, with the batch's record."""
     request = {"sample_reference": sample_reference, "note": note, "callback_url": callback_url}
     digest = request_digest(uploads=uploads, **request)
     earlier = _batch_made_under(owner=owner, idempotency_key=idempotency_key)
@@ -352,31 +353,36 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
 
 
 def delete_analysis(*, analysis: Analysis) -> None:
-    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals). A lab
-    system that was sent its batch's results is sent them again without it."""
+    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals). A
+    batch with a callback is sent again without it, with a later ``results_as_of``: an attempt may
+    be on its way with it, or have reached the lab system unconfirmed."""
     logger.info("event=deleted analysis_id=%s owner_id=%s", analysis.pk, analysis.owner_id)
     with transaction.atomic():
         analysis.delete()
-        sent = Batch.objects.filter(pk=analysis.batch_id, callback_delivered_at__isnull=False)
-        if sent.update(cell_deleted_at=timezone.now()):
-            send_again(batch_ids=[analysis.batch_id])
+        with_callback = Batch.objects.filter(pk=analysis.batch_id).exclude(callback_state=Batch.CallbackState.NONE)
+        if with_callback.update(cell_deleted_at=timezone.now()):
+            send_again(batch_ids=[analysis.batch_id])  # an attempt under way loses its lease
             transaction.on_commit(lambda: notify_deletion(batch_id=analysis.batch_id), robust=True)
 
 
 def delete_batch(*, batch: Batch) -> None:
-    """Remove a batch with every analysis in it and their files. If its lab system was sent its
-    results, the batch is kept, empty and hidden, until the lab system is told they are withdrawn."""
+    """Remove a batch with every analysis in it and their files. If its results may have reached
+    its lab system (delivered, or an attempt made: delivery is at least once), the batch is kept,
+    empty and hidden, until the lab system is told they are withdrawn."""
     ids = list(batch.analyses.values_list("pk", flat=True))
     logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, ids)
-    if not batch.callback_delivered_at:
-        batch.delete()
-        return
     with transaction.atomic():
-        batch.analyses.all().delete()
+        # Locked, so an attempt cannot claim it between this look and the deletion.
+        current = Batch.with_withdrawn.select_for_update().get(pk=batch.pk)
+        may_have_reached = current.callback_delivered_at is not None or current.callback_attempts > 0
+        if current.withdrawn_at or not may_have_reached:  # a withdrawal given up on, or nothing sent
+            current.delete()
+            return
+        current.analyses.all().delete()
         # The note may name the patient and the lab system has no use for it; the sample
         # reference stays, as the lab system's key to the results it withdraws.
-        Batch.objects.filter(pk=batch.pk).update(withdrawn_at=timezone.now(), note="")
-        send_again(batch_ids=[batch.pk])
+        Batch.with_withdrawn.filter(pk=batch.pk).update(withdrawn_at=timezone.now(), note="")
+        send_again(batch_ids=[batch.pk])  # an attempt under way loses its lease
         transaction.on_commit(lambda: notify_deletion(batch_id=batch.pk), robust=True)
 
 
@@ -392,8 +398,10 @@ def delete_expired_analyses(*, older_than: timedelta) -> int:
     while ids := list(expired.values_list("pk", flat=True)[:500]):
         with transaction.atomic():
             deleted += Analysis.objects.filter(pk__in=ids).delete()[1].get(Analysis._meta.label, 0)
-    # Withdrawn batches too: one whose lab system could never be told goes with the rest.
-    Batch.with_withdrawn.filter(created_at__lt=cutoff, analyses__isnull=True).delete()
+    # Withdrawn batches too, once their withdrawal is no longer being tried (an admin can retry one
+    # that failed).
+    emptied = Batch.with_withdrawn.filter(created_at__lt=cutoff, analyses__isnull=True)
+    emptied.exclude(withdrawn_at__isnull=False, callback_state=Batch.CallbackState.PENDING).delete()
     if deleted:
         logger.info("event=retention_deleted count=%s older_than_days=%s", deleted, older_than.days)
     return deleted
@@ -418,7 +426,11 @@ def delete_orphaned_files(*, older_than: timedelta) -> int:
             named |= {overlay_path(pk) for pk in Analysis.objects.values_list("pk", flat=True)}
         for file_name in private_storage.listdir(folder)[1]:
             name = f"{folder}/{file_name}"
-            if name not in named and private_storage.get_modified_time(name) < cutoff:
+            try:
+                orphaned = name not in named and private_storage.get_modified_time(name) < cutoff
+            except FileNotFoundError:  # deleted with its analysis since the listing
+                continue
+            if orphaned:
                 private_storage.delete(name)
                 deleted += 1
     if deleted:

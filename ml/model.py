@@ -3,8 +3,9 @@
 The head is GAP + linear rather than the seed's dense layers so that the class activation map can
 be computed in closed form from one forward pass (see ``ml.gradcam``), and so the model is a small
 fraction of torchvision's 143M parameters. The trunk is built here, layer for layer as torchvision's
-``vgg19``/``vgg19_bn`` ``features`` and initialised the same way, without building (and throwing
-away) torchvision's 124M-parameter dense head: half a gigabyte and a second per model built.
+``vgg19``/``vgg19_bn`` ``features`` and initialised from the same distributions (not the same
+draws for a seed: torchvision draws its dense head's too), without building and throwing away
+torchvision's 124M-parameter dense head: half a gigabyte and a second per model built.
 Trailing max-pools are replaced by ``nn.Identity`` (not removed) so layer indices, and therefore
 ImageNet state-dict keys, still match torchvision's.
 """
@@ -99,7 +100,7 @@ class MalariaVGG(nn.Module):
 
 
 def vgg19_trunk(*, batch_norm: bool) -> nn.Sequential:
-    """torchvision's VGG19 ``features``: the same layers at the same indices, the same initialisation."""
+    """torchvision's VGG19 ``features``: the same layers at the same indices, initialised alike."""
     layers: list[nn.Module] = []
     channels = 3
     for width in VGG19_LAYERS:

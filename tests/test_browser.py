@@ -619,8 +619,9 @@ def test_the_dashboard_tells_a_screen_reader_what_finished(open_page, user, monk
     announcer = page.get_by_role("status")
     expect(announcer).to_have_text("")
     done = {"status": "done", "label": "Parasitized", "probability_parasitized": 0.9}
-    batch.analyses.filter(original_filename="a.png").update(**done)
-    batch.analyses.filter(original_filename="b.png").update(status="failed", error="Cannot read the image.")
+    with transaction.atomic():  # both at once: one poll sees both finish
+        batch.analyses.filter(original_filename="a.png").update(**done)
+        batch.analyses.filter(original_filename="b.png").update(status="failed", error="Cannot read the image.")
     expect(announcer).to_have_text("2 analyses finished: 1 parasitized, 1 failed.")
     expect(page.locator("[data-status]").filter(has_text="Queued")).to_have_count(1)
 

@@ -428,7 +428,7 @@ def test_an_admins_deletion_is_withdrawn_from_the_lab_system_too(admin_client, u
     assert admin_client.post("/admin/diagnosis/analysis/", selected).status_code == 302
     assert refreshed(other).callback_state == State.PENDING and other.analyses.count() == 1
     assert Batch.with_withdrawn.get(pk=batch.pk).withdrawn_at is not None
-    assert admin_client.get("/admin/diagnosis/batch/").content.decode().count("/change/") == 1
+    assert admin_client.get("/admin/diagnosis/batch/?withdrawn=no").content.decode().count("/change/") == 1
 
 
 def test_a_cell_sent_again_just_after_the_claim_is_not_announced_as_finished(user, receiver, monkeypatch):
@@ -448,3 +448,55 @@ def test_a_cell_sent_again_just_after_the_claim_is_not_announced_as_finished(use
     Analysis.objects.filter(pk=failed.pk).update(status=Analysis.Status.DONE, label="Parasitized", error="")
     assert callbacks.deliver(batch_id=batch.pk)
     assert {a["status"] for a in json.loads(receiver.received[0].body)["batch"]["analyses"]} == {"done"}
+
+
+def test_a_batch_whose_results_may_have_arrived_unconfirmed_is_withdrawn_too(user, receiver, monkeypatch):
+    """Delivery is at least once: an attempt that timed out or got a 5xx may have been stored."""
+    batch = finished_batch(user, receiver.url)
+    receiver.answers.append(503)
+    assert not callbacks.deliver(batch_id=batch.pk) and len(receiver.received) == 1
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    services.delete_batch(batch=refreshed(batch))
+    tombstone = Batch.with_withdrawn.get(pk=batch.pk)
+    assert tombstone.withdrawn_at and tombstone.callback_state == State.PENDING and tombstone.callback_attempts == 0
+    assert callbacks.deliver(batch_id=batch.pk)
+    assert json.loads(receiver.received[1].body)["event"] == "batch.withdrawn"
+
+
+def test_a_cell_deleted_while_an_attempt_is_under_way_is_sent_again_later(user, receiver, monkeypatch):
+    batch = finished_batch(user, receiver.url)
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    post = callbacks._post
+
+    def deleted_during_the_post(url, body, *, batch_id):
+        services.delete_analysis(analysis=Analysis.objects.get(batch=batch, original_filename="a.png"))
+        return post(url, body, batch_id=batch_id)
+
+    monkeypatch.setattr(callbacks, "_post", deleted_during_the_post)
+    assert callbacks.deliver(batch_id=batch.pk)  # the receiver got the batch with a.png in it
+    monkeypatch.setattr(callbacks, "_post", post)
+    assert refreshed(batch).callback_state == State.PENDING  # that attempt lost its lease: not "delivered"
+    assert callbacks.deliver(batch_id=batch.pk)
+    first, second = (json.loads(r.body)["batch"] for r in receiver.received)
+    assert [a["original_filename"] for a in second["analyses"]] == ["b.png"]
+    assert second["results_as_of"] > first["results_as_of"]
+
+
+def test_a_failed_withdrawal_is_listed_in_the_admin_retried_there_and_kept_from_retention(
+    admin_client, user, receiver, settings, monkeypatch
+):
+    batch = finished_batch(user, receiver.url)
+    assert callbacks.deliver(batch_id=batch.pk)
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    services.delete_batch(batch=refreshed(batch))
+    Batch.with_withdrawn.filter(pk=batch.pk).update(created_at=timezone.now() - timedelta(days=30))
+    assert services.delete_expired_analyses(older_than=timedelta(days=7)) == 0
+    assert Batch.with_withdrawn.filter(pk=batch.pk).exists(), "a withdrawal still being tried is kept"
+
+    Batch.with_withdrawn.filter(pk=batch.pk).update(callback_state=State.FAILED, callback_error="HTTP 503")
+    listed = admin_client.get("/admin/diagnosis/batch/?withdrawn=yes").content.decode()
+    assert f"/admin/diagnosis/batch/{batch.pk}/change/" in listed
+    chosen = {"action": "retry_callbacks", "_selected_action": [batch.pk]}
+    assert admin_client.post("/admin/diagnosis/batch/", chosen).status_code == 302
+    assert Batch.with_withdrawn.get(pk=batch.pk).callback_state == State.PENDING
+    assert callbacks.deliver(batch_id=batch.pk) and not Batch.with_withdrawn.filter(pk=batch.pk).exists()

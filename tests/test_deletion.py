@@ -218,7 +218,7 @@ def test_retention_command_refuses_to_run_without_a_period(settings):
         call_command("delete_expired_analyses")
 
 
-def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(user, media_root):
+def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(user, media_root, monkeypatch):
     """The rows of an upload process killed mid-batch are rolled back; the files it wrote are not."""
     kept = with_overlay(services.create_analysis(owner=user, upload=upload("kept.png")))
     before = set(media_root.rglob("*"))
@@ -237,6 +237,16 @@ def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     for name in stored_files(kept):
         os.utime(media_root / name, (hours_ago, hours_ago))
 
+    vanishing = media_root / "thumbnails" / "deleted-meanwhile.png"  # gone between the listing and its look
+    vanishing.write_bytes(b"png")
+    modified = private_storage.get_modified_time
+
+    def deleted_meanwhile(name):
+        if name.endswith(vanishing.name):
+            vanishing.unlink()
+        return modified(name)
+
+    monkeypatch.setattr(private_storage, "get_modified_time", deleted_meanwhile)
     assert tasks.delete_orphaned_files() == len(orphaned) >= 3
     assert not any(path.exists() for path in orphaned)
     assert being_stored.exists() and all(private_storage.exists(name) for name in stored_files(kept))

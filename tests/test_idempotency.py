@@ -25,6 +25,8 @@ def test_the_same_request_again_gets_the_first_batch_back(api_client, user, medi
     assert again.json()["id"] == first.json()["id"] and Batch.objects.count() == 1
     assert stored_files(media_root) == files  # nothing stored twice
     assert AccessEvent.objects.filter(action="uploaded").count() == 1
+    replayed = AccessEvent.objects.get(action="viewed")  # the results went out again: the trail says so
+    assert (replayed.batch_id, replayed.detail) == (first.json()["id"], "replayed request")
     # Another lab system (another account) may use the same key for its own batch.
     other = send(api_client_for(UserFactory()), "lis-order-4711")
     assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
@@ -67,16 +69,23 @@ def test_a_key_that_is_no_key_is_refused(api_client, key):
     assert not Batch.objects.exists()
 
 
-def test_two_requests_under_one_key_at_once_make_one_batch(api_client, user, monkeypatch):
+def test_two_requests_under_one_key_at_once_make_one_batch(api_client, user, media_root, monkeypatch):
     """The second arrives before the first has committed, so it finds no batch under the key; the
     database's constraint stops its insert, and it answers with the first one's batch."""
     first = send(api_client, "order-3")
-    lookups = iter([None])
+    files = stored_files(media_root)
+    lookups = []
     real = services._batch_made_under
-    monkeypatch.setattr(services, "_batch_made_under", lambda **kw: next(lookups, None) or real(**kw))
+
+    def not_committed_the_first_time(**kwargs):
+        lookups.append(kwargs)
+        return None if len(lookups) == 1 else real(**kwargs)
+
+    monkeypatch.setattr(services, "_batch_made_under", not_committed_the_first_time)
     again = send(api_client, "order-3")
+    assert len(lookups) == 2, "the insert was tried, refused, and the batch looked up again"
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    assert Batch.objects.count() == 1
+    assert Batch.objects.count() == 1 and stored_files(media_root) == files
 
 
 def test_without_a_key_each_request_is_a_batch(api_client):

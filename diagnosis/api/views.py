@@ -216,6 +216,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             detail = counted(len(batch.analyses.all()), "image")
             record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
             return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
+        record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch, detail="replayed request")
         return Response(self.get_serializer(batch).data, headers={"Idempotent-Replayed": "true"})
 
     @extend_schema(request=None, responses={202: BatchSerializer})
