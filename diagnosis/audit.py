@@ -48,6 +48,24 @@ def record_access(
     return event
 
 
+def record_dataset_export(*, analyses: list[Analysis], out: str) -> None:
+    """Cells copied into a reviewed-cells data set (``manage.py export_reviewed_cells``), which is
+    made to leave the clinical system: one entry per cell, as for any other export."""
+    events = (
+        AccessEvent(
+            username="(export_reviewed_cells)",
+            action=AccessEvent.Action.EXPORTED,
+            channel=AccessEvent.Channel.COMMAND,
+            analysis_id=a.pk,
+            batch_id=a.batch_id,
+            owner_id=a.owner_id,
+            detail=f"reviewed-cells data set in {out}"[:200],
+        )
+        for a in analyses
+    )
+    AccessEvent.objects.bulk_create(events, batch_size=1000)
+
+
 def record_callback(*, batch: Batch) -> AccessEvent:
     """A batch's results sent to its lab system's callback URL: a disclosure with no user behind it."""
     return AccessEvent.objects.create(

@@ -11,6 +11,7 @@ from pathlib import Path
 from django.utils.crypto import salted_hmac
 from django.utils.text import slugify
 
+from diagnosis.audit import record_dataset_export
 from diagnosis.models import Analysis
 from diagnosis.selectors import reviewed_analyses
 
@@ -54,7 +55,7 @@ def export_reviewed_cells(*, out: Path) -> int:
     for label in Analysis.Label.values:
         (out / label).mkdir(parents=True, exist_ok=True)
     earlier = _previously_exported(out)
-    rows, written = [], set()
+    rows, written, exported = [], set(), []
     for analysis in reviewed_analyses():
         label, group = analysis.final_label, patient_group(analysis)
         name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
@@ -65,6 +66,7 @@ def export_reviewed_cells(*, out: Path) -> int:
             logger.warning("event=export_skipped analysis_id=%s: its image is gone", analysis.pk)
             continue
         written.add((out / label / name).resolve())
+        exported.append(analysis)
         rows.append(
             [
                 f"{label}/{name}",
@@ -83,6 +85,7 @@ def export_reviewed_cells(*, out: Path) -> int:
         writer = csv.writer(manifest)
         writer.writerow(MANIFEST_COLUMNS)
         writer.writerows(rows)
+    record_dataset_export(analyses=exported, out=str(out))
     return len(rows)
 
 

@@ -6,12 +6,15 @@ on each (a workstation left signed in must not become a place to guess its user'
 """
 
 import hashlib
+import unicodedata
 
 from django.conf import settings
-from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib import admin
+from django.contrib.admin.forms import AdminAuthenticationForm, AdminPasswordChangeForm
 from django.contrib.auth.views import LoginView, PasswordChangeView
 from django.core.cache import cache
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.urls import reverse
 
 
 def _address(request) -> str:
@@ -25,7 +28,9 @@ def _digest(text: str) -> str:
 
 
 def _key(request, username: str) -> str:
-    return f"login-failures:{_digest(_address(request))}:{_digest(username.strip().lower()[:150])}"
+    # NFKC as Django's username field: "ａlice" and "alice" sign in as one user, so count as one.
+    name = unicodedata.normalize("NFKC", username).strip().lower()[:150]
+    return f"login-failures:{_digest(_address(request))}:{_digest(name)}"
 
 
 def _address_key(request) -> str:
@@ -113,3 +118,15 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
         if self.user_cache is not None:  # signed in (an empty password checks nothing, and clears nothing)
             clear_failures(self.request, username)
         return cleaned
+
+
+def admin_password_change(request):
+    """The admin's own password-change page (Django's checks the current password without limit),
+    as AdminSite.password_change builds it, under the same lockout."""
+    request.current_app = admin.site.name
+    view = ThrottledPasswordChangeView.as_view(
+        form_class=AdminPasswordChangeForm,
+        success_url=reverse("admin:password_change_done", current_app=admin.site.name),
+        extra_context=admin.site.each_context(request),
+    )
+    return view(request)

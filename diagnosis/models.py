@@ -83,7 +83,9 @@ class Batch(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"Batch {self.pk}" + (f" ({self.sample_reference})" if self.sample_reference else "")
+        # No patient data: the admin's history (django_admin_log) keeps this text for every record
+        # changed or deleted there, past the record's deletion and any retention period.
+        return f"Batch {self.pk}"
 
     @property
     def callback_host(self) -> str:
@@ -155,7 +157,7 @@ class Analysis(models.Model):
         indexes = [models.Index(fields=["owner", "-created_at"])]
 
     def __str__(self) -> str:
-        return f"Analysis {self.pk} of {self.original_filename}"
+        return f"Analysis {self.pk}"  # no file name, as Batch.__str__
 
     @property
     def is_finished(self) -> bool:
@@ -192,6 +194,7 @@ class AccessEvent(models.Model):
         WEB = "web", "web"
         API = "api", "API"
         ADMIN = "admin", "admin"
+        COMMAND = "cli", "server command"
 
     at = models.DateTimeField(auto_now_add=True, db_index=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")

@@ -283,3 +283,17 @@ def test_a_case_reviewed_in_the_hour_a_clock_change_repeats_can_be_saved_again(a
     saved = admin_client.post(url, {"review_verdict": "disagree", "corrected_label": "Uninfected", "replacing": opened})
     assert saved.status_code == 302, "the review time read back is the one it was"
     assert Analysis.objects.get(pk=finished.pk).final_label == "Uninfected"
+
+
+def test_the_admins_history_keeps_no_sample_reference_or_file_name(admin_client, user):
+    from django.contrib.admin.models import LogEntry
+
+    from diagnosis.services import create_batch
+
+    batch = create_batch(owner=user, uploads=[upload("smith-john.png")], sample_reference="S-SMITH")
+    cell = batch.analyses.get()
+    selected = {"action": "delete_selected", "_selected_action": [cell.pk], "post": "yes"}
+    assert admin_client.post("/admin/diagnosis/analysis/", selected).status_code == 302
+    assert admin_client.post(f"/admin/diagnosis/batch/{batch.pk}/delete/", {"post": "yes"}).status_code == 302
+    kept = list(LogEntry.objects.values_list("object_repr", flat=True))
+    assert len(kept) == 2 and not [r for r in kept if "SMITH" in r.upper()], kept

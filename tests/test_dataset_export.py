@@ -115,3 +115,15 @@ def test_a_cell_whose_image_went_during_an_export_is_left_out_and_the_rest_liste
     with open(out / "reviewed.csv", newline="") as manifest:
         assert [int(row["analysis_id"]) for row in csv.DictReader(manifest)] == [kept.pk]
     assert [s.path.name for s in list_samples(out)] == [f"u{user.pk}-cell{kept.pk}_IMG_{kept.pk}.png"]
+
+
+def test_every_cell_exported_into_the_data_set_is_in_the_access_trail(user, tmp_path):
+    from diagnosis.dataset import export_reviewed_cells
+    from diagnosis.models import AccessEvent
+
+    cell = finished(create_analysis(owner=user, upload=upload("a.png")), label="Uninfected", verdict="agree")
+    finished(create_analysis(owner=user, upload=upload("b.png")), label="Uninfected")  # not reviewed: not exported
+    assert export_reviewed_cells(out=tmp_path / "reviewed") == 1
+    (event,) = AccessEvent.objects.filter(action="exported")
+    assert (event.analysis_id, event.owner_id, event.channel) == (cell.pk, user.pk, "cli")
+    assert event.username == "(export_reviewed_cells)" and str(tmp_path / "reviewed") in event.detail

@@ -314,3 +314,28 @@ def test_signing_in_again_after_the_idle_limit_says_nothing_about_being_signed_o
     page = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}, follow=True)
     assert page.status_code == 200 and "signed out" not in page.content.decode()
     assert client.get("/").status_code == 200
+
+
+def test_the_admins_password_change_page_shares_the_sign_in_lockout(client, db, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    staff = UserFactory(is_staff=True)
+    client.force_login(staff)
+    new = {"new_password1": "a-Fresh-passphrase-42", "new_password2": "a-Fresh-passphrase-42"}
+    for _ in range(3):
+        wrong = client.post("/admin/password_change/", {"old_password": "guess", **new})
+        assert wrong.status_code == 200 and "old password was entered incorrectly" in wrong.content.decode()
+    blocked = client.post("/admin/password_change/", {"old_password": PASSWORD, **new})
+    assert blocked.status_code == 429
+    staff.refresh_from_db()
+    assert staff.check_password(PASSWORD)
+    client.logout()
+    assert client.get("/admin/password_change/").status_code == 302  # still the admin's: staff only
+
+
+def test_look_alike_spellings_of_a_username_share_its_failure_count(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    name = user.username
+    fullwidth = [name[:k] + chr(ord(name[k]) + 0xFEE0) + name[k + 1 :] for k in range(3)]  # "ｕser1", ...
+    for spelling in fullwidth:
+        client.post("/accounts/login/", {"username": spelling, "password": "wrong"})
+    assert client.post("/accounts/login/", {"username": name, "password": PASSWORD}).status_code == 429
