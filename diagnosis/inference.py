@@ -102,7 +102,12 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
         return
 
     started = time.perf_counter()
-    predictions = predictor.predict(model_sized)
+    try:
+        predictions = predictor.predict(model_sized)
+    except Exception as error:  # noqa: BLE001 - out of memory, say: find the cell that causes it
+        _raise_if_time_limit(error)
+        _fail_or_send_separately(analyses=analyses, task_id=task_id, error=error, model_version=predictor.version)
+        return
     per_image_ms = (time.perf_counter() - started) * 1000 / len(model_sized)
     for analysis, prediction in zip(analyses, predictions, strict=True):
         try:
@@ -117,16 +122,43 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
                 model_version=predictor.version,
             )
             continue
-        services.record_result(
-            analysis=analysis,
-            task_id=task_id,
-            label=prediction.label,
-            probability_parasitized=prediction.probability_parasitized,
-            decision_threshold=predictor.info.threshold,
-            model_version=predictor.version,
-            overlay_png=overlay_png,
-            inference_ms=per_image_ms,
-        )
+        try:
+            services.record_result(
+                analysis=analysis,
+                task_id=task_id,
+                label=prediction.label,
+                probability_parasitized=prediction.probability_parasitized,
+                decision_threshold=predictor.info.threshold,
+                model_version=predictor.version,
+                overlay_png=overlay_png,
+                inference_ms=per_image_ms,
+            )
+        except OSError as error:  # the media disk full or gone: this cell says so, the next may fit
+            _raise_if_time_limit(error)
+            logger.exception("event=overlay_not_stored analysis_id=%s", analysis.pk)
+            services.fail_analysis(
+                analysis_id=analysis.pk,
+                task_id=task_id,
+                error=f"Cannot store the heatmap overlay: {error}",
+                model_version=predictor.version,
+            )
+
+
+def _fail_or_send_separately(*, analyses: list[Analysis], task_id: str, error: Exception, model_version: str) -> None:
+    """The model failed on a chunk: its cells go back one by one, so that only a cell it fails on
+    alone is failed, with the reason (left running, they would wait for the sweeper and in the end
+    be given up as if they had crashed the worker)."""
+    logger.error("event=model_failed task_id=%s error=%r", task_id, error)
+    if len(analyses) > 1:
+        services.send_separately(analysis_ids=[a.pk for a in analyses], task_id=task_id)
+        return
+    (analysis,) = analyses
+    services.fail_analysis(
+        analysis_id=analysis.pk,
+        task_id=task_id,
+        error=f"The model could not classify this image: {error.__class__.__name__}: {error}",
+        model_version=model_version,
+    )
 
 
 def _raise_if_time_limit(error: Exception) -> None:

@@ -73,7 +73,8 @@ def _opened(path: str | Path) -> Iterator:
     try:
         with safe_open(str(path), framework="pt") as handle:
             yield handle
-    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as error:
+    # OSError: safetensors reports a file it may not read (its mode, a mount) as missing.
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError, OSError) as error:
         raise WeightsUnreadable(
             f"{path} is not a usable weights file ({error}). If it is a Git LFS pointer or was cut short "
             "while copying, fetch the whole file again."

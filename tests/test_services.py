@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings as django_settings
 from django.db import OperationalError
 from django.utils import timezone
 
@@ -345,3 +346,60 @@ def test_a_committed_uploads_files_stay_when_a_commit_hook_aborts_the_process(tr
     assert len(analyses) == 2 and all(a.status == "queued" for a in analyses)
     for analysis in analyses:
         assert private_storage.exists(analysis.image.name) and private_storage.exists(analysis.thumbnail.name)
+
+
+def test_weights_the_worker_may_not_read_fail_the_analysis_saying_so(queued, settings, tmp_path, monkeypatch):
+    """safetensors reports a file it may not open (mode 0600 for another user, a broken mount) as
+    missing; the tests run as root, so the refusal is the library's own error, raised here."""
+    from ml import weights
+
+    unreadable = tmp_path / "model.safetensors"
+    unreadable.write_bytes(Path(settings.MODEL_WEIGHTS).read_bytes())
+    settings.MODEL_WEIGHTS = unreadable
+    inference.get_predictor.cache_clear()
+
+    def permission_denied(*args, **kwargs):
+        raise FileNotFoundError("No such file or directory (os error 2)")
+
+    monkeypatch.setattr(weights, "safe_open", permission_denied)
+    inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
+    queued.refresh_from_db()
+    assert queued.status == "failed" and queued.error.startswith("Model unavailable:")
+    assert str(unreadable) in queued.error
+
+
+def test_a_full_media_disk_fails_the_cell_it_struck_saying_so_and_not_the_next(user, monkeypatch):
+    first, second = (services.create_analysis(owner=user, upload=upload(f"{n}.png")) for n in range(2))
+    save = private_storage.save
+
+    def disk_full_once(name, content, **kwargs):
+        if name.startswith("overlays/") and not getattr(disk_full_once, "struck", False):
+            disk_full_once.struck = True
+            raise OSError(28, "No space left on device")
+        return save(name, content, **kwargs)
+
+    monkeypatch.setattr(private_storage, "save", disk_full_once)
+    inference.run_analyses(analysis_ids=[first.pk, second.pk], task_id="t")
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.status == "failed" and "Cannot store the heatmap overlay" in first.error
+    assert "No space left on device" in first.error
+    assert second.status == "done" and second.overlay
+
+
+def test_a_model_that_fails_on_a_chunk_finds_the_cell_it_fails_on(user, monkeypatch):
+    sent = []
+    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids, per_task: sent.append(list(analysis_ids)))
+    ids = [services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk for n in range(2)]
+    predictor = inference.get_predictor(str(django_settings.MODEL_WEIGHTS))
+
+    def out_of_memory(images):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(predictor, "predict", out_of_memory)
+    inference.run_analyses(analysis_ids=ids, task_id="chunk")
+    assert sent == [ids]  # sent back, one task each
+    assert set(Analysis.objects.filter(pk__in=ids).values_list("status", "attempts", "error")) == {("queued", 0, "")}
+    inference.run_analyses(analysis_ids=[ids[0]], task_id="alone")
+    alone = Analysis.objects.get(pk=ids[0])
+    assert alone.status == "failed" and "not enough memory" in alone.error and alone.model_version
