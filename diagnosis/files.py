@@ -1,11 +1,14 @@
 """Serving protected media after the caller has checked ownership."""
 
+import io
 import mimetypes
 from pathlib import PurePosixPath
 
 from django.conf import settings
 from django.db.models.fields.files import FieldFile
 from django.http import FileResponse, Http404, HttpResponse
+
+from ml.preprocessing import ImageDecodeError, open_rgb
 
 
 def protected_file_response(field_file: FieldFile, *, download_stem: str) -> HttpResponse:
@@ -24,8 +27,29 @@ def protected_file_response(field_file: FieldFile, *, download_stem: str) -> Htt
             response = FileResponse(field_file.open("rb"), content_type=content_type)
         except FileNotFoundError:
             raise Http404("This file is missing from storage.") from None
-    extension = PurePosixPath(field_file.name).suffix
-    response["Content-Disposition"] = f'inline; filename="{_ascii_name(download_stem + extension)}"'
+    return _private(response, filename=download_stem + PurePosixPath(field_file.name).suffix)
+
+
+# What browsers draw in <img>; a TIFF original is shown through a PNG of it (browser_picture).
+BROWSER_DRAWN = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def browser_picture(field_file: FieldFile, *, download_stem: str) -> HttpResponse:
+    """The original as a browser can draw it: the stored file itself, or a PNG of it decoded as the
+    model saw it (EXIF orientation applied, 16-bit and float pictures scaled) for a TIFF."""
+    if not field_file or PurePosixPath(field_file.name).suffix.lower() in BROWSER_DRAWN:
+        return protected_file_response(field_file, download_stem=download_stem)
+    try:
+        rgb = open_rgb(field_file.path)
+    except (FileNotFoundError, ImageDecodeError):
+        raise Http404("This file is missing from storage.") from None
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    return _private(HttpResponse(buffer.getvalue(), content_type="image/png"), filename=download_stem + ".png")
+
+
+def _private(response: HttpResponse, *, filename: str) -> HttpResponse:
+    response["Content-Disposition"] = f'inline; filename="{_ascii_name(filename)}"'
     # Workstations are shared: no copy of a patient image may outlive the page in the browser's cache.
     response["Cache-Control"] = "private, no-store"
     response["X-Content-Type-Options"] = "nosniff"

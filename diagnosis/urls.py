@@ -19,7 +19,12 @@ urlpatterns = [
     path("analyses/<int:pk>/", views.analysis_detail, name="analysis"),
     path("analyses/<int:pk>/delete/", views.analysis_delete, name="analysis-delete"),
     path("analyses/<int:pk>/retry/", views.analysis_retry, name="analysis-retry"),
-    re_path(r"^analyses/(?P<pk>[0-9]+)/(?P<kind>image|overlay|thumbnail)/$", views.analysis_file, name="analysis-file"),
+    # image: the stored original; picture: the original as a browser can draw it (a TIFF as PNG).
+    re_path(
+        r"^analyses/(?P<pk>[0-9]+)/(?P<kind>image|picture|overlay|thumbnail)/$",
+        views.analysis_file,
+        name="analysis-file",
+    ),
     path("account/api-token/", views.api_token, name="api-token"),
     path("review/", review.queue, name="review-queue"),
     path("review/<int:pk>/", review.review, name="review"),

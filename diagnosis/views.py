@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from diagnosis import login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access
-from diagnosis.files import protected_file_response
+from diagnosis.files import browser_picture, protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
 from diagnosis.models import AccessEvent, Analysis
 from malaria_site.celery import app as celery_app
@@ -209,6 +209,8 @@ def analysis_file(request, pk: int, kind: str):
     # else's (a reviewer's queue) are someone else's patient data, and are.
     if kind != "thumbnail" or analysis.owner_id != request.user.pk:
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
+    if kind == "picture":  # the original, drawn for a page
+        return browser_picture(analysis.image, download_stem=f"image-{analysis.pk}")
     return protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
 
 

@@ -211,3 +211,29 @@ def test_mutated_images_are_either_accepted_or_refused_with_a_message():
             assert "damaged.tif" in error.messages[0]
             outcomes["refused"] += 1
     assert outcomes["accepted"] and outcomes["refused"]
+
+
+def test_a_tiff_original_is_drawn_for_browsers_as_png_and_downloaded_as_sent(client, user, other_user):
+    """Chrome and Firefox draw no TIFF in <img>: the pages show the original through `picture`."""
+    cell = Image.open(fixture_cells()[0]).convert("RGB")
+    buffer = io.BytesIO()
+    cell.save(buffer, format="TIFF")
+    tiff = services.create_analysis(owner=user, upload=upload("cell.tif", buffer.getvalue(), "image/tiff"))
+    png = services.create_analysis(owner=user, upload=upload("cell.png"))
+    client.force_login(user)
+    page = client.get(f"/analyses/{tiff.pk}/").content.decode()
+    assert f'src="/analyses/{tiff.pk}/picture/"' in page and f'src="/analyses/{tiff.pk}/image/"' not in page
+
+    drawn = client.get(f"/analyses/{tiff.pk}/picture/")
+    assert drawn.status_code == 200 and drawn["Content-Type"] == "image/png"
+    assert drawn["Cache-Control"] == "private, no-store" and drawn["X-Content-Type-Options"] == "nosniff"
+    picture = Image.open(io.BytesIO(drawn.content))
+    assert picture.format == "PNG" and picture.size == cell.size
+    assert picture.convert("RGB").tobytes() == cell.tobytes()
+    sent = client.get(f"/analyses/{tiff.pk}/image/")
+    assert sent["Content-Type"] == "image/tiff" and b"".join(sent.streaming_content) == buffer.getvalue()
+    as_stored = client.get(f"/analyses/{png.pk}/picture/")  # a PNG is drawn as it is
+    assert b"".join(as_stored.streaming_content) == png.image.open("rb").read()
+
+    client.force_login(other_user)
+    assert client.get(f"/analyses/{tiff.pk}/picture/").status_code == 404
