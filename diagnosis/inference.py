@@ -5,6 +5,7 @@ import logging
 import time
 from functools import lru_cache
 
+import cv2
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -31,8 +32,9 @@ def get_predictor(weights_path: str) -> Predictor:
 
 def warm_up() -> None:
     """Load the model and run it once, so the first upload after a worker starts waits for neither."""
-    if settings.MODEL_THREADS > 0:
+    if settings.MODEL_THREADS > 0:  # OpenCV (the overlay) as well as torch: both share the cores
         torch.set_num_threads(settings.MODEL_THREADS)
+        cv2.setNumThreads(settings.MODEL_THREADS)
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:

@@ -41,12 +41,15 @@ def _decode(stream) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Flatten any mode (palette, 16-bit, 32-bit float, alpha, grayscale) to 8-bit RGB on black."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # One float copy, worked on in place: a 4096 px picture is 128 MB of it, not four times that.
+        array = np.array(image, dtype=np.float64)
         # ImageJ writes NaN for "no data": black, like the padding, as is any infinite value.
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
+        np.nan_to_num(array, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        np.clip(array, 0, None, out=array)
         peak = array.max() or 1.0
         # Float images (ImageJ's TIFFs) mostly hold 0..1: Pillow's own conversion would clip them to black.
-        scale = 255.0 if image.mode == "F" and peak <= 1.0 else 255.0 / peak
-        image = Image.fromarray((array * scale).astype(np.uint8), mode="L")
+        array *= 255.0 if image.mode == "F" and peak <= 1.0 else 255.0 / peak
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
     # A PNG's tRNS colour key marks the background as transparent without an alpha channel.
     if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")

@@ -153,6 +153,24 @@ def test_a_float_tiff_keeps_its_picture_and_a_colour_keyed_background_turns_blac
     assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[15, 15].tolist() == [180, 90, 120]
 
 
+def test_a_16_bit_picture_decodes_with_one_float_copy_of_it():
+    """A 4096 px 16-bit TIFF fits under the 10 MB upload limit; its float copies are what cost."""
+    import tracemalloc
+
+    side = 2048
+    ramp = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16).reshape(side, side)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="TIFF", compression="tiff_deflate")
+    tracemalloc.start()
+    try:
+        decoded = open_rgb(buffer.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_float_copy = side * side * 8
+    assert decoded.size == (side, side) and peak < 2 * one_float_copy, f"{peak / 2**20:.0f} MiB"
+
+
 def test_grad_cam_equals_closed_form_cam_up_to_scale():
     torch.manual_seed(0)
     model = MalariaVGG(ModelConfig(input_size=64, trunk_stride=8)).eval()

@@ -403,3 +403,18 @@ def test_a_model_that_fails_on_a_chunk_finds_the_cell_it_fails_on(user, monkeypa
     inference.run_analyses(analysis_ids=[ids[0]], task_id="alone")
     alone = Analysis.objects.get(pk=ids[0])
     assert alone.status == "failed" and "not enough memory" in alone.error and alone.model_version
+
+
+def test_the_workers_thread_setting_holds_for_the_overlay_too(settings):
+    """MODEL_THREADS shares the cores between processes: OpenCV's overlay work must keep to it too."""
+    import cv2
+    import torch
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    settings.MODEL_THREADS = 1
+    try:
+        inference.warm_up()
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
