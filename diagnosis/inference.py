@@ -115,14 +115,7 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
         try:
             overlay_png = _png_bytes(prediction.overlay(open_rgb(analysis.image.path)))
         except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
-            _raise_if_time_limit(error)
-            logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
-            services.fail_analysis(
-                analysis_id=analysis.pk,
-                task_id=task_id,
-                error=f"Cannot draw the heatmap overlay: {error}",
-                model_version=predictor.version,
-            )
+            _fail_overlay(analysis, error, "Cannot draw the heatmap overlay", task_id=task_id, model=predictor.version)
             continue
         try:
             services.record_result(
@@ -136,14 +129,14 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
                 inference_ms=per_image_ms,
             )
         except OSError as error:  # the media disk full or gone: this cell says so, the next may fit
-            _raise_if_time_limit(error)
-            logger.exception("event=overlay_not_stored analysis_id=%s", analysis.pk)
-            services.fail_analysis(
-                analysis_id=analysis.pk,
-                task_id=task_id,
-                error=f"Cannot store the heatmap overlay: {error}",
-                model_version=predictor.version,
-            )
+            _fail_overlay(analysis, error, "Cannot store the heatmap overlay", task_id=task_id, model=predictor.version)
+
+
+def _fail_overlay(analysis: Analysis, error: Exception, what: str, *, task_id: str, model: str) -> None:
+    """This cell's overlay went wrong: the cell fails saying so; the chunk's other cells go on."""
+    _raise_if_time_limit(error)
+    logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
+    services.fail_analysis(analysis_id=analysis.pk, task_id=task_id, error=f"{what}: {error}", model_version=model)
 
 
 def _fail_or_send_separately(*, analyses: list[Analysis], task_id: str, error: Exception, model_version: str) -> None:
