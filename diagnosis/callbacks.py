@@ -9,7 +9,9 @@ is at least once: an attempt is claimed with a conditional update that also sets
 duplicate task does nothing, and a failed attempt is tried again by the sweeper after 1, 2, 4, ...
 minutes, up to CALLBACK_MAX_ATTEMPTS. The state moves pending -> delivered, or pending -> failed;
 an attempt records its outcome only while it still holds its lease, so a restart (cells analysed
-again) while it is under way makes the batch go out again once those cells are finished.
+again) while it is under way makes the batch go out again once those cells are finished. Results
+that may have reached the lab system and are then deleted are withdrawn there: a cell deleted
+sends the batch again without it, a batch deleted sends ``batch.withdrawn`` (diagnosis.services).
 """
 
 import hashlib
