@@ -5,6 +5,7 @@ from pathlib import Path
 import environ
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -179,6 +180,15 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {}
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="analyses")
+# The sweeper, the callbacks and the deletions have a queue of their own, which every worker also
+# takes from (turn about with the analyses): behind a backlog of cells they wait for the task in
+# hand, not for the whole backlog.
+HOUSEKEEPING_QUEUE = f"{CELERY_TASK_DEFAULT_QUEUE}-housekeeping"
+CELERY_TASK_QUEUES = [Queue(CELERY_TASK_DEFAULT_QUEUE), Queue(HOUSEKEEPING_QUEUE)]
+CELERY_TASK_ROUTES = {
+    f"diagnosis.tasks.{name}": {"queue": HOUSEKEEPING_QUEUE}
+    for name in ("deliver_batch_callback", "requeue_stale_analyses", "delete_expired_analyses", "delete_orphaned_files")
+}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

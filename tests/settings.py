@@ -1,10 +1,14 @@
 """Test settings: the environment-driven project settings, with test traffic kept apart from a
 platform that may be running on the same machine (its own queue and filesystem-broker folder)."""
 
-from malaria_site.settings import *  # noqa: F403
-from malaria_site.settings import CELERY_BROKER_URL, VAR_DIR
+import os
 
-CELERY_TASK_DEFAULT_QUEUE = "tests"
+# Queues of their own (the analyses' and the housekeeping one the project settings derive from it).
+os.environ["CELERY_QUEUE"] = "tests"
+
+from malaria_site.settings import *  # noqa: E402, F403
+from malaria_site.settings import CELERY_BROKER_URL, VAR_DIR  # noqa: E402
+
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = VAR_DIR / "test-broker"
     (_broker_dir / "control").mkdir(parents=True, exist_ok=True)

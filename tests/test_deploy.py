@@ -357,6 +357,27 @@ def test_a_stopped_worker_may_finish_the_longest_task():
     assert interpolate(grace, {"WORKER_STOP_GRACE": "15m"}) == "15m"
 
 
+def test_housekeeping_has_a_queue_every_worker_also_takes_from():
+    """So the sweeper, the callbacks and the deletions are not stuck behind a backlog of cells: a
+    worker started without -Q (compose, scripts/start, the tests) consumes every queue listed."""
+    from malaria_site.celery import app
+
+    consumed = {queue.name for queue in app.conf.task_queues}
+    housekeeping = {
+        "deliver_batch_callback",
+        "requeue_stale_analyses",
+        "delete_expired_analyses",
+        "delete_orphaned_files",
+    }
+    for name in housekeeping | {"analyse_images"}:
+        queue = app.amqp.router.route({}, f"diagnosis.tasks.{name}")["queue"].name
+        assert queue in consumed
+        assert (queue != app.conf.task_default_queue) == (name in housekeeping), name
+    assert consumed == {"tests", "tests-housekeeping"}  # apart from a platform on the same broker
+    assert not {"-Q", "--queues"} & set(SERVICES["worker"]["command"])
+    assert "-Q" not in (ROOT / "scripts" / "start").read_text()
+
+
 def test_beat_runs_the_stale_analysis_sweeper(settings):
     from diagnosis import tasks
 
