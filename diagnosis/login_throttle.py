@@ -3,6 +3,11 @@
 The web sign-in, the admin's sign-in, the password change, the API token page and the API's token
 endpoint all check passwords, so all count failures here: a locked-out username stays locked out
 on each (a workstation left signed in must not become a place to guess its user's password).
+
+A hospital's staff often share one address (its NAT or proxy), so the limit per address would let
+anyone there lock everyone out. A browser that has signed in as a user is remembered by a signed
+cookie (a "device cookie", as OWASP calls it): for that user, on that browser, only the limit per
+username applies, and its typos do not count against the address.
 """
 
 import hashlib
@@ -14,7 +19,13 @@ from django.contrib.admin.forms import AdminAuthenticationForm, AdminPasswordCha
 from django.contrib.auth.views import LoginView, PasswordChangeView
 from django.core.cache import cache
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.http import HttpResponse
 from django.urls import reverse
+
+DEVICE_COOKIE = "known_device"
+DEVICE_COOKIE_SALT = "diagnosis.login_throttle.device"
+DEVICE_COOKIE_MAX_AGE = 180 * 24 * 3600
+DEVICE_COOKIE_USERS = 5  # a shared workstation remembers its last few users
 
 
 def _address(request) -> str:
@@ -27,20 +38,49 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _key(request, username: str) -> str:
+def _name_digest(username: str) -> str:
     # NFKC as Django's username field: "ａlice" and "alice" sign in as one user, so count as one.
-    name = unicodedata.normalize("NFKC", username).strip().lower()[:150]
-    return f"login-failures:{_digest(_address(request))}:{_digest(name)}"
+    return _digest(unicodedata.normalize("NFKC", username).strip().lower()[:150])
+
+
+def _key(request, username: str) -> str:
+    return f"login-failures:{_digest(_address(request))}:{_name_digest(username)}"
 
 
 def _address_key(request) -> str:
     return f"login-failures-address:{_digest(_address(request))}"
 
 
+def _known_users(request) -> list[str]:
+    """The name digests of the users this browser has signed in as (none if its cookie is forged or old)."""
+    value = request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
+    return value.split(",") if value else []
+
+
+def _known_device(request, username: str) -> bool:
+    return _name_digest(username) in _known_users(request)
+
+
+def remember_device(request, response: HttpResponse, username: str) -> None:
+    """After a sign-in: this browser is known for this user from now on."""
+    digest = _name_digest(username)
+    users = [digest] + [known for known in _known_users(request) if known != digest]
+    response.set_signed_cookie(
+        DEVICE_COOKIE,
+        ",".join(users[:DEVICE_COOKIE_USERS]),
+        salt=DEVICE_COOKIE_SALT,
+        max_age=DEVICE_COOKIE_MAX_AGE,
+        secure=settings.SESSION_COOKIE_SECURE,
+        httponly=True,
+        samesite="Lax",
+    )
+
+
 def locked_out(request, username: str) -> bool:
-    return (
-        cache.get(_key(request, username), 0) >= settings.LOGIN_MAX_FAILURES
-        or cache.get(_address_key(request), 0) >= settings.LOGIN_MAX_FAILURES_PER_ADDRESS
+    if cache.get(_key(request, username), 0) >= settings.LOGIN_MAX_FAILURES:
+        return True
+    return not _known_device(request, username) and (
+        cache.get(_address_key(request), 0) >= settings.LOGIN_MAX_FAILURES_PER_ADDRESS
     )
 
 
@@ -49,7 +89,10 @@ def lockout_message() -> str:
 
 
 def record_failure(request, username: str) -> None:
-    for key in (_key(request, username), _address_key(request)):
+    keys = [_key(request, username)]
+    if not _known_device(request, username):
+        keys.append(_address_key(request))
+    for key in keys:
         if not cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
             try:
                 cache.incr(key)
@@ -90,7 +133,10 @@ class LockoutMixin:
 
 
 class ThrottledLoginView(LockoutMixin, LoginView):
-    pass
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        remember_device(self.request, response, form.get_user().get_username())
+        return response
 
 
 class ThrottledPasswordChangeView(LockoutMixin, PasswordChangeView):
@@ -118,6 +164,15 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
         if self.user_cache is not None:  # signed in (an empty password checks nothing, and clears nothing)
             clear_failures(self.request, username)
         return cleaned
+
+
+def admin_login(request):
+    """The admin's sign-in page (with LockoutAdminAuthenticationForm), remembering the browser as
+    the web sign-in does."""
+    response = admin.site.login(request)
+    if request.method == "POST" and request.user.is_authenticated:
+        remember_device(request, response, request.user.get_username())
+    return response
 
 
 def admin_password_change(request):

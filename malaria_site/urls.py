@@ -2,7 +2,12 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from diagnosis.login_throttle import ThrottledLoginView, ThrottledPasswordChangeView, admin_password_change
+from diagnosis.login_throttle import (
+    ThrottledLoginView,
+    ThrottledPasswordChangeView,
+    admin_login,
+    admin_password_change,
+)
 from diagnosis.views import healthz
 
 urlpatterns = [
@@ -17,7 +22,9 @@ urlpatterns = [
         auth_views.PasswordChangeDoneView.as_view(),
         name="password_change_done",
     ),
-    # Before the admin's own, which would check the current password without the lockout.
+    # Before the admin's own: its password change would check the current password without the
+    # lockout, and its sign-in would not remember the browser.
+    path("admin/login/", admin_login),
     path("admin/password_change/", admin.site.admin_view(admin_password_change)),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

@@ -339,3 +339,44 @@ def test_look_alike_spellings_of_a_username_share_its_failure_count(client, user
     for spelling in fullwidth:
         client.post("/accounts/login/", {"username": spelling, "password": "wrong"})
     assert client.post("/accounts/login/", {"username": name, "password": PASSWORD}).status_code == 429
+
+
+def _sign_in(browser: Client, username: str, path: str = "/accounts/login/") -> int:
+    return browser.post(path, {"username": username, "password": PASSWORD}).status_code
+
+
+def _sign_in_and_out(browser: Client, username: str, path: str = "/accounts/login/") -> None:
+    assert _sign_in(browser, username, path) == 302
+    assert browser.post("/accounts/logout/").status_code == 302  # the cookie that remembers the browser stays
+
+
+def test_a_browser_signed_in_before_is_not_locked_out_by_guesses_from_its_address(db, settings):
+    # A hospital's staff share one address: guesses from there must not lock out the staff's own browsers.
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 3
+    clinician, reviewer = UserFactory(), UserFactory(is_staff=True)
+    clinicians_browser, reviewers_browser = Client(), Client()
+    _sign_in_and_out(clinicians_browser, clinician.username)
+    _sign_in_and_out(reviewers_browser, reviewer.username, path="/admin/login/")
+    for _ in range(3):
+        Client().post("/accounts/login/", {"username": "guess", "password": "Summer2026"})
+    assert _sign_in(Client(), clinician.username) == 429  # a new browser
+    assert _sign_in(clinicians_browser, clinician.username) == 302
+    assert _sign_in(reviewers_browser, reviewer.username, path="/admin/login/") == 302
+    # It is known for its own user only, and a cookie not signed by this server counts for nothing.
+    assert _sign_in(clinicians_browser, reviewer.username) == 429
+    forged = Client()
+    forged.cookies["known_device"] = clinicians_browser.cookies["known_device"].value.split(":")[0]
+    assert _sign_in(forged, clinician.username) == 429
+
+
+def test_typos_on_a_known_browser_count_against_its_user_not_its_address(db, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 2
+    clinician, colleague = UserFactory(), UserFactory()
+    browser = Client()
+    _sign_in_and_out(browser, clinician.username)
+    for _ in range(2):
+        assert browser.post("/accounts/login/", {"username": clinician.username, "password": "typo"}).status_code == 200
+    assert _sign_in(Client(), colleague.username) == 302
+    browser.post("/accounts/login/", {"username": clinician.username, "password": "typo"})
+    assert _sign_in(browser, clinician.username) == 429  # its own limit still holds
