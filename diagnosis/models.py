@@ -46,7 +46,10 @@ class Batch(models.Model):
         DELIVERED = "delivered", "delivered"
         FAILED = "failed", "failed"
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches")
+    # Kept, without an owner, when its owner's account is removed (their cells go with it): a batch
+    # whose results may have reached its lab system stays until the lab system is told they are
+    # withdrawn (services.withdraw_batches_of_removed_users); no one can see it but an admin.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="batches")
     sample_reference = models.CharField(max_length=100, blank=True, help_text="Patient or sample reference")
     note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

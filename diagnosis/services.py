@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from functools import partial
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -379,11 +380,26 @@ def delete_batch(*, batch: Batch) -> None:
             current.delete()
             return
         current.analyses.all().delete()
-        # The note may name the patient and the lab system has no use for it; the sample
-        # reference stays, as the lab system's key to the results it withdraws.
-        Batch.with_withdrawn.filter(pk=batch.pk).update(withdrawn_at=timezone.now(), note="")
-        send_again(batch_ids=[batch.pk])  # an attempt under way loses its lease
-        transaction.on_commit(lambda: notify_deletion(batch_id=batch.pk), robust=True)
+        _withdraw(batch_ids=[batch.pk])
+
+
+def withdraw_batches_of_removed_users() -> None:
+    """After a user's account is removed, which takes their cells and leaves their batches without
+    an owner: as delete_batch, each batch whose results may have reached its lab system is kept,
+    empty, until the lab system is told they are withdrawn; the others go."""
+    ownerless = Batch.with_withdrawn.filter(owner__isnull=True, withdrawn_at__isnull=True)
+    # As there: delivery is at least once, so an attempt made, confirmed or not, may have been stored.
+    ownerless.filter(callback_delivered_at__isnull=True, callback_attempts=0).delete()
+    _withdraw(batch_ids=list(ownerless.values_list("pk", flat=True)))
+
+
+def _withdraw(*, batch_ids: list[int]) -> None:
+    # The note may name the patient and the lab system has no use for it; the sample reference
+    # stays, as the lab system's key to the results it withdraws.
+    Batch.with_withdrawn.filter(pk__in=batch_ids).update(withdrawn_at=timezone.now(), note="")
+    send_again(batch_ids=batch_ids)  # an attempt under way loses its lease
+    for batch_id in batch_ids:
+        transaction.on_commit(partial(notify_deletion, batch_id=batch_id), robust=True)
 
 
 def delete_expired_analyses(*, older_than: timedelta) -> int:

@@ -1,5 +1,6 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
-removal; a user's API key goes with their password; and a sign-in's clock starts at sign-in."""
+removal; a removed user's results are withdrawn from the lab systems that were sent them; a
+user's API key goes with their password; and a sign-in's clock starts at sign-in."""
 
 import logging
 import time
@@ -11,6 +12,7 @@ from django.db import transaction
 from django.db.models.signals import post_delete, pre_save
 from django.dispatch import receiver
 
+from diagnosis import services
 from diagnosis.middleware import SignOutMiddleware
 from diagnosis.models import Analysis, ApiToken, overlay_path, private_storage
 
@@ -33,6 +35,11 @@ def _delete_files(names: list[str]) -> None:
             private_storage.delete(name)
         except OSError:  # the row is gone already: log the file left behind, and remove the others
             logger.exception("event=file_not_deleted name=%s", name)
+
+
+@receiver(post_delete, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.withdraw_removed_users_batches")
+def withdraw_removed_users_batches(sender, instance, **kwargs) -> None:
+    services.withdraw_batches_of_removed_users()
 
 
 @receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.revoke_token_on_new_password")

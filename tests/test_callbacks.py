@@ -431,6 +431,31 @@ def test_an_admins_deletion_is_withdrawn_from_the_lab_system_too(admin_client, u
     assert admin_client.get("/admin/diagnosis/batch/?withdrawn=no").content.decode().count("/change/") == 1
 
 
+def test_removing_a_user_withdraws_the_results_their_lab_system_was_sent(
+    admin_client, user, receiver, monkeypatch, django_capture_on_commit_callbacks
+):
+    sent, never_sent = finished_batch(user, receiver.url), finished_batch(user, receiver.url)
+    assert callbacks.deliver(batch_id=sent.pk)
+    enqueued = []
+    monkeypatch.setattr(callbacks, "_enqueue", enqueued.append)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not Analysis.objects.exists()
+    tombstone = Batch.with_withdrawn.get()  # the batch never sent goes with its owner, untold
+    assert (tombstone.pk, tombstone.owner, enqueued) == (sent.pk, None, [sent.pk])
+    assert (
+        f"/admin/diagnosis/batch/{sent.pk}/change/"
+        in admin_client.get("/admin/diagnosis/batch/?withdrawn=yes").content.decode()
+    )
+    assert admin_client.get(f"/admin/diagnosis/batch/{sent.pk}/change/").status_code == 200
+    assert callbacks.deliver(batch_id=sent.pk)
+    body = json.loads(receiver.received[1].body)
+    assert (body["event"], body["batch"]["id"], body["batch"]["analyses"]) == ("batch.withdrawn", sent.pk, [])
+    assert not Batch.with_withdrawn.exists() and never_sent.pk not in [
+        json.loads(r.body)["batch"]["id"] for r in receiver.received
+    ]
+
+
 def test_a_cell_sent_again_just_after_the_claim_is_not_announced_as_finished(user, receiver, monkeypatch):
     batch = finished_batch(user, receiver.url)
     failed = batch.analyses.get(original_filename="a.png")
