@@ -50,14 +50,15 @@ class ReviewAdminForm(forms.ModelForm):
         return data
 
 
-def _image_tag(analysis: Analysis, kind: str, size: int) -> str:
-    if not getattr(analysis, kind):
+def _image_tag(analysis: Analysis, field: str, size: int, *, kind: str = "") -> str:
+    """An <img> of one of the analysis's files (``kind``: the file view's name for it, if not the field's)."""
+    if not getattr(analysis, field):
         return "—"
-    url = reverse("diagnosis:analysis-file", kwargs={"pk": analysis.pk, "kind": kind})
+    url = reverse("diagnosis:analysis-file", kwargs={"pk": analysis.pk, "kind": kind or field})
     return format_html(
         '<img src="{}" alt="{} of {}" style="max-width:{}px;max-height:{}px">',
         url,
-        kind,
+        field,
         analysis.original_filename,
         size,
         size,
@@ -100,10 +101,24 @@ class RecordsDeletions:
 
 
 class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
-    """Cells and batches: made by uploads, never here; each opening of one enters the access trail."""
+    """Cells and batches: made by uploads, never here; each opening of one enters the access trail.
+
+    Seen only by the `reviewers` group (staff in it), as on the site: the permission that shows every
+    user's cells there shows them here, and their images with them. Staff outside it see none, whatever
+    model permissions they hold; deleting still needs Django's delete permission as well.
+    """
 
     def has_add_permission(self, request):
         return False
+
+    def has_view_permission(self, request, obj=None):
+        return selectors.can_review(request.user)
+
+    def has_change_permission(self, request, obj=None):
+        return selectors.can_review(request.user) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return selectors.can_review(request.user) and super().has_delete_permission(request, obj)
 
     def delete_record(self, obj) -> None:
         # As the owners' deletions: a lab system that was sent the results is told they are withdrawn.
@@ -124,6 +139,24 @@ class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
         record_access(request=request, action=AccessEvent.Action.VIEWED, **subject)
 
 
+class FinalLabelFilter(admin.SimpleListFilter):
+    title = "label (a reviewer's correction, else the model's)"
+    parameter_name = "final_label"
+
+    def lookups(self, request, model_admin):
+        return Analysis.Label.choices
+
+    def queryset(self, request, queryset):
+        if self.value() in Analysis.Label.values:
+            return queryset.filter(selectors.final_label_is(self.value()))
+        return queryset
+
+
+def _batch_cells_link(batch: Batch) -> str:
+    url = reverse("admin:diagnosis_analysis_changelist") + f"?batch={batch.pk}"
+    return format_html('<a href="{}">{} ({})</a>', url, batch, counted(batch.analyses.count(), "cell"))
+
+
 @admin.register(Analysis)
 class AnalysisAdmin(PatientRecordAdmin):
     form = ReviewAdminForm
@@ -134,7 +167,7 @@ class AnalysisAdmin(PatientRecordAdmin):
         "original_filename",
         "owner",
         "status",
-        "label",
+        "final_label",
         "probability",
         "model_version",
         "reviewed",
@@ -142,6 +175,7 @@ class AnalysisAdmin(PatientRecordAdmin):
     ]
     list_filter = [
         "status",
+        FinalLabelFilter,
         "label",
         "review_verdict",
         ("reviewed_by", admin.EmptyFieldListFilter),
@@ -158,7 +192,7 @@ class AnalysisAdmin(PatientRecordAdmin):
             {
                 "fields": [
                     "owner",
-                    "batch",
+                    "batch_cells",
                     "original_filename",
                     ("width", "height"),
                     "status",
@@ -183,13 +217,16 @@ class AnalysisAdmin(PatientRecordAdmin):
         name for name in flatten_fieldsets(fieldsets) if name not in [*ReviewAdminForm.Meta.fields, "replacing"]
     ]
 
+    def has_change_permission(self, request, obj=None):
+        return selectors.can_review(request.user)  # reviewing is the one change made here
+
     @admin.display(description="Image")
     def thumb(self, obj):
         return _image_tag(obj, "thumbnail", 48)
 
     @admin.display(description="Original")
     def original_image(self, obj):
-        return _image_tag(obj, "image", 320)
+        return _image_tag(obj, "image", 320, kind="picture")  # a TIFF drawn as a PNG
 
     @admin.display(description="Grad-CAM overlay")
     def overlay_image(self, obj):
@@ -198,6 +235,15 @@ class AnalysisAdmin(PatientRecordAdmin):
     @admin.display(description="P(parasitized)", ordering="probability_parasitized")
     def probability(self, obj):
         return score(obj.probability_parasitized)
+
+    @admin.display(description="Label")
+    def final_label(self, obj):
+        # The label the cell shows everywhere else: a reviewer's correction marked as one.
+        return f"{obj.final_label} (corrected)" if obj.corrected_label else obj.label
+
+    @admin.display(description="Batch")
+    def batch_cells(self, obj):
+        return _batch_cells_link(obj.batch) if obj.batch_id else "—"
 
     @admin.display(description="Reviewed", boolean=True, ordering="reviewed_at")
     def reviewed(self, obj):
@@ -264,6 +310,7 @@ class BatchAdmin(PatientRecordAdmin):
     # callback URL may carry credentials, so only its host is shown.
     fields = readonly_fields = [
         "owner",
+        "cells",
         "sample_reference",
         "note",
         "created_at",
@@ -275,6 +322,10 @@ class BatchAdmin(PatientRecordAdmin):
         "callback_delivered_at",
         "withdrawn_at",
     ]
+
+    @admin.display(description="Cells")
+    def cells(self, obj):
+        return _batch_cells_link(obj)
 
 
 ACCESS_TRAIL_COLUMNS = [

@@ -38,7 +38,7 @@ def test_changelist_with_filters_and_search(admin_client, finished):
 
 def test_change_view_shows_both_images_and_locks_predictions(admin_client, finished):
     page = admin_client.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
-    assert f"/analyses/{finished.pk}/image/" in page
+    assert f"/analyses/{finished.pk}/picture/" in page  # the original as browsers draw it (a TIFF as a PNG)
     assert 'name="label"' not in page and 'name="probability_parasitized"' not in page
     assert "Decision threshold" in page and "0.37" in page and 'name="decision_threshold"' not in page
     assert 'name="review_verdict"' in page
@@ -130,25 +130,73 @@ def test_the_admin_sign_in_shares_the_lockout_of_the_web_sign_in(client, db, set
     assert Client().post("/accounts/login/", {"username": "boss", "password": "pw-for-tests-123"}).status_code == 429
 
 
-def test_staff_outside_the_reviewers_group_cannot_record_a_verdict(client, finished):
-    clerk = staff_with(client, "view_analysis", "change_analysis")
-    page = clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
-    assert "review-me.png" in page and 'name="review_verdict"' not in page
-    clerk.post(
-        f"/admin/diagnosis/analysis/{finished.pk}/change/",
-        {"review_verdict": "disagree", "corrected_label": "Uninfected"},
-    )
-    finished.refresh_from_db()
-    assert finished.review_verdict == "" and finished.final_label == "Parasitized"
-
-
-def test_view_only_staff_cannot_send_analyses_back_to_the_worker(client, finished):
+def test_staff_outside_the_reviewers_group_see_no_patient_records_whatever_their_permissions(client, finished):
+    # On the site only reviewers see other users' cells and their images; the admin is no way round it.
     failed = create_analysis(owner=finished.owner, upload=upload("broken.png"))
     Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Model unavailable")
-    viewer = staff_with(client, "view_analysis")
-    assert "retry_failed" not in viewer.get("/admin/diagnosis/analysis/").content.decode()
-    viewer.post("/admin/diagnosis/analysis/", {"action": "retry_failed", "_selected_action": [str(failed.pk)]})
-    assert Analysis.objects.get(pk=failed.pk).status == "failed"
+    clerk = staff_with(client, "view_analysis", "change_analysis", "delete_analysis", "view_batch")
+    for page in ("analysis/", f"analysis/{finished.pk}/change/", "batch/"):
+        assert clerk.get(f"/admin/diagnosis/{page}").status_code == 403, page
+    assert "/admin/diagnosis/analysis/" not in clerk.get("/admin/").content.decode()
+    verdict = {"review_verdict": "disagree", "corrected_label": "Uninfected"}
+    clerk.post(f"/admin/diagnosis/analysis/{finished.pk}/change/", verdict)
+    clerk.post("/admin/diagnosis/analysis/", {"action": "retry_failed", "_selected_action": [str(failed.pk)]})
+    clerk.post(f"/admin/diagnosis/analysis/{finished.pk}/delete/", {"post": "yes"})
+    finished.refresh_from_db()
+    assert finished.review_verdict == "" and Analysis.objects.get(pk=failed.pk).status == "failed"
+
+
+def test_a_reviewer_who_is_staff_reviews_in_the_admin_with_no_further_permissions(client, finished):
+    from django.contrib.auth.models import Group
+
+    reviewer = staff_with(client)
+    get_user_model().objects.get(username="clerk").groups.add(Group.objects.get(name="reviewers"))
+    listing = reviewer.get("/admin/diagnosis/analysis/")
+    assert listing.status_code == 200 and "review-me.png" in listing.content.decode()
+    page = reviewer.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
+    assert 'name="review_verdict"' in page
+    assert reviewer.get(f"/analyses/{finished.pk}/picture/").status_code == 200  # the images it shows open
+    saved = reviewer.post(
+        f"/admin/diagnosis/analysis/{finished.pk}/change/",
+        {"review_verdict": "disagree", "corrected_label": "Uninfected", "replacing": ""},
+    )
+    assert saved.status_code == 302
+    finished.refresh_from_db()
+    assert finished.final_label == "Uninfected" and finished.reviewed_by.username == "clerk"
+    # Deleting needs Django's delete permission as well.
+    assert reviewer.post(f"/admin/diagnosis/analysis/{finished.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert Analysis.objects.filter(pk=finished.pk).exists()
+
+
+def test_the_admin_lists_and_filters_cells_by_the_label_they_show(admin_client, finished, user):
+    from diagnosis.services import review_analysis
+
+    corrected = classified(create_analysis(owner=user, upload=upload("corrected.png")))
+    review_analysis(
+        analysis=corrected,
+        reviewer=admin_client.admin,
+        verdict="disagree",
+        corrected_label="Uninfected",
+        note="",
+        replacing=None,
+    )
+    base = "/admin/diagnosis/analysis/"
+    parasitized = admin_client.get(base + "?final_label=Parasitized").content.decode()
+    uninfected = admin_client.get(base + "?final_label=Uninfected").content.decode()
+    assert "review-me.png" in parasitized and "corrected.png" not in parasitized
+    assert "corrected.png" in uninfected and "Uninfected (corrected)" in uninfected
+
+
+def test_a_batch_in_the_admin_links_to_its_cells(admin_client, user):
+    from diagnosis.services import create_batch
+
+    batch = create_batch(owner=user, uploads=[upload("one.png"), upload("two.png")])
+    create_analysis(owner=user, upload=upload("elsewhere.png"))
+    page = admin_client.get(f"/admin/diagnosis/batch/{batch.pk}/change/").content.decode()
+    link = f"/admin/diagnosis/analysis/?batch={batch.pk}"
+    assert f'href="{link}"' in page and "2 cells" in page
+    cells = admin_client.get(link).content.decode()
+    assert "one.png" in cells and "two.png" in cells and "elsewhere.png" not in cells
 
 
 def test_opening_a_batch_in_the_admin_is_recorded_and_hides_callback_credentials(admin_client, user):
@@ -165,15 +213,14 @@ def test_opening_a_batch_in_the_admin_is_recorded_and_hides_callback_credentials
 
 
 def test_an_admin_page_refused_for_want_of_permission_records_no_opening(client, finished):
-    from django.contrib.auth.models import Permission
+    from django.contrib.auth.models import Group
 
     from diagnosis.models import AccessEvent
 
-    clerk = staff_with(client, "view_batch")  # batches, but not cells
+    clerk = staff_with(client, "view_analysis")  # a model permission, but not a reviewer
     assert clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").status_code == 403
     assert not AccessEvent.objects.filter(analysis_id=finished.pk).exists()
-    account = get_user_model().objects.get(username="clerk")
-    account.user_permissions.add(Permission.objects.get(codename="view_analysis"))
+    get_user_model().objects.get(username="clerk").groups.add(Group.objects.get(name="reviewers"))
     assert clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").status_code == 200
     assert AccessEvent.objects.get(analysis_id=finished.pk).username == "clerk"
 
