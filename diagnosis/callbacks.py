@@ -28,6 +28,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
+from rest_framework.fields import DateTimeField
 
 from diagnosis import selectors
 from diagnosis.audit import record_callback
@@ -207,26 +208,24 @@ def _enqueue(batch_id: int) -> None:
 
 
 def _payload(batch: Batch) -> dict:
+    """The fields and formats GET /api/batches/{id}/ has for the same batch, so a lab system that
+    both polls and takes callbacks reads one diagnosis under one name."""
     analyses = list(batch.analyses.order_by("pk"))
-    # Results can change after they were sent (cells analysed again, a reviewer's correction): the
-    # receiver keeps the latest `results_as_of` for a batch.
-    changes = [moment for a in analyses for moment in (a.finished_at, a.reviewed_at) if moment]
-    changes += [moment for moment in (batch.cell_deleted_at, batch.withdrawn_at) if moment]
     return {
         "event": "batch.withdrawn" if batch.withdrawn_at else "batch.finished",
         "batch": {
             "id": batch.pk,
             "sample_reference": batch.sample_reference,
-            "created_at": batch.created_at.isoformat(),
-            "results_as_of": max(changes, default=batch.created_at).isoformat(),
+            "created_at": _timestamp(batch.created_at),
+            "results_as_of": _timestamp(selectors.results_as_of(batch=batch, analyses=analyses)),
             "counts": selectors.batch_counts(batch=batch),
             "analyses": [
                 {
                     "id": a.pk,
                     "original_filename": a.original_filename,
                     "status": a.status,
-                    "label": a.final_label,  # the reviewer's, where one disagreed with the model
-                    "model_label": a.label,
+                    "final_label": a.final_label,  # the reviewer's, where one disagreed with the model
+                    "label": a.label,
                     "review_verdict": a.review_verdict,
                     "probability_parasitized": a.probability_parasitized,
                     "decision_threshold": a.decision_threshold,
@@ -237,6 +236,10 @@ def _payload(batch: Batch) -> dict:
             ],
         },
     }
+
+
+def _timestamp(moment) -> str:
+    return DateTimeField().to_representation(moment)  # as the API writes it: "...Z" in UTC
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

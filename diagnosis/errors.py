@@ -1,9 +1,12 @@
 """Requests Django refuses to read (too many files or fields, form fields too large) get a message
-that says which limit they broke, on the site and in the API alike, instead of a bare 400."""
+that says which limit they broke, on the site and in the API alike, instead of a bare 400; and the
+API's errors that never reach DRF (no such path, a crash) are JSON like its others, not HTML pages."""
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from django.http import JsonResponse
 from django.shortcuts import render
+from django.views import defaults
 
 
 def unreadable_request_message(exception: Exception) -> str | None:
@@ -19,6 +22,24 @@ def unreadable_request_message(exception: Exception) -> str | None:
     return None
 
 
+def _for_api(request) -> bool:
+    return request.path.startswith("/api/")
+
+
 def bad_request(request, exception):
     message = unreadable_request_message(exception) or "The request could not be read."
+    if _for_api(request):
+        return JsonResponse({"detail": message}, status=400)
     return render(request, "400.html", {"message": message}, status=400)
+
+
+def not_found(request, exception):
+    if _for_api(request):
+        return JsonResponse({"detail": "There is no such resource: see /api/docs/ for the API's paths."}, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request):
+    if _for_api(request):
+        return JsonResponse({"detail": "The server failed on this request; it has been logged."}, status=500)
+    return defaults.server_error(request)

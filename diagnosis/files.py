@@ -10,6 +10,9 @@ from django.http import FileResponse, Http404, HttpResponse
 
 from ml.preprocessing import ImageDecodeError, open_rgb
 
+# The types a stored file is served as: uploads keep their format, overlays are PNGs.
+FILE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp")
+
 
 def protected_file_response(field_file: FieldFile, *, download_stem: str) -> HttpResponse:
     """The file, named ``download_stem`` plus the stored file's own extension (an original may be a JPEG)."""

@@ -5,6 +5,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import logout
 from django.http import JsonResponse
+from django.urls import is_valid_path
 from django.utils.cache import patch_cache_control
 
 
@@ -23,6 +24,22 @@ class RequestSizeLimitMiddleware:
         if length > limit:
             message = f"The request is too large ({length} bytes); the limit is {limit} bytes."
             return JsonResponse({"detail": message}, status=413)
+        return self.get_response(request)
+
+
+class ApiSlashMiddleware:
+    """An API path sent without its trailing slash is served as the path with it. Django's
+    APPEND_SLASH would answer with a redirect, which HTTP clients follow as a GET: a lab system
+    POSTing a batch to ``/api/batches`` would be shown the list (200) and store nothing."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        path = request.path_info
+        unslashed = path.startswith("/api/") and not path.endswith("/")
+        if unslashed and not is_valid_path(path) and is_valid_path(f"{path}/"):
+            request.path_info, request.path = f"{path}/", f"{request.path}/"
         return self.get_response(request)
 
 

@@ -2,8 +2,9 @@
 operations summary at the end counts across users, and it holds no patient data."""
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import reduce
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -26,6 +27,7 @@ class AnalysisFilters:
     reviewed: str = ""  # "yes", "no" or ""
     date_from: str = ""
     date_to: str = ""
+    batch: int | None = None
     sort: str = "-created_at"
 
     SORTS = ("-created_at", "created_at", "-probability_parasitized", "probability_parasitized")
@@ -38,6 +40,8 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
         queryset = queryset.filter(status=filters.status)
     if filters.label in Analysis.Label.values:
         queryset = queryset.filter(final_label_is(filters.label))
+    if filters.batch is not None:
+        queryset = queryset.filter(batch_id=filters.batch)
     if filters.search:
         queryset = queryset.filter(
             Q(original_filename__icontains=filters.search) | Q(batch__sample_reference__icontains=filters.search)
@@ -162,10 +166,21 @@ def _analysis_counts(path: str = "") -> dict[str, Count]:
 
 
 def batch_counts(*, batch: Batch) -> dict[str, int | None]:
-    counts = batch.analyses.aggregate(**_analysis_counts())
+    return with_percent(batch.analyses.aggregate(**_analysis_counts()))
+
+
+def with_percent(counts: dict[str, int]) -> dict[str, int | None]:
     # As the templates' {% widthratio %} computes it, so the live page and a reload agree.
-    counts["parasitized_percent"] = round(counts["parasitized"] / counts["done"] * 100) if counts["done"] else None
-    return counts
+    percent = round(counts["parasitized"] / counts["done"] * 100) if counts["done"] else None
+    return {**counts, "parasitized_percent": percent}
+
+
+def results_as_of(*, batch: Batch, analyses: Iterable[Analysis]) -> datetime:
+    """When the batch's results last changed: a cell finished or reviewed, a cell or the batch deleted.
+    Results can change after they were sent, so a lab system keeps the latest."""
+    changes = [moment for a in analyses for moment in (a.finished_at, a.reviewed_at) if moment]
+    changes += [moment for moment in (batch.cell_deleted_at, batch.withdrawn_at) if moment]
+    return max(changes, default=batch.created_at)
 
 
 BATCH_COUNT_NAMES = tuple(_analysis_counts())
@@ -217,7 +232,7 @@ def operations_status() -> dict:
         callbacks_pending=Count("pk", filter=Q(callback_state=Batch.CallbackState.PENDING)),
         callbacks_failed=Count("pk", filter=Q(callback_state=Batch.CallbackState.FAILED)),
     )
-    versions = Analysis.objects.filter(done & last_day).values_list("model_version", flat=True).distinct()
+    versions = Analysis.objects.filter(done & last_day).values_list("model_version", flat=True).order_by().distinct()
     return {
         **analyses,
         "oldest_queued_seconds": (now - oldest).total_seconds() if oldest else None,

@@ -49,6 +49,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "diagnosis.middleware.RequestSizeLimitMiddleware",
     "diagnosis.middleware.RefuseNulCharactersMiddleware",
+    "diagnosis.middleware.ApiSlashMiddleware",
     "diagnosis.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

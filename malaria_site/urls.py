@@ -30,3 +30,5 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
 ]
 handler400 = "diagnosis.errors.bad_request"
+handler404 = "diagnosis.errors.not_found"
+handler500 = "diagnosis.errors.server_error"

@@ -98,13 +98,21 @@ def test_the_worker_posts_a_signed_result_when_the_last_cell_is_finished(celery_
     assert shown["callback_attempts"] == 1 and shown["callback_delivered_at"]
 
 
+@pytest.mark.parametrize("url", ["https://lis01/results", "https://lab_lis.ward-3:8443/in", "https://LIS01/x"])
+def test_a_hospital_host_name_without_a_domain_is_a_callback_url_where_allowed(settings, api_client, url):
+    settings.CALLBACK_ALLOWED_HOSTS = ["lis01", "lab_lis.ward-3"]
+    response = api_client.post("/api/batches/", {"images": [upload()], "callback_url": url})
+    assert response.status_code == 202, response.content
+    assert response.json()["callback_url"] == url
+
+
 @pytest.mark.parametrize(
     ("allowed", "url", "message"),
     [
         ([], "http://127.0.0.1/x", "not enabled on this server"),
         (["127.0.0.1"], "http://10.0.0.5/x", "may not call 10.0.0.5"),
         (["127.0.0.1"], "ftp://127.0.0.1/x", "must be an http or https URL"),
-        (["127.0.0.1"], "not a url", "Enter a valid URL"),
+        (["127.0.0.1"], "not a url", "must be an http or https URL"),
         (["127.0.0.1"], "http://lis:s3cret@127.0.0.1/x", "must not carry a user name or password"),
         (["127.0.0.1"], "http://127.0.0.1:99999/x", "not a port number"),
         (["127.0.0.1"], "http://127.0.0.1:0/x", "not a port number"),
@@ -258,12 +266,20 @@ def test_a_reviewers_correction_is_sent_to_the_lab_system_again(
     assert callbacks.deliver(batch_id=batch.pk)
     second = json.loads(receiver.received[1].body)["batch"]
     corrected = next(a for a in second["analyses"] if a["id"] == cell.pk)
-    assert (corrected["label"], corrected["model_label"], corrected["review_verdict"]) == (
+    assert (corrected["final_label"], corrected["label"], corrected["review_verdict"]) == (
         "Parasitized",
         "Uninfected",
         "disagree",
     )
     assert second["results_as_of"] > first["results_as_of"]
+    # As the API says it: a lab system that polls too reads one diagnosis under one name.
+    api = APIClient()
+    api.force_authenticate(user)
+    polled = api.get(f"/api/batches/{batch.pk}/").json()
+    assert (polled["results_as_of"], polled["created_at"]) == (second["results_as_of"], second["created_at"])
+    assert polled["counts"] == second["counts"] and polled["counts"]["parasitized_percent"] == 50
+    polled_cell = next(a for a in polled["analyses"] if a["id"] == cell.pk)
+    assert {name: polled_cell[name] for name in corrected} == corrected
 
 
 def test_the_sweeper_sends_a_callback_whose_enqueue_was_lost(user, receiver, monkeypatch):

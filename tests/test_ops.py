@@ -46,6 +46,8 @@ def test_staff_see_the_queue_the_last_days_work_and_the_callbacks(user, other_us
     assert status["mean_turnaround_seconds_last_24h"] == pytest.approx(30, abs=0.5)
     assert 119 <= status["oldest_queued_seconds"] < 180
     assert status["model_versions_last_24h"] == ["v1", "v2"]
+    Analysis.objects.filter(pk=slow.pk).update(model_version="v1")
+    assert status_for(UserFactory(is_staff=True))[1]["model_versions_last_24h"] == ["v1"]  # each version once
     assert (status["callbacks_pending"], status["callbacks_failed"]) == (1, 0)
     assert not {"original_filename", "sample_reference", "owner"} & set(status)  # no patient data
 

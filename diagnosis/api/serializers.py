@@ -1,20 +1,32 @@
+from datetime import datetime
+
+from django.core.exceptions import ValidationError
 from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from diagnosis import selectors
+from diagnosis.callbacks import check_callback_url
 from diagnosis.models import NOTE_MAX_LENGTH, Analysis, Batch
-from diagnosis.selectors import BATCH_COUNT_NAMES
 
 
 class AnalysisSerializer(serializers.ModelSerializer):
     image_url = serializers.SerializerMethodField()
     overlay_url = serializers.SerializerMethodField()
-    batch = serializers.PrimaryKeyRelatedField(read_only=True)
+    batch = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True, help_text="null for a single upload")
     final_label = serializers.ChoiceField(
         choices=Analysis.Label.choices,
         read_only=True,
         allow_blank=True,
         help_text="The reviewer's corrected label where a reviewer disagreed, else the model's `label`.",
     )
+    # Blank until the model (or a reviewer) has given one.
+    label = serializers.ChoiceField(
+        choices=Analysis.Label.choices, read_only=True, allow_blank=True, help_text="The model's label."
+    )
+    review_verdict = serializers.ChoiceField(choices=Analysis.Verdict.choices, read_only=True, allow_blank=True)
+    corrected_label = serializers.ChoiceField(choices=Analysis.Label.choices, read_only=True, allow_blank=True)
 
     class Meta:
         model = Analysis
@@ -62,6 +74,7 @@ class AnalysisListQuerySerializer(serializers.Serializer):
 
     status = serializers.ChoiceField(choices=Analysis.Status.values, required=False, allow_blank=True)
     label = serializers.ChoiceField(choices=Analysis.Label.values, required=False, allow_blank=True)
+    batch = serializers.IntegerField(required=False, min_value=1)
 
 
 class AnalysisUploadSerializer(serializers.Serializer):
@@ -75,16 +88,39 @@ class BatchUploadSerializer(serializers.Serializer):
     )
     sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
     note = serializers.CharField(required=False, allow_blank=True, max_length=NOTE_MAX_LENGTH)
-    callback_url = serializers.URLField(
+    # Checked by the callbacks' own rules, not URLField's, which refuses the single-label host names
+    # (https://lis01/results) that hospital networks use.
+    callback_url = serializers.CharField(
         max_length=500,
         required=False,
         allow_blank=True,
         help_text="POSTed the results, signed, once every cell is finished (hosts in CALLBACK_ALLOWED_HOSTS only).",
     )
 
+    def validate_callback_url(self, url: str) -> str:
+        try:
+            return check_callback_url(url) if url else url
+        except ValidationError as refusal:
+            raise serializers.ValidationError(refusal.messages) from None
+
+
+class BatchCountsSerializer(serializers.Serializer):
+    total = serializers.IntegerField()
+    queued = serializers.IntegerField()
+    running = serializers.IntegerField()
+    done = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    finished = serializers.IntegerField(help_text="done + failed")
+    parasitized = serializers.IntegerField(help_text="by final label")
+    uninfected = serializers.IntegerField(help_text="by final label")
+    parasitized_percent = serializers.IntegerField(allow_null=True, help_text="of the done cells; null if none")
+
 
 class BatchSerializer(serializers.ModelSerializer):
     counts = serializers.SerializerMethodField()
+    results_as_of = serializers.SerializerMethodField(
+        help_text="When its results last changed (a cell finished, reviewed or deleted), as its callbacks say."
+    )
     analyses = AnalysisSerializer(many=True, read_only=True)
 
     class Meta:
@@ -99,11 +135,19 @@ class BatchSerializer(serializers.ModelSerializer):
             "callback_attempts",
             "callback_error",
             "callback_delivered_at",
+            "results_as_of",
             "counts",
             "analyses",
         ]
         read_only_fields = fields
 
-    def get_counts(self, batch: Batch) -> dict[str, int]:
-        """Annotated by ``selectors.batches_with_counts``: one query for a whole page of batches."""
-        return {name: getattr(batch, name) for name in BATCH_COUNT_NAMES}
+    @extend_schema_field(BatchCountsSerializer)
+    def get_counts(self, batch: Batch) -> dict[str, int | None]:
+        # Annotated by selectors.batches_with_counts: one query for a whole page of batches.
+        return selectors.with_percent({name: getattr(batch, name) for name in selectors.BATCH_COUNT_NAMES})
+
+    @extend_schema_field(OpenApiTypes.DATETIME)
+    def get_results_as_of(self, batch: Batch) -> datetime:
+        return serializers.DateTimeField().to_representation(
+            selectors.results_as_of(batch=batch, analyses=batch.analyses.all())
+        )

@@ -1,13 +1,15 @@
 from collections.abc import Mapping
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, Throttled
 from rest_framework.exceptions import ValidationError as ApiValidationError
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.response import Response
@@ -23,7 +25,7 @@ from diagnosis.api.serializers import (
     BatchUploadSerializer,
 )
 from diagnosis.audit import counted, record_access
-from diagnosis.files import protected_file_response
+from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis
 
 
@@ -58,7 +60,7 @@ class TokenView(APIView):
     def post(self, request, *args, **kwargs):
         username = str(request.data.get("username", "")) if isinstance(request.data, Mapping) else ""
         if login_throttle.locked_out(request, username):
-            raise Throttled(detail=login_throttle.lockout_message())
+            raise Throttled(wait=settings.LOGIN_LOCKOUT_SECONDS, detail=login_throttle.lockout_message())
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
         if not serializer.is_valid():
             if serializer.errors.keys() == {"non_field_errors"}:  # wrong credentials, not missing ones
@@ -66,7 +68,8 @@ class TokenView(APIView):
             raise ApiValidationError(serializer.errors)
         login_throttle.clear_failures(request, username)
         token, key = tokens.new_token(user=serializer.validated_data["user"])
-        return Response({"token": key, "expires_at": tokens.expires_at(token)})
+        # The key itself, shown this once: no cache on the way may keep a copy.
+        return Response({"token": key, "expires_at": tokens.expires_at(token)}, headers={"Cache-Control": "no-store"})
 
     @extend_schema(request=None, responses={204: None})
     def delete(self, request):
@@ -87,8 +90,46 @@ class Unprocessable(APIException):
 def _idempotency_key(request) -> str:
     key = request.headers.get("Idempotency-Key", "")
     if key and not (len(key) <= 100 and key.isascii() and key.isprintable() and " " not in key):
-        raise ApiValidationError({"detail": "An Idempotency-Key is up to 100 printable ASCII characters, no spaces."})
+        raise ApiValidationError({"detail": "An Idempotency-Key is at most 100 printable ASCII characters, no spaces."})
     return key
+
+
+def _refuse_unknown_parameters(request, known: set[str]) -> None:
+    """A misspelt filter (``?batch_id=4``) must not be ignored into a list of every cell of the account."""
+    if unknown := sorted(set(request.query_params) - known - {"page"}):
+        takes = ", ".join(sorted(known | {"page"}))
+        raise ApiValidationError({"detail": f"Unknown query parameter: {', '.join(unknown)}. This list takes {takes}."})
+
+
+class FileNegotiation(BaseContentNegotiation):
+    """A file goes out whatever type the client asks for (``Accept: image/png``, ``image/*``): DRF
+    would refuse any but JSON with a 406. An error about it is still rendered as JSON."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+def errors(*codes: int) -> dict:
+    """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists)."""
+    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in codes}
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField(help_text="what is wrong, in a sentence")
+
+
+ERROR_MEANINGS = {
+    400: "the request or one of its files is refused, saying why (field errors are listed by field too)",
+    401: "no valid token or session",
+    404: "no such record among the requesting user's",
+    409: "not in a state that allows it",
+    413: "the request is larger than the server takes",
+    422: "the Idempotency-Key was used for a different request",
+    429: "rate limited or locked out; Retry-After says for how many seconds",
+}
 
 
 def _service_errors(error: ValidationError) -> ApiValidationError:
@@ -103,9 +144,12 @@ class AnalysisViewSet(
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
-        query = AnalysisListQuerySerializer(data=self.request.query_params)
-        query.is_valid(raise_exception=True)
-        return selectors.analyses_for(user=self.request.user, filters=selectors.AnalysisFilters(**query.validated_data))
+        filters = selectors.AnalysisFilters()
+        if self.action == "list":  # the list's filters only: a cell's own URL finds it whatever they say
+            query = AnalysisListQuerySerializer(data=self.request.query_params)
+            query.is_valid(raise_exception=True)
+            filters = selectors.AnalysisFilters(**query.validated_data)
+        return selectors.analyses_for(user=self.request.user, filters=filters)
 
     @extend_schema(
         parameters=[
@@ -115,13 +159,20 @@ class AnalysisViewSet(
                 enum=Analysis.Label.values,
                 description="The final label: the reviewer's where a reviewer corrected the model.",
             ),
-        ]
+            OpenApiParameter("batch", int, description="only the cells of this batch"),
+        ],
+        responses={200: AnalysisSerializer(many=True), **errors(400, 401, 429)},
     )
     def list(self, request, *args, **kwargs):
+        _refuse_unknown_parameters(request, {"status", "label", "batch"})
         return super().list(request, *args, **kwargs)
 
-    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer})
+    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 429)})
     def create(self, request):
+        if "Idempotency-Key" in request.headers:  # ignored, it would make a second analysis unseen
+            raise ApiValidationError(
+                {"detail": "An Idempotency-Key is taken by POST /api/batches/ only: send the image as a batch of one."}
+            )
         upload = AnalysisUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         try:
@@ -131,6 +182,7 @@ class AnalysisViewSet(
         record_access(request=request, action=AccessEvent.Action.UPLOADED, analysis=analysis, detail="1 image")
         return Response(self.get_serializer(analysis).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(responses={200: AnalysisSerializer, **errors(401, 404)})
     def retrieve(self, request, *args, **kwargs):
         analysis = self.get_object()
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
@@ -141,7 +193,11 @@ class AnalysisViewSet(
         record_access(request=self.request, action=AccessEvent.Action.DELETED, analysis=instance, detail="1 cell")
         services.delete_analysis(analysis=instance)
 
-    @extend_schema(request=None, responses={202: AnalysisSerializer})
+    @extend_schema(responses={204: None, **errors(401, 404)})
+    def destroy(self, request, *args, **kwargs):
+        return super().destroy(request, *args, **kwargs)
+
+    @extend_schema(request=None, responses={202: AnalysisSerializer, **errors(401, 404, 409)})
     @action(detail=True, methods=["post"])
     def retry(self, request, pk=None):
         """Send a failed analysis to the worker again (409 unless it failed)."""
@@ -150,8 +206,21 @@ class AnalysisViewSet(
             raise Conflict(f"Only a failed analysis can be tried again; this one is {analysis.get_status_display()}.")
         return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(operation_id="analyses_file_retrieve", responses={(200, "image/png"): bytes})
-    @action(detail=True, methods=["get"], url_path=r"(?P<kind>image|overlay)", url_name="file")
+    @extend_schema(
+        operation_id="analyses_file_retrieve",
+        description="The uploaded image as it was sent (PNG, JPEG, TIFF or BMP), or the heatmap overlay (PNG).",
+        responses={
+            **{(200, media_type): OpenApiTypes.BINARY for media_type in FILE_TYPES},
+            **errors(401, 404),
+        },
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        url_path=r"(?P<kind>image|overlay)",
+        url_name="file",
+        content_negotiation_class=FileNegotiation,
+    )
     def file(self, request, pk=None, kind="image"):
         analysis = selectors.get_analysis(user=request.user, pk=pk)
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
@@ -164,14 +233,16 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
-        reference = self.request.query_params.get("sample_reference", "")
+        reference = self.request.query_params.get("sample_reference", "") if self.action == "list" else ""
         batches = selectors.batches_with_counts(user=self.request.user, sample_reference=reference)
         return batches.prefetch_related("analyses")
 
     @extend_schema(
-        parameters=[OpenApiParameter("sample_reference", description="only batches with this reference (any case)")]
+        parameters=[OpenApiParameter("sample_reference", description="only batches with this reference (any case)")],
+        responses={200: BatchSerializer(many=True), **errors(400, 401, 429)},
     )
     def list(self, request, *args, **kwargs):
+        _refuse_unknown_parameters(request, {"sample_reference"})
         return super().list(request, *args, **kwargs)
 
     @extend_schema(
@@ -182,9 +253,22 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
                 location=OpenApiParameter.HEADER,
                 description="any unique string (up to 100 printable ASCII characters, e.g. a UUID): the same "
                 "request sent again under it, after a lost response, gets the first one's batch back (200)",
-            )
+            ),
+            OpenApiParameter(
+                "Idempotent-Replayed",
+                location=OpenApiParameter.HEADER,
+                enum=["true"],
+                response=[200],
+                description="set on the answer to a request sent again",
+            ),
         ],
-        responses={202: BatchSerializer, 200: BatchSerializer},
+        responses={
+            202: BatchSerializer,
+            200: OpenApiResponse(
+                BatchSerializer, description="a request sent again under its Idempotency-Key: the first one's batch"
+            ),
+            **errors(400, 401, 413, 422, 429),
+        },
     )
     def create(self, request):
         upload = BatchUploadSerializer(data=request.data)
@@ -197,11 +281,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             "note": data.get("note", ""),
             "callback_url": data.get("callback_url", ""),
         }
-        key = request.headers.get("Idempotency-Key", "")
-        if key and not (len(key) <= 100 and key.isascii() and key.isprintable() and " " not in key):
-            raise ApiValidationError(
-                {"detail": "An Idempotency-Key is at most 100 printable ASCII characters, no spaces."}
-            )
+        key = _idempotency_key(request)
         try:
             if key:
                 batch, created = services.create_batch_once(idempotency_key=key, **request_fields)
@@ -219,14 +299,14 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch, detail="replayed request")
         return Response(self.get_serializer(batch).data, headers={"Idempotent-Replayed": "true"})
 
-    @extend_schema(request=None, responses={202: BatchSerializer})
+    @extend_schema(request=None, responses={202: BatchSerializer, **errors(401, 404)})
     @action(detail=True, methods=["post"], url_path="retry-failed", url_name="retry-failed")
     def retry_failed(self, request, pk=None):
         """Send the batch's failed analyses to the worker again (none failed: nothing changes)."""
         services.retry_failed_analyses(analyses=self.get_object().analyses.all())
         return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: BatchSerializer})
+    @extend_schema(request=None, responses={202: BatchSerializer, **errors(401, 404, 409)})
     @action(detail=True, methods=["post"], url_path="callback/retry", url_name="callback-retry")
     def retry_callback(self, request, pk=None):
         """Try a failed callback again from its first attempt (409 unless it failed)."""
@@ -236,10 +316,15 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             raise Conflict(f"Only a failed callback can be retried; this batch's is {state}.")
         return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(responses={200: BatchSerializer, **errors(401, 404)})
     def retrieve(self, request, *args, **kwargs):
         batch = self.get_object()
         record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch)
         return Response(self.get_serializer(batch).data)
+
+    @extend_schema(responses={204: None, **errors(401, 404)})
+    def destroy(self, request, *args, **kwargs):
+        return super().destroy(request, *args, **kwargs)
 
     def perform_destroy(self, instance):
         """204: the batch and every analysis in it, files included, are gone for good."""

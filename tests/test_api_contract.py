@@ -1,0 +1,138 @@
+"""What a lab system's client relies on: the schema says what the API really answers, paths work with
+or without their slash, files download whatever they are asked for as, and a misspelt filter is
+refused rather than ignored into every cell of the account."""
+
+import pytest
+import schemathesis
+from django.core import signals
+from django.db import close_old_connections
+from rest_framework.test import APIClient
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from diagnosis import services
+from diagnosis.models import Analysis
+from malaria_site.wsgi import application
+from tests.factories import api_key, classified, upload
+
+schema = schemathesis.openapi.from_wsgi("/api/schema/", application)
+AS_DOCUMENTED = [
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture
+def token(user):
+    # As in test_api_fuzz: calling the WSGI app directly would close the test's database connection.
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield api_key(user)
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
+
+
+def test_every_kind_of_record_is_answered_as_the_schema_says(user, token, settings):
+    settings.CALLBACK_ALLOWED_HOSTS = ["lis01"]
+    batch = services.create_batch(
+        owner=user, uploads=[upload("done.png"), upload("queued.png")], callback_url="https://lis01/in"
+    )
+    finished = classified(batch.analyses.get(original_filename="done.png"))
+    services.review_analysis(analysis=finished, reviewer=user, verdict="agree", replacing=None)
+    single = services.create_analysis(owner=user, upload=upload("single.png"))  # no batch; no label yet
+    Analysis.objects.filter(pk=single.pk).update(status="failed", error="Model unavailable")
+    calls = [
+        ("/api/analyses/", {}, {"status": "failed"}),
+        ("/api/analyses/{id}/", {"id": single.pk}, {}),
+        ("/api/analyses/{id}/", {"id": finished.pk}, {}),
+        ("/api/analyses/{id}/{kind}/", {"id": finished.pk, "kind": "overlay"}, {}),  # none yet: 404
+        ("/api/analyses/{id}/{kind}/", {"id": single.pk, "kind": "image"}, {}),
+        ("/api/analyses/{id}/", {"id": 10**6}, {}),
+        ("/api/batches/", {}, {}),
+        ("/api/batches/{id}/", {"id": batch.pk}, {}),
+    ]
+    for path, path_parameters, query in calls:
+        case = schema[path]["GET"].Case(path_parameters=path_parameters, query=query)
+        response = case.call(headers={"Authorization": f"Token {token}"})
+        case.validate_response(response, checks=AS_DOCUMENTED)
+    unfiltered = APIClient(HTTP_AUTHORIZATION=f"Token {token}").get("/api/analyses/").json()
+    assert {row["batch"] for row in unfiltered["results"]} == {batch.pk, None}
+    assert {row["label"] for row in unfiltered["results"]} == {"Parasitized", ""}
+
+
+@pytest.fixture
+def lab(user) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+def test_a_path_without_its_slash_is_served_not_redirected(lab, user, media_root):
+    # A redirect would be followed as a GET: the lab system would see 200 and nothing stored.
+    created = lab.post("/api/batches", {"images": [upload("a.png")], "sample_reference": "S-1"})
+    assert created.status_code == 202 and created.json()["sample_reference"] == "S-1"
+    batch_id = created.json()["id"]
+    assert lab.get(f"/api/batches/{batch_id}").json()["id"] == batch_id
+    assert lab.get("/api/analyses").json()["count"] == 1
+    assert lab.delete(f"/api/batches/{batch_id}").status_code == 204
+    assert not user.batches.exists()
+
+
+def test_files_download_whatever_type_the_client_asks_for(lab, user, other_user):
+    cell = classified(services.create_analysis(owner=user, upload=upload("a.png")))
+    for accept in ("image/png", "image/*", "application/octet-stream", "*/*"):
+        response = lab.get(f"/api/analyses/{cell.pk}/image/", HTTP_ACCEPT=accept)
+        assert response.status_code == 200 and response["Content-Type"] == "image/png", accept
+    theirs = services.create_analysis(owner=other_user, upload=upload("b.png"))
+    refused = lab.get(f"/api/analyses/{theirs.pk}/image/", HTTP_ACCEPT="image/png")
+    assert refused.status_code == 404 and refused.json()["detail"]
+
+
+def test_a_misspelt_filter_is_refused_and_the_batch_filter_works(lab, user):
+    batch = services.create_batch(owner=user, uploads=[upload("in.png")])
+    services.create_analysis(owner=user, upload=upload("out.png"))
+    for path in ("/api/analyses/?batch_id=1", "/api/analyses/?sample_reference=S", "/api/batches/?reference=S"):
+        refused = lab.get(path)
+        assert refused.status_code == 400 and "Unknown query parameter" in refused.json()["detail"], path
+    names = [row["original_filename"] for row in lab.get(f"/api/analyses/?batch={batch.pk}").json()["results"]]
+    assert names == ["in.png"]
+    assert lab.get("/api/analyses/?batch=x").status_code == 400
+    assert lab.get("/api/analyses/?page=1").status_code == 200
+
+
+def test_a_cells_own_url_finds_it_whatever_the_lists_filters_say(lab, user):
+    cell = classified(services.create_analysis(owner=user, upload=upload("a.png")))
+    assert lab.get(f"/api/analyses/{cell.pk}/?status=failed").status_code == 200
+    assert lab.get(f"/api/analyses/{cell.pk}/?label=bogus").status_code == 200
+    assert lab.delete(f"/api/analyses/{cell.pk}/?status=queued").status_code == 204
+
+
+def test_unknown_api_paths_and_errors_are_json_and_site_pages_html(lab, client):
+    for path in ("/api/nothing/", "/api/analyses/abc/"):
+        missing = lab.get(path)
+        assert missing.status_code == 404 and missing["Content-Type"] == "application/json", path
+        assert "/api/docs/" in missing.json()["detail"]
+    assert "text/html" in client.get("/no-such-page/")["Content-Type"]
+
+
+def test_an_idempotency_key_where_none_is_taken_is_refused_not_ignored(lab, user):
+    refused = lab.post("/api/analyses/", {"image": upload()}, HTTP_IDEMPOTENCY_KEY="run-1")
+    assert refused.status_code == 400 and "POST /api/batches/" in refused.json()["detail"]
+    assert not Analysis.objects.exists()
+
+
+def test_the_token_is_not_cached_and_a_lockout_says_when_to_try_again(db, user, settings):
+    from tests.factories import PASSWORD
+
+    settings.LOGIN_MAX_FAILURES = 1
+    issued = APIClient().post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
+    assert issued.status_code == 200 and issued["Cache-Control"] == "no-store"
+    APIClient().post("/api/auth/token/", {"username": user.username, "password": "wrong"})
+    locked = APIClient().post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
+    assert locked.status_code == 429 and int(locked["Retry-After"]) == settings.LOGIN_LOCKOUT_SECONDS
