@@ -94,10 +94,11 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
             analyses.append(analysis)
         except (ImageDecodeError, FileNotFoundError) as error:
             _raise_if_time_limit(error)
+            logger.warning("event=image_unreadable analysis_id=%s error=%s", analysis.pk, error)
             services.fail_analysis(
                 analysis_id=analysis.pk,
                 task_id=task_id,
-                error=f"Cannot read the image: {error}",
+                error=f"Cannot read the image: {_unreadable_reason(analysis, error)}",
                 model_version=predictor.version,
             )
     if not analyses:
@@ -136,7 +137,16 @@ def _fail_overlay(analysis: Analysis, error: Exception, what: str, *, task_id: s
     """This cell's overlay went wrong: the cell fails saying so; the chunk's other cells go on."""
     _raise_if_time_limit(error)
     logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
-    services.fail_analysis(analysis_id=analysis.pk, task_id=task_id, error=f"{what}: {error}", model_version=model)
+    # An OSError's own words ("No space left on device"), without the server's path it names.
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+    services.fail_analysis(analysis_id=analysis.pk, task_id=task_id, error=f"{what}: {reason}", model_version=model)
+
+
+def _unreadable_reason(analysis: Analysis, error: Exception) -> str:
+    """Why, in the words a clinician reads on the result page: the server's paths stay in the log."""
+    if isinstance(error, FileNotFoundError) or isinstance(error.__cause__, FileNotFoundError):  # open_rgb wraps it
+        return "its stored file is missing; an administrator can find the details in the worker's log."
+    return str(error).replace(analysis.image.path, analysis.original_filename)
 
 
 def _fail_or_send_separately(*, analyses: list[Analysis], task_id: str, error: Exception, model_version: str) -> None:

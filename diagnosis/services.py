@@ -130,15 +130,24 @@ def create_analysis(*, owner: AbstractBaseUser, upload: UploadedFile) -> Analysi
     return analysis
 
 
+class FilesRefused(ValidationError):
+    """Some uploads are not images the model can take; ``refused`` pairs each one's position in
+    the request with why, so a page can keep the others for the next attempt."""
+
+    def __init__(self, refused: list[tuple[int, str]]):
+        super().__init__([message for _, message in refused])
+        self.refused = refused
+
+
 def _validate_all(uploads: Iterable[UploadedFile]) -> list[ValidImage]:
-    valid, errors = [], []
-    for upload in uploads:
+    valid, refused = [], []
+    for position, upload in enumerate(uploads):
         try:
             valid.append(validate_upload(upload))
         except ValidationError as error:
-            errors.extend(error.messages)
-    if errors:
-        raise ValidationError(errors)
+            refused.append((position, " ".join(error.messages)))
+    if refused:
+        raise FilesRefused(refused)
     return valid
 
 

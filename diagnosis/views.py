@@ -53,6 +53,13 @@ def batch_list(request):
 @require_http_methods(["GET", "POST"])
 def upload(request):
     form = UploadForm(request.POST or None, request.FILES or None)
+    if (sent := _batch_sent_as(request)) is not None:
+        messages.info(
+            request,
+            f"These images were already uploaded as batch #{sent} (the form was sent again, after Back "
+            "perhaps): nothing was stored twice.",
+        )
+        return _to_batch(request, sent)
     if request.method == "POST" and form.is_valid():
         try:
             batch = services.create_batch(
@@ -61,26 +68,60 @@ def upload(request):
                 sample_reference=form.cleaned_data["sample_reference"],
                 note=form.cleaned_data["note"],
             )
+        except services.FilesRefused as refusal:
+            if _from_upload_script(request):  # it keeps the other files for the next attempt
+                refused = [{"position": position, "message": message} for position, message in refusal.refused]
+                return JsonResponse({"detail": " ".join(refusal.messages), "refused": refused}, status=400)
+            for message in refusal.messages:
+                form.add_error("images", message)
         except ValidationError as error:
             for message in error.messages:
                 form.add_error("images", message)
         else:
+            _remember_sent(request, batch.pk)
             detail = counted(batch.analyses.count(), "image")
             record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
             messages.success(request, f"{detail} queued for analysis.")
-            url = reverse("diagnosis:batch", args=[batch.pk])
-            if request.headers.get("X-Requested-With") == "XMLHttpRequest":
-                # The upload script navigates itself; an XHR following a redirect would eat the message.
-                return JsonResponse({"redirect": url})
-            return redirect(url)
+            return _to_batch(request, batch.pk)
     status = 400 if request.method == "POST" else 200
     context = {
         "form": form,
+        "upload_id": secrets.token_urlsafe(16),
         "max_files": settings.BATCH_MAX_FILES,
         "max_bytes": settings.UPLOAD_MAX_BYTES,
         "max_request_bytes": settings.REQUEST_MAX_BYTES,
     }
     return render(request, "diagnosis/upload.html", context, status=status)
+
+
+# The upload forms this session has sent, each with the batch it made: a browser's Back restores
+# a sent form with its files (and its hidden upload_id), and sending it again must not store the
+# same patient's cells twice.
+SENT_UPLOADS = "sent_upload_ids"
+
+
+def _batch_sent_as(request) -> int | None:
+    upload_id = request.POST.get("upload_id", "")
+    batch_id = request.session.get(SENT_UPLOADS, {}).get(upload_id) if upload_id else None
+    return batch_id if batch_id and selectors.batches_for(user=request.user).filter(pk=batch_id).exists() else None
+
+
+def _remember_sent(request, batch_id: int) -> None:
+    if upload_id := request.POST.get("upload_id", "")[:50]:
+        sent = list(request.session.get(SENT_UPLOADS, {}).items())[-19:]
+        request.session[SENT_UPLOADS] = dict([*sent, (upload_id, batch_id)])
+
+
+def _from_upload_script(request) -> bool:
+    return request.headers.get("X-Requested-With") == "XMLHttpRequest"
+
+
+def _to_batch(request, batch_id: int):
+    url = reverse("diagnosis:batch", args=[batch_id])
+    if _from_upload_script(request):
+        # The upload script navigates itself; an XHR following a redirect would eat the message.
+        return JsonResponse({"redirect": url})
+    return redirect(url)
 
 
 @login_required

@@ -37,7 +37,7 @@ from tests.browser import (
     watch_for_errors,
 )
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, UserFactory, upload
+from tests.factories import PASSWORD, UserFactory, classified, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -144,7 +144,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     page.wait_for_url("**/upload/")  # waits for the load event, so upload.js is running
     expect(page.get_by_role("heading", name="Upload cell images")).to_be_visible()
     # Chosen from the keyboard (Enter on the drop zone opens the file chooser): a file that only
-    # looks like an image makes the server refuse the whole batch and say why.
+    # looks like an image makes the server refuse the whole batch, and the page says which file.
     page.locator("#dropzone").focus()
     with page.expect_file_chooser() as chooser_info:
         page.keyboard.press("Enter")
@@ -156,11 +156,10 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     )
     expect(page.locator("#file-list li")).to_have_count(2)
     page.locator("#upload-button").click()
-    expect(page.locator("#id_images_error")).to_contain_text("broken.png: the file is not a readable image")
+    expect(page.locator("#file-list li.rejected")).to_contain_text("broken.png: the file is not a readable image")
+    expect(page.locator("#client-errors")).to_contain_text("Nothing was stored")
     open_page.expect_error(page, "status of 400 (Bad Request)")
     assert not Batch.objects.exists() and not Analysis.objects.exists()
-    # The error page came back through the upload script; once it has loaded, dropping works on it.
-    page.wait_for_function("document.readyState === 'complete'")
     drop_files(page, "#dropzone", cells)
     expect(page.locator("#file-list li")).to_have_count(len(cells))
     expect(page.locator("#file-list li.rejected")).to_have_count(0)
@@ -411,7 +410,7 @@ def test_dashboard_filters_survive_pagination(open_page, user, other_user):
     export = page.get_by_role("link", name="Export CSV")
     assert "search=ward-9" in export.get_attribute("href") and "label=Parasitized" in export.get_attribute("href")
 
-    pager.get_by_role("link", name="Older →").click()
+    pager.get_by_role("link", name="Next →").click()
     page.wait_for_url(re.compile(r"page=2"))
     assert "search=ward-9" in page.url and "label=Parasitized" in page.url
     expect(pager).to_contain_text("Page 2 of 2 (30 analyses)")
@@ -421,7 +420,7 @@ def test_dashboard_filters_survive_pagination(open_page, user, other_user):
     expect(filters.get_by_label("Search")).to_have_value("ward-9")
     expect(filters.get_by_label("Label")).to_have_value("Parasitized")
 
-    pager.get_by_role("link", name="← Newer").click()
+    pager.get_by_role("link", name="← Previous").click()
     page.wait_for_url(re.compile(r"page=1"))
     assert "search=ward-9" in page.url
     expect(rows).to_have_count(25)
@@ -684,3 +683,58 @@ def test_the_per_file_limit_is_checked_in_bytes_before_sending(open_page, user, 
     expect(page.locator("#file-list li.rejected")).to_contain_text(big.name)
     expect(page.locator("#file-list li.rejected")).to_contain_text("larger than")
     expect(page.locator("#upload-button")).to_have_text("Upload and analyse 1 image")
+
+
+def test_a_refused_file_is_marked_and_the_others_stay_chosen_for_the_next_attempt(open_page, user, monkeypatch):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+    cells = fixture_cells()[:2]
+    truncated = ("cut-short.png", cells[0].read_bytes()[:200])  # a PNG name and header, its data missing
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.get_by_label("Patient / sample reference").fill("WARD-5")
+    drop_files(page, "#dropzone", [cells[0], truncated, cells[1]])
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("Nothing was stored: 1 file cannot be analysed")
+    open_page.expect_error(page, "status of 400")
+    expect(page.locator("#file-list li.rejected")).to_contain_text("refused: cut-short.png")
+    expect(page.locator("#upload-button")).to_have_text("Upload and analyse 2 images")
+    expect(page.get_by_label("Patient / sample reference")).to_have_value("WARD-5")
+    assert not Batch.objects.exists()
+    page.locator("#upload-button").click()
+    page.wait_for_url(re.compile(r"/batches/\d+/$"))
+    batch = Batch.objects.get()
+    assert batch.sample_reference == "WARD-5"
+    assert sorted(batch.analyses.values_list("original_filename", flat=True)) == sorted(c.name for c in cells)
+
+
+def test_the_upload_form_sent_again_after_back_stores_nothing_twice(open_page, user, monkeypatch):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.set_input_files("#id_images", [str(cell) for cell in fixture_cells()[:2]])
+    upload_id = page.locator('input[name="upload_id"]').input_value()
+    page.locator("#upload-button").click()
+    page.wait_for_url(re.compile(r"/batches/\d+/$"))
+    first = Batch.objects.get()
+    # As a browser restoring the sent form after Back: the same fields, the same upload_id.
+    page.goto("/upload/")
+    page.evaluate("id => { document.querySelector('input[name=upload_id]').value = id; }", upload_id)
+    page.set_input_files("#id_images", [str(cell) for cell in fixture_cells()[:2]])
+    page.locator("#upload-button").click()
+    page.wait_for_url(f"**/batches/{first.pk}/")
+    expect(page.locator(".flash")).to_contain_text(f"already uploaded as batch #{first.pk}")
+    assert Batch.objects.count() == 1 and Analysis.objects.count() == 2
+
+
+def test_pages_about_a_cell_with_a_long_name_fit_a_phone(open_page, user):
+    long_name = "C100P61ThinF_IMG_20150918_144104_cell_162_second_scan_of_the_slide.png"
+    cell = classified(services.create_analysis(owner=user, upload=upload(long_name)))
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in (f"/analyses/{cell.pk}/", f"/analyses/{cell.pk}/delete/"):
+        page.goto(path)
+        expect(page.get_by_role("heading", level=1)).to_contain_text("cell_162")
+        assert not overflows_horizontally(page), path

@@ -1,6 +1,7 @@
 """Every page's markup holds together for assistive technology: each id an attribute or a label
 points at is on the page, no id is used twice, and the page says its language and fits a phone."""
 
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -95,3 +96,30 @@ def test_pages_showing_a_forms_errors_still_point_at_what_they_say(client, user)
     client.logout()
     for form in ({"username": "", "password": ""}, {"username": user.username, "password": "wrong"}):
         checked(client.post("/accounts/login/", form).content.decode())
+
+
+def test_cells_of_one_slide_keep_the_end_of_their_names_that_tells_them_apart(client, user):
+    names = [f"C100P61ThinF_IMG_20150918_144104_cell_{n}.png" for n in (162, 163)]
+    batch = create_batch(owner=user, uploads=[upload(name) for name in names], sample_reference="WARD-1")
+    client.force_login(user)
+    for path in (f"/batches/{batch.pk}/", f"/batches/{batch.pk}/report/"):
+        page = client.get(path).content.decode()  # shown as text, not only in a tooltip
+        assert re.search(r">[^<]*…[^<]*cell_162\.png<", page) and re.search(r">[^<]*…[^<]*cell_163\.png<", page), path
+
+
+def test_a_password_change_says_it_ends_the_api_key(client, user):
+    from tests.factories import api_key
+
+    client.force_login(user)
+    assert "API key stops working" not in client.get("/accounts/password_change/").content.decode()
+    api_key(user)
+    assert "API key stops working" in client.get("/accounts/password_change/").content.decode()
+    assert "API token" in client.get("/accounts/password_change/done/").content.decode()
+
+
+def test_a_sample_opened_from_the_dashboard_leads_back_to_it(client, user):
+    batch = create_batch(owner=user, uploads=[upload("a.png")], sample_reference="WARD-1")
+    client.force_login(user)
+    dashboard = client.get("/?page=1").content.decode()
+    assert f'href="/batches/{batch.pk}/?from=%2F%3Fpage%3D1"' in dashboard
+    assert 'href="/?page=1"' in client.get(f"/batches/{batch.pk}/?from=%2F%3Fpage%3D1").content.decode()

@@ -375,7 +375,7 @@ def test_a_full_media_disk_fails_the_cell_it_struck_saying_so_and_not_the_next(u
     def disk_full_once(name, content, **kwargs):
         if name.startswith("overlays/") and not getattr(disk_full_once, "struck", False):
             disk_full_once.struck = True
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device", f"/data/media/{name}")
         return save(name, content, **kwargs)
 
     monkeypatch.setattr(private_storage, "save", disk_full_once)
@@ -383,7 +383,7 @@ def test_a_full_media_disk_fails_the_cell_it_struck_saying_so_and_not_the_next(u
     first.refresh_from_db()
     second.refresh_from_db()
     assert first.status == "failed" and "Cannot store the heatmap overlay" in first.error
-    assert "No space left on device" in first.error
+    assert "No space left on device" in first.error and "/data/media" not in first.error  # no server paths
     assert second.status == "done" and second.overlay
 
 
@@ -418,3 +418,18 @@ def test_the_workers_thread_setting_holds_for_the_overlay_too(settings):
     finally:
         torch.set_num_threads(before[0])
         cv2.setNumThreads(before[1])
+
+
+def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_paths(user, media_root):
+    missing, damaged = (services.create_analysis(owner=user, upload=upload(f"cell-{n}.png")) for n in range(2))
+    Path(missing.image.path).unlink()
+    Path(damaged.image.path).write_bytes(b"not an image any more")
+    inference.run_analyses(analysis_ids=[missing.pk, damaged.pk], task_id="t")
+    missing.refresh_from_db()
+    damaged.refresh_from_db()
+    assert missing.status == damaged.status == "failed"
+    assert missing.error == (
+        "Cannot read the image: its stored file is missing; an administrator can find the details in the worker's log."
+    )
+    assert damaged.error.startswith("Cannot read the image: ") and "cell-1.png" in damaged.error
+    assert str(media_root) not in missing.error + damaged.error

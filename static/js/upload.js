@@ -75,11 +75,18 @@
       li.appendChild(note);
       list.appendChild(li);
     });
-    const images = chosen.length === 1 ? "1 image" : chosen.length + " images";
-    button.textContent = chosen.length ? "Upload and analyse " + images : "Upload and analyse";
+    showCount();
     // Dropped files and folders never reach the file input, whose `required` would block the submit
     // (and the message saying why none of the listed files can go).
     input.required = !list.children.length;
+  }
+
+  function showCount() {
+    button.textContent = chosen.length ? "Upload and analyse " + counted(chosen.length) : "Upload and analyse";
+  }
+
+  function counted(n) {
+    return n === 1 ? "1 image" : n + " images";
   }
 
   input.addEventListener("change", () => choose(input.files));
@@ -143,6 +150,24 @@
     errors.focus();
   }
 
+  // The server refused some files (damaged, not images it can read): they are marked and left out,
+  // the others stay chosen, so the next click sends only those; nothing of this attempt was stored.
+  function refuse(refused) {
+    const positions = new Set(refused.map((file) => file.position));
+    refused.forEach((file) => {
+      notes[file.position].textContent = "refused: " + file.message;
+      notes[file.position].parentElement.className = "rejected";
+    });
+    chosen = chosen.filter((_, i) => !positions.has(i));
+    notes = notes.filter((_, i) => !positions.has(i)); // fail() marks these "not stored"
+    showCount();
+    fail(
+      "Nothing was stored: " + (refused.length === 1 ? "1 file" : refused.length + " files") +
+      " cannot be analysed (marked in the list). " +
+      (chosen.length ? "Upload again to send the other " + counted(chosen.length) + "." : "Choose other files.")
+    );
+  }
+
   form.addEventListener("submit", (event) => {
     if (!chosen.length) {
       if (!list.children.length) return; // nothing chosen: let the server explain what is missing
@@ -159,7 +184,7 @@
     xhr.setRequestHeader("X-Requested-With", "XMLHttpRequest");
     bar.hidden = false;
     lock(true);
-    status.textContent = "Uploading " + (chosen.length === 1 ? "1 image" : chosen.length + " images") + "…";
+    status.textContent = "Uploading " + counted(chosen.length) + "…";
     xhr.upload.addEventListener("progress", (e) => {
       if (!e.lengthComputable) return;
       bar.value = (100 * e.loaded) / e.total;
@@ -176,6 +201,8 @@
         fail("Your session has ended, so nothing was stored. Sign in again, then choose the files again.");
       } else if (xhr.status < 400 && xhr.responseURL && xhr.responseURL !== window.location.href) {
         window.location.assign(xhr.responseURL);
+      } else if (xhr.status === 400 && type.startsWith("application/json") && JSON.parse(xhr.responseText).refused) {
+        refuse(JSON.parse(xhr.responseText).refused);
       } else if (type.startsWith("text/html")) {
         document.open(); document.write(xhr.responseText); document.close();
       } else {
@@ -191,4 +218,8 @@
     });
     xhr.send(data);
   });
+
+  // Back to this page after an upload, the browser may have put the files it sent back in the
+  // input: list them, so what a click would send is shown (the server refuses the same form twice).
+  if (input.files.length) choose(input.files);
 })();
