@@ -3,7 +3,7 @@ import io
 import factory
 from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
-from PIL import Image
+from PIL import Image, ImageDraw
 
 PASSWORD = "correct-horse-battery-staple"
 
@@ -17,8 +17,15 @@ class UserFactory(factory.django.DjangoModelFactory):
 
 
 def image_bytes(size=(120, 110), color=(180, 90, 120), fmt="PNG", mode="RGB") -> bytes:
+    """A cell as the NIH crops show one: a disc of ``color`` on black (a blank picture is refused)."""
+    image = Image.new(mode, size, 0)
+    width, height = size
+    ImageDraw.Draw(image).ellipse(
+        [width // 8, height // 8, width - 1 - width // 8, height - 1 - height // 8],
+        fill=color if mode == "RGB" else 128,
+    )
     buffer = io.BytesIO()
-    Image.new(mode, size, color if mode == "RGB" else 128).save(buffer, format=fmt)
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
 
 

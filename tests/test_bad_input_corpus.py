@@ -82,6 +82,10 @@ CORPUS = {
     # A phone JPEG carrying a second picture (preview or gain map): Pillow reads it as MPO.
     "phone-mpo.jpg": (encode(cell(), "MPO", save_all=True, append_images=[cell().resize((40, 40))]), ACCEPT),
     "bitmap.bmp": (encode(cell(), "BMP"), ACCEPT),
+    # Pictures of no cell, which the model would call Uninfected with confidence.
+    "blank-white.png": (encode(Image.new("RGB", (400, 400), (255, 255, 255)), "PNG"), REJECT),
+    "fully-transparent.png": (encode(Image.new("RGBA", (100, 100), (0, 0, 0, 0)), "PNG"), REJECT),
+    "strip-16x3000.png": (encode(cell().resize((16, 3000)), "PNG"), REJECT),
 }
 
 

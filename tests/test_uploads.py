@@ -147,7 +147,9 @@ def test_client_file_names_are_data_never_paths(api_client, media_root, name):
 
 def test_odd_but_valid_images_are_accepted(api_client, db):
     buffer = io.BytesIO()
-    Image.new("RGBA", (50, 40), (200, 10, 10, 128)).save(buffer, format="PNG")
+    translucent = Image.new("RGBA", (50, 40), (0, 0, 0, 0))
+    translucent.paste((200, 10, 10, 128), (10, 8, 40, 32))  # a half-transparent cell on a clear margin
+    translucent.save(buffer, format="PNG")
     for name, content in {
         "rgba.png": buffer.getvalue(),
         "photo.jpg": image_bytes(fmt="JPEG"),
@@ -237,3 +239,31 @@ def test_a_tiff_original_is_drawn_for_browsers_as_png_and_downloaded_as_sent(cli
 
     client.force_login(other_user)
     assert client.get(f"/analyses/{tiff.pk}/picture/").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("picture", "message"),
+    [
+        (Image.new("RGB", (4000, 4000), (240, 240, 240)), "all one colour"),
+        (Image.new("RGBA", (120, 120), (0, 0, 0, 0)), "all one colour"),
+        (Image.new("RGB", (16, 3000), (255, 0, 0)), "not a single-cell crop"),
+        (Image.new("RGB", (500, 100), (255, 0, 0)), "not a single-cell crop"),
+    ],
+)
+def test_a_picture_of_no_cell_is_refused_not_reported_as_uninfected(
+    api_client, web_client, no_leftovers, picture, message
+):
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    response = api_client.post("/api/analyses/", {"image": upload("nothing.png", buffer.getvalue())})
+    assert response.status_code == 400 and message in response.json()["detail"]
+    page = web_client.post("/upload/", {"images": [upload("nothing.png", buffer.getvalue())]})
+    assert page.status_code == 400 and message in page.content.decode()
+
+
+def test_every_nih_cell_shape_and_contrast_is_accepted(api_client):
+    from diagnosis.validation import MAX_ASPECT
+
+    for ratio in (1, 2.2, MAX_ASPECT):  # the NIH crops reach 2.2:1
+        content = image_bytes(size=(round(30 * ratio), 30))
+        assert api_client.post("/api/analyses/", {"image": upload("cell.png", content)}).status_code == 202, ratio
