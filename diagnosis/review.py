@@ -6,6 +6,8 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
@@ -19,7 +21,13 @@ from diagnosis.models import AccessEvent, Analysis
 def queue(request):
     pending, disagreements = selectors.review_queue(user=request.user)
     page = Paginator(pending, 50).get_page(request.GET.get("page"))
-    return render(request, "diagnosis/review_queue.html", {"page": page, "disagreements": disagreements[:20]})
+    context = {
+        "page": page,
+        "disagreements": disagreements[:20],
+        # Agreed cases leave the queue: without this list a verdict given by mistake is not found again.
+        "mine": selectors.reviews_by(user=request.user)[:20],
+    }
+    return render(request, "diagnosis/review_queue.html", context)
 
 
 @login_required
@@ -52,7 +60,15 @@ def review(request, pk: int):
             analysis.refresh_from_db()  # show the review that got there first
             show_review_time(form, analysis.reviewed_at)
         else:
-            messages.success(request, f"Review of {analysis.original_filename} saved.")
+            messages.success(
+                request,
+                format_html(
+                    'Review of {} saved ({}d). <a href="{}">Change it</a>',
+                    analysis.original_filename,
+                    verdict,
+                    reverse("diagnosis:review", args=[analysis.pk]),
+                ),
+            )
             following, _ = selectors.review_queue(user=request.user)
             next_case = selectors.next_case(user=request.user, pending=following)
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")

@@ -97,6 +97,13 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
     return pending, disagreements
 
 
+def reviews_by(*, user: AbstractBaseUser) -> QuerySet[Analysis]:
+    """The cases this reviewer last reviewed, newest first."""
+    if not can_review(user):
+        raise Http404
+    return Analysis.objects.filter(reviewed_by=user).order_by("-reviewed_at")
+
+
 # How long a case opened for review (diagnosis.review records each opening in the trail) is left
 # to the reviewer who opened it when the next case is picked for someone else.
 REVIEW_HOLD = timedelta(minutes=10)

@@ -183,3 +183,24 @@ def test_a_review_is_saved_with_its_re_send_and_trail_entry_or_not_at_all(user, 
     assert answered.status_code == 500
     cell.refresh_from_db()
     assert cell.review_verdict == "" and cell.reviewed_at is None and not AccessEvent.objects.filter(action="reviewed")
+
+
+def test_a_verdict_given_by_mistake_is_found_again_and_changed(case):
+    client, reviewer = reviewer_client()
+    other_reviewer_client, _ = reviewer_client()
+    form = client.get(f"/review/{case.pk}/").content.decode()
+    saved = client.post(
+        f"/review/{case.pk}/", {"verdict": "agree", "replacing": seen_review_time(form)}, follow=True
+    ).content.decode()
+    assert f'Review of case.png saved (agreed). <a href="/review/{case.pk}/">Change it</a>' in saved
+    queue = client.get("/review/").content.decode()
+    mine = re.search(r'<ul id="my-reviews">(.*?)</ul>', queue, re.S)[1]
+    assert f'href="/review/{case.pk}/"' in mine and "agreed" in mine
+    assert 'id="my-reviews"' not in other_reviewer_client.get("/review/").content.decode()  # each sees their own
+    form = client.get(f"/review/{case.pk}/").content.decode()
+    client.post(
+        f"/review/{case.pk}/",
+        {"verdict": "disagree", "corrected_label": "Uninfected", "replacing": seen_review_time(form)},
+    )
+    case.refresh_from_db()
+    assert (case.review_verdict, case.final_label, case.reviewed_by) == ("disagree", "Uninfected", reviewer)
