@@ -209,7 +209,16 @@ class AnalysisAdmin(PatientRecordAdmin):
         ),
         (
             "Review",
-            {"fields": ["review_verdict", "corrected_label", "review_note", "reviewed_by", "reviewed_at", "replacing"]},
+            {
+                "fields": [
+                    "review_verdict",
+                    "corrected_label",
+                    "review_note",
+                    ("reviewed_by", "reviewer_name"),
+                    "reviewed_at",
+                    "replacing",
+                ]
+            },
         ),
     ]
     # Everything but the reviewer's own fields is the model's record and stays as the worker wrote it.

@@ -84,7 +84,7 @@ def _csv_row(a) -> list:
         a.model_version,
         a.review_verdict,
         a.corrected_label,
-        csv_safe(a.reviewed_by.get_username() if a.reviewed_by else ""),
+        csv_safe(a.reviewer),
         _local(a.reviewed_at),
         _local(a.created_at),
         _local(a.finished_at),

@@ -151,6 +151,8 @@ class Analysis(models.Model):
     reviewed_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="reviews"
     )
+    # Who signed the review, as they were named then: kept when their account is removed.
+    reviewer_name = models.CharField(max_length=150, blank=True)
     reviewed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -170,6 +172,11 @@ class Analysis(models.Model):
     def final_label(self) -> str:
         """The reviewer's corrected label where there is one, else the model's."""
         return self.corrected_label or self.label
+
+    @property
+    def reviewer(self) -> str:
+        """Who reviewed it ("" if no one): the name they signed with, even once their account is gone."""
+        return self.reviewer_name or (self.reviewed_by.get_username() if self.reviewed_by else "")
 
     @property
     def duration_ms(self) -> float | None:

@@ -493,6 +493,7 @@ def review_analysis(
         "corrected_label": corrected,
         "review_note": note.strip(),
         "reviewed_by": reviewer,
+        "reviewer_name": reviewer.get_username(),
         "reviewed_at": timezone.now(),
     }
     # With the re-send to the lab system, or not at all: a correction it is never sent would leave
@@ -518,7 +519,7 @@ def check_not_reviewed_since(*, analysis_id: int, replacing: datetime | None) ->
         return
     if current.reviewed_at is None:
         raise ValidationError("The review of this case was withdrawn while you had it open; save again.")
-    who = current.reviewed_by.get_username() if current.reviewed_by else "Someone"
+    who = current.reviewer or "Someone"
     raise ValidationError(
         f"{who} reviewed this case at {timezone.localtime(current.reviewed_at):%Y-%m-%d %H:%M} while you had "
         f"it open ({current.get_review_verdict_display()}). Read their review; save again to replace it."

@@ -204,3 +204,30 @@ def test_a_verdict_given_by_mistake_is_found_again_and_changed(case):
     )
     case.refresh_from_db()
     assert (case.review_verdict, case.final_label, case.reviewed_by) == ("disagree", "Uninfected", reviewer)
+
+
+def test_a_review_keeps_its_reviewers_name_when_their_account_is_removed(case, user):
+    from diagnosis.services import review_analysis
+
+    _, reviewer = reviewer_client()
+    review_analysis(analysis=case, reviewer=reviewer, verdict="agree", note="ring forms", replacing=None)
+    name = reviewer.username
+    reviewer.delete()
+    case.refresh_from_db()
+    assert case.reviewed_by is None and case.reviewer == name
+    owner = Client()
+    owner.force_login(user)
+    assert f"Agreed by {name}" in owner.get(f"/analyses/{case.pk}/").content.decode()
+    assert name in b"".join(owner.get("/export.csv").streaming_content).decode()
+
+
+def test_the_migration_signs_reviews_made_before_it(transactional_db, user):
+    import importlib
+
+    from django.apps import apps
+
+    _, reviewer = reviewer_client()
+    case = create_analysis(owner=user, upload=upload("old.png"))
+    Analysis.objects.filter(pk=case.pk).update(status="done", review_verdict="agree", reviewed_by=reviewer)
+    importlib.import_module("diagnosis.migrations.0010_analysis_reviewer_name").sign_existing_reviews(apps, None)
+    assert Analysis.objects.get(pk=case.pk).reviewer_name == reviewer.username
