@@ -1,8 +1,11 @@
+import ipaddress
+
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -356,9 +359,29 @@ class AccessEventAdmin(admin.ModelAdmin):
 
     list_display = ACCESS_TRAIL_COLUMNS
     list_filter = ["action", "channel", "at"]
-    search_fields = ["username", "=analysis_id", "=batch_id", "=owner_id", "client_ip"]
-    date_hierarchy = "at"
+    search_fields = ["username"]  # shows the search box; get_search_results does the searching
+    search_help_text = "An id (of a cell, a batch or an owner), a client address, or an exact user name."
+    # The trail grows by millions of entries a year: no year-by-year navigation and no second
+    # count of the whole table on every page, each of which reads all of it.
+    show_full_result_count = False
     actions = ["export_csv"]
+
+    def get_search_results(self, request, queryset, search_term):
+        """One term, looked up exactly by an index. Django's own search would compare every entry's
+        ids as text and usernames as substrings: 47 s over ten million entries."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if term.isascii() and term.isdigit():
+            if int(term) >= 2**31:  # no id is that large, and PostgreSQL would refuse the comparison
+                return queryset.none(), False
+            number = int(term)
+            return queryset.filter(Q(analysis_id=number) | Q(batch_id=number) | Q(owner_id=number)), False
+        try:
+            address = str(ipaddress.ip_address(term))
+        except ValueError:
+            return queryset.filter(username=term), False
+        return queryset.filter(client_ip=address), False
 
     @admin.action(description="Export selected entries as CSV")
     def export_csv(self, request, queryset):
@@ -400,8 +423,36 @@ class ApiTokenAdmin(admin.ModelAdmin):
 admin.site.unregister(get_user_model())
 
 
+def pluralize_batches(number: int) -> str:
+    return "1 batch" if number == 1 else f"{number} batches"
+
+
 @admin.register(get_user_model())
 class RecordedUserAdmin(RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
     record_deletion = staticmethod(_record_users_data_deleted)
+
+    def get_deleted_objects(self, objs, request):
+        """What deleting these accounts takes with it, counted rather than listed: Django's page would
+        name every cell, which for a lab system's account is a page of hundreds of megabytes."""
+        users = list(objs)
+        batches = Batch.objects.filter(owner__in=users).count()
+        cells = Analysis.objects.filter(owner__in=users).count()
+        summary = [
+            format_html(
+                "{}: {} and {} (their images, thumbnails and heatmaps), and the API key; the reviews they "
+                "signed keep their name, and batches whose results a lab system was sent are withdrawn there",
+                user.get_username(),
+                pluralize_batches(Batch.objects.filter(owner=user).count()),
+                counted(Analysis.objects.filter(owner=user).count(), "cell"),
+            )
+            for user in users
+        ]
+        counts = {self.model._meta.verbose_name_plural: len(users), "batches": batches, "cells": cells}
+        needed = {
+            model._meta.verbose_name
+            for model, count in ((Batch, batches), (Analysis, cells))
+            if count and not request.user.has_perm(f"diagnosis.delete_{model._meta.model_name}")
+        }
+        return summary, counts, needed, []

@@ -207,7 +207,11 @@ class AccessEvent(models.Model):
         COMMAND = "cli", "server command"
 
     at = models.DateTimeField(auto_now_add=True, db_index=True)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    # No constraint and nothing done on the user's removal: the entries keep their user's id as
+    # written (an update of every entry of theirs would rewrite the trail, and take minutes).
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+    )
     username = models.CharField(max_length=150)
     action = models.CharField(max_length=10, choices=Action.choices)
     channel = models.CharField(max_length=5, choices=Channel.choices)
@@ -219,6 +223,12 @@ class AccessEvent(models.Model):
 
     class Meta:
         ordering = ["-at", "-id"]
+        # What the admin's search looks entries up by (AccessEventAdmin.get_search_results).
+        indexes = [
+            models.Index(fields=["username", "-at"], name="access_by_username"),
+            models.Index(fields=["client_ip", "-at"], name="access_by_client_ip"),
+            models.Index(fields=["owner_id", "-at"], name="access_by_owner"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.username} {self.action} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -344,3 +344,15 @@ def test_the_admins_history_keeps_no_sample_reference_or_file_name(admin_client,
     assert admin_client.post(f"/admin/diagnosis/batch/{batch.pk}/delete/", {"post": "yes"}).status_code == 302
     kept = list(LogEntry.objects.values_list("object_repr", flat=True))
     assert len(kept) == 2 and not [r for r in kept if "SMITH" in r.upper()], kept
+
+
+def test_deleting_an_account_counts_what_goes_with_it_rather_than_listing_it(admin_client, user):
+    from diagnosis.services import create_batch
+
+    create_batch(owner=user, uploads=[upload(f"cell-{n}.png") for n in range(3)])
+    create_analysis(owner=user, upload=upload("single.png"))
+    page = admin_client.get(f"/admin/auth/user/{user.pk}/delete/").content.decode()
+    assert f"{user.username}: 1 batch and 4 cells" in page
+    assert "cell-0.png" not in page and "Analysis " not in page  # no line per cell
+    assert admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not Analysis.objects.exists()

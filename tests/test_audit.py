@@ -87,8 +87,9 @@ def test_upload_and_deletion_are_recorded_and_the_trail_outlives_record_and_user
         (u, Action.DELETED, "web", cell_id, batch_id, "1 cell"),
         (u, Action.DELETED, "web", None, batch_id, "1 cell"),
     ]
+    user_id = user.pk
     user.delete()
-    assert [(e.user, e.username) for e in AccessEvent.objects.all()] == [(None, u)] * 3
+    assert [(e.user_id, e.username) for e in AccessEvent.objects.all()] == [(user_id, u)] * 3  # as written
 
 
 def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cell):
@@ -228,3 +229,44 @@ def test_a_long_history_shows_the_latest_entries_and_says_how_many_there_are(cli
     assert "Who has opened this cell (31 records)" in page and "the latest 20 are shown here" in page
     rows = history_rows(page)
     assert len(rows) == 20 and rows[0].split("|")[1] == user.username
+
+
+def test_the_trail_is_searched_exactly_by_id_address_or_user_name(admin_client, db, django_assert_max_num_queries):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def entry(**fields):
+        return AccessEvent.objects.create(action=Action.VIEWED, channel="web", **fields).pk
+
+    by_cell = entry(username="ana", analysis_id=41, client_ip="203.0.113.9")
+    by_batch = entry(username="bo", batch_id=41)
+    by_owner = entry(username="ana-maria", owner_id=41)
+    elsewhere = entry(username="carl", analysis_id=410, client_ip="203.0.113.90")
+
+    def found(term: str) -> set[int]:
+        page = admin_client.get("/admin/diagnosis/accessevent/", {"q": term})
+        assert page.status_code == 200, term
+        return {
+            pk
+            for pk in (by_cell, by_batch, by_owner, elsewhere)
+            if f"/accessevent/{pk}/change/" in page.content.decode()
+        }
+
+    assert found("41") == {by_cell, by_batch, by_owner}
+    assert found("203.0.113.9") == {by_cell}
+    assert found("ana") == {by_cell}  # the whole name, not a part of another
+    assert found("99999999999") == found("²") == set()
+    with CaptureQueriesContext(connection) as queries:
+        found("41")
+    trail_queries = [q["sql"] for q in queries.captured_queries if "diagnosis_accessevent" in q["sql"]]
+    assert not any("LIKE" in sql or "UPPER" in sql for sql in trail_queries), trail_queries
+
+
+def test_removing_a_user_leaves_their_trail_entries_as_written(admin_client, db):
+    clinician = UserFactory()
+    AccessEvent.objects.create(user=clinician, username=clinician.username, action=Action.VIEWED, channel="web")
+    user_id = clinician.pk
+    assert admin_client.post(f"/admin/auth/user/{user_id}/delete/", {"post": "yes"}).status_code == 302
+    kept = AccessEvent.objects.get(username=clinician.username)
+    assert kept.user_id == user_id  # not rewritten to NULL
+    assert admin_client.get(f"/admin/diagnosis/accessevent/{kept.pk}/change/").status_code == 200
