@@ -4,6 +4,8 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage
 from django.db import models
+from django.db.models import F, Value
+from django.db.models.functions import Abs, Coalesce
 from django.utils import timezone
 
 
@@ -101,6 +103,11 @@ class Batch(models.Model):
         return f"{parts.hostname}:{port}" if port else parts.hostname or ""
 
 
+# How sure the model was of a cell: its score's distance from the model's own decision threshold
+# (0.5 where none was recorded). The review queue shows the least sure first.
+REVIEW_CONFIDENCE = Abs(F("probability_parasitized") - Coalesce(F("decision_threshold"), Value(0.5)))
+
+
 class Analysis(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -143,7 +150,7 @@ class Analysis(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True, db_index=True)  # the last day's work (operations)
 
     review_verdict = models.CharField(max_length=10, choices=Verdict.choices, blank=True)
     corrected_label = models.CharField(max_length=12, choices=Label.choices, blank=True)
@@ -159,7 +166,17 @@ class Analysis(models.Model):
         ordering = ["-created_at", "-id"]
         verbose_name_plural = "analyses"
         permissions = [("review_analysis", "Can review any user's analyses")]
-        indexes = [models.Index(fields=["owner", "-created_at"])]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"]),
+            # The review queue's order and its list of disagreements, each a small part of the table.
+            models.Index(
+                REVIEW_CONFIDENCE,
+                "created_at",
+                condition=models.Q(status="done", review_verdict=""),
+                name="review_queue",
+            ),
+            models.Index(F("reviewed_at").desc(), condition=models.Q(review_verdict="disagree"), name="disagreements"),
+        ]
 
     def __str__(self) -> str:
         return f"Analysis {self.pk}"  # no file name, as Batch.__str__

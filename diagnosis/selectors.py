@@ -8,13 +8,12 @@ from datetime import date, datetime, time, timedelta
 from functools import reduce
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Avg, Count, F, Min, Q, QuerySet, Value
-from django.db.models.functions import Abs, Coalesce
+from django.db.models import Avg, Count, F, Min, Q, QuerySet
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from diagnosis.models import AccessEvent, Analysis, Batch
+from diagnosis.models import REVIEW_CONFIDENCE, AccessEvent, Analysis, Batch
 
 ACCESS_HISTORY_SHOWN = 20
 
@@ -95,7 +94,7 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
     pending = (
         done.filter(review_verdict="")
         # Confidence is the distance from the model's own decision threshold, not from 0.5.
-        .annotate(confidence=Abs(F("probability_parasitized") - Coalesce(F("decision_threshold"), Value(0.5))))
+        .annotate(confidence=REVIEW_CONFIDENCE)  # as the review_queue index has it, so it is read in order
         .order_by("confidence", "created_at")
     )
     disagreements = (
@@ -232,10 +231,13 @@ def operations_status() -> dict:
     now = timezone.now()
     last_day = Q(finished_at__gte=now - timedelta(hours=24))
     done, failed = Q(status=Analysis.Status.DONE), Q(status=Analysis.Status.FAILED)
-    analyses = Analysis.objects.aggregate(
+    # Two aggregates, each over the rows its index finds, not one over every analysis ever made.
+    unfinished = Analysis.objects.filter(status__in=[Analysis.Status.QUEUED, Analysis.Status.RUNNING])
+    analyses = unfinished.aggregate(
         queued=Count("pk", filter=Q(status=Analysis.Status.QUEUED)),
         running=Count("pk", filter=Q(status=Analysis.Status.RUNNING)),
         oldest_queued_at=Min("created_at", filter=Q(status=Analysis.Status.QUEUED)),
+    ) | Analysis.objects.filter(last_day).aggregate(
         done_last_24h=Count("pk", filter=done & last_day),
         failed_last_24h=Count("pk", filter=failed & last_day),
         mean_inference_ms_last_24h=Avg("inference_ms", filter=done & last_day),
