@@ -8,7 +8,8 @@ from datetime import date, datetime, time, timedelta
 from functools import reduce
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Avg, Count, F, Min, Q, QuerySet
+from django.db.models import Avg, Count, F, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
@@ -206,7 +207,18 @@ def batches_with_counts(*, user: AbstractBaseUser, search: str = "", sample_refe
         batches = batches.filter(Q(sample_reference__icontains=search) | Q(note__icontains=search))
     if sample_reference:
         batches = batches.filter(sample_reference__iexact=sample_reference.strip())
-    return batches.annotate(**_analysis_counts("analyses__")).order_by("-created_at", "-id")
+    return batches.annotate(**_counts_of_each_batch()).order_by("-created_at", "-id")
+
+
+def _counts_of_each_batch() -> dict[str, Coalesce]:
+    """The counts of batch_counts, each as a subquery of the batch's row: worked out for the rows a
+    page shows, where a join grouped by batch would count every batch of the account first (1.3 s
+    for a lab system's 20,000)."""
+    cells = Analysis.objects.filter(batch=OuterRef("pk")).order_by().values("batch")
+    return {
+        name: Coalesce(Subquery(cells.annotate(count=count).values("count")), 0)
+        for name, count in _analysis_counts().items()
+    }
 
 
 def access_history(*, analysis: Analysis | None = None, batch: Batch | None = None) -> tuple[list[AccessEvent], int]:
