@@ -3,9 +3,12 @@
 import csv
 from collections.abc import Iterator
 
+from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import StreamingHttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
@@ -100,7 +103,15 @@ def _local(moment) -> str:
 @require_GET
 def dashboard_csv(request):
     analyses = selectors.analyses_for(user=request.user, filters=FilterForm(request.GET).to_filters())
-    record_access(request=request, action=AccessEvent.Action.EXPORTED, detail=f"dashboard CSV, {analyses.count()} rows")
+    if (rows := analyses.count()) > settings.EXPORT_MAX_ROWS:
+        messages.error(
+            request,
+            f"That export would hold {rows:,} rows, more than one download carries ({settings.EXPORT_MAX_ROWS:,}). "
+            "Narrow it with the filters, e.g. a date range, and export each part; a lab system can page "
+            "through /api/analyses/ instead.",
+        )
+        return redirect(f"{reverse('diagnosis:dashboard')}?{request.GET.urlencode()}")
+    record_access(request=request, action=AccessEvent.Action.EXPORTED, detail=f"dashboard CSV, {rows} rows")
     return _csv_response(analyses, "analyses.csv")
 
 

@@ -157,6 +157,9 @@ REQUEST_MAX_BYTES = env.int("REQUEST_MAX_BYTES", default=200 * 1024 * 1024)
 # Form fields and JSON bodies are read into memory: Django's default cap, far below a batch's size.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# Rows in one dashboard CSV: a larger one would outlast gunicorn's timeout, which cuts a streamed
+# download short without any sign (about 125 us a row: 50,000 in some 6 s).
+EXPORT_MAX_ROWS = env.int("EXPORT_MAX_ROWS", default=50_000)
 
 # --- Model ----------------------------------------------------------------------------------
 MODEL_WEIGHTS = Path(env("MODEL_WEIGHTS", default=str(BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors")))

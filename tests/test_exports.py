@@ -6,7 +6,7 @@ import io
 import pytest
 
 from diagnosis.models import Analysis
-from diagnosis.services import create_batch
+from diagnosis.services import create_analysis, create_batch
 from tests.factories import upload
 
 
@@ -187,3 +187,16 @@ def test_empty_filters_still_show_how_to_start_and_a_reversed_date_range_is_name
     assert "No analyses yet." in empty and "No analyses match" not in empty
     reversed_range = client.get("/?date_from=2026-11-20&date_to=2026-11-01").content.decode()
     assert "The To date is before the From date, so nothing can match." in reversed_range
+
+
+def test_a_dashboard_export_too_large_to_finish_is_refused_saying_how_to_narrow_it(client, user, settings):
+    settings.EXPORT_MAX_ROWS = 2
+    for n in range(3):
+        create_analysis(owner=user, upload=upload(f"cell-{n}.png"))
+    client.force_login(user)
+    refused = client.get("/export.csv?status=queued", follow=True)
+    assert refused.redirect_chain == [("/?status=queued", 302)]
+    assert "would hold 3 rows, more than one download carries (2)" in refused.content.decode()
+    settings.EXPORT_MAX_ROWS = 3
+    exported = client.get("/export.csv?status=queued")
+    assert exported.status_code == 200 and len(b"".join(exported.streaming_content).splitlines()) == 4
