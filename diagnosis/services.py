@@ -3,10 +3,12 @@
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import partial
+from itertools import islice
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -446,20 +448,32 @@ def delete_orphaned_files(*, older_than: timedelta) -> int:
     for folder, field in FILE_FOLDERS.items():
         if not private_storage.exists(folder):
             continue
-        named = set(Analysis.objects.exclude(**{field: ""}).values_list(field, flat=True))
-        if folder == "overlays":  # an overlay is found by its analysis's id as well
-            named |= {overlay_path(pk) for pk in Analysis.objects.values_list("pk", flat=True)}
-        for file_name in private_storage.listdir(folder)[1]:
-            name = f"{folder}/{file_name}"
-            try:
-                orphaned = name not in named and private_storage.get_modified_time(name) < cutoff
-            except FileNotFoundError:  # deleted with its analysis since the listing
-                continue
-            if orphaned:
-                private_storage.delete(name)
-                deleted += 1
+        # A folder at a time and a thousand files at a time, each looked up by name: millions of
+        # files and rows are never held in memory at once.
+        with os.scandir(private_storage.path(folder)) as entries:
+            files = (entry for entry in entries if entry.is_file())
+            while chunk := list(islice(files, 1000)):
+                deleted += _delete_unnamed(folder=folder, field=field, files=chunk, cutoff=cutoff)
     if deleted:
         logger.info("event=orphaned_files_deleted count=%s", deleted)
+    return deleted
+
+
+def _delete_unnamed(*, folder: str, field: str, files: list[os.DirEntry], cutoff: datetime) -> int:
+    names = [f"{folder}/{entry.name}" for entry in files]
+    named = set(Analysis.objects.filter(**{f"{field}__in": names}).order_by().values_list(field, flat=True))
+    if folder == "overlays":  # an overlay is found by its analysis's id as well
+        ids = [int(entry.name.removesuffix(".png")) for entry in files if entry.name.removesuffix(".png").isdigit()]
+        named |= {overlay_path(pk) for pk in Analysis.objects.filter(pk__in=ids).values_list("pk", flat=True)}
+    deleted = 0
+    for name in names:
+        try:
+            orphaned = name not in named and private_storage.get_modified_time(name) < cutoff
+        except FileNotFoundError:  # deleted with its analysis since the listing
+            continue
+        if orphaned:
+            private_storage.delete(name)
+            deleted += 1
     return deleted
 
 
