@@ -5,11 +5,14 @@ from celery.signals import worker_process_init
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from diagnosis import callbacks, inference, services
+from diagnosis import callbacks, services
 
 
+# The web processes import this module to send tasks: the model (torch) is loaded by the worker only.
 @worker_process_init.connect
 def warm_up_model(**kwargs) -> None:
+    from diagnosis import inference
+
     inference.warm_up()
 
 
@@ -22,6 +25,8 @@ def warm_up_model(**kwargs) -> None:
     max_retries=8,
 )
 def analyse_images(self, analysis_ids: list[int]) -> None:
+    from diagnosis import inference
+
     inference.run_analyses(analysis_ids=analysis_ids, task_id=self.request.id, retries=self.request.retries)
     callbacks.notify_finished_batches(analysis_ids=analysis_ids)
 

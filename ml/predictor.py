@@ -9,7 +9,8 @@ from PIL import Image
 
 from ml.gradcam import cam_from_features, render_overlay
 from ml.model import PARASITIZED
-from ml.preprocessing import model_inputs, square_resize, to_batch
+from ml.preprocessing import square_resize
+from ml.tensors import model_inputs, to_batch
 from ml.weights import load_model
 
 

@@ -32,7 +32,7 @@ from ml.data import fraction, list_samples, load_arrays, patient_groups, split_b
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import cpu_has_bf16
-from ml.preprocessing import model_inputs
+from ml.tensors import model_inputs
 from ml.weights import ModelInfo, load_model, read_info, save_model
 
 IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"

@@ -1089,3 +1089,29 @@ def test_the_embedded_sqlite_default_lets_a_long_read_and_a_write_overlap(tmp_pa
     env = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "VAR_DIR": str(tmp_path)}  # no DATABASE_URL
     result = run_python(["-c", code], env)
     assert result.returncode == 0 and result.stdout.strip() == "wal", result.stderr
+
+
+def test_the_web_processes_never_load_torch():
+    """Each gunicorn worker would hold about 480 MB more, and take 2 s longer to start, for a model
+    only the Celery worker runs: the web decodes and checks uploads and sends tasks without it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, django; django.setup();"
+        "import malaria_site.urls, diagnosis.tasks, diagnosis.admin, diagnosis.api.views;"
+        "from django.test import Client; Client().get('/healthz');"
+        "from diagnosis.validation import validate_upload; from tests.factories import upload;"
+        "validate_upload(upload());"
+        "print(sorted(m for m in ('torch', 'cv2', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

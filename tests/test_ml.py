@@ -24,7 +24,8 @@ from ml.gradcam import cam_from_features, grad_cam, render_overlay
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import Predictor
-from ml.preprocessing import REFERENCE_CELL_COLOUR, open_rgb, square_resize, standardise_stain
+from ml.preprocessing import open_rgb, square_resize
+from ml.tensors import REFERENCE_CELL_COLOUR, standardise_stain
 from ml.weights import ModelInfo, WeightsNotFound, load_model, read_info, save_model
 from tests.conftest import FIXTURE_CELLS, ROOT
 
