@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from diagnosis import callbacks, selectors, services
+from diagnosis import callbacks, selectors, services, tokens
 from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import ReviewTimeField, show_review_time
@@ -408,10 +408,17 @@ class AccessEventAdmin(admin.ModelAdmin):
 class ApiTokenAdmin(admin.ModelAdmin):
     """Who holds an API key and when it was last used; an admin can revoke one (delete) but never read it."""
 
-    list_display = ["user", "hint", "created", "last_used_at"]
+    list_display = ["user", "hint", "created", "expires", "last_used_at"]
     search_fields = ["user__username"]
-    fields = ["user", "hint", "created", "last_used_at"]
+    fields = ["user", "hint", "created", "expires", "last_used_at"]
     readonly_fields = fields
+
+    @admin.display(description="Expires")
+    def expires(self, token):
+        end = tokens.expires_at(token)
+        if end is None:
+            return "never"
+        return f"expired {end:%Y-%m-%d}" if tokens.token_expired(token) else f"{end:%Y-%m-%d}"
 
     def has_add_permission(self, request):
         return False

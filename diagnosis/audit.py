@@ -66,6 +66,26 @@ def record_dataset_export(*, analyses: list[Analysis], out: str) -> None:
     AccessEvent.objects.bulk_create(events, batch_size=1000)
 
 
+def record_retention_deletion(*, cells: list[tuple[int, int | None, int]], older_than_days: int) -> None:
+    """Cells (id, batch id, owner id) that the retention period removed: deletions nobody asked for
+    on the day, so the trail says why each record ends there."""
+    AccessEvent.objects.bulk_create(
+        (
+            AccessEvent(
+                username="(retention)",
+                action=AccessEvent.Action.DELETED,
+                channel=AccessEvent.Channel.COMMAND,
+                analysis_id=pk,
+                batch_id=batch_id,
+                owner_id=owner_id,
+                detail=f"uploaded over {older_than_days} days ago (ANALYSIS_RETENTION_DAYS)",
+            )
+            for pk, batch_id, owner_id in cells
+        ),
+        batch_size=1000,
+    )
+
+
 def record_callback(*, batch: Batch) -> AccessEvent:
     """A batch's results sent to its lab system's callback URL: a disclosure with no user behind it."""
     return AccessEvent.objects.create(

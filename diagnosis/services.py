@@ -19,6 +19,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
+from diagnosis.audit import record_retention_deletion
 from diagnosis.callbacks import check_callback_url, notify_deletion, notify_finished_batches, send_again
 from diagnosis.models import Analysis, Batch, overlay_path, private_storage
 from diagnosis.validation import ValidImage, validate_upload
@@ -422,9 +423,12 @@ def delete_expired_analyses(*, older_than: timedelta) -> int:
     expired = Analysis.objects.filter(created_at__lt=cutoff)
     deleted = 0
     # In chunks: each deletion loads its rows to remove their files, so memory stays bounded.
-    while ids := list(expired.values_list("pk", flat=True)[:500]):
-        with transaction.atomic():
-            deleted += Analysis.objects.filter(pk__in=ids).delete()[1].get(Analysis._meta.label, 0)
+    while cells := list(expired.values_list("pk", "batch_id", "owner_id")[:500]):
+        with transaction.atomic():  # gone with its entries in the access trail, or not at all
+            deleted += (
+                Analysis.objects.filter(pk__in=[pk for pk, _, _ in cells]).delete()[1].get(Analysis._meta.label, 0)
+            )
+            record_retention_deletion(cells=cells, older_than_days=older_than.days)
     # Withdrawn batches too, once their withdrawal is no longer being tried (an admin can retry one
     # that failed).
     emptied = Batch.with_withdrawn.filter(created_at__lt=cutoff, analyses__isnull=True)

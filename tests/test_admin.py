@@ -90,7 +90,10 @@ def test_admins_send_failed_analyses_of_any_user_back_to_the_worker(admin_client
     assert Analysis.objects.get(pk=finished.pk).status == "done"
 
 
-def test_admins_see_who_holds_an_api_key_and_revoke_it_without_reading_it(admin_client, user):
+def test_admins_see_who_holds_an_api_key_and_revoke_it_without_reading_it(admin_client, user, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
     from rest_framework.test import APIClient
 
     from diagnosis.models import ApiToken
@@ -102,6 +105,8 @@ def test_admins_see_who_holds_an_api_key_and_revoke_it_without_reading_it(admin_
     assert user.username in listing and token.hint in listing
     assert key not in listing + detail and token.digest not in listing + detail
     assert admin_client.get("/admin/diagnosis/apitoken/add/").status_code == 403
+    ApiToken.objects.filter(pk=token.pk).update(created=timezone.now() - timedelta(days=settings.API_TOKEN_DAYS + 1))
+    assert "expired " in admin_client.get("/admin/diagnosis/apitoken/").content.decode()
 
     admin_client.post(f"/admin/diagnosis/apitoken/{token.pk}/delete/", {"post": "yes"})
     assert not ApiToken.objects.filter(user=user).exists()

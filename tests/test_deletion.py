@@ -194,6 +194,7 @@ def test_retention_deletes_old_analyses_their_files_and_emptied_batches(
     batch.analyses.update(created_at=long_ago)
     Batch.objects.filter(pk__in=[batch.pk, mixed.pk]).update(created_at=long_ago)
     mixed.analyses.filter(original_filename="old.png").update(created_at=long_ago)
+    old_cells = set(Analysis.objects.filter(created_at=long_ago).values_list("pk", "batch_id", "owner_id"))
 
     with django_capture_on_commit_callbacks(execute=True):
         call_command("delete_expired_analyses", days=30, stdout=io.StringIO())
@@ -201,6 +202,12 @@ def test_retention_deletes_old_analyses_their_files_and_emptied_batches(
     assert list(Batch.objects.all()) == [mixed]
     assert not any(private_storage.exists(name) for name in old_files)
     assert all(private_storage.exists(name) for name in stored_files(fresh))
+    # Each cell's trail ends saying why it went.
+    from diagnosis.models import AccessEvent
+
+    ended = AccessEvent.objects.filter(username="(retention)", action="deleted", channel="cli")
+    assert {(e.analysis_id, e.batch_id, e.owner_id) for e in ended} == old_cells
+    assert all("over 30 days ago" in e.detail for e in ended)
 
     Analysis.objects.update(created_at=long_ago)
     for no_period in (0, -5):  # the daily task keeps everything then, even if run by hand
