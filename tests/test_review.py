@@ -229,5 +229,5 @@ def test_the_migration_signs_reviews_made_before_it(transactional_db, user):
     _, reviewer = reviewer_client()
     case = create_analysis(owner=user, upload=upload("old.png"))
     Analysis.objects.filter(pk=case.pk).update(status="done", review_verdict="agree", reviewed_by=reviewer)
-    importlib.import_module("diagnosis.migrations.0010_analysis_reviewer_name").sign_existing_reviews(apps, None)
+    importlib.import_module("diagnosis.migrations.0009_owners_reviewers_and_indexes").sign_existing_reviews(apps, None)
     assert Analysis.objects.get(pk=case.pk).reviewer_name == reviewer.username
