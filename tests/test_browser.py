@@ -285,7 +285,12 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     assert not broken_images(reviewer_page)
     screenshot(reviewer_page, "review")
     reviewer_page.keyboard.press("a")
-    expect(reviewer_page.locator(".flash")).to_have_text(f"Review of {agreed.original_filename} saved.")
+    expect(reviewer_page.locator(".flash")).to_have_text(
+        f"Review of {agreed.original_filename} saved (agreed). Change it"
+    )
+    expect(reviewer_page.locator(".flash").get_by_role("link", name="Change it")).to_have_attribute(
+        "href", f"/review/{agreed.pk}/"
+    )
     agreed.refresh_from_db()
     assert (agreed.review_verdict, agreed.reviewed_by, agreed.corrected_label) == ("agree", reviewer, "")
 
@@ -298,7 +303,9 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     other_label = ({"Parasitized", "Uninfected"} - {disagreed.label}).pop()
     expect(select).to_have_value(other_label)
     select.press("Enter")
-    expect(reviewer_page.locator(".flash")).to_have_text(f"Review of {disagreed.original_filename} saved.")
+    expect(reviewer_page.locator(".flash")).to_have_text(
+        f"Review of {disagreed.original_filename} saved (disagreed). Change it"
+    )
     disagreed.refresh_from_db()
     assert (disagreed.review_verdict, disagreed.corrected_label) == ("disagree", other_label)
 
@@ -315,7 +322,9 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     # Switched on again, the same key on the same loaded page does save: the wait above was long enough.
     reviewer_page.get_by_label("Keyboard shortcuts").check()
     reviewer_page.keyboard.press("a")
-    expect(reviewer_page.locator(".flash")).to_have_text(f"Review of {third.original_filename} saved.")
+    expect(reviewer_page.locator(".flash")).to_have_text(
+        f"Review of {third.original_filename} saved (agreed). Change it"
+    )
 
     # The owner sees both verdicts.
     page.goto(f"/analyses/{agreed.pk}/")

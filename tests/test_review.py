@@ -226,7 +226,7 @@ def test_the_migration_signs_reviews_made_before_it(transactional_db, user):
 
     from django.apps import apps
 
-    _, reviewer = reviewer_client()
+    reviewer = UserFactory()
     case = create_analysis(owner=user, upload=upload("old.png"))
     Analysis.objects.filter(pk=case.pk).update(status="done", review_verdict="agree", reviewed_by=reviewer)
     importlib.import_module("diagnosis.migrations.0009_owners_reviewers_and_indexes").sign_existing_reviews(apps, None)
