@@ -6,6 +6,8 @@ a sample's cells together, as they do the NIH patients'.
 
 import csv
 import logging
+import shutil
+from itertools import islice
 from pathlib import Path
 
 from django.utils.crypto import salted_hmac
@@ -44,6 +46,12 @@ def patient_group(analysis: Analysis) -> str:
 
 GROUP_KEY_SALT = "diagnosis.dataset.patient_group"
 MANIFEST_NAME = "reviewed.csv"
+PARTIAL_MANIFEST_NAME = "reviewed.csv.partial"
+
+
+# Cells read, copied and recorded this many at a time: an export of years of reviews holds one
+# chunk in memory, not every row.
+EXPORT_CHUNK = 500
 
 
 def export_reviewed_cells(*, out: Path) -> int:
@@ -51,50 +59,49 @@ def export_reviewed_cells(*, out: Path) -> int:
     Running it again brings the folder up to date: a relabelled cell moves to its new folder, a cell
     filed under an older name (an earlier group naming, another SECRET_KEY) is not left beside its
     new one, and a cell deleted since, or no longer reviewed, leaves. Only files the previous run
-    listed in its manifest are ever removed."""
+    listed in its manifest are ever removed. The manifest is written beside the old one and takes
+    its place at the end, so a run that fails half-way leaves the previous manifest as it was."""
     for label in Analysis.Label.values:
         (out / label).mkdir(parents=True, exist_ok=True)
     earlier = _previously_exported(out)
-    rows, written, exported = [], set(), []
-    for analysis in reviewed_analyses():
-        label, group = analysis.final_label, patient_group(analysis)
-        name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
-        try:
-            with analysis.image.open("rb") as source:
-                (out / label / name).write_bytes(source.read())
-        except FileNotFoundError:  # deleted since the list was read (by its owner, by retention)
-            logger.warning("event=export_skipped analysis_id=%s: its image is gone", analysis.pk)
-            continue
-        written.add((out / label / name).resolve())
-        exported.append(analysis)
-        rows.append(
-            [
-                f"{label}/{name}",
-                analysis.pk,
-                group,
-                analysis.label,
-                label,
-                analysis.probability_parasitized,
-                analysis.model_version,
-                analysis.reviewed_at.isoformat(),
-            ]
-        )
-    for path in earlier - written:
-        path.unlink(missing_ok=True)
-    with open(out / MANIFEST_NAME, "w", newline="", encoding="utf-8") as manifest:
+    written: set[Path] = set()
+    with open(out / PARTIAL_MANIFEST_NAME, "w", newline="", encoding="utf-8") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
-    record_dataset_export(analyses=exported, out=str(out))
-    return len(rows)
+        cells = reviewed_analyses().iterator(chunk_size=EXPORT_CHUNK)
+        while chunk := list(islice(cells, EXPORT_CHUNK)):
+            exported = [cell for cell in chunk if _export_cell(cell, out=out, writer=writer, written=written)]
+            manifest.flush()  # the files copied so far are listed, should a later chunk fail
+            record_dataset_export(analyses=exported, out=str(out))
+    for path in earlier - written:
+        path.unlink(missing_ok=True)
+    (out / PARTIAL_MANIFEST_NAME).replace(out / MANIFEST_NAME)
+    return len(written)
+
+
+def _export_cell(analysis: Analysis, *, out: Path, writer, written: set[Path]) -> bool:
+    label, group = analysis.final_label, patient_group(analysis)
+    name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
+    try:
+        source = analysis.image.open("rb")
+    except FileNotFoundError:  # deleted since the list was read (by its owner, by retention)
+        logger.warning("event=export_skipped analysis_id=%s: its image is gone", analysis.pk)
+        return False
+    with source, open(out / label / name, "wb") as copy:
+        shutil.copyfileobj(source, copy)
+    written.add((out / label / name).resolve())
+    row = [f"{label}/{name}", analysis.pk, group, analysis.label, label, analysis.probability_parasitized]
+    writer.writerow([*row, analysis.model_version, analysis.reviewed_at.isoformat()])
+    return True
 
 
 def _previously_exported(out: Path) -> set[Path]:
-    """The cell files the last run listed in its manifest, inside the label folders only."""
-    manifest = out / MANIFEST_NAME
-    if not manifest.exists():
-        return set()
+    """The cell files the last run listed in its manifest, and a failed run in its partial one,
+    inside the label folders only."""
     folders = {(out / label).resolve() for label in Analysis.Label.values}
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        listed = {(out / row["file"]).resolve() for row in csv.DictReader(handle) if row.get("file")}
+    listed = set()
+    for manifest in (out / MANIFEST_NAME, out / PARTIAL_MANIFEST_NAME):
+        if manifest.exists():
+            with open(manifest, newline="", encoding="utf-8") as handle:
+                listed |= {(out / row["file"]).resolve() for row in csv.DictReader(handle) if row.get("file")}
     return {path for path in listed if path.parent in folders and path.is_file()}

@@ -127,3 +127,37 @@ def test_every_cell_exported_into_the_data_set_is_in_the_access_trail(user, tmp_
     (event,) = AccessEvent.objects.filter(action="exported")
     assert (event.analysis_id, event.owner_id, event.channel) == (cell.pk, user.pk, "cli")
     assert event.username == "(export_reviewed_cells)" and str(tmp_path / "reviewed") in event.detail
+
+
+def test_an_export_that_fails_half_way_keeps_the_last_manifest_and_the_next_run_tidies_up(user, tmp_path):
+    from diagnosis.dataset import export_reviewed_cells
+
+    def reviewed(name: str) -> Analysis:
+        return finished(create_analysis(owner=user, upload=upload(name)), label="Uninfected", verdict="agree")
+
+    def exported_name(cell: Analysis) -> str:
+        return f"u{user.pk}-cell{cell.pk}_IMG_{cell.pk}.png"
+
+    first = reviewed("a.png")
+    out = tmp_path / "reviewed"
+    assert export_reviewed_cells(out=out) == 1
+    listed = (out / "reviewed.csv").read_text()
+
+    # Two cells reviewed since; the copy of the last one fails (a folder stands where its file goes).
+    copied, blocked = reviewed("b.png"), reviewed("c.png")
+    (out / "Uninfected" / exported_name(blocked)).mkdir()
+    try:
+        export_reviewed_cells(out=out)
+    except IsADirectoryError:
+        pass
+    else:
+        raise AssertionError("the copy onto a folder should have failed")
+    assert (out / "reviewed.csv").read_text() == listed, "the last complete manifest still describes the folder"
+    assert (out / "Uninfected" / exported_name(copied)).exists()
+
+    # The cell copied by the failed run is deleted before the next run, which takes its copy away too.
+    (out / "Uninfected" / exported_name(blocked)).rmdir()
+    Analysis.objects.filter(pk=copied.pk).delete()
+    assert export_reviewed_cells(out=out) == 2
+    assert sorted(s.path.name for s in list_samples(out)) == sorted([exported_name(first), exported_name(blocked)])
+    assert not (out / "reviewed.csv.partial").exists()
