@@ -93,6 +93,12 @@ class Batch(models.Model):
         return f"Batch {self.pk}"
 
     @property
+    def cells_as_sent(self) -> list["Analysis"]:
+        """The batch's cells in the order its images came, as a lab system pairs them with what it
+        sent (names may repeat); sorted here so that a prefetched page of batches needs no query."""
+        return sorted(self.analyses.all(), key=lambda analysis: analysis.pk)
+
+    @property
     def callback_host(self) -> str:
         """Host and port only: a URL may carry credentials, which pages and the trail must not show."""
         parts = urlsplit(self.callback_url)

@@ -5,7 +5,7 @@ import re
 from diagnosis import selectors
 from diagnosis.models import Analysis, Batch
 from diagnosis.services import create_batch
-from tests.factories import upload
+from tests.factories import image_bytes, upload
 
 
 def rows(page: str) -> dict[int, str]:
@@ -112,3 +112,18 @@ def test_a_searched_list_is_kept_through_a_batch_its_deletion_and_a_cells_second
     again = client.post(f"/analyses/{failed.pk}/retry/", {"from": dashboard}, follow=True)
     assert again.redirect_chain[-1][0] == f"/analyses/{failed.pk}/?from=%2F%3Fstatus%3Dfailed%26page%3D1"
     assert '<a href="/?status=failed&amp;page=1">← Back</a>' in again.content.decode()
+
+
+def test_a_batchs_cells_come_back_in_the_order_they_were_sent(api_client, user):
+    """A lab system may pair results with what it sent by position: names can repeat (cell.png from
+    several folders), so only the order tells them apart."""
+    sizes = [(120, 110), (90, 140), (130, 100)]
+    images = [upload("cell.png", image_bytes(size=size)) for size in sizes]
+    sent = api_client.post("/api/batches/", {"images": images, "sample_reference": "ORDER-1"}, format="multipart")
+    assert sent.status_code == 202, sent.content
+    batch_id = sent.json()["id"]
+    as_sent = [(cell["width"], cell["height"]) for cell in sent.json()["analyses"]]
+    assert as_sent == sizes
+    detail = api_client.get(f"/api/batches/{batch_id}/").json()["analyses"]
+    listed = api_client.get("/api/batches/?sample_reference=ORDER-1").json()["results"][0]["analyses"]
+    assert [(c["width"], c["height"]) for c in detail] == [(c["width"], c["height"]) for c in listed] == sizes

@@ -121,7 +121,9 @@ class BatchSerializer(serializers.ModelSerializer):
     results_as_of = serializers.SerializerMethodField(
         help_text="When its results last changed (a cell finished, reviewed or deleted), as its callbacks say."
     )
-    analyses = AnalysisSerializer(many=True, read_only=True)
+    analyses = AnalysisSerializer(
+        many=True, read_only=True, source="cells_as_sent", help_text="In the order the images were sent."
+    )
 
     class Meta:
         model = Batch
