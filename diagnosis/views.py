@@ -53,7 +53,8 @@ def batch_list(request):
 @require_http_methods(["GET", "POST"])
 def upload(request):
     form = UploadForm(request.POST or None, request.FILES or None)
-    if (sent := _batch_sent_as(request)) is not None:
+    digest = _form_digest(request) if request.POST.get("upload_id") else ""  # read before the files are stored
+    if (sent := _batch_sent_as(request, digest=digest)) is not None:
         messages.info(
             request,
             f"These images were already uploaded as batch #{sent} (the form was sent again, after Back "
@@ -78,7 +79,7 @@ def upload(request):
             for message in error.messages:
                 form.add_error("images", message)
         else:
-            _remember_sent(request, batch.pk)
+            _remember_sent(request, batch.pk, digest=digest)
             detail = counted(batch.analyses.count(), "image")
             record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
             messages.success(request, f"{detail} queued for analysis.")
@@ -94,22 +95,35 @@ def upload(request):
     return render(request, "diagnosis/upload.html", context, status=status)
 
 
-# The upload forms this session has sent, each with the batch it made: a browser's Back restores
-# a sent form with its files (and its hidden upload_id), and sending it again must not store the
-# same patient's cells twice.
+# The upload forms this session has sent, each with the batch it made and a digest of what it
+# carried: a browser's Back restores a sent form with its files (and its hidden upload_id), and
+# sending it again must not store the same patient's cells twice. A restored form filled in anew
+# (the next patient's images or reference) is a new upload.
 SENT_UPLOADS = "sent_upload_ids"
 
 
-def _batch_sent_as(request) -> int | None:
+def _batch_sent_as(request, *, digest: str) -> int | None:
     upload_id = request.POST.get("upload_id", "")
-    batch_id = request.session.get(SENT_UPLOADS, {}).get(upload_id) if upload_id else None
-    return batch_id if batch_id and selectors.batches_for(user=request.user).filter(pk=batch_id).exists() else None
+    sent = request.session.get(SENT_UPLOADS, {}).get(upload_id) if upload_id else None
+    if not (isinstance(sent, list) and len(sent) == 2 and sent[1] == digest):
+        return None
+    batch_id = sent[0]
+    return batch_id if selectors.batches_for(user=request.user).filter(pk=batch_id).exists() else None
 
 
-def _remember_sent(request, batch_id: int) -> None:
-    if upload_id := request.POST.get("upload_id", "")[:50]:
-        sent = list(request.session.get(SENT_UPLOADS, {}).items())[-19:]
-        request.session[SENT_UPLOADS] = dict([*sent, (upload_id, batch_id)])
+def _remember_sent(request, batch_id: int, *, digest: str) -> None:
+    if (upload_id := request.POST.get("upload_id", "")) and len(upload_id) <= 50:
+        sent = [item for item in request.session.get(SENT_UPLOADS, {}).items() if item[0] != upload_id][-19:]
+        request.session[SENT_UPLOADS] = dict([*sent, (upload_id, [batch_id, digest])])
+
+
+def _form_digest(request) -> str:
+    return services.request_digest(
+        uploads=request.FILES.getlist("images"),
+        sample_reference=request.POST.get("sample_reference", ""),
+        note=request.POST.get("note", ""),
+        callback_url="",
+    )
 
 
 def _from_upload_script(request) -> bool:

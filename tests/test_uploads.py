@@ -267,3 +267,29 @@ def test_every_nih_cell_shape_and_contrast_is_accepted(api_client):
     for ratio in (1, 2.2, MAX_ASPECT):  # the NIH crops reach 2.2:1
         content = image_bytes(size=(round(30 * ratio), 30))
         assert api_client.post("/api/analyses/", {"image": upload("cell.png", content)}).status_code == 202, ratio
+
+
+def test_a_form_restored_by_back_and_filled_in_for_the_next_patient_is_a_new_upload(web_client):
+    """Back restores the sent form with its upload_id: sent again as it was, it stores nothing
+    twice; with the next patient's images and reference, it is that patient's batch."""
+    cells = fixture_cells()
+
+    def send(reference: str, files):
+        images = [upload(cell.name, cell.read_bytes()) for cell in files]
+        data = {"upload_id": "form-1", "sample_reference": reference, "note": "", "images": images}
+        return web_client.post("/upload/", data)
+
+    first = send("PATIENT-A", cells[:1])
+    patient_a = Batch.objects.get()
+    assert first.url == f"/batches/{patient_a.pk}/"
+    assert send("PATIENT-A", cells[:1]).url == f"/batches/{patient_a.pk}/"
+    assert Batch.objects.count() == 1, "the same form sent again stores nothing twice"
+
+    following = send("PATIENT-B", cells[1:3])
+    patient_b = Batch.objects.exclude(pk=patient_a.pk).get()
+    assert following.url == f"/batches/{patient_b.pk}/"
+    assert (patient_b.sample_reference, patient_b.analyses.count()) == ("PATIENT-B", 2)
+    assert send("PATIENT-B", cells[1:3]).url == f"/batches/{patient_b.pk}/" and Batch.objects.count() == 2
+    # The same reference with other images is another upload too (a second slide of one patient).
+    send("PATIENT-B", cells[3:4])
+    assert Batch.objects.count() == 3
