@@ -52,9 +52,10 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
         queryset = queryset.filter(review_verdict="")
     # As ranges of created_at, not created_at__date: the (owner, created_at) index serves a range.
     if filters.date_from:
-        queryset = queryset.filter(created_at__gte=_start_of(date.fromisoformat(filters.date_from)))
+        queryset = queryset.filter(created_at__gte=_start_of(_within_calendar(date.fromisoformat(filters.date_from))))
     if filters.date_to:
-        queryset = queryset.filter(created_at__lt=_start_of(date.fromisoformat(filters.date_to) + timedelta(days=1)))
+        day_after = _within_calendar(date.fromisoformat(filters.date_to)) + timedelta(days=1)
+        queryset = queryset.filter(created_at__lt=_start_of(day_after))
     sort = filters.sort if filters.sort in AnalysisFilters.SORTS else "-created_at"
     if "probability" not in sort:  # the index's own order; NULLS LAST would make PostgreSQL sort every row
         return queryset.order_by(sort, "-id" if sort.startswith("-") else "id")
@@ -62,6 +63,12 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
     # Unfinished cells have no probability yet: last in either direction, on PostgreSQL as on SQLite.
     ordering = field.desc(nulls_last=True) if sort.startswith("-") else field.asc(nulls_last=True)
     return queryset.order_by(ordering, "-id")
+
+
+def _within_calendar(day: date) -> date:
+    """A date form accepts 0001-01-01 and 9999-12-31, whose day after, or whose start in a time zone
+    ahead of UTC, is outside what datetime holds: such far dates filter as these, which hold."""
+    return min(max(day, date(1900, 1, 1)), date(9999, 12, 30))
 
 
 def _start_of(day: date) -> datetime:

@@ -189,6 +189,18 @@ def test_empty_filters_still_show_how_to_start_and_a_reversed_date_range_is_name
     assert "The To date is before the From date, so nothing can match." in reversed_range
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago"])
+def test_the_furthest_dates_a_date_field_takes_filter_rather_than_fail(client, user, settings, zone):
+    settings.TIME_ZONE = zone
+    create_analysis(owner=user, upload=upload("cell.png"))
+    client.force_login(user)
+    for query in ("date_to=9999-12-31", "date_from=0001-01-01", "date_from=0001-01-01&date_to=9999-12-31"):
+        page, export = client.get(f"/?{query}"), client.get(f"/export.csv?{query}")
+        assert page.status_code == export.status_code == 200, query
+        assert "cell.png" in page.content.decode() and "cell.png" in export.getvalue().decode(), query
+    assert "cell.png" not in client.get("/export.csv?date_to=0001-01-01").getvalue().decode()
+
+
 def test_a_dashboard_export_too_large_to_finish_is_refused_saying_how_to_narrow_it(client, user, settings):
     settings.EXPORT_MAX_ROWS = 2
     for n in range(3):
