@@ -6,11 +6,14 @@ on each (a workstation left signed in must not become a place to guess its user'
 
 A hospital's staff often share one address (its NAT or proxy), so the limit per address would let
 anyone there lock everyone out. A browser that has signed in as a user is remembered by a signed
-cookie (a "device cookie", as OWASP calls it): for that user, on that browser, only the limit per
-username applies, and its typos do not count against the address.
+cookie (a "device cookie", as OWASP calls it) holding a random id for the browser and keyed digests
+of its users' names: for that user, on that browser, failures count per browser instead of per
+address, so guesses from elsewhere at the same address lock neither the user out there nor the
+address, and its own typos count against nothing else.
 """
 
 import hashlib
+import secrets
 import unicodedata
 
 from django.conf import settings
@@ -21,6 +24,7 @@ from django.core.cache import cache
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.http import HttpResponse
 from django.urls import reverse
+from django.utils.crypto import salted_hmac
 
 DEVICE_COOKIE = "known_device"
 DEVICE_COOKIE_SALT = "diagnosis.login_throttle.device"
@@ -38,36 +42,50 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _name_digest(username: str) -> str:
+def _name(username: str) -> str:
     # NFKC as Django's username field: "ａlice" and "alice" sign in as one user, so count as one.
-    return _digest(unicodedata.normalize("NFKC", username).strip().lower()[:150])
+    # Case is kept, as the sign-in keeps it: "Alice" is another account, or none.
+    return unicodedata.normalize("NFKC", username).strip()[:150]
 
 
 def _key(request, username: str) -> str:
-    return f"login-failures:{_digest(_address(request))}:{_name_digest(username)}"
+    """Where failures at this username count: per known browser, else per address."""
+    device = _known_device(request, username)
+    source = f"device:{device}" if device else _address(request)
+    return f"login-failures:{_digest(source)}:{_digest(_name(username))}"
 
 
 def _address_key(request) -> str:
     return f"login-failures-address:{_digest(_address(request))}"
 
 
-def _known_users(request) -> list[str]:
-    """The name digests of the users this browser has signed in as (none if its cookie is forged or old)."""
+def _user_digest(username: str) -> str:
+    # Keyed: the cookie is signed, not encrypted, and must not tell a shared workstation's next
+    # user who used it before (an unkeyed digest of a staff name is found by trying the list).
+    return salted_hmac(DEVICE_COOKIE_SALT, _name(username)).hexdigest()[:32]
+
+
+def _device_cookie(request) -> tuple[str, list[str]]:
+    """This browser's id and its users' digests (none if its cookie is forged, old or of another form)."""
     value = request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
-    return value.split(",") if value else []
+    device, _, users = value.partition("|")
+    return (device, users.split(",")) if device and users else ("", [])
 
 
-def _known_device(request, username: str) -> bool:
-    return _name_digest(username) in _known_users(request)
+def _known_device(request, username: str) -> str:
+    """This browser's id if it has signed in as this user, else ""."""
+    device, users = _device_cookie(request)
+    return device if _user_digest(username) in users else ""
 
 
 def remember_device(request, response: HttpResponse, username: str) -> None:
     """After a sign-in: this browser is known for this user from now on."""
-    digest = _name_digest(username)
-    users = [digest] + [known for known in _known_users(request) if known != digest]
+    device, known = _device_cookie(request)
+    digest = _user_digest(username)
+    users = [digest] + [user for user in known if user != digest]
     response.set_signed_cookie(
         DEVICE_COOKIE,
-        ",".join(users[:DEVICE_COOKIE_USERS]),
+        f"{device or secrets.token_urlsafe(16)}|{','.join(users[:DEVICE_COOKIE_USERS])}",
         salt=DEVICE_COOKIE_SALT,
         max_age=DEVICE_COOKIE_MAX_AGE,
         secure=settings.SESSION_COOKIE_SECURE,

@@ -1,3 +1,4 @@
+import hashlib
 import re
 import time
 import warnings
@@ -380,3 +381,42 @@ def test_typos_on_a_known_browser_count_against_its_user_not_its_address(db, set
     assert _sign_in(Client(), colleague.username) == 302
     browser.post("/accounts/login/", {"username": clinician.username, "password": "typo"})
     assert _sign_in(browser, clinician.username) == 429  # its own limit still holds
+
+
+def test_guesses_from_elsewhere_at_the_address_do_not_lock_a_known_browsers_user_out(db, settings):
+    settings.LOGIN_MAX_FAILURES = 3
+    clinician = UserFactory()
+    clinicians_browser = Client()
+    _sign_in_and_out(clinicians_browser, clinician.username)
+    stranger = Client()  # the same address (the hospital's NAT), another browser
+    for _ in range(3):
+        stranger.post("/accounts/login/", {"username": clinician.username, "password": "Summer2026"})
+    assert _sign_in(stranger, clinician.username) == 429
+    assert _sign_in(Client(), clinician.username) == 429, "an unknown browser there is still locked out"
+    assert _sign_in(clinicians_browser, clinician.username) == 302
+
+
+def test_a_known_browser_gives_no_extra_guesses_at_an_account_whose_name_differs_in_case(db, settings):
+    """Sign-in names are case-sensitive: "Alice" is another account, and signing in as "alice"
+    neither exempts guesses at it from the address's limit nor clears their count."""
+    settings.LOGIN_MAX_FAILURES = 3
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 6
+    owner, target = UserFactory(username="alice"), UserFactory(username="Alice")
+    browser = Client()
+    _sign_in_and_out(browser, owner.username)
+    refused = 0
+    for _ in range(4):
+        for _ in range(2):
+            guess = browser.post("/accounts/login/", {"username": target.username, "password": "Summer2026"})
+            refused += guess.status_code == 429
+        _sign_in_and_out(browser, owner.username)
+    assert refused >= 2, "eight guesses at Alice: the limit per username and address stops them"
+    assert _sign_in(Client(), target.username) == 429
+
+
+def test_the_device_cookie_does_not_say_who_signed_in_on_the_browser(db):
+    clinician = UserFactory(username="dr.rahman")
+    browser = Client()
+    _sign_in_and_out(browser, clinician.username)
+    cookie = browser.cookies["known_device"].value
+    assert hashlib.sha256(b"dr.rahman").hexdigest()[:32] not in cookie and "rahman" not in cookie
