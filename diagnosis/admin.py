@@ -331,6 +331,7 @@ class BatchAdmin(PatientRecordAdmin):
         "callback_attempts",
         "callback_due_at",
         "callback_error",
+        "callback_first_sent_at",
         "callback_delivered_at",
         "withdrawn_at",
     ]

@@ -124,6 +124,10 @@ def deliver(*, batch_id: int) -> bool:
         held.update(callback_due_at=None, callback_attempts=F("callback_attempts") - 1)
         return False
     body = json.dumps(payload).encode()
+    # Before the POST: once it has left, the receiver may store it whatever this process learns.
+    Batch.with_withdrawn.filter(pk=batch_id, callback_first_sent_at__isnull=True).update(
+        callback_first_sent_at=timezone.now()
+    )
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
         error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"

@@ -64,6 +64,9 @@ class Batch(models.Model):
     callback_due_at = models.DateTimeField(null=True, blank=True)
     callback_error = models.CharField(max_length=300, blank=True)
     callback_delivered_at = models.DateTimeField(null=True, blank=True)
+    # When an attempt first POSTed the results, answered or not. Never reset (the count of attempts
+    # is, on a retry): delivery is at least once, so from then on the lab system may hold them.
+    callback_first_sent_at = models.DateTimeField(null=True, blank=True)
     # When a cell was last deleted from the batch, and when the batch itself was: each makes the
     # results the lab system holds out of date, so each is a change it is sent.
     cell_deleted_at = models.DateTimeField(null=True, blank=True)
@@ -93,6 +96,12 @@ class Batch(models.Model):
         return f"Batch {self.pk}"
 
     @property
+    def results_may_have_reached(self) -> bool:
+        """Whether its lab system may hold its results: an attempt is claimed, was made, or arrived."""
+        sent = self.callback_delivered_at or self.callback_first_sent_at
+        return sent is not None or self.callback_attempts > 0
+
+    @property
     def cells_as_sent(self) -> list["Analysis"]:
         """The batch's cells in the order its images came, as a lab system pairs them with what it
         sent (names may repeat); sorted here so that a prefetched page of batches needs no query."""
@@ -107,6 +116,12 @@ class Batch(models.Model):
         except ValueError:  # stored before URLs were checked for it; the attempt fails saying why
             port = None
         return f"{parts.hostname}:{port}" if port else parts.hostname or ""
+
+
+# Batch.results_may_have_reached as a query: the batches whose lab system was never sent anything.
+RESULTS_NEVER_SENT = models.Q(
+    callback_delivered_at__isnull=True, callback_first_sent_at__isnull=True, callback_attempts=0
+)
 
 
 # How sure the model was of a cell: its score's distance from the model's own decision threshold

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from diagnosis.audit import record_retention_deletion
 from diagnosis.callbacks import check_callback_url, notify_deletion, notify_finished_batches, send_again
-from diagnosis.models import Analysis, Batch, overlay_path, private_storage
+from diagnosis.models import RESULTS_NEVER_SENT, Analysis, Batch, overlay_path, private_storage
 from diagnosis.validation import ValidImage, validate_upload
 
 GAVE_UP = (
@@ -387,8 +387,7 @@ def delete_batch(*, batch: Batch) -> None:
     with transaction.atomic():
         # Locked, so an attempt cannot claim it between this look and the deletion.
         current = Batch.with_withdrawn.select_for_update().get(pk=batch.pk)
-        may_have_reached = current.callback_delivered_at is not None or current.callback_attempts > 0
-        if current.withdrawn_at or not may_have_reached:  # a withdrawal given up on, or nothing sent
+        if current.withdrawn_at or not current.results_may_have_reached:  # a withdrawal given up on, or nothing sent
             current.delete()
             return
         current.analyses.all().delete()
@@ -401,7 +400,7 @@ def withdraw_batches_of_removed_users() -> None:
     empty, until the lab system is told they are withdrawn; the others go."""
     ownerless = Batch.with_withdrawn.filter(owner__isnull=True, withdrawn_at__isnull=True)
     # As there: delivery is at least once, so an attempt made, confirmed or not, may have been stored.
-    ownerless.filter(callback_delivered_at__isnull=True, callback_attempts=0).delete()
+    ownerless.filter(RESULTS_NEVER_SENT).delete()
     _withdraw(batch_ids=list(ownerless.values_list("pk", flat=True)))
 
 

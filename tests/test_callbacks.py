@@ -504,6 +504,44 @@ def test_a_batch_whose_results_may_have_arrived_unconfirmed_is_withdrawn_too(use
     assert json.loads(receiver.received[1].body)["event"] == "batch.withdrawn"
 
 
+@pytest.mark.parametrize("deletion", ["the batch", "its owner"])
+def test_results_sent_unconfirmed_are_withdrawn_even_after_a_retry_restarted_the_count(
+    user, receiver, monkeypatch, django_capture_on_commit_callbacks, deletion
+):
+    """A retry (an admin's, or a cell analysed again) starts the count of attempts afresh; the
+    failed attempts before it may still have been stored by the lab system."""
+    batch = finished_batch(user, receiver.url)
+    receiver.answers.append(503)
+    assert not callbacks.deliver(batch_id=batch.pk) and len(receiver.received) == 1
+    Batch.objects.filter(pk=batch.pk).update(callback_state=State.FAILED)  # given up on
+    enqueued = []
+    monkeypatch.setattr(callbacks, "_enqueue", enqueued.append)
+    assert callbacks.retry(batch=refreshed(batch)) and refreshed(batch).callback_attempts == 0
+    with django_capture_on_commit_callbacks(execute=True):
+        if deletion == "the batch":
+            services.delete_batch(batch=refreshed(batch))
+        else:
+            user.delete()
+    assert Batch.with_withdrawn.get(pk=batch.pk).withdrawn_at is not None
+    assert callbacks.deliver(batch_id=batch.pk)
+    assert json.loads(receiver.received[-1].body)["event"] == "batch.withdrawn"
+
+
+def test_the_migration_marks_batches_sent_before_it_as_sent(user, receiver):
+    import importlib
+
+    from django.apps import apps
+
+    tried, delivered, untried = (finished_batch(user, receiver.url) for _ in range(3))
+    Batch.objects.filter(pk=tried.pk).update(callback_attempts=2)
+    Batch.objects.filter(pk=delivered.pk).update(callback_delivered_at=timezone.now())
+    Batch.objects.update(callback_first_sent_at=None)
+    importlib.import_module("diagnosis.migrations.0010_callback_first_sent_at").date_earlier_attempts(apps, None)
+    assert [refreshed(b).results_may_have_reached for b in (tried, delivered, untried)] == [True, True, False]
+    assert refreshed(tried).callback_first_sent_at and refreshed(delivered).callback_first_sent_at
+    assert refreshed(untried).callback_first_sent_at is None
+
+
 def test_a_cell_deleted_while_an_attempt_is_under_way_is_sent_again_later(user, receiver, monkeypatch):
     batch = finished_batch(user, receiver.url)
     monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
