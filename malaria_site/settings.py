@@ -7,6 +7,8 @@ from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from malaria_site.cache import redis_cache
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
@@ -118,8 +120,9 @@ if min(LOGIN_MAX_FAILURES, LOGIN_MAX_FAILURES_PER_ADDRESS) < 1:
 CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")
 
 # --- Cache (login throttling, API rate limits): shared through Redis when there is one ---------
+# Failing open (malaria_site.cache): a Redis outage stops the counting, not the sign-ins and uploads.
 if REDIS_URL := env("REDIS_URL", default=""):
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {"default": redis_cache(REDIS_URL)}
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

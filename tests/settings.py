@@ -6,6 +6,7 @@ import os
 # Queues of their own (the analyses' and the housekeeping one the project settings derive from it).
 os.environ["CELERY_QUEUE"] = "tests"
 
+from malaria_site.cache import redis_cache  # noqa: E402
 from malaria_site.settings import *  # noqa: E402, F403
 from malaria_site.settings import CELERY_BROKER_URL, VAR_DIR  # noqa: E402
 
@@ -21,8 +22,12 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
 # Password hashing is deliberately slow; tests log in many times.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-# Rate-limit counters must not carry over between test runs through a shared Redis.
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Rate-limit counters must not carry over between test runs through a shared Redis; a test of a
+# Redis outage gives its own server a Redis cache (TEST_REDIS_CACHE_URL), as REDIS_URL gives one.
+if _own_redis := os.environ.get("TEST_REDIS_CACHE_URL"):
+    CACHES = {"default": redis_cache(_own_redis)}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 # Batch callbacks go to a receiver the tests run on this machine.
 CALLBACK_ALLOWED_HOSTS = ["127.0.0.1"]
 CALLBACK_SECRET = "key-shared-with-the-test-receiver"

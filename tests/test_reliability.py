@@ -20,7 +20,7 @@ from PIL import Image
 
 from diagnosis.models import Analysis
 from tests.conftest import ROOT, WorkerProcess, database_url, fixture_cells, wait_for
-from tests.factories import api_key
+from tests.factories import PASSWORD, api_key
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
@@ -132,11 +132,29 @@ def web_server(media_root: Path, broker_env: dict, log_path: Path):
 
 
 def private_broker_env(port: int, *, stale_seconds: int) -> dict:
+    """A broker of its own, which is also the server's cache, as REDIS_URL makes one Redis both."""
     return {
         "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "TEST_REDIS_CACHE_URL": f"redis://127.0.0.1:{port}/1",
         "ANALYSIS_STALE_SECONDS": str(stale_seconds),
         "SWEEP_INTERVAL_SECONDS": "2",
     }
+
+
+def signing_in_works(base: str, user) -> bool:
+    """A token from the API and a session from the sign-in page: both count failures in the cache."""
+    token = requests.post(f"{base}/api/auth/token/", data={"username": user.username, "password": PASSWORD}, timeout=30)
+    browser = requests.Session()
+    form = browser.get(f"{base}/accounts/login/", timeout=30).text
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)[1]
+    signed_in = browser.post(
+        f"{base}/accounts/login/",
+        data={"username": user.username, "password": PASSWORD, "csrfmiddlewaretoken": csrf},
+        headers={"Referer": f"{base}/accounts/login/"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    return token.status_code == 200 and signed_in.status_code == 302
 
 
 needs_redis_server = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server as the broker")
@@ -162,6 +180,7 @@ def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactio
         upload_seconds = (time.monotonic() - started) / len(cells)
         assert statuses == [202] * len(cells)
         assert Analysis.objects.filter(status="queued", enqueued_at__isnull=True).count() == len(cells)
+        assert signing_in_works(base, user), "the cache is down with the broker: nothing is counted, no one refused"
 
         with redis_server(port):
             worker = WorkerProcess(media_root, tmp_path / "worker.log", extra_env=broker, beat=True).start()
@@ -217,6 +236,10 @@ def test_an_upload_while_the_broker_stalls_is_answered_and_kept(transactional_db
             files={"image": (cell.name, cell.read_bytes(), "image/png")},
         )
         waited = time.monotonic() - started
+        started = time.monotonic()
+        assert signing_in_works(base, user)
+        signing_in = time.monotonic() - started
+    assert signing_in < 30, f"signing in took {signing_in:.0f} s"
     assert response.status_code == 202, response.text
     analysis = Analysis.objects.get()
     assert analysis.status == "queued" and analysis.enqueued_at is None  # the sweeper sends it later
