@@ -288,7 +288,11 @@ def fail_analysis(*, analysis_id: int, task_id: str, error: str, model_version: 
         status=Analysis.Status.FAILED, error=error[:2000], model_version=model_version, finished_at=timezone.now()
     )
     if failed:
-        logger.warning("event=failed analysis_id=%s error=%r", analysis_id, error[:200])
+        # The reason the owner reads may name their file, often after the patient: the log, kept
+        # past every deletion, does not.
+        name = Analysis.objects.filter(pk=analysis_id).values_list("original_filename", flat=True).first()
+        logged = error.replace(name, "<file name>") if name else error
+        logger.warning("event=failed analysis_id=%s error=%r", analysis_id, logged[:200])
     return bool(failed)
 
 

@@ -420,8 +420,10 @@ def test_the_workers_thread_setting_holds_for_the_overlay_too(settings):
         cv2.setNumThreads(before[1])
 
 
-def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_paths(user, media_root):
-    missing, damaged = (services.create_analysis(owner=user, upload=upload(f"cell-{n}.png")) for n in range(2))
+def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_paths(user, media_root, caplog):
+    missing, damaged = (
+        services.create_analysis(owner=user, upload=upload(f"Rahman_Amina_cell-{n}.png")) for n in range(2)
+    )
     Path(missing.image.path).unlink()
     Path(damaged.image.path).write_bytes(b"not an image any more")
     inference.run_analyses(analysis_ids=[missing.pk, damaged.pk], task_id="t")
@@ -433,3 +435,5 @@ def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_pa
     )
     assert damaged.error.startswith("Cannot read the image: ") and "cell-1.png" in damaged.error
     assert str(media_root) not in missing.error + damaged.error
+    # The log, which outlives the cells, keeps the reason without the patient-named file.
+    assert f"event=failed analysis_id={damaged.pk}" in caplog.text and "Rahman" not in caplog.text
