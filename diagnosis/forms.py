@@ -28,18 +28,30 @@ class MultipleImageField(forms.FileField):
         return cleaned
 
 
+# A workstation is shared: its browser must not offer the next user the patient references typed
+# before (autofill keeps what a field was given, past sign-out).
+NOT_REMEMBERED = {"autocomplete": "off"}
+
+
 class UploadForm(forms.Form):
     images = MultipleImageField(
         label="Cell images",
         help_text="PNG, JPEG, TIFF or BMP; one segmented cell per image.",
         widget=MultipleFileInput(attrs={"accept": "image/png,image/jpeg,image/tiff,image/bmp", "multiple": True}),
     )
-    sample_reference = forms.CharField(max_length=100, required=False, label="Patient / sample reference")
-    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=NOTE_MAX_LENGTH)
+    sample_reference = forms.CharField(
+        max_length=100,
+        required=False,
+        label="Patient / sample reference",
+        widget=forms.TextInput(attrs=NOT_REMEMBERED),
+    )
+    note = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, **NOT_REMEMBERED}), required=False, max_length=NOTE_MAX_LENGTH
+    )
 
 
 class FilterForm(forms.Form):
-    search = forms.CharField(required=False, label="Search")
+    search = forms.CharField(required=False, label="Search", widget=forms.TextInput(attrs=NOT_REMEMBERED))
     status = forms.ChoiceField(choices=[("", "Any status"), *Analysis.Status.choices], required=False)
     label = forms.ChoiceField(choices=[("", "Any label"), *Analysis.Label.choices], required=False)
     reviewed = forms.ChoiceField(
@@ -101,4 +113,6 @@ class ReviewForm(forms.Form):
     verdict = forms.ChoiceField(choices=Analysis.Verdict.choices, widget=forms.RadioSelect)
     replacing = ReviewTimeField(required=False)
     corrected_label = forms.ChoiceField(choices=[("", "—"), *Analysis.Label.choices], required=False)
-    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=NOTE_MAX_LENGTH)
+    note = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, **NOT_REMEMBERED}), required=False, max_length=NOTE_MAX_LENGTH
+    )

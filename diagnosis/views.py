@@ -204,6 +204,7 @@ def analysis_delete(request, pk: int):
         return redirect(navigation["back_url"])
     context = {
         "subject": analysis.original_filename,
+        "record": f"cell {pk}",  # the title, which browser history keeps: no name a patient's may be in
         "cells": 1,
         "cancel_url": _keeping_from(reverse("diagnosis:analysis", args=[pk]), navigation["came_from"]),
         "came_from": navigation["came_from"],
@@ -224,6 +225,7 @@ def batch_delete(request, pk: int):
     came_from = _came_from(request)
     context = {
         "subject": f"batch #{pk}" + (f" ({batch.sample_reference})" if batch.sample_reference else ""),
+        "record": f"batch #{pk}",
         "cells": batch.analyses.count(),
         "cancel_url": _keeping_from(reverse("diagnosis:batch", args=[pk]), came_from),
         "came_from": came_from,

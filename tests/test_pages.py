@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis, create_batch
-from tests.factories import classified, upload
+from tests.factories import UserFactory, classified, upload
 
 REFERRING = ("aria-describedby", "aria-labelledby", "aria-controls", "for", "list")
 
@@ -123,3 +123,30 @@ def test_a_sample_opened_from_the_dashboard_leads_back_to_it(client, user):
     dashboard = client.get("/?page=1").content.decode()
     assert f'href="/batches/{batch.pk}/?from=%2F%3Fpage%3D1"' in dashboard
     assert 'href="/?page=1"' in client.get(f"/batches/{batch.pk}/?from=%2F%3Fpage%3D1").content.decode()
+
+
+def test_a_shared_workstation_keeps_no_patient_name_in_its_history_autofill_or_cookies(client, user):
+    """Browser history keeps page titles, autofill keeps what fields were given, and cookies are
+    readable at the workstation: none may carry a file name or reference, often the patient's."""
+    batch = create_batch(owner=user, uploads=[upload("Rahman_Amina_cell1.png")], sample_reference="Rahman Amina")
+    cell = classified(batch.analyses.get())
+    client.force_login(user)
+    pages = [f"/analyses/{cell.pk}/", f"/analyses/{cell.pk}/delete/", f"/batches/{batch.pk}/delete/"]
+    for path in pages:
+        title = re.search(r"<title>(.*?)</title>", client.get(path).content.decode(), re.S)[1]
+        assert "Rahman" not in title, (path, title)
+    fields = [("/upload/", "sample_reference"), ("/upload/", "note"), ("/", "search"), ("/batches/", "search")]
+    for path, field in fields:
+        tag = re.search(rf"<(?:input|textarea)[^>]*name=\"{field}\"[^>]*>", client.get(path).content.decode())[0]
+        assert 'autocomplete="off"' in tag, (path, tag)
+    client.post(f"/analyses/{cell.pk}/delete/")
+    assert all("Rahman" not in morsel.value for morsel in client.cookies.values())
+    assert "Deleted Rahman_Amina_cell1.png" in client.get("/").content.decode(), "the message is still shown"
+
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    client.force_login(reviewer)
+    other = classified(create_analysis(owner=user, upload=upload("Rahman_Amina_cell2.png")))
+    review_page = client.get(f"/review/{other.pk}/").content.decode()
+    assert "Rahman" not in re.search(r"<title>(.*?)</title>", review_page, re.S)[1]
+    assert 'autocomplete="off"' in re.search(r"<textarea[^>]*name=\"note\"[^>]*>", review_page)[0]
