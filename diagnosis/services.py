@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import islice
 
@@ -461,8 +461,24 @@ def delete_orphaned_files(*, older_than: timedelta) -> int:
             files = (entry for entry in entries if entry.is_file())
             while chunk := list(islice(files, 1000)):
                 deleted += _delete_unnamed(folder=folder, field=field, files=chunk, cutoff=cutoff)
+    deleted += _delete_abandoned_spools(cutoff=cutoff)
     if deleted:
         logger.info("event=orphaned_files_deleted count=%s", deleted)
+    return deleted
+
+
+def _delete_abandoned_spools(*, cutoff: datetime) -> int:
+    """Large uploads spooled to FILE_UPLOAD_TEMP_DIR by a process killed while reading them:
+    nothing names them, and a request still being read keeps writing (and so dating) its own."""
+    deleted = 0
+    with os.scandir(settings.FILE_UPLOAD_TEMP_DIR) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file() and datetime.fromtimestamp(entry.stat().st_mtime, tz=UTC) < cutoff:
+                    os.unlink(entry.path)
+                    deleted += 1
+            except FileNotFoundError:  # stored or cleaned up by its request since the listing
+                continue
     return deleted
 
 

@@ -160,6 +160,11 @@ REQUEST_MAX_BYTES = env.int("REQUEST_MAX_BYTES", default=200 * 1024 * 1024)
 # Form fields and JSON bodies are read into memory: Django's default cap, far below a batch's size.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# Larger files are spooled to disk while the request is read: beside the uploads (same volume, so
+# storing one is a rename) rather than in /tmp, where the copy a killed process leaves of a
+# patient's image would stay; the nightly sweep (delete_orphaned_files) clears this folder too.
+FILE_UPLOAD_TEMP_DIR = str(MEDIA_ROOT / "incoming")
+Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 # Rows in one dashboard CSV: a larger one would outlast gunicorn's timeout, which cuts a streamed
 # download short without any sign (about 125 us a row: 50,000 in some 6 s).
 EXPORT_MAX_ROWS = env.int("EXPORT_MAX_ROWS", default=50_000)

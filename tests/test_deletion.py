@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.management import CommandError, call_command
 from django.db import transaction
@@ -225,7 +224,9 @@ def test_retention_command_refuses_to_run_without_a_period(settings):
         call_command("delete_expired_analyses")
 
 
-def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(user, media_root, monkeypatch):
+def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
+    user, media_root, monkeypatch, settings
+):
     """The rows of an upload process killed mid-batch are rolled back; the files it wrote are not."""
     kept = with_overlay(services.create_analysis(owner=user, upload=upload("kept.png")))
     before = set(media_root.rglob("*"))
@@ -238,6 +239,14 @@ def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     orphaned[-1].write_bytes(b"overlay")
     being_stored = media_root / "uploads" / "f00d.png"  # an upload still being stored: no row yet
     being_stored.write_bytes(b"png")
+    # Large uploads spool beside the others; a request killed while reading one leaves its copy.
+    spools = media_root / "incoming"
+    spools.mkdir()
+    settings.FILE_UPLOAD_TEMP_DIR = str(spools)
+    orphaned.append(spools / "tmpl4h7yhn7.upload.png")
+    orphaned[-1].write_bytes(b"the first megabytes of a patient's image")
+    being_read = spools / "tmpq0x1.upload.png"  # a request still reading its upload
+    being_read.write_bytes(b"png")
     hours_ago = time.time() - 7 * 3600
     for path in orphaned:
         os.utime(path, (hours_ago, hours_ago))
@@ -256,5 +265,6 @@ def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     monkeypatch.setattr(private_storage, "get_modified_time", deleted_meanwhile)
     assert tasks.delete_orphaned_files() == len(orphaned) >= 3
     assert not any(path.exists() for path in orphaned)
-    assert being_stored.exists() and all(private_storage.exists(name) for name in stored_files(kept))
+    assert being_stored.exists() and being_read.exists()
+    assert all(private_storage.exists(name) for name in stored_files(kept))
     assert "diagnosis.tasks.delete_orphaned_files" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
