@@ -561,7 +561,7 @@ def test_the_app_containers_get_production_settings():
         "DEBUG": False,
         "DB": "django.db.backends.postgresql",
         "DB_HOST": "db",
-        "CACHE": "django.core.cache.backends.redis.RedisCache",
+        "CACHE": "malaria_site.cache.FailOpenRedisCache",
         "BROKER": "redis://redis:6379/0",
         "MEDIA_ROOT": "/data/media",
         "STATIC_ROOT": "/data/static",
