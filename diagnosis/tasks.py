@@ -1,4 +1,5 @@
 from datetime import timedelta
+from importlib import import_module
 
 from celery import shared_task
 from celery.signals import worker_process_init
@@ -57,3 +58,10 @@ ORPHAN_AGE_HOURS = 6
 @shared_task(ignore_result=True)
 def delete_orphaned_files() -> int:
     return services.delete_orphaned_files(older_than=timedelta(hours=ORPHAN_AGE_HOURS))
+
+
+@shared_task(ignore_result=True)
+def clear_expired_sessions() -> None:
+    """Sign-ins that ended stay as rows (the database session store never removes them), each with
+    its user's id and the batches its forms made, until this removes them, as `clearsessions` does."""
+    import_module(settings.SESSION_ENGINE).SessionStore.clear_expired()

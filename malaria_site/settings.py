@@ -199,7 +199,13 @@ HOUSEKEEPING_QUEUE = f"{CELERY_TASK_DEFAULT_QUEUE}-housekeeping"
 CELERY_TASK_QUEUES = [Queue(CELERY_TASK_DEFAULT_QUEUE), Queue(HOUSEKEEPING_QUEUE)]
 CELERY_TASK_ROUTES = {
     f"diagnosis.tasks.{name}": {"queue": HOUSEKEEPING_QUEUE}
-    for name in ("deliver_batch_callback", "requeue_stale_analyses", "delete_expired_analyses", "delete_orphaned_files")
+    for name in (
+        "deliver_batch_callback",
+        "requeue_stale_analyses",
+        "delete_expired_analyses",
+        "delete_orphaned_files",
+        "clear_expired_sessions",
+    )
 }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -245,6 +251,10 @@ CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=6)
 CELERY_BEAT_SCHEDULE["delete-orphaned-files"] = {
     "task": "diagnosis.tasks.delete_orphaned_files",
     "schedule": crontab(hour=3, minute=30),
+}
+CELERY_BEAT_SCHEDULE["clear-expired-sessions"] = {
+    "task": "diagnosis.tasks.clear_expired_sessions",
+    "schedule": crontab(hour=3, minute=45),
 }
 if ANALYSIS_RETENTION_DAYS > 0:
     # At a fixed hour, not "every 24 h": beat's interval restarts whenever its container is recreated,

@@ -420,3 +420,19 @@ def test_the_device_cookie_does_not_say_who_signed_in_on_the_browser(db):
     _sign_in_and_out(browser, clinician.username)
     cookie = browser.cookies["known_device"].value
     assert hashlib.sha256(b"dr.rahman").hexdigest()[:32] not in cookie and "rahman" not in cookie
+
+
+def test_ended_sign_ins_are_removed_every_night(db, settings):
+    from diagnosis import tasks
+
+    user = UserFactory()
+    ended, current = Client(), Client()
+    ended.force_login(user)
+    current.force_login(user)
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    Session.objects.filter(session_key=ended.session.session_key).update(expire_date=an_hour_ago)
+    tasks.clear_expired_sessions()
+    assert list(Session.objects.values_list("session_key", flat=True)) == [current.session.session_key]
+    nightly = {entry["task"]: entry for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert "diagnosis.tasks.clear_expired_sessions" in nightly
+    assert settings.CELERY_TASK_ROUTES["diagnosis.tasks.clear_expired_sessions"]["queue"] == settings.HOUSEKEEPING_QUEUE
