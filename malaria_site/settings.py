@@ -148,6 +148,9 @@ STORAGES = {
 # streamed by views that check ownership (or handed to nginx via X-Accel-Redirect).
 MEDIA_ROOT = Path(env("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 PROTECTED_MEDIA_ACCEL_PREFIX = env("PROTECTED_MEDIA_ACCEL_PREFIX", default="")
+# Readable by others (644) for the bundled nginx, which runs as another user; the embedded default
+# (scripts/start) keeps them to their own user (600), as nothing else on a shared PC may read them.
+FILE_UPLOAD_PERMISSIONS = int(env("FILE_UPLOAD_PERMISSIONS", default="644"), 8)
 
 # --- Uploads --------------------------------------------------------------------------------
 UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=10 * 1024 * 1024)

@@ -293,3 +293,21 @@ def test_a_form_restored_by_back_and_filled_in_for_the_next_patient_is_a_new_upl
     # The same reference with other images is another upload too (a second slide of one patient).
     send("PATIENT-B", cells[3:4])
     assert Batch.objects.count() == 3
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+def test_stored_files_take_the_configured_mode(api_client, media_root, settings, spooled):
+    """scripts/start keeps patient images to their own user (600): a shared PC's other accounts
+    must not read them, whether the upload was held in memory or spooled to disk on the way."""
+    settings.FILE_UPLOAD_PERMISSIONS = 0o600
+    if spooled:
+        settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 10
+        settings.FILE_UPLOAD_TEMP_DIR = str(media_root / "incoming")
+        (media_root / "incoming").mkdir(exist_ok=True)
+    before = set(media_root.rglob("*"))
+    cell = fixture_cells()[0]
+    response = api_client.post("/api/analyses/", {"image": upload(cell.name, cell.read_bytes())}, format="multipart")
+    assert response.status_code == 202, response.content
+    files = [path for path in set(media_root.rglob("*")) - before if path.is_file()]
+    assert len(files) == 2  # the upload and its thumbnail
+    assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o600)}
