@@ -881,7 +881,10 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
         for name, value in too_big.items():
             connection.putheader(name, value)
         connection.endheaders()
-        assert connection.getresponse().status == 413
+        refused = connection.getresponse()
+        limit = settings_default("REQUEST_MAX_BYTES")
+        assert refused.status == 413 and refused.getheader("Content-Type") == "application/json"
+        assert json.loads(refused.read()) == {"detail": f"The request is too large; the limit is {limit} bytes."}
         connection.close()
 
         # Queries can carry patient references: the access log keeps only the path.
