@@ -386,6 +386,10 @@ def test_beat_runs_the_stale_analysis_sweeper(settings):
     assert "deploy" not in beat  # exactly one scheduler
     assert "diagnosis.tasks.requeue_stale_analyses" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
     assert hasattr(tasks, "requeue_stale_analyses")
+    # LOG_LEVEL (.env) sets the worker's and beat's level as it sets the web's.
+    for service in ("worker", "beat"):
+        command = interpolate(SERVICES[service]["command"], {"LOG_LEVEL": "WARNING"})
+        assert command[command.index("--loglevel") + 1] == "WARNING", service
 
 
 def test_beat_health_check_notices_a_stalled_scheduler(tmp_path):
@@ -1008,7 +1012,7 @@ def test_worker_health_check_pings_its_own_replica(tmp_path):
     log = tmp_path / "worker.log"
     with open(log, "wb") as log_file:
         worker = subprocess.Popen(
-            SERVICES["worker"]["command"],
+            interpolate(SERVICES["worker"]["command"], {}),  # as compose fills it in, with no .env
             cwd=ROOT,
             env=env,
             stdout=log_file,
