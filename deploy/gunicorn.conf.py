@@ -1,6 +1,13 @@
 """gunicorn settings for the web service; GUNICORN_WORKERS and GUNICORN_TIMEOUT come from .env."""
 
 import os
+from pathlib import Path
+
+import environ
+
+# Under compose .env arrives as the environment; outside Docker it is read here, as settings.py
+# reads it (gunicorn reads this file before Django starts), the environment still winning.
+environ.Env.read_env(Path(__file__).resolve().parent.parent / ".env", overwrite=False)
 
 bind = "0.0.0.0:8000"
 # Empty values (a blank line in .env) fall back to the defaults.

@@ -1122,3 +1122,20 @@ def test_the_web_processes_never_load_torch():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_gunicorn_outside_docker_reads_its_settings_from_dotenv_as_django_does(tmp_path):
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(ROOT / "deploy" / "gunicorn.conf.py", tmp_path / "deploy")
+    (tmp_path / ".env").write_text("GUNICORN_WORKERS=2\nGUNICORN_TIMEOUT=90\n")
+
+    def read(**environment) -> list:
+        # In a process of its own: reading .env sets the variables it finds.
+        show = "import runpy; c = runpy.run_path('deploy/gunicorn.conf.py'); print(c['workers'], c['timeout'])"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GUNICORN_")} | environment
+        result = subprocess.run([sys.executable, "-c", show], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return [int(value) for value in result.stdout.split()]
+
+    assert read() == [2, 90]
+    assert read(GUNICORN_WORKERS="5") == [5, 90], "the environment (compose's) still wins"
