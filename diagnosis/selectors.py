@@ -256,6 +256,7 @@ def operations_status() -> dict:
         queued=Count("pk", filter=Q(status=Analysis.Status.QUEUED)),
         running=Count("pk", filter=Q(status=Analysis.Status.RUNNING)),
         oldest_queued_at=Min("created_at", filter=Q(status=Analysis.Status.QUEUED)),
+        oldest_running_since=Min("started_at", filter=Q(status=Analysis.Status.RUNNING)),
     ) | Analysis.objects.filter(last_day).aggregate(
         done_last_24h=Count("pk", filter=done & last_day),
         failed_last_24h=Count("pk", filter=failed & last_day),
@@ -263,6 +264,7 @@ def operations_status() -> dict:
         mean_turnaround_last_24h=Avg(F("finished_at") - F("created_at"), filter=done & last_day),
     )
     oldest, turnaround = analyses.pop("oldest_queued_at"), analyses.pop("mean_turnaround_last_24h")
+    running_since = analyses.pop("oldest_running_since")
     callbacks = Batch.with_withdrawn.aggregate(
         callbacks_pending=Count("pk", filter=Q(callback_state=Batch.CallbackState.PENDING)),
         callbacks_failed=Count("pk", filter=Q(callback_state=Batch.CallbackState.FAILED)),
@@ -271,6 +273,8 @@ def operations_status() -> dict:
     return {
         **analyses,
         "oldest_queued_seconds": (now - oldest).total_seconds() if oldest else None,
+        # A worker killed outright leaves its cells running until the sweeper (ANALYSIS_STALE_SECONDS).
+        "oldest_running_seconds": (now - running_since).total_seconds() if running_since else None,
         "mean_turnaround_seconds_last_24h": turnaround.total_seconds() if turnaround else None,
         "model_versions_last_24h": sorted(versions),
         **callbacks,

@@ -30,7 +30,7 @@ def test_staff_see_the_queue_the_last_days_work_and_the_callbacks(user, other_us
     Analysis.objects.filter(pk=fast.pk).update(**done, model_version="v1", inference_ms=20, created_at=seconds(30))
     Analysis.objects.filter(pk=slow.pk).update(**done, model_version="v2", inference_ms=40, created_at=seconds(50))
     Analysis.objects.filter(pk=broken.pk).update(status="failed", finished_at=now)
-    Analysis.objects.filter(pk=busy.pk).update(status="running")
+    Analysis.objects.filter(pk=busy.pk).update(status="running", started_at=seconds(400))
     Analysis.objects.filter(pk=old.pk).update(**{**done, "finished_at": now - timedelta(days=2)}, model_version="v0")
     Analysis.objects.filter(pk=waiting.pk).update(created_at=seconds(120))
 
@@ -45,6 +45,7 @@ def test_staff_see_the_queue_the_last_days_work_and_the_callbacks(user, other_us
     assert status["mean_inference_ms_last_24h"] == pytest.approx(30)
     assert status["mean_turnaround_seconds_last_24h"] == pytest.approx(30, abs=0.5)
     assert 119 <= status["oldest_queued_seconds"] < 180
+    assert 399 <= status["oldest_running_seconds"] < 460
     assert status["model_versions_last_24h"] == ["v1", "v2"]
     Analysis.objects.filter(pk=slow.pk).update(model_version="v1")
     assert status_for(UserFactory(is_staff=True))[1]["model_versions_last_24h"] == ["v1"]  # each version once
@@ -56,6 +57,7 @@ def test_an_empty_platform_reports_zeros_and_nothing_waiting(db):
     code, status = status_for(UserFactory(is_staff=True))
     assert code == 200 and status["queued"] == status["done_last_24h"] == 0
     assert status["oldest_queued_seconds"] is None and status["mean_turnaround_seconds_last_24h"] is None
+    assert status["oldest_running_seconds"] is None
 
 
 def test_only_staff_may_read_it(user):
