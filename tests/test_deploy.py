@@ -1027,13 +1027,15 @@ def test_worker_health_check_pings_its_own_replica(tmp_path):
         (kind, script) = interpolate(SERVICES["worker"]["healthcheck"]["test"], {})
         assert kind == "CMD-SHELL" and script.count("--timeout 10") == 1
 
-        def health(hostname: str) -> int:
+        def health(hostname: str, **more) -> int:
             command = script.replace("--timeout 10", "--timeout 3")
-            result = subprocess.run(["sh", "-c", command], cwd=ROOT, env={**env, "HOSTNAME": hostname}, timeout=60)
-            return result.returncode
+            environment = {**env, "HOSTNAME": hostname, **more}
+            return subprocess.run(["sh", "-c", command], cwd=ROOT, env=environment, timeout=60).returncode
 
         assert health(socket.gethostname()) == 0  # Docker sets HOSTNAME to the container's host name
         assert health("another-replica") != 0
+        # A worker that answers without a model to use fails every cell: it is not healthy either.
+        assert health(socket.gethostname(), MODEL_WEIGHTS=str(ROOT / "ml" / "weights" / "missing.safetensors")) != 0
     finally:
         stop(worker)
 
