@@ -12,7 +12,6 @@ address, so guesses from elsewhere at the same address lock neither the user out
 address, and its own typos count against nothing else.
 """
 
-import hashlib
 import secrets
 import unicodedata
 
@@ -38,8 +37,9 @@ def _address(request) -> str:
 
 def _digest(text: str) -> str:
     # A username or a client header may hold spaces, control characters or any length, which
-    # memcached refuses as a key; a digest is always a valid key.
-    return hashlib.sha256(text.encode()).hexdigest()
+    # memcached refuses as a key; a digest is always a valid key. Keyed, because Redis keeps its
+    # keys on disk: an address or a name could be found again from a plain digest by trying them.
+    return salted_hmac("diagnosis.login_throttle.key", text).hexdigest()
 
 
 def _name(username: str) -> str:

@@ -280,7 +280,7 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "diagnosis.api.exceptions.api_exception_handler",
     "DEFAULT_THROTTLE_CLASSES": [
         "rest_framework.throttling.UserRateThrottle",
-        "rest_framework.throttling.AnonRateThrottle",
+        "diagnosis.api.throttling.AnonRateThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
         "user": env("API_USER_RATE", default="2000/hour"),

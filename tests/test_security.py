@@ -436,3 +436,18 @@ def test_ended_sign_ins_are_removed_every_night(db, settings):
     nightly = {entry["task"]: entry for entry in settings.CELERY_BEAT_SCHEDULE.values()}
     assert "diagnosis.tasks.clear_expired_sessions" in nightly
     assert settings.CELERY_TASK_ROUTES["diagnosis.tasks.clear_expired_sessions"]["queue"] == settings.HOUSEKEEPING_QUEUE
+
+
+def test_the_rate_limit_and_lockout_counters_do_not_name_the_address_or_user(db):
+    """Redis keeps its keys on disk (its append-only file): a plain or unkeyed-digest address or
+    name there would be a record of who called from where that no retention reaches."""
+    from django.core.cache import cache
+
+    user, address = UserFactory(username="dr.rahman"), "203.0.113.7"
+    APIClient(REMOTE_ADDR=address).post("/api/auth/token/", {"username": user.username, "password": "wrong"})
+    Client(REMOTE_ADDR=address).post("/accounts/login/", {"username": user.username, "password": "wrong"})
+    APIClient(REMOTE_ADDR=address).get("/api/analyses/")
+    keys = " ".join(cache._cache)  # LocMemCache's own keys, as Redis would hold them
+    assert "login-failures" in keys and "throttle_" in keys
+    for secret in (address, user.username):
+        assert secret not in keys and hashlib.sha256(secret.encode()).hexdigest() not in keys, secret

@@ -13,7 +13,6 @@ from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
@@ -24,6 +23,7 @@ from diagnosis.api.serializers import (
     BatchSerializer,
     BatchUploadSerializer,
 )
+from diagnosis.api.throttling import ScopedRateThrottle
 from diagnosis.audit import counted, record_access
 from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis

@@ -1,0 +1,22 @@
+"""DRF's rate limits, keyed by a keyed digest of the client's address rather than the address itself.
+
+The counters live in Redis, whose append-only file keeps every key written: a trail of who called
+from where that no retention period reaches. A digest keyed with SECRET_KEY counts the same, and
+cannot be reversed by trying the addresses of a hospital's network one by one.
+"""
+
+from django.utils.crypto import salted_hmac
+from rest_framework import throttling
+
+
+class AddressDigestMixin:
+    def get_ident(self, request) -> str:
+        return salted_hmac("diagnosis.api.throttling", super().get_ident(request)).hexdigest()[:32]
+
+
+class AnonRateThrottle(AddressDigestMixin, throttling.AnonRateThrottle):
+    pass
+
+
+class ScopedRateThrottle(AddressDigestMixin, throttling.ScopedRateThrottle):
+    pass
