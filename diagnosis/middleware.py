@@ -1,12 +1,39 @@
+import ipaddress
 import time
 from urllib.parse import unquote_plus
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import logout
-from django.http import JsonResponse
+from django.http import HttpResponseForbidden, JsonResponse
 from django.urls import is_valid_path
 from django.utils.cache import patch_cache_control
+
+
+class DebugServesThisMachineOnlyMiddleware:
+    """With DJANGO_DEBUG=true an error page shows the request's local variables: a patient's file
+    name or sample reference. ALLOWED_HOSTS keeps debug to this machine's names, but any client on
+    the network can send ``Host: localhost`` (``HOST=0.0.0.0 scripts/start``), so requests from
+    another machine are refused outright."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if settings.DEBUG and not _from_this_machine(request):
+            return HttpResponseForbidden(
+                "This server runs with DJANGO_DEBUG=true, which serves this machine only. "
+                "For other machines, run the production setup (docs/deploy.md).",
+                content_type="text/plain",
+            )
+        return self.get_response(request)
+
+
+def _from_this_machine(request) -> bool:
+    try:
+        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        return False
 
 
 class RequestSizeLimitMiddleware:

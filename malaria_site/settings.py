@@ -48,6 +48,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "diagnosis.middleware.DebugServesThisMachineOnlyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "diagnosis.middleware.RequestSizeLimitMiddleware",
     "diagnosis.middleware.RefuseNulCharactersMiddleware",

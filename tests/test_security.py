@@ -451,3 +451,14 @@ def test_the_rate_limit_and_lockout_counters_do_not_name_the_address_or_user(db)
     assert "login-failures" in keys and "throttle_" in keys
     for secret in (address, user.username):
         assert secret not in keys and hashlib.sha256(secret.encode()).hexdigest() not in keys, secret
+
+
+def test_debug_pages_are_for_this_machine_whatever_host_a_client_names(client, settings):
+    """ALLOWED_HOSTS checks the Host header, which a client elsewhere on the network can set."""
+    settings.DEBUG = True
+    from_the_network = client.get("/accounts/login/", REMOTE_ADDR="192.168.1.20", HTTP_HOST="localhost")
+    assert from_the_network.status_code == 403 and b"serves this machine only" in from_the_network.content
+    for address in ("127.0.0.1", "::1"):
+        assert client.get("/accounts/login/", REMOTE_ADDR=address, HTTP_HOST="localhost").status_code == 200
+    settings.DEBUG = False  # production: the proxy's and the clients' addresses are all served
+    assert client.get("/accounts/login/", REMOTE_ADDR="192.168.1.20").status_code == 200
