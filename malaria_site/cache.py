@@ -1,67 +1,83 @@
-"""The shared Redis cache, failing open.
+"""The shared Redis cache, falling back to this process's memory while Redis fails.
 
 It holds counters only: the sign-in lockout's and the API's rate limits. When Redis is down or
 stalls, an error from it would refuse every sign-in and every API request (500), uploads included,
-though the broker's outage is already survived (the sweeper sends queued cells later). So a Redis
-error answers as an empty cache: for a while nothing is counted, and every request goes on, logged.
-After an error the cache is not asked again for ``RETRY_AFTER_SECONDS``, so a stalled Redis costs
-one socket timeout per process then, not one per lookup.
+though the broker's outage is already survived (the sweeper sends queued cells later). So after a
+Redis error the counting goes on in this process's memory for ``RETRY_AFTER_SECONDS`` (logged),
+then Redis is asked again: a stalled Redis costs one socket timeout per process that often, not one
+per lookup, and the limits still hold meanwhile, per process rather than across them.
 """
 
 import logging
 import time
 
+from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import RedisError
 
 logger = logging.getLogger("malaria_site.cache")
 
-RETRY_AFTER_SECONDS = 30
+RETRY_AFTER_SECONDS = 5
 # Each lookup waits at most this long for Redis: a sign-in makes several.
 SOCKET_TIMEOUT_SECONDS = 1
 
 
-class FailOpenRedisCache(RedisCache):
+class FallbackRedisCache(RedisCache):
     unreachable_until = 0.0  # per process: every thread's instance shares it
+    in_memory = LocMemCache("malaria_site.cache.fallback", {})
 
-    def _or_default(self, default, operation, *args, **kwargs):
-        if time.monotonic() < FailOpenRedisCache.unreachable_until:
-            return default
-        try:
-            return operation(*args, **kwargs)
-        except RedisError as error:
-            FailOpenRedisCache.unreachable_until = time.monotonic() + RETRY_AFTER_SECONDS
-            logger.warning(
-                "event=cache_unavailable retry_after_seconds=%s error=%r: sign-in failures and API rate "
-                "limits are not counted meanwhile",
-                RETRY_AFTER_SECONDS,
-                error,
-            )
-            return default
+    def _either(self, operation: str, *args, **kwargs):
+        if time.monotonic() >= FallbackRedisCache.unreachable_until:
+            try:
+                return getattr(super(), operation)(*args, **kwargs)
+            except RedisError as error:
+                FallbackRedisCache.unreachable_until = time.monotonic() + RETRY_AFTER_SECONDS
+                logger.warning(
+                    "event=cache_unavailable retry_after_seconds=%s error=%r: sign-in failures and API "
+                    "rate limits are counted in this process only meanwhile",
+                    RETRY_AFTER_SECONDS,
+                    error,
+                )
+        return getattr(FallbackRedisCache.in_memory, operation)(*args, **kwargs)
 
     def get(self, key, default=None, version=None):
-        return self._or_default(default, super().get, key, default, version)
+        return self._either("get", key, default, version)
 
     def get_many(self, keys, version=None):
-        return self._or_default({}, super().get_many, keys, version)
+        return self._either("get_many", keys, version)
+
+    def has_key(self, key, version=None):
+        return self._either("has_key", key, version)
 
     def add(self, key, value, timeout=None, version=None):
-        return self._or_default(False, super().add, key, value, timeout, version)
+        return self._either("add", key, value, timeout, version)
 
     def set(self, key, value, timeout=None, version=None):
-        return self._or_default(None, super().set, key, value, timeout, version)
+        return self._either("set", key, value, timeout, version)
+
+    def set_many(self, data, timeout=None, version=None):
+        return self._either("set_many", data, timeout, version)
+
+    def touch(self, key, timeout=None, version=None):
+        return self._either("touch", key, timeout, version)
 
     def incr(self, key, delta=1, version=None):
-        return self._or_default(delta, super().incr, key, delta, version)
+        return self._either("incr", key, delta, version)
+
+    def decr(self, key, delta=1, version=None):
+        return self._either("decr", key, delta, version)
 
     def delete(self, key, version=None):
-        return self._or_default(False, super().delete, key, version)
+        return self._either("delete", key, version)
+
+    def delete_many(self, keys, version=None):
+        return self._either("delete_many", keys, version)
 
 
 def redis_cache(url: str) -> dict:
     """The CACHES entry for a Redis at ``url``."""
     return {
-        "BACKEND": "malaria_site.cache.FailOpenRedisCache",
+        "BACKEND": "malaria_site.cache.FallbackRedisCache",
         "LOCATION": url,
         "OPTIONS": {"socket_connect_timeout": SOCKET_TIMEOUT_SECONDS, "socket_timeout": SOCKET_TIMEOUT_SECONDS},
     }

@@ -565,7 +565,7 @@ def test_the_app_containers_get_production_settings():
         "DEBUG": False,
         "DB": "django.db.backends.postgresql",
         "DB_HOST": "db",
-        "CACHE": "malaria_site.cache.FailOpenRedisCache",
+        "CACHE": "malaria_site.cache.FallbackRedisCache",
         "BROKER": "redis://redis:6379/0",
         "MEDIA_ROOT": "/data/media",
         "STATIC_ROOT": "/data/static",

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -155,6 +156,30 @@ def signing_in_works(base: str, user) -> bool:
         timeout=30,
     )
     return token.status_code == 200 and signed_in.status_code == 302
+
+
+def test_while_redis_fails_the_lockout_still_counts_in_the_process(settings, user):
+    """A Redis that refuses connections must neither refuse sign-ins nor stop counting guesses."""
+    from django.core.cache import cache
+
+    from diagnosis import login_throttle
+    from malaria_site.cache import FallbackRedisCache, redis_cache
+
+    settings.CACHES = {"default": redis_cache(f"redis://127.0.0.1:{free_port()}/0")}  # nothing listens
+    settings.LOGIN_MAX_FAILURES = 3
+    FallbackRedisCache.unreachable_until = 0.0
+    FallbackRedisCache.in_memory.clear()
+    try:
+        request = SimpleNamespace(META={"REMOTE_ADDR": "198.51.100.4"}, get_signed_cookie=lambda *a, **k: "")
+        assert not login_throttle.locked_out(request, user.username)
+        for _ in range(3):
+            login_throttle.record_failure(request, user.username)
+        assert login_throttle.locked_out(request, user.username)
+        assert cache.get("anything", "default") == "default"
+        assert FallbackRedisCache.unreachable_until > time.monotonic()  # not asked again for a while
+    finally:
+        FallbackRedisCache.unreachable_until = 0.0
+        FallbackRedisCache.in_memory.clear()
 
 
 needs_redis_server = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server as the broker")
