@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 from rest_framework.fields import DateTimeField
 
@@ -100,7 +101,17 @@ def requeue_due_callbacks() -> int:
 def deliver(*, batch_id: int) -> bool:
     """One attempt, if this caller wins it. True once the receiver has answered 2xx."""
     lease = timezone.now() + LEASE
-    claimed = _due().filter(pk=batch_id).update(callback_due_at=lease, callback_attempts=F("callback_attempts") + 1)
+    # Marked as sent with the claim itself: from here on the POST may go out whatever a deletion
+    # meanwhile does to the count of attempts, so a deletion must withdraw it.
+    claimed = (
+        _due()
+        .filter(pk=batch_id)
+        .update(
+            callback_due_at=lease,
+            callback_attempts=F("callback_attempts") + 1,
+            callback_first_sent_at=Coalesce(F("callback_first_sent_at"), Now()),
+        )
+    )
     batch = Batch.with_withdrawn.filter(pk=batch_id).first() if claimed else None
     if batch is None:  # not due, another attempt holds it, or deleted in between
         return False
@@ -124,10 +135,6 @@ def deliver(*, batch_id: int) -> bool:
         held.update(callback_due_at=None, callback_attempts=F("callback_attempts") - 1)
         return False
     body = json.dumps(payload).encode()
-    # Before the POST: once it has left, the receiver may store it whatever this process learns.
-    Batch.with_withdrawn.filter(pk=batch_id, callback_first_sent_at__isnull=True).update(
-        callback_first_sent_at=timezone.now()
-    )
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
         error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"

@@ -527,6 +527,28 @@ def test_results_sent_unconfirmed_are_withdrawn_even_after_a_retry_restarted_the
     assert json.loads(receiver.received[-1].body)["event"] == "batch.withdrawn"
 
 
+def test_a_batch_deleted_while_its_attempt_builds_the_body_is_withdrawn_after_it(user, receiver, monkeypatch):
+    """Between the claim and the POST a deletion may reset the count of attempts (a cell deleted)
+    and then remove the batch: the attempt still goes out, so a withdrawal must follow it."""
+    batch = finished_batch(user, receiver.url)
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    payload = callbacks._payload
+
+    def deleted_meanwhile(claimed):
+        body = payload(claimed)
+        services.delete_analysis(analysis=Analysis.objects.get(batch=batch, original_filename="a.png"))
+        services.delete_batch(batch=Batch.objects.get(pk=batch.pk))
+        return body
+
+    monkeypatch.setattr(callbacks, "_payload", deleted_meanwhile)
+    callbacks.deliver(batch_id=batch.pk)
+    assert json.loads(receiver.received[0].body)["event"] == "batch.finished"
+    assert Batch.with_withdrawn.get(pk=batch.pk).withdrawn_at is not None
+    monkeypatch.setattr(callbacks, "_payload", payload)
+    assert callbacks.deliver(batch_id=batch.pk)
+    assert json.loads(receiver.received[-1].body)["event"] == "batch.withdrawn"
+
+
 def test_the_migration_marks_batches_sent_before_it_as_sent(user, receiver):
     import importlib
 
