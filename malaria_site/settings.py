@@ -280,7 +280,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "diagnosis.api.exceptions.api_exception_handler",
     "DEFAULT_THROTTLE_CLASSES": [
-        "rest_framework.throttling.UserRateThrottle",
+        "diagnosis.api.throttling.UserRateThrottle",
         "diagnosis.api.throttling.AnonRateThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {

@@ -18,5 +18,9 @@ class AnonRateThrottle(AddressDigestMixin, throttling.AnonRateThrottle):
     pass
 
 
+class UserRateThrottle(AddressDigestMixin, throttling.UserRateThrottle):
+    """Keyed by user id once signed in; by the address (as a digest) for a request that is not."""
+
+
 class ScopedRateThrottle(AddressDigestMixin, throttling.ScopedRateThrottle):
     pass
