@@ -1141,3 +1141,12 @@ def test_gunicorn_outside_docker_reads_its_settings_from_dotenv_as_django_does(t
 
     assert read() == [2, 90]
     assert read(GUNICORN_WORKERS="5") == [5, 90], "the environment (compose's) still wins"
+
+
+@pytest.mark.parametrize("level", ["WARN", "info", "NOTSET"])
+def test_a_log_level_the_worker_would_not_take_is_refused_at_start(level):
+    """Python's logging takes WARN; Celery's --loglevel (compose passes LOG_LEVEL to it) does not."""
+    env = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings"}
+    refused = run_python(["-c", "import malaria_site.settings"], {**env, "LOG_LEVEL": level})
+    assert refused.returncode != 0 and "it must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in refused.stderr
+    assert run_python(["-c", "import malaria_site.settings"], {**env, "LOG_LEVEL": "WARNING"}).returncode == 0
