@@ -12,6 +12,7 @@ address, so guesses from elsewhere at the same address lock neither the user out
 address, and its own typos count against nothing else.
 """
 
+import hashlib
 import secrets
 import unicodedata
 
@@ -66,16 +67,25 @@ def _user_digest(username: str) -> str:
 
 
 def _device_cookie(request) -> tuple[str, list[str]]:
-    """This browser's id and its users' digests (none if its cookie is forged, old or of another form)."""
+    """This browser's id and its users' digests (none if its cookie is forged, expired or empty)."""
     value = request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
-    device, _, users = value.partition("|")
+    device, separator, users = value.partition("|")
+    if not separator:  # written before browsers had ids: its own digest stands in for one
+        return (_digest(f"legacy:{value}")[:22], value.split(",")) if value else ("", [])
     return (device, users.split(",")) if device and users else ("", [])
+
+
+def _legacy_user_digest(username: str) -> str:
+    """How cookies written before 2026-12-02 named their users, lower-cased; they stay valid for their
+    lifetime, or every ward browser would be a stranger at once after an upgrade. A case variant
+    this matches gains nothing: failures count per browser and exact name, as for any other."""
+    return hashlib.sha256(_name(username).lower().encode()).hexdigest()
 
 
 def _known_device(request, username: str) -> str:
     """This browser's id if it has signed in as this user, else ""."""
     device, users = _device_cookie(request)
-    return device if _user_digest(username) in users else ""
+    return device if {_user_digest(username), _legacy_user_digest(username)} & set(users) else ""
 
 
 def remember_device(request, response: HttpResponse, username: str) -> None:

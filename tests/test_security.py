@@ -462,3 +462,24 @@ def test_debug_pages_are_for_this_machine_whatever_host_a_client_names(client, s
         assert client.get("/accounts/login/", REMOTE_ADDR=address, HTTP_HOST="localhost").status_code == 200
     settings.DEBUG = False  # production: the proxy's and the clients' addresses are all served
     assert client.get("/accounts/login/", REMOTE_ADDR="192.168.1.20").status_code == 200
+
+
+def test_a_browser_remembered_before_browsers_had_ids_is_still_known(db, settings):
+    """A cookie of the earlier form (its users' plain lower-cased digests): ward browsers are not
+    all strangers after an upgrade, locked out by the next guesses from their address."""
+    from django.core.signing import get_cookie_signer
+
+    from diagnosis.login_throttle import DEVICE_COOKIE, DEVICE_COOKIE_SALT
+
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 3
+    clinician = UserFactory(username="Dr.Rahman")
+    old_value = hashlib.sha256(b"dr.rahman").hexdigest()
+    browser = Client()
+    browser.cookies[DEVICE_COOKIE] = get_cookie_signer(salt=DEVICE_COOKIE + DEVICE_COOKIE_SALT).sign(old_value)
+    for _ in range(3):
+        Client().post("/accounts/login/", {"username": "guess", "password": "Summer2026"})
+    assert _sign_in(Client(), clinician.username) == 429
+    assert _sign_in(browser, clinician.username) == 302
+    assert "|" in browser.cookies[DEVICE_COOKIE].value, "signing in rewrites it in the new form"
+    browser.post("/accounts/logout/")
+    assert _sign_in(browser, clinician.username) == 302
