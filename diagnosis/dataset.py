@@ -47,6 +47,9 @@ def patient_group(analysis: Analysis) -> str:
 GROUP_KEY_SALT = "diagnosis.dataset.patient_group"
 MANIFEST_NAME = "reviewed.csv"
 PARTIAL_MANIFEST_NAME = "reviewed.csv.partial"
+# The files earlier runs listed, kept until a run completes: each is removed then unless that run
+# wrote it again. Without it, a second failed run would forget what the first one had copied.
+PENDING_NAME = "reviewed.csv.pending"
 
 
 # Cells read, copied and recorded this many at a time: an export of years of reviews holds one
@@ -58,28 +61,30 @@ def export_reviewed_cells(*, out: Path) -> int:
     """Write every reviewed cell under ``out/<reviewed label>/`` plus ``out/reviewed.csv``; returns the count.
     Running it again brings the folder up to date: a relabelled cell moves to its new folder, a cell
     filed under an older name (an earlier group naming, another SECRET_KEY) is not left beside its
-    new one, and a cell deleted since, or no longer reviewed, leaves. Only files the previous run
-    listed in its manifest are ever removed. The manifest is written beside the old one and takes
-    its place at the end, so a run that fails half-way leaves the previous manifest as it was."""
+    new one, and a cell deleted since, or no longer reviewed, leaves. Only files an earlier run
+    listed are ever removed. The manifest is written beside the old one and takes its place at the
+    end, so a run that fails half-way leaves the previous manifest as it was, and the next complete
+    run still removes what the failed ones copied."""
     for label in Analysis.Label.values:
         (out / label).mkdir(parents=True, exist_ok=True)
     earlier = _previously_exported(out)
+    _write_file_list(out / PENDING_NAME, files=earlier, out=out)
     written: set[Path] = set()
     with open(out / PARTIAL_MANIFEST_NAME, "w", newline="", encoding="utf-8") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(MANIFEST_COLUMNS)
         cells = reviewed_analyses().iterator(chunk_size=EXPORT_CHUNK)
         while chunk := list(islice(cells, EXPORT_CHUNK)):
-            exported = [cell for cell in chunk if _export_cell(cell, out=out, writer=writer, written=written)]
-            manifest.flush()  # the files copied so far are listed, should a later chunk fail
+            exported = [cell for cell in chunk if _export_cell(cell, out=out, manifest=manifest, written=written)]
             record_dataset_export(analyses=exported, out=str(out))
     for path in earlier - written:
         path.unlink(missing_ok=True)
     (out / PARTIAL_MANIFEST_NAME).replace(out / MANIFEST_NAME)
+    (out / PENDING_NAME).unlink()
     return len(written)
 
 
-def _export_cell(analysis: Analysis, *, out: Path, writer, written: set[Path]) -> bool:
+def _export_cell(analysis: Analysis, *, out: Path, manifest, written: set[Path]) -> bool:
     label, group = analysis.final_label, patient_group(analysis)
     name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
     try:
@@ -87,20 +92,31 @@ def _export_cell(analysis: Analysis, *, out: Path, writer, written: set[Path]) -
     except FileNotFoundError:  # deleted since the list was read (by its owner, by retention)
         logger.warning("event=export_skipped analysis_id=%s: its image is gone", analysis.pk)
         return False
+    # Listed before it is copied: a run killed during the copy leaves no file that nothing lists.
+    row = [f"{label}/{name}", analysis.pk, group, analysis.label, label, analysis.probability_parasitized]
+    csv.writer(manifest).writerow([*row, analysis.model_version, analysis.reviewed_at.isoformat()])
+    manifest.flush()
     with source, open(out / label / name, "wb") as copy:
         shutil.copyfileobj(source, copy)
     written.add((out / label / name).resolve())
-    row = [f"{label}/{name}", analysis.pk, group, analysis.label, label, analysis.probability_parasitized]
-    writer.writerow([*row, analysis.model_version, analysis.reviewed_at.isoformat()])
     return True
 
 
+def _write_file_list(path: Path, *, files: set[Path], out: Path) -> None:
+    """A list of files in the manifest's form, written whole or not at all."""
+    with open(path.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file"])
+        writer.writerows([file.relative_to(out.resolve()).as_posix()] for file in sorted(files))
+    path.with_suffix(".tmp").replace(path)
+
+
 def _previously_exported(out: Path) -> set[Path]:
-    """The cell files the last run listed in its manifest, and a failed run in its partial one,
-    inside the label folders only."""
+    """The cell files that earlier runs listed (the last complete one in its manifest, failed ones in
+    their partial manifest and in the list they left pending), inside the label folders only."""
     folders = {(out / label).resolve() for label in Analysis.Label.values}
     listed = set()
-    for manifest in (out / MANIFEST_NAME, out / PARTIAL_MANIFEST_NAME):
+    for manifest in (out / MANIFEST_NAME, out / PARTIAL_MANIFEST_NAME, out / PENDING_NAME):
         if manifest.exists():
             with open(manifest, newline="", encoding="utf-8") as handle:
                 listed |= {(out / row["file"]).resolve() for row in csv.DictReader(handle) if row.get("file")}
