@@ -471,6 +471,8 @@ def _delete_abandoned_spools(*, cutoff: datetime) -> int:
     """Large uploads spooled to FILE_UPLOAD_TEMP_DIR by a process killed while reading them:
     nothing names them, and a request still being read keeps writing (and so dating) its own."""
     deleted = 0
+    if not os.path.isdir(settings.FILE_UPLOAD_TEMP_DIR):  # removed with the media (a restore, say)
+        return 0
     with os.scandir(settings.FILE_UPLOAD_TEMP_DIR) as entries:
         for entry in entries:
             try:

@@ -151,7 +151,7 @@ MEDIA_ROOT = Path(env("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 PROTECTED_MEDIA_ACCEL_PREFIX = env("PROTECTED_MEDIA_ACCEL_PREFIX", default="")
 # Readable by others (644) for the bundled nginx, which runs as another user; the embedded default
 # (scripts/start) keeps them to their own user (600), as nothing else on a shared PC may read them.
-FILE_UPLOAD_PERMISSIONS = int(env("FILE_UPLOAD_PERMISSIONS", default="644"), 8)
+FILE_UPLOAD_PERMISSIONS = int(env("FILE_UPLOAD_PERMISSIONS", default="") or "644", 8)  # blank: the default
 
 # --- Uploads --------------------------------------------------------------------------------
 UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=10 * 1024 * 1024)
@@ -164,9 +164,9 @@ REQUEST_MAX_BYTES = env.int("REQUEST_MAX_BYTES", default=200 * 1024 * 1024)
 # Form fields and JSON bodies are read into memory: Django's default cap, far below a batch's size.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
-# Larger files are spooled to disk while the request is read: beside the uploads (same volume, so
-# storing one is a rename) rather than in /tmp, where the copy a killed process leaves of a
-# patient's image would stay; the nightly sweep (delete_orphaned_files) clears this folder too.
+# Larger files are spooled to disk while the request is read: under MEDIA_ROOT, with the patient
+# data it is, rather than in /tmp, where the copy a killed process leaves of a patient's image
+# would stay; the nightly sweep (delete_orphaned_files) clears this folder too.
 FILE_UPLOAD_TEMP_DIR = str(MEDIA_ROOT / "incoming")
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 # Rows in one dashboard CSV: a larger one would outlast gunicorn's timeout, which cuts a streamed

@@ -28,12 +28,15 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def media_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("media")
+    media = tmp_path_factory.mktemp("media")
+    (media / "incoming").mkdir()
+    return media
 
 
 @pytest.fixture(autouse=True)
 def _private_media(settings, media_root):
     settings.MEDIA_ROOT = str(media_root)
+    settings.FILE_UPLOAD_TEMP_DIR = str(media_root / "incoming")  # large test uploads spool there too
 
 
 @pytest.fixture(autouse=True)

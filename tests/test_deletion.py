@@ -240,9 +240,7 @@ def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     being_stored = media_root / "uploads" / "f00d.png"  # an upload still being stored: no row yet
     being_stored.write_bytes(b"png")
     # Large uploads spool beside the others; a request killed while reading one leaves its copy.
-    spools = media_root / "incoming"
-    spools.mkdir()
-    settings.FILE_UPLOAD_TEMP_DIR = str(spools)
+    spools = media_root / "incoming"  # FILE_UPLOAD_TEMP_DIR in the tests, as beside the uploads in production
     orphaned.append(spools / "tmpl4h7yhn7.upload.png")
     orphaned[-1].write_bytes(b"the first megabytes of a patient's image")
     being_read = spools / "tmpq0x1.upload.png"  # a request still reading its upload
@@ -268,3 +266,5 @@ def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     assert being_stored.exists() and being_read.exists()
     assert all(private_storage.exists(name) for name in stored_files(kept))
     assert "diagnosis.tasks.delete_orphaned_files" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
+    settings.FILE_UPLOAD_TEMP_DIR = str(media_root / "removed-with-a-restore")
+    assert tasks.delete_orphaned_files() == 0  # no spool folder: nothing to sweep there, and no failure

@@ -302,8 +302,6 @@ def test_stored_files_take_the_configured_mode(api_client, media_root, settings,
     settings.FILE_UPLOAD_PERMISSIONS = 0o600
     if spooled:
         settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 10
-        settings.FILE_UPLOAD_TEMP_DIR = str(media_root / "incoming")
-        (media_root / "incoming").mkdir(exist_ok=True)
     before = set(media_root.rglob("*"))
     cell = fixture_cells()[0]
     response = api_client.post("/api/analyses/", {"image": upload(cell.name, cell.read_bytes())}, format="multipart")
