@@ -291,7 +291,8 @@ def fail_analysis(*, analysis_id: int, task_id: str, error: str, model_version: 
         # The reason the owner reads may name their file, often after the patient: the log, kept
         # past every deletion, does not.
         name = Analysis.objects.filter(pk=analysis_id).values_list("original_filename", flat=True).first()
-        logged = error.replace(name, "<file name>") if name else error
+        # (A name of a few letters names no one, and replaced would garble every word holding it.)
+        logged = error.replace(name, "<file name>") if name and len(name) > 5 else error
         logger.warning("event=failed analysis_id=%s error=%r", analysis_id, logged[:200])
     return bool(failed)
 
