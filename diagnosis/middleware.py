@@ -30,10 +30,15 @@ class DebugServesThisMachineOnlyMiddleware:
 
 
 def _from_this_machine(request) -> bool:
+    address = request.META.get("REMOTE_ADDR", "")
+    if not address:  # no network peer at all: a caller in this process (a WSGI test client)
+        return True
     try:
-        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack listener
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class RequestSizeLimitMiddleware:

@@ -458,7 +458,7 @@ def test_debug_pages_are_for_this_machine_whatever_host_a_client_names(client, s
     settings.DEBUG = True
     from_the_network = client.get("/accounts/login/", REMOTE_ADDR="192.168.1.20", HTTP_HOST="localhost")
     assert from_the_network.status_code == 403 and b"serves this machine only" in from_the_network.content
-    for address in ("127.0.0.1", "::1"):
+    for address in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
         assert client.get("/accounts/login/", REMOTE_ADDR=address, HTTP_HOST="localhost").status_code == 200
     settings.DEBUG = False  # production: the proxy's and the clients' addresses are all served
     assert client.get("/accounts/login/", REMOTE_ADDR="192.168.1.20").status_code == 200
