@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
-from django.db.models.functions import Coalesce, Now
+from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from rest_framework.fields import DateTimeField
 
@@ -100,16 +100,18 @@ def requeue_due_callbacks() -> int:
 
 def deliver(*, batch_id: int) -> bool:
     """One attempt, if this caller wins it. True once the receiver has answered 2xx."""
-    lease = timezone.now() + LEASE
+    claimed_at = timezone.now()
+    lease = claimed_at + LEASE
     # Marked as sent with the claim itself: from here on the POST may go out whatever a deletion
-    # meanwhile does to the count of attempts, so a deletion must withdraw it.
+    # meanwhile does to the count of attempts, so a deletion must withdraw it. An attempt called
+    # off before its POST takes its mark back (_not_sent).
     claimed = (
         _due()
         .filter(pk=batch_id)
         .update(
             callback_due_at=lease,
             callback_attempts=F("callback_attempts") + 1,
-            callback_first_sent_at=Coalesce(F("callback_first_sent_at"), Now()),
+            callback_first_sent_at=Coalesce(F("callback_first_sent_at"), Value(claimed_at)),
         )
     )
     batch = Batch.with_withdrawn.filter(pk=batch_id).first() if claimed else None
@@ -127,12 +129,14 @@ def deliver(*, batch_id: int) -> bool:
     except ValidationError as refusal:  # the host was removed from the list since the batch came
         error = refusal.message[:300]  # the column's length: PostgreSQL refuses a longer one
         held.update(callback_state=Batch.CallbackState.FAILED, callback_due_at=None, callback_error=error)
+        _not_sent(batch_id=batch_id, claimed_at=claimed_at)
         logger.warning("event=callback_refused batch_id=%s error=%r", batch_id, refusal.message)
         return False
     payload = _payload(batch)
     if any(cell["status"] in UNFINISHED for cell in payload["batch"]["analyses"]):
         # A cell was sent for analysis again after the claim: the batch goes out once it is done.
         held.update(callback_due_at=None, callback_attempts=F("callback_attempts") - 1)
+        _not_sent(batch_id=batch_id, claimed_at=claimed_at)
         return False
     body = json.dumps(payload).encode()
     try:
@@ -164,6 +168,12 @@ def deliver(*, batch_id: int) -> bool:
     )
     logger.warning("event=callback_failed batch_id=%s attempts=%s error=%r", batch_id, batch.callback_attempts, error)
     return False
+
+
+def _not_sent(*, batch_id: int, claimed_at) -> None:
+    """An attempt called off before its POST: the batch is not marked as sent by it (an earlier
+    attempt's mark stays)."""
+    Batch.with_withdrawn.filter(pk=batch_id, callback_first_sent_at=claimed_at).update(callback_first_sent_at=None)
 
 
 def retry(*, batch: Batch) -> bool:

@@ -11,6 +11,7 @@ per lookup, and the limits still hold meanwhile, per process rather than across 
 import logging
 import time
 
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import RedisError
@@ -24,7 +25,9 @@ SOCKET_TIMEOUT_SECONDS = 1
 
 class FallbackRedisCache(RedisCache):
     unreachable_until = 0.0  # per process: every thread's instance shares it
-    in_memory = LocMemCache("malaria_site.cache.fallback", {})
+    # Room for the counters of a busy site's worth of clients while Redis is away (the default 300
+    # would start evicting them).
+    in_memory = LocMemCache("malaria_site.cache.fallback", {"OPTIONS": {"MAX_ENTRIES": 100_000}})
 
     def _either(self, operation: str, *args, **kwargs):
         if time.monotonic() >= FallbackRedisCache.unreachable_until:
@@ -49,16 +52,16 @@ class FallbackRedisCache(RedisCache):
     def has_key(self, key, version=None):
         return self._either("has_key", key, version)
 
-    def add(self, key, value, timeout=None, version=None):
+    def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         return self._either("add", key, value, timeout, version)
 
-    def set(self, key, value, timeout=None, version=None):
+    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         return self._either("set", key, value, timeout, version)
 
-    def set_many(self, data, timeout=None, version=None):
+    def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
         return self._either("set_many", data, timeout, version)
 
-    def touch(self, key, timeout=None, version=None):
+    def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
         return self._either("touch", key, timeout, version)
 
     def incr(self, key, delta=1, version=None):
@@ -67,11 +70,19 @@ class FallbackRedisCache(RedisCache):
     def decr(self, key, delta=1, version=None):
         return self._either("decr", key, delta, version)
 
+    # A deletion (a sign-in clearing its failures) reaches the memory too: a count kept there
+    # during an earlier error must not come back at the next one.
     def delete(self, key, version=None):
+        FallbackRedisCache.in_memory.delete(key, version)
         return self._either("delete", key, version)
 
     def delete_many(self, keys, version=None):
+        FallbackRedisCache.in_memory.delete_many(keys, version)
         return self._either("delete_many", keys, version)
+
+    def clear(self):
+        FallbackRedisCache.in_memory.clear()
+        return self._either("clear")
 
 
 def redis_cache(url: str) -> dict:

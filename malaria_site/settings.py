@@ -121,7 +121,8 @@ if min(LOGIN_MAX_FAILURES, LOGIN_MAX_FAILURES_PER_ADDRESS) < 1:
 CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")
 
 # --- Cache (login throttling, API rate limits): shared through Redis when there is one ---------
-# Failing open (malaria_site.cache): a Redis outage stops the counting, not the sign-ins and uploads.
+# Falling back to memory (malaria_site.cache): a Redis outage stops neither the sign-ins and uploads
+# nor the counting, which goes on per process meanwhile.
 if REDIS_URL := env("REDIS_URL", default=""):
     CACHES = {"default": redis_cache(REDIS_URL)}
 
@@ -326,8 +327,8 @@ X_FRAME_OPTIONS = "DENY"
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 
 # --- Logging --------------------------------------------------------------------------------
-# The names Celery's --loglevel takes too (docker-compose passes it to the worker and beat, which
-# would not start on WARN or a lower-case name).
+# The names both Python's logging setup (not "info") and Celery's --loglevel (not "WARN", which
+# compose would pass to the worker and beat, stopping them) take.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL = env("LOG_LEVEL", default="INFO")
 if LOG_LEVEL not in LOG_LEVELS:

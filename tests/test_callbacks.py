@@ -485,6 +485,8 @@ def test_a_cell_sent_again_just_after_the_claim_is_not_announced_as_finished(use
     monkeypatch.setattr(callbacks, "check_callback_url", retried_after_the_claim)
     assert not callbacks.deliver(batch_id=batch.pk)
     assert receiver.received == []  # no "batch.finished" with a queued cell in it
+    # Nothing went out, so nothing is owed a withdrawal: deleting it now would tell the lab nothing.
+    assert not Batch.objects.get(pk=batch.pk).results_may_have_reached
     monkeypatch.setattr(callbacks, "check_callback_url", check)
     Analysis.objects.filter(pk=failed.pk).update(status=Analysis.Status.DONE, label="Parasitized", error="")
     assert callbacks.deliver(batch_id=batch.pk)

@@ -186,6 +186,42 @@ needs_redis_server = pytest.mark.skipif(not shutil.which("redis-server"), reason
 
 
 @needs_redis_server
+def test_counts_kept_in_memory_while_redis_failed_do_not_outlive_a_sign_in(settings, user):
+    """Redis fails, a typo is counted in memory, Redis is back and the user signs in (clearing the
+    count): at the next failure of Redis that old count must not come back to lock them out."""
+    from django.core.cache import cache
+
+    from diagnosis import login_throttle
+    from malaria_site.cache import FallbackRedisCache, redis_cache
+
+    port = free_port()
+    settings.CACHES = {"default": redis_cache(f"redis://127.0.0.1:{port}/0")}
+    settings.LOGIN_MAX_FAILURES = 2
+    request = SimpleNamespace(META={"REMOTE_ADDR": "198.51.100.5"}, get_signed_cookie=lambda *a, **k: "")
+    FallbackRedisCache.in_memory.clear()
+    try:
+        FallbackRedisCache.unreachable_until = 0.0
+        login_throttle.record_failure(request, user.username)  # nothing listens yet: counted in memory
+        with redis_server(port):
+            FallbackRedisCache.unreachable_until = 0.0  # its 5 s are up
+            login_throttle.clear_failures(request, user.username)  # signed in
+            cache.set("default-expiry", 1)
+            assert 0 < redis_ttl(port, cache.make_key("default-expiry")) <= 300, "Django's default, not never"
+        FallbackRedisCache.unreachable_until = time.monotonic() + 60  # failing again
+        login_throttle.record_failure(request, user.username)
+        assert not login_throttle.locked_out(request, user.username), "one typo since signing in"
+    finally:
+        FallbackRedisCache.unreachable_until = 0.0
+        FallbackRedisCache.in_memory.clear()
+
+
+def redis_ttl(port: int, key: str) -> int:
+    import redis
+
+    return redis.Redis(port=port).ttl(key)
+
+
+@needs_redis_server
 def test_uploads_while_the_broker_is_down_are_kept_and_finished_later(transactional_db, user, media_root, tmp_path):
     port = free_port()
     broker = private_broker_env(port, stale_seconds=600)
