@@ -75,6 +75,11 @@ def _device_cookie(request) -> tuple[str, list[str]]:
     return (device, users.split(",")) if device and users else ("", [])
 
 
+def _has_own_id(request) -> bool:
+    value = request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
+    return "|" in value
+
+
 def _legacy_user_digest(username: str) -> str:
     """How cookies written before 2026-12-02 named their users, lower-cased; they stay valid for their
     lifetime, or every ward browser would be a stranger at once after an upgrade. A case variant
@@ -89,8 +94,12 @@ def _known_device(request, username: str) -> str:
 
 
 def remember_device(request, response: HttpResponse, username: str) -> None:
-    """After a sign-in: this browser is known for this user from now on."""
+    """After a sign-in: this browser is known for this user from now on. A cookie of the earlier
+    form is replaced whole: a random id of its own (browsers whose old cookies listed the same
+    users would share the derived one) and keyed digests only."""
     device, known = _device_cookie(request)
+    if not _has_own_id(request):
+        device, known = "", []
     digest = _user_digest(username)
     users = [digest] + [user for user in known if user != digest]
     response.set_signed_cookie(

@@ -480,6 +480,7 @@ def test_a_browser_remembered_before_browsers_had_ids_is_still_known(db, setting
         Client().post("/accounts/login/", {"username": "guess", "password": "Summer2026"})
     assert _sign_in(Client(), clinician.username) == 429
     assert _sign_in(browser, clinician.username) == 302
-    assert "|" in browser.cookies[DEVICE_COOKIE].value, "signing in rewrites it in the new form"
+    rewritten = browser.cookies[DEVICE_COOKIE].value
+    assert "|" in rewritten and old_value not in rewritten, "signing in rewrites it in the new form, whole"
     browser.post("/accounts/logout/")
     assert _sign_in(browser, clinician.username) == 302
