@@ -484,3 +484,13 @@ def test_a_browser_remembered_before_browsers_had_ids_is_still_known(db, setting
     assert "|" in rewritten and old_value not in rewritten, "signing in rewrites it in the new form, whole"
     browser.post("/accounts/logout/")
     assert _sign_in(browser, clinician.username) == 302
+
+
+def test_the_api_rate_limit_for_anonymous_clients_ignores_a_made_up_forwarded_for(db, monkeypatch):
+    from rest_framework.throttling import SimpleRateThrottle
+
+    # DRF reads the rates once, at import: the class's own copy is what a test can change.
+    monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", {**SimpleRateThrottle.THROTTLE_RATES, "anon": "2/hour"})
+    client = APIClient(REMOTE_ADDR="198.51.100.9")
+    answers = [client.get("/api/schema/", HTTP_X_FORWARDED_FOR=f"10.0.0.{n}").status_code for n in range(4)]
+    assert answers == [200, 200, 429, 429]

@@ -5,13 +5,18 @@ from where that no retention period reaches. A digest keyed with SECRET_KEY coun
 cannot be reversed by trying the addresses of a hospital's network one by one.
 """
 
+from django.conf import settings
 from django.utils.crypto import salted_hmac
 from rest_framework import throttling
 
 
 class AddressDigestMixin:
     def get_ident(self, request) -> str:
-        return salted_hmac("diagnosis.api.throttling", super().get_ident(request)).hexdigest()[:32]
+        # The address the sign-in lockout and the access trail take (CLIENT_IP_HEADER behind the
+        # proxy), not DRF's X-Forwarded-For, which a client reaching gunicorn can make up afresh
+        # on every request.
+        address = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "")
+        return salted_hmac("diagnosis.api.throttling", address.split(",")[0].strip()).hexdigest()[:32]
 
 
 class AnonRateThrottle(AddressDigestMixin, throttling.AnonRateThrottle):
