@@ -5,6 +5,7 @@ a sample's cells together, as they do the NIH patients'.
 """
 
 import csv
+import fcntl
 import logging
 import shutil
 from itertools import islice
@@ -50,6 +51,8 @@ PARTIAL_MANIFEST_NAME = "reviewed.csv.partial"
 # The files earlier runs listed, kept until a run completes: each is removed then unless that run
 # wrote it again. Without it, a second failed run would forget what the first one had copied.
 PENDING_NAME = "reviewed.csv.pending"
+# Held while a run writes: two at once would each remove what the other copies.
+LOCK_NAME = ".export.lock"
 
 
 # Cells read, copied and recorded this many at a time: an export of years of reviews holds one
@@ -67,6 +70,19 @@ def export_reviewed_cells(*, out: Path) -> int:
     run still removes what the failed ones copied."""
     for label in Analysis.Label.values:
         (out / label).mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportRunning(f"Another export into {out} is running; try again when it has finished.") from None
+        return _export_into(out)
+
+
+class ExportRunning(RuntimeError):
+    pass
+
+
+def _export_into(out: Path) -> int:
     earlier = _previously_exported(out)
     _write_file_list(out / PENDING_NAME, files=earlier, out=out)
     written: set[Path] = set()
@@ -103,11 +119,13 @@ def _export_cell(analysis: Analysis, *, out: Path, manifest, written: set[Path])
 
 
 def _write_file_list(path: Path, *, files: set[Path], out: Path) -> None:
-    """A list of files in the manifest's form, written whole or not at all."""
+    """A list of files in the manifest's form (label/name), written whole or not at all. The files
+    are resolved paths: a label folder may be a link to another disk."""
+    labels = {(out / label).resolve(): label for label in Analysis.Label.values}
     with open(path.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file"])
-        writer.writerows([file.relative_to(out.resolve()).as_posix()] for file in sorted(files))
+        writer.writerows([f"{labels[file.parent]}/{file.name}"] for file in sorted(files))
     path.with_suffix(".tmp").replace(path)
 
 

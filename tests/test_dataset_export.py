@@ -165,3 +165,36 @@ def test_an_export_that_fails_half_way_keeps_the_last_manifest_and_the_next_run_
     assert export_reviewed_cells(out=out) == 2
     assert sorted(s.path.name for s in list_samples(out)) == sorted([exported_name(first), exported_name(blocked)])
     assert not (out / "reviewed.csv.partial").exists() and not (out / "reviewed.csv.pending").exists()
+
+
+def test_an_export_into_label_folders_on_another_disk_runs_again(user, tmp_path):
+    """A label folder may be a link to a larger disk: the lists of earlier runs still name it."""
+    from diagnosis.dataset import export_reviewed_cells
+
+    finished(create_analysis(owner=user, upload=upload("a.png")), label="Uninfected", verdict="agree")
+    out, elsewhere = tmp_path / "reviewed", tmp_path / "big-disk"
+    (elsewhere / "uninfected-cells").mkdir(parents=True)
+    out.mkdir()
+    (out / "Uninfected").symlink_to(elsewhere / "uninfected-cells")
+    assert export_reviewed_cells(out=out) == export_reviewed_cells(out=out) == 1
+    assert len(list((elsewhere / "uninfected-cells").iterdir())) == 1
+
+
+def test_a_second_export_into_the_same_folder_while_one_runs_is_refused(user, tmp_path):
+    import fcntl
+
+    from django.core.management import CommandError
+
+    from diagnosis.dataset import LOCK_NAME, ExportRunning, export_reviewed_cells
+
+    finished(create_analysis(owner=user, upload=upload("a.png")), label="Uninfected", verdict="agree")
+    out = tmp_path / "reviewed"
+    out.mkdir()
+    with open(out / LOCK_NAME, "w") as running:  # as the first run holds it
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pytest.raises(ExportRunning, match="Another export into"):
+            export_reviewed_cells(out=out)
+        with pytest.raises(CommandError, match="Another export into"):
+            call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
+    assert not (out / "reviewed.csv").exists()
+    assert export_reviewed_cells(out=out) == 1

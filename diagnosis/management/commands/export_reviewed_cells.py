@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from diagnosis.dataset import export_reviewed_cells
+from diagnosis.dataset import ExportRunning, export_reviewed_cells
 
 
 class Command(BaseCommand):
@@ -16,5 +16,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, out: str, **options):
         out = Path(out)
-        count = export_reviewed_cells(out=out)
+        try:
+            count = export_reviewed_cells(out=out)
+        except ExportRunning as running:
+            raise CommandError(str(running)) from None
         self.stdout.write(f"wrote {count} reviewed cells to {out} (manifest: {out / 'reviewed.csv'})")
