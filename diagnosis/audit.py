@@ -13,9 +13,9 @@ other action always is.
 import ipaddress
 from datetime import timedelta
 
-from django.conf import settings
 from django.utils import timezone
 
+from diagnosis.login_throttle import client_address
 from diagnosis.models import AccessEvent, Analysis, Batch
 
 REPEAT_WINDOW = timedelta(minutes=10)
@@ -124,9 +124,7 @@ def _channel(path: str) -> AccessEvent.Channel:
 
 def _client_ip(request) -> str | None:
     """The address the login throttle uses too (CLIENT_IP_HEADER behind a proxy); None if not an IP."""
-    value = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR") or ""
-    value = value.split(",")[0].strip()
     try:
-        return str(ipaddress.ip_address(value))
+        return str(ipaddress.ip_address(client_address(request)))
     except ValueError:
         return None

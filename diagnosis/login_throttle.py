@@ -32,8 +32,11 @@ DEVICE_COOKIE_MAX_AGE = 180 * 24 * 3600
 DEVICE_COOKIE_USERS = 5  # a shared workstation remembers its last few users
 
 
-def _address(request) -> str:
-    return request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "unknown")
+def client_address(request) -> str:
+    """The client's address as every limit and the access trail take it: CLIENT_IP_HEADER behind a
+    proxy (its first entry), else the peer; never a header a client could make up itself."""
+    value = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR") or ""
+    return value.split(",")[0].strip()
 
 
 def _digest(text: str) -> str:
@@ -52,12 +55,12 @@ def _name(username: str) -> str:
 def _key(request, username: str) -> str:
     """Where failures at this username count: per known browser, else per address."""
     device = _known_device(request, username)
-    source = f"device:{device}" if device else _address(request)
+    source = f"device:{device}" if device else client_address(request)
     return f"login-failures:{_digest(source)}:{_digest(_name(username))}"
 
 
 def _address_key(request) -> str:
-    return f"login-failures-address:{_digest(_address(request))}"
+    return f"login-failures-address:{_digest(client_address(request))}"
 
 
 def _user_digest(username: str) -> str:

@@ -5,9 +5,10 @@ from where that no retention period reaches. A digest keyed with SECRET_KEY coun
 cannot be reversed by trying the addresses of a hospital's network one by one.
 """
 
-from django.conf import settings
 from django.utils.crypto import salted_hmac
 from rest_framework import throttling
+
+from diagnosis.login_throttle import client_address
 
 
 class AddressDigestMixin:
@@ -15,8 +16,7 @@ class AddressDigestMixin:
         # The address the sign-in lockout and the access trail take (CLIENT_IP_HEADER behind the
         # proxy), not DRF's X-Forwarded-For, which a client reaching gunicorn can make up afresh
         # on every request.
-        address = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR", "")
-        return salted_hmac("diagnosis.api.throttling", address.split(",")[0].strip()).hexdigest()[:32]
+        return salted_hmac("diagnosis.api.throttling", client_address(request)).hexdigest()[:32]
 
 
 class AnonRateThrottle(AddressDigestMixin, throttling.AnonRateThrottle):
