@@ -53,12 +53,12 @@ def batch_list(request):
 @require_http_methods(["GET", "POST"])
 def upload(request):
     form = UploadForm(request.POST or None, request.FILES or None)
-    digest = _form_digest(request) if request.POST.get("upload_id") else ""  # read before the files are stored
-    if (sent := _batch_sent_as(request, digest=digest)) is not None:
+    digest = _images_digest(request) if request.FILES.getlist("images") else ""  # before they are stored
+    if digest and (sent := _batch_sent_as(request, digest=digest)) is not None:
         messages.info(
             request,
             f"These images were already uploaded as batch #{sent} (the form was sent again, after Back "
-            "perhaps): nothing was stored twice.",
+            "perhaps): nothing was stored twice. To store them again, delete that batch first.",
         )
         return _to_batch(request, sent)
     if request.method == "POST" and form.is_valid():
@@ -87,7 +87,6 @@ def upload(request):
     status = 400 if request.method == "POST" else 200
     context = {
         "form": form,
-        "upload_id": secrets.token_urlsafe(16),
         "max_files": settings.BATCH_MAX_FILES,
         "max_bytes": settings.UPLOAD_MAX_BYTES,
         "max_request_bytes": settings.REQUEST_MAX_BYTES,
@@ -95,34 +94,26 @@ def upload(request):
     return render(request, "diagnosis/upload.html", context, status=status)
 
 
-# The upload forms this session has sent, each with the batch it made and a digest of what it
-# carried: a browser's Back restores a sent form with its files (and its hidden upload_id), and
-# sending it again must not store the same patient's cells twice. A restored form filled in anew
-# (the next patient's images or reference) is a new upload.
-SENT_UPLOADS = "sent_upload_ids"
+# The images this session has uploaded (a digest of their names and bytes, in order), each with
+# the batch they made. After Back a browser may fetch the form afresh and put the chosen files back
+# in it, but not the reference it had: the same images sent again must not store the same
+# patient's cells twice, with or without the reference. Other images are a new upload.
+SENT_UPLOADS = "sent_uploads"
 
 
 def _batch_sent_as(request, *, digest: str) -> int | None:
-    upload_id = request.POST.get("upload_id", "")
-    sent = request.session.get(SENT_UPLOADS, {}).get(upload_id) if upload_id else None
-    if not (isinstance(sent, list) and len(sent) == 2 and sent[1] == digest):
-        return None
-    batch_id = sent[0]
-    return batch_id if selectors.batches_for(user=request.user).filter(pk=batch_id).exists() else None
+    batch_id = request.session.get(SENT_UPLOADS, {}).get(digest)
+    return batch_id if batch_id and selectors.batches_for(user=request.user).filter(pk=batch_id).exists() else None
 
 
 def _remember_sent(request, batch_id: int, *, digest: str) -> None:
-    if (upload_id := request.POST.get("upload_id", "")) and len(upload_id) <= 50:
-        sent = [item for item in request.session.get(SENT_UPLOADS, {}).items() if item[0] != upload_id][-19:]
-        request.session[SENT_UPLOADS] = dict([*sent, (upload_id, [batch_id, digest])])
+    sent = [item for item in request.session.get(SENT_UPLOADS, {}).items() if item[0] != digest][-19:]
+    request.session[SENT_UPLOADS] = dict([*sent, (digest, batch_id)])
 
 
-def _form_digest(request) -> str:
+def _images_digest(request) -> str:
     return services.request_digest(
-        uploads=request.FILES.getlist("images"),
-        sample_reference=request.POST.get("sample_reference", ""),
-        note=request.POST.get("note", ""),
-        callback_url="",
+        uploads=request.FILES.getlist("images"), sample_reference="", note="", callback_url=""
     )
 
 

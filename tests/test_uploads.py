@@ -269,30 +269,33 @@ def test_every_nih_cell_shape_and_contrast_is_accepted(api_client):
         assert api_client.post("/api/analyses/", {"image": upload("cell.png", content)}).status_code == 202, ratio
 
 
-def test_a_form_restored_by_back_and_filled_in_for_the_next_patient_is_a_new_upload(web_client):
-    """Back restores the sent form with its upload_id: sent again as it was, it stores nothing
-    twice; with the next patient's images and reference, it is that patient's batch."""
+def test_the_same_images_sent_again_after_back_are_stored_once_and_others_are_a_new_upload(web_client):
+    """After Back a browser may fetch the form afresh with the chosen files put back but not the
+    reference: sent again, those images store nothing twice, with or without the reference; the
+    next patient's images are that patient's batch."""
     cells = fixture_cells()
 
     def send(reference: str, files):
         images = [upload(cell.name, cell.read_bytes()) for cell in files]
-        data = {"upload_id": "form-1", "sample_reference": reference, "note": "", "images": images}
-        return web_client.post("/upload/", data)
+        return web_client.post("/upload/", {"sample_reference": reference, "note": "", "images": images})
 
     first = send("PATIENT-A", cells[:1])
     patient_a = Batch.objects.get()
     assert first.url == f"/batches/{patient_a.pk}/"
-    assert send("PATIENT-A", cells[:1]).url == f"/batches/{patient_a.pk}/"
-    assert Batch.objects.count() == 1, "the same form sent again stores nothing twice"
+    for reference in ("PATIENT-A", ""):  # the form as it was, or as Back left it (reference gone)
+        assert send(reference, cells[:1]).url == f"/batches/{patient_a.pk}/"
+    assert Batch.objects.count() == 1, "the same images sent again store nothing twice"
+    assert "already uploaded as batch" in web_client.get(f"/batches/{patient_a.pk}/").content.decode()
 
     following = send("PATIENT-B", cells[1:3])
     patient_b = Batch.objects.exclude(pk=patient_a.pk).get()
     assert following.url == f"/batches/{patient_b.pk}/"
     assert (patient_b.sample_reference, patient_b.analyses.count()) == ("PATIENT-B", 2)
-    assert send("PATIENT-B", cells[1:3]).url == f"/batches/{patient_b.pk}/" and Batch.objects.count() == 2
-    # The same reference with other images is another upload too (a second slide of one patient).
-    send("PATIENT-B", cells[3:4])
+    send("PATIENT-B", cells[3:4])  # a second slide of the same patient: other images, another batch
     assert Batch.objects.count() == 3
+    Batch.objects.filter(pk=patient_a.pk).delete()
+    send("PATIENT-A", cells[:1])  # once its batch is deleted, the same images may be stored again
+    assert Batch.objects.count() == 3 and Batch.objects.filter(sample_reference="PATIENT-A").exists()
 
 
 @pytest.mark.parametrize("spooled", [False, True])
