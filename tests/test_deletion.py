@@ -136,9 +136,15 @@ def record_uninfected(analysis: Analysis, *, task_id: str) -> bool:
     )
 
 
+def no_worker(**kwargs) -> None:
+    """Committed cells are not sent to the broker: a session worker still running from an earlier
+    test would take them, and claim them before the test does."""
+
+
 def test_a_file_that_cannot_be_removed_leaves_the_other_files_to_go(transactional_db, user, monkeypatch, caplog):
     """Once the rows are gone nothing else would remove the files: one refusal (a read-only or
     failing volume) must not keep the rest of a batch's images on disk."""
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", no_worker)
     batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="W-4")
     for analysis in batch.analyses.all():
         with_overlay(analysis)
@@ -168,6 +174,7 @@ def test_a_result_for_a_cell_deleted_while_the_worker_ran_leaves_no_heatmap(user
 
 
 def test_a_cell_deleted_as_soon_as_its_result_is_committed_does_not_fail_the_task(transactional_db, user, monkeypatch):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", no_worker)
     analysis = services.create_analysis(owner=user, upload=upload())
     assert services.claim_analysis(analysis_id=analysis.pk, task_id="t")
     save_overlay = private_storage.save
