@@ -69,18 +69,17 @@ def _user_digest(username: str) -> str:
     return salted_hmac(DEVICE_COOKIE_SALT, _name(username)).hexdigest()[:32]
 
 
-def _device_cookie(request) -> tuple[str, list[str]]:
-    """This browser's id and its users' digests (none if its cookie is forged, expired or empty)."""
-    value = request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
+def _cookie_value(request) -> str:
+    """The device cookie's value ("" if it is forged, expired or missing)."""
+    return request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
+
+
+def _device_cookie(value: str) -> tuple[str, list[str]]:
+    """This browser's id and its users' digests, from the cookie's value."""
     device, separator, users = value.partition("|")
     if not separator:  # written before browsers had ids: its own digest stands in for one
         return (_digest(f"legacy:{value}")[:22], value.split(",")) if value else ("", [])
     return (device, users.split(",")) if device and users else ("", [])
-
-
-def _has_own_id(request) -> bool:
-    value = request.get_signed_cookie(DEVICE_COOKIE, default="", salt=DEVICE_COOKIE_SALT, max_age=DEVICE_COOKIE_MAX_AGE)
-    return "|" in value
 
 
 def _legacy_user_digest(username: str) -> str:
@@ -92,7 +91,7 @@ def _legacy_user_digest(username: str) -> str:
 
 def _known_device(request, username: str) -> str:
     """This browser's id if it has signed in as this user, else ""."""
-    device, users = _device_cookie(request)
+    device, users = _device_cookie(_cookie_value(request))
     return device if {_user_digest(username), _legacy_user_digest(username)} & set(users) else ""
 
 
@@ -100,9 +99,8 @@ def remember_device(request, response: HttpResponse, username: str) -> None:
     """After a sign-in: this browser is known for this user from now on. A cookie of the earlier
     form is replaced whole: a random id of its own (browsers whose old cookies listed the same
     users would share the derived one) and keyed digests only."""
-    device, known = _device_cookie(request)
-    if not _has_own_id(request):
-        device, known = "", []
+    value = _cookie_value(request)
+    device, known = _device_cookie(value) if "|" in value else ("", [])
     digest = _user_digest(username)
     users = [digest] + [user for user in known if user != digest]
     response.set_signed_cookie(
