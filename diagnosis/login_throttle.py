@@ -155,9 +155,13 @@ class LockoutMixin:
 
     def post(self, request, *args, **kwargs):
         if locked_out(request, self.checked_username()):
-            form = self.get_form()
-            form.add_error(None, lockout_message())
-            return self.render_to_response(self.get_context_data(form=form), status=429)
+            # The form is not bound, so no password is checked: cleaning the posted one would show
+            # "wrong password" beside the lockout for every guess but the right one.
+            kwargs = self.get_form_kwargs()
+            del kwargs["data"], kwargs["files"]
+            kwargs["initial"] = {**kwargs["initial"], "username": self.checked_username()}
+            context = self.get_context_data(form=self.get_form_class()(**kwargs), lockout=lockout_message())
+            return self.render_to_response(context, status=429)
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):

@@ -23,6 +23,37 @@ def test_web_login_is_throttled_after_repeated_failures(client, user, settings):
     assert "_auth_user_id" not in client.session
 
 
+def _page_errors(response) -> list[str]:
+    return re.findall(r'<div class="errors" role="alert">(.*?)</div>', response.content.decode(), re.S)
+
+
+def test_a_locked_out_sign_in_does_not_tell_a_right_password_from_a_wrong_one(client, user, settings):
+    """A guesser kept guessing past the lockout would learn the password from a "wrong password"
+    shown beside the lockout for every guess but the right one."""
+    settings.LOGIN_MAX_FAILURES = 2
+    for _ in range(2):
+        client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
+    wrong = client.post("/accounts/login/", {"username": user.username, "password": "still wrong"})
+    right = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
+    assert wrong.status_code == right.status_code == 429
+    assert _page_errors(wrong) == _page_errors(right)
+    assert "correct username and password" not in wrong.content.decode()
+    assert f'value="{user.username}"' in right.content.decode()  # the name stays typed
+
+
+def test_a_locked_out_password_change_does_not_tell_a_right_password_from_a_wrong_one(client, user, settings):
+    settings.LOGIN_MAX_FAILURES = 2
+    client.force_login(user)
+    new = {"new_password1": "a-Fresh-passphrase-42", "new_password2": "a-Fresh-passphrase-42"}
+    for _ in range(2):
+        client.post("/accounts/password_change/", {"old_password": "guess", **new})
+    wrong = client.post("/accounts/password_change/", {"old_password": "another guess", **new})
+    right = client.post("/accounts/password_change/", {"old_password": PASSWORD, **new})
+    assert wrong.status_code == right.status_code == 429
+    assert "old password was entered incorrectly" not in wrong.content.decode()
+    assert "Too many failed sign-in attempts" in right.content.decode()
+
+
 def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(client, user, settings):
     # Spaces, control characters and 150 characters: memcached refuses such keys, and Django warns.
     settings.LOGIN_MAX_FAILURES = 2
