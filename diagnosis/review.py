@@ -41,7 +41,7 @@ def review(request, pk: int):
         return redirect("diagnosis:review-queue")
     if request.method == "GET":
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
-    form = ReviewForm(request.POST or None, initial={"replacing": analysis.reviewed_at})
+    form = ReviewForm(request.POST or None, initial=_initial_review(analysis=analysis, user=request.user))
     if request.method == "POST" and form.is_valid():
         verdict = form.cleaned_data["verdict"]
         try:
@@ -74,3 +74,16 @@ def review(request, pk: int):
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
     status = 400 if request.method == "POST" else 200
     return render(request, "diagnosis/review.html", {"analysis": analysis, "form": form}, status=status)
+
+
+def _initial_review(*, analysis: Analysis, user) -> dict:
+    """What the form opens with: the reviewer's own earlier verdict when they come back to change it
+    (another reviewer's is shown beside the form, not put in it: saving would sign their note)."""
+    initial = {"replacing": analysis.reviewed_at}
+    if analysis.review_verdict and analysis.reviewed_by_id == user.pk:
+        initial |= {
+            "verdict": analysis.review_verdict,
+            "corrected_label": analysis.corrected_label,
+            "note": analysis.review_note,
+        }
+    return initial

@@ -115,7 +115,7 @@ def reviews_by(*, user: AbstractBaseUser) -> QuerySet[Analysis]:
     """The cases this reviewer last reviewed, newest first."""
     if not can_review(user):
         raise Http404
-    return Analysis.objects.filter(reviewed_by=user).order_by("-reviewed_at")
+    return Analysis.objects.filter(reviewed_by=user).select_related("batch").order_by("-reviewed_at")
 
 
 # How long a case opened for review (diagnosis.review records each opening in the trail) is left

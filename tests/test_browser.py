@@ -325,6 +325,10 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     expect(reviewer_page.locator(".flash")).to_have_text(
         f"Review of {third.original_filename} saved (agreed). Change it"
     )
+    # Change it opens that review as it was saved.
+    reviewer_page.locator(".flash").get_by_role("link", name="Change it").click()
+    reviewer_page.wait_for_url(f"**/review/{third.pk}/")
+    expect(reviewer_page.get_by_role("radio", name=re.compile("^Agree"))).to_be_checked()
 
     # The owner sees both verdicts.
     page.goto(f"/analyses/{agreed.pk}/")

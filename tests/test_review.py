@@ -231,3 +231,45 @@ def test_the_migration_signs_reviews_made_before_it(transactional_db, user):
     Analysis.objects.filter(pk=case.pk).update(status="done", review_verdict="agree", reviewed_by=reviewer)
     importlib.import_module("diagnosis.migrations.0009_owners_reviewers_and_indexes").sign_existing_reviews(apps, None)
     assert Analysis.objects.get(pk=case.pk).reviewer_name == reviewer.username
+
+
+def _checked(page: str, name: str) -> str:
+    """The value of the checked radio button or selected option of ``name`` on a review page ("" if none)."""
+    if name == "verdict":
+        found = re.search(r'name="verdict" value="(\w+)"(?: required)? checked', page)
+    else:
+        select = re.search(rf'<select name="{name}".*?</select>', page, re.S)[0]
+        found = re.search(r'<option value="(\w+)" selected', select)
+    return found[1] if found else ""
+
+
+def test_change_it_opens_the_reviewers_own_verdict_and_not_anyone_elses(case):
+    client, _ = reviewer_client()
+    colleague, _ = reviewer_client()
+    form = client.get(f"/review/{case.pk}/").content.decode()
+    assert _checked(form, "verdict") == ""
+    verdict = {"verdict": "disagree", "corrected_label": "Uninfected", "note": "no ring"}
+    client.post(f"/review/{case.pk}/", {**verdict, "replacing": seen_review_time(form)})
+    again = client.get(f"/review/{case.pk}/").content.decode()
+    assert (_checked(again, "verdict"), _checked(again, "corrected_label")) == ("disagree", "Uninfected")
+    assert re.search(r'<textarea name="note"[^>]*>no ring</textarea>', again)
+    # A colleague reads the review beside the form; saving theirs must not sign this reviewer's note.
+    theirs = colleague.get(f"/review/{case.pk}/").content.decode()
+    assert (_checked(theirs, "verdict"), _checked(theirs, "corrected_label")) == ("", "")
+    assert re.search(r'<textarea name="note"[^>]*></textarea>', theirs) and "“no ring”" in theirs
+
+
+def test_the_queue_and_the_case_name_the_sample_each_cell_came_from(user):
+    client, reviewer = reviewer_client()
+    batch = create_batch(owner=user, uploads=[upload("cell.png")], sample_reference="WARD-7 bed 3")
+    single = create_analysis(owner=user, upload=upload("cell.png"))  # the same file name, another sample
+    Analysis.objects.update(status="done", label="Uninfected", probability_parasitized=0.2, decision_threshold=0.5)
+    queue = client.get("/review/").content.decode()
+    rows = re.findall(r"<tr>(.*?)</tr>", queue, re.S)
+    assert any(f"batch #{batch.pk} (WARD-7 bed 3)" in row and "cell.png" in row for row in rows)
+    assert any(f"/review/{single.pk}/" in row and "single upload" in row for row in rows)
+    case = client.get(f"/review/{batch.analyses.get().pk}/").content.decode()
+    assert f"batch #{batch.pk} (WARD-7 bed 3)" in case
+    client.post(f"/review/{single.pk}/", {"verdict": "agree"})
+    mine = re.search(r'<ul id="my-reviews">(.*?)</ul>', client.get("/review/").content.decode(), re.S)[1]
+    assert "cell.png</a> (single upload): agreed" in mine
