@@ -1,9 +1,10 @@
 """The access trail: every opening of a patient record, download, export, upload, review and deletion.
 
 Views call ``record_access`` once a lookup has succeeded (a 404 for someone else's id opens
-nothing, so records nothing). Lists and the live-status polls are not recorded: they are the
-owner's own overview and would drown the trail; an owner's own thumbnails are not either, for the
-same reason (anyone else's are: a reviewer's queue shows other users' patients).
+nothing, so records nothing). The site's lists and the live-status polls are not recorded: they
+are the owner's own overview and would drown the trail; an owner's own thumbnails are not either,
+for the same reason (anyone else's are: a reviewer's queue shows other users' patients). Each page
+of an API list is (``record_list_read``): a key read in bulk, a leaked one too, leaves a trace.
 A lab system polling a batch until it finishes would drown it too, as would the batch grid's
 heatmap previews on hover, so a viewing or download that repeats one by the same user, of the
 same record and file, through the same channel within REPEAT_WINDOW is not recorded again; every
@@ -29,7 +30,9 @@ def record_access(
     analysis: Analysis | None = None,
     batch: Batch | None = None,
     detail: str = "",
+    owner_id: int | None = None,
 ) -> AccessEvent | None:
+    """``owner_id``: the owner of what was read, where no one record was (a list)."""
     subject = analysis or batch
     event = AccessEvent(
         user=request.user,
@@ -38,7 +41,7 @@ def record_access(
         channel=_channel(request.path),
         analysis_id=analysis.pk if analysis else None,
         batch_id=batch.pk if batch else (analysis.batch_id if analysis else None),
-        owner_id=subject.owner_id if subject else None,
+        owner_id=subject.owner_id if subject else owner_id,
         detail=detail[:200],
         client_ip=_client_ip(request),
     )
@@ -46,6 +49,16 @@ def record_access(
         return None
     event.save()
     return event
+
+
+def record_list_read(*, request, records: list[Analysis] | list[Batch], noun: str, page: int) -> AccessEvent | None:
+    """One page of an API list of the user's own records, with the span of ids it held (the query's
+    values are left out: a sample reference may name a patient). The same page read again with the
+    same records within REPEAT_WINDOW, a lab system polling, is recorded once."""
+    ids = sorted(record.pk for record in records)
+    held = f", ids {ids[0]}–{ids[-1]}" if ids else ""
+    detail = f"list of {counted(len(ids), noun)}, page {page}{held}"
+    return record_access(request=request, action=AccessEvent.Action.VIEWED, detail=detail, owner_id=request.user.pk)
 
 
 def record_dataset_export(*, analyses: list[Analysis], out: str) -> None:

@@ -99,7 +99,6 @@ def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cel
     assert api.get(f"/api/analyses/{cell.pk}/").status_code == 200
     assert api.get(f"/api/analyses/{cell.pk}/image/").status_code == 200
     assert api.get(f"/api/batches/{batch.pk}/").status_code == 200
-    assert api.get("/api/analyses/").status_code == 200  # lists are not recorded
     assert api.delete(f"/api/batches/{batch.pk}/").status_code == 204
     u = user.username
     assert trail() == [
@@ -109,6 +108,28 @@ def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cel
         (u, Action.VIEWED, "api", None, batch.pk, ""),
         (u, Action.DELETED, "api", None, batch.pk, "2 cells"),
     ]
+
+
+def test_each_page_of_an_api_list_is_recorded_with_the_ids_it_held_once_per_window(user, other_user, batch, cell):
+    """A key that reads everything, page by page (a leaked one too), leaves a trace; a lab system
+    polling the same page does not bury the trail."""
+    services.create_analysis(owner=other_user, upload=upload("theirs.png"))
+    api = APIClient()
+    api.force_authenticate(user)
+    mine = sorted(batch.analyses.values_list("pk", flat=True))
+    for _ in range(3):
+        assert api.get("/api/analyses/", {"status": "done"}).status_code == 200
+    assert api.get("/api/batches/", {"sample_reference": "W-9"}).status_code == 200
+    assert api.get("/api/analyses/", {"status": "failed"}).status_code == 200
+    entries = list(AccessEvent.objects.order_by("id").values_list("action", "channel", "owner_id", "detail"))
+    assert entries == [
+        (Action.VIEWED, "api", user.pk, f"list of 2 cells, page 1, ids {mine[0]}–{mine[1]}"),
+        (Action.VIEWED, "api", user.pk, f"list of 1 batch, page 1, ids {batch.pk}–{batch.pk}"),
+        (Action.VIEWED, "api", user.pk, "list of 0 cells, page 1"),
+    ]
+    assert not any("W-9" in detail for *_, detail in entries)  # a reference may name a patient
+    assert api.get("/api/analyses/", {"page": 2}).status_code == 404  # no such page: nothing was read
+    assert AccessEvent.objects.count() == 3
 
 
 def test_repeated_polls_and_downloads_are_recorded_once_per_window_and_per_file(user, batch, cell):

@@ -24,7 +24,7 @@ from diagnosis.api.serializers import (
     BatchUploadSerializer,
 )
 from diagnosis.api.throttling import ScopedRateThrottle
-from diagnosis.audit import counted, record_access
+from diagnosis.audit import counted, record_access, record_list_read
 from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis
 
@@ -136,6 +136,12 @@ def _service_errors(error: ValidationError) -> ApiValidationError:
     return ApiValidationError({"detail": " ".join(error.messages), "errors": error.messages})
 
 
+def _record_page(view: viewsets.GenericViewSet, noun: str) -> None:
+    """The page a list answered, in the access trail."""
+    page = view.paginator.page
+    record_list_read(request=view.request, records=list(page.object_list), noun=noun, page=page.number)
+
+
 class AnalysisViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
 ):
@@ -165,7 +171,9 @@ class AnalysisViewSet(
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"status", "label", "batch"})
-        return super().list(request, *args, **kwargs)
+        response = super().list(request, *args, **kwargs)
+        _record_page(self, "cell")
+        return response
 
     @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 429)})
     def create(self, request):
@@ -243,7 +251,9 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"sample_reference"})
-        return super().list(request, *args, **kwargs)
+        response = super().list(request, *args, **kwargs)
+        _record_page(self, "batch")
+        return response
 
     @extend_schema(
         request=BatchUploadSerializer,
