@@ -142,6 +142,11 @@ class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
         record_access(request=request, action=AccessEvent.Action.VIEWED, **subject)
 
 
+# The owners of the listed records only: a reviewer may not list the accounts (superusers and
+# service accounts included), and an owner filter of every user would name them all.
+OWNERS_WITH_RECORDS = ("owner", admin.RelatedOnlyFieldListFilter)
+
+
 class FinalLabelFilter(admin.SimpleListFilter):
     title = "label (a reviewer's correction, else the model's)"
     parameter_name = "final_label"
@@ -182,7 +187,7 @@ class AnalysisAdmin(PatientRecordAdmin):
         "label",
         "review_verdict",
         ("reviewed_by", admin.EmptyFieldListFilter),
-        "owner",
+        OWNERS_WITH_RECORDS,
         "created_at",
     ]
     search_fields = ["original_filename", "owner__username", "batch__sample_reference", "model_version"]
@@ -311,7 +316,7 @@ class BatchAdmin(PatientRecordAdmin):
         self.message_user(request, f"{retried} failed callback(s) will be tried again.")
 
     list_display = ["id", "owner", "sample_reference", "created_at", "callback_state", "withdrawn_at"]
-    list_filter = ["callback_state", WithdrawnFilter, "owner", "created_at"]
+    list_filter = ["callback_state", WithdrawnFilter, OWNERS_WITH_RECORDS, "created_at"]
 
     def get_queryset(self, request):
         # Deleted batches waiting to tell their lab system too: a failed withdrawal is retried here.

@@ -156,8 +156,13 @@ def test_a_reviewer_who_is_staff_reviews_in_the_admin_with_no_further_permission
 
     reviewer = staff_with(client)
     get_user_model().objects.get(username="clerk").groups.add(Group.objects.get(name="reviewers"))
+    get_user_model().objects.create_superuser("service-account-with-no-cells", password="x")
     listing = reviewer.get("/admin/diagnosis/analysis/")
     assert listing.status_code == 200 and "review-me.png" in listing.content.decode()
+    # The owner filter names the owners of the records listed, not every account there is.
+    for changelist in (listing, reviewer.get("/admin/diagnosis/batch/")):
+        assert changelist.status_code == 200 and "service-account-with-no-cells" not in changelist.content.decode()
+    assert finished.owner.username in listing.content.decode()
     page = reviewer.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
     assert 'name="review_verdict"' in page
     assert reviewer.get(f"/analyses/{finished.pk}/picture/").status_code == 200  # the images it shows open
