@@ -12,6 +12,7 @@ address, so guesses from elsewhere at the same address lock neither the user out
 address, and its own typos count against nothing else.
 """
 
+import contextlib
 import hashlib
 import secrets
 import unicodedata
@@ -114,32 +115,61 @@ def remember_device(request, response: HttpResponse, username: str) -> None:
     )
 
 
-def locked_out(request, username: str) -> bool:
-    if cache.get(_key(request, username), 0) >= settings.LOGIN_MAX_FAILURES:
-        return True
-    return not _known_device(request, username) and (
-        cache.get(_address_key(request), 0) >= settings.LOGIN_MAX_FAILURES_PER_ADDRESS
-    )
+def admit(request, username: str) -> bool:
+    """Count this sign-in attempt before its password is checked; False (counting nothing) while
+    locked out. Counted first, not once a password proves wrong: guesses sent all at once would
+    each find the count still under the limit, and all have their passwords checked. A wrong
+    password leaves the count as it is; see not_a_guess and signed_in for the others."""
+    keys = _attempt_keys(request, username)
+    counts = [_count(key) for key, _ in keys]
+    if any(count > limit for count, (_, limit) in zip(counts, keys, strict=True)):
+        for key, _ in keys:
+            _uncount(key)
+        return False
+    return True
+
+
+def not_a_guess(request, username: str) -> None:
+    """An admitted attempt that checked no password (an empty field, a weak new password): uncounted."""
+    for key, _ in _attempt_keys(request, username):
+        _uncount(key)
+
+
+def signed_in(request, username: str) -> None:
+    """An admitted attempt whose password was right: the username's failures are forgiven, and the
+    attempt is taken off the address's count (it was no failure)."""
+    (user_key, _), *address = _attempt_keys(request, username)
+    cache.delete(user_key)
+    for key, _ in address:
+        _uncount(key)
+
+
+def _attempt_keys(request, username: str) -> list[tuple[str, int]]:
+    """The counts an attempt at ``username`` goes to, each with its limit: the username's, and the
+    address's unless this browser is known for this user."""
+    keys = [(_key(request, username), settings.LOGIN_MAX_FAILURES)]
+    if not _known_device(request, username):
+        keys.append((_address_key(request), settings.LOGIN_MAX_FAILURES_PER_ADDRESS))
+    return keys
+
+
+def _count(key: str) -> int:
+    if cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
+        return 1
+    try:
+        return cache.incr(key)
+    except ValueError:  # expired between the two calls: this attempt starts a new count
+        cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+        return 1
+
+
+def _uncount(key: str) -> None:
+    with contextlib.suppress(ValueError):  # expired meanwhile: nothing left to take back
+        cache.decr(key)
 
 
 def lockout_message() -> str:
     return f"Too many failed sign-in attempts. Try again in {settings.LOGIN_LOCKOUT_SECONDS // 60} minutes."
-
-
-def record_failure(request, username: str) -> None:
-    keys = [_key(request, username)]
-    if not _known_device(request, username):
-        keys.append(_address_key(request))
-    for key in keys:
-        if not cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
-            try:
-                cache.incr(key)
-            except ValueError:  # expired between the two calls: this failure starts a new count
-                cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS)
-
-
-def clear_failures(request, username: str) -> None:
-    cache.delete(_key(request, username))
 
 
 class LockoutMixin:
@@ -154,7 +184,7 @@ class LockoutMixin:
         return form.has_error(NON_FIELD_ERRORS, "invalid_login")
 
     def post(self, request, *args, **kwargs):
-        if locked_out(request, self.checked_username()):
+        if not admit(request, self.checked_username()):
             # The form is not bound, so no password is checked: cleaning the posted one would show
             # "wrong password" beside the lockout for every guess but the right one.
             kwargs = self.get_form_kwargs()
@@ -165,12 +195,12 @@ class LockoutMixin:
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):
-        if self.is_guess(form):
-            record_failure(self.request, self.checked_username())
+        if not self.is_guess(form):  # a wrong password stays counted
+            not_a_guess(self.request, self.checked_username())
         return super().form_invalid(form)
 
     def form_valid(self, form):
-        clear_failures(self.request, self.checked_username())
+        signed_in(self.request, self.checked_username())
         return super().form_valid(form)
 
 
@@ -195,16 +225,18 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
 
     def clean(self):
         username = self.data.get("username", "")
-        if locked_out(self.request, username):
+        if not admit(self.request, username):
             raise ValidationError(lockout_message(), code="locked_out")
         try:
             cleaned = super().clean()
         except ValidationError:
-            if self.user_cache is None:  # a wrong password; a right one of a non-staff account is no guess
-                record_failure(self.request, username)
-            raise
-        if self.user_cache is not None:  # signed in (an empty password checks nothing, and clears nothing)
-            clear_failures(self.request, username)
+            if self.user_cache is not None:  # the right password of a non-staff account is no guess
+                not_a_guess(self.request, username)
+            raise  # a wrong password stays counted
+        if self.user_cache is None:  # an empty field: no password was checked
+            not_a_guess(self.request, username)
+        else:
+            signed_in(self.request, username)
         return cleaned
 
 

@@ -310,15 +310,16 @@ TOKEN_FORM_IDS = "api_token_form_ids"
 def _password_refusal(request) -> str:
     """Why the password given to issue a key is refused ("" if it is the user's), counting failures."""
     username = request.user.get_username()
-    if login_throttle.locked_out(request, username):
+    if not login_throttle.admit(request, username):
         return login_throttle.lockout_message()
     password = request.POST.get("password", "")
     if not password:  # checks nothing, so counts for nothing
+        login_throttle.not_a_guess(request, username)
         return "Enter your current password: a new key needs it."
     hashed = request.user.password
-    if not request.user.check_password(password):
-        login_throttle.record_failure(request, username)
+    if not request.user.check_password(password):  # stays counted
         return "That is not your password. A new key needs your current password."
+    login_throttle.signed_in(request, username)
     if request.user.password != hashed:  # Django re-hashed it on checking: stay signed in
         update_session_auth_hash(request, request.user)
     return ""

@@ -171,10 +171,9 @@ def test_while_redis_fails_the_lockout_still_counts_in_the_process(settings, use
     FallbackRedisCache.in_memory.clear()
     try:
         request = SimpleNamespace(META={"REMOTE_ADDR": "198.51.100.4"}, get_signed_cookie=lambda *a, **k: "")
-        assert not login_throttle.locked_out(request, user.username)
-        for _ in range(3):
-            login_throttle.record_failure(request, user.username)
-        assert login_throttle.locked_out(request, user.username)
+        for _ in range(3):  # each attempt counted, its password wrong
+            assert login_throttle.admit(request, user.username)
+        assert not login_throttle.admit(request, user.username)
         assert cache.get("anything", "default") == "default"
         assert FallbackRedisCache.unreachable_until > time.monotonic()  # not asked again for a while
     finally:
@@ -201,15 +200,16 @@ def test_counts_kept_in_memory_while_redis_failed_do_not_outlive_a_sign_in(setti
     FallbackRedisCache.in_memory.clear()
     try:
         FallbackRedisCache.unreachable_until = 0.0
-        login_throttle.record_failure(request, user.username)  # nothing listens yet: counted in memory
+        login_throttle.admit(request, user.username)  # a typo; nothing listens yet: counted in memory
         with redis_server(port):
             FallbackRedisCache.unreachable_until = 0.0  # its 5 s are up
-            login_throttle.clear_failures(request, user.username)  # signed in
+            assert login_throttle.admit(request, user.username)
+            login_throttle.signed_in(request, user.username)
             cache.set("default-expiry", 1)
             assert 0 < redis_ttl(port, cache.make_key("default-expiry")) <= 300, "Django's default, not never"
         FallbackRedisCache.unreachable_until = time.monotonic() + 60  # failing again
-        login_throttle.record_failure(request, user.username)
-        assert not login_throttle.locked_out(request, user.username), "one typo since signing in"
+        login_throttle.admit(request, user.username)  # a typo
+        assert login_throttle.admit(request, user.username), "one typo since signing in"
     finally:
         FallbackRedisCache.unreachable_until = 0.0
         FallbackRedisCache.in_memory.clear()

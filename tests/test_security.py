@@ -1,12 +1,16 @@
 import hashlib
 import re
+import threading
 import time
 import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
 from django.contrib.sessions.models import Session
 from django.core.cache.backends.base import CacheKeyWarning
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -52,6 +56,28 @@ def test_a_locked_out_password_change_does_not_tell_a_right_password_from_a_wron
     assert wrong.status_code == right.status_code == 429
     assert "old password was entered incorrectly" not in wrong.content.decode()
     assert "Too many failed sign-in attempts" in right.content.decode()
+
+
+def test_guesses_sent_all_at_once_get_no_more_password_checks_than_the_limit(transactional_db, settings):
+    """Each guess used to be counted once its password proved wrong: a burst sent together all found
+    the count under the limit, and all had their passwords checked."""
+    settings.LOGIN_MAX_FAILURES = 3
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.PBKDF2PasswordHasher"]  # a check takes time
+    target = UserFactory()
+    guesses = 12
+    start = threading.Barrier(guesses)
+
+    def guess(number: int) -> str:
+        try:
+            start.wait()
+            page = Client().post("/accounts/login/", {"username": target.username, "password": f"guess {number}"})
+            return "refused" if page.status_code == 429 else "checked"
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(guesses) as pool:
+        answers = Counter(pool.map(guess, range(guesses)))
+    assert answers == {"checked": 3, "refused": guesses - 3}
 
 
 def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(client, user, settings):

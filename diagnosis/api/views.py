@@ -59,14 +59,14 @@ class TokenView(APIView):
     )
     def post(self, request, *args, **kwargs):
         username = str(request.data.get("username", "")) if isinstance(request.data, Mapping) else ""
-        if login_throttle.locked_out(request, username):
+        if not login_throttle.admit(request, username):
             raise Throttled(wait=settings.LOGIN_LOCKOUT_SECONDS, detail=login_throttle.lockout_message())
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
         if not serializer.is_valid():
-            if serializer.errors.keys() == {"non_field_errors"}:  # wrong credentials, not missing ones
-                login_throttle.record_failure(request, username)
+            if serializer.errors.keys() != {"non_field_errors"}:  # missing credentials; wrong ones stay counted
+                login_throttle.not_a_guess(request, username)
             raise ApiValidationError(serializer.errors)
-        login_throttle.clear_failures(request, username)
+        login_throttle.signed_in(request, username)
         token, key = tokens.new_token(user=serializer.validated_data["user"])
         # The key itself, shown this once: no cache on the way may keep a copy.
         return Response({"token": key, "expires_at": tokens.expires_at(token)}, headers={"Cache-Control": "no-store"})
