@@ -270,6 +270,12 @@ def test_the_queue_and_the_case_name_the_sample_each_cell_came_from(user):
     assert any(f"/review/{single.pk}/" in row and "single upload" in row for row in rows)
     case = client.get(f"/review/{batch.analyses.get().pk}/").content.decode()
     assert f"batch #{batch.pk} (WARD-7 bed 3)" in case
+    # Every cell's heatmap has red somewhere: the key says it is this cell's own scale.
+    owner = Client()
+    owner.force_login(user)
+    Analysis.objects.filter(pk=single.pk).update(overlay=f"overlays/{single.pk}.png")
+    result = owner.get(f"/analyses/{single.pk}/").content.decode()
+    assert all("scaled to its own strongest region" in page for page in (case, result))
     client.post(f"/review/{single.pk}/", {"verdict": "agree"})
     mine = re.search(r'<ul id="my-reviews">(.*?)</ul>', client.get("/review/").content.decode(), re.S)[1]
     assert "cell.png</a> (single upload): agreed" in mine
