@@ -10,7 +10,8 @@ from django.http import FileResponse, Http404, HttpResponse
 
 from ml.preprocessing import ImageDecodeError, open_rgb
 
-# The types a stored file is served as: uploads keep their format, overlays are PNGs.
+# The types a stored file is served as: uploads are kept as PNGs (before 2026-12-02, in the format
+# they were sent in), overlays are PNGs.
 FILE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp")
 
 
@@ -39,7 +40,8 @@ BROWSER_DRAWN = {".png", ".jpg", ".jpeg", ".bmp"}
 
 def browser_picture(field_file: FieldFile, *, download_stem: str) -> HttpResponse:
     """The original as a browser can draw it: the stored file itself, or a PNG of it decoded as the
-    model saw it (EXIF orientation applied, 16-bit and float pictures scaled) for a TIFF."""
+    model saw it (EXIF orientation applied, 16-bit and float pictures scaled) for a TIFF kept from
+    before uploads were kept as PNGs."""
     if not field_file or PurePosixPath(field_file.name).suffix.lower() in BROWSER_DRAWN:
         return protected_file_response(field_file, download_stem=download_stem)
     try:

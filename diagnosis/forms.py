@@ -36,7 +36,7 @@ NOT_REMEMBERED = {"autocomplete": "off"}
 class UploadForm(forms.Form):
     images = MultipleImageField(
         label="Cell images",
-        help_text="PNG, JPEG, TIFF or BMP; one segmented cell per image.",
+        help_text="Colour PNG, JPEG, TIFF or BMP; one segmented cell per image.",
         widget=MultipleFileInput(attrs={"accept": "image/png,image/jpeg,image/tiff,image/bmp", "multiple": True}),
     )
     sample_reference = forms.CharField(

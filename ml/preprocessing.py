@@ -8,6 +8,7 @@ the web processes decode uploads too, and need not load it (ml.tensors turns pic
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -23,19 +24,61 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     """Decode a file or bytes to an RGB image, honouring EXIF orientation."""
     try:
         if isinstance(source, bytes):
-            return _decode(io.BytesIO(source))
+            return _decode(io.BytesIO(source), source)
         with open(source, "rb") as stream:
-            return _decode(stream)
+            return _decode(stream, source)
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"image is too large to decode safely: {error}") from error
     except Exception as error:  # Pillow raises many kinds on damaged files (TypeError, struct.error, ...)
         raise ImageDecodeError(f"cannot decode image: {error}") from error
 
 
-def _decode(stream) -> Image.Image:
+def _decode(stream, source: str | Path | bytes) -> Image.Image:
     with Image.open(stream) as image:
-        image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
+        return picture_rgb(image, source)
+
+
+def picture_rgb(image: Image.Image, source: str | Path | bytes) -> Image.Image:
+    """An opened, not yet loaded image as 8-bit RGB on black, turned as its EXIF orientation says.
+    ``source`` is its file or bytes: Pillow keeps only the high byte of 16-bit colour, which is
+    read from there again."""
+    if _deep_colour(image):
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return to_rgb(ImageOps.exif_transpose(_deep_colour_picture(image, data)))
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _deep_colour(image: Image.Image) -> bool:
+    args = image.tile[0].args if image.tile else ""
+    rawmode = args if isinstance(args, str) else (args or ("",))[0]
+    return image.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _deep_colour_picture(image: Image.Image, data: bytes) -> Image.Image:
+    """16-bit colour at its full depth (a 12-bit camera's 0..4095 would otherwise read as 0..15,
+    a black picture the model calls Uninfected), scaled to 8 bits as full_scale says."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # EXIF ignored: kept below
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ImageDecodeError("cannot decode this 16-bit colour image")
+    colour = cv2.convertScaleAbs(pixels[..., 2::-1], alpha=255.0 / full_scale(int(pixels[..., :3].max())))
+    if pixels.shape[2] == 4:
+        alpha = cv2.convertScaleAbs(pixels[..., 3], alpha=255.0 / 65535)
+        picture = Image.fromarray(np.dstack([colour, alpha]), mode="RGBA")
+    else:
+        picture = Image.fromarray(np.ascontiguousarray(colour), mode="RGB")
+    picture.info["exif"] = image.getexif().tobytes()  # for exif_transpose
+    return picture
+
+
+def full_scale(peak: int) -> int:
+    """The white of integer samples whose largest is ``peak``: that of the shallowest camera depth
+    (8, 10, 12, 14 or 16 bits) holding it, so that 12-bit data in a 16-bit file keeps its exposure;
+    deeper data is scaled to its peak."""
+    for bits in (8, 10, 12, 14, 16):
+        if peak <= 2**bits - 1:
+            return 2**bits - 1
+    return peak
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -46,9 +89,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # ImageJ writes NaN for "no data": black, like the padding, as is any infinite value.
         np.nan_to_num(array, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         np.clip(array, 0, None, out=array)
-        peak = array.max() or 1.0
-        # Float images (ImageJ's TIFFs) mostly hold 0..1: Pillow's own conversion would clip them to black.
-        array *= 255.0 if image.mode == "F" and peak <= 1.0 else 255.0 / peak
+        peak = array.max()
+        if image.mode == "F":  # ImageJ's float TIFFs mostly hold 0..1: Pillow's own conversion would clip them
+            array *= 255.0 if peak <= 1.0 else 255.0 / peak
+        else:
+            array *= 255.0 / full_scale(int(peak))
         image = Image.fromarray(array.astype(np.uint8), mode="L")
     # A PNG's tRNS colour key marks the background as transparent without an alpha channel.
     if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:

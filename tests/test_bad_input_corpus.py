@@ -7,6 +7,7 @@ an analysis the model completes. Prints the tally (run with -s).
 import io
 from collections import Counter
 
+import cv2
 import numpy as np
 import pytest
 from django.test import Client
@@ -40,6 +41,11 @@ def exif_rotated_jpeg() -> bytes:
     return encode(wide, "JPEG", exif=exif.tobytes())
 
 
+def deep_colour(extension: str) -> bytes:
+    twelve_bit = np.asarray(cell()).astype(np.uint16) * 16
+    return cv2.imencode(extension, twelve_bit[..., ::-1])[1].tobytes()
+
+
 def animated_gif() -> bytes:
     frames = [cell("P"), cell("P").rotate(90)]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
@@ -67,10 +73,16 @@ CORPUS = {
     "pdf.png": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", REJECT),
     "zip.png": (b"PK\x03\x04" + b"\x00" * 100, REJECT),
     "exif-rotated.jpg": (exif_rotated_jpeg(), ACCEPT),
-    "16-bit.png": (encode(Image.fromarray(np.asarray(cell("L")).astype(np.uint16) * 257), "PNG"), ACCEPT),
+    # A 12-bit camera's colour in a 16-bit file (Pillow alone reads it as a black picture).
+    "12-bit-colour-in-16.png": (deep_colour(".png"), ACCEPT),
+    "12-bit-colour-in-16.tif": (deep_colour(".tif"), ACCEPT),
     "palette.png": (encode(cell("P"), "PNG"), ACCEPT),
     "rgba.png": (encode(cell("RGBA"), "PNG"), ACCEPT),
-    "grayscale.png": (encode(cell("L"), "PNG"), ACCEPT),
+    # Grey pictures, in which the model misses parasites: refused, not reported as negatives.
+    "grayscale.png": (encode(cell("L"), "PNG"), REJECT),
+    "16-bit-grey.png": (encode(Image.fromarray(np.asarray(cell("L")).astype(np.uint16) * 257), "PNG"), REJECT),
+    "grey-palette.png": (encode(cell("L").convert("P"), "PNG"), REJECT),
+    "bilevel.tif": (encode(cell("1"), "TIFF"), REJECT),
     "cmyk.jpg": (encode(cell("CMYK"), "JPEG"), ACCEPT),
     "polyglot-png-with-html-tail.png": (CELL + b"<html><script>alert(1)</script></html>", ACCEPT),
     "../../../../etc/passwd.png": (CELL, ACCEPT),

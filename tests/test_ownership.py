@@ -209,15 +209,15 @@ def test_files_are_not_served_as_html(client, user, owned):
     assert response["X-Content-Type-Options"] == "nosniff" and "sandbox" in response["Content-Security-Policy"]
 
 
-def test_files_keep_their_own_extension_and_stay_out_of_the_browser_cache(client, user):
+def test_files_are_named_as_the_png_kept_and_stay_out_of_the_browser_cache(client, user):
     from diagnosis.services import create_analysis
     from tests.factories import image_bytes
 
     jpeg = create_analysis(owner=user, upload=upload("cell.jpg", image_bytes(fmt="JPEG"), "image/jpeg"))
     for url in (f"/analyses/{jpeg.pk}/image/", f"/api/analyses/{jpeg.pk}/image/"):
         response = as_user(client, user, "x").get(url)
-        assert response.status_code == 200 and response["Content-Type"] == "image/jpeg"
-        assert response["Content-Disposition"] == f'inline; filename="image-{jpeg.pk}.jpg"'
+        assert response.status_code == 200 and response["Content-Type"] == "image/png"
+        assert response["Content-Disposition"] == f'inline; filename="image-{jpeg.pk}.png"'
         assert response["Cache-Control"] == "private, no-store"
 
 

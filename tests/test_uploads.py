@@ -5,11 +5,14 @@ import random
 import struct
 import zlib
 
+import cv2
+import numpy as np
 import pytest
+from django.core.files.base import ContentFile
 from PIL import Image
 
 from diagnosis import services
-from diagnosis.models import Analysis, Batch
+from diagnosis.models import Analysis, Batch, private_storage
 from tests.conftest import fixture_cells, stored_files
 from tests.factories import image_bytes, upload
 
@@ -215,30 +218,38 @@ def test_mutated_images_are_either_accepted_or_refused_with_a_message():
     assert outcomes["accepted"] and outcomes["refused"]
 
 
-def test_a_tiff_original_is_drawn_for_browsers_as_png_and_downloaded_as_sent(client, user, other_user):
-    """Chrome and Firefox draw no TIFF in <img>: the pages show the original through `picture`."""
+def test_a_tiff_upload_is_kept_as_a_png_that_browsers_draw(client, user, other_user):
+    """Chrome and Firefox draw no TIFF in <img>; a PNG of the picture is what is kept and shown."""
     cell = Image.open(fixture_cells()[0]).convert("RGB")
     buffer = io.BytesIO()
     cell.save(buffer, format="TIFF")
     tiff = services.create_analysis(owner=user, upload=upload("cell.tif", buffer.getvalue(), "image/tiff"))
-    png = services.create_analysis(owner=user, upload=upload("cell.png"))
+    assert tiff.image.name.endswith(".png")
     client.force_login(user)
-    page = client.get(f"/analyses/{tiff.pk}/").content.decode()
-    assert f'src="/analyses/{tiff.pk}/picture/"' in page and f'src="/analyses/{tiff.pk}/image/"' not in page
-
-    drawn = client.get(f"/analyses/{tiff.pk}/picture/")
-    assert drawn.status_code == 200 and drawn["Content-Type"] == "image/png"
-    assert drawn["Cache-Control"] == "private, no-store" and drawn["X-Content-Type-Options"] == "nosniff"
-    picture = Image.open(io.BytesIO(drawn.content))
-    assert picture.format == "PNG" and picture.size == cell.size
-    assert picture.convert("RGB").tobytes() == cell.tobytes()
-    sent = client.get(f"/analyses/{tiff.pk}/image/")
-    assert sent["Content-Type"] == "image/tiff" and b"".join(sent.streaming_content) == buffer.getvalue()
-    as_stored = client.get(f"/analyses/{png.pk}/picture/")  # a PNG is drawn as it is
-    assert b"".join(as_stored.streaming_content) == png.image.open("rb").read()
-
+    for kind in ("picture", "image"):
+        drawn = client.get(f"/analyses/{tiff.pk}/{kind}/")
+        assert drawn.status_code == 200 and drawn["Content-Type"] == "image/png"
+        assert drawn["Cache-Control"] == "private, no-store" and drawn["X-Content-Type-Options"] == "nosniff"
+        picture = Image.open(io.BytesIO(b"".join(drawn.streaming_content)))
+        assert picture.format == "PNG" and picture.convert("RGB").tobytes() == cell.tobytes()
     client.force_login(other_user)
     assert client.get(f"/analyses/{tiff.pk}/picture/").status_code == 404
+
+
+def test_a_tiff_original_stored_before_pngs_were_kept_is_drawn_as_png_and_downloaded_as_stored(client, user):
+    cell = Image.open(fixture_cells()[0]).convert("RGB")
+    buffer = io.BytesIO()
+    cell.save(buffer, format="TIFF")
+    analysis = services.create_analysis(owner=user, upload=upload("cell.tif", buffer.getvalue(), "image/tiff"))
+    earlier = private_storage.save("uploads/earlier.tif", ContentFile(buffer.getvalue()))
+    Analysis.objects.filter(pk=analysis.pk).update(image=earlier)
+    client.force_login(user)
+    page = client.get(f"/analyses/{analysis.pk}/").content.decode()
+    assert f'src="/analyses/{analysis.pk}/picture/"' in page and f'src="/analyses/{analysis.pk}/image/"' not in page
+    drawn = client.get(f"/analyses/{analysis.pk}/picture/")
+    assert drawn["Content-Type"] == "image/png" and Image.open(io.BytesIO(drawn.content)).size == cell.size
+    sent = client.get(f"/analyses/{analysis.pk}/image/")
+    assert sent["Content-Type"] == "image/tiff" and b"".join(sent.streaming_content) == buffer.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -312,3 +323,34 @@ def test_stored_files_take_the_configured_mode(api_client, media_root, settings,
     files = [path for path in set(media_root.rglob("*")) - before if path.is_file()]
     assert len(files) == 2  # the upload and its thumbnail
     assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o600)}
+
+
+def test_what_is_kept_of_a_photo_is_its_picture_without_the_files_metadata(client, user):
+    """A phone on a microscope geotags its pictures; cameras write their serial numbers. None of it
+    is kept or handed out, and the original shown is turned as the heatmap's picture is."""
+    wide = Image.open(fixture_cells()[0]).convert("RGB").resize((120, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90° clockwise to display
+    exif[0x010F], exif[0x0110] = "Olympus", "CX43-CAM"
+    exif[0xA431] = "SERIAL-0042"  # the camera body's serial number
+    exif.get_ifd(0x8825).update({1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)})  # GPS
+    buffer = io.BytesIO()
+    wide.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    assert b"SERIAL-0042" in buffer.getvalue()
+    photo = services.create_analysis(owner=user, upload=upload("ward photo.jpg", buffer.getvalue(), "image/jpeg"))
+    client.force_login(user)
+    for url in (f"/analyses/{photo.pk}/picture/", f"/analyses/{photo.pk}/image/", f"/api/analyses/{photo.pk}/image/"):
+        served = b"".join(client.get(url).streaming_content)
+        assert b"SERIAL-0042" not in served and b"Olympus" not in served and b"Exif" not in served
+        picture = Image.open(io.BytesIO(served))
+        assert picture.format == "PNG" and picture.size == (60, 120) and not picture.getexif()
+
+
+def test_twelve_bit_colour_in_a_16_bit_file_is_kept_as_bright_as_the_camera_took_it(user):
+    """Pillow keeps only the high byte of 16-bit colour: 0..4095 read as 0..15, a black picture."""
+    cell = np.asarray(Image.open(fixture_cells()[0]).convert("RGB"))
+    for extension in (".png", ".tif"):
+        deep = cv2.imencode(extension, (cell.astype(np.uint16) * 16)[..., ::-1])[1].tobytes()
+        analysis = services.create_analysis(owner=user, upload=upload(f"cell{extension}", deep))
+        kept = np.asarray(Image.open(analysis.image.path).convert("RGB")).astype(int)
+        assert np.abs(kept - cell).max() <= 1, extension
