@@ -35,8 +35,12 @@ def bad_request(request, exception):
 
 def not_found(request, exception):
     if _for_api(request):
-        return JsonResponse({"detail": "There is no such resource: see /api/docs/ for the API's paths."}, status=404)
+        return api_not_found()
     return defaults.page_not_found(request, exception)
+
+
+def api_not_found() -> JsonResponse:
+    return JsonResponse({"detail": "There is no such resource: see /api/docs/ for the API's paths."}, status=404)
 
 
 def server_error(request):

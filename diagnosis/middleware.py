@@ -9,6 +9,8 @@ from django.http import HttpResponseForbidden, JsonResponse
 from django.urls import is_valid_path
 from django.utils.cache import patch_cache_control
 
+from diagnosis.errors import api_not_found
+
 
 class DebugServesThisMachineOnlyMiddleware:
     """With DJANGO_DEBUG=true an error page shows the request's local variables: a patient's file
@@ -62,15 +64,18 @@ class RequestSizeLimitMiddleware:
 class ApiSlashMiddleware:
     """An API path sent without its trailing slash is served as the path with it. Django's
     APPEND_SLASH would answer with a redirect, which HTTP clients follow as a GET: a lab system
-    POSTing a batch to ``/api/batches`` would be shown the list (200) and store nothing."""
+    POSTing a batch to ``/api/batches`` would be shown the list (200) and store nothing.
+    An API path of no route at all is answered here, as JSON: with DEBUG on (scripts/start),
+    Django's own answer is its HTML debug page, whatever handler404 says."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
         path = request.path_info
-        unslashed = path.startswith("/api/") and not path.endswith("/")
-        if unslashed and not is_valid_path(path) and is_valid_path(f"{path}/"):
+        if path.startswith("/api/") and not is_valid_path(path):
+            if path.endswith("/") or not is_valid_path(f"{path}/"):
+                return api_not_found()
             request.path_info, request.path = f"{path}/", f"{request.path}/"
         return self.get_response(request)
 

@@ -113,12 +113,45 @@ def test_a_cells_own_url_finds_it_whatever_the_lists_filters_say(lab, user):
     assert lab.delete(f"/api/analyses/{cell.pk}/?status=queued").status_code == 204
 
 
-def test_unknown_api_paths_and_errors_are_json_and_site_pages_html(lab, client):
-    for path in ("/api/nothing/", "/api/analyses/abc/"):
+@pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
+def test_unknown_api_paths_and_errors_are_json_and_site_pages_html(lab, client, settings, debug):
+    settings.DEBUG = debug  # scripts/start runs with DEBUG on, where Django answers its HTML debug page
+    for path in ("/api/nothing/", "/api/nothing", "/api/analyses/abc/", "/api/batches/1/thumbnail/", "/api//batches/"):
         missing = lab.get(path)
         assert missing.status_code == 404 and missing["Content-Type"] == "application/json", path
         assert "/api/docs/" in missing.json()["detail"]
     assert "text/html" in client.get("/no-such-page/")["Content-Type"]
+
+
+def test_an_upload_field_the_api_would_drop_is_refused_and_nothing_is_stored(lab, user):
+    """A misspelt field, one sent in the query string or twice, or a file under a name the POST does
+    not take was dropped unseen: a batch stored without its patient's reference or callback, or a file."""
+    refusals = {
+        "/api/batches/": [
+            ({"images": [upload("a.png")], "sample_ref": "WARD-7"}, "", "Unknown field: sample_ref"),
+            ({"images": [upload("a.png")], "callbackurl": "https://lis/x"}, "", "Unknown field: callbackurl"),
+            ({"images": [upload("a.png")], "image": upload("b.png")}, "", "Unknown field: image"),
+            ({"images": [upload("a.png")]}, "?sample_reference=WARD-7", "takes no query parameters"),
+            ({"images": [upload("a.png")], "sample_reference": ["W-1", "W-2"]}, "", "sample_reference was sent"),
+        ],
+        "/api/analyses/": [
+            ({"image": [upload("a.png"), upload("b.png")]}, "", "The field image was sent more than once"),
+            ({"image": upload("a.png"), "sample_reference": "WARD-7"}, "", "Unknown field: sample_reference"),
+        ],
+    }
+    for path, cases in refusals.items():
+        for body, query, message in cases:
+            refused = lab.post(path + query, body)
+            assert refused.status_code == 400 and message in refused.json()["detail"], (path, body, refused.json())
+    assert not Analysis.objects.exists()
+    taken = lab.post("/api/batches/", {"images": [upload("a.png"), upload("b.png")], "sample_reference": "W-1"})
+    assert taken.status_code == 202 and len(taken.json()["analyses"]) == 2
+
+
+def test_a_filter_given_twice_is_refused_not_read_as_its_last_value(lab, user):
+    for path in ("/api/analyses/?status=done&status=failed", "/api/batches/?sample_reference=A&sample_reference=B"):
+        refused = lab.get(path)
+        assert refused.status_code == 400 and "sent more than once" in refused.json()["detail"], path
 
 
 def test_an_idempotency_key_where_none_is_taken_is_refused_not_ignored(lab, user):

@@ -29,6 +29,27 @@ from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis
 
 
+def errors(*codes: int) -> dict:
+    """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists)."""
+    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in codes}
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField(help_text="what is wrong, in a sentence")
+
+
+ERROR_MEANINGS = {
+    400: "the request or one of its files is refused, saying why (field errors are listed by field too)",
+    401: "no valid token or session",
+    403: "the account may not use this endpoint (staff only)",
+    404: "no such record among the requesting user's (on a list: no such page)",
+    409: "not in a state that allows it",
+    413: "the request is larger than the server takes",
+    422: "the Idempotency-Key was used for a different request",
+    429: "rate limited or locked out; Retry-After says for how many seconds",
+}
+
+
 class TokenView(APIView):
     """Exchange username and password for an API token (send as `Authorization: Token <key>`).
 
@@ -52,10 +73,13 @@ class TokenView(APIView):
 
     @extend_schema(
         request=AuthTokenSerializer,
-        responses=inline_serializer(
-            "IssuedToken",
-            {"token": serializers.CharField(), "expires_at": serializers.DateTimeField(allow_null=True)},
-        ),
+        responses={
+            200: inline_serializer(
+                "IssuedToken",
+                {"token": serializers.CharField(), "expires_at": serializers.DateTimeField(allow_null=True)},
+            ),
+            **errors(400, 429),
+        },
     )
     def post(self, request, *args, **kwargs):
         username = str(request.data.get("username", "")) if isinstance(request.data, Mapping) else ""
@@ -71,7 +95,7 @@ class TokenView(APIView):
         # The key itself, shown this once: no cache on the way may keep a copy.
         return Response({"token": key, "expires_at": tokens.expires_at(token)}, headers={"Cache-Control": "no-store"})
 
-    @extend_schema(request=None, responses={204: None})
+    @extend_schema(request=None, responses={204: None, **errors(401)})
     def delete(self, request):
         tokens.revoke_token(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -95,10 +119,35 @@ def _idempotency_key(request) -> str:
 
 
 def _refuse_unknown_parameters(request, known: set[str]) -> None:
-    """A misspelt filter (``?batch_id=4``) must not be ignored into a list of every cell of the account."""
+    """A misspelt filter (``?batch_id=4``) must not be ignored into a list of every cell of the account,
+    nor a filter given twice be read as its last value."""
     if unknown := sorted(set(request.query_params) - known - {"page"}):
         takes = ", ".join(sorted(known | {"page"}))
         raise ApiValidationError({"detail": f"Unknown query parameter: {', '.join(unknown)}. This list takes {takes}."})
+    _refuse_repeated(request.query_params, "query parameter")
+
+
+def _refuse_unexpected_fields(request, *, takes: list[str], repeatable: str = "") -> None:
+    """An upload's misspelt field (``sample_ref``), a field sent in the query string or twice, or a
+    file under a name it does not take would otherwise be dropped unseen: the batch stored without
+    its patient's reference or its callback, or without that file."""
+    if request.query_params:
+        raise ApiValidationError(
+            {
+                "detail": f"This POST takes no query parameters (got {', '.join(sorted(request.query_params))}): "
+                "send its fields in the multipart body."
+            }
+        )
+    if unknown := sorted(set(request.data) - set(takes)):
+        raise ApiValidationError(
+            {"detail": f"Unknown field: {', '.join(unknown)}. This POST takes {', '.join(takes)}."}
+        )
+    _refuse_repeated(request.data, "field", but=repeatable)
+
+
+def _refuse_repeated(values, noun: str, *, but: str = "") -> None:
+    if repeated := sorted(key for key in values if key != but and len(values.getlist(key)) > 1):
+        raise ApiValidationError({"detail": f"The {noun} {', '.join(repeated)} was sent more than once; send it once."})
 
 
 class FileNegotiation(BaseContentNegotiation):
@@ -110,26 +159,6 @@ class FileNegotiation(BaseContentNegotiation):
 
     def select_renderer(self, request, renderers, format_suffix=None):
         return renderers[0], renderers[0].media_type
-
-
-def errors(*codes: int) -> dict:
-    """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists)."""
-    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in codes}
-
-
-class ErrorSerializer(serializers.Serializer):
-    detail = serializers.CharField(help_text="what is wrong, in a sentence")
-
-
-ERROR_MEANINGS = {
-    400: "the request or one of its files is refused, saying why (field errors are listed by field too)",
-    401: "no valid token or session",
-    404: "no such record among the requesting user's",
-    409: "not in a state that allows it",
-    413: "the request is larger than the server takes",
-    422: "the Idempotency-Key was used for a different request",
-    429: "rate limited or locked out; Retry-After says for how many seconds",
-}
 
 
 def _service_errors(error: ValidationError) -> ApiValidationError:
@@ -167,7 +196,7 @@ class AnalysisViewSet(
             ),
             OpenApiParameter("batch", int, description="only the cells of this batch"),
         ],
-        responses={200: AnalysisSerializer(many=True), **errors(400, 401, 429)},
+        responses={200: AnalysisSerializer(many=True), **errors(400, 401, 404, 429)},
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"status", "label", "batch"})
@@ -181,6 +210,8 @@ class AnalysisViewSet(
             raise ApiValidationError(
                 {"detail": "An Idempotency-Key is taken by POST /api/batches/ only: send the image as a batch of one."}
             )
+        # One image per POST: a second `image` part would be dropped (POST /api/batches/ takes several).
+        _refuse_unexpected_fields(request, takes=["image"])
         upload = AnalysisUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         try:
@@ -227,7 +258,7 @@ class AnalysisViewSet(
     @action(
         detail=True,
         methods=["get"],
-        url_path=r"(?P<kind>image|overlay)",
+        url_path=r"(?P<kind>(?:image|overlay))",  # grouped: the schema's pattern is ^...$ around it
         url_name="file",
         content_negotiation_class=FileNegotiation,
     )
@@ -249,7 +280,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     @extend_schema(
         parameters=[OpenApiParameter("sample_reference", description="only batches with this reference (any case)")],
-        responses={200: BatchSerializer(many=True), **errors(400, 401, 429)},
+        responses={200: BatchSerializer(many=True), **errors(400, 401, 404, 429)},
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"sample_reference"})
@@ -283,6 +314,9 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         },
     )
     def create(self, request):
+        _refuse_unexpected_fields(
+            request, takes=["images", "sample_reference", "note", "callback_url"], repeatable="images"
+        )
         upload = BatchUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
@@ -351,6 +385,6 @@ class OperationsStatusView(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, **errors(401, 403)})
     def get(self, request):
         return Response(selectors.operations_status())
