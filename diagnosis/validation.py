@@ -15,6 +15,7 @@ from ml.preprocessing import open_rgb, picture_rgb
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "BMP"}
 ALLOWED_DESCRIPTION = "PNG, JPEG, TIFF or BMP"
 THUMBNAIL_SIZE = (128, 128)
+NAME_MAX_LENGTH = 200
 # The model labels whatever it is given, a blank picture included, and would call it Uninfected
 # with confidence. The NIH crops it learnt from have sides at most 2.2:1 apart and pixel values
 # with a standard deviation of at least 54 (the black margin around each cell), so a picture far
@@ -59,8 +60,12 @@ def validate_upload(upload: UploadedFile) -> ValidImage:
 def display_name(raw: str | None) -> str:
     """The client's file name reduced to a harmless label (never used as a path)."""
     base = (raw or "upload").replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(ch for ch in base if ch.isprintable()).strip()
-    return cleaned[:200] or "upload"
+    cleaned = "".join(ch for ch in base if ch.isprintable()).strip() or "upload"
+    if len(cleaned) <= NAME_MAX_LENGTH:
+        return cleaned
+    # Shortened in the middle: the end tells a lab's numbered files apart, and holds the extension.
+    keep = NAME_MAX_LENGTH - 1
+    return cleaned[: keep - keep // 2] + "…" + cleaned[-(keep // 2) :]
 
 
 def _check_shows_a_cell(name: str, image: Image.Image) -> None:

@@ -148,6 +148,16 @@ def test_client_file_names_are_data_never_paths(api_client, media_root, name):
     assert (media_root / analysis.image.name).resolve().is_relative_to(media_root.resolve())
 
 
+def test_a_long_file_name_is_shortened_in_the_middle_keeping_its_numbered_end(api_client):
+    """Cut at its 200th character, a lab's long names lost the cell number and the extension."""
+    stem = "C100P61ThinF_IMG_20150918_144104_" + "x" * 200  # Django itself keeps 255 characters
+    api_client.post("/api/batches/", {"images": [upload(f"{stem}_cell_{n}.png") for n in (1, 2)]})
+    names = list(Analysis.objects.order_by("pk").values_list("original_filename", flat=True))
+    assert [len(name) for name in names] == [200, 200]
+    assert names[0].startswith("C100P61ThinF_IMG_") and names[0].endswith("x_cell_1.png") and "…" in names[0]
+    assert names[1].endswith("_cell_2.png")
+
+
 def test_odd_but_valid_images_are_accepted(api_client, db):
     buffer = io.BytesIO()
     translucent = Image.new("RGBA", (50, 40), (0, 0, 0, 0))
