@@ -8,7 +8,6 @@ the web processes decode uploads too, and need not load it (ml.tensors turns pic
 import io
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -58,6 +57,8 @@ def _deep_colour(image: Image.Image) -> bool:
 def _deep_colour_picture(image: Image.Image, data: bytes) -> Image.Image:
     """16-bit colour at its full depth (a 12-bit camera's 0..4095 would otherwise read as 0..15,
     a black picture the model calls Uninfected), scaled to 8 bits as full_scale says."""
+    import cv2  # here, not at the top: the web processes decode uploads too, and load OpenCV only for these
+
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # EXIF ignored: kept below
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ImageDecodeError("cannot decode this 16-bit colour image")

@@ -9,6 +9,7 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
+from PIL import Image
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis, create_batch
@@ -66,7 +67,9 @@ def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tm
     assert not [path for path in out.rglob("*") if "ward" in path.name.lower()]
     assert "ward" not in (out / "reviewed.csv").read_text().lower()
     assert by_id[single.pk].patient_group == f"u{other_user.pk}-cell{single.pk}"
-    assert by_id[agreed.pk].path.read_bytes() == cells[0].read_bytes()
+    assert by_id[agreed.pk].path.read_bytes() == agreed.image.open("rb").read()  # the picture kept
+    exported = Image.open(by_id[agreed.pk].path).convert("RGB")
+    assert exported.tobytes() == Image.open(cells[0]).convert("RGB").tobytes()
 
     with open(out / "reviewed.csv", newline="", encoding="utf-8") as handle:
         manifest = {int(row["analysis_id"]): row for row in csv.DictReader(handle)}
