@@ -14,7 +14,9 @@ address, and its own typos count against nothing else.
 
 import contextlib
 import hashlib
+import math
 import secrets
+import time
 import unicodedata
 
 from django.conf import settings
@@ -153,14 +155,25 @@ def _attempt_keys(request, username: str) -> list[tuple[str, int]]:
     return keys
 
 
+def seconds_locked(request, username: str) -> int:
+    """How long until a refused attempt at ``username`` would be admitted: a count lasts
+    LOGIN_LOCKOUT_SECONDS from its first attempt (its start is kept beside it)."""
+    now, waits = time.time(), [1]
+    for key, limit in _attempt_keys(request, username):
+        if cache.get(key, 0) >= limit:
+            started = cache.get(f"{key}:since", now)
+            waits.append(math.ceil(started + settings.LOGIN_LOCKOUT_SECONDS - now))
+    return max(waits)
+
+
 def _count(key: str) -> int:
-    if cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
-        return 1
-    try:
-        return cache.incr(key)
-    except ValueError:  # expired between the two calls: this attempt starts a new count
-        cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS)
-        return 1
+    if not cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
+        try:
+            return cache.incr(key)
+        except ValueError:  # expired between the two calls: this attempt starts a new count
+            cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+    cache.set(f"{key}:since", time.time(), timeout=settings.LOGIN_LOCKOUT_SECONDS)
+    return 1
 
 
 def _uncount(key: str) -> None:
@@ -168,8 +181,9 @@ def _uncount(key: str) -> None:
         cache.decr(key)
 
 
-def lockout_message() -> str:
-    return f"Too many failed sign-in attempts. Try again in {settings.LOGIN_LOCKOUT_SECONDS // 60} minutes."
+def lockout_message(seconds: int) -> str:
+    minutes = math.ceil(seconds / 60)
+    return f"Too many failed sign-in attempts. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
 
 
 class LockoutMixin:
@@ -190,7 +204,8 @@ class LockoutMixin:
             kwargs = self.get_form_kwargs()
             del kwargs["data"], kwargs["files"]
             kwargs["initial"] = {**kwargs["initial"], "username": self.checked_username()}
-            context = self.get_context_data(form=self.get_form_class()(**kwargs), lockout=lockout_message())
+            lockout = lockout_message(seconds_locked(request, self.checked_username()))
+            context = self.get_context_data(form=self.get_form_class()(**kwargs), lockout=lockout)
             return self.render_to_response(context, status=429)
         return super().post(request, *args, **kwargs)
 
@@ -226,7 +241,7 @@ class LockoutAdminAuthenticationForm(AdminAuthenticationForm):
     def clean(self):
         username = self.data.get("username", "")
         if not admit(self.request, username):
-            raise ValidationError(lockout_message(), code="locked_out")
+            raise ValidationError(lockout_message(seconds_locked(self.request, username)), code="locked_out")
         try:
             cleaned = super().clean()
         except ValidationError:

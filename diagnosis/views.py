@@ -311,7 +311,7 @@ def _password_refusal(request) -> str:
     """Why the password given to issue a key is refused ("" if it is the user's), counting failures."""
     username = request.user.get_username()
     if not login_throttle.admit(request, username):
-        return login_throttle.lockout_message()
+        return login_throttle.lockout_message(login_throttle.seconds_locked(request, username))
     password = request.POST.get("password", "")
     if not password:  # checks nothing, so counts for nothing
         login_throttle.not_a_guess(request, username)

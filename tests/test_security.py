@@ -6,6 +6,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from django.contrib.sessions.models import Session
@@ -78,6 +79,21 @@ def test_guesses_sent_all_at_once_get_no_more_password_checks_than_the_limit(tra
     with ThreadPoolExecutor(guesses) as pool:
         answers = Counter(pool.map(guess, range(guesses)))
     assert answers == {"checked": 3, "refused": guesses - 3}
+
+
+def test_a_lockout_says_how_long_it_has_left(client, user, settings, monkeypatch):
+    """It said "15 minutes" and Retry-After: 900 however much of the lockout had passed."""
+    from diagnosis import login_throttle
+
+    settings.LOGIN_MAX_FAILURES, settings.LOGIN_LOCKOUT_SECONDS = 1, 900
+    clock = SimpleNamespace(time=lambda: 1_000_000.0)
+    monkeypatch.setattr(login_throttle, "time", clock)
+    client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
+    clock.time = lambda: 1_000_000.0 + 630  # 270 s left
+    page = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
+    assert page.status_code == 429 and "Try again in 5 minutes." in page.content.decode()
+    api = APIClient(REMOTE_ADDR="127.0.0.1").post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
+    assert api.status_code == 429 and api["Retry-After"] == "270" and "5 minutes" in api.json()["detail"]
 
 
 def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(client, user, settings):

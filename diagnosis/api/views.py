@@ -1,6 +1,5 @@
 from collections.abc import Mapping
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
@@ -84,7 +83,8 @@ class TokenView(APIView):
     def post(self, request, *args, **kwargs):
         username = str(request.data.get("username", "")) if isinstance(request.data, Mapping) else ""
         if not login_throttle.admit(request, username):
-            raise Throttled(wait=settings.LOGIN_LOCKOUT_SECONDS, detail=login_throttle.lockout_message())
+            wait = login_throttle.seconds_locked(request, username)
+            raise Throttled(wait=wait, detail=login_throttle.lockout_message(wait))
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
         if not serializer.is_valid():
             if serializer.errors.keys() != {"non_field_errors"}:  # missing credentials; wrong ones stay counted
