@@ -22,7 +22,7 @@ from django.utils import timezone
 from diagnosis.audit import record_retention_deletion
 from diagnosis.callbacks import check_callback_url, notify_deletion, notify_finished_batches, send_again
 from diagnosis.models import RESULTS_NEVER_SENT, Analysis, Batch, overlay_path, private_storage
-from diagnosis.validation import ValidImage, stored_png, validate_upload
+from diagnosis.validation import ValidImage, validate_upload
 
 GAVE_UP = (
     "The worker stopped {attempts} times while analysing this image (it crashed, ran out of memory or"
@@ -175,7 +175,7 @@ def _keep_files_once_committed(stored: list[str]) -> None:
 
 def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:
     analysis = Analysis(owner=owner, batch=batch, original_filename=image.name, width=image.width, height=image.height)
-    analysis.image.save("upload.png", ContentFile(stored_png(image)), save=False)
+    analysis.image.save("upload.png", ContentFile(image.picture_png), save=False)
     stored.append(analysis.image.name)
     analysis.thumbnail.save("thumb.png", ContentFile(image.thumbnail_png), save=False)
     stored.append(analysis.thumbnail.name)

@@ -49,9 +49,15 @@ def picture_rgb(image: Image.Image, source: str | Path | bytes) -> Image.Image:
 
 
 def _deep_colour(image: Image.Image) -> bool:
+    """16 bits per colour sample, which Pillow reads as 8 (a BMP's 16-bit pixels are 5-6-5 bits, read right)."""
     args = image.tile[0].args if image.tile else ""
     rawmode = args if isinstance(args, str) else (args or ("",))[0]
-    return image.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode
+    return (
+        image.format in ("PNG", "TIFF")
+        and image.mode in ("RGB", "RGBA")
+        and isinstance(rawmode, str)
+        and rawmode.startswith(("RGB;16", "RGBA;16"))
+    )
 
 
 def _deep_colour_picture(image: Image.Image, data: bytes) -> Image.Image:
@@ -59,16 +65,17 @@ def _deep_colour_picture(image: Image.Image, data: bytes) -> Image.Image:
     a black picture the model calls Uninfected), scaled to 8 bits as full_scale says."""
     import cv2  # here, not at the top: the web processes decode uploads too, and load OpenCV only for these
 
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # EXIF ignored: kept below
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ImageDecodeError("cannot decode this 16-bit colour image")
     colour = cv2.convertScaleAbs(pixels[..., 2::-1], alpha=255.0 / full_scale(int(pixels[..., :3].max())))
-    if pixels.shape[2] == 4:
-        alpha = cv2.convertScaleAbs(pixels[..., 3], alpha=255.0 / 65535)
+    if pixels.shape[2] == 4:  # an alpha of the same depth: opaque at its own full scale
+        alpha = cv2.convertScaleAbs(pixels[..., 3], alpha=255.0 / full_scale(int(pixels[..., 3].max())))
         picture = Image.fromarray(np.dstack([colour, alpha]), mode="RGBA")
     else:
         picture = Image.fromarray(np.ascontiguousarray(colour), mode="RGB")
-    picture.info["exif"] = image.getexif().tobytes()  # for exif_transpose
+    if image.format == "PNG":  # OpenCV turns a TIFF by its orientation tag itself, a PNG's eXIf it leaves
+        picture.info["exif"] = image.getexif().tobytes()  # for exif_transpose
     return picture
 
 

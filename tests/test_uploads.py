@@ -9,10 +9,12 @@ import cv2
 import numpy as np
 import pytest
 from django.core.files.base import ContentFile
-from PIL import Image
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image, ImageOps
 
 from diagnosis import services
 from diagnosis.models import Analysis, Batch, private_storage
+from diagnosis.validation import validate_upload
 from tests.conftest import fixture_cells, stored_files
 from tests.factories import image_bytes, upload
 
@@ -354,6 +356,79 @@ def test_what_is_kept_of_a_photo_is_its_picture_without_the_files_metadata(clien
         assert b"SERIAL-0042" not in served and b"Olympus" not in served and b"Exif" not in served
         picture = Image.open(io.BytesIO(served))
         assert picture.format == "PNG" and picture.size == (60, 120) and not picture.getexif()
+
+
+def tiff_16_bit(rgb: np.ndarray, orientation: int) -> bytes:
+    """An uncompressed 16-bit RGB TIFF with an orientation tag (Pillow writes none, OpenCV no tag)."""
+    height, width = rgb.shape[:2]
+    pixels = rgb.astype("<u2").tobytes()
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, "pixels"), (274, 3, 1, orientation), (277, 3, 1, 3), (278, 3, 1, height),
+            (279, 4, 1, len(pixels)), (284, 3, 1, 1)]  # fmt: skip
+    directory_size = 2 + 12 * len(tags) + 4
+    bits_at, pixels_at = 8 + directory_size, 8 + directory_size + 6
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
+    for tag, kind, count, value in tags:
+        value = {"bits": bits_at, "pixels": pixels_at}.get(value, value)
+        out += struct.pack("<HHI", tag, kind, count) + (
+            struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        )
+    return bytes(out + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + pixels)
+
+
+def png_16_bit(rgb: np.ndarray, orientation: int) -> bytes:
+    """A 16-bit RGB PNG with an eXIf orientation (OpenCV writes the pixels, the chunk is added)."""
+    png = cv2.imencode(".png", rgb.astype(np.uint16)[..., ::-1])[1].tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[6:]  # without its "Exif\0\0" prefix
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    return png[:33] + chunk + png[33:]  # after IHDR
+
+
+@pytest.mark.parametrize("orientation", [6, 5, 3])
+@pytest.mark.parametrize("write", [tiff_16_bit, png_16_bit], ids=["tiff", "png"])
+def test_a_16_bit_colour_picture_is_turned_as_its_orientation_says_once(write, orientation):
+    """OpenCV turns a TIFF by its tag itself: turned again, a 90° picture came out at 270°."""
+    cell = Image.open(fixture_cells()[0]).convert("RGB")
+    picture = validate_upload(SimpleUploadedFile("cell", write(np.asarray(cell).astype(np.uint16) * 16, orientation)))
+    as_shown = ImageOps.exif_transpose(_with_orientation(cell, orientation))
+    kept = np.asarray(Image.open(io.BytesIO(picture.picture_png))).astype(int)
+    assert kept.shape[:2] == np.asarray(as_shown).shape[:2] and np.abs(kept - np.asarray(as_shown)).max() <= 1
+
+
+def _with_orientation(picture: Image.Image, orientation: int) -> Image.Image:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", exif=exif.tobytes())
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_16_bit_bitmaps_of_five_and_six_bits_a_colour_are_read_as_before(user):
+    """A BMP's 16-bit pixels are 5-6-5 bits: no 16-bit colour to read again."""
+    cell = Image.open(fixture_cells()[0]).convert("RGB").resize((64, 60))
+    rgb = np.asarray(cell).astype(np.uint16)
+    pixels = ((rgb[..., 0] >> 3) << 11 | (rgb[..., 1] >> 2) << 5 | rgb[..., 2] >> 3).astype("<u2")
+    rows = b"".join(pixels[y].tobytes() for y in range(pixels.shape[0] - 1, -1, -1))  # bottom-up
+    header = struct.pack("<IiiHHIIiiII", 40, 64, 60, 1, 16, 3, len(rows), 2835, 2835, 0, 0)
+    masks = struct.pack("<III", 0xF800, 0x07E0, 0x001F)
+    offset = 14 + len(header) + len(masks)
+    bmp = b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + header + masks + rows
+    assert Image.open(io.BytesIO(bmp)).tile[0].args[0] == "BGR;16"
+    analysis = services.create_analysis(owner=user, upload=upload("565.bmp", bmp))
+    kept = np.asarray(Image.open(analysis.image.path).convert("RGB")).astype(int)
+    assert np.abs(kept - np.asarray(cell).astype(int)).max() <= 8  # 5 and 6 bits a channel
+
+
+def test_no_text_of_the_file_is_kept_with_its_picture_an_icc_profile_neither(user):
+    cell = Image.open(fixture_cells()[0]).convert("RGB")
+    buffer = io.BytesIO()
+    cell.save(buffer, format="JPEG", icc_profile=b"\0" * 128 + b"Patient: Jane Doe, ward 7", quality=95)
+    analysis = services.create_analysis(owner=user, upload=upload("cell.jpg", buffer.getvalue()))
+    for kept in (analysis.image, analysis.thumbnail):
+        stored = kept.open("rb").read()
+        assert b"Jane Doe" not in stored and "icc_profile" not in Image.open(io.BytesIO(stored)).info
 
 
 def test_twelve_bit_colour_in_a_16_bit_file_is_kept_as_bright_as_the_camera_took_it(user):
