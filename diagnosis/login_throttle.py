@@ -169,16 +169,23 @@ def seconds_locked(request, username: str) -> int:
 def _count(key: str) -> int:
     if not cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS):
         try:
-            return cache.incr(key)
+            count = cache.incr(key)
         except ValueError:  # expired between the two calls: this attempt starts a new count
             cache.add(key, 1, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+        else:
+            if count > 1:
+                return count
+            # 1: a key Redis made anew, without an expiry (Django's incr asks whether the key exists,
+            # then adds to it: one that expired in between is made at 0), or one left at 0.
+            cache.touch(key, timeout=settings.LOGIN_LOCKOUT_SECONDS)
     cache.set(f"{key}:since", time.time(), timeout=settings.LOGIN_LOCKOUT_SECONDS)
     return 1
 
 
 def _uncount(key: str) -> None:
     with contextlib.suppress(ValueError):  # expired meanwhile: nothing left to take back
-        cache.decr(key)
+        if cache.decr(key) <= 0:  # a key expired mid-decr is made at -1, for ever: none is kept at 0 or below
+            cache.delete(key)
 
 
 def lockout_message(seconds: int) -> str:

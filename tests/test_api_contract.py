@@ -6,6 +6,7 @@ import pytest
 import schemathesis
 from django.core import signals
 from django.db import close_old_connections
+from django.test import Client
 from rest_framework.test import APIClient
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -146,6 +147,16 @@ def test_an_upload_field_the_api_would_drop_is_refused_and_nothing_is_stored(lab
     assert not Analysis.objects.exists()
     taken = lab.post("/api/batches/", {"images": [upload("a.png"), upload("b.png")], "sample_reference": "W-1"})
     assert taken.status_code == 202 and len(taken.json()["analyses"]) == 2
+
+
+def test_a_browsers_session_form_and_drfs_format_override_are_still_taken(user):
+    """The browsable API's form sends its CSRF token as a field; ?format=json is DRF's own."""
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    browser.get("/api/batches/", HTTP_ACCEPT="text/html")
+    token = browser.cookies["csrftoken"].value
+    sent = browser.post("/api/batches/?format=json", {"images": [upload("a.png")], "csrfmiddlewaretoken": token})
+    assert sent.status_code == 202, sent.content
 
 
 def test_a_filter_given_twice_is_refused_not_read_as_its_last_value(lab, user):

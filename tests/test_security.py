@@ -96,6 +96,26 @@ def test_a_lockout_says_how_long_it_has_left(client, user, settings, monkeypatch
     assert api.status_code == 429 and api["Retry-After"] == "270" and "5 minutes" in api.json()["detail"]
 
 
+def test_a_token_request_that_is_no_form_checks_no_password_and_counts_for_nothing(db, settings):
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 2
+    api = APIClient()
+    for _ in range(3):
+        assert api.post("/api/auth/token/", [1, 2], format="json").status_code == 400
+    assert api.post("/api/auth/token/", {"username": "nobody", "password": "x"}).status_code == 400, "not locked out"
+
+
+def test_a_count_taken_back_below_one_is_removed_not_kept_for_ever():
+    """Redis makes a key that expired between Django's exists-check and its DECRBY at -1, with no
+    expiry: kept, the address's count would stay one short of its failures for good."""
+    from django.core.cache import cache
+
+    from diagnosis import login_throttle
+
+    cache.set("login-failures-address:test", 0, timeout=None)  # as Redis leaves such a key
+    login_throttle._uncount("login-failures-address:test")
+    assert cache.get("login-failures-address:test") is None
+
+
 def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(client, user, settings):
     # Spaces, control characters and 150 characters: memcached refuses such keys, and Django warns.
     settings.LOGIN_MAX_FAILURES = 2

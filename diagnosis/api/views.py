@@ -1,4 +1,4 @@
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
@@ -87,7 +87,7 @@ class TokenView(APIView):
             raise Throttled(wait=wait, detail=login_throttle.lockout_message(wait))
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
         if not serializer.is_valid():
-            if serializer.errors.keys() != {"non_field_errors"}:  # missing credentials; wrong ones stay counted
+            if not _wrong_credentials(serializer):  # missing ones, or no form at all; wrong ones stay counted
                 login_throttle.not_a_guess(request, username)
             raise ApiValidationError(serializer.errors)
         login_throttle.signed_in(request, username)
@@ -131,22 +131,22 @@ def _refuse_unexpected_fields(request, *, takes: list[str], repeatable: str = ""
     """An upload's misspelt field (``sample_ref``), a field sent in the query string or twice, or a
     file under a name it does not take would otherwise be dropped unseen: the batch stored without
     its patient's reference or its callback, or without that file."""
-    if request.query_params:
+    if query := set(request.query_params) - {"format"}:  # DRF's own ?format=json
         raise ApiValidationError(
             {
-                "detail": f"This POST takes no query parameters (got {', '.join(sorted(request.query_params))}): "
+                "detail": f"This POST takes no query parameters (got {', '.join(sorted(query))}): "
                 "send its fields in the multipart body."
             }
         )
-    if unknown := sorted(set(request.data) - set(takes)):
+    if unknown := sorted(set(request.data) - set(takes) - {"csrfmiddlewaretoken"}):  # a browser's session form
         raise ApiValidationError(
             {"detail": f"Unknown field: {', '.join(unknown)}. This POST takes {', '.join(takes)}."}
         )
-    _refuse_repeated(request.data, "field", but=repeatable)
+    _refuse_repeated(request.data, "field", but={repeatable, "csrfmiddlewaretoken"})
 
 
-def _refuse_repeated(values, noun: str, *, but: str = "") -> None:
-    if repeated := sorted(key for key in values if key != but and len(values.getlist(key)) > 1):
+def _refuse_repeated(values, noun: str, *, but: Collection[str] = ()) -> None:
+    if repeated := sorted(key for key in values if key not in but and len(values.getlist(key)) > 1):
         raise ApiValidationError({"detail": f"The {noun} {', '.join(repeated)} was sent more than once; send it once."})
 
 
@@ -169,6 +169,12 @@ def _record_page(view: viewsets.GenericViewSet, noun: str) -> None:
     """The page a list answered, in the access trail."""
     page = view.paginator.page
     record_list_read(request=view.request, records=list(page.object_list), noun=noun, page=page.number)
+
+
+def _wrong_credentials(serializer: AuthTokenSerializer) -> bool:
+    """A password was checked, and refused (not a field left out, nor a body that is no form)."""
+    refusals = serializer.errors.get("non_field_errors", [])
+    return serializer.errors.keys() == {"non_field_errors"} and any(r.code == "authorization" for r in refusals)
 
 
 class AnalysisViewSet(
