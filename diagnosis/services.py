@@ -175,7 +175,7 @@ def _keep_files_once_committed(stored: list[str]) -> None:
 
 def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:
     analysis = Analysis(owner=owner, batch=batch, original_filename=image.name, width=image.width, height=image.height)
-    analysis.image.save("upload.png", ContentFile(image.picture_png), save=False)
+    analysis.image.save("upload.png", image.picture_png, save=False)
     stored.append(analysis.image.name)
     analysis.thumbnail.save("thumb.png", ContentFile(image.thumbnail_png), save=False)
     stored.append(analysis.thumbnail.name)

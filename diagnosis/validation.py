@@ -1,12 +1,14 @@
 """Checks an uploaded file is a real, sane image before anything is stored."""
 
 import io
+import tempfile
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from PIL import Image, ImageStat
 
@@ -35,7 +37,7 @@ class ValidImage:
     # says, 8-bit RGB on black), as a PNG. Not the file as sent, whose metadata may hold the place the
     # picture was taken (a phone's GPS), the camera's serial number or a patient's name; and the
     # original beside the heatmap is then the very picture the heatmap was computed on.
-    picture_png: bytes
+    picture_png: File  # spooled to FILE_UPLOAD_TEMP_DIR past 1 MB: a batch may hold 100 of them
     width: int  # as displayed: EXIF orientation applied
     height: int
     thumbnail_png: bytes  # PNGs, not the decoded image: a batch of large images would hold gigabytes
@@ -54,7 +56,7 @@ def validate_upload(upload: UploadedFile) -> ValidImage:
     _check_shows_a_cell(name, image)
     return ValidImage(
         name=name,
-        picture_png=_png(image),
+        picture_png=_spooled(_png(image)),
         width=width,
         height=height,
         thumbnail_png=_thumbnail_png(image),
@@ -89,6 +91,14 @@ def _check_shows_a_cell(name: str, image: Image.Image) -> None:
 def _thumbnail_png(image: Image.Image) -> bytes:
     image.thumbnail(THUMBNAIL_SIZE)
     return _png(image)
+
+
+def _spooled(content: bytes) -> File:
+    # Deleted when closed or collected, as Django's own upload spools are; nightly swept if a worker dies.
+    spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024, dir=settings.FILE_UPLOAD_TEMP_DIR)  # noqa: SIM115
+    spool.write(content)
+    spool.seek(0)
+    return File(spool, name="upload.png")
 
 
 def _png(image: Image.Image) -> bytes:
