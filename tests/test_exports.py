@@ -60,7 +60,7 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
 
 
 def test_the_csv_and_the_admin_list_show_a_score_just_under_the_threshold_as_under_it(client, user, batch):
-    """0.10996, labelled Uninfected at 0.11, rounded to nearest would read 0.1100 beside "Parasitized at ≥ 0.11"."""
+    """0.10996, labelled Uninfected at 0.11, rounded to nearest would read 0.1100 beside "threshold 0.11"."""
     from django.contrib.auth import get_user_model
 
     Analysis.objects.filter(batch=batch, original_filename="likely.png").update(
@@ -141,7 +141,7 @@ def test_a_report_printed_early_says_it_is_preliminary_and_names_reviewer_thresh
     assert "Preliminary:</strong> 1 of 3 cells still being analysed" in page
     assert "(times in Africa/Nairobi)" in page and f'href="/batches/{batch.pk}/"' in page
     assert "Model: Parasitized 0.930." in page and "Confirmed by microscopist" in page and "ring forms" in page
-    assert "P 0.040 (Parasitized at ≥ 0.11)" in page
+    assert "P 0.040 (threshold 0.11)" in page
 
     batch.analyses.filter(original_filename="pending.png").update(status="failed", error="Cannot read the image")
     final = client.get(f"/batches/{batch.pk}/report/").content.decode()
@@ -152,7 +152,7 @@ def test_scores_are_shown_with_the_threshold_they_were_judged_against(client, us
     client.force_login(user)
     for page in (client.get("/"), client.get(f"/batches/{batch.pk}/")):
         html = page.content.decode()
-        assert "<span data-probability>0.040</span>" in html and "Parasitized at ≥ 0.11</small>" in html
+        assert "<span data-probability>0.040</span>" in html and "threshold 0.11</small>" in html
         assert "Times are in UTC." in html
 
 

@@ -38,7 +38,7 @@
     if (probability && item.probability_parasitized !== null) probability.textContent = score(item.probability_parasitized);
     const threshold = el.querySelector("[data-threshold]");
     if (threshold && item.decision_threshold !== null) {
-      threshold.textContent = "Parasitized at \u2265 " + item.decision_threshold.toFixed(2);
+      threshold.textContent = "threshold " + item.decision_threshold.toFixed(2);
       threshold.hidden = false;
     }
     const img = el.querySelector("img");
