@@ -279,3 +279,18 @@ def test_the_queue_and_the_case_name_the_sample_each_cell_came_from(user):
     client.post(f"/review/{single.pk}/", {"verdict": "agree"})
     mine = re.search(r'<ul id="my-reviews">(.*?)</ul>', client.get("/review/").content.decode(), re.S)[1]
     assert "cell.png</a> (single upload): agreed" in mine
+
+
+def test_the_queue_ranks_a_score_by_its_share_of_the_room_on_its_side_of_the_threshold(user):
+    """At a threshold of 0.11, 0.000 is as sure as a score can be, and 0.565 halfway: ranked by their
+    plain distance from 0.11 (0.11 against 0.455), the certain one came first."""
+    client, _ = reviewer_client()
+    for score in (0.0, 0.565, 0.103, 0.966, 0.3):
+        cell = create_analysis(owner=user, upload=upload(f"{score}.png"))
+        label = "Parasitized" if score >= 0.11 else "Uninfected"
+        Analysis.objects.filter(pk=cell.pk).update(
+            status="done", label=label, probability_parasitized=score, decision_threshold=0.11
+        )
+    queue = client.get("/review/").content.decode()
+    order = re.findall(r'<td class="file">([0-9.]+)\.png</td>', queue)
+    assert order == ["0.103", "0.3", "0.565", "0.966", "0.0"]
