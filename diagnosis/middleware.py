@@ -5,11 +5,11 @@ from urllib.parse import unquote_plus
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import logout
-from django.http import HttpResponseForbidden, JsonResponse
+from django.http import Http404, HttpResponseForbidden, JsonResponse
 from django.urls import is_valid_path
 from django.utils.cache import patch_cache_control
 
-from diagnosis.errors import api_not_found
+from diagnosis.errors import api_not_found, not_found
 
 
 class DebugServesThisMachineOnlyMiddleware:
@@ -168,3 +168,20 @@ class ContentSecurityPolicyMiddleware:
         if not settings.DEBUG and response.get("Content-Type", "").startswith("text/html"):
             response.headers.setdefault("Content-Security-Policy", self.POLICY)
         return response
+
+
+class SiteNotFoundPageMiddleware:
+    """With DJANGO_DEBUG=true (scripts/start) a record that is gone, deleted or another user's, still
+    gets the site's own 404 page, which says so: Back to a deleted cell showed Django's debug page,
+    listing the URL patterns. A path of no route keeps the debug page, for the developer."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if settings.DEBUG and isinstance(exception, Http404) and not request.path.startswith("/api/"):
+            return not_found(request, exception)
+        return None

@@ -62,6 +62,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "diagnosis.middleware.SignOutMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "diagnosis.middleware.SiteNotFoundPageMiddleware",
 ]
 
 ROOT_URLCONF = "malaria_site.urls"

@@ -57,6 +57,18 @@ def test_owner_deletes_one_cell_from_the_page_and_its_files_go(client, user, bat
     assert [a.original_filename for a in batch.analyses.all()] == ["b.png"]
 
 
+@pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
+def test_back_to_a_deleted_cell_says_it_may_have_been_deleted(client, user, batch, settings, debug):
+    """scripts/start runs with DEBUG on, where Django answers a missing record with its debug page."""
+    settings.DEBUG = debug
+    analysis = batch.analyses.get(original_filename="a.png")
+    client.force_login(user)
+    client.post(f"/analyses/{analysis.pk}/delete/")
+    back = client.get(f"/analyses/{analysis.pk}/")
+    assert back.status_code == 404 and "the record may have been deleted" in back.content.decode()
+    assert "URLconf" not in back.content.decode()
+
+
 def test_owner_deletes_a_whole_batch_from_the_page(client, user, batch, django_capture_on_commit_callbacks):
     files = all_files(batch)
     client.force_login(user)
