@@ -190,7 +190,10 @@ def _uncount(key: str) -> None:
 
 def lockout_message(seconds: int) -> str:
     minutes = math.ceil(seconds / 60)
-    return f"Too many failed sign-in attempts. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
+    return (
+        f"Too many failed sign-in attempts. Try again in {minutes} minute{'s' if minutes != 1 else ''}, "
+        "or ask an administrator to set a new password if it is forgotten."
+    )
 
 
 class LockoutMixin:

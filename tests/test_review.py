@@ -7,7 +7,7 @@ from django.contrib.auth.models import Group
 from django.db import OperationalError
 from django.test import Client
 
-from diagnosis.models import AccessEvent, Analysis
+from diagnosis.models import AccessEvent, Analysis, Batch
 from diagnosis.services import create_analysis, create_batch
 from tests.factories import UserFactory, upload
 
@@ -268,17 +268,31 @@ def test_the_queue_and_the_case_name_the_sample_each_cell_came_from(user):
     rows = re.findall(r"<tr>(.*?)</tr>", queue, re.S)
     assert any(f"batch #{batch.pk} (WARD-7 bed 3)" in row and "cell.png" in row for row in rows)
     assert any(f"/review/{single.pk}/" in row and "single upload" in row for row in rows)
+    Batch.objects.filter(pk=batch.pk).update(note="febrile, returned from Chittagong")
     case = client.get(f"/review/{batch.analyses.get().pk}/").content.decode()
-    assert f"batch #{batch.pk} (WARD-7 bed 3)" in case
+    assert f"batch #{batch.pk} (WARD-7 bed 3)" in case and "“febrile, returned from Chittagong”" in case
     # Every cell's heatmap has red somewhere: the key says it is this cell's own scale.
     owner = Client()
     owner.force_login(user)
     Analysis.objects.filter(pk=single.pk).update(overlay=f"overlays/{single.pk}.png")
     result = owner.get(f"/analyses/{single.pk}/").content.decode()
     assert all("scaled to its own strongest region" in page for page in (case, result))
+    assert "a single upload" in result
+    in_batch = owner.get(f"/analyses/{batch.analyses.get().pk}/").content.decode()
+    assert f'<a href="/batches/{batch.pk}/">Batch #{batch.pk}</a>, WARD-7 bed 3' in in_batch
     client.post(f"/review/{single.pk}/", {"verdict": "agree"})
     mine = re.search(r'<ul id="my-reviews">(.*?)</ul>', client.get("/review/").content.decode(), re.S)[1]
-    assert "cell.png</a> (single upload): agreed" in mine
+    assert "cell.png</a>, single upload: agreed" in mine
+    # The owner sees which cells a reviewer has confirmed, not only those corrected.
+    owner = Client()
+    owner.force_login(user)
+    rows = re.findall(r'<tr data-analysis="(\d+)".*?</tr>', owner.get("/").content.decode(), re.S)
+    confirmed = re.findall(
+        r'<tr data-analysis="(\d+)"[^>]*>(?:(?!</tr>).)*\(confirmed by reviewer\)',
+        owner.get("/").content.decode(),
+        re.S,
+    )
+    assert len(rows) == 2 and confirmed == [str(single.pk)]
 
 
 def test_the_queue_ranks_a_score_by_its_share_of_the_room_on_its_side_of_the_threshold(user):
