@@ -708,9 +708,11 @@ def test_a_refused_file_is_marked_and_the_others_stay_chosen_for_the_next_attemp
     page.get_by_label("Patient / sample reference").fill("WARD-5")
     drop_files(page, "#dropzone", [cells[0], truncated, cells[1]])
     page.locator("#upload-button").click()
-    expect(page.locator("#client-errors")).to_contain_text("Nothing was stored: 1 file cannot be analysed")
+    expect(page.locator("#client-errors")).to_contain_text("Nothing was stored: cut-short.png cannot be analysed")
     open_page.expect_error(page, "status of 400")
-    expect(page.locator("#file-list li.rejected")).to_contain_text("refused: cut-short.png")
+    # At the top of the list, its reason without its name again.
+    expect(page.locator("#file-list li").first).to_have_class("rejected")
+    expect(page.locator("#file-list li.rejected")).to_contain_text("cut-short.pngrefused: the file is not a readable")
     expect(page.locator("#upload-button")).to_have_text("Upload and analyse 2 images")
     expect(page.get_by_label("Patient / sample reference")).to_have_value("WARD-5")
     assert not Batch.objects.exists()

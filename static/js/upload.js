@@ -152,18 +152,26 @@
 
   // The server refused some files (damaged, not images it can read): they are marked and left out,
   // the others stay chosen, so the next click sends only those; nothing of this attempt was stored.
+  // Refused rows go to the top of the list, which scrolls: below its fold they went unseen.
   function refuse(refused) {
     const positions = new Set(refused.map((file) => file.position));
-    refused.forEach((file) => {
-      notes[file.position].textContent = "refused: " + file.message;
-      notes[file.position].parentElement.className = "rejected";
+    const names = refused.map((file) => chosen[file.position].name);
+    refused.slice().reverse().forEach((file) => {
+      const name = chosen[file.position].name;
+      // The server's reason starts with the file's name, which its row shows already.
+      const reason = file.message.startsWith(name + ": ") ? file.message.slice(name.length + 2) : file.message;
+      notes[file.position].textContent = "refused: " + reason;
+      const row = notes[file.position].parentElement;
+      row.className = "rejected";
+      list.prepend(row);
     });
+    list.scrollTop = 0;
     chosen = chosen.filter((_, i) => !positions.has(i));
     notes = notes.filter((_, i) => !positions.has(i)); // fail() marks these "not stored"
     showCount();
+    const which = names.length <= 3 ? names.join(", ") : names.length + " files";
     fail(
-      "Nothing was stored: " + (refused.length === 1 ? "1 file" : refused.length + " files") +
-      " cannot be analysed (marked in the list). " +
+      "Nothing was stored: " + which + " cannot be analysed (marked at the top of the list). " +
       (chosen.length ? "Upload again to send the other " + counted(chosen.length) + "." : "Choose other files.")
     );
   }
