@@ -160,9 +160,31 @@ class FinalLabelFilter(admin.SimpleListFilter):
         return queryset
 
 
+class ModelLabelFilter(admin.ChoicesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "label the model gave"  # beside the label shown, which may be a reviewer's
+
+
+class ReviewedFilter(admin.SimpleListFilter):
+    title = "reviewed"
+    parameter_name = "reviewed"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Reviewed"), ("no", "Not reviewed")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.exclude(review_verdict="")
+        if self.value() == "no":
+            return queryset.filter(review_verdict="")
+        return queryset
+
+
 def _batch_cells_link(batch: Batch) -> str:
     url = reverse("admin:diagnosis_analysis_changelist") + f"?batch={batch.pk}"
-    return format_html('<a href="{}">{} ({})</a>', url, batch, counted(batch.analyses.count(), "cell"))
+    reference = f"{batch.sample_reference}, " if batch.sample_reference else ""
+    return format_html('<a href="{}">{} ({}{})</a>', url, batch, reference, counted(batch.analyses.count(), "cell"))
 
 
 @admin.register(Analysis)
@@ -173,6 +195,7 @@ class AnalysisAdmin(PatientRecordAdmin):
         "id",
         "thumb",
         "original_filename",
+        "sample",
         "owner",
         "status",
         "final_label",
@@ -184,15 +207,15 @@ class AnalysisAdmin(PatientRecordAdmin):
     list_filter = [
         "status",
         FinalLabelFilter,
-        "label",
+        ("label", ModelLabelFilter),
+        ReviewedFilter,
         "review_verdict",
-        ("reviewed_by", admin.EmptyFieldListFilter),
         OWNERS_WITH_RECORDS,
         "created_at",
     ]
     search_fields = ["original_filename", "owner__username", "batch__sample_reference", "model_version"]
     date_hierarchy = "created_at"
-    list_select_related = ["owner"]
+    list_select_related = ["owner", "batch"]
     fieldsets = [
         ("Images", {"fields": [("original_image", "overlay_image")]}),
         (
@@ -205,12 +228,12 @@ class AnalysisAdmin(PatientRecordAdmin):
                     ("width", "height"),
                     "status",
                     "label",
-                    "probability_parasitized",
+                    "probability",
                     "decision_threshold",
                     "model_version",
                     "error",
                     "attempts",
-                    "inference_ms",
+                    "model_time",
                     ("created_at", "started_at", "finished_at"),
                 ]
             },
@@ -252,6 +275,16 @@ class AnalysisAdmin(PatientRecordAdmin):
     @admin.display(description="P(parasitized)", ordering="probability_parasitized")
     def probability(self, obj):
         return score(obj.probability_parasitized)
+
+    @admin.display(description="Sample", ordering="batch__sample_reference")
+    def sample(self, obj):
+        if not obj.batch_id:
+            return "single upload"
+        return f"#{obj.batch_id} {obj.batch.sample_reference}".strip()
+
+    @admin.display(description="Model time per image")
+    def model_time(self, obj):
+        return f"{obj.inference_ms:.1f} ms" if obj.inference_ms is not None else "—"
 
     @admin.display(description="Label")
     def final_label(self, obj):

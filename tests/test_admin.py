@@ -29,11 +29,15 @@ def test_changelist_with_filters_and_search(admin_client, finished):
         "?review_verdict__exact=",
         f"?owner__id__exact={finished.owner_id}",
         "?q=review-me",
-        "?reviewed_by__isempty=1",
+        "?reviewed=no",
     ):
         response = admin_client.get(base + query)
         assert response.status_code == 200 and "review-me.png" in response.content.decode(), query
     assert "review-me.png" not in admin_client.get(base + "?status__exact=failed").content.decode()
+    assert "review-me.png" not in admin_client.get(base + "?reviewed=yes").content.decode()
+    assert "By label the model gave" in page and "By reviewed" in page and "single upload" in page
+    change = admin_client.get(f"{base}{finished.pk}/change/").content.decode()
+    assert "0.910" in change and "0.91000" not in change  # a score as it reads elsewhere, not a raw float
 
 
 def test_change_view_shows_both_images_and_locks_predictions(admin_client, finished):
