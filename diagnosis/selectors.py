@@ -245,6 +245,16 @@ def access_history(*, analysis: Analysis | None = None, batch: Batch | None = No
     return list(events[:ACCESS_HISTORY_SHOWN]), events.count()
 
 
+def cells_deleted_from(*, batch: Batch) -> int:
+    """How many of a batch's cells were deleted, one by one or by retention (as the trail records it)."""
+    return (
+        AccessEvent.objects.filter(batch_id=batch.pk, action=AccessEvent.Action.DELETED, analysis_id__isnull=False)
+        .values("analysis_id")
+        .distinct()
+        .count()
+    )
+
+
 def operations_status() -> dict:
     """Queue, throughput, failures and callbacks across all users, for monitoring: counts only."""
     now = timezone.now()

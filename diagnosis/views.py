@@ -145,6 +145,7 @@ def batch_detail(request, pk: int):
         "analyses": analyses,
         "counts": selectors.batch_counts(batch=batch),
         "history": selectors.access_history(batch=batch),
+        "deleted_cells": selectors.cells_deleted_from(batch=batch),
     }
     return render(request, "diagnosis/batch.html", context)
 
@@ -195,6 +196,7 @@ def analysis_delete(request, pk: int):
         return redirect(navigation["back_url"])
     context = {
         "subject": analysis.original_filename,
+        "analysis": analysis,  # its thumbnail and sample, to check it is the right cell
         "record": f"cell {pk}",  # the title, which browser history keeps: no name a patient's may be in
         "cells": 1,
         "cancel_url": _keeping_from(reverse("diagnosis:analysis", args=[pk]), navigation["came_from"]),

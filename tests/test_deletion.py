@@ -48,10 +48,12 @@ def test_owner_deletes_one_cell_from_the_page_and_its_files_go(client, user, bat
     client.force_login(user)
     confirm = client.get(f"/analyses/{analysis.pk}/delete/").content.decode()
     assert "Delete a.png?" in confirm and "1 cell image for good" in confirm
+    assert f"/analyses/{analysis.pk}/thumbnail/" in confirm and f"batch #{batch.pk}" in confirm
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(f"/analyses/{analysis.pk}/delete/")
     assert response.status_code == 302 and response["Location"] == f"/batches/{batch.pk}/"
-    assert "Deleted a.png" in client.get(response["Location"]).content.decode()
+    batch_page = client.get(response["Location"]).content.decode()
+    assert "Deleted a.png" in batch_page and "1 cell of this batch was deleted" in batch_page
     assert not Analysis.objects.filter(pk=analysis.pk).exists()
     assert not any(private_storage.exists(name) for name in files)
     assert [a.original_filename for a in batch.analyses.all()] == ["b.png"]
