@@ -40,6 +40,7 @@ def test_report_puts_the_most_suspicious_cell_first_and_names_model_and_threshol
     assert "<th>Cells</th><td>3</td>" in page and "<th>Parasitized</th><td>1</td>" in page
     assert "Parasitized fraction: <span data-parasitemia>50</span>%" in page
     assert "<span data-model>vgg-test-1</span>, labelling a cell Parasitized at a probability ≥ 0.11" in page
+    assert "scaled to its own strongest region" in page  # the heatmaps' key, on paper too
 
 
 def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):

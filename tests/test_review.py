@@ -308,3 +308,12 @@ def test_the_queue_ranks_a_score_by_its_share_of_the_room_on_its_side_of_the_thr
     queue = client.get("/review/").content.decode()
     order = re.findall(r'<td class="file">([0-9.]+)\.png</td>', queue)
     assert order == ["0.103", "0.3", "0.565", "0.966", "0.0"]
+
+
+def test_a_reviewers_empty_dashboard_points_to_the_queue_and_the_menu_marks_the_page(db):
+    client, _ = reviewer_client()
+    dashboard = client.get("/").content.decode()
+    assert "other users' cells are in the" in dashboard and 'href="/review/">Review queue</a>.' in dashboard
+    assert re.search(r'<a href="/"\s+aria-current="page">Dashboard</a>', dashboard)
+    queue = client.get("/review/").content.decode()
+    assert re.search(r'<a href="/review/"\s+aria-current="page">Review queue</a>', queue)
