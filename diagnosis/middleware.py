@@ -182,6 +182,6 @@ class SiteNotFoundPageMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request, exception):
-        if settings.DEBUG and isinstance(exception, Http404) and not request.path.startswith("/api/"):
+        if settings.DEBUG and isinstance(exception, Http404) and not request.path.startswith(("/api/", "/admin/")):
             return not_found(request, exception)
         return None

@@ -132,9 +132,10 @@ _THRESHOLD = Coalesce(F("decision_threshold"), Value(0.5))
 REVIEW_CONFIDENCE = Case(
     When(
         probability_parasitized__gte=_THRESHOLD,
-        then=(F("probability_parasitized") - _THRESHOLD) / NullIf(Value(1.0) - _THRESHOLD, Value(0.0)),
+        # A score on a threshold of 1.0 (or 0.0) has no room beside it: the least sure, 0, not NULL.
+        then=Coalesce((F("probability_parasitized") - _THRESHOLD) / NullIf(Value(1.0) - _THRESHOLD, Value(0.0)), 0.0),
     ),
-    default=(_THRESHOLD - F("probability_parasitized")) / NullIf(_THRESHOLD, Value(0.0)),
+    default=Coalesce((_THRESHOLD - F("probability_parasitized")) / NullIf(_THRESHOLD, Value(0.0)), 0.0),
     output_field=models.FloatField(),
 )
 

@@ -56,7 +56,7 @@ def _deep_colour(image: Image.Image) -> bool:
         image.format in ("PNG", "TIFF")
         and image.mode in ("RGB", "RGBA")
         and isinstance(rawmode, str)
-        and rawmode.startswith(("RGB;16", "RGBA;16"))
+        and rawmode.startswith(("RGB;16", "RGBA;16", "RGBX;16", "RGBa;16"))  # a TIFF's extra sample: X, a
     )
 
 

@@ -299,15 +299,16 @@ def test_the_queue_ranks_a_score_by_its_share_of_the_room_on_its_side_of_the_thr
     """At a threshold of 0.11, 0.000 is as sure as a score can be, and 0.565 halfway: ranked by their
     plain distance from 0.11 (0.11 against 0.455), the certain one came first."""
     client, _ = reviewer_client()
-    for score in (0.0, 0.565, 0.103, 0.966, 0.3):
+    for score in (0.0, 0.565, 0.103, 0.966, 0.3, 1.0):
         cell = create_analysis(owner=user, upload=upload(f"{score}.png"))
         label = "Parasitized" if score >= 0.11 else "Uninfected"
+        threshold = 1.0 if score == 1.0 else 0.11  # on a threshold of 1.0: no room beside it, the least sure
         Analysis.objects.filter(pk=cell.pk).update(
-            status="done", label=label, probability_parasitized=score, decision_threshold=0.11
+            status="done", label=label, probability_parasitized=score, decision_threshold=threshold
         )
     queue = client.get("/review/").content.decode()
     order = re.findall(r'<td class="file">([0-9.]+)\.png</td>', queue)
-    assert order == ["0.103", "0.3", "0.565", "0.966", "0.0"]
+    assert order == ["1.0", "0.103", "0.3", "0.565", "0.966", "0.0"]
 
 
 def test_a_reviewers_empty_dashboard_points_to_the_queue_and_the_menu_marks_the_page(db):

@@ -431,6 +431,32 @@ def test_no_text_of_the_file_is_kept_with_its_picture_an_icc_profile_neither(use
         assert b"Jane Doe" not in stored and "icc_profile" not in Image.open(io.BytesIO(stored)).info
 
 
+@pytest.mark.parametrize("extra", [0, 1, 2], ids=["unspecified", "associated-alpha", "alpha"])
+def test_a_16_bit_tiff_with_a_fourth_sample_is_read_at_its_depth(extra):
+    """Pillow names these RGBX;16 and RGBa;16: read at 8 bits, 12-bit data was a black picture."""
+    cell = np.asarray(Image.open(fixture_cells()[0]).convert("RGB")).astype(np.uint16) * 16
+    four = np.dstack([cell, np.full(cell.shape[:2], 4095, np.uint16)])
+    data = _tiff_with_extra_sample(four, extra)
+    kept = np.asarray(Image.open(validate_upload(SimpleUploadedFile("c.tif", data)).picture_png)).astype(int)
+    assert abs(kept.mean() - (cell / 16).mean()) < 2
+
+
+def _tiff_with_extra_sample(pixels: np.ndarray, extra: int) -> bytes:
+    height, width = pixels.shape[:2]
+    body = pixels.astype("<u2").tobytes()
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 4, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, "pixels"), (277, 3, 1, 4), (278, 3, 1, height), (279, 4, 1, len(body)),
+            (284, 3, 1, 1), (338, 3, 1, extra)]  # fmt: skip
+    directory_size = 2 + 12 * len(tags) + 4
+    bits_at, pixels_at = 8 + directory_size, 8 + directory_size + 8
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
+    for tag, kind, count, value in tags:
+        value = {"bits": bits_at, "pixels": pixels_at}.get(value, value)
+        inline = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, count) + inline
+    return bytes(out + struct.pack("<I", 0) + struct.pack("<HHHH", 16, 16, 16, 16) + body)
+
+
 def test_twelve_bit_colour_in_a_16_bit_file_is_kept_as_bright_as_the_camera_took_it(user):
     """Pillow keeps only the high byte of 16-bit colour: 0..4095 read as 0..15, a black picture."""
     cell = np.asarray(Image.open(fixture_cells()[0]).convert("RGB"))
