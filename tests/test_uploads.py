@@ -358,22 +358,24 @@ def test_what_is_kept_of_a_photo_is_its_picture_without_the_files_metadata(clien
         assert picture.format == "PNG" and picture.size == (60, 120) and not picture.getexif()
 
 
-def tiff_16_bit(rgb: np.ndarray, orientation: int) -> bytes:
-    """An uncompressed 16-bit RGB TIFF with an orientation tag (Pillow writes none, OpenCV no tag)."""
-    height, width = rgb.shape[:2]
-    pixels = rgb.astype("<u2").tobytes()
-    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
-            (273, 4, 1, "pixels"), (274, 3, 1, orientation), (277, 3, 1, 3), (278, 3, 1, height),
-            (279, 4, 1, len(pixels)), (284, 3, 1, 1)]  # fmt: skip
+def tiff_16_bit(pixels: np.ndarray, orientation: int = 1, extra_sample: int | None = None) -> bytes:
+    """An uncompressed 16-bit colour TIFF with an orientation tag (Pillow writes none, OpenCV no tag);
+    with ``extra_sample`` (its ExtraSamples tag), a fourth sample after R, G and B."""
+    height, width, samples = pixels.shape
+    body = pixels.astype("<u2").tobytes()
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, samples, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, "pixels"), (274, 3, 1, orientation), (277, 3, 1, samples), (278, 3, 1, height),
+            (279, 4, 1, len(body)), (284, 3, 1, 1)]  # fmt: skip
+    if extra_sample is not None:
+        tags.append((338, 3, 1, extra_sample))
     directory_size = 2 + 12 * len(tags) + 4
-    bits_at, pixels_at = 8 + directory_size, 8 + directory_size + 6
+    bits_at, pixels_at = 8 + directory_size, 8 + directory_size + 2 * samples
     out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
     for tag, kind, count, value in tags:
         value = {"bits": bits_at, "pixels": pixels_at}.get(value, value)
-        out += struct.pack("<HHI", tag, kind, count) + (
-            struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
-        )
-    return bytes(out + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + pixels)
+        inline = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, count) + inline
+    return bytes(out + struct.pack("<I", 0) + struct.pack("<" + "H" * samples, *[16] * samples) + body)
 
 
 def png_16_bit(rgb: np.ndarray, orientation: int) -> bytes:
@@ -436,25 +438,9 @@ def test_a_16_bit_tiff_with_a_fourth_sample_is_read_at_its_depth(extra):
     """Pillow names these RGBX;16 and RGBa;16: read at 8 bits, 12-bit data was a black picture."""
     cell = np.asarray(Image.open(fixture_cells()[0]).convert("RGB")).astype(np.uint16) * 16
     four = np.dstack([cell, np.full(cell.shape[:2], 4095, np.uint16)])
-    data = _tiff_with_extra_sample(four, extra)
+    data = tiff_16_bit(four, extra_sample=extra)
     kept = np.asarray(Image.open(validate_upload(SimpleUploadedFile("c.tif", data)).picture_png)).astype(int)
     assert abs(kept.mean() - (cell / 16).mean()) < 2
-
-
-def _tiff_with_extra_sample(pixels: np.ndarray, extra: int) -> bytes:
-    height, width = pixels.shape[:2]
-    body = pixels.astype("<u2").tobytes()
-    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 4, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
-            (273, 4, 1, "pixels"), (277, 3, 1, 4), (278, 3, 1, height), (279, 4, 1, len(body)),
-            (284, 3, 1, 1), (338, 3, 1, extra)]  # fmt: skip
-    directory_size = 2 + 12 * len(tags) + 4
-    bits_at, pixels_at = 8 + directory_size, 8 + directory_size + 8
-    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
-    for tag, kind, count, value in tags:
-        value = {"bits": bits_at, "pixels": pixels_at}.get(value, value)
-        inline = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
-        out += struct.pack("<HHI", tag, kind, count) + inline
-    return bytes(out + struct.pack("<I", 0) + struct.pack("<HHHH", 16, 16, 16, 16) + body)
 
 
 def test_twelve_bit_colour_in_a_16_bit_file_is_kept_as_bright_as_the_camera_took_it(user):
