@@ -5,20 +5,20 @@ from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.forms import AdminPasswordChangeForm
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from diagnosis import callbacks, selectors, services, tokens
+from diagnosis import callbacks, login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import ReviewTimeField, show_review_time
-from diagnosis.login_throttle import LockoutAdminAuthenticationForm
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
 from diagnosis.templatetags.scores import score
 
-admin.site.login_form = LockoutAdminAuthenticationForm
+admin.site.login_form = login_throttle.LockoutAdminAuthenticationForm
 
 
 class ReviewAdminForm(forms.ModelForm):
@@ -473,11 +473,34 @@ def pluralize_batches(number: int) -> str:
     return "1 batch" if number == 1 else f"{number} batches"
 
 
+class UnlockingPasswordChangeForm(AdminPasswordChangeForm):
+    """An administrator's new password for a user also lifts the user's sign-in lockout: the user
+    locked out by a forgotten password is the one who gets a new one, and must be able to use it."""
+
+    def save(self, commit=True):
+        user = super().save(commit=commit)
+        login_throttle.forgive(user.get_username())
+        return user
+
+
 @admin.register(get_user_model())
 class RecordedUserAdmin(RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
     record_deletion = staticmethod(_record_users_data_deleted)
+    change_password_form = UnlockingPasswordChangeForm
+    actions = ["clear_sign_in_lockout"]
+
+    @admin.action(description="Clear the selected users' sign-in lockouts", permissions=["change"])
+    def clear_sign_in_lockout(self, request, queryset):
+        for user in queryset:
+            login_throttle.forgive(user.get_username())
+            self.log_change(request, user, "Cleared the sign-in lockout.")
+        self.message_user(
+            request,
+            f"Sign-in lockouts cleared for {counted(len(queryset), 'user')}. An address locked out for "
+            "guessing at many names stays locked until its count expires (LOGIN_LOCKOUT_SECONDS).",
+        )
 
     def get_deleted_objects(self, objs, request):
         """What deleting these accounts takes with it, counted rather than listed: Django's page would

@@ -56,10 +56,23 @@ def _name(username: str) -> str:
 
 
 def _key(request, username: str) -> str:
-    """Where failures at this username count: per known browser, else per address."""
+    """Where failures at this username count: per known browser, else per address, in the
+    username's current round (see forgive)."""
     device = _known_device(request, username)
     source = f"device:{device}" if device else client_address(request)
-    return f"login-failures:{_digest(source)}:{_digest(_name(username))}"
+    name = _digest(_name(username))
+    return f"login-failures:{_digest(source)}:{name}:{cache.get(_round_key(name), '')}"
+
+
+def _round_key(name_digest: str) -> str:
+    return f"login-round:{name_digest}"
+
+
+def forgive(username: str) -> None:
+    """Clear the username's lockout on every browser and address at once (an administrator's
+    unlock, or a new password set for it): its counts are keyed by where they were made, so
+    they are not found and deleted but left behind, to expire, by starting a new round."""
+    cache.set(_round_key(_digest(_name(username))), secrets.token_hex(8), timeout=None)
 
 
 def _address_key(request) -> str:
@@ -214,9 +227,11 @@ class LockoutMixin:
             kwargs = self.get_form_kwargs()
             del kwargs["data"], kwargs["files"]
             kwargs["initial"] = {**kwargs["initial"], "username": self.checked_username()}
-            lockout = lockout_message(seconds_locked(request, self.checked_username()))
-            context = self.get_context_data(form=self.get_form_class()(**kwargs), lockout=lockout)
-            return self.render_to_response(context, status=429)
+            seconds = seconds_locked(request, self.checked_username())
+            context = self.get_context_data(form=self.get_form_class()(**kwargs), lockout=lockout_message(seconds))
+            response = self.render_to_response(context, status=429)
+            response["Retry-After"] = str(seconds)
+            return response
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):

@@ -370,3 +370,66 @@ def test_deleting_an_account_counts_what_goes_with_it_rather_than_listing_it(adm
     assert "cell-0.png" not in page and "Analysis " not in page  # no line per cell
     assert admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"}).status_code == 302
     assert not Analysis.objects.exists()
+
+
+def _locked_out(username: str, password: str) -> bool:
+    from django.test import Client
+
+    return Client().post("/accounts/login/", {"username": username, "password": password}).status_code == 429
+
+
+def _lock_out(username: str) -> None:
+    from django.test import Client
+
+    for _ in range(2):
+        Client(REMOTE_ADDR="10.0.0.7").post("/accounts/login/", {"username": username, "password": "guess"})
+        Client(REMOTE_ADDR="127.0.0.1").post("/accounts/login/", {"username": username, "password": "guess"})
+
+
+def test_an_administrator_clears_a_users_sign_in_lockout_from_every_address(admin_client, user, settings):
+    from django.contrib.admin.models import LogEntry
+    from django.test import Client
+
+    from tests.factories import PASSWORD
+
+    settings.LOGIN_MAX_FAILURES = 2
+    colleague = get_user_model().objects.create_user("colleague", password=PASSWORD)
+    _lock_out(user.username)
+    _lock_out(colleague.username)
+    assert _locked_out(user.username, PASSWORD) and _locked_out(colleague.username, PASSWORD)
+
+    assert 'value="clear_sign_in_lockout"' in admin_client.get("/admin/auth/user/").content.decode()
+    chosen = {"action": "clear_sign_in_lockout", "_selected_action": [str(user.pk)]}
+    response = admin_client.post("/admin/auth/user/", chosen, follow=True)
+    assert "Sign-in lockouts cleared for 1 user." in response.content.decode()
+    assert Client().post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+    assert not _locked_out(user.username, PASSWORD)
+    elsewhere = Client(REMOTE_ADDR="10.0.0.7")
+    assert elsewhere.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+    assert _locked_out(colleague.username, PASSWORD)  # only the chosen user
+    entry = LogEntry.objects.get(object_id=str(user.pk))
+    assert entry.user == admin_client.admin and "Cleared the sign-in lockout" in entry.get_change_message()
+
+
+def test_a_new_password_an_administrator_sets_can_be_used_at_once(admin_client, user, settings):
+    from django.test import Client
+
+    settings.LOGIN_MAX_FAILURES = 2
+    _lock_out(user.username)
+    new = "a-Fresh-passphrase-42"
+    response = admin_client.post(f"/admin/auth/user/{user.pk}/password/", {"password1": new, "password2": new})
+    assert response.status_code == 302
+    assert Client().post("/accounts/login/", {"username": user.username, "password": new}).status_code == 302
+
+
+def test_staff_who_may_not_change_users_cannot_clear_lockouts(client, user, settings):
+    from tests.factories import PASSWORD
+
+    settings.LOGIN_MAX_FAILURES = 2
+    _lock_out(user.username)
+    clerk = staff_with(client, "view_user")
+    page = clerk.get("/admin/auth/user/")
+    assert page.status_code == 200 and "clear_sign_in_lockout" not in page.content.decode()
+    chosen = {"action": "clear_sign_in_lockout", "_selected_action": [str(user.pk)]}
+    clerk.post("/admin/auth/user/", chosen)
+    assert _locked_out(user.username, PASSWORD)

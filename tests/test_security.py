@@ -92,6 +92,7 @@ def test_a_lockout_says_how_long_it_has_left(client, user, settings, monkeypatch
     clock.time = lambda: 1_000_000.0 + 630  # 270 s left
     page = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
     assert page.status_code == 429 and "Try again in 5 minutes, or ask an administrator" in page.content.decode()
+    assert page["Retry-After"] == "270"
     api = APIClient(REMOTE_ADDR="127.0.0.1").post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
     assert api.status_code == 429 and api["Retry-After"] == "270" and "5 minutes" in api.json()["detail"]
 
