@@ -74,7 +74,12 @@ def test_worker_killed_mid_task_loses_nothing_and_records_once(without_session_w
     second = WorkerProcess(media_root, tmp_path / "second.log", extra_env=fast_sweeper, beat=True).start()
     try:
         started = time.monotonic()
-        wait_for(lambda: Analysis.objects.filter(status="done").count() == 6, timeout=180)
+        try:
+            wait_for(lambda: Analysis.objects.filter(status="done").count() == 6, timeout=180)
+        except AssertionError as timed_out:  # say where recovery stalled: a bare timeout told nothing
+            states = list(Analysis.objects.values_list("pk", "status", "attempts"))
+            log = (tmp_path / "second.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{timed_out}; (id, status, attempts): {states}\nsecond worker:\n{log}") from None
         recovery = time.monotonic() - started
         wait_until_logged(6, tmp_path / "first.log", tmp_path / "second.log")
     finally:
