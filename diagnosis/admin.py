@@ -5,7 +5,6 @@ from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
-from django.contrib.auth.forms import AdminPasswordChangeForm
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
@@ -473,22 +472,11 @@ def pluralize_batches(number: int) -> str:
     return "1 batch" if number == 1 else f"{number} batches"
 
 
-class UnlockingPasswordChangeForm(AdminPasswordChangeForm):
-    """An administrator's new password for a user also lifts the user's sign-in lockout: the user
-    locked out by a forgotten password is the one who gets a new one, and must be able to use it."""
-
-    def save(self, commit=True):
-        user = super().save(commit=commit)
-        login_throttle.forgive(user.get_username())
-        return user
-
-
 @admin.register(get_user_model())
 class RecordedUserAdmin(RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
     record_deletion = staticmethod(_record_users_data_deleted)
-    change_password_form = UnlockingPasswordChangeForm
     actions = ["clear_sign_in_lockout"]
 
     @admin.action(description="Clear the selected users' sign-in lockouts", permissions=["change"])

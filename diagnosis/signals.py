@@ -1,6 +1,7 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
 removal; a removed user's results are withdrawn from the lab systems that were sent them; a
-user's API key goes with their password; and a sign-in's clock starts at sign-in."""
+user's API key goes with their password, and a new password lifts their sign-in lockout; and a
+sign-in's clock starts at sign-in."""
 
 import logging
 import time
@@ -9,10 +10,10 @@ from django.conf import settings
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
 from django.contrib.auth.signals import user_logged_in
 from django.db import transaction
-from django.db.models.signals import post_delete, pre_save
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
-from diagnosis import services
+from diagnosis import login_throttle, services
 from diagnosis.middleware import SignOutMiddleware
 from diagnosis.models import Analysis, ApiToken, overlay_path, private_storage
 
@@ -57,6 +58,14 @@ def revoke_token_on_new_password(sender, instance, **kwargs) -> None:
         changed = not stored.startswith(UNUSABLE_PASSWORD_PREFIX)
     if changed:
         ApiToken.objects.filter(user_id=instance.pk).delete()
+
+
+@receiver(post_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.lift_lockout_on_new_password")
+def lift_lockout_on_new_password(sender, instance, **kwargs) -> None:
+    """The user locked out by a forgotten password is the one an administrator sets a new one for
+    (in the admin or with ``manage.py changepassword``), and must be able to use it at once."""
+    if getattr(instance, "_password", None) is not None:  # set_password() before this save
+        login_throttle.forgive(instance.get_username())
 
 
 @receiver(user_logged_in, dispatch_uid="diagnosis.start_sign_in_clock")

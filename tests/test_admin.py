@@ -433,3 +433,15 @@ def test_staff_who_may_not_change_users_cannot_clear_lockouts(client, user, sett
     chosen = {"action": "clear_sign_in_lockout", "_selected_action": [str(user.pk)]}
     clerk.post("/admin/auth/user/", chosen)
     assert _locked_out(user.username, PASSWORD)
+
+
+def test_a_new_password_set_with_changepassword_can_be_used_at_once(user, settings, monkeypatch):
+    from django.core.management import call_command
+    from django.test import Client
+
+    settings.LOGIN_MAX_FAILURES = 2
+    _lock_out(user.username)
+    new = "a-Fresh-passphrase-42"
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": new)
+    call_command("changepassword", user.username)
+    assert Client().post("/accounts/login/", {"username": user.username, "password": new}).status_code == 302
