@@ -7,7 +7,7 @@ from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db import connection
+from django.db import connection, transaction
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -190,8 +190,9 @@ def analysis_delete(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
     navigation = _analysis_context(request, analysis)
     if request.method == "POST":
-        record_access(request=request, action=AccessEvent.Action.DELETED, analysis=analysis, detail="1 cell")
-        services.delete_analysis(analysis=analysis)
+        with transaction.atomic():  # a deletion that fails is not recorded as done
+            record_access(request=request, action=AccessEvent.Action.DELETED, analysis=analysis, detail="1 cell")
+            services.delete_analysis(analysis=analysis)
         messages.success(request, f"Deleted {analysis.original_filename}: its image, heatmap and result are gone.")
         return redirect(navigation["back_url"])
     context = {
@@ -211,8 +212,9 @@ def batch_delete(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     if request.method == "POST":
         detail = counted(batch.analyses.count(), "cell")
-        record_access(request=request, action=AccessEvent.Action.DELETED, batch=batch, detail=detail)
-        services.delete_batch(batch=batch)
+        with transaction.atomic():
+            record_access(request=request, action=AccessEvent.Action.DELETED, batch=batch, detail=detail)
+            services.delete_batch(batch=batch)
         messages.success(request, f"Deleted batch #{pk} with its images, heatmaps and results.")
         return redirect(_came_from(request) or "diagnosis:batch-list")  # the list of samples it was one of
     came_from = _came_from(request)

@@ -59,6 +59,30 @@ def test_owner_deletes_one_cell_from_the_page_and_its_files_go(client, user, bat
     assert [a.original_filename for a in batch.analyses.all()] == ["b.png"]
 
 
+@pytest.mark.parametrize("channel", ["page", "api"])
+def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, monkeypatch, channel):
+    """The trail's entry was written before the deletion ran: one that failed still said "deleted",
+    and the batch page counted the cell as gone while it was still listed."""
+    from diagnosis import selectors
+    from diagnosis.models import AccessEvent
+
+    def fails(**kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "delete_analysis", fails)
+    analysis = batch.analyses.get(original_filename="a.png")
+    if channel == "page":
+        client.force_login(user)
+        client.raise_request_exception = False
+        assert client.post(f"/analyses/{analysis.pk}/delete/").status_code == 500
+    else:
+        api = APIClient(raise_request_exception=False)
+        api.force_authenticate(user)
+        assert api.delete(f"/api/analyses/{analysis.pk}/").status_code == 500
+    assert not AccessEvent.objects.filter(action=AccessEvent.Action.DELETED).exists()
+    assert selectors.cells_deleted_from(batch=batch) == 0 and Analysis.objects.filter(pk=analysis.pk).exists()
+
+
 @pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
 def test_back_to_a_deleted_cell_says_it_may_have_been_deleted(client, user, batch, settings, debug):
     """scripts/start runs with DEBUG on, where Django answers a missing record with its debug page."""

@@ -1,6 +1,7 @@
 from collections.abc import Collection, Mapping
 
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -235,8 +236,9 @@ class AnalysisViewSet(
 
     def perform_destroy(self, instance):
         """204: the analysis, its image and its heatmap are gone for good."""
-        record_access(request=self.request, action=AccessEvent.Action.DELETED, analysis=instance, detail="1 cell")
-        services.delete_analysis(analysis=instance)
+        with transaction.atomic():  # a deletion that fails is not recorded as done
+            record_access(request=self.request, action=AccessEvent.Action.DELETED, analysis=instance, detail="1 cell")
+            services.delete_analysis(analysis=instance)
 
     @extend_schema(responses={204: None, **errors(401, 404)})
     def destroy(self, request, *args, **kwargs):
@@ -381,8 +383,9 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     def perform_destroy(self, instance):
         """204: the batch and every analysis in it, files included, are gone for good."""
         detail = counted(len(instance.analyses.all()), "cell")
-        record_access(request=self.request, action=AccessEvent.Action.DELETED, batch=instance, detail=detail)
-        services.delete_batch(batch=instance)
+        with transaction.atomic():
+            record_access(request=self.request, action=AccessEvent.Action.DELETED, batch=instance, detail=detail)
+            services.delete_batch(batch=instance)
 
 
 class OperationsStatusView(APIView):
