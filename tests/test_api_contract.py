@@ -149,6 +149,34 @@ def test_an_upload_field_the_api_would_drop_is_refused_and_nothing_is_stored(lab
     assert taken.status_code == 202 and len(taken.json()["analyses"]) == 2
 
 
+def _multipart(parts: list[tuple[str, str, bytes]]) -> bytes:
+    return (
+        b"".join(
+            f'--B\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + content
+            + b"\r\n"
+            for name, filename, content in parts
+        )
+        + b"--B--\r\n"
+    )
+
+
+@pytest.mark.parametrize(("path", "field"), [("/api/batches/", "images"), ("/api/analyses/", "image")])
+def test_a_file_part_with_no_file_in_it_is_refused_as_such(lab, user, path, field):
+    """A form's empty file field (a part with an empty file name) was refused as images[0], "not a
+    file": the first image named, whichever part was empty."""
+    parts = [(field, "a.png", upload("a.png").read())] if field == "images" else []
+    body = _multipart([*parts, (field, "", b"")])
+    refused = lab.generic("POST", path, body, content_type="multipart/form-data; boundary=B")
+    assert refused.status_code == 400, refused.content
+    assert (
+        refused.json()["detail"]
+        == f"A {field} part has no file in it (its file name is empty): choose a file or leave it out."
+    )
+    assert not Analysis.objects.exists()
+
+
 def test_a_browsers_session_form_and_drfs_format_override_are_still_taken(user):
     """The browsable API's form sends its CSRF token as a field; ?format=json is DRF's own."""
     browser = Client(enforce_csrf_checks=True)

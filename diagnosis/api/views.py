@@ -128,10 +128,16 @@ def _refuse_unknown_parameters(request, known: set[str]) -> None:
     _refuse_repeated(request.query_params, "query parameter")
 
 
-def _refuse_unexpected_fields(request, *, takes: list[str], repeatable: str = "") -> None:
+def _refuse_unexpected_fields(request, *, takes: list[str], files: str, repeatable: str = "") -> None:
     """An upload's misspelt field (``sample_ref``), a field sent in the query string or twice, or a
     file under a name it does not take would otherwise be dropped unseen: the batch stored without
     its patient's reference or its callback, or without that file."""
+    if "" in request.data.getlist(files):
+        # A file part with an empty file name (a form's file field left empty) arrives as "" among the
+        # fields, which come before the files: its position among them cannot be told.
+        raise ApiValidationError(
+            {"detail": f"A {files} part has no file in it (its file name is empty): choose a file or leave it out."}
+        )
     if query := set(request.query_params) - {"format"}:  # DRF's own ?format=json
         raise ApiValidationError(
             {
@@ -218,7 +224,7 @@ class AnalysisViewSet(
                 {"detail": "An Idempotency-Key is taken by POST /api/batches/ only: send the image as a batch of one."}
             )
         # One image per POST: a second `image` part would be dropped (POST /api/batches/ takes several).
-        _refuse_unexpected_fields(request, takes=["image"])
+        _refuse_unexpected_fields(request, takes=["image"], files="image")
         upload = AnalysisUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         try:
@@ -323,7 +329,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     )
     def create(self, request):
         _refuse_unexpected_fields(
-            request, takes=["images", "sample_reference", "note", "callback_url"], repeatable="images"
+            request, takes=["images", "sample_reference", "note", "callback_url"], files="images", repeatable="images"
         )
         upload = BatchUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
