@@ -104,6 +104,8 @@ def test_a_misspelt_filter_is_refused_and_the_batch_filter_works(lab, user):
     names = [row["original_filename"] for row in lab.get(f"/api/analyses/?batch={batch.pk}").json()["results"]]
     assert names == ["in.png"]
     assert lab.get("/api/analyses/?batch=x").status_code == 400
+    assert lab.get(f"/api/analyses/?batch={2**63}").status_code == 400  # past any id: a 500 on SQLite
+    assert lab.get(f"/api/analyses/?batch={2**63 - 1}").json()["results"] == []
     assert lab.get("/api/analyses/?page=1").status_code == 200
 
 
@@ -149,11 +151,14 @@ def test_an_upload_field_the_api_would_drop_is_refused_and_nothing_is_stored(lab
     assert taken.status_code == 202 and len(taken.json()["analyses"]) == 2
 
 
-def _multipart(parts: list[tuple[str, str, bytes]]) -> bytes:
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> bytes:
     return (
         b"".join(
-            f'--B\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            (
+                f'--B\r\nContent-Disposition: form-data; name="{name}"'
+                + ("" if filename is None else f'; filename="{filename}"')
+                + "\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode()
             + content
             + b"\r\n"
             for name, filename, content in parts
@@ -162,18 +167,45 @@ def _multipart(parts: list[tuple[str, str, bytes]]) -> bytes:
     )
 
 
-@pytest.mark.parametrize(("path", "field"), [("/api/batches/", "images"), ("/api/analyses/", "image")])
-def test_a_file_part_with_no_file_in_it_is_refused_as_such(lab, user, path, field):
+UPLOADS = [("/api/batches/", "images"), ("/api/analyses/", "image")]
+
+
+@pytest.mark.parametrize(("path", "field"), UPLOADS)
+@pytest.mark.parametrize(
+    ("filename", "content"), [("", b""), ("", b"PNG bytes"), (None, b"a.png")], ids=["empty", "empty-name", "no-name"]
+)
+def test_a_file_part_with_no_file_in_it_is_refused_as_such(lab, user, path, field, filename, content):
     """A form's empty file field (a part with an empty file name) was refused as images[0], "not a
     file": the first image named, whichever part was empty."""
     parts = [(field, "a.png", upload("a.png").read())] if field == "images" else []
-    body = _multipart([*parts, (field, "", b"")])
+    body = _multipart([*parts, (field, filename, content)])
     refused = lab.generic("POST", path, body, content_type="multipart/form-data; boundary=B")
     assert refused.status_code == 400, refused.content
-    assert (
-        refused.json()["detail"]
-        == f"A {field} part has no file in it (its file name is empty): choose a file or leave it out."
+    assert refused.json()["detail"] == (
+        f"A {field} part is not a file (its file name is empty or missing): choose one or leave it out."
     )
+    assert not Analysis.objects.exists()
+
+
+@pytest.mark.parametrize(("path", "field"), UPLOADS)
+@pytest.mark.parametrize("filename", [".", "..", "scans/", "C:\\scans\\"])
+def test_a_file_part_named_by_no_file_name_is_refused_not_dropped(lab, user, path, field, filename):
+    """Django drops a file part whose name is nothing once its folders are cleaned off: the batch
+    was taken (202) without that image."""
+    body = _multipart([(field, "a.png", upload("a.png").read()), (field, filename, upload("b.png").read())])
+    refused = lab.generic("POST", path, body, content_type="multipart/form-data; boundary=B")
+    assert refused.status_code == 400, refused.content
+    assert "has no file name in it: name each file" in refused.json()["detail"]
+    assert not Analysis.objects.exists()
+
+
+@pytest.mark.parametrize(("path", "field"), [("/api/batches/", "images"), ("/api/analyses/", "image")])
+@pytest.mark.parametrize("content_type", ["", "application/json", "multipart/form-data; boundary=B"])
+def test_an_upload_with_an_empty_body_is_refused_for_its_missing_file(lab, user, path, field, content_type):
+    """An empty body parses to a plain dict, not a form: the empty-file-part check raised a 500 on it."""
+    refused = lab.generic("POST", path, b"", content_type=content_type)
+    assert refused.status_code == 400, refused.content
+    assert field in refused.content.decode()
     assert not Analysis.objects.exists()
 
 

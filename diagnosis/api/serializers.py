@@ -74,7 +74,8 @@ class AnalysisListQuerySerializer(serializers.Serializer):
 
     status = serializers.ChoiceField(choices=Analysis.Status.values, required=False, allow_blank=True)
     label = serializers.ChoiceField(choices=Analysis.Label.values, required=False, allow_blank=True)
-    batch = serializers.IntegerField(required=False, min_value=1)
+    # At most the largest id a batch can have: a longer number overflowed SQLite's integers (a 500).
+    batch = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
 
 
 class AnalysisUploadSerializer(serializers.Serializer):

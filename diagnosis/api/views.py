@@ -16,6 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
+from diagnosis.api.parsers import UploadParser
 from diagnosis.api.serializers import (
     AnalysisListQuerySerializer,
     AnalysisSerializer,
@@ -132,11 +133,12 @@ def _refuse_unexpected_fields(request, *, takes: list[str], files: str, repeatab
     """An upload's misspelt field (``sample_ref``), a field sent in the query string or twice, or a
     file under a name it does not take would otherwise be dropped unseen: the batch stored without
     its patient's reference or its callback, or without that file."""
-    if "" in request.data.getlist(files):
-        # A file part with an empty file name (a form's file field left empty) arrives as "" among the
-        # fields, which come before the files: its position among them cannot be told.
+    # A part with an empty file name (a form's file field left empty) or none arrives among the
+    # fields (request.POST: request.data has the files too, or is a plain dict for an empty body),
+    # which come before the files: its position among them cannot be told.
+    if request.POST.getlist(files):
         raise ApiValidationError(
-            {"detail": f"A {files} part has no file in it (its file name is empty): choose a file or leave it out."}
+            {"detail": f"A {files} part is not a file (its file name is empty or missing): choose one or leave it out."}
         )
     if query := set(request.query_params) - {"format"}:  # DRF's own ?format=json
         raise ApiValidationError(
@@ -188,7 +190,7 @@ class AnalysisViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
 ):
     serializer_class = AnalysisSerializer
-    parser_classes = [MultiPartParser]
+    parser_classes = [UploadParser]
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
@@ -284,7 +286,7 @@ class AnalysisViewSet(
 
 class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = BatchSerializer
-    parser_classes = [MultiPartParser]
+    parser_classes = [UploadParser]
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
