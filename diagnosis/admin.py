@@ -5,6 +5,7 @@ from django.contrib import admin
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.db import transaction
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
@@ -92,14 +93,18 @@ class RecordsDeletions:
     def delete_record(self, obj) -> None:
         obj.delete()
 
+    # In one transaction with the deletions: one that fails is not recorded as done (Django's delete
+    # page has its own, its "Delete selected" action none).
     def delete_model(self, request, obj):
-        self.record_deletion(request, obj)
-        self.delete_record(obj)
-
-    def delete_queryset(self, request, queryset):
-        for obj in queryset:
+        with transaction.atomic():
             self.record_deletion(request, obj)
             self.delete_record(obj)
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            for obj in queryset:
+                self.record_deletion(request, obj)
+                self.delete_record(obj)
 
 
 class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):

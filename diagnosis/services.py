@@ -17,6 +17,7 @@ from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
+from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
 from diagnosis.audit import record_retention_deletion
@@ -390,8 +391,9 @@ def delete_batch(*, batch: Batch) -> None:
     ids = list(batch.analyses.values_list("pk", flat=True))
     logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, ids)
     with transaction.atomic():
-        # Locked, so an attempt cannot claim it between this look and the deletion.
-        current = Batch.with_withdrawn.select_for_update().get(pk=batch.pk)
+        # Locked, so an attempt cannot claim it between this look and the deletion. Gone by then (a
+        # second click, a DELETE retried after a timeout) is the caller's 404, as if it came later.
+        current = get_object_or_404(Batch.with_withdrawn.select_for_update(), pk=batch.pk)
         if current.withdrawn_at or not current.results_may_have_reached:  # a withdrawal given up on, or nothing sent
             current.delete()
             return

@@ -65,7 +65,8 @@ def lift_lockout_on_new_password(sender, instance, **kwargs) -> None:
     """The user locked out by a forgotten password is the one an administrator sets a new one for
     (in the admin or with ``manage.py changepassword``), and must be able to use it at once."""
     if getattr(instance, "_password", None) is not None:  # set_password() before this save
-        login_throttle.forgive(instance.get_username())
+        username = instance.get_username()
+        transaction.on_commit(lambda: login_throttle.forgive(username))  # not if the form's save rolls back
 
 
 @receiver(user_logged_in, dispatch_uid="diagnosis.start_sign_in_clock")

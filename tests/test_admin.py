@@ -411,13 +411,16 @@ def test_an_administrator_clears_a_users_sign_in_lockout_from_every_address(admi
     assert entry.user == admin_client.admin and "Cleared the sign-in lockout" in entry.get_change_message()
 
 
-def test_a_new_password_an_administrator_sets_can_be_used_at_once(admin_client, user, settings):
+def test_a_new_password_an_administrator_sets_can_be_used_at_once(
+    admin_client, user, settings, django_capture_on_commit_callbacks
+):
     from django.test import Client
 
     settings.LOGIN_MAX_FAILURES = 2
     _lock_out(user.username)
     new = "a-Fresh-passphrase-42"
-    response = admin_client.post(f"/admin/auth/user/{user.pk}/password/", {"password1": new, "password2": new})
+    with django_capture_on_commit_callbacks(execute=True):  # the lockout is lifted once the password is saved
+        response = admin_client.post(f"/admin/auth/user/{user.pk}/password/", {"password1": new, "password2": new})
     assert response.status_code == 302
     assert Client().post("/accounts/login/", {"username": user.username, "password": new}).status_code == 302
 
@@ -435,7 +438,9 @@ def test_staff_who_may_not_change_users_cannot_clear_lockouts(client, user, sett
     assert _locked_out(user.username, PASSWORD)
 
 
-def test_a_new_password_set_with_changepassword_can_be_used_at_once(user, settings, monkeypatch):
+def test_a_new_password_set_with_changepassword_can_be_used_at_once(
+    user, settings, monkeypatch, django_capture_on_commit_callbacks
+):
     from django.core.management import call_command
     from django.test import Client
 
@@ -443,5 +448,23 @@ def test_a_new_password_set_with_changepassword_can_be_used_at_once(user, settin
     _lock_out(user.username)
     new = "a-Fresh-passphrase-42"
     monkeypatch.setattr("getpass.getpass", lambda prompt="": new)
-    call_command("changepassword", user.username)
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("changepassword", user.username)
     assert Client().post("/accounts/login/", {"username": user.username, "password": new}).status_code == 302
+
+
+def test_a_new_password_whose_save_is_rolled_back_leaves_the_lockout(
+    user, settings, django_capture_on_commit_callbacks
+):
+    from django.db import transaction
+
+    from tests.factories import PASSWORD
+
+    settings.LOGIN_MAX_FAILURES = 2
+    _lock_out(user.username)
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(RuntimeError):
+        with transaction.atomic():
+            user.set_password("a-Fresh-passphrase-42")
+            user.save()
+            raise RuntimeError("the admin's form failed after saving the user")
+    assert _locked_out(user.username, PASSWORD)

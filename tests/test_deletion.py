@@ -5,6 +5,7 @@ import io
 import os
 import time
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import pytest
 from django.core.files.base import ContentFile
@@ -59,28 +60,63 @@ def test_owner_deletes_one_cell_from_the_page_and_its_files_go(client, user, bat
     assert [a.original_filename for a in batch.analyses.all()] == ["b.png"]
 
 
-@pytest.mark.parametrize("channel", ["page", "api"])
-def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, monkeypatch, channel):
+DELETING = {
+    ("page", "cell"): ("POST", "/analyses/{pk}/delete/"),
+    ("page", "batch"): ("POST", "/batches/{pk}/delete/"),
+    ("api", "cell"): ("DELETE", "/api/analyses/{pk}/"),
+    ("api", "batch"): ("DELETE", "/api/batches/{pk}/"),
+    ("admin", "cell"): ("POST", "/admin/diagnosis/analysis/"),
+    ("admin", "batch"): ("POST", "/admin/diagnosis/batch/"),
+}
+
+
+@pytest.mark.parametrize(("channel", "record"), list(DELETING), ids=["-".join(key) for key in DELETING])
+def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, monkeypatch, channel, record):
     """The trail's entry was written before the deletion ran: one that failed still said "deleted",
-    and the batch page counted the cell as gone while it was still listed."""
+    and the batch page counted the cell as gone while it was still listed. It fails here after its
+    row is deleted, which the transaction takes back too."""
+    from django.contrib.auth import get_user_model
+
     from diagnosis import selectors
     from diagnosis.models import AccessEvent
 
-    def fails(**kwargs):
+    model = Analysis if record == "cell" else Batch
+    target = batch.analyses.get(original_filename="a.png") if record == "cell" else batch
+    deletes = model.delete
+
+    def fails_once_deleted(self, *args, **kwargs):
+        deletes(self, *args, **kwargs)
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(services, "delete_analysis", fails)
-    analysis = batch.analyses.get(original_filename="a.png")
-    if channel == "page":
-        client.force_login(user)
-        client.raise_request_exception = False
-        assert client.post(f"/analyses/{analysis.pk}/delete/").status_code == 500
+    monkeypatch.setattr(model, "delete", fails_once_deleted)
+    method, path = DELETING[channel, record]
+    if channel == "admin":
+        client.force_login(get_user_model().objects.create_superuser("boss", password="pw-for-tests-123"))
+        body = {"action": "delete_selected", "_selected_action": [target.pk], "post": "yes"}
     else:
-        api = APIClient(raise_request_exception=False)
-        api.force_authenticate(user)
-        assert api.delete(f"/api/analyses/{analysis.pk}/").status_code == 500
+        client.force_login(user)
+        body = None
+    client.raise_request_exception = False
+    response = client.generic(
+        method,
+        path.format(pk=target.pk),
+        urlencode(body or {}, doseq=True),
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert response.status_code == 500
     assert not AccessEvent.objects.filter(action=AccessEvent.Action.DELETED).exists()
-    assert selectors.cells_deleted_from(batch=batch) == 0 and Analysis.objects.filter(pk=analysis.pk).exists()
+    assert model.objects.filter(pk=target.pk).exists() and selectors.cells_deleted_from(batch=batch) == 0
+
+
+def test_a_batch_deleted_meanwhile_is_a_404_not_an_error(user, batch):
+    """A second click, or a DELETE retried after a timeout, that reaches the lock after the first one
+    deleted the batch."""
+    from django.http import Http404
+
+    seen_earlier = Batch.objects.get(pk=batch.pk)
+    services.delete_batch(batch=batch)
+    with pytest.raises(Http404):
+        services.delete_batch(batch=seen_earlier)
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
