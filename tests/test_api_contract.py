@@ -182,7 +182,7 @@ def test_a_file_part_with_no_file_in_it_is_refused_as_such(lab, user, path, fiel
     refused = lab.generic("POST", path, body, content_type="multipart/form-data; boundary=B")
     assert refused.status_code == 400, refused.content
     assert refused.json()["detail"] == (
-        f"A {field} part is not a file (its file name is empty or missing): choose one or leave it out."
+        f"A part named {field} is not a file (its file name is empty or missing): choose one or leave it out."
     )
     assert not Analysis.objects.exists()
 

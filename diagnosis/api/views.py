@@ -138,7 +138,10 @@ def _refuse_unexpected_fields(request, *, takes: list[str], files: str, repeatab
     # which come before the files: its position among them cannot be told.
     if request.POST.getlist(files):
         raise ApiValidationError(
-            {"detail": f"A {files} part is not a file (its file name is empty or missing): choose one or leave it out."}
+            {
+                "detail": f"A part named {files} is not a file (its file name is empty or missing): "
+                "choose one or leave it out."
+            }
         )
     if query := set(request.query_params) - {"format"}:  # DRF's own ?format=json
         raise ApiValidationError(
