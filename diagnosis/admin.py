@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
 from django.db.models import Q
+from django.http import Http404
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -103,8 +104,12 @@ class RecordsDeletions:
     def delete_queryset(self, request, queryset):
         with transaction.atomic():
             for obj in queryset:
-                self.record_deletion(request, obj)
-                self.delete_record(obj)
+                try:
+                    with transaction.atomic():
+                        self.record_deletion(request, obj)
+                        self.delete_record(obj)
+                except Http404:  # deleted meanwhile, by its owner or another admin: not this action's
+                    continue
 
 
 class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):

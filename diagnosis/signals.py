@@ -66,7 +66,8 @@ def lift_lockout_on_new_password(sender, instance, **kwargs) -> None:
     (in the admin or with ``manage.py changepassword``), and must be able to use it at once."""
     if getattr(instance, "_password", None) is not None:  # set_password() before this save
         username = instance.get_username()
-        transaction.on_commit(lambda: login_throttle.forgive(username))  # not if the form's save rolls back
+        # Not if the form's save rolls back; robust: the cache being down must not cancel later hooks.
+        transaction.on_commit(lambda: login_throttle.forgive(username), robust=True)
 
 
 @receiver(user_logged_in, dispatch_uid="diagnosis.start_sign_in_clock")

@@ -240,3 +240,10 @@ def test_the_token_is_not_cached_and_a_lockout_says_when_to_try_again(db, user, 
     APIClient().post("/api/auth/token/", {"username": user.username, "password": "wrong"})
     locked = APIClient().post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
     assert locked.status_code == 429 and int(locked["Retry-After"]) == settings.LOGIN_LOCKOUT_SECONDS
+
+
+@pytest.mark.parametrize(("path", "field"), UPLOADS)
+def test_a_multipart_body_without_its_boundary_is_refused_as_such(lab, user, path, field):
+    refused = lab.generic("POST", path, _multipart([(field, "a.png", b"x")]), content_type="multipart/form-data")
+    assert refused.status_code == 400
+    assert refused.json()["detail"].startswith("Multipart form parse error - Invalid boundary")

@@ -119,6 +119,26 @@ def test_a_batch_deleted_meanwhile_is_a_404_not_an_error(user, batch):
         services.delete_batch(batch=seen_earlier)
 
 
+def test_the_admins_delete_selected_skips_a_batch_deleted_meanwhile(user, batch, rf):
+    """Another admin, or the owner, deleted one of the chosen batches while the action ran: the
+    others are still deleted, and only they are recorded."""
+    from django.contrib import admin
+    from django.contrib.auth import get_user_model
+
+    from diagnosis.admin import BatchAdmin
+    from diagnosis.models import AccessEvent
+
+    other = services.create_batch(owner=user, uploads=[upload("c.png")])
+    seen_earlier = Batch.objects.get(pk=batch.pk)
+    services.delete_batch(batch=batch)
+    request = rf.post("/admin/diagnosis/batch/")
+    request.user = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    BatchAdmin(Batch, admin.site).delete_queryset(request, [seen_earlier, other])
+    assert not Batch.objects.exists()
+    deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED)
+    assert list(deleted.values_list("batch_id", flat=True)) == [other.pk]
+
+
 @pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
 def test_back_to_a_deleted_cell_says_it_may_have_been_deleted(client, user, batch, settings, debug):
     """scripts/start runs with DEBUG on, where Django answers a missing record with its debug page."""

@@ -24,8 +24,8 @@ class UploadParser(MultiPartParser):
         request = parser_context["request"]
         meta = request.META.copy()
         meta["CONTENT_TYPE"] = media_type
-        parser = _RefusingNamelessFiles(meta, stream, request.upload_handlers, get_encoding(parser_context))
-        try:
+        try:  # the constructor refuses a missing boundary or a bad length
+            parser = _RefusingNamelessFiles(meta, stream, request.upload_handlers, get_encoding(parser_context))
             return DataAndFiles(*parser.parse())
         except MultiPartParserError as error:
             raise ParseError(f"Multipart form parse error - {error}") from error
