@@ -37,6 +37,13 @@ def batch(user) -> Batch:
     return batch
 
 
+@pytest.fixture
+def boss(db):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+
+
 def all_files(batch: Batch) -> list[str]:
     names = [name for analysis in batch.analyses.all() for name in stored_files(analysis)]
     assert len(names) == 6 and all(private_storage.exists(name) for name in names)
@@ -71,12 +78,10 @@ DELETING = {
 
 
 @pytest.mark.parametrize(("channel", "record"), list(DELETING), ids=["-".join(key) for key in DELETING])
-def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, monkeypatch, channel, record):
+def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, boss, monkeypatch, channel, record):
     """The trail's entry was written before the deletion ran: one that failed still said "deleted",
     and the batch page counted the cell as gone while it was still listed. It fails here after its
     row is deleted, which the transaction takes back too."""
-    from django.contrib.auth import get_user_model
-
     from diagnosis import selectors
     from diagnosis.models import AccessEvent
 
@@ -91,7 +96,7 @@ def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, monk
     monkeypatch.setattr(model, "delete", fails_once_deleted)
     method, path = DELETING[channel, record]
     if channel == "admin":
-        client.force_login(get_user_model().objects.create_superuser("boss", password="pw-for-tests-123"))
+        client.force_login(boss)
         body = {"action": "delete_selected", "_selected_action": [target.pk], "post": "yes"}
     else:
         client.force_login(user)
@@ -119,11 +124,10 @@ def test_a_batch_deleted_meanwhile_is_a_404_not_an_error(user, batch):
         services.delete_batch(batch=seen_earlier)
 
 
-def test_the_admins_delete_selected_skips_a_batch_deleted_meanwhile(user, batch, rf):
+def test_the_admins_delete_selected_skips_a_batch_deleted_meanwhile(user, batch, boss, rf):
     """Another admin, or the owner, deleted one of the chosen batches while the action ran: the
     others are still deleted, and only they are recorded."""
     from django.contrib import admin
-    from django.contrib.auth import get_user_model
 
     from diagnosis.admin import BatchAdmin
     from diagnosis.models import AccessEvent
@@ -132,7 +136,7 @@ def test_the_admins_delete_selected_skips_a_batch_deleted_meanwhile(user, batch,
     seen_earlier = Batch.objects.get(pk=batch.pk)
     services.delete_batch(batch=batch)
     request = rf.post("/admin/diagnosis/batch/")
-    request.user = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    request.user = boss
     BatchAdmin(Batch, admin.site).delete_queryset(request, [seen_earlier, other])
     assert not Batch.objects.exists()
     deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED)
