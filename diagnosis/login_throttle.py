@@ -61,18 +61,31 @@ def _key(request, username: str) -> str:
     device = _known_device(request, username)
     source = f"device:{device}" if device else client_address(request)
     name = _digest(_name(username))
-    return f"login-failures:{_digest(source)}:{name}:{cache.get(_round_key(name), '')}"
+    return f"login-failures:{_digest(source)}:{name}:{_round(name)}"
 
 
 def _round_key(name_digest: str) -> str:
     return f"login-round:{name_digest}"
 
 
+def _round(name_digest: str) -> str:
+    """The username's current round ("" until it is first forgiven). Each attempt keeps it one
+    lockout period longer, so it outlives every count made in it (gone early, it would forgive them
+    too) and then expires: kept for ever, a key would be left behind for every user once forgiven."""
+    key = _round_key(name_digest)
+    current = cache.get(key, "")
+    if current:
+        cache.touch(key, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+    return current
+
+
 def forgive(username: str) -> None:
     """Clear the username's lockout on every browser and address at once (an administrator's
     unlock, or a new password set for it): its counts are keyed by where they were made, so
-    they are not found and deleted but left behind, to expire, by starting a new round."""
-    cache.set(_round_key(_digest(_name(username))), secrets.token_hex(8), timeout=None)
+    they are not found and deleted but left behind, to expire, by starting a new round. The
+    counts from before it expire within a lockout period, the soonest this round can lapse back
+    to "", so its lapsing revives none of them."""
+    cache.set(_round_key(_digest(_name(username))), secrets.token_hex(8), timeout=settings.LOGIN_LOCKOUT_SECONDS)
 
 
 def _address_key(request) -> str:
@@ -190,7 +203,7 @@ def _count(key: str) -> int:
                 return count
             # 1: a key Redis made anew, without an expiry (Django's incr asks whether the key exists,
             # then adds to it: one that expired in between is made at 0), or one left at 0.
-            cache.touch(key, timeout=settings.LOGIN_LOCKOUT_SECONDS)
+            pass
     cache.set(f"{key}:since", time.time(), timeout=settings.LOGIN_LOCKOUT_SECONDS)
     return 1
 

@@ -117,6 +117,36 @@ def test_a_count_taken_back_below_one_is_removed_not_kept_for_ever():
     assert cache.get("login-failures-address:test") is None
 
 
+def test_a_forgiven_users_round_outlives_its_counts_and_then_expires(user, settings, monkeypatch):
+    """An unlock started a new round for the username and kept it for ever: a key per user once
+    forgiven, left behind even after the user was removed. It lapses now, but not while a lockout
+    counted in it is still running."""
+    from django.core.cache import cache
+    from django.core.cache.backends import base, locmem
+
+    from diagnosis import login_throttle
+
+    settings.LOGIN_MAX_FAILURES, settings.LOGIN_LOCKOUT_SECONDS = 2, 900
+    clock = SimpleNamespace(time=lambda: 1_000_000.0)
+    for module in (login_throttle, base, locmem):  # the counts' clock and the cache's expiries
+        monkeypatch.setattr(module, "time", clock)
+    round_key = login_throttle._round_key(login_throttle._digest(user.username))
+
+    def sign_in(password: str) -> int:
+        return Client().post("/accounts/login/", {"username": user.username, "password": password}).status_code
+
+    login_throttle.forgive(user.username)
+    clock.time = lambda: 1_000_000.0 + 800
+    for _ in range(2):
+        assert sign_in("guess") == 200
+    clock.time = lambda: 1_000_000.0 + 1000  # the unlock's own period is over, the new lockout's not
+    assert sign_in(PASSWORD) == 429
+    clock.time = lambda: 1_000_000.0 + 1000 + 900 + 1
+    assert sign_in(PASSWORD) == 302
+    clock.time = lambda: 1_000_000.0 + 1000 + 2 * 900 + 2
+    assert cache.get(round_key) is None
+
+
 def test_a_username_no_cache_key_could_hold_still_counts_towards_a_lockout(client, user, settings):
     # Spaces, control characters and 150 characters: memcached refuses such keys, and Django warns.
     settings.LOGIN_MAX_FAILURES = 2
