@@ -99,15 +99,16 @@ def record_retention_deletion(*, cells: list[tuple[int, int | None, int]], older
     )
 
 
-def record_callback(*, batch: Batch) -> AccessEvent:
-    """A batch's results sent to its lab system's callback URL: a disclosure with no user behind it."""
+def record_callback(*, batch: Batch, error: str = "") -> AccessEvent:
+    """A batch's results sent to its lab system's callback URL: a disclosure with no user behind it.
+    ``error``: why the attempt still failed (the receiver took the body, then answered no 2xx)."""
     return AccessEvent.objects.create(
         username="(callback)",
         action=AccessEvent.Action.EXPORTED,
         channel=AccessEvent.Channel.API,
         batch_id=batch.pk,
         owner_id=batch.owner_id,
-        detail=f"results POSTed to {batch.callback_host}"[:200],
+        detail="; ".join(filter(None, [f"results POSTed to {batch.callback_host}", error]))[:200],
     )
 
 

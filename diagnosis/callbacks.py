@@ -7,9 +7,11 @@ its deliveries), redirects are not followed, and each body is signed with HMAC-S
 CALLBACK_SECRET (``X-Malaria-Signature: sha256=<hex>``), without which callbacks are off. Delivery
 is at least once: an attempt is claimed with a conditional update that also sets a lease, so a
 duplicate task does nothing, and a failed attempt is tried again by the sweeper after 1, 2, 4, ...
-minutes, up to CALLBACK_MAX_ATTEMPTS. The state moves pending -> delivered, or pending -> failed;
-an attempt records its outcome only while it still holds its lease, so a restart (cells analysed
-again) while it is under way makes the batch go out again once those cells are finished. Results
+minutes (an hour at most), up to CALLBACK_MAX_ATTEMPTS. Each attempt whose body went out is in
+the access trail, whatever the receiver answered: it may have kept the results. The state moves
+pending -> delivered, or pending -> failed; an attempt records its outcome only while it still
+holds its lease, so a restart (cells analysed again) while it is under way makes the batch go out
+again once those cells are finished. Results
 that may have reached the lab system and are then deleted are withdrawn there: a cell deleted
 sends the batch again without it, a batch deleted sends ``batch.withdrawn`` (diagnosis.services).
 """
@@ -39,6 +41,7 @@ logger = logging.getLogger("diagnosis.callbacks")
 
 LEASE = timedelta(minutes=5)  # longer than an attempt can take (TIMEOUT_SECONDS)
 TIMEOUT_SECONDS = 10
+LONGEST_PAUSE_MINUTES = 60
 UNFINISHED = (Analysis.Status.QUEUED, Analysis.Status.RUNNING)
 
 
@@ -54,6 +57,8 @@ def check_callback_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("The callback URL must be an http or https URL.")
+    if any(char <= " " or char == "\x7f" for char in url):  # nor these, and its refusal echoes the path
+        raise ValidationError("The callback URL must not contain spaces or control characters: percent-encode them.")
     if parts.scheme == "http" and not settings.CALLBACK_ALLOW_HTTP:
         raise ValidationError(
             "The callback URL must be https: the results name patients' samples "
@@ -139,14 +144,19 @@ def deliver(*, batch_id: int) -> bool:
         _not_sent(batch_id=batch_id, claimed_at=claimed_at)
         return False
     body = json.dumps(payload).encode()
+    sent = True
+    # Refused, unreachable, timed out, TLS, not HTTP, or the task's time limit: whatever stops an
+    # attempt is a failed attempt, counted, paused and in the end given up, never one left hanging.
     try:
         status = _post(batch.callback_url, body, batch_id=batch.pk)
         error = "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"
-    # Refused, unreachable, timed out, TLS, not HTTP, or the task's time limit: whatever stops an
-    # attempt is a failed attempt, counted, paused and in the end given up, never one left hanging.
-    except Exception as failure:  # noqa: BLE001
-        cause = getattr(failure, "reason", failure)  # urllib wraps the socket's error in a URLError
-        error = f"{cause.__class__.__name__}: {cause}"
+    except urllib.error.URLError as failure:  # urllib's wrapper of what stops the request going out
+        sent = False
+        error = f"{failure.reason.__class__.__name__}: {failure.reason}"
+    except Exception as failure:  # noqa: BLE001 - no answer, not HTTP, time up: it may have gone out
+        error = f"{failure.__class__.__name__}: {failure}"
+    if sent:  # recorded even if newer results will follow, or the receiver failed after taking them
+        record_callback(batch=batch, error=error)
     if not error:
         delivered_at = timezone.now()
         held.update(
@@ -155,7 +165,6 @@ def deliver(*, batch_id: int) -> bool:
             callback_due_at=None,
             callback_error="",
         )
-        record_callback(batch=batch)  # sent, whether or not newer results will follow
         logger.info("event=callback_delivered batch_id=%s attempts=%s", batch_id, batch.callback_attempts)
         if batch.withdrawn_at:  # the lab system knows: nothing of the batch is left to keep
             Batch.with_withdrawn.filter(pk=batch_id, callback_delivered_at=delivered_at).delete()
@@ -201,7 +210,7 @@ def _restart(batches: QuerySet[Batch], *, from_states: list[str]) -> int:
 
 
 def retry_pause(attempts: int) -> timedelta:
-    return timedelta(minutes=2 ** (attempts - 1))
+    return timedelta(minutes=min(2 ** (attempts - 1), LONGEST_PAUSE_MINUTES))
 
 
 def signature(body: bytes) -> str:
@@ -260,7 +269,7 @@ def _payload(batch: Batch) -> dict:
 
 
 def _timestamp(moment) -> str:
-    return DateTimeField().to_representation(moment)  # as the API writes it: "...Z" in UTC
+    return DateTimeField().to_representation(moment)  # as the API writes it, in TIME_ZONE
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

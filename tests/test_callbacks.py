@@ -118,6 +118,9 @@ def test_a_hospital_host_name_without_a_domain_is_a_callback_url_where_allowed(s
         (["127.0.0.1"], "http://127.0.0.1:0/x", "not a port number"),
         (["127.0.0.1", "plain-http"], "http://127.0.0.1/x", "must be https"),
         (["127.0.0.1"], "http://127.0.0.1/ergebnisse/prüfung", "percent-encode"),
+        (["127.0.0.1"], "http://127.0.0.1/results/ward 3", "spaces or control characters"),
+        (["127.0.0.1"], "http://127.0.0.1/results\r\nX-Injected: 1", "spaces or control characters"),
+        (["127.0.0.1"], "http://127.0.0.1/results\tx\x7f", "spaces or control characters"),
     ],
 )
 def test_a_callback_url_this_server_may_not_call_is_refused_and_nothing_is_stored(
@@ -148,6 +151,44 @@ def test_a_failed_attempt_pauses_then_the_next_one_delivers_once(user, receiver)
     delivered = refreshed(batch)
     assert (delivered.callback_state, delivered.callback_attempts, delivered.callback_error) == (State.DELIVERED, 2, "")
     assert len(receiver.received) == 2
+
+
+def test_many_failed_attempts_pause_at_most_an_hour_and_still_end(settings, user, receiver):
+    """Doubling the pause without a cap overflowed a timedelta past attempt 32: the attempt raised
+    before it was recorded, so the callback was tried again for ever."""
+    settings.CALLBACK_MAX_ATTEMPTS = 40
+    batch = finished_batch(user, receiver.url)
+    Batch.objects.filter(pk=batch.pk).update(callback_attempts=35)
+    receiver.answers.append(500)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    failed = refreshed(batch)
+    assert (failed.callback_state, failed.callback_attempts) == (State.PENDING, 36)
+    assert timedelta(minutes=59) < failed.callback_due_at - timezone.now() <= timedelta(hours=1)
+    Batch.objects.filter(pk=batch.pk).update(callback_attempts=39)
+    make_due(batch)
+    receiver.answers.append(500)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    assert refreshed(batch).callback_state == State.FAILED
+
+
+def test_results_the_receiver_took_are_in_the_access_trail_whatever_it_answered(user, receiver):
+    batch = finished_batch(user, receiver.url)
+    receiver.answers.append(500)  # it may have stored them before it failed: they left this server
+    assert not callbacks.deliver(batch_id=batch.pk)
+    (disclosure,) = AccessEvent.objects.all()
+    host = receiver.url.split("/")[2]
+    assert (disclosure.action, disclosure.batch_id, disclosure.owner_id) == ("exported", batch.pk, user.pk)
+    assert disclosure.detail == f"results POSTed to {host}; the receiver answered HTTP 500"
+
+
+def test_results_that_never_left_are_not_in_the_access_trail(user):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    batch = finished_batch(user, f"http://127.0.0.1:{port}/results")
+    assert not callbacks.deliver(batch_id=batch.pk)
+    assert "ConnectionRefusedError" in refreshed(batch).callback_error
+    assert not AccessEvent.objects.exists()
 
 
 def test_the_batch_page_says_where_the_results_go_and_whether_they_arrived(client, user, receiver):
@@ -242,6 +283,16 @@ def test_a_stored_url_http_cannot_send_fails_at_once_saying_why(user, receiver):
     failed = refreshed(batch)
     assert failed.callback_state == State.FAILED and "percent-encode" in failed.callback_error
     assert not receiver.received
+
+
+def test_a_stored_url_with_a_space_fails_at_once_without_its_path_in_the_error(user, receiver):
+    batch = finished_batch(user, receiver.url)
+    stored = receiver.url + "/token=4f1c 9a"  # stored before the check: http.client would echo the path
+    Batch.objects.filter(pk=batch.pk).update(callback_url=stored)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    failed = refreshed(batch)
+    assert failed.callback_state == State.FAILED and "spaces or control characters" in failed.callback_error
+    assert "4f1c" not in failed.callback_error and not receiver.received
 
 
 def test_a_reviewers_correction_is_sent_to_the_lab_system_again(
