@@ -33,6 +33,18 @@ class MultipleImageField(forms.FileField):
 NOT_REMEMBERED = {"autocomplete": "off"}
 
 
+class NoteField(forms.CharField):
+    """Free text whose line breaks count as one character each, as the textarea's maxlength counts
+    them: the browser sends each as CR LF, which would count as two and refuse a note it allowed."""
+
+    def __init__(self, **kwargs):
+        widget = forms.Textarea(attrs={"rows": 2, **NOT_REMEMBERED})
+        super().__init__(widget=widget, required=False, max_length=NOTE_MAX_LENGTH, **kwargs)
+
+    def to_python(self, value):
+        return super().to_python(value).replace("\r\n", "\n").replace("\r", "\n")
+
+
 class UploadForm(forms.Form):
     images = MultipleImageField(
         label="Cell images",
@@ -45,9 +57,7 @@ class UploadForm(forms.Form):
         label="Patient / sample reference",
         widget=forms.TextInput(attrs=NOT_REMEMBERED),
     )
-    note = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, **NOT_REMEMBERED}), required=False, max_length=NOTE_MAX_LENGTH
-    )
+    note = NoteField()
 
 
 class FilterForm(forms.Form):
@@ -113,6 +123,4 @@ class ReviewForm(forms.Form):
     verdict = forms.ChoiceField(choices=Analysis.Verdict.choices, widget=forms.RadioSelect)
     replacing = ReviewTimeField(required=False)
     corrected_label = forms.ChoiceField(choices=[("", "—"), *Analysis.Label.choices], required=False)
-    note = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, **NOT_REMEMBERED}), required=False, max_length=NOTE_MAX_LENGTH
-    )
+    note = NoteField()

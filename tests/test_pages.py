@@ -98,6 +98,17 @@ def test_pages_showing_a_forms_errors_still_point_at_what_they_say(client, user)
         checked(client.post("/accounts/login/", form).content.decode())
 
 
+def test_a_note_at_the_length_the_browser_allows_is_taken_with_its_line_breaks(client, user):
+    """A textarea's maxlength counts a line break as one character, but the browser sends it as CR
+    LF: counted as two, a note the page accepted was refused and the upload lost."""
+    typed = "\n".join(["ring forms"] * 182)[:2000]
+    assert len(typed) == 2000
+    client.force_login(user)
+    response = client.post("/upload/", {"images": [upload()], "note": typed.replace("\n", "\r\n")})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert Analysis.objects.get(owner=user).batch.note == typed
+
+
 def test_cells_of_one_slide_keep_the_end_of_their_names_that_tells_them_apart(client, user):
     names = [f"C100P61ThinF_IMG_20150918_144104_cell_{n}.png" for n in (162, 163)]
     batch = create_batch(owner=user, uploads=[upload(name) for name in names], sample_reference="WARD-1")

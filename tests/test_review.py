@@ -101,6 +101,16 @@ def test_a_mistake_in_the_form_keeps_what_was_typed_and_still_notices_a_review_s
     assert Analysis.objects.get(pk=case.pk).reviewed_by == first_reviewer
 
 
+def test_a_review_note_at_the_length_the_browser_allows_is_saved_with_its_line_breaks(case):
+    reviewer, _ = reviewer_client()
+    typed = "\n".join(["no ring forms"] * 200)[:2000]  # sent by the browser with CR LF line breaks
+    saved = reviewer.post(f"/review/{case.pk}/", {"verdict": "agree", "note": typed.replace("\n", "\r\n")})
+    assert saved.status_code == 302, saved.content.decode()[:2000]
+    assert Analysis.objects.get(pk=case.pk).review_note == typed
+    one_more = reviewer.post(f"/review/{case.pk}/", {"verdict": "agree", "note": typed + "x", "replacing": ""})
+    assert one_more.status_code == 400 and "at most 2000 characters (it has 2001)" in one_more.content.decode()
+
+
 def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
     from django.contrib.auth.models import Group
 
