@@ -111,7 +111,12 @@ def dashboard_csv(request):
             "through /api/analyses/ instead.",
         )
         return redirect(f"{reverse('diagnosis:dashboard')}?{request.GET.urlencode()}")
-    record_access(request=request, action=AccessEvent.Action.EXPORTED, detail=f"dashboard CSV, {rows} rows")
+    record_access(
+        request=request,
+        action=AccessEvent.Action.EXPORTED,
+        detail=f"dashboard CSV, {rows} rows",
+        owner_id=request.user.pk,  # only the user's own analyses are listed
+    )
     return _csv_response(analyses, "analyses.csv")
 
 

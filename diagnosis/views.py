@@ -257,13 +257,16 @@ def batch_retry(request, pk: int):
 @require_GET
 def analysis_file(request, pk: int, kind: str):
     analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
-    # An owner's thumbnails come in bulk with their own lists, which are not recorded either; anyone
-    # else's (a reviewer's queue) are someone else's patient data, and are.
+    if kind == "picture":  # the original, drawn for a page
+        response = browser_picture(analysis.image, download_stem=f"image-{analysis.pk}")
+    else:
+        response = protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
+    # Recorded once there is a file to send (a 404 disclosed nothing). An owner's thumbnails come in
+    # bulk with their own lists, which are not recorded either; anyone else's (a reviewer's queue)
+    # are someone else's patient data, and are.
     if kind != "thumbnail" or analysis.owner_id != request.user.pk:
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
-    if kind == "picture":  # the original, drawn for a page
-        return browser_picture(analysis.image, download_stem=f"image-{analysis.pk}")
-    return protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
+    return response
 
 
 @never_cache  # the page can hold a new key: no copy of it may stay in a shared workstation's cache

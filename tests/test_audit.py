@@ -64,6 +64,21 @@ def test_each_opening_download_and_export_on_the_site_is_recorded_once(client, u
     ]
     first = AccessEvent.objects.order_by("id").first()
     assert first.user == user and first.owner_id == user.pk and first.client_ip == "127.0.0.1"
+    assert AccessEvent.objects.get(detail__startswith="dashboard CSV").owner_id == user.pk  # whose rows left
+
+
+def test_a_file_there_is_not_yet_or_no_longer_is_a_404_that_records_no_download(client, user, batch, cell):
+    api = APIClient()
+    api.force_authenticate(user)
+    client.force_login(user)
+    queued = batch.analyses.get(original_filename="b.png")
+    Analysis.objects.filter(pk=queued.pk).update(status="queued", label="", overlay="")  # none yet
+    assert client.get(f"/analyses/{queued.pk}/overlay/").status_code == 404
+    assert api.get(f"/api/analyses/{queued.pk}/overlay/").status_code == 404
+    cell.image.storage.delete(cell.image.name)  # lost from storage
+    for url in (f"/analyses/{cell.pk}/image/", f"/analyses/{cell.pk}/picture/", f"/api/analyses/{cell.pk}/image/"):
+        assert (client if not url.startswith("/api/") else api).get(url).status_code == 404, url
+    assert not AccessEvent.objects.filter(action=Action.DOWNLOADED).exists()
 
 
 def test_another_users_ids_open_nothing_and_record_nothing(client, other_user, batch, cell):

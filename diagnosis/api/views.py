@@ -283,8 +283,9 @@ class AnalysisViewSet(
     )
     def file(self, request, pk=None, kind="image"):
         analysis = selectors.get_analysis(user=request.user, pk=pk)
+        response = protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
         record_access(request=request, action=AccessEvent.Action.DOWNLOADED, analysis=analysis, detail=kind)
-        return protected_file_response(getattr(analysis, kind), download_stem=f"{kind}-{analysis.pk}")
+        return response  # recorded once there is a file to send: a 404 disclosed nothing
 
 
 class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
