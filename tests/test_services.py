@@ -256,6 +256,26 @@ def test_sweeper_requeues_lost_work_only(user, monkeypatch):
     assert not services.claim_analysis(analysis_id=fresh.pk, task_id="someone-else")
 
 
+def test_the_sweeper_leaves_a_cell_alone_while_its_task_may_still_be_running(user, settings, monkeypatch):
+    """ANALYSIS_STALE_SECONDS set shorter than a task may run (a raised CELERY_TASK_SOFT_TIME_LIMIT)
+    must not hand a slow cell's live task's work to a second worker."""
+    settings.ANALYSIS_STALE_SECONDS = 60
+    settings.CELERY_TASK_TIME_LIMIT = 330
+    sent = []
+    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    slow, lost = (
+        services.create_analysis(owner=user, upload=upload()),
+        services.create_analysis(owner=user, upload=upload()),
+    )
+    for analysis, seconds in ((slow, 300), (lost, 340)):
+        services.claim_analysis(analysis_id=analysis.pk, task_id=f"task-{analysis.pk}")
+        Analysis.objects.filter(pk=analysis.pk).update(started_at=timezone.now() - timedelta(seconds=seconds))
+
+    assert services.requeue_stale_analyses() == 1 and sent == [lost.pk]
+    assert services.requeue_stale_analyses(older_than=timedelta(seconds=10)) == 0  # nor on an explicit --older-than
+    assert Analysis.objects.get(pk=slow.pk).claimed_by_task == f"task-{slow.pk}"
+
+
 @pytest.mark.django_db(transaction=True)  # the upload really commits, so its on-commit hook really runs
 def test_a_failure_after_the_commit_keeps_the_stored_upload(user, monkeypatch):
     def database_gone(*, analysis_ids):
