@@ -12,7 +12,7 @@ from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from PIL import Image, ImageStat
 
-from ml.preprocessing import picture_rgb
+from ml.preprocessing import ImageDecodeError, picture_rgb
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "BMP"}
 ALLOWED_DESCRIPTION = "PNG, JPEG, TIFF or BMP"
@@ -147,6 +147,8 @@ def _decode(name: str, content: bytes) -> Image.Image:
                 return picture_rgb(image, content)
     except ValidationError:
         raise
+    except ImageDecodeError as refusal:  # a picture it cannot read right, saying why
+        raise ValidationError(f"{name}: {refusal}.") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValidationError(f"{name}: the image has too many pixels to decode safely.") from None
     except Exception:  # Pillow's decoders raise many kinds (TypeError, struct.error, ...) on crafted files

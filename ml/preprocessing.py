@@ -41,6 +41,11 @@ def picture_rgb(image: Image.Image, source: str | Path | bytes) -> Image.Image:
     """An opened, not yet loaded image as 8-bit RGB on black, turned as its EXIF orientation says.
     ``source`` is its file or bytes: Pillow keeps only the high byte of 16-bit colour, which is
     read from there again."""
+    if _deep_colour_planes(image):
+        raise ImageDecodeError(
+            "this TIFF keeps its 16-bit colours in separate planes, which cannot be read reliably: "
+            "save it with the colours interleaved (contiguous), or as a PNG"
+        )
     if _deep_colour(image):
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         return to_rgb(ImageOps.exif_transpose(_deep_colour_picture(image, data)))
@@ -58,6 +63,15 @@ def _deep_colour(image: Image.Image) -> bool:
         and isinstance(rawmode, str)
         and rawmode.startswith(("RGB;16", "RGBA;16", "RGBX;16", "RGBa;16"))  # a TIFF's extra sample: X, a
     )
+
+
+def _deep_colour_planes(image: Image.Image) -> bool:
+    """A TIFF of more than 8 bits a sample with one plane a colour (PlanarConfiguration 2): Pillow
+    reads its planes as 8-bit bands and OpenCV mixes them, each a striped or scrambled picture."""
+    if image.format != "TIFF" or image.tag_v2.get(284) != 2:
+        return False
+    bits = image.tag_v2.get(258, 8)
+    return max(bits if isinstance(bits, tuple) else (bits,)) > 8
 
 
 def _deep_colour_picture(image: Image.Image, data: bytes) -> Image.Image:

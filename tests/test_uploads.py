@@ -358,24 +358,40 @@ def test_what_is_kept_of_a_photo_is_its_picture_without_the_files_metadata(clien
         assert picture.format == "PNG" and picture.size == (60, 120) and not picture.getexif()
 
 
-def tiff_16_bit(pixels: np.ndarray, orientation: int = 1, extra_sample: int | None = None) -> bytes:
+def tiff_16_bit(
+    pixels: np.ndarray, orientation: int = 1, extra_sample: int | None = None, *, planar: bool = False
+) -> bytes:
     """An uncompressed 16-bit colour TIFF with an orientation tag (Pillow writes none, OpenCV no tag);
-    with ``extra_sample`` (its ExtraSamples tag), a fourth sample after R, G and B."""
+    with ``extra_sample`` (its ExtraSamples tag), a fourth sample after R, G and B; ``planar``: each
+    sample in a strip of its own (PlanarConfiguration 2), as tifffile writes a 3 x H x W array."""
     height, width, samples = pixels.shape
-    body = pixels.astype("<u2").tobytes()
+    planes = [pixels[..., k] for k in range(samples)] if planar else [pixels]
+    strips = [np.ascontiguousarray(plane).astype("<u2").tobytes() for plane in planes]
     tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, samples, "bits"), (259, 3, 1, 1), (262, 3, 1, 2),
-            (273, 4, 1, "pixels"), (274, 3, 1, orientation), (277, 3, 1, samples), (278, 3, 1, height),
-            (279, 4, 1, len(body)), (284, 3, 1, 1)]  # fmt: skip
+            (273, 4, len(strips), "offsets"), (274, 3, 1, orientation), (277, 3, 1, samples), (278, 3, 1, height),
+            (279, 4, len(strips), "counts"), (284, 3, 1, 2 if planar else 1)]  # fmt: skip
     if extra_sample is not None:
         tags.append((338, 3, 1, extra_sample))
     directory_size = 2 + 12 * len(tags) + 4
-    bits_at, pixels_at = 8 + directory_size, 8 + directory_size + 2 * samples
+    bits_at = 8 + directory_size
+    offsets_at = bits_at + 2 * samples
+    counts_at = offsets_at + (4 * len(strips) if planar else 0)  # one strip's offset and count are inline
+    data_at = counts_at + (4 * len(strips) if planar else 0)
+    offsets = [data_at + sum(len(strip) for strip in strips[:k]) for k in range(len(strips))]
     out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
     for tag, kind, count, value in tags:
-        value = {"bits": bits_at, "pixels": pixels_at}.get(value, value)
+        if value == "offsets":
+            value = offsets_at if planar else offsets[0]
+        elif value == "counts":
+            value = counts_at if planar else len(strips[0])
+        elif value == "bits":
+            value = bits_at
         inline = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
         out += struct.pack("<HHI", tag, kind, count) + inline
-    return bytes(out + struct.pack("<I", 0) + struct.pack("<" + "H" * samples, *[16] * samples) + body)
+    out += struct.pack("<I", 0) + struct.pack("<" + "H" * samples, *[16] * samples)
+    if planar:
+        out += struct.pack(f"<{len(strips)}I", *offsets) + struct.pack(f"<{len(strips)}I", *map(len, strips))
+    return bytes(out + b"".join(strips))
 
 
 def png_16_bit(rgb: np.ndarray, orientation: int) -> bytes:
@@ -397,6 +413,22 @@ def test_a_16_bit_colour_picture_is_turned_as_its_orientation_says_once(write, o
     as_shown = ImageOps.exif_transpose(_with_orientation(cell, orientation))
     kept = np.asarray(Image.open(picture.picture_png)).astype(int)
     assert kept.shape[:2] == np.asarray(as_shown).shape[:2] and np.abs(kept - np.asarray(as_shown)).max() <= 1
+
+
+def test_a_16_bit_tiff_with_its_colours_in_separate_planes_is_refused_not_misread(api_client):
+    """Pillow reads such planes as 8-bit bands, OpenCV mixes them: what was kept, and classified,
+    was a striped picture, not the cell."""
+    cell = np.asarray(Image.open(fixture_cells()[0]).convert("RGB")).astype(np.uint16) * 257
+    response = api_client.post(
+        "/api/analyses/",
+        {"image": upload("cell.tif", tiff_16_bit(cell, planar=True), "image/tiff")},
+        format="multipart",
+    )
+    assert response.status_code == 400, response.content
+    assert "cell.tif: this TIFF keeps its 16-bit colours in separate planes" in response.json()["detail"]
+    assert not Analysis.objects.exists()
+    interleaved = validate_upload(SimpleUploadedFile("cell.tif", tiff_16_bit(cell)))  # the usual layout is read
+    assert np.abs(np.asarray(Image.open(interleaved.picture_png)).astype(int) - cell // 257).max() <= 1
 
 
 def _with_orientation(picture: Image.Image, orientation: int) -> Image.Image:
