@@ -314,7 +314,12 @@ class AnalysisAdmin(PatientRecordAdmin):
         # Only the `reviewers` group records verdicts ("replacing" is the form's, and hidden).
         return [name for name in flatten_fieldsets(self.fieldsets) if name != "replacing"]
 
-    @admin.action(description="Analyse the selected failed analyses again", permissions=["change"])
+    def has_retry_permission(self, request) -> bool:
+        # Reviewing is the change a reviewer makes; analysing someone's cells again (their results
+        # reset, their lab system sent them again) takes Django's change permission as well.
+        return selectors.can_review(request.user) and request.user.has_perm("diagnosis.change_analysis")
+
+    @admin.action(description="Analyse the selected failed analyses again", permissions=["retry"])
     def retry_failed(self, request, queryset):
         retried = services.retry_failed_analyses(analyses=queryset)
         self.message_user(request, f"{len(retried)} failed analyses queued again; the others were left alone.")

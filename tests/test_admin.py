@@ -177,9 +177,14 @@ def test_a_reviewer_who_is_staff_reviews_in_the_admin_with_no_further_permission
     assert saved.status_code == 302
     finished.refresh_from_db()
     assert finished.final_label == "Uninfected" and finished.reviewed_by.username == "clerk"
-    # Deleting needs Django's delete permission as well.
+    # Deleting needs Django's delete permission as well, and so does analysing someone's cells again.
     assert reviewer.post(f"/admin/diagnosis/analysis/{finished.pk}/delete/", {"post": "yes"}).status_code == 403
     assert Analysis.objects.filter(pk=finished.pk).exists()
+    failed = create_analysis(owner=finished.owner, upload=upload("broken.png"))
+    Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Model unavailable")
+    assert 'value="retry_failed"' not in reviewer.get("/admin/diagnosis/analysis/").content.decode()
+    reviewer.post("/admin/diagnosis/analysis/", {"action": "retry_failed", "_selected_action": [str(failed.pk)]})
+    assert Analysis.objects.get(pk=failed.pk).status == "failed"
 
 
 def test_the_admin_lists_and_filters_cells_by_the_label_they_show(admin_client, finished, user):
