@@ -1,4 +1,4 @@
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django import forms
 
@@ -108,6 +108,14 @@ class ReviewTimeField(forms.DateTimeField):
     year ambiguous)."""
 
     widget = forms.HiddenInput
+
+    def to_python(self, value):
+        moment = super().to_python(value)
+        try:
+            moment and moment.astimezone(UTC)  # as the database compares it
+        except OverflowError:  # an offset at the end of the calendar: not a time this form gave
+            raise forms.ValidationError("This is not the review time the page gave: open the case again.") from None
+        return moment
 
     def prepare_value(self, value):
         return value.isoformat() if isinstance(value, datetime) else value

@@ -57,8 +57,9 @@ def review(request, pk: int):
                 record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
         except ValidationError as error:
             form.add_error(None, error)
-            analysis.refresh_from_db()  # show the review that got there first
-            show_review_time(form, analysis.reviewed_at)
+            analysis.refresh_from_db()  # show the case's review as it is now
+            if error.code == services.REVIEW_CONFLICT:  # told of it now: saving again replaces it
+                show_review_time(form, analysis.reviewed_at)
         else:
             messages.success(
                 request,

@@ -548,7 +548,9 @@ def review_analysis(
     with transaction.atomic():
         if not Analysis.objects.filter(pk=analysis.pk, reviewed_at=replacing).update(**changes):
             check_not_reviewed_since(analysis_id=analysis.pk, replacing=replacing)
-            raise ValidationError("The case changed while you had it open; save again.")  # its review is back as seen
+            raise ValidationError(  # its review is back as seen
+                "The case changed while you had it open; save again.", code=REVIEW_CONFLICT
+            )
         if analysis.batch_id:  # a lab system that was sent the batch's results is sent the reviewed ones
             send_again(batch_ids=[analysis.batch_id])
             transaction.on_commit(lambda: notify_finished_batches(analysis_ids=[analysis.pk]), robust=True)
@@ -558,6 +560,11 @@ def review_analysis(
     return analysis
 
 
+# The code of a refusal because someone else's review was saved meanwhile: the form then carries
+# that review's time, the one a save after reading it replaces.
+REVIEW_CONFLICT = "review_conflict"
+
+
 def check_not_reviewed_since(*, analysis_id: int, replacing: datetime | None) -> None:
     """Raise, saying who and when, if the case's review is no longer the one the reviewer saw
     (``replacing``: its review time then, None for no review)."""
@@ -565,11 +572,14 @@ def check_not_reviewed_since(*, analysis_id: int, replacing: datetime | None) ->
     if current.reviewed_at == replacing:
         return
     if current.reviewed_at is None:
-        raise ValidationError("The review of this case was withdrawn while you had it open; save again.")
+        raise ValidationError(
+            "The review of this case was withdrawn while you had it open; save again.", code=REVIEW_CONFLICT
+        )
     who = current.reviewer or "Someone"
     raise ValidationError(
         f"{who} reviewed this case at {timezone.localtime(current.reviewed_at):%Y-%m-%d %H:%M} while you had "
-        f"it open ({current.get_review_verdict_display()}). Read their review; save again to replace it."
+        f"it open ({current.get_review_verdict_display()}). Read their review; save again to replace it.",
+        code=REVIEW_CONFLICT,
     )
 
 

@@ -111,6 +111,36 @@ def test_a_review_note_at_the_length_the_browser_allows_is_saved_with_its_line_b
     assert one_more.status_code == 400 and "at most 2000 characters (it has 2001)" in one_more.content.decode()
 
 
+def test_a_refusal_that_is_no_conflict_does_not_carry_a_review_saved_meanwhile(case):
+    """Told only that a disagreement needs its label, the second reviewer has not been told of the
+    first's review: correcting the label and saving must not replace it unseen."""
+    (first, first_reviewer), (second, _) = reviewer_client(), reviewer_client()
+    opened = seen_review_time(second.get(f"/review/{case.pk}/").content.decode())
+    assert first.post(f"/review/{case.pk}/", {"verdict": "agree", "replacing": ""}).status_code == 302
+    forgot = second.post(f"/review/{case.pk}/", {"verdict": "disagree", "replacing": opened})
+    page = forgot.content.decode()
+    assert forgot.status_code == 400 and "needs the corrected label" in page and seen_review_time(page) == opened
+    fixed = {"verdict": "disagree", "corrected_label": "Uninfected", "replacing": seen_review_time(page)}
+    conflict = second.post(f"/review/{case.pk}/", fixed)
+    assert conflict.status_code == 400 and f"{first_reviewer.username} reviewed this case" in conflict.content.decode()
+    assert Analysis.objects.get(pk=case.pk).reviewed_by == first_reviewer
+
+
+@pytest.mark.parametrize(
+    ("replacing", "message"),
+    [
+        ("0001-01-01T00:00:00+01:00", "not the review time the page gave"),
+        ("9999-12-31T23:59:59-01:00", "not the review time the page gave"),
+        ("not a time", "Enter a valid date/time"),
+    ],
+)
+def test_an_edited_review_time_is_a_form_error_not_a_server_error(case, replacing, message):
+    reviewer, _ = reviewer_client()
+    response = reviewer.post(f"/review/{case.pk}/", {"verdict": "agree", "replacing": replacing})
+    assert response.status_code == 400 and message in response.content.decode()
+    assert Analysis.objects.get(pk=case.pk).review_verdict == ""
+
+
 def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
     from django.contrib.auth.models import Group
 
