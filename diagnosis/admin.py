@@ -1,13 +1,13 @@
 import ipaddress
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
 from django.db.models import Q
-from django.http import Http404
+from django.http import Http404, HttpResponseRedirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -313,6 +313,15 @@ class AnalysisAdmin(PatientRecordAdmin):
             return self.readonly_fields
         # Only the `reviewers` group records verdicts ("replacing" is the form's, and hidden).
         return [name for name in flatten_fieldsets(self.fieldsets) if name != "replacing"]
+
+    def changelist_view(self, request, extra_context=None):
+        # The batch link's ?batch=<id>, edited past a 64-bit integer: SQLite cannot compare it (a
+        # 500), and no batch has it.
+        batch = request.GET.get("batch", "")
+        if batch.lstrip("-").isascii() and batch.lstrip("-").isdigit() and abs(int(batch)) > 2**63 - 1:
+            self.message_user(request, f"There is no batch #{batch[:30]}.", level=messages.ERROR)
+            return HttpResponseRedirect(request.path)
+        return super().changelist_view(request, extra_context)
 
     def has_retry_permission(self, request) -> bool:
         # Reviewing is the change a reviewer makes; analysing someone's cells again (their results

@@ -187,6 +187,18 @@ def test_a_reviewer_who_is_staff_reviews_in_the_admin_with_no_further_permission
     assert Analysis.objects.get(pk=failed.pk).status == "failed"
 
 
+@pytest.mark.parametrize("batch", ["9" * 25, "-" + "9" * 25])
+def test_the_batch_link_edited_past_any_id_says_there_is_no_such_batch(admin_client, finished, batch):
+    response = admin_client.get(f"/admin/diagnosis/analysis/?batch={batch}", follow=True)
+    assert response.status_code == 200 and f"There is no batch #{batch[:30]}." in response.content.decode()
+    assert response.redirect_chain == [("/admin/diagnosis/analysis/", 302)]
+    from diagnosis.services import create_batch
+
+    batch = create_batch(owner=finished.owner, uploads=[upload("in-the-batch.png")])
+    linked = admin_client.get(f"/admin/diagnosis/analysis/?batch={batch.pk}").content.decode()
+    assert "in-the-batch.png" in linked and "review-me.png" not in linked
+
+
 def test_the_admin_lists_and_filters_cells_by_the_label_they_show(admin_client, finished, user):
     from diagnosis.services import review_analysis
 
