@@ -45,8 +45,12 @@ class ReviewAdminForm(forms.ModelForm):
                 verdict=data["review_verdict"],
                 corrected_label=data.get("corrected_label") or "",
             )
-            if "replacing" in data and data["replacing"] != self.instance.reviewed_at:
-                show_review_time(self, self.instance.reviewed_at)
+            # Locked until the admin's save commits (its change view is one transaction): a colleague's
+            # review saved meanwhile waits, then finds this one, instead of slipping in between this
+            # check and the save, which could then only fail with a server error.
+            current = Analysis.objects.select_for_update().get(pk=self.instance.pk)
+            if "replacing" in data and data["replacing"] != current.reviewed_at:
+                show_review_time(self, current.reviewed_at)
                 services.check_not_reviewed_since(analysis_id=self.instance.pk, replacing=data["replacing"])
         elif data.get("corrected_label") or data.get("review_note") or self.instance.review_verdict:
             # Without a verdict nothing would record who changed the final label, or when.

@@ -1,5 +1,8 @@
+import os
+
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis
@@ -185,6 +188,52 @@ def test_a_reviewer_who_is_staff_reviews_in_the_admin_with_no_further_permission
     assert 'value="retry_failed"' not in reviewer.get("/admin/diagnosis/analysis/").content.decode()
     reviewer.post("/admin/diagnosis/analysis/", {"action": "retry_failed", "_selected_action": [str(failed.pk)]})
     assert Analysis.objects.get(pk=failed.pk).status == "failed"
+
+
+@pytest.mark.skipif("sqlite" in os.environ.get("DATABASE_URL", "sqlite"), reason="PostgreSQL only (CI): row locks")
+@pytest.mark.django_db(transaction=True)  # the colleague's review comes over a connection of its own
+def test_a_colleagues_review_saved_during_an_admin_save_waits_and_is_told(client, monkeypatch):
+    import threading
+
+    from django.db import connection
+
+    from diagnosis.admin import ReviewAdminForm
+    from diagnosis.services import REVIEW_CONFLICT, review_analysis
+    from tests.factories import UserFactory
+
+    case = classified(create_analysis(owner=UserFactory(), upload=upload("race.png")))
+    colleague, outcome = UserFactory(username="colleague"), []
+
+    def colleague_saves():
+        try:
+            review_analysis(
+                analysis=case, reviewer=colleague, verdict="disagree", corrected_label="Uninfected", replacing=None
+            )
+            outcome.append("saved")
+        except ValidationError as refusal:
+            outcome.append(refusal.code)
+        finally:
+            connection.close()
+
+    colleague_thread = threading.Thread(target=colleague_saves)
+    checked = ReviewAdminForm.clean
+
+    def checked_then_colleague_saves(form):
+        data = checked(form)
+        colleague_thread.start()
+        colleague_thread.join(timeout=1)  # done within a second unless the admin's check holds it
+        return data
+
+    monkeypatch.setattr(ReviewAdminForm, "clean", checked_then_colleague_saves)
+    admin = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    client.force_login(admin)
+    saved = client.post(
+        f"/admin/diagnosis/analysis/{case.pk}/change/",
+        {"review_verdict": "agree", "corrected_label": "", "review_note": "", "replacing": ""},
+    )
+    colleague_thread.join(timeout=10)
+    assert saved.status_code == 302 and Analysis.objects.get(pk=case.pk).reviewed_by == admin
+    assert outcome == [REVIEW_CONFLICT]  # told who got there first, as on the site
 
 
 @pytest.mark.parametrize("batch", ["9" * 25, "-" + "9" * 25])
