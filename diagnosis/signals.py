@@ -1,7 +1,7 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
 removal; a removed user's results are withdrawn from the lab systems that were sent them; a
-user's API key goes with their password, and a new password lifts their sign-in lockout; and a
-sign-in's clock starts at sign-in."""
+user's API key goes with their password or their account's deactivation, and a new password
+lifts their sign-in lockout; and a sign-in's clock starts at sign-in."""
 
 import logging
 import time
@@ -43,20 +43,28 @@ def withdraw_removed_users_batches(sender, instance, **kwargs) -> None:
     services.withdraw_batches_of_removed_users()
 
 
-@receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.revoke_token_on_new_password")
-def revoke_token_on_new_password(sender, instance, **kwargs) -> None:
-    """A new password (changed by its owner, or set by an admin after a suspected leak), or one an
-    admin disables, also ends the user's API key: whoever may have taken the password may have
-    taken a key with it."""
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.revoke_token_when_access_ends")
+def revoke_token_when_access_ends(sender, instance, update_fields=None, **kwargs) -> None:
+    """A new password (changed by its owner, or set by an admin after a suspected leak), one an
+    admin disables, or the account deactivated also ends the user's API key: whoever may have taken
+    the password may have taken a key with it, and reactivating the account must not revive it."""
     if instance.pk is None:
         return
     # set_password() leaves the new password here until the save; Django's own re-hashing of an
     # unchanged password on sign-in clears it, so that does not count as a change.
-    changed = getattr(instance, "_password", None) is not None
-    if not changed and not instance.has_usable_password():
-        stored = sender.objects.filter(pk=instance.pk).values_list("password", flat=True).first() or ""
-        changed = not stored.startswith(UNUSABLE_PASSWORD_PREFIX)
-    if changed:
+    if getattr(instance, "_password", None) is not None:
+        ApiToken.objects.filter(user_id=instance.pk).delete()
+        return
+    if instance.is_active and instance.has_usable_password():
+        return  # nothing here can have ended
+    if update_fields is not None and not {"password", "is_active"} & set(update_fields):
+        return  # e.g. last_login at sign-in
+    stored = sender.objects.filter(pk=instance.pk).values_list("password", "is_active").first()
+    if stored is None:
+        return
+    password, was_active = stored
+    disabled = not instance.has_usable_password() and not password.startswith(UNUSABLE_PASSWORD_PREFIX)
+    if disabled or (was_active and not instance.is_active):
         ApiToken.objects.filter(user_id=instance.pk).delete()
 
 

@@ -68,11 +68,22 @@ def test_a_period_of_zero_never_expires(settings, user):
     assert status_with(key) == 200 and issue(user)["expires_at"] is None
 
 
-def test_a_deactivated_users_key_stops_working(user):
+def test_a_deactivated_users_key_stops_working_and_stays_stopped_when_reactivated(user, admin_client):
+    """Deactivating is how an account is cut off (someone left, a key leaked): reactivating it later
+    must not bring back a key that was copied before."""
     key = issue(user)["token"]
     user.is_active = False
     user.save()
+    assert status_with(key) == 401 and not ApiToken.objects.filter(user=user).exists()
+    user.is_active = True
+    user.save()
     assert status_with(key) == 401
+
+    again = issue(user)["token"]
+    form = {"username": user.username, "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"}
+    assert admin_client.post(f"/admin/auth/user/{user.pk}/change/", form).status_code == 302  # is_active unticked
+    user.refresh_from_db()
+    assert not user.is_active and not ApiToken.objects.filter(user=user).exists() and status_with(again) == 401
 
 
 def test_use_is_recorded_at_most_every_few_minutes(user):
