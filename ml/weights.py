@@ -92,15 +92,23 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+MAX_VERSION_LENGTH = 100  # what a result can record of the model that produced it
+
+
 def _info_from_metadata(metadata: dict[str, str] | None) -> ModelInfo:
     if not metadata or metadata.get("format") != "malaria-vgg19/1":
         raise ValueError("not a malaria-vgg19 weights file (missing or unknown metadata)")
     threshold = float(metadata["threshold"])
     if not 0 <= threshold <= 1:  # NaN too: no probability is >= NaN, so every cell would be Uninfected
         raise ValueError(f"the operating threshold must lie between 0 and 1, not {metadata['threshold']!r}")
+    version = metadata["version"]
+    if not 1 <= len(version) <= MAX_VERSION_LENGTH or not version.isprintable():
+        raise ValueError(
+            f"the model version must be 1 to {MAX_VERSION_LENGTH} printable characters, not {version!r:.120}"
+        )
     return ModelInfo(
         config=ModelConfig.from_dict(json.loads(metadata["config"])),
-        version=metadata["version"],
+        version=version,
         threshold=threshold,
         metrics=json.loads(metadata.get("metrics", "{}")),
     )

@@ -209,6 +209,9 @@ def with_metadata(path: Path, out: Path, **changes) -> Path:
         ({"config_input_size": 0}, "input_size must be a positive multiple"),
         ({"config_std": [0.2, 0.0, 0.2]}, "std must be above 0"),
         ({"config_mean": [0.5, 0.5]}, "mean must be three finite numbers"),
+        # Every result records it: one the results cannot hold failed each cell, after three tries.
+        ({"version": "v" * 101}, "version must be 1 to 100 printable characters"),
+        ({"version": ""}, "version must be 1 to 100 printable characters"),
     ],
     ids=[
         "classes-swapped",
@@ -218,6 +221,8 @@ def with_metadata(path: Path, out: Path, **changes) -> Path:
         "input-size-0",
         "std-0",
         "mean-short",
+        "version-too-long",
+        "version-empty",
     ],
 )
 def test_a_model_file_that_would_mislabel_cells_is_refused(tmp_path, changes, refusal):
