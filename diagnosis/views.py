@@ -13,7 +13,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access
@@ -229,10 +229,19 @@ def batch_delete(request, pk: int):
     return render(request, "diagnosis/confirm_delete.html", context)
 
 
+def _not_done_on_a_get(request, to: str):
+    """A POST-only action's URL opened with a GET: where the sign-in page sends the user back once
+    their session had ended as they pressed its button. A GET changes nothing; the page says so."""
+    messages.info(request, "Nothing was done yet: your session had ended. Press the button again to do it.")
+    return redirect(to)
+
+
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def analysis_retry(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
+    if request.method == "GET":
+        return _not_done_on_a_get(request, reverse("diagnosis:analysis", args=[pk]))
     if services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=analysis.pk)):
         messages.success(request, f"{analysis.original_filename} is queued for analysis again.")
     else:
@@ -242,9 +251,11 @@ def analysis_retry(request, pk: int):
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def batch_retry(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
+    if request.method == "GET":
+        return _not_done_on_a_get(request, reverse("diagnosis:batch", args=[pk]))
     retried = services.retry_failed_analyses(analyses=batch.analyses.all())
     if retried:
         messages.success(request, f"{counted(len(retried), 'failed cell')} queued for analysis again.")

@@ -64,7 +64,6 @@ def test_the_owner_retries_on_the_pages_and_the_api_and_nobody_else_can(client, 
     page = client.get(f"/batches/{batch.pk}/").content.decode()
     assert "data-retry-block>" in page and 'again (<span data-count="failed">1</span>)' in page
     assert "Analyse again" in client.get(f"/analyses/{failed.pk}/").content.decode()
-    assert client.get(f"/analyses/{failed.pk}/retry/").status_code == 405  # a GET changes nothing
     shown = client.post(f"/analyses/{failed.pk}/retry/", follow=True).content.decode()
     assert "a.png is queued for analysis again." in shown and Analysis.objects.get(pk=failed.pk).status == "queued"
     assert "has not failed" in client.post(f"/analyses/{done.pk}/retry/", follow=True).content.decode()
@@ -79,6 +78,28 @@ def test_the_owner_retries_on_the_pages_and_the_api_and_nobody_else_can(client, 
     Analysis.objects.filter(pk=failed.pk).update(**FAILED_FIELDS)
     counts = api.post(f"/api/batches/{batch.pk}/retry-failed/").json()["counts"]
     assert counts["failed"] == 0 and counts["queued"] == 2
+
+
+def test_signing_in_again_after_the_session_ended_on_a_retry_button_leads_back_and_does_nothing(
+    client, user, other_user, batch
+):
+    """The sign-in page sends the user on to the button's URL with a GET: it was a 405 error page."""
+    failed = by_name(batch)["a.png"]
+    for url, page in (
+        (f"/batches/{batch.pk}/retry/", f"/batches/{batch.pk}/"),
+        (f"/analyses/{failed.pk}/retry/", None),
+    ):
+        to_sign_in = client.post(url)  # the session has ended
+        assert to_sign_in.status_code == 302 and to_sign_in["Location"].startswith("/accounts/login/")
+        signed_in = client.post(to_sign_in["Location"], {"username": user.username, "password": PASSWORD})
+        assert signed_in["Location"] == url
+        back = client.get(url, follow=True)
+        assert back.redirect_chain[-1][0] == (page or f"/analyses/{failed.pk}/")
+        assert "Nothing was done yet: your session had ended. Press the button again" in back.content.decode()
+        assert Analysis.objects.get(pk=failed.pk).status == "failed"
+        client.force_login(other_user)
+        assert client.get(url).status_code == 404
+        client.logout()
 
 
 @pytest.mark.worker
