@@ -11,10 +11,24 @@
   // One verdict per page: a second key press (or click) while the first is being saved must not
   // land on the next case before its images are even on screen.
   let submitted = false;
+  const button = form.querySelector("button[type=submit]");
+  const sessionEnded = document.getElementById("session-ended");
   form.addEventListener("submit", (event) => {
-    if (submitted) { event.preventDefault(); return; }
+    event.preventDefault();
+    if (submitted) return;
     submitted = true;
-    form.querySelector("button[type=submit]").disabled = true;
+    button.disabled = true;
+    // A review posted after the session ended would be answered with the sign-in page, and the
+    // verdict and note typed here lost: ask first (the status poll does not count as activity).
+    fetch(form.dataset.sessionUrl, { headers: { "X-Requested-With": "XMLHttpRequest" } })
+      .then((answer) => answer.status !== 401)
+      .catch(() => true)  // unreachable: the POST itself will say so
+      .then((signedIn) => {
+        if (signedIn) { window.refreshCsrfToken(form); form.submit(); return; }
+        sessionEnded.hidden = false;
+        submitted = false;
+        button.disabled = false;
+      });
   });
   // Single-key shortcuts can be switched off (WCAG 2.1.4), for speech input or a reviewer who
   // prefers clicks; the choice is remembered on this browser.

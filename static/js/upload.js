@@ -211,7 +211,10 @@
         window.location.assign(xhr.responseURL);
       } else if (xhr.status === 400 && type.startsWith("application/json") && JSON.parse(xhr.responseText).refused) {
         refuse(JSON.parse(xhr.responseText).refused);
-      } else if (type.startsWith("text/html")) {
+      } else if (xhr.status === 403) {
+        // The CSRF check: the page is older than a sign-in since (forms.js sends the new token).
+        fail("The upload was refused: this page had expired. Press Upload again. Nothing was stored.");
+      } else if (xhr.status === 400 && type.startsWith("text/html")) {  // the form with its errors
         document.open(); document.write(xhr.responseText); document.close();
       } else {
         // A refusal before the form was read (the request too large, too many requests): say why,

@@ -1,0 +1,140 @@
+"""The pages where use gets awkward, in a real browser: a phone's screen, a session that ends while
+something is typed, notes of several lines."""
+
+import re
+
+import pytest
+from django.contrib.sessions.models import Session
+from playwright.sync_api import expect
+
+from diagnosis import services
+from diagnosis.models import Analysis
+from tests.browser import log_in, overflows_horizontally
+from tests.conftest import fixture_cells
+from tests.factories import PASSWORD, classified, upload
+from tests.test_browser import browser, make_reviewer, open_page  # noqa: F401 - the fixtures
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+PHONE = {"width": 390, "height": 844}
+NIH_NAME = "C100P61ThinF_IMG_20150918_144104_cell_162.png"  # 45 characters and no space to wrap at
+
+
+@pytest.fixture
+def not_analysed(monkeypatch):
+    """Uploads stay queued: these tests are about the pages, not the worker."""
+    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
+
+
+def off_screen(page, selector: str) -> bool:
+    box = page.locator(selector).first.bounding_box()
+    return box["x"] + box["width"] > page.viewport_size["width"]
+
+
+def test_a_notes_line_breaks_are_shown_where_it_is_read(open_page, user, not_analysed):  # noqa: F811
+    note = "Fever 3 days\nReturned from Kisumu\nOn doxycycline"
+    batch = services.create_batch(owner=user, uploads=[upload("a.png")], note=note)
+    cell = classified(batch.analyses.get())
+    services.review_analysis(
+        analysis=cell, reviewer=user, verdict="agree", note="Ring forms\nseen at x100", replacing=None
+    )
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/")
+    assert page.locator("p.note").inner_text() == note
+    page.goto(f"/batches/{batch.pk}/report/")
+    assert "Fever 3 days\nReturned from Kisumu" in page.inner_text("body")
+    assert "Ring forms\nseen at x100" in page.inner_text("body")
+    page.goto(f"/analyses/{cell.pk}/")
+    assert "Ring forms\nseen at x100" in page.locator("#review-verdict").inner_text()
+    open_page.errors[page].clear()  # the cell was classified without a heatmap file: its <img> is a 404
+
+
+def test_on_a_phone_the_upload_list_the_result_and_the_review_button_stay_on_screen(
+    open_page,  # noqa: F811
+    user,
+    not_analysed,
+):
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.set_viewport_size(PHONE)
+    page.goto("/upload/")
+    files = [{"name": NIH_NAME, "mimeType": "image/png", "buffer": fixture_cells()[0].read_bytes()}]
+    files.append({"name": NIH_NAME.replace(".png", "_b.png"), "mimeType": "image/png", "buffer": b"not an image"})
+    page.set_input_files("#id_images", files)
+    expect(page.locator("#file-list li")).to_have_count(2)
+    list_box = page.locator("#file-list").bounding_box()
+    for note in page.locator("#file-list li span").all():  # each file's size or refusal
+        box = note.bounding_box()
+        assert box["x"] + box["width"] <= list_box["x"] + list_box["width"] + 1, note.inner_text()
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("Nothing was stored")
+    open_page.expect_error(page, "status of 400")
+    assert not overflows_horizontally(page)  # the refusal names the long file
+
+    cell = classified(services.create_analysis(owner=user, upload=upload(NIH_NAME)))
+    page.goto("/")
+    result = f'tr[data-analysis="{cell.pk}"] [data-label]'
+    expect(page.locator(result)).to_have_text("Parasitized")
+    assert not off_screen(page, result) and not overflows_horizontally(page)
+
+    reviewer_page = open_page()
+    log_in(reviewer_page, make_reviewer().username, PASSWORD)
+    reviewer_page.set_viewport_size(PHONE)
+    reviewer_page.goto("/review/")
+    assert not off_screen(reviewer_page, f'a[aria-label="Review {NIH_NAME}"]')
+    for opened in (page, reviewer_page):
+        opened.wait_for_load_state("load")
+        open_page.errors[opened].clear()  # classified without a heatmap file: its thumbnail is a 404
+
+
+def test_a_review_typed_as_the_session_ended_is_kept_and_saved_after_signing_in_again(
+    open_page,  # noqa: F811
+    user,
+    not_analysed,
+):
+    cell = classified(services.create_analysis(owner=user, upload=upload("slide-4.png")))
+    reviewer = make_reviewer()
+    page = open_page()
+    log_in(page, reviewer.username, PASSWORD)
+    page.goto(f"/review/{cell.pk}/")
+    page.wait_for_load_state("load")
+    page.locator('input[value="disagree"]').check()
+    page.get_by_label("Corrected label (when disagreeing)").select_option("Uninfected")
+    note = "Stain artefact over the cell, not a ring form."
+    page.get_by_label("Note").fill(note)
+    Session.objects.all().delete()  # away too long
+
+    page.get_by_role("button", name="Save review").click()
+    expect(page.locator("#session-ended")).to_be_visible()
+    expect(page.locator("#session-ended")).to_contain_text("this review is not saved yet")
+    assert page.url.endswith(f"/review/{cell.pk}/") and page.get_by_label("Note").input_value() == note
+
+    other_tab = page.context.new_page()  # as the message's link does; a new sign-in, a new CSRF token
+    log_in(other_tab, reviewer.username, PASSWORD)
+    other_tab.close()
+    page.get_by_role("button", name="Save review").click()
+    page.wait_for_url(re.compile(r"/review/$"))
+    saved = Analysis.objects.get(pk=cell.pk)
+    assert (saved.review_verdict, saved.corrected_label, saved.review_note) == ("disagree", "Uninfected", note)
+    open_page.errors[page].clear()  # classified without a heatmap file: its <img> was a 404
+
+
+def test_an_upload_after_signing_in_again_in_another_tab_goes_through(open_page, user, not_analysed):  # noqa: F811
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    cells = [str(path) for path in fixture_cells()[:2]]
+    page.set_input_files("#id_images", cells)
+    page.get_by_label("Patient / sample reference").fill("WARD-7 bed 12")
+    Session.objects.all().delete()
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("Your session has ended")
+
+    other_tab = page.context.new_page()
+    log_in(other_tab, user.username, PASSWORD)
+    other_tab.close()
+    page.set_input_files("#id_images", cells)  # as the message says: choose the files again
+    page.locator("#upload-button").click()
+    page.wait_for_url(re.compile(r"/batches/\d+/$"))
+    assert Analysis.objects.filter(owner=user, batch__sample_reference="WARD-7 bed 12").count() == 2
