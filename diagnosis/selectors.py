@@ -265,7 +265,8 @@ def operations_status() -> dict:
     analyses = unfinished.aggregate(
         queued=Count("pk", filter=Q(status=Analysis.Status.QUEUED)),
         running=Count("pk", filter=Q(status=Analysis.Status.RUNNING)),
-        oldest_queued_at=Min("created_at", filter=Q(status=Analysis.Status.QUEUED)),
+        # Since it was last sent to the broker (a cell analysed again was uploaded long before).
+        oldest_queued_at=Min(Coalesce("enqueued_at", "created_at"), filter=Q(status=Analysis.Status.QUEUED)),
         oldest_running_since=Min("started_at", filter=Q(status=Analysis.Status.RUNNING)),
     ) | Analysis.objects.filter(last_day).aggregate(
         done_last_24h=Count("pk", filter=done & last_day),

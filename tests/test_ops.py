@@ -53,6 +53,18 @@ def test_staff_see_the_queue_the_last_days_work_and_the_callbacks(user, other_us
     assert not {"original_filename", "sample_reference", "owner"} & set(status)  # no patient data
 
 
+def test_a_cell_queued_again_counts_as_waiting_since_it_was_sent_again(user):
+    """Analysed again (a retry, or the sweeper after its worker died), a cell uploaded days ago must
+    not read as days in the queue: that is the alert for no worker consuming."""
+    cell = services.create_analysis(owner=user, upload=upload())
+    Analysis.objects.filter(pk=cell.pk).update(
+        created_at=timezone.now() - timedelta(days=2), enqueued_at=timezone.now() - timedelta(seconds=30)
+    )
+    assert 29 <= status_for(UserFactory(is_staff=True))[1]["oldest_queued_seconds"] < 90
+    Analysis.objects.filter(pk=cell.pk).update(enqueued_at=None)  # never reached the broker: waiting since upload
+    assert status_for(UserFactory(is_staff=True))[1]["oldest_queued_seconds"] >= 2 * 24 * 3600
+
+
 def test_an_empty_platform_reports_zeros_and_nothing_waiting(db):
     code, status = status_for(UserFactory(is_staff=True))
     assert code == 200 and status["queued"] == status["done_last_24h"] == 0
