@@ -317,7 +317,7 @@ def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
     than ``older_than`` ago, and running for longer than that and than a task can take (worker
     died), unless they have used up their attempts (then they fail). Returns how many were
     enqueued again."""
-    older_than = older_than or timedelta(seconds=settings.ANALYSIS_STALE_SECONDS)
+    older_than = timedelta(seconds=settings.ANALYSIS_STALE_SECONDS) if older_than is None else older_than
     now = timezone.now()
     cutoff = now - older_than
     # A task is killed at its hard time limit: until then its worker may still be on the cell, and

@@ -276,6 +276,21 @@ def test_the_sweeper_leaves_a_cell_alone_while_its_task_may_still_be_running(use
     assert Analysis.objects.get(pk=slow.pk).claimed_by_task == f"task-{slow.pk}"
 
 
+def test_the_sweep_command_with_older_than_zero_sends_every_queued_cell_again(user, monkeypatch):
+    """After the broker came back empty: zero meant the default, so the lost cells waited ten minutes more."""
+    import io
+
+    from django.core.management import call_command
+
+    sent = []
+    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    lost = services.create_analysis(owner=user, upload=upload())
+    Analysis.objects.filter(pk=lost.pk).update(enqueued_at=timezone.now() - timedelta(seconds=5))
+    output = io.StringIO()
+    call_command("requeue_stale_analyses", "--older-than", "0", stdout=output)
+    assert output.getvalue().strip() == "re-enqueued 1 analyses" and sent == [lost.pk]
+
+
 @pytest.mark.django_db(transaction=True)  # the upload really commits, so its on-commit hook really runs
 def test_a_failure_after_the_commit_keeps_the_stored_upload(user, monkeypatch):
     def database_gone(*, analysis_ids):

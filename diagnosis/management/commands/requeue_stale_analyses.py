@@ -9,8 +9,12 @@ class Command(BaseCommand):
     help = "Enqueue again analyses whose task was lost (broker down at upload, worker died mid-task)."
 
     def add_arguments(self, parser):
-        parser.add_argument("--older-than", type=int, help="seconds; default ANALYSIS_STALE_SECONDS")
+        parser.add_argument(
+            "--older-than",
+            type=int,
+            help="seconds; default ANALYSIS_STALE_SECONDS; 0: every queued cell (e.g. after the broker lost its queue)",
+        )
 
     def handle(self, *args, older_than=None, **options):
-        count = requeue_stale_analyses(older_than=timedelta(seconds=older_than) if older_than else None)
+        count = requeue_stale_analyses(older_than=None if older_than is None else timedelta(seconds=older_than))
         self.stdout.write(f"re-enqueued {count} analyses")
