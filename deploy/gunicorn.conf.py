@@ -13,7 +13,9 @@ bind = "0.0.0.0:8000"
 # Empty values (a blank line in .env) fall back to the defaults.
 workers = int(os.environ.get("GUNICORN_WORKERS") or 3)
 timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
-graceful_timeout = 30
+# On a stop (a redeploy) a request under way may take as long as it may take at any other time;
+# the web service's stop_grace_period (WEB_STOP_GRACE) is longer still.
+graceful_timeout = timeout
 # Recycle workers now and then so a slow leak cannot grow without bound.
 max_requests = 1000
 max_requests_jitter = 100

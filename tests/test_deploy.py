@@ -357,6 +357,17 @@ def test_a_stopped_worker_may_finish_the_longest_task():
     assert interpolate(grace, {"WORKER_STOP_GRACE": "15m"}) == "15m"
 
 
+def test_a_stopped_web_container_may_finish_its_requests():
+    """A redeploy stops gunicorn, which lets each request under way run to its timeout; Docker kills
+    the container after stop_grace_period (10 s by default), cutting uploads and exports off."""
+    example = dotenv_as_intended(ENV_EXAMPLE)
+    grace = SERVICES["web"]["stop_grace_period"]
+    assert interpolate(grace, {}) == interpolate(grace, {"WEB_STOP_GRACE": ""}) == example["WEB_STOP_GRACE"]
+    gunicorn = runpy.run_path(str(GUNICORN_CONF))
+    assert gunicorn["graceful_timeout"] == gunicorn["timeout"] == int(example["GUNICORN_TIMEOUT"])
+    assert duration_seconds(interpolate(grace, {})) > gunicorn["graceful_timeout"]
+
+
 def test_housekeeping_has_a_queue_every_worker_also_takes_from():
     """So the sweeper, the callbacks and the deletions are not stuck behind a backlog of cells: a
     worker started without -Q (compose, scripts/start, the tests) consumes every queue listed."""
