@@ -338,6 +338,16 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"keyvalue": {"format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"}},
+    "filters": {"request_line_without_query": {"()": "malaria_site.log_filters.RequestLineWithoutQuery"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "keyvalue"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    # runserver's access log (scripts/start), which Django's own logging setup would write whole.
+    "loggers": {
+        "django.server": {
+            "handlers": ["console"],
+            "level": "INFO",
+            "propagate": False,
+            "filters": ["request_line_without_query"],
+        }
+    },
 }

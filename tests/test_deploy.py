@@ -752,6 +752,29 @@ NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.acc
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="no nginx binary here (apt-get install nginx-light)")
 
 
+def test_the_development_servers_log_leaves_query_strings_out(tmp_path):
+    """scripts/start serves the site with runserver, whose access log wrote each request line whole:
+    a search for a patient, or a sample reference, was in the terminal and the journal."""
+    import requests
+
+    port, log = free_port(), tmp_path / "runserver.log"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    command = [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_for_port(port, server, log, timeout=60)
+        for path in ("/accounts/login/?next=/%3Fsearch%3DPATIENT-4711", "/batches/?sample_reference=PATIENT-4711"):
+            requests.get(f"http://127.0.0.1:{port}{path}", allow_redirects=False, timeout=30)
+    finally:
+        stop(server)
+    text = log.read_text()
+    assert '"GET /accounts/login/ HTTP/1.1" 200' in text and '"GET /batches/ HTTP/1.1" 302' in text, text
+    assert "PATIENT-4711" not in text, text
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
