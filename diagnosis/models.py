@@ -67,9 +67,10 @@ class Batch(models.Model):
     # When an attempt first POSTed the results, answered or not. Never reset (the count of attempts
     # is, on a retry): delivery is at least once, so from then on the lab system may hold them.
     callback_first_sent_at = models.DateTimeField(null=True, blank=True)
-    # When a cell was last deleted from the batch, and when the batch itself was: each makes the
-    # results the lab system holds out of date, so each is a change it is sent.
-    cell_deleted_at = models.DateTimeField(null=True, blank=True)
+    # When a cell was last deleted from the batch or sent for analysis again (its result withdrawn),
+    # and when the batch itself was deleted: no cell's own times say so, and each makes the results
+    # a lab system holds out of date (results_as_of moves on; a callback is sent again).
+    results_changed_at = models.DateTimeField(null=True, blank=True)
     withdrawn_at = models.DateTimeField(null=True, blank=True)
     # A lab system's Idempotency-Key for the request that made the batch, and a digest of that
     # request, so that sending it again (its response was lost) makes no second batch.

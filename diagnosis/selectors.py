@@ -197,10 +197,11 @@ def with_percent(counts: dict[str, int]) -> dict[str, int | None]:
 
 
 def results_as_of(*, batch: Batch, analyses: Iterable[Analysis]) -> datetime:
-    """When the batch's results last changed: a cell finished or reviewed, a cell or the batch deleted.
-    Results can change after they were sent, so a lab system keeps the latest."""
+    """When the batch's results last changed: a cell finished, reviewed, deleted or sent for analysis
+    again, or the batch deleted. Results can change after they were sent, so a lab system keeps the
+    latest."""
     changes = [moment for a in analyses for moment in (a.finished_at, a.reviewed_at) if moment]
-    changes += [moment for moment in (batch.cell_deleted_at, batch.withdrawn_at) if moment]
+    changes += [moment for moment in (batch.results_changed_at, batch.withdrawn_at) if moment]
     return max(changes, default=batch.created_at)
 
 

@@ -369,7 +369,10 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
             started_at=None,
             finished_at=None,
         )
-        send_again(batch_ids=Analysis.objects.filter(pk__in=ids).values_list("batch_id", flat=True))
+        batch_ids = Analysis.objects.filter(pk__in=ids).values_list("batch_id", flat=True)
+        # Their results are withdrawn until analysed again: no cell's own time says so.
+        Batch.objects.filter(pk__in=batch_ids).update(results_changed_at=timezone.now())
+        send_again(batch_ids=batch_ids)
         if ids:
             logger.info("event=retry analysis_ids=%s", ids)
             transaction.on_commit(lambda: enqueue_analyses(analysis_ids=ids), robust=True)
@@ -377,14 +380,15 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
 
 
 def delete_analysis(*, analysis: Analysis) -> None:
-    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals). A
-    batch with a callback is sent again without it, with a later ``results_as_of``: an attempt may
-    be on its way with it, or have reached the lab system unconfirmed."""
+    """Remove an analysis for good, its image, thumbnail and heatmap included (see signals). Its
+    batch's ``results_as_of`` moves on, and a batch with a callback is sent again without it: an
+    attempt may be on its way with it, or have reached the lab system unconfirmed."""
     logger.info("event=deleted analysis_id=%s owner_id=%s", analysis.pk, analysis.owner_id)
     with transaction.atomic():
         analysis.delete()
-        with_callback = Batch.objects.filter(pk=analysis.batch_id).exclude(callback_state=Batch.CallbackState.NONE)
-        if with_callback.update(cell_deleted_at=timezone.now()):
+        batch = Batch.objects.filter(pk=analysis.batch_id)
+        batch.update(results_changed_at=timezone.now())
+        if batch.exclude(callback_state=Batch.CallbackState.NONE).exists():
             send_again(batch_ids=[analysis.batch_id])  # an attempt under way loses its lease
             transaction.on_commit(lambda: notify_deletion(batch_id=analysis.batch_id), robust=True)
 

@@ -247,3 +247,45 @@ def test_a_multipart_body_without_its_boundary_is_refused_as_such(lab, user, pat
     refused = lab.generic("POST", path, _multipart([(field, "a.png", b"x")]), content_type="multipart/form-data")
     assert refused.status_code == 400
     assert refused.json()["detail"].startswith("Multipart form parse error - Invalid boundary")
+
+
+def test_every_operation_says_it_may_be_rate_limited(lab, user, monkeypatch, client):
+    """API_USER_RATE counts every request, downloads included: a client made from the schema must
+    expect the 429 (with Retry-After) on each operation, not only on the lists and uploads."""
+    import yaml
+
+    from diagnosis.api.throttling import UserRateThrottle
+
+    monkeypatch.setattr(UserRateThrottle, "rate", "1/hour", raising=False)
+    analysis = services.create_analysis(owner=user, upload=upload())
+    assert lab.get(f"/api/analyses/{analysis.pk}/").status_code == 200
+    refused = lab.get(f"/api/analyses/{analysis.pk}/image/")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    paths = yaml.safe_load(client.get("/api/schema/").content)["paths"]
+    without = [
+        f"{method} {path}" for path, ops in paths.items() for method, op in ops.items() if "429" not in op["responses"]
+    ]
+    assert without == []
+
+
+def test_results_as_of_moves_on_when_a_cell_is_deleted_or_sent_for_analysis_again(lab, user):
+    """A lab system polling a batch (no callback) keeps the latest results_as_of: a deletion or a
+    retry changes the results, and went back to an earlier cell's time."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png"), upload("c.png")])
+    first, second, third = batch.analyses.order_by("pk")
+    classified(first, finished_at=timezone.now() - timedelta(hours=2))
+    classified(second, finished_at=timezone.now() - timedelta(hours=1))
+    Analysis.objects.filter(pk=third.pk).update(
+        status="failed", error="Model unavailable", finished_at=second.finished_at
+    )
+    as_of = lambda: lab.get(f"/api/batches/{batch.pk}/").json()["results_as_of"]  # noqa: E731
+    before = as_of()
+    assert lab.delete(f"/api/analyses/{second.pk}/").status_code == 204
+    after_deletion = as_of()
+    assert after_deletion > before
+    assert lab.post(f"/api/batches/{batch.pk}/retry-failed/").status_code == 202
+    assert as_of() > after_deletion

@@ -61,6 +61,20 @@ def test_an_expired_token_is_refused_with_a_reason_and_a_post_renews_it(settings
     assert new != old and status_with(new) == 200 and status_with(old) == 401
 
 
+def test_expires_at_is_written_in_the_time_zone_of_every_other_time(settings, user):
+    from diagnosis import services
+    from tests.factories import upload
+
+    settings.TIME_ZONE = "Africa/Nairobi"
+    issued = issue(user)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {issued['token']}")
+    batch = services.create_batch(owner=user, uploads=[upload()])
+    created_at = api.get(f"/api/batches/{batch.pk}/").json()["created_at"]
+    assert created_at.endswith("+03:00") and issued["expires_at"].endswith("+03:00"), issued["expires_at"]
+    assert parse_datetime(issued["expires_at"]) - timezone.now() > timedelta(days=settings.API_TOKEN_DAYS - 1)
+
+
 def test_a_period_of_zero_never_expires(settings, user):
     settings.API_TOKEN_DAYS = 0
     key = issue(user)["token"]

@@ -31,8 +31,9 @@ from diagnosis.models import AccessEvent, Analysis
 
 
 def errors(*codes: int) -> dict:
-    """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists)."""
-    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in codes}
+    """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists).
+    Every request counts against API_USER_RATE, so every operation may answer 429."""
+    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in (*codes, 429)}
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -79,7 +80,7 @@ class TokenView(APIView):
                 "IssuedToken",
                 {"token": serializers.CharField(), "expires_at": serializers.DateTimeField(allow_null=True)},
             ),
-            **errors(400, 429),
+            **errors(400),
         },
     )
     def post(self, request, *args, **kwargs):
@@ -95,7 +96,12 @@ class TokenView(APIView):
         login_throttle.signed_in(request, username)
         token, key = tokens.new_token(user=serializer.validated_data["user"])
         # The key itself, shown this once: no cache on the way may keep a copy.
-        return Response({"token": key, "expires_at": tokens.expires_at(token)}, headers={"Cache-Control": "no-store"})
+        expires_at = tokens.expires_at(token)
+        return Response(
+            # In the time zone every other time of the API is written in (DRF's field; JSON's would be UTC).
+            {"token": key, "expires_at": expires_at and serializers.DateTimeField().to_representation(expires_at)},
+            headers={"Cache-Control": "no-store"},
+        )
 
     @extend_schema(request=None, responses={204: None, **errors(401)})
     def delete(self, request):
@@ -114,9 +120,13 @@ class Unprocessable(APIException):
 
 
 def _idempotency_key(request) -> str:
-    key = request.headers.get("Idempotency-Key", "")
-    if key and not (len(key) <= 100 and key.isascii() and key.isprintable() and " " not in key):
-        raise ApiValidationError({"detail": "An Idempotency-Key is at most 100 printable ASCII characters, no spaces."})
+    """The request's key, "" for none; a header sent empty is refused, not taken for no key (a retry
+    of the request would then make a second batch)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return ""
+    if not (0 < len(key) <= 100 and key.isascii() and key.isprintable() and " " not in key):
+        raise ApiValidationError({"detail": "An Idempotency-Key is 1 to 100 printable ASCII characters, no spaces."})
     return key
 
 
@@ -214,7 +224,7 @@ class AnalysisViewSet(
             ),
             OpenApiParameter("batch", int, description="only the cells of this batch"),
         ],
-        responses={200: AnalysisSerializer(many=True), **errors(400, 401, 404, 429)},
+        responses={200: AnalysisSerializer(many=True), **errors(400, 401, 404)},
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"status", "label", "batch"})
@@ -222,7 +232,7 @@ class AnalysisViewSet(
         _record_page(self, "cell")
         return response
 
-    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 429)})
+    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413)})
     def create(self, request):
         if "Idempotency-Key" in request.headers:  # ignored, it would make a second analysis unseen
             raise ApiValidationError(
@@ -300,7 +310,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
 
     @extend_schema(
         parameters=[OpenApiParameter("sample_reference", description="only batches with this reference (any case)")],
-        responses={200: BatchSerializer(many=True), **errors(400, 401, 404, 429)},
+        responses={200: BatchSerializer(many=True), **errors(400, 401, 404)},
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"sample_reference"})
@@ -330,7 +340,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             200: OpenApiResponse(
                 BatchSerializer, description="a request sent again under its Idempotency-Key: the first one's batch"
             ),
-            **errors(400, 401, 413, 422, 429),
+            **errors(400, 401, 413, 422),
         },
     )
     def create(self, request):
