@@ -313,19 +313,14 @@ def _give_up(running: QuerySet[Analysis]) -> int:
 
 
 def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
-    """Re-enqueue analyses whose task was lost: queued but never sent (broker down) or sent more
-    than ``older_than`` ago, and running for longer than that and than a task can take (worker
-    died), unless they have used up their attempts (then they fail). Returns how many were
-    enqueued again."""
+    """Re-enqueue analyses whose task was lost: queued but never sent (broker down) or sent long
+    ago, and running for longer than a task can take (worker died), unless they have used up
+    their attempts (then they fail). Returns how many were enqueued again."""
     older_than = timedelta(seconds=settings.ANALYSIS_STALE_SECONDS) if older_than is None else older_than
-    now = timezone.now()
-    cutoff = now - older_than
-    # A task is killed at its hard time limit: until then its worker may still be on the cell, and
-    # a second one would analyse it twice (or fail it with attempts it never used up).
-    running_cutoff = min(cutoff, now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT))
+    cutoff = timezone.now() - older_than
     with transaction.atomic():
         stale_running = Analysis.objects.select_for_update(skip_locked=True).filter(
-            status=Analysis.Status.RUNNING, started_at__lt=running_cutoff
+            status=Analysis.Status.RUNNING, started_at__lt=cutoff
         )
         _give_up(stale_running)
         running_ids = list(stale_running.values_list("pk", flat=True))

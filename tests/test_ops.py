@@ -75,3 +75,12 @@ def test_an_empty_platform_reports_zeros_and_nothing_waiting(db):
 def test_only_staff_may_read_it(user):
     assert status_for(user)[0] == 403
     assert APIClient().get("/api/ops/status/").status_code == 401
+
+
+def test_a_sweeper_faster_than_a_task_may_run_is_flagged(settings):
+    from django.core.checks import run_checks
+
+    assert not [m for m in run_checks() if m.id == "diagnosis.W001"]
+    settings.ANALYSIS_STALE_SECONDS = settings.CELERY_TASK_TIME_LIMIT
+    (warning,) = [m for m in run_checks() if m.id == "diagnosis.W001"]
+    assert "ANALYSIS_STALE_SECONDS" in warning.msg and "second worker" in warning.hint

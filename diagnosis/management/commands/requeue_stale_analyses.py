@@ -12,7 +12,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--older-than",
             type=int,
-            help="seconds; default ANALYSIS_STALE_SECONDS; 0: every queued cell (e.g. after the broker lost its queue)",
+            help="seconds; default ANALYSIS_STALE_SECONDS; 0: every unfinished cell, running ones too "
+            "(once the broker lost its queue, with no worker running)",
         )
 
     def handle(self, *args, older_than=None, **options):
