@@ -27,9 +27,12 @@ class Sample:
         return patient_group(self.path.name)
 
 
+PATIENT_MARK = "_IMG_"
+
+
 def patient_group(file_name: str) -> str:
     """The NIH file-name prefix before ``_IMG_`` names the patient (smear) group."""
-    return file_name.split("_IMG_", 1)[0]
+    return file_name.split(PATIENT_MARK, 1)[0]
 
 
 def patient(group: str) -> str:
@@ -43,17 +46,29 @@ def patient(group: str) -> str:
 
 
 def list_samples(data_dir: str | Path) -> list[Sample]:
+    """The cells directly in DIR/Parasitized and DIR/Uninfected. Cells filed in sub-folders of those
+    are refused, not left out: figures without them would not be the folder's."""
     root = Path(data_dir)
     missing = [name for name in CLASS_NAMES if not (root / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{root} must contain the folders {', '.join(CLASS_NAMES)}; missing {missing}")
-    return [
-        Sample(path, label)
-        for label, name in enumerate(CLASS_NAMES)
-        for path in sorted((root / name).iterdir())
-        # Hidden names are not cells: macOS writes "._<name>.png" twins onto exFAT and network drives.
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-    ]
+    nested = sorted({path.parent for name in CLASS_NAMES for path in _images(root / name, "*/**/*")})
+    if nested:
+        raise ValueError(
+            f"{nested[0]} holds cells in a sub-folder of its class folder ({len(nested)} such folders): "
+            "put each cell directly in Parasitized/ or Uninfected/"
+        )
+    return [Sample(path, label) for label, name in enumerate(CLASS_NAMES) for path in _images(root / name, "*")]
+
+
+def _images(folder: Path, pattern: str) -> list[Path]:
+    # Hidden names are not cells: macOS writes "._<name>.png" twins onto exFAT and network drives.
+    return sorted(
+        path
+        for path in folder.glob(pattern)
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
 
 
 def fraction(text: str) -> float:
@@ -79,6 +94,14 @@ def split_by_patient(
     if not 0 < holdout_fraction < 1:  # 0 would still hold out one group (at least one is drawn)
         raise ValueError(f"the fraction of patient groups held out must lie between 0 and 1, not {holdout_fraction}")
     samples = list(samples)
+    # Such a name is a group of its own: a split by image, one patient's cells on both sides.
+    unnamed = [s.path.name for s in samples if PATIENT_MARK not in s.path.name]
+    if unnamed:
+        raise ValueError(
+            f"{len(unnamed)} file names do not name their patient group (the part before {PATIENT_MARK}, as in "
+            f"C100P61ThinF_IMG_20150918_144104_cell_162.png), e.g. {unnamed[0]}: rename them so that each "
+            "patient's cells share a prefix"
+        )
     groups = sorted(patient_groups(samples))
     random.Random(seed).shuffle(groups)
     drawn = set(groups[: max(1, round(len(groups) * holdout_fraction))])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml.augment import augment_batch
-from ml.data import fraction, list_samples, load_arrays, patient_groups, split_by_patient
+from ml.data import Sample, fraction, list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import cpu_has_bf16
@@ -53,8 +53,7 @@ REFIT_MUST_MATCH = (
     "limit",
 )
 # A run resumed with any of these changed would continue another schedule, data set or recipe.
-RESUME_MUST_MATCH = (
-    "data",
+RESUME_MUST_MATCH = (  # and the cells themselves (cells_digest), wherever --data finds them
     "init",
     "init_from",
     "input_size",
@@ -73,6 +72,7 @@ RESUME_MUST_MATCH = (
     "min_sensitivity",
     "limit",
     "seed",
+    "bf16",
 )
 
 
@@ -279,6 +279,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"--mixup {args.mixup}: alpha must be above 0, e.g. 0.2")
     if args.ema is not None and not 0 < args.ema < 1:
         raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1, e.g. 0.998")
+    # Either would be a run that is not the one asked for, with nothing to say so.
+    if args.init_from and args.init == "imagenet":
+        raise SystemExit("--init imagenet starts a new model, --init-from continues an earlier one: give one of them")
+    if args.backbone_weights and args.init != "imagenet":
+        raise SystemExit("--backbone-weights is read by --init imagenet only; add it, or leave the weights out")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -329,7 +334,9 @@ def main(argv=None) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=max(1, args.epochs * steps_per_epoch), pct_start=0.15
     )
-    recipe = {name: getattr(args, name) for name in RESUME_MUST_MATCH} | {"training_cells": len(train_x)}
+    recipe = {name: getattr(args, name) for name in RESUME_MUST_MATCH} | {
+        "cells": cells_digest([*train_samples, *val_samples], root=args.data)
+    }
     state = {"epoch": 0, "step": 0, "best_auc": -1.0, "recipe": recipe}
     if args.resume:
         if not checkpoint_path.is_file():
@@ -433,6 +440,13 @@ def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, args) -
             f"pass --epochs {validation_run.metrics.get('epoch')}"
         )
     return chosen
+
+
+def cells_digest(samples: list[Sample], *, root: str | Path) -> str:
+    """The cells a run learns from, by name and class: the same folder under another path matches;
+    a cell added, removed or moved to the other class (relabelled after an audit) does not."""
+    listing = sorted(f"{s.label} {s.path.relative_to(root).as_posix()}" for s in samples)
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
 
 
 def refit_recipe(args) -> dict:
