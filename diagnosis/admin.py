@@ -321,9 +321,12 @@ class AnalysisAdmin(PatientRecordAdmin):
     def changelist_view(self, request, extra_context=None):
         # The batch link's ?batch=<id>, edited past a 64-bit integer: SQLite cannot compare it (a
         # 500), and no batch has it.
-        batch = request.GET.get("batch", "")
-        if batch.lstrip("-").isascii() and batch.lstrip("-").isdigit() and abs(int(batch)) > 2**63 - 1:
-            self.message_user(request, f"There is no batch #{batch[:30]}.", level=messages.ERROR)
+        try:
+            beyond = abs(int(request.GET.get("batch", "0"))) > 2**63 - 1  # int() takes "+9...", " 9..." too
+        except ValueError:  # not a number: Django's own lookup check answers it
+            beyond = False
+        if beyond:
+            self.message_user(request, f"There is no batch #{request.GET['batch'].strip()[:30]}.", level=messages.ERROR)
             return HttpResponseRedirect(request.path)
         return super().changelist_view(request, extra_context)
 

@@ -3,14 +3,16 @@
 import logging
 import re
 
-QUERY_STRING = re.compile(r"\?\S*")
+# From the "?" to the protocol (a query sent with a raw space in it runs on to there), or to the end.
+QUERY_STRING = re.compile(r"\?.*?(?= HTTP/\d|$)")
 
 
 class RequestLineWithoutQuery(logging.Filter):
     """The development server's request lines (scripts/start) without their query strings, which can
-    carry patient references (?search=..., ?sample_reference=...), as gunicorn's and nginx's are."""
+    carry patient references (?search=..., ?sample_reference=...), as gunicorn's and nginx's are;
+    its "Bad request syntax ('...')" errors quote the line too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], str):
-            record.args = (QUERY_STRING.sub("", record.args[0], count=1), *record.args[1:])
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(QUERY_STRING.sub("", arg) if isinstance(arg, str) else arg for arg in record.args)
         return True

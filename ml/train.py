@@ -344,6 +344,11 @@ def main(argv=None) -> None:
                 f"--resume: there is no checkpoint at {checkpoint_path}; leave --resume out to start afresh"
             )
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if "cells" not in saved["progress"].get("recipe", recipe):
+            raise SystemExit(
+                f"--resume: {checkpoint_path} is from an earlier ml.train, which recorded its data otherwise; "
+                "leave --resume out to start afresh"
+            )
         differ = sorted(k for k, v in saved["progress"].get("recipe", recipe).items() if recipe.get(k) != v)
         if differ:
             raise SystemExit(f"--resume: the checkpoint was made with other settings or data ({', '.join(differ)})")

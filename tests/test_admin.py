@@ -236,10 +236,10 @@ def test_a_colleagues_review_saved_during_an_admin_save_waits_and_is_told(client
     assert outcome == [REVIEW_CONFLICT]  # told who got there first, as on the site
 
 
-@pytest.mark.parametrize("batch", ["9" * 25, "-" + "9" * 25])
+@pytest.mark.parametrize("batch", ["9" * 25, "-" + "9" * 25, "+" + "9" * 25, " " + "9" * 25])
 def test_the_batch_link_edited_past_any_id_says_there_is_no_such_batch(admin_client, finished, batch):
-    response = admin_client.get(f"/admin/diagnosis/analysis/?batch={batch}", follow=True)
-    assert response.status_code == 200 and f"There is no batch #{batch[:30]}." in response.content.decode()
+    response = admin_client.get("/admin/diagnosis/analysis/", {"batch": batch}, follow=True)
+    assert response.status_code == 200 and f"There is no batch #{batch.strip()[:30]}." in response.content.decode()
     assert response.redirect_chain == [("/admin/diagnosis/analysis/", 302)]
     from diagnosis.services import create_batch
 

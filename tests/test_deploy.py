@@ -768,11 +768,16 @@ def test_the_development_servers_log_leaves_query_strings_out(tmp_path):
         wait_for_port(port, server, log, timeout=60)
         for path in ("/accounts/login/?next=/%3Fsearch%3DPATIENT-4711", "/batches/?sample_reference=PATIENT-4711"):
             requests.get(f"http://127.0.0.1:{port}{path}", allow_redirects=False, timeout=30)
+        # A raw space in the query (a hand-made URL): refused, and quoted in the error as well.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            raw.sendall(b"GET /batches/?sample_reference=Jane Doe HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw.recv(65536)
     finally:
         stop(server)
     text = log.read_text()
     assert '"GET /accounts/login/ HTTP/1.1" 200' in text and '"GET /batches/ HTTP/1.1" 302' in text, text
-    assert "PATIENT-4711" not in text, text
+    assert "Bad request syntax ('GET /batches/ HTTP/1.1')" in text, text
+    assert "PATIENT-4711" not in text and "Jane" not in text and "Doe" not in text, text
 
 
 def free_port() -> int:

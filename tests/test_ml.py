@@ -388,6 +388,14 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path, training_cells):
     moved.rename(relabelled / "Parasitized" / moved.name)
     refused = train_on_fixture_cells(relabelled, out, "--resume", bf16=True)
     assert refused.returncode != 0 and "other settings or data (cells)" in refused.stderr
+    checkpoint = out.with_suffix(".ckpt")  # as an earlier ml.train wrote it: the data by its path
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved["progress"]["recipe"] = {k: v for k, v in saved["progress"]["recipe"].items() if k != "cells"}
+    torch.save(
+        saved | {"progress": saved["progress"] | {"recipe": saved["progress"]["recipe"] | {"data": "x"}}}, checkpoint
+    )
+    earlier = train_on_fixture_cells(training_cells, out, "--resume", bf16=True)
+    assert earlier.returncode != 0 and "is from an earlier ml.train" in earlier.stderr
 
     # The epoch and threshold were chosen on the figures the worker's predictor gets from the file.
     info = read_info(out)

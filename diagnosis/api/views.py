@@ -324,8 +324,9 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             OpenApiParameter(
                 "Idempotency-Key",
                 location=OpenApiParameter.HEADER,
-                description="any unique string (up to 100 printable ASCII characters, e.g. a UUID): the same "
-                "request sent again under it, after a lost response, gets the first one's batch back (200)",
+                description="any unique string (1 to 100 printable ASCII characters, no spaces, e.g. a UUID): "
+                "the same request sent again under it, after a lost response, gets the first one's batch back "
+                "(200); an empty one is refused (400)",
             ),
             OpenApiParameter(
                 "Idempotent-Replayed",

@@ -212,8 +212,10 @@
       } else if (xhr.status === 400 && type.startsWith("application/json") && JSON.parse(xhr.responseText).refused) {
         refuse(JSON.parse(xhr.responseText).refused);
       } else if (xhr.status === 403) {
-        // The CSRF check: the page is older than a sign-in since (forms.js sends the new token).
-        fail("The upload was refused: this page had expired. Press Upload again. Nothing was stored.");
+        // The CSRF check (forms.js already sent the latest sign-in's token): the browser keeps no
+        // cookie for this site, or the address is not the one the server is configured for.
+        fail("The upload was refused (HTTP 403): this page has expired, or the browser blocks this site's "
+          + "cookies. Reload the page and upload again. Nothing was stored.");
       } else if (xhr.status === 400 && type.startsWith("text/html")) {  // the form with its errors
         document.open(); document.write(xhr.responseText); document.close();
       } else {
