@@ -259,6 +259,7 @@ def _payload(batch: Batch) -> dict:
                     "review_verdict": a.review_verdict,
                     "probability_parasitized": a.probability_parasitized,
                     "decision_threshold": a.decision_threshold,
+                    "borderline": a.is_borderline,
                     "model_version": a.model_version,
                     "error": a.error,
                 }

@@ -67,6 +67,7 @@ class FilterForm(forms.Form):
     reviewed = forms.ChoiceField(
         choices=[("", "Reviewed or not"), ("yes", "Reviewed"), ("no", "Not reviewed")], required=False
     )
+    call = forms.ChoiceField(choices=[("", "Every call"), ("borderline", "Borderline only")], required=False)
     date_from = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}), label="From")
     date_to = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}), label="To")
     sort = forms.ChoiceField(
@@ -95,6 +96,7 @@ class FilterForm(forms.Form):
             label=data.get("label") or "",
             search=(data.get("search") or "").strip(),
             reviewed=data.get("reviewed") or "",
+            borderline=data.get("call") == "borderline",
             date_from=str(data.get("date_from") or ""),
             date_to=str(data.get("date_to") or ""),
             sort=data.get("sort") or "-created_at",

@@ -8,6 +8,8 @@ from django.db.models import Case, F, Value, When
 from django.db.models.functions import Coalesce, NullIf
 from django.utils import timezone
 
+from ml.metrics import borderline_band
+
 
 class PrivateStorage(FileSystemStorage):
     """MEDIA_ROOT without public URLs: files leave only through views that check ownership."""
@@ -141,6 +143,23 @@ REVIEW_CONFIDENCE = Case(
 )
 
 
+# A call is borderline when its score lies within BORDERLINE_CONFIDENCE of the room between the
+# threshold and the end of the scale on its side (ml.metrics.borderline_band; 0.055 to 0.555 for
+# the shipped model's 0.11): on its validation patients, 4 % of the cells, holding half of its
+# errors (ml/MODEL_CARD.md).
+def is_borderline(path: str = "") -> models.Q:
+    """Analysis.is_borderline as a query, through ``path`` ("analyses__" from batches)."""
+    threshold = Coalesce(F(f"{path}decision_threshold"), Value(0.5))
+    confidence = settings.BORDERLINE_CONFIDENCE
+    return models.Q(
+        **{
+            f"{path}status": "done",
+            f"{path}probability_parasitized__gte": threshold * Value(1 - confidence),
+            f"{path}probability_parasitized__lt": threshold + (Value(1.0) - threshold) * Value(confidence),
+        }
+    )
+
+
 class Analysis(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -222,6 +241,16 @@ class Analysis(models.Model):
     def final_label(self) -> str:
         """The reviewer's corrected label where there is one, else the model's."""
         return self.corrected_label or self.label
+
+    @property
+    def is_borderline(self) -> bool:
+        """A finished call whose score is close to its threshold, where most of the model's errors
+        are: to be confirmed by microscopy before anything else."""
+        if self.status != self.Status.DONE or self.probability_parasitized is None:
+            return False
+        threshold = 0.5 if self.decision_threshold is None else self.decision_threshold
+        low, high = borderline_band(threshold=threshold, confidence=settings.BORDERLINE_CONFIDENCE)
+        return low <= self.probability_parasitized < high
 
     @property
     def reviewer(self) -> str:

@@ -14,7 +14,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from diagnosis.models import REVIEW_CONFIDENCE, AccessEvent, Analysis, Batch
+from diagnosis.models import REVIEW_CONFIDENCE, AccessEvent, Analysis, Batch, is_borderline
 
 ACCESS_HISTORY_SHOWN = 20
 
@@ -25,6 +25,7 @@ class AnalysisFilters:
     label: str = ""
     search: str = ""
     reviewed: str = ""  # "yes", "no" or ""
+    borderline: bool = False
     date_from: str = ""
     date_to: str = ""
     batch: int | None = None
@@ -50,6 +51,8 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
         queryset = queryset.exclude(review_verdict="")
     elif filters.reviewed == "no":
         queryset = queryset.filter(review_verdict="")
+    if filters.borderline:
+        queryset = queryset.filter(is_borderline())
     # As ranges of created_at, not created_at__date: the (owner, created_at) index serves a range.
     if filters.date_from:
         queryset = queryset.filter(created_at__gte=_start_of(_within_calendar(date.fromisoformat(filters.date_from))))
@@ -183,6 +186,7 @@ def _analysis_counts(path: str = "") -> dict[str, Count]:
         "finished": count({"status__in": [Analysis.Status.DONE, Analysis.Status.FAILED]}),
         "parasitized": final_label(Analysis.Label.PARASITIZED),
         "uninfected": final_label(Analysis.Label.UNINFECTED),
+        "borderline": Count(f"{path}id", filter=is_borderline(path)),
     }
 
 

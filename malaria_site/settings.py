@@ -181,6 +181,11 @@ MODEL_BATCH_SIZE = env.int("MODEL_BATCH_SIZE", default=16)
 # Threads torch may use per worker process; 0 uses every core the host has. Set it when several
 # workers share a host, or a container's CPU limit is below the host's core count.
 MODEL_THREADS = env.int("MODEL_THREADS", default=0)
+# Calls are marked borderline within this share of the room between the model's threshold and
+# either end of the scale (ml.metrics.borderline_band, whose default this is); 0 marks none.
+BORDERLINE_CONFIDENCE = env.float("BORDERLINE_CONFIDENCE", default=0.5)
+if not 0 <= BORDERLINE_CONFIDENCE <= 1:
+    raise ImproperlyConfigured("BORDERLINE_CONFIDENCE is a share of the scale beside the threshold, from 0 to 1.")
 
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ml.data import list_samples, open_sample, patient, patient_groups
-from ml.metrics import paired_patient_bootstrap, patient_bootstrap, screening_metrics
+from ml.metrics import borderline_figures, paired_patient_bootstrap, patient_bootstrap, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
 from ml.preprocessing import ImageDecodeError
@@ -48,6 +48,7 @@ def evaluate_folder(
     groups = resampling_units(samples)
     metrics = screening_metrics(scores, positives, predictor.info.threshold)
     metrics.update(
+        borderline=borderline_figures(scores, positives, predictor.info.threshold),
         model_version=predictor.version,
         images_per_second=len(samples) / elapsed,
         patient_groups=len(patient_groups(samples)),
@@ -128,12 +129,22 @@ def describe(m: dict) -> str:
             f"F1               {m['f1']:.4f}",
             f"ROC AUC          {m['auc']:.4f}{interval('auc')}",
             f"calibration ECE  {m['ece']:.4f}",
+            describe_borderline(m["borderline"], errors=c["fp"] + c["fn"]),
             "confusion        predicted Parasitized / Uninfected",
             f"  Parasitized    {c['tp']:>6} / {c['fn']:<6}",
             f"  Uninfected     {c['fp']:>6} / {c['tn']:<6}",
             f"throughput       {m['images_per_second']:.1f} images/s (decode, classify, heatmap)",
             *(describe_comparison(m) if "against" in m else []),
         ]
+    )
+
+
+def describe_borderline(b: dict, *, errors: int) -> str:
+    low, high = b["band"]
+    return (
+        f"borderline       {b['cells']} cells ({b['share_of_cells']:.1%}) scored {low:.3f}-{high:.3f}, holding "
+        f"{b['errors']} of the {errors} errors; {b['error_rate_inside']:.1%} of them wrong, "
+        f"{b['error_rate_outside']:.1%} of the rest"
     )
 
 

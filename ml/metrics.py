@@ -65,6 +65,36 @@ def screening_metrics(scores: np.ndarray, positives: np.ndarray, threshold: floa
     }
 
 
+# Calls within this share of the room between the threshold and either end of the scale are
+# borderline, to be confirmed first: half way, a round figure rather than one fitted to any data.
+BORDERLINE_CONFIDENCE = 0.5
+
+
+def borderline_band(*, threshold: float, confidence: float = BORDERLINE_CONFIDENCE) -> tuple[float, float]:
+    """The scores [low, high) whose call is borderline at this threshold."""
+    return threshold * (1 - confidence), threshold + (1 - threshold) * confidence
+
+
+def borderline_figures(
+    scores: np.ndarray, positives: np.ndarray, threshold: float, confidence: float = BORDERLINE_CONFIDENCE
+) -> dict:
+    """How many cells the band marks, and how many of the errors it holds: what marking them is worth."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    low, high = borderline_band(threshold=threshold, confidence=confidence)
+    inside = (scores >= low) & (scores < high)
+    wrong = (scores >= threshold) != positives
+    return {
+        "band": [low, high],
+        "cells": int(inside.sum()),
+        "errors": int(wrong[inside].sum()),
+        "share_of_cells": ratio(int(inside.sum()), len(scores)),
+        "share_of_errors": ratio(int(wrong[inside].sum()), int(wrong.sum())),
+        "error_rate_inside": ratio(int(wrong[inside].sum()), int(inside.sum())),
+        "error_rate_outside": ratio(int(wrong[~inside].sum()), int((~inside).sum())),
+    }
+
+
 def choose_threshold(scores: np.ndarray, positives: np.ndarray, *, min_sensitivity: float = 0.97) -> float:
     """Most accurate threshold whose sensitivity stays at or above ``min_sensitivity`` (on validation).
 

@@ -3,6 +3,11 @@
     python -m ml.split --data ../shared/datasets/nih-malaria-cells --out /tmp/malaria-split
 
 writes OUT/train/{Parasitized,Uninfected} and OUT/test/{Parasitized,Uninfected}.
+
+    python -m ml.split --data ../shared/datasets/nih-malaria-cells --out /tmp/malaria-validation \
+        --validation-of ml/weights/malaria_vgg19.safetensors
+
+writes OUT/validation/{Parasitized,Uninfected}: the patients a weights file was validated on.
 """
 
 import argparse
@@ -10,6 +15,7 @@ from pathlib import Path
 
 from ml.data import fraction, list_samples, patient_groups, split_by_patient
 from ml.model import CLASS_NAMES
+from ml.weights import read_info
 
 
 def main(argv=None) -> None:
@@ -18,21 +24,40 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--test-fraction", type=fraction, default=0.15, help="of the patient groups")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--validation-of",
+        metavar="WEIGHTS",
+        help="instead, write OUT/validation: the cells of the patient groups WEIGHTS was validated on",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):  # links left from another seed would mix two splits
         parser.error(f"{out} is not empty; give a new folder")
 
-    train, test = split_by_patient(list_samples(args.data), holdout_fraction=args.test_fraction, seed=args.seed)
-    if not test:  # every drawn group belongs to a patient with another group kept
-        parser.error("no patient is wholly among the groups drawn for the test side; try another --seed")
-    for part, samples in (("train", train), ("test", test)):
+    if args.validation_of:
+        parts = {"validation": validation_cells(parser, list_samples(args.data), args.validation_of)}
+    else:
+        train, test = split_by_patient(list_samples(args.data), holdout_fraction=args.test_fraction, seed=args.seed)
+        if not test:  # every drawn group belongs to a patient with another group kept
+            parser.error("no patient is wholly among the groups drawn for the test side; try another --seed")
+        parts = {"train": train, "test": test}
+    for part, samples in parts.items():
         for name in CLASS_NAMES:
             (out / part / name).mkdir(parents=True, exist_ok=True)
         for sample in samples:
             (out / part / CLASS_NAMES[sample.label] / sample.path.name).symlink_to(sample.path.resolve())
         groups = len(patient_groups(samples))
         print(f"{part}: {len(samples)} images from {groups} patient groups")
+
+
+def validation_cells(parser: argparse.ArgumentParser, samples: list, weights: str) -> list:
+    """The cells of the patient groups ml.train held out to validate these weights (and to choose
+    their threshold): where figures about the operating point may be read, unlike the test side."""
+    groups = set(read_info(weights).metrics.get("validation_groups", []))
+    chosen = [sample for sample in samples if sample.patient_group in groups]
+    if not chosen:
+        parser.error(f"no cell of --data is of the patient groups {weights} was validated on")
+    return chosen
 
 
 if __name__ == "__main__":

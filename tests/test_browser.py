@@ -638,6 +638,33 @@ def test_the_dashboard_tells_a_screen_reader_what_finished(open_page, user, monk
     expect(page.locator("[data-status]").filter(has_text="Queued")).to_have_count(1)
 
 
+def test_a_borderline_call_is_marked_as_it_arrives_and_the_dashboard_lists_them(open_page, user, monkeypatch):
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # the test finishes them
+    batch = services.create_batch(owner=user, uploads=[upload("near.png"), upload("sure.png")])
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/")
+    badges = page.locator("#cell-grid [data-borderline]")
+    expect(badges).to_have_count(2)
+    expect(badges.first).to_be_hidden()
+    done = {"status": "done", "decision_threshold": 0.11, "label": "Parasitized"}
+    with transaction.atomic():
+        batch.analyses.filter(original_filename="near.png").update(**done, probability_parasitized=0.2)
+        batch.analyses.filter(original_filename="sure.png").update(**done, probability_parasitized=0.99)
+    near = page.locator(f'[data-analysis="{batch.analyses.get(original_filename="near.png").pk}"]')
+    sure = page.locator(f'[data-analysis="{batch.analyses.get(original_filename="sure.png").pk}"]')
+    expect(near.locator("[data-borderline]")).to_be_visible()
+    expect(sure.get_by_text("Parasitized")).to_be_visible()
+    expect(sure.locator("[data-borderline]")).to_be_hidden()
+    expect(page.locator("#progress-text")).to_contain_text("1 borderline")
+
+    page.goto("/")
+    page.get_by_label("Call").select_option(label="Borderline only")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    expect(page.locator("tbody tr").get_by_role("link", name="near.png")).to_be_visible()
+
+
 def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, monkeypatch):
     monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # stays queued
     batch = services.create_batch(owner=user, uploads=[upload("waiting.png"), upload("gone.png")])

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from ml.audit import shared_mistakes
 from ml.augment import augment_batch
 from ml.data import Sample, list_samples, patient, patient_group, split_by_patient
+from ml.evaluate import without_nan
 from ml.gradcam import cam_from_features, grad_cam, render_overlay
-from ml.metrics import choose_threshold, screening_metrics
+from ml.metrics import borderline_figures, choose_threshold, screening_metrics
 from ml.model import PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb, square_resize
@@ -432,8 +433,22 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path, training_cells):
     examples = sorted((tmp_path / "examples").glob("*.png"))
     assert [e.name.split("-called-")[0] for e in examples] == ["parasitized", "uninfected"]
 
+    # The validation patients as a folder of their own: what the borderline band was judged on.
+    validation_folder = tmp_path / "validation-split"
+    split = run_module(
+        "ml.split", "--data", str(training_cells), "--out", str(validation_folder), "--validation-of", str(out)
+    )
+    assert split.returncode == 0, split.stderr
+    linked = sorted(path.name for path in (validation_folder / "validation").rglob("*.png"))
+    assert linked == sorted(s.path.name for s in validation)
+    on_validation = run_module(
+        "ml.evaluate", "--data", str(validation_folder / "validation"), "--weights", str(out), "--json"
+    )
+    expected = json.loads(json.dumps(without_nan(borderline_figures(scores, positives, info.threshold))))
+    assert json.loads(on_validation.stdout)["borderline"] == expected
+
     human = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out))
-    assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout
+    assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout and "borderline" in human.stdout
     assert "95% CI over patient groups" in human.stdout
 
     against_itself = run_module(

@@ -22,8 +22,9 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     )
     clinic = create_batch(owner=user, uploads=[upload("f.png")], sample_reference="CLINIC-B", note="repeat smear")
     foreign = create_batch(owner=other_user, uploads=[upload("x.png")], sample_reference="WARD-7")
-    ward.analyses.filter(original_filename="p.png").update(status="done", label="Parasitized")
-    ward.analyses.filter(original_filename="u.png").update(status="done", label="Uninfected")
+    done = {"status": "done", "decision_threshold": 0.11}
+    ward.analyses.filter(original_filename="p.png").update(**done, label="Parasitized", probability_parasitized=0.3)
+    ward.analyses.filter(original_filename="u.png").update(**done, label="Uninfected", probability_parasitized=0.01)
     clinic.analyses.update(status="failed", error="unreadable")
     Analysis.objects.filter(batch=foreign).update(status="done", label="Parasitized")
 
@@ -35,6 +36,7 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     assert (cell(ward_row, 'data-count="total"'), cell(ward_row, 'data-count="finished"')) == ("3", "2 (in progress)")
     assert cell(ward_row, 'data-count="parasitized"') == "1" and cell(ward_row, "data-parasitemia") == "50% of 2"
     assert cell(clinic_row, 'data-count="failed"') == "1" and cell(clinic_row, "data-parasitemia") == "—"
+    assert (cell(ward_row, 'data-count="borderline"'), cell(clinic_row, 'data-count="borderline"')) == ("1", "0")
     assert "repeat smear" in clinic_row and f"/batches/{ward.pk}/report/" in ward_row
     assert "2 samples" in page
 
@@ -51,6 +53,7 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
         "finished": 2,
         "parasitized": 2,
         "uninfected": 0,
+        "borderline": 1,
         "parasitized_percent": 100,
     }
 

@@ -25,6 +25,15 @@ class AnalysisSerializer(serializers.ModelSerializer):
     label = serializers.ChoiceField(
         choices=Analysis.Label.choices, read_only=True, allow_blank=True, help_text="The model's label."
     )
+    borderline = serializers.BooleanField(
+        source="is_borderline",
+        read_only=True,
+        help_text=(
+            "Whether the model's call is close to its threshold, where most of its errors are: confirm these "
+            "first. Within BORDERLINE_CONFIDENCE (0.5) of the room between `decision_threshold` and either end "
+            "of the scale: 0.055 to 0.555 at a threshold of 0.11. False until the cell is done."
+        ),
+    )
     review_verdict = serializers.ChoiceField(choices=Analysis.Verdict.choices, read_only=True, allow_blank=True)
     corrected_label = serializers.ChoiceField(choices=Analysis.Label.choices, read_only=True, allow_blank=True)
 
@@ -38,6 +47,7 @@ class AnalysisSerializer(serializers.ModelSerializer):
             "label",
             "probability_parasitized",
             "decision_threshold",
+            "borderline",
             "model_version",
             "original_filename",
             "width",
@@ -76,6 +86,7 @@ class AnalysisListQuerySerializer(serializers.Serializer):
     label = serializers.ChoiceField(choices=Analysis.Label.values, required=False, allow_blank=True)
     # At most the largest id a batch can have: a longer number overflowed SQLite's integers (a 500).
     batch = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
+    borderline = serializers.BooleanField(required=False, help_text="true: only borderline calls")
 
 
 class AnalysisUploadSerializer(serializers.Serializer):
@@ -114,6 +125,7 @@ class BatchCountsSerializer(serializers.Serializer):
     finished = serializers.IntegerField(help_text="done + failed")
     parasitized = serializers.IntegerField(help_text="by final label")
     uninfected = serializers.IntegerField(help_text="by final label")
+    borderline = serializers.IntegerField(help_text="done cells whose call is `borderline`, reviewed or not")
     parasitized_percent = serializers.IntegerField(allow_null=True, help_text="of the done cells; null if none")
 
 

@@ -223,11 +223,12 @@ class AnalysisViewSet(
                 description="The final label: the reviewer's where a reviewer corrected the model.",
             ),
             OpenApiParameter("batch", int, description="only the cells of this batch"),
+            OpenApiParameter("borderline", bool, description="true: only the calls to confirm first (`borderline`)"),
         ],
         responses={200: AnalysisSerializer(many=True), **errors(400, 401, 404)},
     )
     def list(self, request, *args, **kwargs):
-        _refuse_unknown_parameters(request, {"status", "label", "batch"})
+        _refuse_unknown_parameters(request, {"status", "label", "batch", "borderline"})
         response = super().list(request, *args, **kwargs)
         _record_page(self, "cell")
         return response

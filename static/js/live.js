@@ -34,6 +34,8 @@
     if (status) { status.textContent = item.status_display; status.className = "badge status-" + item.status; }
     const label = el.querySelector("[data-label]");
     if (label && item.label) { label.textContent = item.label; label.className = "badge label-" + item.label.toLowerCase(); }
+    const borderline = el.querySelector("[data-borderline]");
+    if (borderline) borderline.hidden = !item.borderline;
     const probability = el.querySelector("[data-probability]");
     if (probability && item.probability_parasitized !== null) probability.textContent = score(item.probability_parasitized);
     const threshold = el.querySelector("[data-threshold]");

@@ -1,0 +1,163 @@
+"""Borderline calls: a finished cell whose score is close to its threshold, marked to be confirmed
+first, the same way in Python (pages, CSV, callbacks) and in SQL (filters, counts)."""
+
+import csv
+import io
+
+import pytest
+from rest_framework.test import APIClient
+
+from diagnosis import callbacks, selectors
+from diagnosis.models import Analysis, is_borderline
+from diagnosis.services import create_analysis, create_batch
+from ml.metrics import borderline_band, borderline_figures
+from tests.factories import api_key, classified, upload
+
+pytestmark = pytest.mark.django_db
+
+# At the shipped model's threshold of 0.11 and the default share of 0.5: [0.055, 0.555).
+EDGES = {0.0549: False, 0.055: True, 0.1: True, 0.11: True, 0.5549: True, 0.555: False, 0.97: False}
+
+
+def cells(owner, scores, *, threshold=0.11) -> list[Analysis]:
+    batch = create_batch(owner=owner, uploads=[upload(f"{score}.png") for score in scores])
+    return [
+        classified(
+            cell,
+            probability_parasitized=score,
+            decision_threshold=threshold,
+            label="Parasitized" if threshold is not None and score >= threshold else "Uninfected",
+        )
+        for cell, score in zip(batch.cells_as_sent, scores, strict=True)
+    ]
+
+
+def test_the_band_reaches_halfway_to_either_end_of_the_scale():
+    low, high = borderline_band(threshold=0.11, confidence=0.5)
+    assert (low, high) == pytest.approx((0.055, 0.555))
+    assert borderline_band(threshold=0.5, confidence=0.2) == pytest.approx((0.4, 0.6))
+
+
+def test_pages_and_queries_agree_on_which_calls_are_borderline(user):
+    marked = {cell.probability_parasitized: cell.is_borderline for cell in cells(user, list(EDGES))}
+    assert marked == EDGES
+    found = Analysis.objects.filter(is_borderline()).values_list("probability_parasitized", flat=True)
+    assert sorted(found) == sorted(score for score, borderline in EDGES.items() if borderline)
+
+
+def test_a_cell_without_a_recorded_threshold_is_judged_against_one_half(user):
+    near, far = cells(user, [0.3, 0.2], threshold=None)
+    assert (near.is_borderline, far.is_borderline) == (True, False)
+    assert list(Analysis.objects.filter(is_borderline())) == [near]
+
+
+def test_an_unfinished_or_failed_cell_is_never_borderline(user):
+    queued, failed = cells(user, [0.2, 0.2])
+    Analysis.objects.filter(pk=queued.pk).update(status="queued")
+    Analysis.objects.filter(pk=failed.pk).update(status="failed")
+    for cell in Analysis.objects.all():
+        assert not cell.is_borderline
+    assert not Analysis.objects.filter(is_borderline()).exists()
+
+
+def test_a_share_of_zero_marks_none(user, settings):
+    settings.BORDERLINE_CONFIDENCE = 0
+    (cell,) = cells(user, [0.11])
+    assert not cell.is_borderline and not Analysis.objects.filter(is_borderline()).exists()
+
+
+def test_the_dashboard_marks_and_filters_the_owners_borderline_calls_only(client, user, other_user):
+    near, sure = cells(user, [0.2, 0.99])
+    (foreign,) = cells(other_user, [0.2])
+    client.force_login(user)
+    page = client.get("/").content.decode()
+    assert page.count('data-borderline title="') == 2  # one badge per row, shown on one only
+    assert page.count("hidden>borderline</span>") == 1
+
+    filtered = client.get("/", {"call": "borderline"}).content.decode()
+    assert f'data-analysis="{near.pk}"' in filtered
+    assert f'data-analysis="{sure.pk}"' not in filtered and f'data-analysis="{foreign.pk}"' not in filtered
+
+    client.force_login(other_user)
+    theirs = client.get("/", {"call": "borderline"}).content.decode()
+    assert f'data-analysis="{foreign.pk}"' in theirs and f'data-analysis="{near.pk}"' not in theirs
+
+
+def test_the_result_page_says_a_borderline_call_needs_confirming(client, user, other_user):
+    near, sure = cells(user, [0.2, 0.99])
+    client.force_login(user)
+    assert "Borderline call." in client.get(f"/analyses/{near.pk}/").content.decode()
+    assert "Borderline call." not in client.get(f"/analyses/{sure.pk}/").content.decode()
+    client.force_login(other_user)
+    assert client.get(f"/analyses/{near.pk}/").status_code == 404
+
+
+def test_the_batch_page_report_and_status_count_borderline_calls(client, user, other_user):
+    near, sure = cells(user, [0.2, 0.99])
+    batch = near.batch
+    client.force_login(user)
+    assert '<span data-count="borderline">1</span> borderline' in client.get(f"/batches/{batch.pk}/").content.decode()
+    report = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert "<tr><th>Borderline, to confirm first</th><td>1</td></tr>" in report
+    assert report.count("(borderline)") == 1
+    status = client.get(f"/batches/{batch.pk}/status.json").json()
+    assert status["counts"]["borderline"] == 1
+    assert {item["id"]: item["borderline"] for item in status["analyses"]} == {near.pk: True, sure.pk: False}
+    client.force_login(other_user)
+    assert client.get(f"/batches/{batch.pk}/status.json").status_code == 404
+
+
+def test_the_csv_says_which_calls_are_borderline(client, user):
+    near, sure = cells(user, [0.2, 0.99])
+    waiting = create_analysis(owner=user, upload=upload("waiting.png"))
+    client.force_login(user)
+    response = client.get("/export.csv")
+    rows = {row["analysis_id"]: row["borderline"] for row in csv.DictReader(io.StringIO(response.getvalue().decode()))}
+    assert rows == {str(near.pk): "yes", str(sure.pk): "no", str(waiting.pk): ""}
+
+
+def test_the_api_marks_filters_and_counts_borderline_calls(api_client, user, other_user):
+    near, sure = cells(user, [0.2, 0.99])
+    (foreign,) = cells(other_user, [0.2])
+    listed = api_client.get("/api/analyses/").json()["results"]
+    assert {item["id"]: item["borderline"] for item in listed} == {near.pk: True, sure.pk: False}
+    only = api_client.get("/api/analyses/", {"borderline": "true"}).json()["results"]
+    assert [item["id"] for item in only] == [near.pk]
+    assert {item["id"] for item in api_client.get("/api/analyses/", {"borderline": "false"}).json()["results"]} == {
+        near.pk,
+        sure.pk,
+    }, "false is no filter: every call, as the dashboard's 'Every call'"
+    refused = api_client.get("/api/analyses/", {"borderline": "maybe"})
+    assert refused.status_code == 400 and "borderline" in refused.json()
+    assert api_client.get(f"/api/batches/{near.batch_id}/").json()["counts"]["borderline"] == 1
+    assert api_client.get(f"/api/batches/{foreign.batch_id}/").status_code == 404
+
+    outsider = APIClient()
+    outsider.credentials(HTTP_AUTHORIZATION=f"Token {api_key(other_user)}")
+    theirs = outsider.get("/api/analyses/", {"borderline": "true"}).json()["results"]
+    assert [item["id"] for item in theirs] == [foreign.pk]
+
+
+def test_the_callback_tells_the_lab_system_which_calls_are_borderline(user):
+    near, sure = cells(user, [0.2, 0.99])
+    payload = callbacks._payload(near.batch)
+    assert {a["id"]: a["borderline"] for a in payload["batch"]["analyses"]} == {near.pk: True, sure.pk: False}
+    assert payload["batch"]["counts"]["borderline"] == 1
+
+
+def test_the_samples_page_counts_each_batchs_borderline_calls(client, user):
+    near, _ = cells(user, [0.2, 0.99])
+    client.force_login(user)
+    page = client.get("/batches/").content.decode()
+    assert f'<tr data-batch="{near.batch_id}">' in page and '<td data-count="borderline">1</td>' in page
+    assert selectors.batch_counts(batch=near.batch)["borderline"] == 1
+
+
+def test_ml_counts_the_cells_the_band_marks_and_the_errors_it_holds():
+    scores = [0.0, 0.06, 0.2, 0.9, 0.95]
+    positives = [False, True, False, True, False]  # 0.06 missed and 0.2 a false alarm, both marked
+    figures = borderline_figures(scores, positives, 0.11)
+    assert figures["band"] == pytest.approx([0.055, 0.555])
+    assert (figures["cells"], figures["errors"]) == (2, 2)
+    assert (figures["share_of_cells"], figures["share_of_errors"]) == (0.4, 2 / 3)
+    assert (figures["error_rate_inside"], figures["error_rate_outside"]) == (1.0, 1 / 3)
