@@ -212,19 +212,33 @@ def results_as_of(*, batch: Batch, analyses: Iterable[Analysis]) -> datetime:
 BATCH_COUNT_NAMES = tuple(_analysis_counts())
 
 
-def batches_with_counts(*, user: AbstractBaseUser, search: str = "", sample_reference: str = "") -> QuerySet[Batch]:
-    """The user's batches, newest first, each with the counts of ``batch_counts`` as attributes."""
+def batches_matching(*, user: AbstractBaseUser, search: str = "", sample_reference: str = "") -> QuerySet[Batch]:
+    """The user's batches, newest first, without their counts: page them, then ``with_counts``."""
     batches = batches_for(user=user)
     if search:
         batches = batches.filter(Q(sample_reference__icontains=search) | Q(note__icontains=search))
     if sample_reference:
         batches = batches.filter(sample_reference__iexact=sample_reference.strip())
-    return batches.annotate(**_counts_of_each_batch()).order_by("-created_at", "-id")
+    return batches.order_by("-created_at", "-id")
+
+
+def batches_with_counts(*, user: AbstractBaseUser) -> QuerySet[Batch]:
+    """The user's batches, each with the counts of ``batch_counts`` as attributes: to fetch one."""
+    return batches_for(user=user).annotate(**_counts_of_each_batch())
+
+
+def with_counts(batches: Iterable[Batch]) -> list[Batch]:
+    """A page of batches, in its order, with the counts of ``batch_counts`` as attributes. Counted
+    for these rows only: on the annotated query, PostgreSQL counted every row an OFFSET skipped
+    (page 800 of 20,000 batches: 1.25 s)."""
+    ids = [batch.pk for batch in batches]
+    counted = Batch.objects.filter(pk__in=ids).annotate(**_counts_of_each_batch()).in_bulk()
+    return [counted[pk] for pk in ids]
 
 
 def _counts_of_each_batch() -> dict[str, Coalesce]:
-    """The counts of batch_counts, each as a subquery of the batch's row: worked out for the rows a
-    page shows, where a join grouped by batch would count every batch of the account first (1.3 s
+    """The counts of batch_counts, each as a subquery of the batch's row: worked out for the rows
+    asked for, where a join grouped by batch would count every batch of the account first (1.3 s
     for a lab system's 20,000)."""
     cells = Analysis.objects.filter(batch=OuterRef("pk")).order_by().values("batch")
     return {

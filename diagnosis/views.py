@@ -43,8 +43,9 @@ def dashboard(request):
 @require_GET
 def batch_list(request):
     search = request.GET.get("search", "").strip()
-    batches = selectors.batches_with_counts(user=request.user, search=search)
+    batches = selectors.batches_matching(user=request.user, search=search)
     page = Paginator(batches, PAGE_SIZE).get_page(request.GET.get("page"))
+    page.object_list = selectors.with_counts(page.object_list)
     query = urlencode({"search": search}) if search else ""
     return render(request, "diagnosis/batches.html", {"page": page, "search": search, "query": query})
 

@@ -2,6 +2,7 @@ from collections.abc import Collection, Mapping
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import prefetch_related_objects
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -305,9 +306,10 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
-        reference = self.request.query_params.get("sample_reference", "") if self.action == "list" else ""
-        batches = selectors.batches_with_counts(user=self.request.user, sample_reference=reference)
-        return batches.prefetch_related("analyses")
+        if self.action == "list":  # counted a page at a time, in list()
+            reference = self.request.query_params.get("sample_reference", "")
+            return selectors.batches_matching(user=self.request.user, sample_reference=reference)
+        return selectors.batches_with_counts(user=self.request.user).prefetch_related("analyses")
 
     @extend_schema(
         parameters=[OpenApiParameter("sample_reference", description="only batches with this reference (any case)")],
@@ -315,7 +317,9 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"sample_reference"})
-        response = super().list(request, *args, **kwargs)
+        batches = selectors.with_counts(self.paginate_queryset(self.get_queryset()))
+        prefetch_related_objects(batches, "analyses")
+        response = self.get_paginated_response(self.get_serializer(batches, many=True).data)
         _record_page(self, "batch")
         return response
 
