@@ -19,15 +19,23 @@ ALLOWED_DESCRIPTION = "PNG, JPEG, TIFF or BMP"
 THUMBNAIL_SIZE = (128, 128)
 NAME_MAX_LENGTH = 200
 # The model labels whatever it is given, a blank picture included, and would call it Uninfected
-# with confidence. The NIH crops it learnt from have sides at most 2.2:1 apart and pixel values
-# with a standard deviation of at least 54 (the black margin around each cell), so a picture far
-# from that is refused as no cell, not reported as a negative.
-MAX_ASPECT = 4
+# with confidence. The NIH crops it learnt from have pixel values with a standard deviation of at
+# least 54 (the black margin around each cell), and sides at most 2.2:1 apart (all but one of
+# 16,122). Past that its calls fall apart: 100 uninfected cells padded to 2.6:1 were 65 called
+# Parasitized (8 as cropped), and 6 to 11 of 100 parasitized ones were missed. So a picture far
+# from a cell crop is refused, not reported.
+MAX_ASPECT = 2.2
 MIN_CONTRAST = 3.0  # the largest channel's standard deviation, on 0-255, at 128 px
 # It learnt from colour pictures of Giemsa-stained cells, and in grey ones it misses about half the
-# parasites (29 of 60 parasitized cells turned grey were called Uninfected), so they are refused.
-# By the file's own mode: some stained cells are themselves nearly grey in colour files.
+# parasites (29 of 60 parasitized cells turned grey were called Uninfected), so they are refused:
+# by the file's mode, and by its pixels for a grey picture saved as colour. The NIH cells' channels
+# differ by at least 8 somewhere at 128 px; a grey picture's, JPEG's rounding included, by 0 to 2.
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+GREY_SPREAD = 2
+# Several cells in one picture (a field of view, a contact sheet) are labelled as one, and mostly
+# Parasitized (fields of 16 or 36 uninfected NIH cells: 0.32 to 0.88). No NIH crop holds two pieces
+# of foreground this large, at 128 px on its black margin.
+CELL_PIECE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,26 @@ def _check_shows_a_cell(name: str, image: Image.Image) -> None:
         raise ValidationError(
             f"{name}: the image is all one colour (blank, or fully transparent), so it shows no cell to analyse."
         )
+    pixels = np.asarray(small, dtype=np.int16)
+    if int((pixels.max(axis=2) - pixels.min(axis=2)).max()) <= GREY_SPREAD:
+        raise ValidationError(
+            f"{name}: the image is greyscale, saved as colour. The model reads colour pictures of Giemsa-stained "
+            "cells and misses parasites in grey ones: upload the colour picture."
+        )
+    if _pieces_of_foreground(pixels) > 1:
+        raise ValidationError(
+            f"{name}: the image shows several cells; the model labels one cell a picture, so upload one "
+            "segmented cell per image."
+        )
+
+
+def _pieces_of_foreground(pixels: np.ndarray) -> int:
+    """Separate pieces of what is not the black margin, each over CELL_PIECE_SHARE of the picture."""
+    import cv2  # not at import: the web processes load this module, and need OpenCV only here
+
+    foreground = (pixels.sum(axis=2) > 30).astype(np.uint8)
+    areas = cv2.connectedComponentsWithStats(foreground, connectivity=8)[2][1:, cv2.CC_STAT_AREA]
+    return int((areas > CELL_PIECE_SHARE * foreground.size).sum())
 
 
 def _thumbnail_png(image: Image.Image) -> bytes:

@@ -271,6 +271,7 @@ def test_a_tiff_original_stored_before_pngs_were_kept_is_drawn_as_png_and_downlo
         (Image.new("RGBA", (120, 120), (0, 0, 0, 0)), "all one colour"),
         (Image.new("RGB", (16, 3000), (255, 0, 0)), "not a single-cell crop"),
         (Image.new("RGB", (500, 100), (255, 0, 0)), "not a single-cell crop"),
+        (Image.new("RGB", (230, 100), (255, 0, 0)), "not a single-cell crop"),
     ],
 )
 def test_a_picture_of_no_cell_is_refused_not_reported_as_uninfected(
@@ -282,6 +283,60 @@ def test_a_picture_of_no_cell_is_refused_not_reported_as_uninfected(
     assert response.status_code == 400 and message in response.json()["detail"]
     page = web_client.post("/upload/", {"images": [upload("nothing.png", buffer.getvalue())]})
     assert page.status_code == 400 and message in page.content.decode()
+
+
+def _encoded(picture: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+def _fixture_cell(index: int = 0) -> Image.Image:
+    return Image.open(fixture_cells()[index]).convert("RGB")
+
+
+def _padded(cell: Image.Image, aspect: float) -> Image.Image:
+    """The cell with black margins either side, as a segmentation tool's wide box leaves it."""
+    crop = Image.new("RGB", (round(cell.width * aspect), cell.height))
+    crop.paste(cell, ((crop.width - cell.width) // 2, 0))
+    return crop
+
+
+def _field(per_side: int) -> Image.Image:
+    cells = [_fixture_cell(i) for i in range(len(fixture_cells()))]
+    field = Image.new("RGB", (per_side * 130, per_side * 130))
+    for index in range(per_side * per_side):
+        field.paste(cells[index % len(cells)], ((index % per_side) * 130, (index // per_side) * 130))
+    return field
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        # The shipped model called this parasitized cell Uninfected (p 0.066) in grey, 66 of 119 so.
+        ("grey.png", lambda: _encoded(ImageOps.grayscale(_fixture_cell()).convert("RGB"), "PNG"), "greyscale"),
+        ("grey.jpg", lambda: _encoded(ImageOps.grayscale(_fixture_cell()).convert("RGB"), "JPEG"), "greyscale"),
+        # At 3:1 it called an uninfected cell Parasitized (p 0.319).
+        ("wide.png", lambda: _encoded(_padded(_fixture_cell(2), 3.0), "PNG"), "not a single-cell crop"),
+        # Nine uninfected cells in one picture: one Parasitized cell at p 0.577.
+        ("field.png", lambda: _encoded(_field(3), "PNG"), "several cells"),
+    ],
+)
+def test_a_picture_the_model_would_misread_is_refused_saying_why(
+    api_client, web_client, no_leftovers, name, content, message
+):
+    response = api_client.post("/api/analyses/", {"image": upload(name, content())})
+    assert response.status_code == 400 and message in response.json()["detail"], response.content
+    page = web_client.post("/upload/", {"images": [upload(name, content())]})
+    assert page.status_code == 400 and message in page.content.decode()
+
+
+def test_a_cell_in_faint_colour_is_not_taken_for_grey(api_client):
+    """The least colourful NIH cell's channels differ by 8 at most: a stain as faint is still read."""
+    faint = image_bytes(color=(132, 128, 124))
+    assert api_client.post("/api/analyses/", {"image": upload("faint.png", faint)}).status_code == 202
+    for cell in fixture_cells():
+        assert api_client.post("/api/analyses/", {"image": upload(cell.name, cell.read_bytes())}).status_code == 202
 
 
 def test_every_nih_cell_shape_and_contrast_is_accepted(api_client):
