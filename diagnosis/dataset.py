@@ -91,8 +91,12 @@ def _export_into(out: Path) -> int:
         writer.writerow(MANIFEST_COLUMNS)
         cells = reviewed_analyses().iterator(chunk_size=EXPORT_CHUNK)
         while chunk := list(islice(cells, EXPORT_CHUNK)):
-            exported = [cell for cell in chunk if _export_cell(cell, out=out, manifest=manifest, written=written)]
-            record_dataset_export(analyses=exported, out=str(out))
+            begun: list[Analysis] = []
+            try:
+                for cell in chunk:
+                    _export_cell(cell, out=out, manifest=manifest, written=written, begun=begun)
+            finally:  # a copy that fails (the disk full) leaves the cells before it in the folder
+                record_dataset_export(analyses=begun, out=str(out))
     for path in earlier - written:
         path.unlink(missing_ok=True)
     (out / PARTIAL_MANIFEST_NAME).replace(out / MANIFEST_NAME)
@@ -100,22 +104,24 @@ def _export_into(out: Path) -> int:
     return len(written)
 
 
-def _export_cell(analysis: Analysis, *, out: Path, manifest, written: set[Path]) -> bool:
+def _export_cell(analysis: Analysis, *, out: Path, manifest, written: set[Path], begun: list[Analysis]) -> None:
+    """Copy the cell into the data set, adding it to ``begun`` as its copy starts: from then on part
+    of it may have left, so the access trail holds it whether the copy ends or not."""
     label, group = analysis.final_label, patient_group(analysis)
     name = f"{group}_IMG_{analysis.pk}{Path(analysis.image.name).suffix}"
     try:
         source = analysis.image.open("rb")
     except FileNotFoundError:  # deleted since the list was read (by its owner, by retention)
         logger.warning("event=export_skipped analysis_id=%s: its image is gone", analysis.pk)
-        return False
+        return
     # Listed before it is copied: a run killed during the copy leaves no file that nothing lists.
     row = [f"{label}/{name}", analysis.pk, group, analysis.label, label, analysis.probability_parasitized]
     csv.writer(manifest).writerow([*row, analysis.model_version, analysis.reviewed_at.isoformat()])
     manifest.flush()
     with source, open(out / label / name, "wb") as copy:
+        begun.append(analysis)
         shutil.copyfileobj(source, copy)
     written.add((out / label / name).resolve())
-    return True
 
 
 def _write_file_list(path: Path, *, files: set[Path], out: Path) -> None:

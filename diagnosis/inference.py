@@ -137,8 +137,9 @@ def _fail_overlay(analysis: Analysis, error: Exception, what: str, *, task_id: s
     """This cell's overlay went wrong: the cell fails saying so; the chunk's other cells go on."""
     _raise_if_time_limit(error)
     logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
-    # An OSError's own words ("No space left on device"), without the server's path it names.
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+    # An OSError's own words ("No space left on device"), and a decoding error's, without the
+    # server's path either names.
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else _unreadable_reason(analysis, error)
     services.fail_analysis(analysis_id=analysis.pk, task_id=task_id, error=f"{what}: {reason}", model_version=model)
 
 

@@ -1,3 +1,5 @@
+import contextlib
+import os
 import uuid
 from urllib.parse import urlsplit
 
@@ -16,6 +18,17 @@ class PrivateStorage(FileSystemStorage):
 
     def url(self, name):
         raise NotImplementedError("private files have no public URL; serve them with diagnosis.files")
+
+    def _save(self, name, content):
+        began = not os.path.lexists(self.path(name))  # save() chose a free name: the file is this call's
+        try:
+            return super()._save(name, content)
+        except OSError:
+            # Half a patient's image, written before the disk filled: not left for the nightly sweep.
+            if began:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path(name))
+            raise
 
 
 private_storage = PrivateStorage()

@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from PIL import Image
 
-from diagnosis.models import Analysis
+from diagnosis.models import AccessEvent, Analysis
 from diagnosis.services import create_analysis, create_batch
 from ml.data import list_samples
 from ml.evaluate import evaluate_folder
@@ -123,7 +123,6 @@ def test_a_cell_whose_image_went_during_an_export_is_left_out_and_the_rest_liste
 
 def test_every_cell_exported_into_the_data_set_is_in_the_access_trail(user, tmp_path):
     from diagnosis.dataset import export_reviewed_cells
-    from diagnosis.models import AccessEvent
 
     cell = finished(create_analysis(owner=user, upload=upload("a.png")), label="Uninfected", verdict="agree")
     finished(create_analysis(owner=user, upload=upload("b.png")), label="Uninfected")  # not reviewed: not exported
@@ -158,6 +157,10 @@ def test_an_export_that_fails_half_way_keeps_the_last_manifest_and_the_next_run_
         raise AssertionError("the copy onto a folder should have failed")
     assert (out / "reviewed.csv").read_text() == listed, "the last complete manifest still describes the folder"
     assert (out / "Uninfected" / exported_name(copied)).exists()
+    trail = AccessEvent.objects.filter(action="exported").values_list("analysis_id", flat=True)
+    # Each run records what it copies: the first cell twice, the cell copied before the failure
+    # once, and the cell whose copy could not start not at all.
+    assert sorted(trail) == [first.pk, first.pk, copied.pk]
 
     # The cell copied by the failed run is deleted; the next run fails as well, on the same cell;
     # the one after completes and takes that copy away all the same.

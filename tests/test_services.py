@@ -402,6 +402,56 @@ def test_a_full_media_disk_fails_the_cell_it_struck_saying_so_and_not_the_next(u
     assert second.status == "done" and second.overlay
 
 
+def test_an_original_gone_before_its_overlay_is_drawn_fails_the_cell_without_the_servers_path(
+    user, media_root, monkeypatch
+):
+    cell = services.create_analysis(owner=user, upload=upload("cell.png"))
+    open_rgb, reads = inference.open_rgb, []
+
+    def removed_after_the_model_read_it(path):  # read once for the model, once for the overlay
+        reads.append(path)
+        if len(reads) == 2:
+            (media_root / cell.image.name).unlink()
+        return open_rgb(path)
+
+    monkeypatch.setattr(inference, "open_rgb", removed_after_the_model_read_it)
+    inference.run_analyses(analysis_ids=[cell.pk], task_id="t")
+    cell.refresh_from_db()
+    assert cell.status == "failed" and cell.error.startswith(
+        "Cannot draw the heatmap overlay: its stored file is missing"
+    )
+    assert str(media_root) not in cell.error and cell.image.name not in cell.error
+
+
+class _FillsUpHalfWay:
+    """A file on a disk that fills as it is written: half of what it is given lands, then ENOSPC."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        self.file.close()
+
+
+def test_an_upload_the_disk_filled_under_leaves_no_part_of_an_image(user, media_root, monkeypatch):
+    import django.core.files.storage.filesystem as filesystem
+
+    from tests.conftest import stored_files
+
+    fdopen = filesystem.os.fdopen
+    monkeypatch.setattr(filesystem.os, "fdopen", lambda fd, mode: _FillsUpHalfWay(fdopen(fd, mode)))
+    before = set(stored_files(media_root))
+    with pytest.raises(OSError, match="No space left"):
+        services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")])
+    assert not Analysis.objects.exists()
+    assert set(stored_files(media_root)) == before, "half of a patient's image left until the nightly sweep"
+
+
 def test_a_model_that_fails_on_a_chunk_finds_the_cell_it_fails_on(user, monkeypatch):
     sent = []
     monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids, per_task: sent.append(list(analysis_ids)))
