@@ -6,4 +6,4 @@ class DiagnosisConfig(AppConfig):
     verbose_name = "Malaria diagnosis"
 
     def ready(self) -> None:
-        from diagnosis import checks, signals  # noqa: F401 - registers the checks, connects the receivers
+        from diagnosis import checks, id_counters, signals  # noqa: F401 - registers the checks, connects the receivers

@@ -108,12 +108,27 @@ def _check_shows_a_cell(name: str, image: Image.Image) -> None:
 
 
 def _pieces_of_foreground(pixels: np.ndarray) -> int:
-    """Separate pieces of what is not the black margin, each over CELL_PIECE_SHARE of the picture."""
-    import cv2  # not at import: the web processes load this module, and need OpenCV only here
-
-    foreground = (pixels.sum(axis=2) > 30).astype(np.uint8)
-    areas = cv2.connectedComponentsWithStats(foreground, connectivity=8)[2][1:, cv2.CC_STAT_AREA]
-    return int((areas > CELL_PIECE_SHARE * foreground.size).sum())
+    """Separate pieces of what is not the black margin, each over CELL_PIECE_SHARE of the picture:
+    each foreground pixel takes the lowest label around it until none changes (in numpy, about 4 ms
+    at 128 px: the web processes load neither OpenCV nor SciPy)."""
+    foreground = pixels.sum(axis=2) > 30
+    height, width = foreground.shape
+    none = foreground.size
+    labels = np.where(foreground, np.arange(none).reshape(height, width), none)
+    while True:
+        padded = np.pad(labels, 1, constant_values=none)
+        around = [padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
+        spread = np.where(foreground, np.minimum.reduce(around), none).ravel()
+        # A label is the index of a pixel of the same piece: taking that pixel's own label halves the
+        # way still to go.
+        inside = spread < none
+        spread[inside] = spread[spread[inside]]
+        spread = spread.reshape(height, width)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    _, areas = np.unique(labels[foreground], return_counts=True)
+    return int((areas > CELL_PIECE_SHARE * none).sum())
 
 
 def _thumbnail_png(image: Image.Image) -> bytes:

@@ -331,6 +331,35 @@ def test_a_picture_the_model_would_misread_is_refused_saying_why(
     assert page.status_code == 400 and message in page.content.decode()
 
 
+def test_pieces_of_a_picture_are_counted_as_opencv_counts_them():
+    """The web's numpy count of a picture's pieces (diagnosis.validation) against OpenCV's, on
+    discs, a serpentine whose end is a long way round from its start, and dust."""
+    from diagnosis.validation import CELL_PIECE_SHARE, _pieces_of_foreground
+
+    def opencv_count(picture) -> int:
+        foreground = (picture.sum(axis=2) > 30).astype(np.uint8)
+        areas = cv2.connectedComponentsWithStats(foreground, connectivity=8)[2][1:, cv2.CC_STAT_AREA]
+        return int((areas > CELL_PIECE_SHARE * foreground.size).sum())
+
+    rng = np.random.default_rng(3)
+    pictures = []
+    for discs in (1, 2, 3, 4):  # in the corners, of random sizes: some touch, some are too small
+        picture = np.zeros((128, 128, 3), dtype=np.uint8)
+        for centre in [(32, 32), (96, 96), (96, 32), (32, 96)][:discs]:
+            cv2.circle(picture, centre, int(rng.integers(14, 34)), (200, 100, 150), -1)
+        pictures.append(picture)
+    serpentine = np.zeros((128, 128, 3), dtype=np.uint8)
+    points = [(8 if row % 2 else 120, 8 + row * 12) for row in range(10)]
+    points = [p for a, b in zip(points, points[1:], strict=False) for p in (a, (a[0], b[1]))]
+    cv2.polylines(serpentine, [np.array(points, dtype=np.int32)], False, (200, 100, 150), 3)
+    dust = np.zeros((128, 128, 3), dtype=np.uint8)
+    dust[::16, ::16] = 255
+    pictures += [serpentine, dust]
+    counted = [_pieces_of_foreground(picture.astype(np.int16)) for picture in pictures]
+    assert counted == [opencv_count(picture) for picture in pictures]
+    assert counted[-2:] == [1, 0] and max(counted) >= 2
+
+
 def test_a_cell_in_faint_colour_is_not_taken_for_grey(api_client):
     """The least colourful NIH cell's channels differ by 8 at most: a stain as faint is still read."""
     faint = image_bytes(color=(132, 128, 124))
