@@ -289,3 +289,28 @@ def test_results_as_of_moves_on_when_a_cell_is_deleted_or_sent_for_analysis_agai
     assert after_deletion > before
     assert lab.post(f"/api/batches/{batch.pk}/retry-failed/").status_code == 202
     assert as_of() > after_deletion
+
+
+def test_the_schema_lists_what_uploads_and_records_are_refused_with(lab, user, client, settings):
+    """What an integrator's generated client is told to expect: the 415 a JSON upload gets (the
+    first thing one tries), the 400 any operation gives a NUL in its query, a batch's bounds."""
+    import yaml
+
+    document = yaml.safe_load(client.get("/api/schema/").content)
+    for path in ("/api/analyses/", "/api/batches/"):
+        refused = lab.post(path, {"images": []}, format="json")
+        assert refused.status_code == 415 and refused.json()["detail"]
+        assert "415" in document["paths"][path]["post"]["responses"], path
+    analysis = services.create_analysis(owner=user, upload=upload())
+    assert lab.get(f"/api/analyses/{analysis.pk}/?x=%00").status_code == 400
+    without_400 = [
+        f"{method} {path}"
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if "400" not in operation["responses"]
+    ]
+    assert without_400 == []
+    images = document["components"]["schemas"]["BatchUploadRequest"]["properties"]["images"]
+    assert (images["minItems"], images["maxItems"]) == (1, settings.BATCH_MAX_FILES)
+    as_of = document["components"]["schemas"]["Batch"]["properties"]["results_as_of"]["description"]
+    assert "sent for analysis again" in as_of

@@ -537,6 +537,28 @@ def test_env_example_documents_exactly_what_the_settings_read():
     assert not unused, f".env.example's compose section lists variables nothing uses: {unused}"
 
 
+def test_a_copy_of_env_example_changes_no_setting_but_the_secret_key_placeholder():
+    """The README's way to PostgreSQL and Redis starts with `cp .env.example .env`: every value the
+    example sets must be the development default (its DJANGO_ALLOWED_HOSTS once left out [::1])."""
+    probe = (
+        "import json, environ; environ.Env.read_env = staticmethod(lambda *a, **k: None);"
+        "import malaria_site.settings as s;"
+        "print(json.dumps({k: repr(v) for k, v in vars(s).items() if k.isupper()}))"
+    )
+
+    def settings_under(variables: dict[str, str]) -> dict[str, str]:
+        base = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=base | variables, cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    defaults, copied = settings_under({}), settings_under(dotenv_as_intended(ENV_EXAMPLE))
+    changed = sorted(name for name in defaults.keys() | copied.keys() if defaults.get(name) != copied.get(name))
+    assert changed == ["SECRET_KEY"]
+
+
 def test_compose_requires_the_secrets():
     with pytest.raises(KeyError, match="DJANGO_SECRET_KEY"):
         container_environment("web", {"POSTGRES_PASSWORD": "x"})

@@ -1,5 +1,6 @@
 from datetime import datetime
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -93,11 +94,22 @@ class AnalysisUploadSerializer(serializers.Serializer):
     image = serializers.FileField(help_text="One cell image: PNG, JPEG, TIFF or BMP.")
 
 
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "minItems": 1,
+        "maxItems": settings.BATCH_MAX_FILES,  # refused by the upload service, saying so
+        "description": f"Repeat the field per image: 1 to {settings.BATCH_MAX_FILES} (BATCH_MAX_FILES).",
+    }
+)
+class ImageList(serializers.ListField):
+    pass
+
+
 class BatchUploadSerializer(serializers.Serializer):
     # Empty files pass here so that the upload service refuses them by name.
-    images = serializers.ListField(
-        child=serializers.FileField(allow_empty_file=True), allow_empty=False, help_text="Repeat the field per image."
-    )
+    images = ImageList(child=serializers.FileField(allow_empty_file=True), allow_empty=False)
     sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
     note = serializers.CharField(required=False, allow_blank=True, max_length=NOTE_MAX_LENGTH)
     # Checked by the callbacks' own rules, not URLField's, which refuses the single-label host names
@@ -132,7 +144,10 @@ class BatchCountsSerializer(serializers.Serializer):
 class BatchSerializer(serializers.ModelSerializer):
     counts = serializers.SerializerMethodField()
     results_as_of = serializers.SerializerMethodField(
-        help_text="When its results last changed (a cell finished, reviewed or deleted), as its callbacks say."
+        help_text=(
+            "When its results last changed (a cell finished, was reviewed, deleted or sent for analysis again), "
+            "as its callbacks say."
+        )
     )
     analyses = AnalysisSerializer(
         many=True, read_only=True, source="cells_as_sent", help_text="In the order the images were sent."

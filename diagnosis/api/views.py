@@ -33,8 +33,10 @@ from diagnosis.models import AccessEvent, Analysis
 
 def errors(*codes: int) -> dict:
     """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists).
-    Every request counts against API_USER_RATE, so every operation may answer 429."""
-    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in (*codes, 429)}
+    Every operation may answer 400 (a NUL character in any query is refused) and 429 (every request
+    counts against API_USER_RATE)."""
+    listed = sorted({*codes, 400, 429})
+    return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in listed}
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -48,6 +50,7 @@ ERROR_MEANINGS = {
     404: "no such record among the requesting user's (on a list: no such page)",
     409: "not in a state that allows it",
     413: "the request is larger than the server takes",
+    415: "the body is not of a type this operation reads (uploads: multipart/form-data)",
     422: "the Idempotency-Key was used for a different request",
     429: "rate limited or locked out; Retry-After says for how many seconds",
 }
@@ -81,7 +84,7 @@ class TokenView(APIView):
                 "IssuedToken",
                 {"token": serializers.CharField(), "expires_at": serializers.DateTimeField(allow_null=True)},
             ),
-            **errors(400),
+            **errors(400, 415),
         },
     )
     def post(self, request, *args, **kwargs):
@@ -104,7 +107,12 @@ class TokenView(APIView):
             headers={"Cache-Control": "no-store"},
         )
 
-    @extend_schema(request=None, responses={204: None, **errors(401)})
+    @extend_schema(
+        request=None,
+        responses={204: None, **errors(401)},
+        summary="Revoke the token this request is signed with",
+        description="For a lab system being retired, or a key that leaked: the key stops working at once.",
+    )
     def delete(self, request):
         tokens.revoke_token(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -234,7 +242,7 @@ class AnalysisViewSet(
         _record_page(self, "cell")
         return response
 
-    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413)})
+    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 415)})
     def create(self, request):
         if "Idempotency-Key" in request.headers:  # ignored, it would make a second analysis unseen
             raise ApiValidationError(
@@ -346,7 +354,7 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             200: OpenApiResponse(
                 BatchSerializer, description="a request sent again under its Idempotency-Key: the first one's batch"
             ),
-            **errors(400, 401, 413, 422),
+            **errors(400, 401, 413, 415, 422),
         },
     )
     def create(self, request):
