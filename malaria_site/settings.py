@@ -193,6 +193,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = Path(env("CELERY_FILESYSTEM_BROKER_DIR", default=str(VAR_DIR / "broker")))
     # kombu's filesystem transport needs its folders to exist before the first message.
     (_broker_dir / "control").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT = "malaria_site.broker:Transport"  # kombu's, safe against a full disk
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
