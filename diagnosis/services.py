@@ -4,7 +4,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -45,9 +45,12 @@ def create_batch(
     callback_url: str = "",
     idempotency_key: str = "",
     request_digest: str = "",
+    record: Callable[[Batch], None] | None = None,
 ) -> Batch:
     """Validate every file, then store them all as queued analyses of one batch (all or nothing).
-    With a ``callback_url``, the results are POSTed there once every cell is finished."""
+    With a ``callback_url``, the results are POSTed there once every cell is finished. ``record``
+    (the access trail's entry) runs in the same transaction: an upload the trail could not record
+    is not stored, nor analysed, nor sent to a lab system."""
     if not uploads:
         raise ValidationError("Choose at least one image.")
     if len(uploads) > settings.BATCH_MAX_FILES:
@@ -67,6 +70,8 @@ def create_batch(
             request_digest=request_digest,
         )
         analyses = [_store_analysis(owner=owner, image=image, batch=batch, stored=stored) for image in images]
+        if record:
+            record(batch)
         transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[a.pk for a in analyses]), robust=True)
     return batch
 
@@ -79,6 +84,7 @@ def create_batch_once(
     sample_reference: str = "",
     note: str = "",
     callback_url: str = "",
+    record: Callable[[Batch], None] | None = None,
 ) -> tuple[Batch, bool]:
     """create_batch for a client that may send a request again when its response was lost: the
     first request under a key makes the batch (True); the same request again gets that batch back
@@ -90,7 +96,12 @@ def create_batch_once(
     if earlier is None:
         try:
             batch = create_batch(
-                owner=owner, uploads=uploads, idempotency_key=idempotency_key, request_digest=digest, **request
+                owner=owner,
+                uploads=uploads,
+                idempotency_key=idempotency_key,
+                request_digest=digest,
+                record=record,
+                **request,
             )
             return batch, True
         except IntegrityError:  # the same request, sent twice at once: the other one made it
@@ -125,11 +136,16 @@ def request_digest(*, uploads: Sequence[UploadedFile], sample_reference: str, no
     return digest.hexdigest()
 
 
-def create_analysis(*, owner: AbstractBaseUser, upload: UploadedFile) -> Analysis:
+def create_analysis(
+    *, owner: AbstractBaseUser, upload: UploadedFile, record: Callable[[Analysis], None] | None = None
+) -> Analysis:
+    """Store one image as a queued analysis; ``record`` in the same transaction, as for create_batch."""
     (image,) = _validate_all([upload])
     with _removing_files_on_error() as stored, transaction.atomic():
         _keep_files_once_committed(stored)
         analysis = _store_analysis(owner=owner, image=image, batch=None, stored=stored)
+        if record:
+            record(analysis)
         transaction.on_commit(lambda: enqueue_analyses(analysis_ids=[analysis.pk]), robust=True)
     return analysis
 

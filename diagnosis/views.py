@@ -64,11 +64,15 @@ def upload(request):
         return _to_batch(request, sent)
     if request.method == "POST" and form.is_valid():
         try:
+            detail = counted(len(form.cleaned_data["images"]), "image")
             batch = services.create_batch(
                 owner=request.user,
                 uploads=form.cleaned_data["images"],
                 sample_reference=form.cleaned_data["sample_reference"],
                 note=form.cleaned_data["note"],
+                record=lambda batch: record_access(
+                    request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail
+                ),
             )
         except services.FilesRefused as refusal:
             if _from_upload_script(request):  # it keeps the other files for the next attempt
@@ -81,8 +85,6 @@ def upload(request):
                 form.add_error("images", message)
         else:
             _remember_sent(request, batch.pk, digest=digest)
-            detail = counted(batch.analyses.count(), "image")
-            record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
             messages.success(request, f"{detail} queued for analysis.")
             return _to_batch(request, batch.pk)
     status = 400 if request.method == "POST" else 200

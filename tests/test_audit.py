@@ -3,8 +3,10 @@
 import csv
 import io
 import re
+from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib.auth.models import Group
 from django.core.files.base import ContentFile
 from django.utils import timezone
@@ -306,3 +308,38 @@ def test_removing_a_user_leaves_their_trail_entries_as_written(admin_client, db)
     kept = AccessEvent.objects.get(username=clinician.username)
     assert kept.user_id == user_id  # not rewritten to NULL
     assert admin_client.get(f"/admin/diagnosis/accessevent/{kept.pk}/change/").status_code == 200
+
+
+@pytest.mark.parametrize("channel", ["api-batch", "api-single", "web"])
+def test_an_upload_the_trail_could_not_record_is_not_stored(transactional_db, user, monkeypatch, channel):
+    """The trail's entry and the upload commit together: the connection dropping as the entry is
+    written used to leave the batch stored, analysed and sent to its lab system, unrecorded, while
+    the client was answered 500 (and, retrying, made a second one)."""
+    from django.db import OperationalError
+    from django.test import Client
+
+    from tests.conftest import stored_files
+
+    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+    save = AccessEvent.save
+
+    def connection_dropped(self, *args, **kwargs):
+        if self.action == AccessEvent.Action.UPLOADED:
+            raise OperationalError("server closed the connection unexpectedly")
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(AccessEvent, "save", connection_dropped)
+    media_root = Path(django_settings.MEDIA_ROOT)
+    before = set(stored_files(media_root))
+    if channel == "web":
+        client = Client(raise_request_exception=False)
+        client.force_login(user)
+        response = client.post("/upload/", {"images": [upload("a.png")], "sample_reference": "WARD-3"})
+    else:
+        client = APIClient(raise_request_exception=False)
+        client.force_authenticate(user)
+        path, field = ("/api/batches/", "images") if channel == "api-batch" else ("/api/analyses/", "image")
+        response = client.post(path, {field: [upload("a.png")] if field == "images" else upload("a.png")})
+    assert response.status_code == 500
+    assert (Batch.objects.count(), Analysis.objects.count(), AccessEvent.objects.count()) == (0, 0, 0)
+    assert set(stored_files(media_root)) == before, "the upload's files stayed"

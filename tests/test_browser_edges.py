@@ -141,3 +141,18 @@ def test_an_upload_after_signing_in_again_in_another_tab_goes_through(open_page,
     page.locator("#upload-button").click()
     page.wait_for_url(re.compile(r"/batches/\d+/$"))
     assert Analysis.objects.filter(owner=user, batch__sample_reference="WARD-7 bed 12").count() == 2
+
+
+def test_an_upload_the_server_did_not_finish_says_it_may_have_been_stored(open_page, user, not_analysed):  # noqa: F811
+    """A 502 from the proxy (gunicorn's timeout, a worker restarting) comes after the request was
+    read: the batch may be stored, so the page must not say that nothing was."""
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.route("**/upload/", lambda route: route.fulfill(status=502, body="Bad Gateway", content_type="text/html"))
+    page.set_input_files("#id_images", [str(fixture_cells()[0])])
+    page.locator("#upload-button").click()
+    errors = page.locator("#client-errors")
+    expect(errors).to_contain_text("The server did not finish the upload (HTTP 502). It may have been stored")
+    expect(errors).not_to_contain_text("Nothing was stored")
+    open_page.expect_error(page, "502")

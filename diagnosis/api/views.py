@@ -253,10 +253,15 @@ class AnalysisViewSet(
         upload = AnalysisUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         try:
-            analysis = services.create_analysis(owner=request.user, upload=upload.validated_data["image"])
+            analysis = services.create_analysis(
+                owner=request.user,
+                upload=upload.validated_data["image"],
+                record=lambda analysis: record_access(
+                    request=request, action=AccessEvent.Action.UPLOADED, analysis=analysis, detail="1 image"
+                ),
+            )
         except ValidationError as error:
             raise _service_errors(error) from None
-        record_access(request=request, action=AccessEvent.Action.UPLOADED, analysis=analysis, detail="1 image")
         return Response(self.get_serializer(analysis).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses={200: AnalysisSerializer, **errors(401, 404)})
@@ -364,12 +369,16 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
         upload = BatchUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
+        detail = counted(len(data["images"]), "image")
         request_fields = {
             "owner": request.user,
             "uploads": data["images"],
             "sample_reference": data.get("sample_reference", ""),
             "note": data.get("note", ""),
             "callback_url": data.get("callback_url", ""),
+            "record": lambda batch: record_access(
+                request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail
+            ),
         }
         key = _idempotency_key(request)
         try:
@@ -383,8 +392,6 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
             raise _service_errors(error) from None
         batch = selectors.batches_with_counts(user=request.user).prefetch_related("analyses").get(pk=batch.pk)
         if created:
-            detail = counted(len(batch.analyses.all()), "image")
-            record_access(request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail)
             return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
         record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch, detail="replayed request")
         return Response(self.get_serializer(batch).data, headers={"Idempotent-Replayed": "true"})

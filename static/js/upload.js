@@ -218,6 +218,10 @@
           + "cookies. Reload the page and upload again. Nothing was stored.");
       } else if (xhr.status === 400 && type.startsWith("text/html")) {  // the form with its errors
         document.open(); document.write(xhr.responseText); document.close();
+      } else if (xhr.status >= 500) {
+        // The server failed, or a proxy gave up waiting for it: the upload may have been stored after all.
+        fail("The server did not finish the upload (HTTP " + xhr.status + "). It may have been stored: look for it "
+          + "under Samples before you upload again.");
       } else {
         // A refusal before the form was read (the request too large, too many requests): say why,
         // and keep the page and what was typed on it.
