@@ -782,6 +782,11 @@ def test_the_development_servers_log_leaves_query_strings_out(tmp_path):
     port, log = free_port(), tmp_path / "runserver.log"
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     command = [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
+    expected = [
+        '"GET /accounts/login/ HTTP/1.1" 200',
+        '"GET /batches/ HTTP/1.1" 302',
+        "Bad request syntax ('GET /batches/ HTTP/1.1')",
+    ]
     with open(log, "wb") as out:
         server = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -794,10 +799,14 @@ def test_the_development_servers_log_leaves_query_strings_out(tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
             raw.sendall(b"GET /batches/?sample_reference=Jane Doe HTTP/1.1\r\nHost: x\r\n\r\n")
             raw.recv(65536)
+        # Each request's thread logs it once its answer is sent: wait for the lines before stopping it.
+        deadline = time.monotonic() + 30
+        while not all(line in log.read_text() for line in expected):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
     finally:
         stop(server)
     text = log.read_text()
-    assert '"GET /accounts/login/ HTTP/1.1" 200' in text and '"GET /batches/ HTTP/1.1" 302' in text, text
     assert "Bad request syntax ('GET /batches/ HTTP/1.1')" in text, text
     assert "PATIENT-4711" not in text and "Jane" not in text and "Doe" not in text, text
 
