@@ -28,7 +28,6 @@ CSV_COLUMNS = [
     "label",
     "probability_parasitized",
     "decision_threshold",
-    "borderline",
     "model_version",
     "review_verdict",
     "corrected_label",
@@ -36,6 +35,7 @@ CSV_COLUMNS = [
     "reviewed_at",
     "created_at",
     "finished_at",
+    "borderline",  # last: a lab's import that reads the earlier columns by position reads them still
 ]
 
 
@@ -85,7 +85,6 @@ def _csv_row(a) -> list:
         a.label,
         "" if a.probability_parasitized is None else score(a.probability_parasitized),
         "" if a.decision_threshold is None else a.decision_threshold,
-        ("yes" if a.is_borderline else "no") if a.status == a.Status.DONE else "",
         a.model_version,
         a.review_verdict,
         a.corrected_label,
@@ -93,6 +92,7 @@ def _csv_row(a) -> list:
         _local(a.reviewed_at),
         _local(a.created_at),
         _local(a.finished_at),
+        ("yes" if a.is_borderline else "no") if a.status == a.Status.DONE else "",
     ]
 
 

@@ -233,7 +233,7 @@ def with_counts(batches: Iterable[Batch]) -> list[Batch]:
     (page 800 of 20,000 batches: 1.25 s)."""
     ids = [batch.pk for batch in batches]
     counted = Batch.objects.filter(pk__in=ids).annotate(**_counts_of_each_batch()).in_bulk()
-    return [counted[pk] for pk in ids]
+    return [counted[pk] for pk in ids if pk in counted]  # one deleted in between is left out
 
 
 def _counts_of_each_batch() -> dict[str, Coalesce]:

@@ -5,11 +5,12 @@ import csv
 import io
 
 import pytest
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from diagnosis import callbacks, selectors
-from diagnosis.models import Analysis, is_borderline
-from diagnosis.services import create_analysis, create_batch
+from diagnosis.models import Analysis, Batch, is_borderline
+from diagnosis.services import create_analysis, create_batch, delete_batch
 from ml.metrics import borderline_band, borderline_figures
 from tests.factories import api_key, classified, upload
 
@@ -98,7 +99,7 @@ def test_the_batch_page_report_and_status_count_borderline_calls(client, user, o
     client.force_login(user)
     assert '<span data-count="borderline">1</span> borderline' in client.get(f"/batches/{batch.pk}/").content.decode()
     report = client.get(f"/batches/{batch.pk}/report/").content.decode()
-    assert "<tr><th>Borderline, to confirm first</th><td>1</td></tr>" in report
+    assert "<tr><th>Borderline calls (reviewed or not)</th><td>1</td></tr>" in report
     assert report.count("(borderline)") == 1
     status = client.get(f"/batches/{batch.pk}/status.json").json()
     assert status["counts"]["borderline"] == 1
@@ -161,3 +162,54 @@ def test_ml_counts_the_cells_the_band_marks_and_the_errors_it_holds():
     assert (figures["cells"], figures["errors"]) == (2, 2)
     assert (figures["share_of_cells"], figures["share_of_errors"]) == (0.4, 2 / 3)
     assert (figures["error_rate_inside"], figures["error_rate_outside"]) == (1.0, 1 / 3)
+
+
+@pytest.mark.parametrize("verdict, corrected", [("agree", ""), ("disagree", "Uninfected")])
+def test_a_borderline_call_a_reviewer_has_settled_is_not_sent_back_to_the_microscope(client, user, verdict, corrected):
+    (cell,) = cells(user, [0.2])
+    Analysis.objects.filter(pk=cell.pk).update(
+        review_verdict=verdict, corrected_label=corrected, reviewed_at=timezone.now(), reviewer_name="dr-lee"
+    )
+    client.force_login(user)
+    page = client.get(f"/analyses/{cell.pk}/").content.decode()
+    assert "The model's call was <strong>borderline</strong>" in page and "dr-lee reviewed it on" in page
+    assert "before relying on it" not in page
+
+
+def test_the_csv_keeps_its_earlier_columns_where_they_were(client, user):
+    cells(user, [0.2])
+    client.force_login(user)
+    header = next(csv.reader(io.StringIO(client.get("/export.csv").getvalue().decode())))
+    assert header[-1] == "borderline" and header[:10] == [
+        "analysis_id",
+        "batch_id",
+        "sample_reference",
+        "original_filename",
+        "status",
+        "final_label",
+        "label",
+        "probability_parasitized",
+        "decision_threshold",
+        "model_version",
+    ]
+
+
+@pytest.mark.parametrize("path", ["/batches/", "/api/batches/"])
+def test_a_batch_deleted_while_a_page_of_them_is_counted_is_left_out(client, user, monkeypatch, path):
+    kept = create_batch(owner=user, uploads=[upload("a.png")], sample_reference="KEPT")
+    gone = create_batch(owner=user, uploads=[upload("b.png")], sample_reference="GONE")
+    counted = selectors.with_counts
+
+    def deleted_in_between(batches):
+        batches = list(batches)
+        delete_batch(batch=Batch.objects.get(pk=gone.pk))
+        return counted(batches)
+
+    monkeypatch.setattr(selectors, "with_counts", deleted_in_between)
+    client.force_login(user)
+    response = client.get(path)
+    assert response.status_code == 200
+    if path.startswith("/api/"):
+        assert [batch["id"] for batch in response.json()["results"]] == [kept.pk]
+    else:
+        assert f'data-batch="{kept.pk}"' in response.content.decode() and "GONE" not in response.content.decode()

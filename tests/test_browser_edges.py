@@ -156,3 +156,56 @@ def test_an_upload_the_server_did_not_finish_says_it_may_have_been_stored(open_p
     expect(errors).to_contain_text("The server did not finish the upload (HTTP 502). It may have been stored")
     expect(errors).not_to_contain_text("Nothing was stored")
     open_page.expect_error(page, "502")
+
+
+NEAR = {"status": "done", "label": "Parasitized", "probability_parasitized": 0.2, "decision_threshold": 0.11}
+
+
+def test_a_screen_reader_hears_that_a_call_that_finished_is_borderline(open_page, user, not_analysed):  # noqa: F811
+    batch = services.create_batch(owner=user, uploads=[upload("near.png"), upload("later.png")])
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/")
+    announcer = page.get_by_role("status")
+    batch.analyses.filter(original_filename="near.png").update(**NEAR)
+    expect(announcer).to_have_text("1 analysis finished: 1 parasitized (1 borderline, to confirm first).")
+
+
+def test_a_borderline_call_is_marked_for_the_reviewer_and_settled_by_the_review(open_page, user, not_analysed):  # noqa: F811
+    batch = services.create_batch(owner=user, uploads=[upload("near.png")], sample_reference="WARD-2")
+    cell = classified(batch.analyses.get(), **NEAR)
+    reviewer = make_reviewer()
+    page = open_page()
+    log_in(page, reviewer.username, PASSWORD)
+    page.goto("/review/")
+    row = page.get_by_role("row").filter(has=page.get_by_role("link", name="Review near.png"))
+    expect(row.locator(".borderline")).to_have_text("borderline")
+    page.goto(f"/review/{cell.pk}/")
+    expect(page.locator("#borderline-note")).to_contain_text("confirm this cell by microscopy")
+    open_page.expect_error(page, "404")  # the test's cell has no overlay file
+
+    services.review_analysis(
+        analysis=cell, reviewer=reviewer, verdict="disagree", corrected_label="Uninfected", replacing=None
+    )
+    owner = open_page()
+    log_in(owner, user.username, PASSWORD)
+    owner.goto(f"/analyses/{cell.pk}/")
+    expect(owner.locator("#analysis-facts [data-label]")).to_have_text("Uninfected")
+    expect(owner.locator("#borderline-note")).to_contain_text(f"{reviewer.username} reviewed it on")
+    expect(owner.locator("#borderline-note")).not_to_contain_text("before relying on it")
+    owner.goto(f"/batches/{batch.pk}/report/")
+    expect(owner.locator("figcaption")).to_contain_text("Model: Parasitized 0.200, borderline.")
+    expect(owner.locator("figcaption")).not_to_contain_text("Uninfected (borderline)")
+
+
+def test_a_printed_page_keeps_the_labels_fill(open_page, user, not_analysed):  # noqa: F811
+    cell = classified(services.create_analysis(owner=user, upload=upload("near.png")), **NEAR)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/analyses/{cell.pk}/")
+    page.emulate_media(media="print")
+    label = page.locator("#analysis-facts [data-label]")
+    expect(label).to_have_text("Parasitized")
+    style = "el => getComputedStyle(el).printColorAdjust || getComputedStyle(el).webkitPrintColorAdjust"
+    adjust = label.evaluate(style)
+    assert adjust == "exact", "printed, the white Parasitized label loses its red fill"

@@ -20,7 +20,9 @@
     const first = ["parasitized", "uninfected"];  // the results before anything else, in one order
     const rank = (outcome) => (first.includes(outcome) ? first.indexOf(outcome) : first.length);
     const parts = Object.keys(tally).sort((a, b) => rank(a) - rank(b)).map((outcome) => tally[outcome] + " " + outcome);
-    return (items.length === 1 ? "1 analysis" : items.length + " analyses") + " finished: " + parts.join(", ") + ".";
+    const borderline = items.filter((item) => item.borderline).length;
+    const confirm = borderline ? " (" + borderline + " borderline, to confirm first)" : "";
+    return (items.length === 1 ? "1 analysis" : items.length + " analyses") + " finished: " + parts.join(", ") + confirm + ".";
   }
 
   function pending() {
