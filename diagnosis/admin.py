@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
-from diagnosis.audit import counted, record_access
+from diagnosis.audit import counted, record_access, record_list_read
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import ReviewTimeField, show_review_time
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
@@ -142,6 +142,17 @@ class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
             services.delete_batch(batch=obj)
         else:
             services.delete_analysis(analysis=obj)
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        changelist = getattr(response, "context_data", None) and response.context_data.get("cl")
+        if changelist is not None:  # a page was shown, not a refusal or the redirect after an action
+            # A search by sample reference lists a patient's batches across every user: a trace, as
+            # an API list leaves one.
+            noun = "batch" if self.model is Batch else "cell"
+            records = list(changelist.result_list)
+            record_list_read(request=request, records=records, noun=noun, page=changelist.page_num, own=False)
+        return response
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         record = self.get_object(request, object_id) if request.method == "GET" else None
@@ -502,8 +513,9 @@ class ApiTokenAdmin(admin.ModelAdmin):
 admin.site.unregister(get_user_model())
 
 
-def pluralize_batches(number: int) -> str:
-    return "1 batch" if number == 1 else f"{number} batches"
+def _privileged(user) -> bool:
+    """An account with more access than a clinician's: to the admin, or to every user's cells."""
+    return user.is_superuser or user.is_staff or selectors.can_review(user)
 
 
 @admin.register(get_user_model())
@@ -512,6 +524,23 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
 
     record_deletion = staticmethod(_record_users_data_deleted)
     actions = ["clear_sign_in_lockout"]
+    # change_user is what lifting a lockout needs: with it, a help desk's account could otherwise make
+    # itself a superuser or a reviewer, or set a reviewer's password and sign in as them.
+    PRIVILEGES = ("is_superuser", "is_staff", "groups", "user_permissions")
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = super().get_readonly_fields(request, obj)
+        return fields if request.user.is_superuser else (*fields, *self.PRIVILEGES)
+
+    def has_change_permission(self, request, obj=None):
+        if obj is not None and not request.user.is_superuser and _privileged(obj):
+            return False  # its password, its name, its access: a superuser's to change
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and not request.user.is_superuser and _privileged(obj):
+            return False
+        return super().has_delete_permission(request, obj)
 
     @admin.action(description="Clear the selected users' sign-in lockouts", permissions=["change"])
     def clear_sign_in_lockout(self, request, queryset):
@@ -535,15 +564,17 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
                 "{}: {} and {} (their images, thumbnails and heatmaps), and the API key; the reviews they "
                 "signed keep their name, and batches whose results a lab system was sent are withdrawn there",
                 user.get_username(),
-                pluralize_batches(Batch.objects.filter(owner=user).count()),
+                counted(Batch.objects.filter(owner=user).count(), "batch"),
                 counted(Analysis.objects.filter(owner=user).count(), "cell"),
             )
             for user in users
         ]
         counts = {self.model._meta.verbose_name_plural: len(users), "batches": batches, "cells": cells}
+        # As for deleting the cells themselves: other users' records are a reviewer's to delete.
+        reviewer = selectors.can_review(request.user)
         needed = {
             model._meta.verbose_name
             for model, count in ((Batch, batches), (Analysis, cells))
-            if count and not request.user.has_perm(f"diagnosis.delete_{model._meta.model_name}")
+            if count and not (reviewer and request.user.has_perm(f"diagnosis.delete_{model._meta.model_name}"))
         }
         return summary, counts, needed, []

@@ -51,14 +51,18 @@ def record_access(
     return event
 
 
-def record_list_read(*, request, records: list[Analysis] | list[Batch], noun: str, page: int) -> AccessEvent | None:
-    """One page of an API list of the user's own records, with the span of ids it held (the query's
-    values are left out: a sample reference may name a patient). The same page read again with the
-    same records within REPEAT_WINDOW, a lab system polling, is recorded once."""
+def record_list_read(
+    *, request, records: list[Analysis] | list[Batch], noun: str, page: int, own: bool = True
+) -> AccessEvent | None:
+    """One page of a list, with the span of ids it held (the query's values are left out: a sample
+    reference may name a patient): of the user's own records in the API, of anyone's (``own=False``)
+    in the admin. The same page read again with the same records within REPEAT_WINDOW, a lab system
+    polling, is recorded once."""
     ids = sorted(record.pk for record in records)
     held = f", ids {ids[0]}–{ids[-1]}" if ids else ""
     detail = f"list of {counted(len(ids), noun)}, page {page}{held}"
-    return record_access(request=request, action=AccessEvent.Action.VIEWED, detail=detail, owner_id=request.user.pk)
+    owner_id = request.user.pk if own else None
+    return record_access(request=request, action=AccessEvent.Action.VIEWED, detail=detail, owner_id=owner_id)
 
 
 def record_dataset_export(*, analyses: list[Analysis], out: str) -> None:
@@ -125,7 +129,9 @@ def _seen_recently(event: AccessEvent) -> bool:
 
 
 def counted(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+    if number == 1:
+        return f"{number} {noun}"
+    return f"{number} {noun}es" if noun.endswith(("ch", "s", "x")) else f"{number} {noun}s"  # batches
 
 
 def _channel(path: str) -> AccessEvent.Channel:

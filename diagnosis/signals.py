@@ -55,8 +55,6 @@ def revoke_token_when_access_ends(sender, instance, update_fields=None, **kwargs
     if getattr(instance, "_password", None) is not None:
         ApiToken.objects.filter(user_id=instance.pk).delete()
         return
-    if instance.is_active and instance.has_usable_password():
-        return  # nothing here can have ended
     if update_fields is not None and not {"password", "is_active"} & set(update_fields):
         return  # e.g. last_login at sign-in
     stored = sender.objects.filter(pk=instance.pk).values_list("password", "is_active").first()
@@ -64,7 +62,9 @@ def revoke_token_when_access_ends(sender, instance, update_fields=None, **kwargs
         return
     password, was_active = stored
     disabled = not instance.has_usable_password() and not password.startswith(UNUSABLE_PASSWORD_PREFIX)
-    if disabled or (was_active and not instance.is_active):
+    # Either way round: an account deactivated by an update() (a leavers' script) sends no signal
+    # then, so its key is ended when it is reactivated.
+    if disabled or was_active != instance.is_active:
         ApiToken.objects.filter(user_id=instance.pk).delete()
 
 

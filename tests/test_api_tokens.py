@@ -100,6 +100,22 @@ def test_a_deactivated_users_key_stops_working_and_stays_stopped_when_reactivate
     assert not user.is_active and not ApiToken.objects.filter(user=user).exists() and status_with(again) == 401
 
 
+def test_a_key_of_an_account_deactivated_in_bulk_stays_stopped_when_reactivated(user):
+    """A leavers' script deactivates with update(), which sends no signal: the key is refused, and
+    reactivating the account (its own save) must not bring it back, used in between or not."""
+    from django.contrib.auth import get_user_model
+
+    for tried_in_between in (False, True):
+        key = issue(user)["token"]
+        get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+        if tried_in_between:
+            assert status_with(key) == 401
+        user.refresh_from_db()
+        user.is_active = True
+        user.save()
+        assert status_with(key) == 401, f"revived (used while inactive: {tried_in_between})"
+
+
 def test_use_is_recorded_at_most_every_few_minutes(user):
     key = issue(user)["token"]
     assert ApiToken.objects.get(user=user).last_used_at is None

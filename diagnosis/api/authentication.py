@@ -13,6 +13,7 @@ class ExpiringTokenAuthentication(TokenAuthentication):
         if token is None:
             raise AuthenticationFailed("Invalid token.")
         if not token.user.is_active:
+            token.delete()  # a deactivated account's key ends, however it was deactivated
             raise AuthenticationFailed("User inactive or deleted.")
         if tokens.token_expired(token):
             raise AuthenticationFailed(
