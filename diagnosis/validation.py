@@ -20,12 +20,18 @@ THUMBNAIL_SIZE = (128, 128)
 NAME_MAX_LENGTH = 200
 # The model labels whatever it is given, a blank picture included, and would call it Uninfected
 # with confidence. The NIH crops it learnt from have pixel values with a standard deviation of at
-# least 54 (the black margin around each cell), and sides at most 2.2:1 apart (all but one of
-# 16,122). Past that its calls fall apart: 100 uninfected cells padded to 2.6:1 were 65 called
-# Parasitized (8 as cropped), and 6 to 11 of 100 parasitized ones were missed. So a picture far
-# from a cell crop is refused, not reported.
-MAX_ASPECT = 2.2
+# least 54 (the black margin around each cell) and sides at most 2.6:1 apart (a crescent-shaped
+# gametocyte), so a picture far from that is refused as no cell, not reported as a negative.
+MAX_ASPECT = 4
 MIN_CONTRAST = 3.0  # the largest channel's standard deviation, on 0-255, at 128 px
+# Each NIH cell spans its crop's long side. The model reads a picture padded to a square, so a cell
+# in a loose crop reaches it small, and it is misread: on 150 uninfected held-out cells given black
+# margins, 9 to 15 false alarms while the cell spans 0.6 or more of the long side, as cropped, then
+# 31 at 0.5 and 98 at 0.4. Pictures whose cell spans less are refused.
+MIN_CELL_SPAN = 0.6
+# What differs from the picture's border (the background: black for NIH crops, light for a smear)
+# by more than this, in any channel, is the cell.
+FOREGROUND_DIFFERENCE = 30
 # It learnt from colour pictures of Giemsa-stained cells, and in grey ones it misses about half the
 # parasites (29 of 60 parasitized cells turned grey were called Uninfected), so they are refused:
 # by the file's mode, and by its pixels for a grey picture saved as colour. The NIH cells' channels
@@ -33,8 +39,8 @@ MIN_CONTRAST = 3.0  # the largest channel's standard deviation, on 0-255, at 128
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 GREY_SPREAD = 2
 # Several cells in one picture (a field of view, a contact sheet) are labelled as one, and mostly
-# Parasitized (fields of 16 or 36 uninfected NIH cells: 0.32 to 0.88). No NIH crop holds two pieces
-# of foreground this large, at 128 px on its black margin.
+# Parasitized (fields of 16 or 36 uninfected NIH cells: 0.32 to 0.88; 9 on a light background:
+# 0.61). No NIH crop holds two pieces of foreground this large, at 128 px.
 CELL_PIECE_SHARE = 0.05
 
 
@@ -100,18 +106,41 @@ def _check_shows_a_cell(name: str, image: Image.Image) -> None:
             f"{name}: the image is greyscale, saved as colour. The model reads colour pictures of Giemsa-stained "
             "cells and misses parasites in grey ones: upload the colour picture."
         )
-    if _pieces_of_foreground(pixels) > 1:
+    foreground = _foreground(pixels)
+    if _pieces(foreground) > 1:
         raise ValidationError(
             f"{name}: the image shows several cells; the model labels one cell a picture, so upload one "
             "segmented cell per image."
         )
+    span = _span(foreground, width=width, height=height)
+    if span < MIN_CELL_SPAN:
+        raise ValidationError(
+            f"{name}: the cell spans {span:.0%} of the picture's long side; the model reads cells cropped close "
+            f"(at least {MIN_CELL_SPAN:.0%}), and misreads smaller ones: crop the picture closer to the cell."
+        )
 
 
-def _pieces_of_foreground(pixels: np.ndarray) -> int:
-    """Separate pieces of what is not the black margin, each over CELL_PIECE_SHARE of the picture:
-    each foreground pixel takes the lowest label around it until none changes (in numpy, about 4 ms
-    at 128 px: the web processes load neither OpenCV nor SciPy)."""
-    foreground = pixels.sum(axis=2) > 30
+def _foreground(pixels: np.ndarray) -> np.ndarray:
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    return np.abs(pixels - background).max(axis=2) > FOREGROUND_DIFFERENCE
+
+
+def _span(foreground: np.ndarray, *, width: int, height: int) -> float:
+    """How much of the picture's long side the foreground spans, in the picture's own pixels (the
+    128 px reduction squeezes one side)."""
+    rows, columns = np.nonzero(foreground)
+    if not len(rows):
+        return 0.0
+    across = (columns.max() - columns.min() + 1) / foreground.shape[1] * width
+    down = (rows.max() - rows.min() + 1) / foreground.shape[0] * height
+    return float(max(across, down) / max(width, height))
+
+
+def _pieces(foreground: np.ndarray) -> int:
+    """Separate pieces of the foreground, each over CELL_PIECE_SHARE of the picture: each foreground
+    pixel takes the lowest label around it until none changes (in numpy, about 4 ms at 128 px: the
+    web processes load neither OpenCV nor SciPy)."""
     height, width = foreground.shape
     none = foreground.size
     labels = np.where(foreground, np.arange(none).reshape(height, width), none)

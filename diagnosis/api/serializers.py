@@ -31,8 +31,8 @@ class AnalysisSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text=(
             "Whether the model's call is close to its threshold, where most of its errors are: confirm these "
-            "first. Within BORDERLINE_CONFIDENCE (0.5) of the room between `decision_threshold` and either end "
-            "of the scale: 0.055 to 0.555 at a threshold of 0.11. False until the cell is done."
+            "first. Within BORDERLINE_CONFIDENCE (by default 0.5) of the room between `decision_threshold` and "
+            "either end of the scale: by default 0.055 to 0.555 at a threshold of 0.11. False until the cell is done."
         ),
     )
     review_verdict = serializers.ChoiceField(choices=Analysis.Verdict.choices, read_only=True, allow_blank=True)
