@@ -577,4 +577,6 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
             for model, count in ((Batch, batches), (Analysis, cells))
             if count and not (reviewer and request.user.has_perm(f"diagnosis.delete_{model._meta.model_name}"))
         }
+        if not request.user.is_superuser and any(_privileged(user) for user in users):  # the list's action too
+            needed.add("staff, reviewer or superuser account")
         return summary, counts, needed, []

@@ -257,8 +257,8 @@ class Analysis(models.Model):
 
     @property
     def is_borderline(self) -> bool:
-        """A finished call whose score is close to its threshold, where most of the model's errors
-        are: to be confirmed by microscopy before anything else."""
+        """A finished call whose score is close to its threshold, where half or more of the model's
+        errors are: to be confirmed by microscopy before anything else."""
         if self.status != self.Status.DONE or self.probability_parasitized is None:
             return False
         threshold = 0.5 if self.decision_threshold is None else self.decision_threshold

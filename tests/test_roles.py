@@ -382,3 +382,15 @@ def test_a_help_desk_account_may_not_take_over_a_reviewers_or_a_superusers_accou
         assert not target.check_password("Taken-Over-123"), role
     clinician = world["users"]["outsider"]  # an ordinary account's stays the help desk's to manage
     assert c.get(f"/admin/auth/user/{clinician.pk}/password/").status_code == 200
+
+
+def test_a_help_desk_account_may_not_delete_a_reviewers_account_from_the_list_either(world):
+    staff = world["users"]["staff"]
+    staff.user_permissions.add(Permission.objects.get(codename="delete_user"))
+    reviewer, clinician = world["users"]["reviewer"], world["users"]["outsider"]
+    c = world["clients"]["staff"]
+    action = {"action": "delete_selected", "_selected_action": [str(reviewer.pk)], "post": "yes"}
+    c.post("/admin/auth/user/", action)
+    assert User.objects.filter(pk=reviewer.pk).exists(), "a reviewer's account deleted by the help desk"
+    c.post("/admin/auth/user/", {**action, "_selected_action": [str(clinician.pk)]})
+    assert not User.objects.filter(pk=clinician.pk).exists(), "an ordinary account stays the help desk's to remove"
