@@ -1,7 +1,11 @@
 """The embedded filesystem broker on a full disk: no message is left cut short in the queue, and
-a worker that meets one (left by kombu's own transport) passes over it and goes on."""
+a worker that meets one (left by kombu's own transport) passes over it and goes on. On its own
+folders, whichever broker the suite runs on."""
 
 import errno
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,19 +17,24 @@ from kombu.exceptions import ChannelError
 from diagnosis import services
 from diagnosis.models import Analysis
 from malaria_site import broker
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import ROOT, WorkerProcess, wait_for
 from tests.factories import upload
 
-pytestmark = pytest.mark.skipif(
-    not settings.CELERY_BROKER_URL.startswith("filesystem://"), reason="the embedded filesystem broker"
-)
+TRANSPORT = "malaria_site.broker:Transport"  # as the settings name it for a filesystem:// broker
 
 
 def connection_to(folder: Path) -> Connection:
-    """The transport as the settings give it, on a queue folder of its own (exchanges kept apart)."""
-    (folder / "control").mkdir(exist_ok=True)
+    """The transport, on a queue folder of its own (its exchanges kept apart)."""
+    (folder / "control").mkdir(parents=True, exist_ok=True)
     options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "control_folder": str(folder / "control")}
-    return Connection("filesystem://", transport=settings.CELERY_BROKER_TRANSPORT, transport_options=options)
+    return Connection("filesystem://", transport=TRANSPORT, transport_options=options)
+
+
+def test_the_settings_use_it_for_the_embedded_broker():
+    probe = "import malaria_site.settings as s; print(s.CELERY_BROKER_TRANSPORT)"
+    env = {**os.environ, "CELERY_BROKER_URL": "filesystem://"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == TRANSPORT, result.stderr[-2000:]
 
 
 class _DiskFull:
@@ -69,15 +78,22 @@ def test_a_message_cut_short_is_passed_over_for_the_next(tmp_path):
 
 @pytest.mark.worker
 @pytest.mark.slow
-def test_a_worker_meeting_a_message_cut_short_goes_on_with_the_next(without_session_worker, user, media_root, tmp_path):
-    from malaria_site.celery import app
+def test_a_worker_meeting_a_message_cut_short_goes_on_with_the_next(
+    without_session_worker, user, media_root, tmp_path, monkeypatch
+):
+    from diagnosis.tasks import analyse_images
 
-    app.control.purge()
-    folder = Path(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"])
-    (folder / f"0_{uuid.uuid4()}.{settings.CELERY_TASK_DEFAULT_QUEUE}.msg").write_bytes(b"")
-    worker = WorkerProcess(media_root, tmp_path / "worker.log").start()
+    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)  # sent below, to this broker
+    folder = Path(settings.VAR_DIR) / "test-broker"  # where tests.settings puts a filesystem broker
+    for message in folder.glob("*.msg"):
+        message.unlink()
+    queue = settings.CELERY_TASK_DEFAULT_QUEUE
+    (folder / f"0_{uuid.uuid4()}.{queue}.msg").write_bytes(b"")
+    worker = WorkerProcess(media_root, tmp_path / "worker.log", {"CELERY_BROKER_URL": "filesystem://"}).start()
     try:
         analysis = services.create_analysis(owner=user, upload=upload("after.png"))
+        with connection_to(folder) as connection:
+            analyse_images.apply_async(args=[[analysis.pk]], connection=connection, queue=queue)
         wait_for(lambda: Analysis.objects.get(pk=analysis.pk).status == "done", timeout=120)
         assert worker.process.poll() is None, "the worker stopped"
         assert "event=broker_message_unreadable" in (tmp_path / "worker.log").read_text(errors="replace")
