@@ -85,6 +85,7 @@ def test_a_worker_meeting_a_message_cut_short_goes_on_with_the_next(
 
     monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)  # sent below, to this broker
     folder = Path(settings.VAR_DIR) / "test-broker"  # where tests.settings puts a filesystem broker
+    (folder / "control").mkdir(parents=True, exist_ok=True)  # a new checkout, on Redis, has none yet
     for message in folder.glob("*.msg"):
         message.unlink()
     queue = settings.CELERY_TASK_DEFAULT_QUEUE
