@@ -96,7 +96,7 @@ class FilterForm(forms.Form):
             label=data.get("label") or "",
             search=(data.get("search") or "").strip(),
             reviewed=data.get("reviewed") or "",
-            borderline=data.get("call") == "borderline",
+            borderline=True if data.get("call") == "borderline" else None,
             date_from=str(data.get("date_from") or ""),
             date_to=str(data.get("date_to") or ""),
             sort=data.get("sort") or "-created_at",

@@ -25,7 +25,7 @@ class AnalysisFilters:
     label: str = ""
     search: str = ""
     reviewed: str = ""  # "yes", "no" or ""
-    borderline: bool = False
+    borderline: bool | None = None  # True: only borderline calls; False: every other cell; None: both
     date_from: str = ""
     date_to: str = ""
     batch: int | None = None
@@ -51,8 +51,8 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
         queryset = queryset.exclude(review_verdict="")
     elif filters.reviewed == "no":
         queryset = queryset.filter(review_verdict="")
-    if filters.borderline:
-        queryset = queryset.filter(is_borderline())
+    if filters.borderline is not None:
+        queryset = queryset.filter(is_borderline()) if filters.borderline else queryset.exclude(is_borderline())
     # As ranges of created_at, not created_at__date: the (owner, created_at) index serves a range.
     if filters.date_from:
         queryset = queryset.filter(created_at__gte=_start_of(_within_calendar(date.fromisoformat(filters.date_from))))

@@ -6,6 +6,7 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.fields import empty
 
 from diagnosis import selectors
 from diagnosis.callbacks import check_callback_url
@@ -80,6 +81,13 @@ class AnalysisSerializer(serializers.ModelSerializer):
         return self._url(analysis, "overlay")
 
 
+class QueryBooleanField(serializers.BooleanField):
+    """Left out of a query, no value: DRF reads a boolean left out of a form as false (an unticked
+    checkbox), which would filter every list by it."""
+
+    default_empty_html = empty
+
+
 class AnalysisListQuerySerializer(serializers.Serializer):
     """The list's filters: an unknown value is refused, never ignored into an unfiltered list."""
 
@@ -87,7 +95,9 @@ class AnalysisListQuerySerializer(serializers.Serializer):
     label = serializers.ChoiceField(choices=Analysis.Label.values, required=False, allow_blank=True)
     # At most the largest id a batch can have: a longer number overflowed SQLite's integers (a 500).
     batch = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
-    borderline = serializers.BooleanField(required=False, help_text="true: only borderline calls")
+    borderline = QueryBooleanField(
+        required=False, help_text="true: only borderline calls; false: every other cell (as the field reads)"
+    )
 
 
 class AnalysisUploadSerializer(serializers.Serializer):

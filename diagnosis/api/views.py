@@ -232,7 +232,11 @@ class AnalysisViewSet(
                 description="The final label: the reviewer's where a reviewer corrected the model.",
             ),
             OpenApiParameter("batch", int, description="only the cells of this batch"),
-            OpenApiParameter("borderline", bool, description="true: only the calls to confirm first (`borderline`)"),
+            OpenApiParameter(
+                "borderline",
+                bool,
+                description="true: only the calls to confirm first; false: every other cell (as `borderline` reads)",
+            ),
         ],
         responses={200: AnalysisSerializer(many=True), **errors(400, 401, 404)},
     )
