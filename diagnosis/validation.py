@@ -29,9 +29,11 @@ MIN_CONTRAST = 3.0  # the largest channel's standard deviation, on 0-255, at 128
 # margins, 9 to 15 false alarms while the cell spans 0.6 or more of the long side, as cropped, then
 # 31 at 0.5 and 98 at 0.4. Pictures whose cell spans less are refused.
 MIN_CELL_SPAN = 0.6
-# What differs from the picture's border (the background: black for NIH crops, light for a smear)
-# by more than this, in any channel, is the cell.
-FOREGROUND_DIFFERENCE = 30
+# What is brighter than this in any channel is the cell, the rest the black margin segmentation
+# leaves around it (as in every NIH crop). A light background is all foreground: such a picture is
+# taken as one cell filling its crop, never refused as loose or several (a background read off the
+# border took a frame, or a cell cropped inside its edge, for the background).
+FOREGROUND_LEVEL = 30
 # It learnt from colour pictures of Giemsa-stained cells, and in grey ones it misses about half the
 # parasites (29 of 60 parasitized cells turned grey were called Uninfected), so they are refused:
 # by the file's mode, and by its pixels for a grey picture saved as colour. The NIH cells' channels
@@ -39,8 +41,8 @@ FOREGROUND_DIFFERENCE = 30
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 GREY_SPREAD = 2
 # Several cells in one picture (a field of view, a contact sheet) are labelled as one, and mostly
-# Parasitized (fields of 16 or 36 uninfected NIH cells: 0.32 to 0.88; 9 on a light background:
-# 0.61). No NIH crop holds two pieces of foreground this large, at 128 px.
+# Parasitized (fields of 16 or 36 uninfected NIH cells: 0.32 to 0.88). No NIH crop holds two pieces
+# of foreground this large, at 128 px.
 CELL_PIECE_SHARE = 0.05
 
 
@@ -121,9 +123,7 @@ def _check_shows_a_cell(name: str, image: Image.Image) -> None:
 
 
 def _foreground(pixels: np.ndarray) -> np.ndarray:
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    return np.abs(pixels - background).max(axis=2) > FOREGROUND_DIFFERENCE
+    return pixels.max(axis=2) > FOREGROUND_LEVEL
 
 
 def _span(foreground: np.ndarray, *, width: int, height: int) -> float:
