@@ -1,7 +1,10 @@
 """The pages where use gets awkward, in a real browser: a phone's screen, a session that ends while
 something is typed, notes of several lines."""
 
+import contextlib
 import re
+import socket
+import threading
 
 import pytest
 from django.contrib.sessions.models import Session
@@ -155,7 +158,73 @@ def test_an_upload_the_server_did_not_finish_says_it_may_have_been_stored(open_p
     errors = page.locator("#client-errors")
     expect(errors).to_contain_text("The server did not finish the upload (HTTP 502). It may have been stored")
     expect(errors).not_to_contain_text("Nothing was stored")
+    expect(page.locator("#file-list li span")).to_have_text(["may have been stored"])  # not "not stored"
     open_page.expect_error(page, "502")
+
+
+def test_a_connection_lost_after_the_files_were_sent_says_the_upload_may_have_been_stored(
+    open_page,  # noqa: F811
+    user,
+    not_analysed,
+):
+    """The server may store a batch whose answer never arrives: a page saying "nothing was stored"
+    sends the clinician to upload the same cells twice."""
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    # A route never sends the body, so the browser would not report it sent: a real socket reads
+    # all of it, then closes without an answer, as a proxy restarting mid-request does.
+    with server_that_hangs_up(origin=page.evaluate("location.origin")) as address:
+        page.locator("#upload-form").evaluate("(form, address) => { form.action = address; }", address)
+        page.set_input_files("#id_images", [str(fixture_cells()[0])])
+        page.locator("#upload-button").click()
+        errors = page.locator("#client-errors")
+        expect(errors).to_contain_text("The connection was lost after every file was sent")
+    expect(errors).not_to_contain_text("Nothing was stored")
+    expect(page.locator("#file-list li span")).to_have_text(["may have been stored"])
+    open_page.expect_error(page, "ERR_EMPTY_RESPONSE")
+
+
+def test_an_upload_that_never_reached_the_server_says_nothing_was_stored(open_page, user, not_analysed):  # noqa: F811
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.route("**/upload/", lambda route: route.abort("connectionrefused"))
+    page.set_input_files("#id_images", [str(fixture_cells()[0])])
+    page.locator("#upload-button").click()
+    expect(page.locator("#client-errors")).to_contain_text("The upload did not reach the server")
+    expect(page.locator("#file-list li span")).to_have_text(["not stored"])
+    open_page.expect_error(page, "ERR_CONNECTION_REFUSED")
+
+
+@contextlib.contextmanager
+def server_that_hangs_up(*, origin: str):
+    """An address whose server lets ``origin`` post to it, reads each request whole and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with connection, connection.makefile("rb") as request:
+                head = [line for line in iter(request.readline, b"\r\n")]
+                length = next((int(h.split(b":")[1]) for h in head if h.lower().startswith(b"content-length")), 0)
+                request.read(length)
+                if head[0].startswith(b"OPTIONS"):  # the browser's preflight for the cross-origin post
+                    connection.sendall(
+                        b"HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: " + origin.encode()
+                        + b"\r\nAccess-Control-Allow-Methods: POST\r\nAccess-Control-Allow-Headers: *"
+                        + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/upload/"
+    finally:
+        listener.close()
 
 
 NEAR = {"status": "done", "label": "Parasitized", "probability_parasitized": 0.2, "decision_threshold": 0.11}

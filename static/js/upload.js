@@ -140,8 +140,9 @@
     if (event.target === zone && !sending && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); input.click(); }
   });
 
-  function fail(message) {
-    if (sending) notes.forEach((note) => { note.textContent = "not stored"; });
+  // `fileNote` is what each sent file's row says: "not stored", unless the server may have kept it.
+  function fail(message, fileNote = "not stored") {
+    if (sending) notes.forEach((note) => { note.textContent = fileNote; });
     bar.hidden = true;
     lock(false);
     status.textContent = "";
@@ -184,6 +185,7 @@
       return;
     }
     event.preventDefault();
+    let allSent = false;
     const data = new FormData(form);
     data.delete("images");
     chosen.forEach((file) => data.append("images", file, file.name));
@@ -199,7 +201,10 @@
       showFileProgress(e.loaded, e.total);
     });
     // The server checks every image before it answers, which can take a while for a large batch.
-    xhr.upload.addEventListener("load", () => { status.textContent = "All files sent. The server is checking them…"; });
+    xhr.upload.addEventListener("load", () => {
+      allSent = true;
+      status.textContent = "All files sent. The server is checking them…";
+    });
     xhr.addEventListener("load", () => {
       const type = xhr.getResponseHeader("Content-Type") || "";
       if (xhr.status === 200 && type.startsWith("application/json")) {
@@ -221,7 +226,7 @@
       } else if (xhr.status >= 500) {
         // The server failed, or a proxy gave up waiting for it: the upload may have been stored after all.
         fail("The server did not finish the upload (HTTP " + xhr.status + "). It may have been stored: look for it "
-          + "under Samples before you upload again.");
+          + "under Samples before you upload again.", "may have been stored");
       } else {
         // A refusal before the form was read (the request too large, too many requests): say why,
         // and keep the page and what was typed on it.
@@ -231,7 +236,14 @@
       }
     });
     xhr.addEventListener("error", () => {
-      fail("The upload did not reach the server: check the connection, or upload fewer or smaller files at a time. Nothing was stored.");
+      if (allSent) {
+        // The connection dropped while the server was checking the files: it may have stored them.
+        fail("The connection was lost after every file was sent, so the upload may have been stored: look for it "
+          + "under Samples before you upload again.", "may have been stored");
+      } else {
+        fail("The upload did not reach the server: check the connection, or upload fewer or smaller files at a time. "
+          + "Nothing was stored.");
+      }
     });
     xhr.send(data);
   });
