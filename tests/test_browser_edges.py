@@ -214,7 +214,8 @@ def server_that_hangs_up(*, origin: str):
                 request.read(length)
                 if head[0].startswith(b"OPTIONS"):  # the browser's preflight for the cross-origin post
                     connection.sendall(
-                        b"HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: " + origin.encode()
+                        b"HTTP/1.1 204 No Content\r\nAccess-Control-Allow-Origin: "
+                        + origin.encode()
                         + b"\r\nAccess-Control-Allow-Methods: POST\r\nAccess-Control-Allow-Headers: *"
                         + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     )
