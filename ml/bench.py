@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ml.predictor import Predictor
-from ml.weights import DEFAULT_WEIGHTS
+from ml.weights import deployed_weights
 
 
 def synthetic_cells(count: int, seed: int = 0) -> list[Image.Image]:
@@ -33,7 +33,9 @@ def time_per_image(predictor: Predictor, images: list[Image.Image], repeats: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument(
+        "--weights", default=str(deployed_weights()), help="default: $MODEL_WEIGHTS, else the shipped model"
+    )
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -23,7 +23,7 @@ from ml.metrics import borderline_figures, paired_patient_bootstrap, patient_boo
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
 from ml.preprocessing import ImageDecodeError
-from ml.weights import DEFAULT_WEIGHTS
+from ml.weights import deployed_weights
 
 CHUNK = 256  # images decoded at a time, to bound memory on large folders
 
@@ -163,7 +163,9 @@ def describe_comparison(m: dict) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument(
+        "--weights", default=str(deployed_weights()), help="default: $MODEL_WEIGHTS, else the shipped model"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--save-overlays", metavar="DIR", help="write example original|overlay PNGs here")
     parser.add_argument("--overlays-per-class", type=int, default=3)

@@ -1,6 +1,7 @@
 """Saving and loading model files as safetensors (no pickle), with metadata alongside."""
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +13,12 @@ from safetensors.torch import save_file
 from ml.model import MalariaVGG, ModelConfig
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "malaria_vgg19.safetensors"
+
+
+def deployed_weights() -> Path:
+    """The file the worker loads, MODEL_WEIGHTS as the settings read it: the command-line tools
+    measure the model the site runs, not the shipped one beside it."""
+    return Path(os.environ.get("MODEL_WEIGHTS") or DEFAULT_WEIGHTS)
 
 
 class WeightsNotFound(FileNotFoundError):

@@ -366,7 +366,7 @@ def test_evaluate_passes_over_hidden_files_and_stops_at_an_unreadable_cell_namin
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_cli_on_fixture_cells(tmp_path, training_cells):
+def test_train_then_evaluate_cli_on_fixture_cells(tmp_path, training_cells, monkeypatch):
     out = tmp_path / "model.safetensors"
     trained = train_on_fixture_cells(training_cells, out, bf16=True)
     assert trained.returncode == 0, trained.stderr
@@ -446,6 +446,11 @@ def test_train_then_evaluate_cli_on_fixture_cells(tmp_path, training_cells):
     )
     expected = json.loads(json.dumps(without_nan(borderline_figures(scores, positives, info.threshold))))
     assert json.loads(on_validation.stdout)["borderline"] == expected
+
+    monkeypatch.setenv("MODEL_WEIGHTS", str(out))  # the model the site runs, as the worker reads it
+    deployed = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--json", "--bootstrap", "0")
+    assert json.loads(deployed.stdout)["model_version"] == info.version
+    monkeypatch.delenv("MODEL_WEIGHTS")
 
     human = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(out))
     assert "sensitivity" in human.stdout and "ROC AUC" in human.stdout and "borderline" in human.stdout
