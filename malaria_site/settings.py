@@ -88,6 +88,12 @@ TEMPLATES = [
 # --- Database -------------------------------------------------------------------------------
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
+# .env.example's POSTGRES_PASSWORD is public too; the database takes it at its first start.
+if not DEBUG and DATABASES["default"].get("PASSWORD", "").startswith("change-me"):
+    raise ImproperlyConfigured(
+        "The database password is .env.example's placeholder: set POSTGRES_PASSWORD to a secret "
+        "(see docs/deploy.md, which says how to change it once the database has started)"
+    )
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not memory, so a worker process can share the test database.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}

@@ -1117,6 +1117,17 @@ def test_production_refuses_a_placeholder_or_short_secret_key(key):
     assert result.returncode != 0 and "placeholder or shorter than 50 characters" in result.stderr
 
 
+def test_production_refuses_the_example_database_password():
+    placeholder = interpolate(
+        SERVICES["web"]["environment"]["DATABASE_URL"], dotenv_as_intended(ENV_EXAMPLE) | {"DJANGO_SECRET_KEY": "x"}
+    )
+    assert ":change-me@" in placeholder  # what compose hands the web and the worker from a copied .env.example
+    result = run_python(["-c", "import malaria_site.settings"], production_env(DATABASE_URL=placeholder))
+    assert result.returncode != 0 and "database password is .env.example's placeholder" in result.stderr
+    chosen = production_env(DATABASE_URL=placeholder.replace("change-me", "Zt8vQ2pL9xR4"))
+    assert run_python(["-c", "import malaria_site.settings"], chosen).returncode == 0
+
+
 @pytest.mark.parametrize("name", ["LOGIN_MAX_FAILURES", "LOGIN_MAX_FAILURES_PER_ADDRESS"])
 def test_a_lockout_after_zero_failures_is_refused_at_start(name):
     """0 turns other limits off, but here it would lock every account out before any password is checked."""
