@@ -550,7 +550,8 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
         self.message_user(
             request,
             f"Sign-in lockouts cleared for {counted(len(queryset), 'user')}. An address locked out for "
-            "guessing at many names stays locked until its count expires (LOGIN_LOCKOUT_SECONDS).",
+            "guessing at many names stays locked until its count expires (LOGIN_LOCKOUT_SECONDS), or until "
+            "manage.py clear_address_lockout ADDRESS clears it.",
         )
 
     def get_deleted_objects(self, objs, request):

@@ -14,6 +14,7 @@ address, and its own typos count against nothing else.
 
 import contextlib
 import hashlib
+import ipaddress
 import math
 import secrets
 import time
@@ -89,7 +90,24 @@ def forgive(username: str) -> None:
 
 
 def _address_key(request) -> str:
-    return f"login-failures-address:{_digest(client_address(request))}"
+    return _address_count_key(client_address(request))
+
+
+def _address_count_key(address: str) -> str:
+    return f"login-failures-address:{_digest(address)}"
+
+
+def forgive_address(address: str) -> bool:
+    """Clear the count of failures at every name from ``address`` (a hospital's NAT locked out by
+    guesses from one machine behind it); True if it was counting any. The address is taken as
+    written and in its canonical form, the form a proxy's header or the peer gives it."""
+    forms = {address.strip()}
+    with contextlib.suppress(ValueError):
+        forms.add(str(ipaddress.ip_address(address.strip())))
+    keys = [_address_count_key(form) for form in forms]
+    counting = any(cache.get(key) for key in keys)
+    cache.delete_many([name for key in keys for name in (key, f"{key}:since")])
+    return counting
 
 
 def _user_digest(username: str) -> str:

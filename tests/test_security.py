@@ -1,4 +1,5 @@
 import hashlib
+import io
 import re
 import threading
 import time
@@ -618,3 +619,35 @@ def test_the_api_rate_limit_for_anonymous_clients_ignores_a_made_up_forwarded_fo
     client = APIClient(REMOTE_ADDR="198.51.100.9")
     answers = [client.get("/api/schema/", HTTP_X_FORWARDED_FOR=f"10.0.0.{n}").status_code for n in range(4)]
     assert answers == [200, 200, 429, 429]
+
+
+def test_an_administrator_clears_an_address_locked_out_for_guessing_at_many_names(db, settings):
+    """One machine behind a ward's shared address guessing at names locks every new browser there
+    out; the admin's per-user unlock does not reach it, this command does."""
+    from django.core.management import call_command
+
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 3
+    clinician = UserFactory()
+    ward, elsewhere = Client(REMOTE_ADDR="10.20.0.1"), Client(REMOTE_ADDR="10.20.0.2")
+    for name in ("a", "b", "c"):
+        ward.post("/accounts/login/", {"username": name, "password": "Summer2026"})
+    elsewhere.post("/accounts/login/", {"username": "d", "password": "Summer2026"})
+    assert _sign_in(Client(REMOTE_ADDR="10.20.0.1"), clinician.username) == 429
+
+    out = io.StringIO()
+    call_command("clear_address_lockout", "10.20.0.1", "10.20.0.9", stdout=out)
+    assert out.getvalue().splitlines() == [
+        "10.20.0.1: sign-in lockout cleared",
+        "10.20.0.9: had no failed sign-ins counted",
+    ]
+    assert _sign_in(Client(REMOTE_ADDR="10.20.0.1"), clinician.username) == 302
+    # The other address's count stays: one more failure there still counts towards its limit.
+    for name in ("e", "f"):
+        elsewhere.post("/accounts/login/", {"username": name, "password": "Summer2026"})
+    assert _sign_in(Client(REMOTE_ADDR="10.20.0.2"), clinician.username) == 429
+
+    ipv6 = Client(REMOTE_ADDR="2001:db8::1")
+    for name in ("a", "b", "c"):
+        ipv6.post("/accounts/login/", {"username": name, "password": "Summer2026"})
+    call_command("clear_address_lockout", "2001:DB8:0::1", stdout=io.StringIO())  # as someone may type it
+    assert _sign_in(Client(REMOTE_ADDR="2001:db8::1"), clinician.username) == 302
