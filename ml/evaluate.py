@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.data import list_samples, open_sample, patient, patient_groups
+from ml.data import PATIENT_MARK, list_samples, open_sample, patient, patient_groups
 from ml.metrics import borderline_figures, paired_patient_bootstrap, patient_bootstrap, screening_metrics
 from ml.model import CLASS_NAMES, PARASITIZED
 from ml.predictor import Predictor
-from ml.preprocessing import ImageDecodeError
 from ml.weights import deployed_weights
 
 CHUNK = 256  # images decoded at a time, to bound memory on large folders
@@ -40,6 +39,14 @@ def evaluate_folder(
     samples = list_samples(data_dir)
     if not samples:
         raise SystemExit(f"no images found under {data_dir}")
+    unnamed = sum(PATIENT_MARK not in s.path.name for s in samples)
+    if unnamed and bootstrap:
+        print(
+            f"ml.evaluate: {unnamed} of {len(samples)} file names do not name their patient group (the part "
+            f"before {PATIENT_MARK}): each such cell is resampled alone, so the intervals are too narrow "
+            "where one patient has several",
+            file=sys.stderr,
+        )
     predictor = Predictor(weights)
     started = time.perf_counter()
     scores = score_samples(predictor, samples, overlays_dir=overlays_dir, overlays=overlays)
@@ -174,6 +181,8 @@ def main(argv=None) -> None:
         "--bootstrap", type=int, default=1000, metavar="N", help="patient-group resamples for the intervals; 0: none"
     )
     args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap {args.bootstrap}: give a number of resamples, or 0 for no intervals")
     try:
         metrics = evaluate_folder(
             args.data,
@@ -183,7 +192,9 @@ def main(argv=None) -> None:
             bootstrap=args.bootstrap,
             against=args.against,
         )
-    except ImageDecodeError as error:  # figures without that cell would not be the folder's
+    # A cell that cannot be decoded (figures without it would not be the folder's), a folder or
+    # weights file that is missing or not of the shape asked for: said in a line, not a traceback.
+    except (OSError, ValueError) as error:
         parser.exit(1, f"ml.evaluate: {error}\n")
     report = json.dumps(without_nan(metrics), allow_nan=False) if args.json else describe(metrics)
     sys.stdout.write(report + "\n")

@@ -24,6 +24,10 @@ TRUNK_CHANNELS = 512
 # VGG19's convolution widths, "M" a 2x2 max-pool (configuration E of Simonyan & Zisserman).
 VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
+# The coarsest Grad-CAM grid (before upsampling) ml.train will make: finer than the seed's 7x7 at
+# 224 px, whose every square covered a seventh of the cell's width.
+MIN_HEATMAP_GRID = 8
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -34,13 +34,10 @@ def main(argv=None) -> None:
     if out.exists() and any(out.iterdir()):  # links left from another seed would mix two splits
         parser.error(f"{out} is not empty; give a new folder")
 
-    if args.validation_of:
-        parts = {"validation": validation_cells(parser, list_samples(args.data), args.validation_of)}
-    else:
-        train, test = split_by_patient(list_samples(args.data), holdout_fraction=args.test_fraction, seed=args.seed)
-        if not test:  # every drawn group belongs to a patient with another group kept
-            parser.error("no patient is wholly among the groups drawn for the test side; try another --seed")
-        parts = {"train": train, "test": test}
+    try:
+        parts = chosen_parts(parser, args)
+    except (OSError, ValueError) as error:  # a folder not of the shape asked for, unnamed patients
+        parser.exit(1, f"ml.split: {error}\n")
     for part, samples in parts.items():
         for name in CLASS_NAMES:
             (out / part / name).mkdir(parents=True, exist_ok=True)
@@ -48,6 +45,16 @@ def main(argv=None) -> None:
             (out / part / CLASS_NAMES[sample.label] / sample.path.name).symlink_to(sample.path.resolve())
         groups = len(patient_groups(samples))
         print(f"{part}: {len(samples)} images from {groups} patient groups")
+
+
+def chosen_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
+    samples = list_samples(args.data)
+    if args.validation_of:
+        return {"validation": validation_cells(parser, samples, args.validation_of)}
+    train, test = split_by_patient(samples, holdout_fraction=args.test_fraction, seed=args.seed)
+    if not test:  # every drawn group belongs to a patient with another group kept
+        parser.error("no patient is wholly among the groups drawn for the test side; try another --seed")
+    return {"train": train, "test": test}
 
 
 def validation_cells(parser: argparse.ArgumentParser, samples: list, weights: str) -> list:

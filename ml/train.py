@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ml.augment import augment_batch
 from ml.data import Sample, fraction, list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
-from ml.model import CLASS_NAMES, PARASITIZED, MalariaVGG, ModelConfig
+from ml.model import CLASS_NAMES, MIN_HEATMAP_GRID, PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import cpu_has_bf16
 from ml.tensors import model_inputs
 from ml.weights import ModelInfo, load_model, read_info, save_model
@@ -294,7 +294,16 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".ckpt"))
 
-    samples = list_samples(args.data)
+    if not args.resume and checkpoint_path.exists():  # an interrupted run, hours of work
+        raise SystemExit(
+            f"{checkpoint_path} holds an earlier run's checkpoint: add --resume to continue it, or remove it "
+            "to start afresh"
+        )
+
+    try:
+        samples = list_samples(args.data)
+    except (OSError, ValueError) as error:  # a folder not of the shape --data asks for
+        raise SystemExit(f"ml.train: {error}") from None
     if args.limit:
         samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
     validation_run = read_info(args.refit) if args.refit else None
@@ -302,7 +311,10 @@ def main(argv=None) -> None:
         # The validation patients join training; the earlier run already chose the threshold on them.
         train_samples, val_samples = samples, []
     else:
-        train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
+        try:
+            train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
+        except ValueError as error:  # file names that do not name their patients
+            raise SystemExit(f"ml.train: {error}") from None
     excluded = 0
     if args.exclude:
         names = excluded_file_names(args.exclude)
@@ -317,6 +329,12 @@ def main(argv=None) -> None:
     )
 
     model = build_model(args).to(device, memory_format=torch.channels_last)
+    grid, stride = model.config.heatmap_size, model.config.trunk_stride
+    if grid < MIN_HEATMAP_GRID:
+        raise SystemExit(
+            f"--input-size {model.config.input_size} at trunk stride {stride} gives a {grid}x{grid} heatmap grid, "
+            f"coarser than {MIN_HEATMAP_GRID}x{MIN_HEATMAP_GRID}: give --input-size {MIN_HEATMAP_GRID * stride} or more"
+        )
     last_epoch = check_same_recipe(model.config, validation_run, args=args) if validation_run else args.epochs
     size = model.config.input_size
     loaded = time.monotonic()

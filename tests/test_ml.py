@@ -23,11 +23,11 @@ from ml.data import Sample, list_samples, patient, patient_group, split_by_patie
 from ml.evaluate import without_nan
 from ml.gradcam import cam_from_features, grad_cam, render_overlay
 from ml.metrics import borderline_figures, choose_threshold, screening_metrics
-from ml.model import PARASITIZED, MalariaVGG, ModelConfig
+from ml.model import MIN_HEATMAP_GRID, PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb, square_resize
 from ml.tensors import REFERENCE_CELL_COLOUR, standardise_stain
-from ml.weights import ModelInfo, WeightsNotFound, load_model, read_info, save_model
+from ml.weights import DEFAULT_WEIGHTS, ModelInfo, WeightsNotFound, load_model, read_info, save_model
 from tests.conftest import FIXTURE_CELLS, ROOT
 
 SHARED_DATA = ROOT.parent / "shared" / "datasets" / "nih-malaria-cells"
@@ -244,7 +244,8 @@ def test_the_trunk_is_torchvisions_layer_for_layer(arch):
 
 
 def test_heatmap_grid_is_at_least_8x8_for_the_shipped_config():
-    assert ModelConfig().heatmap_size >= 8
+    assert ModelConfig().heatmap_size >= MIN_HEATMAP_GRID == 8
+    assert read_info(DEFAULT_WEIGHTS).config.heatmap_size >= 8
 
 
 def test_overlay_has_the_original_size():
@@ -310,9 +311,9 @@ def training_cells(tmp_path_factory) -> Path:
 
 
 def train_on_fixture_cells(data: Path, out: Path, *options: str, bf16: bool = False) -> subprocess.CompletedProcess:
-    """One quick epoch of ``ml.train`` at 32 px, half of the patients for validation; in fp32 unless
-    asked (bf16 is slow on a CPU without it)."""
-    common = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--val-fraction", "0.5"]
+    """One quick epoch of ``ml.train`` at 64 px (the least an 8x8 heatmap grid allows), half of the
+    patients for validation; in fp32 unless asked (bf16 is slow on a CPU without it)."""
+    common = ["--epochs", "1", "--batch-size", "2", "--input-size", "64", "--val-fraction", "0.5"]
     common += [] if bf16 else ["--no-bf16"]
     return run_module("ml.train", "--data", str(data), "--out", str(out), *common, *options)
 
@@ -473,7 +474,7 @@ def test_imagenet_init_freezes_the_trunk_and_trains_the_head(tmp_path, training_
     torch.save(backbone, backbone_file)
     out = tmp_path / "head.safetensors"
     trained = train_on_fixture_cells(
-        training_cells, out, "--init", "imagenet", "--backbone-weights", str(backbone_file)
+        training_cells, out, "--init", "imagenet", "--backbone-weights", str(backbone_file), "--input-size", "128"
     )
     assert trained.returncode == 0, trained.stderr
     model, info = load_model(out)
@@ -490,19 +491,21 @@ def test_init_from_continues_an_earlier_model_at_a_larger_input_size(tmp_path, t
     earlier = tiny_weights(tmp_path / "stage1.safetensors")
     assert not read_info(earlier).config.stain_standardise
     out = tmp_path / "stage2.safetensors"
-    continued = ("--init-from", str(earlier), "--input-size", "48", "--lr", "1e-9", "--stain-standardise")
+    continued = ("--init-from", str(earlier), "--input-size", "96", "--lr", "1e-9", "--stain-standardise")
     trained = train_on_fixture_cells(training_cells, out, *continued)
     assert trained.returncode == 0, trained.stderr
-    assert "starting from test-tiny at 48px" in trained.stdout
+    assert "starting from test-tiny at 96px" in trained.stdout
     model, info = load_model(out)
-    assert info.config.input_size == 48 and info.config.trunk_stride == 8 and info.config.stain_standardise
+    assert info.config.input_size == 96 and info.config.trunk_stride == 8 and info.config.stain_standardise
     assert info.metrics["init_from"] == "test-tiny"
     start, _ = load_model(earlier)
     convolutions = [k for k, v in start.state_dict().items() if k.startswith("features.") and v.dim() == 4]
     for name in convolutions:  # a 1e-9 learning rate leaves the earlier convolutions in place
         torch.testing.assert_close(model.state_dict()[name], start.state_dict()[name])
 
-    restrided = train_on_fixture_cells(training_cells, out, "--init-from", str(earlier), "--trunk-stride", "16")
+    restrided = train_on_fixture_cells(
+        training_cells, tmp_path / "restrided.safetensors", "--init-from", str(earlier), "--trunk-stride", "16"
+    )
     assert restrided.returncode != 0 and "trunk stride" in restrided.stderr
 
 
@@ -593,7 +596,7 @@ def test_refit_trains_on_validation_patients_too_and_keeps_the_validation_runs_t
 
     assert "with --epochs 2" in refused("--batch-size", "3", "--seed", "5")
     assert "without --mixup" in refused(*SHORT_RUN, "--mixup", "0.2")
-    assert "input_size=32" in refused(*SHORT_RUN, "--input-size", "48")
+    assert "input_size=64" in refused(*SHORT_RUN, "--input-size", "96")
     assert "without --limit" in refused(*SHORT_RUN, "--limit", "7")
 
 
@@ -624,11 +627,71 @@ def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation
     assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
 
 
+def test_train_refuses_a_heatmap_grid_coarser_than_8x8(tmp_path, training_cells):
+    out = tmp_path / "coarse.safetensors"
+    coarse = train_on_fixture_cells(training_cells, out, "--trunk-stride", "32")  # 64 px: a 2x2 grid
+    assert coarse.returncode != 0 and "2x2 heatmap grid, coarser than 8x8" in coarse.stderr
+    assert "give --input-size 256 or more" in coarse.stderr and not out.exists()
+
+
+def test_train_without_resume_keeps_an_existing_checkpoint(tmp_path, training_cells):
+    """An interrupted run of hours restarted without --resume trained afresh over its checkpoint."""
+    out = tmp_path / "model.safetensors"
+    out.with_suffix(".ckpt").write_bytes(b"hours of training")
+    again = train_on_fixture_cells(training_cells, out)
+    assert again.returncode != 0 and "add --resume to continue it, or remove it" in again.stderr
+    assert out.with_suffix(".ckpt").read_bytes() == b"hours of training" and not out.exists()
+
+
+def test_the_tools_report_an_ordinary_mistake_in_a_line_not_a_traceback(tmp_path):
+    weights = str(tiny_weights(tmp_path / "w.safetensors"))
+    nested = tmp_path / "cells"
+    shutil.copytree(FIXTURE_CELLS, nested)
+    (nested / "Parasitized" / "C1P1thinF").mkdir()
+    shutil.copy(next((FIXTURE_CELLS / "Parasitized").glob("*.png")), nested / "Parasitized" / "C1P1thinF" / "a.png")
+    unnamed = tmp_path / "lab"  # a lab's own file names, which name no patient
+    for name in ("Parasitized", "Uninfected"):
+        (unnamed / name).mkdir(parents=True)
+        for k, cell in enumerate(sorted((FIXTURE_CELLS / name).glob("*.png"))):
+            shutil.copy(cell, unnamed / name / f"{name.lower()}_{k}.png")
+    cases = [
+        (["ml.evaluate", "--data", str(nested), "--weights", weights], "sub-folder"),
+        (["ml.evaluate", "--data", str(tmp_path), "--weights", weights], "must contain the folders"),
+        (["ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", str(tmp_path / "none")], "weights not found"),
+        (["ml.split", "--data", str(nested), "--out", str(tmp_path / "split")], "sub-folder"),
+        (["ml.split", "--data", str(unnamed), "--out", str(tmp_path / "split")], "do not name their patient"),
+        (["ml.train", "--data", str(nested), "--out", str(tmp_path / "m.safetensors")], "sub-folder"),
+        (["ml.train", "--data", str(unnamed), "--out", str(tmp_path / "m.safetensors")], "do not name their patient"),
+    ]
+    for argv, expected in cases:
+        result = run_module(*argv)
+        assert result.returncode == 1 and result.stdout == "", argv
+        assert result.stderr.startswith(f"{argv[0]}: ") and expected in result.stderr, (argv, result.stderr)
+
+
+def test_evaluate_says_when_its_intervals_resample_cells_not_patients(tmp_path):
+    """A lab's file names without _IMG_ make each cell its own patient group: the intervals came out
+    far too narrow, printed as intervals over patient groups."""
+    unnamed = tmp_path / "lab"
+    for name in ("Parasitized", "Uninfected"):
+        (unnamed / name).mkdir(parents=True)
+        for k, cell in enumerate(sorted((FIXTURE_CELLS / name).glob("*.png"))):
+            shutil.copy(cell, unnamed / name / f"{name.lower()}_{k}.png")
+    weights = str(tiny_weights(tmp_path / "w.safetensors"))
+    result = run_module("ml.evaluate", "--data", str(unnamed), "--weights", weights, "--json", "--bootstrap", "20")
+    assert result.returncode == 0 and "ci95" in json.loads(result.stdout)
+    assert "4 of 4 file names do not name their patient group" in result.stderr
+    named = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", weights, "--bootstrap", "20")
+    assert "do not name" not in named.stderr
+    negative = run_module("ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", weights, "--bootstrap", "-1")
+    assert negative.returncode == 2 and "--bootstrap -1: give a number of resamples" in negative.stderr
+
+
 @pytest.mark.slow
 def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp_path, training_cells):
-    copy = tmp_path / "cells-32"
+    copy = tmp_path / "cells-64"
     compacted = run_module(
-        "ml.compact", "--data", str(training_cells), "--out", str(copy), "--size", "32", "--workers", "1"
+        "ml.compact", "--data", str(training_cells), "--out", str(copy), "--size", "64", "--workers", "1"
     )
     assert compacted.returncode == 0, compacted.stderr
     originals, copies = list_samples(training_cells), list_samples(copy)
@@ -637,12 +700,12 @@ def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp
     for original, small in zip(originals, copies, strict=True):
         assert small.path.suffix == ".webp"
         decoded = np.asarray(open_rgb(small.path), dtype=np.float32)
-        expected = square_resize(open_rgb(original.path), 32).astype(np.float32)
-        assert decoded.shape == (32, 32, 3) and np.abs(decoded - expected).mean() < 6
+        expected = square_resize(open_rgb(original.path), 64).astype(np.float32)
+        assert decoded.shape == (64, 64, 3) and np.abs(decoded - expected).mean() < 6
 
     trained = train_on_fixture_cells(copy, tmp_path / "model.safetensors")
     assert trained.returncode == 0, trained.stderr
-    assert "decoded 8 images at 32px" in trained.stdout
+    assert "decoded 8 images at 64px" in trained.stdout
 
 
 def test_training_on_a_missing_gpu_says_so_before_loading_anything(tmp_path, training_cells):
