@@ -1,5 +1,6 @@
 (function () {
   "use strict";
+  document.querySelectorAll("[data-needs-script]").forEach((el) => { el.hidden = false; });  // "refreshes when it finishes"
   const slider = document.getElementById("opacity");
   const overlay = document.getElementById("overlay-image");
   if (slider && overlay) {

@@ -36,6 +36,8 @@
     if (status) { status.textContent = item.status_display; status.className = "badge status-" + item.status; }
     const label = el.querySelector("[data-label]");
     if (label && item.label) { label.textContent = item.label; label.className = "badge label-" + item.label.toLowerCase(); }
+    const statusNote = el.querySelector("[data-status-note]");  // the status, where a phone has no room for its column
+    if (statusNote) { statusNote.textContent = " " + item.status_display; statusNote.hidden = Boolean(item.label); }
     const borderline = el.querySelector("[data-borderline]");
     if (borderline) borderline.hidden = !item.borderline;
     const probability = el.querySelector("[data-probability]");

@@ -1,2 +1,4 @@
 // The report's Print button (a script file: the site's Content-Security-Policy allows no inline handlers).
-document.getElementById("print-report").addEventListener("click", () => window.print());
+const printButton = document.getElementById("print-report");
+printButton.hidden = false;  // hidden until now: without this script it would do nothing
+printButton.addEventListener("click", () => window.print());

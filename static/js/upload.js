@@ -18,6 +18,10 @@
   let chosen = [];
   let notes = []; // the per-file status line of each chosen file
   let sending = false;
+  // What only works with this script (dropping files, choosing a folder) is offered once it runs.
+  form.querySelectorAll("[data-needs-script]").forEach((el) => { el.hidden = false; });
+  zone.tabIndex = 0;
+  zone.setAttribute("aria-label", "Cell images: drop them here, or press Enter to choose");
 
   // While one upload is on its way the selection stays as sent: a new one would be listed as
   // "uploaded" while the request still carries the old files.
