@@ -161,3 +161,21 @@ def test_a_shared_workstation_keeps_no_patient_name_in_its_history_autofill_or_c
     review_page = client.get(f"/review/{other.pk}/").content.decode()
     assert "Rahman" not in re.search(r"<title>(.*?)</title>", review_page, re.S)[1]
     assert 'autocomplete="off"' in re.search(r"<textarea[^>]*name=\"note\"[^>]*>", review_page)[0]
+
+
+def test_every_page_has_a_title_of_its_own(client, user):
+    """Tabs and browser history tell pages apart by their titles; the bare site name tells nothing."""
+    batch = create_batch(owner=user, uploads=[upload("a.png")], sample_reference="WARD-1")
+    cell = classified(batch.analyses.get())
+    titles = {"/accounts/login/": client.get("/accounts/login/")}
+    client.force_login(user)
+    for path in (
+        "/", "/upload/", "/batches/", f"/batches/{batch.pk}/", f"/batches/{batch.pk}/report/",
+        f"/analyses/{cell.pk}/", "/account/api-token/", "/accounts/password_change/",
+        "/accounts/password_change/done/",
+    ):  # fmt: skip
+        titles[path] = client.get(path)
+    titles["/accounts/logout/"] = client.post("/accounts/logout/", follow=True)
+    for path, response in titles.items():
+        title = re.search(r"<title>(.*?)</title>", response.content.decode(), re.S)[1].strip()
+        assert title.endswith(" · Malaria cell screening"), (path, title)
