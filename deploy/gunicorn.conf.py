@@ -9,7 +9,11 @@ import environ
 # reads it (gunicorn reads this file before Django starts), the environment still winning.
 environ.Env.read_env(Path(__file__).resolve().parent.parent / ".env", overwrite=False)
 
-bind = "0.0.0.0:8000"
+# This machine only, trusting X-Forwarded-* from a proxy on it (gunicorn's default, or the addresses
+# in FORWARDED_ALLOW_IPS): reachable from elsewhere, gunicorn would take any client's word for its
+# address and scheme. Under compose the web service's command widens both, on a network only
+# nginx shares.
+bind = "127.0.0.1:8000"
 # Empty values (a blank line in .env) fall back to the defaults.
 workers = int(os.environ.get("GUNICORN_WORKERS") or 3)
 timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
@@ -27,6 +31,3 @@ accesslog = "-"
 errorlog = "-"
 # The path without its query string: queries can carry patient references (?search=...).
 access_log_format = '%({x-real-ip}i)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms "%(a)s"'
-
-# Only nginx can reach this port (it is not published), so its X-Forwarded-* headers are trusted.
-forwarded_allow_ips = "*"
