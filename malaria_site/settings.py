@@ -11,6 +11,14 @@ from malaria_site.cache import redis_cache
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
+
+
+def env_flag(name: str, *, default: bool) -> bool:
+    """A yes/no setting where a blank value (``NAME=`` in .env) keeps the default, as compose's
+    ``${NAME:-true}`` does: read as false, a blank would turn a protection off."""
+    return env.bool(name) if env(name, default="").strip() else default
+
+
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 VAR_DIR = Path(env("VAR_DIR", default=str(BASE_DIR / "var")))
 
@@ -319,11 +327,13 @@ SPECTACULAR_SETTINGS = {
 
 # --- Security (production) ------------------------------------------------------------------
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
-SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=not DEBUG)
+SECURE_SSL_REDIRECT = env_flag("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+SESSION_COOKIE_SECURE = env_flag("DJANGO_SECURE_COOKIES", default=not DEBUG)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Clinical workstations are shared: a sign-in lasts one shift at most and ends with the browser.
 SESSION_COOKIE_AGE = env.int("SESSION_HOURS", default=12) * 3600
+if SESSION_COOKIE_AGE < 3600:  # unlike the limits beside it, 0 is no "never" here: every sign-in would end at once
+    raise ImproperlyConfigured("SESSION_HOURS must be at least 1: with 0 every sign-in would end at once.")
 SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 # Messages ("Deleted <file name>: ...") wait in the session, not in a cookie anyone at the
 # workstation can read: a file name may be the patient's.

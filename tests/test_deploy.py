@@ -57,13 +57,13 @@ PRODUCTION_HOST = "malaria.example.org"
 
 
 def settings_env_calls() -> dict[str, ast.Call]:
-    """`env("NAME", ...)` / `env.int("NAME", ...)` calls in settings.py, by variable name."""
+    """`env("NAME", ...)` / `env.int("NAME", ...)` / `env_flag("NAME", ...)` calls in settings.py, by variable name."""
     calls = {}
     for node in ast.walk(ast.parse(SETTINGS_SOURCE)):
         if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
             continue
         func = node.func
-        is_env = (isinstance(func, ast.Name) and func.id == "env") or (
+        is_env = (isinstance(func, ast.Name) and func.id in ("env", "env_flag")) or (
             isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "env"
         )
         if is_env and isinstance(node.args[0].value, str):
@@ -1128,6 +1128,22 @@ def test_production_refuses_the_example_database_password():
     assert result.returncode != 0 and "database password is .env.example's placeholder" in result.stderr
     chosen = production_env(DATABASE_URL=placeholder.replace("change-me", "Zt8vQ2pL9xR4"))
     assert run_python(["-c", "import malaria_site.settings"], chosen).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["DJANGO_SECURE_SSL_REDIRECT", "DJANGO_SECURE_COOKIES"])
+def test_a_blank_security_setting_keeps_its_production_default(name):
+    """`NAME=` left blank (as uncommenting .env.example's `# NAME=` lines gives) keeps the default,
+    as compose's ${NAME:-true} does; read as false, it turned the https redirect or secure cookies off."""
+    show = "import malaria_site.settings as s; print(s.SECURE_SSL_REDIRECT, s.SESSION_COOKIE_SECURE)"
+    assert run_python(["-c", show], production_env(**{name: ""})).stdout.split() == ["True", "True"]
+    assert run_python(["-c", show], production_env(**{name: "false"})).stdout.split().count("False") == 1
+
+
+def test_a_session_of_zero_hours_is_refused_at_start():
+    """Beside SESSION_IDLE_MINUTES and API_TOKEN_DAYS, where 0 is "never", SESSION_HOURS=0 signed
+    every user out the moment they signed in, with no message."""
+    refused = run_python(["-c", "import malaria_site.settings"], {**production_env(), "SESSION_HOURS": "0"})
+    assert refused.returncode != 0 and "SESSION_HOURS must be at least 1" in refused.stderr
 
 
 @pytest.mark.parametrize("name", ["LOGIN_MAX_FAILURES", "LOGIN_MAX_FAILURES_PER_ADDRESS"])
