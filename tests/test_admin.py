@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -534,3 +535,32 @@ def test_a_new_password_whose_save_is_rolled_back_leaves_the_lockout(
             user.save()
             raise RuntimeError("the admin's form failed after saving the user")
     assert _locked_out(user.username, PASSWORD)
+
+
+def test_the_demo_accounts_scripts_start_prints_exist_after_a_database_reset(db, settings, tmp_path, client):
+    """Removing var/db.sqlite3 to start afresh kept var/demo-credentials.txt: scripts/start printed
+    two accounts that no longer existed, and nobody could sign in."""
+    import io
+
+    from django.core.management import call_command
+
+    settings.VAR_DIR = tmp_path
+
+    def printed_accounts() -> list[tuple[str, str]]:
+        out = io.StringIO()
+        call_command("create_demo_users", stdout=out)
+        return re.findall(r"^(\w+) / (\S+) ", out.getvalue(), re.M)
+
+    first = printed_accounts()
+    assert [name for name, _ in first] == ["demo", "admin"]
+    assert printed_accounts() == first  # the next start prints the same accounts, creating none
+    get_user_model().objects.all().delete()  # the database is reset; the file stays
+    again = printed_accounts()
+    assert again != first and (tmp_path / "demo-credentials.txt").stat().st_mode & 0o777 == 0o600
+    for username, password in again:
+        assert client.login(username=username, password=password), username
+    get_user_model().objects.create_user("colleague")  # an existing site without the demo file
+    (tmp_path / "demo-credentials.txt").unlink()
+    out = io.StringIO()
+    call_command("create_demo_users", stdout=out)
+    assert "Users already exist" in out.getvalue() and not (tmp_path / "demo-credentials.txt").exists()

@@ -12,10 +12,9 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         credentials = settings.VAR_DIR / "demo-credentials.txt"
         User = get_user_model()
-        if not credentials.exists():
-            if User.objects.exists():
-                self.stdout.write("Users already exist; create more with 'python manage.py createsuperuser'.")
-                return
+        # A new database (var/db.sqlite3 removed to start afresh) gets new accounts: the file of an
+        # earlier one would name accounts that no longer exist.
+        if not User.objects.exists():
             lines = []
             for username, is_admin in (("demo", False), ("admin", True)):
                 password = secrets.token_urlsafe(9)
@@ -27,5 +26,8 @@ class Command(BaseCommand):
                 lines.append(f"{username} / {password}" + ("  (admin and reviewer)" if is_admin else "  (clinician)"))
             credentials.write_text("\n".join(lines) + "\n")
             credentials.chmod(0o600)
-        self.stdout.write(f"Sign in with one of these accounts (also in {credentials}):")
+        elif not credentials.exists():
+            self.stdout.write("Users already exist; create more with 'python manage.py createsuperuser'.")
+            return
+        self.stdout.write(f"Sign in with one of these accounts, with the passwords first set (also in {credentials}):")
         self.stdout.write(credentials.read_text())
