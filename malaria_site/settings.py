@@ -140,6 +140,15 @@ CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")
 # nor the counting, which goes on per process meanwhile.
 if REDIS_URL := env("REDIS_URL", default=""):
     CACHES = {"default": redis_cache(REDIS_URL)}
+else:
+    # Files, not each process's memory: a lockout lifted by `manage.py changepassword` (another
+    # process) is lifted for the web server too, and gunicorn's workers count the limits together.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache"),
+        }
+    }
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

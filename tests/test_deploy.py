@@ -1249,3 +1249,34 @@ def test_a_log_level_the_worker_would_not_take_is_refused_at_start(level):
     refused = run_python(["-c", "import malaria_site.settings"], {**env, "LOG_LEVEL": level})
     assert refused.returncode != 0 and "it must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in refused.stderr
     assert run_python(["-c", "import malaria_site.settings"], {**env, "LOG_LEVEL": "WARNING"}).returncode == 0
+
+
+def test_a_lockout_lifted_in_another_process_is_lifted_for_the_web_server_too(tmp_path):
+    """README: `manage.py changepassword` lifts a lockout. Without REDIS_URL the counts were in each
+    process's memory, so the command's forgive() never reached the web server (429 after it)."""
+    lock_then_wait = (
+        "import django, sys; django.setup()\n"
+        "from django.test import RequestFactory\n"
+        "from diagnosis import login_throttle\n"
+        "request = RequestFactory().post('/accounts/login/', REMOTE_ADDR='10.0.0.9')\n"
+        "for _ in range(10): login_throttle.admit(request, 'demo')\n"
+        "print('locked' if not login_throttle.admit(request, 'demo') else 'not locked', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print('admitted' if login_throttle.admit(request, 'demo') else 'still locked', flush=True)\n"
+    )
+    env = {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "VAR_DIR": str(tmp_path)}
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    web = subprocess.Popen(
+        [sys.executable, "-c", lock_then_wait], cwd=ROOT, env=base | env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert web.stdout.readline().strip() == "locked"
+        forgive = "import django; django.setup(); from diagnosis import login_throttle; login_throttle.forgive('demo')"
+        assert run_python(["-c", forgive], env).returncode == 0
+        web.stdin.write("\n")
+        web.stdin.flush()
+        assert web.stdout.readline().strip() == "admitted"
+    finally:
+        web.kill()
+        web.wait()
