@@ -260,7 +260,7 @@ def test_the_sweep_command_with_older_than_zero_sends_every_queued_cell_again(us
     """After the broker came back empty: zero meant the default, so the lost cells waited ten minutes more."""
     import io
 
-    from django.core.management import call_command
+    from django.core.management import CommandError, call_command
 
     sent = []
     monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
@@ -268,7 +268,9 @@ def test_the_sweep_command_with_older_than_zero_sends_every_queued_cell_again(us
     Analysis.objects.filter(pk=lost.pk).update(enqueued_at=timezone.now() - timedelta(seconds=5))
     output = io.StringIO()
     call_command("requeue_stale_analyses", "--older-than", "0", stdout=output)
-    assert output.getvalue().strip() == "re-enqueued 1 analyses" and sent == [lost.pk]
+    assert output.getvalue().strip() == "re-enqueued 1 cell" and sent == [lost.pk]
+    with pytest.raises(CommandError, match="--older-than -60: give an age in seconds, 0 or more"):
+        call_command("requeue_stale_analyses", "--older-than", "-60", stdout=output)
 
 
 @pytest.mark.django_db(transaction=True)  # the upload really commits, so its on-commit hook really runs

@@ -1,7 +1,8 @@
 from datetime import timedelta
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
+from diagnosis.audit import counted
 from diagnosis.services import requeue_stale_analyses
 
 
@@ -17,5 +18,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, older_than=None, **options):
+        if older_than is not None and older_than < 0:
+            raise CommandError(f"--older-than {older_than}: give an age in seconds, 0 or more.")
         count = requeue_stale_analyses(older_than=None if older_than is None else timedelta(seconds=older_than))
-        self.stdout.write(f"re-enqueued {count} analyses")
+        self.stdout.write(f"re-enqueued {counted(count, 'cell')}")
