@@ -54,7 +54,10 @@ def check_callback_url(url: str) -> str:
         raise ValidationError("Callbacks are not enabled on this server (CALLBACK_SECRET is not set).")
     if not url.isascii():  # http.client cannot send it: every attempt would fail the same way
         raise ValidationError("The callback URL must be plain ASCII: percent-encode other characters.")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a "[" or "]" that opens or closes no IPv6 address ("Invalid IPv6 URL")
+        raise ValidationError("The callback URL is not a valid URL: a bracket outside an IPv6 address.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("The callback URL must be an http or https URL.")
     if any(char <= " " or char == "\x7f" for char in url):  # nor these, and its refusal echoes the path

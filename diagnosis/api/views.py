@@ -142,7 +142,7 @@ def _idempotency_key(request) -> str:
 def _refuse_unknown_parameters(request, known: set[str]) -> None:
     """A misspelt filter (``?batch_id=4``) must not be ignored into a list of every cell of the account,
     nor a filter given twice be read as its last value."""
-    if unknown := sorted(set(request.query_params) - known - {"page"}):
+    if unknown := sorted(set(request.query_params) - known - {"page", "format"}):  # DRF's own ?format=json
         takes = ", ".join(sorted(known | {"page"}))
         raise ApiValidationError({"detail": f"Unknown query parameter: {', '.join(unknown)}. This list takes {takes}."})
     _refuse_repeated(request.query_params, "query parameter")
@@ -208,10 +208,26 @@ def _wrong_credentials(serializer: AuthTokenSerializer) -> bool:
     return serializer.errors.keys() == {"non_field_errors"} and any(r.code == "authorization" for r in refusals)
 
 
+class _OptionsDescribeTheUpload:
+    """OPTIONS on a list describes what its POST takes (the upload's fields), not what it answers."""
+
+    upload_serializer_class: type
+
+    def get_serializer_class(self):
+        if self.action == "metadata" and self.request.method == "POST" and not self.detail:
+            return self.upload_serializer_class
+        return super().get_serializer_class()
+
+
 class AnalysisViewSet(
-    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+    _OptionsDescribeTheUpload,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
 ):
     serializer_class = AnalysisSerializer
+    upload_serializer_class = AnalysisUploadSerializer
     parser_classes = [UploadParser]
     lookup_value_regex = "[0-9]+"
 
@@ -317,8 +333,15 @@ class AnalysisViewSet(
         return response  # recorded once there is a file to send: a 404 disclosed nothing
 
 
-class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+class BatchViewSet(
+    _OptionsDescribeTheUpload,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
     serializer_class = BatchSerializer
+    upload_serializer_class = BatchUploadSerializer
     parser_classes = [UploadParser]
     lookup_value_regex = "[0-9]+"
 
