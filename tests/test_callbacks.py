@@ -350,6 +350,10 @@ def test_a_failed_callback_can_be_retried_through_the_api_and_admin_and_nothing_
     assert retried.status_code == 202 and retried.json()["callback_state"] == "delivered"
     assert retried.json()["callback_attempts"] == 1 and len(receiver.received) == 1
     assert api.post(f"/api/batches/{batch.pk}/callback/retry/").status_code == 409  # delivered: nothing to do
+    Batch.objects.filter(pk=batch.pk).update(callback_state=State.NONE)
+    without = api.post(f"/api/batches/{batch.pk}/callback/retry/").json()["detail"]
+    assert without == "Only a failed callback can be retried; this batch has no callback."
+    Batch.objects.filter(pk=batch.pk).update(callback_state=State.DELIVERED)
 
     Batch.objects.filter(pk=batch.pk).update(callback_state=State.FAILED)
     response = admin_client.post(

@@ -28,7 +28,7 @@ from diagnosis.api.serializers import (
 from diagnosis.api.throttling import ScopedRateThrottle
 from diagnosis.audit import counted, record_access, record_list_read
 from diagnosis.files import FILE_TYPES, protected_file_response
-from diagnosis.models import AccessEvent, Analysis
+from diagnosis.models import AccessEvent, Analysis, Batch
 
 
 def errors(*codes: int) -> dict:
@@ -436,6 +436,8 @@ class BatchViewSet(
         """Try a failed callback again from its first attempt (409 unless it failed)."""
         batch = self.get_object()
         if not callbacks.retry(batch=batch):
+            if batch.callback_state == Batch.CallbackState.NONE:
+                raise Conflict("Only a failed callback can be retried; this batch has no callback.")
             state = batch.get_callback_state_display()
             raise Conflict(f"Only a failed callback can be retried; this batch's is {state}.")
         return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
