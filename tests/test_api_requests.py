@@ -5,8 +5,9 @@ import pytest
 from django.core.files.uploadhandler import FileUploadHandler
 from rest_framework.test import APIClient
 
+from diagnosis import services
 from diagnosis.models import Analysis, Batch
-from tests.factories import PASSWORD, api_key, image_bytes
+from tests.factories import PASSWORD, api_key, image_bytes, upload
 
 PNG = image_bytes()
 
@@ -126,14 +127,16 @@ def test_options_describes_the_upload_fields_a_post_takes(lab, user):
     assert {"images", "sample_reference", "callback_url"} <= set(described), sorted(described)
     assert "id" not in described
     assert set(lab.options("/api/analyses/").json()["actions"]["POST"]) == {"image"}
+    batch = services.create_batch(owner=user, uploads=[upload("a.png")])
+    for action in ("retry-failed", "callback/retry"):  # they take no body
+        assert lab.options(f"/api/batches/{batch.pk}/{action}/").json()["actions"]["POST"] == {}
+    cell = batch.analyses.get()
+    assert lab.options(f"/api/analyses/{cell.pk}/retry/").json()["actions"]["POST"] == {}
 
 
 def test_drfs_format_override_is_not_answered_as_a_missing_record(lab, user):
     """?format=xml on a batch that exists answered 404 "Not found." (the schema's 404: "no such
     record"); ?format=json, which the upload POSTs take as DRF's own, is refused on the lists."""
-    from diagnosis import services
-    from tests.factories import upload
-
     batch = services.create_batch(owner=user, uploads=[upload("a.png")])
     odd = lab.get(f"/api/batches/{batch.pk}/?format=xml")
     assert odd.status_code == 406 and "answers in JSON only" in odd.json()["detail"]

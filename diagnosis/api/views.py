@@ -209,13 +209,14 @@ def _wrong_credentials(serializer: AuthTokenSerializer) -> bool:
 
 
 class _OptionsDescribeTheUpload:
-    """OPTIONS on a list describes what its POST takes (the upload's fields), not what it answers."""
+    """OPTIONS describes what a POST takes, not what it answers: the upload's fields on a list, none
+    on a record's retry actions."""
 
     upload_serializer_class: type
 
     def get_serializer_class(self):
-        if self.action == "metadata" and self.request.method == "POST" and not self.detail:
-            return self.upload_serializer_class
+        if self.action == "metadata" and self.request.method == "POST":
+            return serializers.Serializer if self.detail else self.upload_serializer_class
         return super().get_serializer_class()
 
 
