@@ -142,3 +142,11 @@ def test_drfs_format_override_is_not_answered_as_a_missing_record(lab, user):
     assert odd.status_code == 406 and "answers in JSON only" in odd.json()["detail"]
     assert lab.get("/api/analyses/?format=json").status_code == 200
     assert lab.get(f"/api/batches/{batch.pk}/?format=json").json()["id"] == batch.pk
+
+
+def test_the_schema_lists_406_where_the_api_answers_it(lab, user, client):
+    paths = client.get("/api/schema/", HTTP_ACCEPT="application/json").json()["paths"]
+    assert "406" in paths["/api/batches/"]["get"]["responses"]
+    assert "406" not in paths["/api/analyses/{id}/{kind}/"]["get"]["responses"]  # a file goes out anyway
+    refused = lab.get("/api/batches/", HTTP_ACCEPT="image/png")
+    assert refused.status_code == 406 and refused["Content-Type"] == "application/json"

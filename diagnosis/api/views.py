@@ -31,11 +31,11 @@ from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis, Batch
 
 
-def errors(*codes: int) -> dict:
+def errors(*codes: int, answers_json: bool = True) -> dict:
     """Error responses for extend_schema: each is ``{"detail": "..."}`` (400s may add per-field lists).
     Every operation may answer 400 (a NUL character in any query is refused) and 429 (every request
-    counts against API_USER_RATE)."""
-    listed = sorted({*codes, 400, 429})
+    counts against API_USER_RATE); one that answers JSON also 406, to an Accept or ?format without it."""
+    listed = sorted({*codes, 400, 429, *([406] if answers_json else [])})
     return {code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[code]) for code in listed}
 
 
@@ -48,6 +48,7 @@ ERROR_MEANINGS = {
     401: "no valid token or session",
     403: "the account may not use this endpoint (staff only)",
     404: "no such record among the requesting user's (on a list: no such page)",
+    406: "the Accept header or ?format asks for another type than JSON, the only one this operation answers",
     409: "not in a state that allows it",
     413: "the request is larger than the server takes",
     415: "the body is not of a type this operation reads (uploads: multipart/form-data)",
@@ -317,7 +318,7 @@ class AnalysisViewSet(
         "or BMP), or the heatmap overlay (PNG).",
         responses={
             **{(200, media_type): OpenApiTypes.BINARY for media_type in FILE_TYPES},
-            **errors(401, 404),
+            **errors(401, 404, answers_json=False),  # a file goes out whatever the Accept header says
         },
     )
     @action(
