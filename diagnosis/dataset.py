@@ -4,6 +4,7 @@ File names carry a digest of the sample as the patient group (the part before ``
 a sample's cells together, as they do the NIH patients'.
 """
 
+import contextlib
 import csv
 import fcntl
 import logging
@@ -68,8 +69,13 @@ def export_reviewed_cells(*, out: Path) -> int:
     listed are ever removed. The manifest is written beside the old one and takes its place at the
     end, so a run that fails half-way leaves the previous manifest as it was, and the next complete
     run still removes what the failed ones copied."""
+    # Patient images: a folder this makes is its owner's only, as the uploads' folders are
+    # (scripts/start's umask), whatever the umask of the shell that runs the export.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # one there already keeps the modes it was given
+        out.mkdir(mode=0o700)
     for label in Analysis.Label.values:
-        (out / label).mkdir(parents=True, exist_ok=True)
+        (out / label).mkdir(exist_ok=True)
     with open(out / LOCK_NAME, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

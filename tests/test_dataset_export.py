@@ -3,6 +3,7 @@ the patient group, and ml.evaluate scores the shipped model on them."""
 
 import csv
 import io
+import os
 import re
 
 import pytest
@@ -204,3 +205,16 @@ def test_a_second_export_into_the_same_folder_while_one_runs_is_refused(user, tm
             call_command("export_reviewed_cells", out=str(out), stdout=io.StringIO())
     assert not (out / "reviewed.csv").exists()
     assert export_reviewed_cells(out=out) == 1
+
+
+def test_a_folder_the_export_makes_is_its_owners_only_whatever_the_umask(user, tmp_path):
+    """The folder holds patient images; run from a shell with umask 022 it was open to every account."""
+    previous = os.umask(0o022)
+    try:
+        call_command("export_reviewed_cells", out=str(tmp_path / "new" / "reviewed"), stdout=io.StringIO())
+        (tmp_path / "chosen").mkdir(mode=0o750)
+        call_command("export_reviewed_cells", out=str(tmp_path / "chosen"), stdout=io.StringIO())
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "new" / "reviewed").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "chosen").stat().st_mode & 0o777 == 0o750  # a folder given keeps its modes
