@@ -1139,6 +1139,13 @@ def test_a_blank_security_setting_keeps_its_production_default(name):
     assert run_python(["-c", show], production_env(**{name: "false"})).stdout.split().count("False") == 1
 
 
+def test_hsts_covers_hosts_under_the_sites_name_unless_told_not_to():
+    show = "import malaria_site.settings as s; print(s.SECURE_HSTS_INCLUDE_SUBDOMAINS, s.SECURE_HSTS_PRELOAD)"
+    assert run_python(["-c", show], production_env()).stdout.split() == ["True", "True"]
+    told = production_env(DJANGO_HSTS_INCLUDE_SUBDOMAINS="false", DJANGO_HSTS_PRELOAD="false")
+    assert run_python(["-c", show], told).stdout.split() == ["False", "False"]
+
+
 def test_a_session_of_zero_hours_is_refused_at_start():
     """Beside SESSION_IDLE_MINUTES and API_TOKEN_DAYS, where 0 is "never", SESSION_HOURS=0 signed
     every user out the moment they signed in, with no message."""
