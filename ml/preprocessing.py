@@ -9,10 +9,14 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 # Pillow raises DecompressionBombError above twice this many pixels and warns above it.
 Image.MAX_IMAGE_PIXELS = 40_000_000
+# A PNG's iCCP or zTXt over 1 MB (a calibrated camera's LUT profile) is otherwise refused as corrupt;
+# the total stays bounded by PngImagePlugin.MAX_TEXT_MEMORY.
+PngImagePlugin.MAX_TEXT_CHUNK = 16 * 1024 * 1024
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 class ImageDecodeError(ValueError):
@@ -46,11 +50,25 @@ def picture_rgb(image: Image.Image, source: str | Path | bytes) -> Image.Image:
             "this TIFF keeps its 16-bit colours in separate planes, which cannot be read reliably: "
             "save it with the colours interleaved (contiguous), or as a PNG"
         )
+    profile = image.info.get("icc_profile")
     if _deep_colour(image):
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        return to_rgb(ImageOps.exif_transpose(_deep_colour_picture(image, data)))
+        return to_rgb(_in_srgb(ImageOps.exif_transpose(_deep_colour_picture(image, data)), profile))
     image.load()
-    return to_rgb(ImageOps.exif_transpose(image))
+    if image.format == "BMP" and image.mode == "RGBA" and image.getextrema()[3] == (0, 0):
+        image = image.convert("RGB")  # an alpha mask left all 0 (Photoshop): opaque, as Windows shows it
+    return to_rgb(_in_srgb(ImageOps.exif_transpose(image), profile))
+
+
+def _in_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
+    """The picture's colours in sRGB, as the NIH cells and a browser read an untagged picture."""
+    if not profile or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGBA" if image.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):  # a profile that cannot be read: the numbers as sent
+        return image
 
 
 def _deep_colour(image: Image.Image) -> bool:
