@@ -314,8 +314,8 @@ class AnalysisViewSet(
     @extend_schema(
         operation_id="analyses_file_retrieve",
         description="The uploaded image as kept: a PNG of its picture as the model read it (EXIF orientation "
-        "applied, without the file's metadata; images stored before 2026-12-02 are as sent, PNG, JPEG, TIFF "
-        "or BMP), or the heatmap overlay (PNG).",
+        "applied, colours in sRGB, without the file's metadata; images stored before 2026-12-02 are as sent, "
+        "PNG, JPEG, TIFF or BMP), or the heatmap overlay (PNG).",
         responses={
             **{(200, media_type): OpenApiTypes.BINARY for media_type in FILE_TYPES},
             **errors(401, 404, answers_json=False),  # a file goes out whatever the Accept header says
