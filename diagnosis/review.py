@@ -74,7 +74,8 @@ def review(request, pk: int):
             next_case = selectors.next_case(user=request.user, pending=following)
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
     status = 400 if request.method == "POST" else 200
-    return render(request, "diagnosis/review.html", {"analysis": analysis, "form": form}, status=status)
+    context = {"analysis": analysis, "form": form, "replaced": selectors.replaced_verdicts(analysis=analysis)}
+    return render(request, "diagnosis/review.html", context, status=status)
 
 
 def _initial_review(*, analysis: Analysis, user) -> dict:

@@ -126,6 +126,15 @@ def reviews_by(*, user: AbstractBaseUser) -> QuerySet[Analysis]:
 REVIEW_HOLD = timedelta(minutes=10)
 
 
+def replaced_verdicts(*, analysis: Analysis, limit: int = 10) -> list[AccessEvent]:
+    """The verdicts saved on the cell before the one it carries, newest first, from the access trail:
+    a colleague's agreement that a disagreement replaced is the case to talk over, and the cell
+    itself keeps only the last verdict."""
+    saved = AccessEvent.objects.filter(analysis_id=analysis.pk, action=AccessEvent.Action.REVIEWED)
+    saved = saved.order_by("-at", "-id")
+    return list(saved[1 : limit + 1] if analysis.review_verdict else saved[:limit])
+
+
 def next_case(*, user: AbstractBaseUser, pending: QuerySet[Analysis]) -> Analysis | None:
     """The first of ``pending`` that no other reviewer has opened for review lately, so that two
     reviewers saving in turn are not both sent to the same case; if all are open elsewhere, the first."""

@@ -1,0 +1,125 @@
+"""How reviewers and administrators work through a day, at its edges: searches that must leave a
+trace, verdicts a colleague replaced, admin URLs edited by hand, large deletions, long notes."""
+
+import re
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.test import Client
+
+from diagnosis.models import NOTE_MAX_LENGTH, AccessEvent, Analysis, Batch
+from diagnosis.services import create_analysis, create_batch
+from tests.factories import UserFactory, classified, upload
+
+
+def reviewer(*, staff: bool = False) -> tuple[Client, object]:
+    account = UserFactory(is_staff=staff)
+    account.groups.add(Group.objects.get(name="reviewers"))
+    client = Client()
+    client.force_login(account)
+    return client, account
+
+
+@pytest.fixture
+def admin_client(client, db):
+    admin = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    client.force_login(admin)
+    return client
+
+
+def test_the_admins_autocomplete_search_of_every_users_batches_by_sample_reference_leaves_a_trace(user):
+    """The admin's batch list records a search by sample reference (a patient's name, often), since
+    it lists that patient's batches across every user. Django's autocomplete endpoint runs the same
+    search (BatchAdmin.search_fields) for any reviewer, answers with the batches' ids, and records
+    nothing; no page of the project uses it."""
+    create_batch(owner=user, uploads=[upload("c.png")], sample_reference="SMITH John 1962")
+    staff_reviewer, _ = reviewer(staff=True)
+    query = {"app_label": "diagnosis", "model_name": "analysis", "field_name": "batch", "term": "smith"}
+    answer = staff_reviewer.get("/admin/autocomplete/", query)
+    assert answer.status_code == 200 and answer.json()["results"] == []
+    listed = staff_reviewer.get("/admin/diagnosis/batch/", {"q": "smith"})  # the list's search: found, and recorded
+    assert "SMITH John 1962" in listed.content.decode()
+    assert AccessEvent.objects.filter(action=AccessEvent.Action.VIEWED, channel="admin").exists()
+
+
+def test_a_colleagues_earlier_verdict_is_still_shown_once_another_reviewer_replaced_it(user):
+    """Reviewer A agrees with the model; reviewer B, seeing it, saves a disagreement over it. From
+    then on nothing a reviewer can open says that A had agreed (A's "Your recent reviews" loses the
+    case, the review page names B only): two microscopists disagreeing on a cell, the case a lab
+    most wants a third opinion on, is hidden. Only the admin-only access trail keeps 'reviewed (agree)'."""
+    cell = classified(create_analysis(owner=user, upload=upload("case.png")), probability_parasitized=0.6)
+    (first, first_reviewer), (second, _) = reviewer(), reviewer()
+    assert first.post(f"/review/{cell.pk}/", {"verdict": "agree", "replacing": ""}).status_code == 302
+    cell.refresh_from_db()
+    replaced = second.post(
+        f"/review/{cell.pk}/",
+        {"verdict": "disagree", "corrected_label": "Uninfected", "replacing": cell.reviewed_at.isoformat()},
+    )
+    assert replaced.status_code == 302
+    page = second.get(f"/review/{cell.pk}/").content.decode()
+    assert re.search(rf"since replaced: {first_reviewer.username} agreed at \d{{4}}-", page), page
+    assert first.get(f"/review/{cell.pk}/").content.decode().count("since replaced") == 1
+
+
+@pytest.mark.parametrize(
+    ("page", "query"),
+    [
+        ("analysis", {"owner": "9" * 25}),
+        ("analysis", {"owner_id": "9" * 25}),
+        ("analysis", {"reviewed_by": "9" * 25}),
+        ("analysis", {"reviewed_by_id": "9" * 25}),
+        ("batch", {"owner": "9" * 25}),
+        ("batch", {"owner_id": "9" * 25}),
+        # PostgreSQL only: an inet column compared with text that is no address.
+        ("accessevent", {"client_ip": "not-an-address"}),
+    ],
+)
+def test_an_admin_list_url_edited_by_hand_is_no_server_error(admin_client, user, page, query):
+    """?batch= edited past any id is answered ("There is no batch #..."); the owner and reviewer keys
+    of the same lists, and the trail's client_ip, are not: SQLite overflows on a number past 64 bits
+    (OverflowError) and PostgreSQL refuses text that is no address (ValueError), both a 500."""
+    classified(create_analysis(owner=user, upload=upload("a.png")))
+    answer = admin_client.get(f"/admin/diagnosis/{page}/", query)
+    assert answer.status_code < 500
+
+
+def test_deleting_batches_in_the_admin_counts_their_cells_rather_than_listing_each(admin_client, user):
+    """The users' admin counts what a deletion takes with it, because Django's page names every
+    cell; the batch admin's 'Delete selected' still names every one (20,000 cells: 1.8 MB, 1.7 s here;
+    a year's batches, tens of megabytes)."""
+    batches = Batch.objects.bulk_create([Batch(owner=user, sample_reference=f"S{i}") for i in range(3)])
+    Analysis.objects.bulk_create(
+        Analysis(owner=user, batch=b, image=f"uploads/{b.pk}-{j}.png", original_filename="c.png")
+        for b in batches
+        for j in range(40)
+    )
+    confirm = admin_client.post(
+        "/admin/diagnosis/batch/",
+        {"action": "delete_selected", "select_across": "1", "index": "0", "_selected_action": [str(batches[0].pk)]},
+    )
+    assert confirm.status_code == 200
+    page = confirm.content.decode()
+    assert page.count("/admin/diagnosis/analysis/") < 10, "every cell of the selected batches is listed"
+
+
+def test_a_review_note_saved_in_the_admin_has_the_sites_length_limit(admin_client, user):
+    """The site caps a note at NOTE_MAX_LENGTH; the admin takes any length. A longer note saved there
+    then makes the reviewer's own 'Change it' on the site a form error until they trim it."""
+    cell = classified(create_analysis(owner=user, upload=upload("a.png")))
+    note = "x" * (NOTE_MAX_LENGTH + 500)
+    admin_client.post(
+        f"/admin/diagnosis/analysis/{cell.pk}/change/",
+        {"review_verdict": "agree", "corrected_label": "", "review_note": note, "replacing": ""},
+    )
+    cell.refresh_from_db()
+    assert len(cell.review_note) <= NOTE_MAX_LENGTH
+
+
+@pytest.mark.parametrize("page", ["analysis", "batch", "accessevent"])
+def test_the_admin_lists_offer_no_counts_over_the_whole_table(admin_client, user, page, django_assert_max_num_queries):
+    classified(create_analysis(owner=user, upload=upload("a.png")))
+    plain = admin_client.get(f"/admin/diagnosis/{page}/")
+    assert plain.status_code == 200 and "Show counts" not in plain.content.decode()
+    with django_assert_max_num_queries(len(plain.context["cl"].result_list) + 12):  # not one count per filter choice
+        assert admin_client.get(f"/admin/diagnosis/{page}/", {"_facets": "True"}).status_code == 200
