@@ -17,6 +17,7 @@ import argparse
 import copy
 import hashlib
 import json
+import pickle
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -294,7 +295,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".ckpt"))
 
-    if not args.resume and checkpoint_path.exists():  # an interrupted run, hours of work
+    if not args.resume and checkpoint_path.exists() and not finished_run(checkpoint_path):  # hours of work
         raise SystemExit(
             f"{checkpoint_path} holds an earlier run's checkpoint: add --resume to continue it, or remove it "
             "to start afresh"
@@ -440,6 +441,17 @@ def main(argv=None) -> None:
                 state["best_auc"] = metrics["auc"]
                 export(exported, validation=metrics, val_samples=val_samples, **record)
         save_checkpoint(epoch + 1, 0)
+    state["finished"] = True  # the next run to this file may start afresh over it
+    save_checkpoint(state["epoch"], 0)
+
+
+def finished_run(checkpoint_path: Path) -> bool:
+    """Whether the checkpoint is of a run that ended; one that cannot be read may be an interrupted one."""
+    try:
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError):
+        return False
+    return bool(saved.get("progress", {}).get("finished"))
 
 
 def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, args) -> int:

@@ -643,6 +643,18 @@ def test_train_without_resume_keeps_an_existing_checkpoint(tmp_path, training_ce
     assert out.with_suffix(".ckpt").read_bytes() == b"hours of training" and not out.exists()
 
 
+def test_a_finished_run_does_not_stop_the_next_one_to_the_same_file(tmp_path, training_cells, monkeypatch):
+    """The checkpoint is written after every epoch, the last too: a run after a finished one (new
+    cells, another recipe) was refused as if the first had been interrupted."""
+    from ml import train
+
+    monkeypatch.setattr(train, "train_one_epoch", lambda *args, **kwargs: None)  # nothing to learn here
+    out = tmp_path / "model.safetensors"
+    assert train_on_fixture_cells(training_cells, out).returncode == 0
+    again = train_on_fixture_cells(training_cells, out)
+    assert again.returncode == 0 and "wrote" in again.stdout, again.stderr
+
+
 def test_the_tools_report_an_ordinary_mistake_in_a_line_not_a_traceback(tmp_path):
     weights = str(tiny_weights(tmp_path / "w.safetensors"))
     nested = tmp_path / "cells"
