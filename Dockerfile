@@ -61,5 +61,7 @@ RUN useradd --create-home --no-log-init --uid 1000 app \
 USER 1000:1000
 
 EXPOSE 8000
-# The web service; compose overrides the command for migrate, worker and beat.
-CMD ["gunicorn", "--config", "deploy/gunicorn.conf.py", "malaria_site.wsgi"]
+# The web service, on every address of the container (its config alone listens on 127.0.0.1, for
+# gunicorn outside a container); compose gives the web service its own command, and overrides the
+# command for migrate, worker and beat.
+CMD ["gunicorn", "--config", "deploy/gunicorn.conf.py", "--bind", "0.0.0.0:8000", "malaria_site.wsgi"]

@@ -734,6 +734,8 @@ def test_dockerfile_builds_a_non_root_image_with_everything_the_app_needs():
     assert any(op == "RUN" and "pip install" in arg and "requirements.txt" in arg for op, arg in instructions)
     assert "download.pytorch.org/whl/cpu" in DOCKERFILE  # the CPU wheel index, documented
     assert instructions[-1][0] == "CMD" and "gunicorn" in instructions[-1][1]
+    # `docker run -p 8000:8000` reaches it: the config alone listens on the container's 127.0.0.1.
+    assert json.loads(instructions[-1][1])[3:5] == ["--bind", "0.0.0.0:8000"] and "EXPOSE 8000" in DOCKERFILE
     copied = {arg.split()[0].rstrip("/") for op, arg in instructions if op == "COPY"}
     assert "." not in copied, "COPY . . would put .env, var/ and .venv into the image"
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} - {"tests"}
