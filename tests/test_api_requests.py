@@ -150,3 +150,23 @@ def test_the_schema_lists_406_where_the_api_answers_it(lab, user, client):
     assert "406" not in paths["/api/analyses/{id}/{kind}/"]["get"]["responses"]  # a file goes out anyway
     refused = lab.get("/api/batches/", HTTP_ACCEPT="image/png")
     assert refused.status_code == 406 and refused["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("cut", ["before-the-closing-delimiter", "inside-the-last-image"])
+def test_a_body_that_never_closes_is_refused_not_stored_without_its_last_image(lab, user, cut, monkeypatch):
+    """Django finishes a file at the delimiter after it: a body cut short, or never closed with
+    --boundary--, was stored (202) with every image but the last."""
+    monkeypatch.setattr(FileUploadHandler, "chunk_size", 97)  # the closing delimiter straddles reads too
+    body = _multipart([_image(b"a.png"), _image(b"b.png"), _image(b"c.png")])
+    whole = lab.generic(
+        "POST", "/api/batches/", body, content_type=f"multipart/form-data; boundary={BOUNDARY.decode()}"
+    )
+    assert whole.status_code == 202 and Analysis.objects.count() == 3
+    body = body[: body.rindex(b"\r\n--" + BOUNDARY + b"--")]
+    if cut == "inside-the-last-image":
+        body = body[:-200]
+    answer = lab.generic(
+        "POST", "/api/batches/", body, content_type=f"multipart/form-data; boundary={BOUNDARY.decode()}"
+    )
+    assert answer.status_code == 400 and "ends before the form's closing boundary" in answer.json()["detail"]
+    assert Analysis.objects.count() == 3

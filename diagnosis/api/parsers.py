@@ -27,12 +27,16 @@ class _PartCountingStream:
         # Counted as if after a line break, so the body's first delimiter (which has none) counts too.
         self.tail = b"\r\n"
         self.delimiters = 0
+        # Django finishes a file part only at the delimiter after it: a body cut short, or sent
+        # without its closing delimiter, would be stored without its last part.
+        self.closed = False
 
     def read(self, *args) -> bytes:
         chunk = self.stream.read(*args)
         seen = self.tail + chunk  # a delimiter may straddle two reads
         self.delimiters += seen.count(self.delimiter) - self.tail.count(self.delimiter)
-        self.tail = seen[-(len(self.delimiter) - 1) :]
+        self.closed = self.closed or self.delimiter + b"--" in seen
+        self.tail = seen[-(len(self.delimiter) + 1) :]
         return chunk
 
     @property
@@ -56,6 +60,11 @@ class UploadParser(MultiPartParser):
             data, files = parser.parse()
         except MultiPartParserError as error:
             raise ParseError(f"Multipart form parse error - {error}") from error
+        if counter.delimiters and not counter.closed:
+            raise ParseError(
+                "The body ends before the form's closing boundary (cut short, or not closed with "
+                "--boundary--): nothing was stored. Send it again, whole."
+            )
         if counter.parts > sum(len(values) for _, values in [*data.lists(), *files.lists()]):
             raise ParseError(
                 "A part of the form could not be read (it has no name, or its headers are not UTF-8): "
