@@ -1,4 +1,5 @@
-"""The shared Redis cache, falling back to this process's memory while Redis fails.
+"""The shared Redis cache, falling back to this process's memory while Redis fails; without Redis,
+files that count right.
 
 It holds counters only: the sign-in lockout's and the API's rate limits. When Redis is down or
 stalls, an error from it would refuse every sign-in and every API request (500), uploads included,
@@ -8,10 +9,16 @@ then Redis is asked again: a stalled Redis costs one socket timeout per process 
 per lookup, and the limits still hold meanwhile, per process rather than across them.
 """
 
+import contextlib
+import fcntl
 import logging
+import os
+import pickle
 import time
+import zlib
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.filebased import FileBasedCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import RedisError
@@ -92,3 +99,41 @@ def redis_cache(url: str) -> dict:
         "LOCATION": url,
         "OPTIONS": {"socket_connect_timeout": SOCKET_TIMEOUT_SECONDS, "socket_timeout": SOCKET_TIMEOUT_SECONDS},
     }
+
+
+class CountingFileCache(FileBasedCache):
+    """Django's file cache, with counts that hold: its add and incr read and then write, so guesses
+    sent at once (runserver serves each in a thread, gunicorn's workers are processes) each found
+    the count under the limit, and its incr wrote the count back with the default timeout, cutting
+    a lockout short. Here both run one at a time, across processes, and a count keeps its expiry."""
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self):
+        self._createdir()
+        with open(os.path.join(self._dir, "counting.lock"), "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+            yield
+
+    def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        with self._one_at_a_time():
+            return super().add(key, value, timeout, version)
+
+    def incr(self, key, delta=1, version=None):  # decr too, which calls it
+        with self._one_at_a_time():
+            try:
+                with open(self._key_to_file(key, version), "rb") as entry:  # as FileBasedCache writes it
+                    expiry = pickle.load(entry)
+                    value = pickle.loads(zlib.decompress(entry.read()))
+            except (FileNotFoundError, EOFError):
+                expiry, value = 0, None
+            if value is None or (expiry is not None and expiry < time.time()):
+                raise ValueError(f"Key '{key}' not found")
+            self.set(key, value + delta, None if expiry is None else max(expiry - time.time(), 0.001), version)
+            return value + delta
+
+
+def file_cache(folder: str) -> dict:
+    """The CACHES entry for counts kept in ``folder``."""
+    # Room for the counts of many clients: past it, a third of the entries (a locked-out account's
+    # count among them) would be dropped at random. Each write lists the folder, so not 100,000.
+    return {"BACKEND": "malaria_site.cache.CountingFileCache", "LOCATION": folder, "OPTIONS": {"MAX_ENTRIES": 5000}}

@@ -7,7 +7,7 @@ from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
-from malaria_site.cache import redis_cache
+from malaria_site.cache import file_cache, redis_cache
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -143,12 +143,7 @@ if REDIS_URL := env("REDIS_URL", default=""):
 else:
     # Files, not each process's memory: a lockout lifted by `manage.py changepassword` (another
     # process) is lifted for the web server too, and gunicorn's workers count the limits together.
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
-            "LOCATION": str(VAR_DIR / "cache"),
-        }
-    }
+    CACHES = {"default": file_cache(str(VAR_DIR / "cache"))}
 
 # --- Internationalisation -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

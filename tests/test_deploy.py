@@ -18,6 +18,7 @@ import getpass
 import http.client
 import json
 import os
+import pickle
 import re
 import runpy
 import shlex
@@ -1289,3 +1290,46 @@ def test_a_lockout_lifted_in_another_process_is_lifted_for_the_web_server_too(tm
     finally:
         web.kill()
         web.wait()
+
+
+BURST = """
+import threading, django
+django.setup()
+from django.conf import settings
+from django.test import RequestFactory
+from diagnosis import login_throttle
+N = 40
+barrier, admitted = threading.Barrier(N), []
+def guess():
+    request = RequestFactory().post("/accounts/login/", REMOTE_ADDR="10.0.0.9")
+    barrier.wait()
+    admitted.append(login_throttle.admit(request, "demo"))
+threads = [threading.Thread(target=guess) for _ in range(N)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(sum(admitted), settings.LOGIN_MAX_FAILURES)
+"""
+
+
+def test_guesses_sent_all_at_once_are_each_counted_without_redis(tmp_path):
+    """Django's file cache reads, then writes: 40 guesses at once were all admitted against a limit of 5."""
+    shown = run_python(["-c", BURST], {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "VAR_DIR": str(tmp_path)})
+    assert shown.returncode == 0, shown.stderr
+    admitted, limit = map(int, shown.stdout.split())
+    assert admitted <= limit, f"{admitted} of 40 simultaneous guesses admitted; LOGIN_MAX_FAILURES={limit}"
+
+
+def test_a_count_in_the_file_cache_keeps_its_expiry_and_ends_with_it(tmp_path, monkeypatch):
+    """Django's file cache wrote an incremented count back with the default 300 s: a 15-minute
+    lockout ended five minutes after the last guess."""
+    from malaria_site import cache as caches
+
+    counts = caches.CountingFileCache(str(tmp_path), {"TIMEOUT": 300})
+    now = time.time()
+    assert counts.add("failures", 1, timeout=900)
+    assert counts.incr("failures") == 2 and counts.decr("failures") == 1 and counts.get("failures") == 1
+    with open(counts._key_to_file("failures"), "rb") as entry:
+        assert pickle.load(entry) == pytest.approx(now + 900, abs=5)  # not now + 300
+    monkeypatch.setattr(caches.time, "time", lambda: now + 901)
+    with pytest.raises(ValueError):  # ended with its lockout: the next failure starts a new count
+        counts.incr("failures")
