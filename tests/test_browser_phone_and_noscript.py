@@ -187,3 +187,23 @@ def test_with_javascript_pages_update_and_print(open_page, user, not_analysed): 
     expect(page.get_by_text("reload the page to see the result")).to_be_hidden()
     page.goto(f"/batches/{batch.pk}/report/")
     expect(page.get_by_role("button", name="Print")).to_be_visible()
+
+
+def test_on_a_phone_an_unfinished_sample_says_it_is_unfinished(open_page, user, not_analysed):  # noqa: F811
+    """The phone hides Samples' Cells and Finished columns: "0% of 2" of a sample with 38 cells still
+    to come read as a finished negative sample of 2 cells."""
+    batch = services.create_batch(owner=user, uploads=[upload(f"c{n}.png") for n in range(4)], sample_reference="W-1")
+    for cell in list(batch.analyses.all())[:1]:
+        classified(cell)
+    assert Analysis.objects.filter(batch=batch, status="queued").count() == 3
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.set_viewport_size({"width": 375, "height": 812})
+    page.goto("/batches/")
+    row = page.locator(f'tr[data-batch="{batch.pk}"]')
+    expect(row.locator("[data-parasitemia]")).to_be_visible()
+    expect(row.locator("[data-unfinished]")).to_have_text("(preliminary: 1 of 4 finished)")
+    expect(row.locator("[data-unfinished]")).to_be_in_viewport()
+    page.set_viewport_size({"width": 1200, "height": 800})  # where the Finished column says it
+    expect(row.locator("[data-unfinished]")).to_be_hidden()
+    open_page.errors[page].clear()
