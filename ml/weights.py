@@ -16,8 +16,9 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "malaria_vgg19.s
 
 
 def deployed_weights() -> Path:
-    """The file the worker loads, MODEL_WEIGHTS as the settings read it: the command-line tools
-    measure the model the site runs, not the shipped one beside it."""
+    """The file MODEL_WEIGHTS names in the environment (as compose gives it to the worker), else the
+    shipped one: the command-line tools measure the model the site runs. Unlike the settings, this
+    does not read .env."""
     return Path(os.environ.get("MODEL_WEIGHTS") or DEFAULT_WEIGHTS)
 
 

@@ -18,4 +18,5 @@ class JsonUnlessSignedInBrowser(DefaultContentNegotiation):
         try:
             return super().select_renderer(request, renderers, format_suffix)
         except Http404:  # DRF's answer to ?format=xml: read as "no such record" of one that exists
-            raise NotAcceptable("This API answers in JSON only: leave ?format out, or give ?format=json.") from None
+            asked = request.query_params.get("format", format_suffix)
+            raise NotAcceptable(f"There is no answer in the format {asked!r}: leave ?format out.") from None
