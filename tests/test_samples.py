@@ -34,7 +34,10 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     assert list(listed) == [clinic.pk, ward.pk], "newest first, and never another user's"
     ward_row, clinic_row = listed[ward.pk], listed[clinic.pk]
     assert (cell(ward_row, 'data-count="total"'), cell(ward_row, 'data-count="finished"')) == ("3", "2 (in progress)")
-    assert cell(ward_row, 'data-count="parasitized"') == "1" and cell(ward_row, "data-parasitemia") == "50% of 2"
+    assert (
+        cell(ward_row, 'data-count="parasitized"') == "1"
+        and cell(ward_row, "data-parasitemia") == "50% of 2 (preliminary: 2 of 3 finished)"
+    )
     assert cell(clinic_row, 'data-count="failed"') == "1" and cell(clinic_row, "data-parasitemia") == "—"
     assert (cell(ward_row, 'data-count="borderline"'), cell(clinic_row, 'data-count="borderline"')) == ("1", "0")
     assert "repeat smear" in clinic_row and f"/batches/{ward.pk}/report/" in ward_row
@@ -43,7 +46,10 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     # A reviewer's correction counts, as it shows on the cell itself.
     ward.analyses.filter(original_filename="u.png").update(review_verdict="disagree", corrected_label="Parasitized")
     ward_row = rows(client.get("/batches/").content.decode())[ward.pk]
-    assert cell(ward_row, 'data-count="parasitized"') == "2" and cell(ward_row, "data-parasitemia") == "100% of 2"
+    assert (
+        cell(ward_row, 'data-count="parasitized"') == "2"
+        and cell(ward_row, "data-parasitemia") == "100% of 2 (preliminary: 2 of 3 finished)"
+    )
     assert selectors.batch_counts(batch=ward) == {
         "total": 3,
         "queued": 1,
