@@ -62,6 +62,8 @@ def picture_rgb(image: Image.Image, source: str | Path | bytes) -> Image.Image:
 
 def _in_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
     """The picture's colours in sRGB, as the NIH cells and a browser read an untagged picture."""
+    if profile and image.mode in ("P", "PA"):  # a palette's colours are in the profile's space too
+        image = image.convert("RGBA")
     if not profile or image.mode not in ("RGB", "RGBA", "CMYK"):
         return image
     try:

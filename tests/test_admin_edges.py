@@ -123,3 +123,18 @@ def test_the_admin_lists_offer_no_counts_over_the_whole_table(admin_client, user
     assert plain.status_code == 200 and "Show counts" not in plain.content.decode()
     with django_assert_max_num_queries(len(plain.context["cl"].result_list) + 12):  # not one count per filter choice
         assert admin_client.get(f"/admin/diagnosis/{page}/", {"_facets": "True"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("page", "query"),
+    [
+        ("analysis", {"id__in": "1," + "9" * 25}),
+        ("accessevent", {"client_ip__exact": "not-an-address"}),  # PostgreSQL only
+    ],
+)
+def test_the_other_id_and_address_filters_edited_by_hand_are_no_server_error(admin_client, user, page, query):  # noqa: F811
+    """A list of ids, or the address under another lookup: past the guards, a 500."""
+    classified(create_analysis(owner=user, upload=upload("a.png")))
+    admin_client.raise_request_exception = False
+    answer = admin_client.get(f"/admin/diagnosis/{page}/", query)
+    assert answer.status_code < 500

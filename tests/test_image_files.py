@@ -169,3 +169,18 @@ def test_a_png_with_a_large_icc_profile_is_not_called_corrupt(user):
     cell.save(buffer, format="PNG", icc_profile=big_profile)
     analysis = services.create_analysis(owner=user, upload=upload("calibrated.png", buffer.getvalue()))
     assert np.array_equal(stored_pixels(analysis), np.asarray(cell, dtype=np.int16))
+
+
+def test_a_palette_png_tagged_with_a_wide_gamut_profile_is_read_in_its_own_colours(user):
+    """A palette PNG's profile was dropped and its numbers read as sRGB (ImageJ's "8-bit Color")."""
+    cell = Image.open(fixture_cells()[0]).convert("RGB")
+    truecolour = Image.open(io.BytesIO(tagged(cell, PROFILES["Display P3"])))
+    palette = truecolour.convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", icc_profile=PROFILES["Display P3"])
+    p3 = ImageCms.ImageCmsProfile(io.BytesIO(PROFILES["Display P3"]))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    expected = np.asarray(ImageCms.profileToProfile(palette.convert("RGB"), p3, srgb), dtype=np.int16)
+    analysis = services.create_analysis(owner=user, upload=upload("palette.png", buffer.getvalue()))
+    difference = np.abs(stored_pixels(analysis) - expected)
+    assert difference.max() <= 3, f"stored picture is {difference.max()} levels off the cell it shows"
