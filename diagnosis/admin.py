@@ -189,8 +189,8 @@ class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
         # An id filter (?batch=, ?owner=, ?reviewed_by_id=, ...) edited past a 64-bit integer: SQLite
         # cannot compare it (a 500), and no record has it.
         for key, value in request.GET.items():
-            if key.split("__")[0] in ID_FILTERS and any(_beyond_any_id(one) for one in value.split(",")):  # __in too
-                noun = ID_FILTERS[key.split("__")[0]]
+            noun = ID_FILTERS.get(key.split("__")[0])
+            if noun and any(_beyond_any_id(one) for one in value.split(",")):  # __in lists too
                 self.message_user(request, f"There is no {noun} #{value.strip()[:30]}.", level=messages.ERROR)
                 return HttpResponseRedirect(request.path)
         response = super().changelist_view(request, extra_context)
@@ -491,7 +491,7 @@ class AccessEventAdmin(admin.ModelAdmin):
         # ?client_ip= edited by hand: PostgreSQL refuses to compare text that is no address (a 500).
         for key, value in request.GET.items():
             field, _, lookup = key.partition("__")
-            if field == "client_ip" and lookup not in ("isnull",) and not all(map(_is_address, value.split(","))):
+            if field == "client_ip" and lookup != "isnull" and not all(map(_is_address, value.split(","))):
                 self.message_user(request, f"{value.strip()[:50]!r} is no client address.", level=messages.ERROR)
                 return HttpResponseRedirect(request.path)
         return super().changelist_view(request, extra_context)

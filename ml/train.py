@@ -440,9 +440,9 @@ def main(argv=None) -> None:
             if metrics["auc"] > state["best_auc"]:
                 state["best_auc"] = metrics["auc"]
                 export(exported, validation=metrics, val_samples=val_samples, **record)
+        # The last epoch's checkpoint says the run ended: the next run to this file may start afresh.
+        state["finished"] = epoch + 1 == last_epoch
         save_checkpoint(epoch + 1, 0)
-    state["finished"] = True  # the next run to this file may start afresh over it
-    save_checkpoint(state["epoch"], 0)
 
 
 def finished_run(checkpoint_path: Path) -> bool:
