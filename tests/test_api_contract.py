@@ -225,6 +225,16 @@ def test_a_filter_given_twice_is_refused_not_read_as_its_last_value(lab, user):
         assert refused.status_code == 400 and "sent more than once" in refused.json()["detail"], path
 
 
+def test_an_empty_sample_reference_filter_is_refused_not_read_as_no_reference(lab, user):
+    services.create_batch(owner=user, uploads=[upload("a.png")])  # a batch without a reference
+    services.create_batch(owner=user, uploads=[upload("b.png")], sample_reference="W-1")
+    for path in ("/api/batches/?sample_reference=", "/api/batches/?sample_reference=%20"):
+        refused = lab.get(path)
+        assert refused.status_code == 400 and "sample_reference is empty" in refused.json()["detail"], path
+    found = lab.get("/api/batches/?sample_reference=%20w-1%20").json()["results"]
+    assert [batch["sample_reference"] for batch in found] == ["W-1"]
+
+
 def test_an_idempotency_key_where_none_is_taken_is_refused_not_ignored(lab, user):
     refused = lab.post("/api/analyses/", {"image": upload()}, HTTP_IDEMPOTENCY_KEY="run-1")
     assert refused.status_code == 400 and "POST /api/batches/" in refused.json()["detail"]

@@ -359,6 +359,11 @@ class BatchViewSet(
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"sample_reference"})
+        if "sample_reference" in request.query_params and not request.query_params["sample_reference"].strip():
+            # A lab system's unset variable (?sample_reference=) must not list every batch, nor those without one.
+            raise ApiValidationError(
+                {"detail": "sample_reference is empty: give the sample's reference, or leave the parameter out."}
+            )
         batches = selectors.with_counts(self.paginate_queryset(self.get_queryset()))
         prefetch_related_objects(batches, "analyses")
         response = self.get_paginated_response(self.get_serializer(batches, many=True).data)
