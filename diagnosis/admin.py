@@ -2,6 +2,7 @@ import ipaddress
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
@@ -627,4 +628,16 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
         }
         if not request.user.is_superuser and any(_privileged(user) for user in users):  # the list's action too
             needed.add("staff, reviewer or superuser account")
-        return summary, counts, needed, []
+        # Django deletes an account's admin history with it: the only record of who granted a role,
+        # set a password or cleared a lockout. Such an account is deactivated instead.
+        keeps_history = [
+            format_html(
+                "{}: the admin history of their {} (who granted which rights, set which password, cleared "
+                "which lockout) would go with it; deactivate the account instead (untick Active)",
+                user.get_username(),
+                counted(entries, "change"),
+            )
+            for user in users
+            if (entries := LogEntry.objects.filter(user=user).count())
+        ]
+        return summary, counts, needed, keeps_history

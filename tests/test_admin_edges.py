@@ -138,3 +138,30 @@ def test_the_other_id_and_address_filters_edited_by_hand_are_no_server_error(adm
     admin_client.raise_request_exception = False
     answer = admin_client.get(f"/admin/diagnosis/{page}/", query)
     assert answer.status_code < 500
+
+
+def test_an_account_with_admin_history_is_deactivated_not_deleted_with_that_history(admin_client, user):
+    """Django deletes an account's admin history with it: who granted a role, set a password or
+    cleared a lockout would be gone once the admin who did it left and their account was removed."""
+    from django.contrib.admin.models import CHANGE, LogEntry
+    from django.contrib.contenttypes.models import ContentType
+
+    departing = get_user_model().objects.create_superuser("departing", password="pw-for-tests-123")
+    LogEntry.objects.create(
+        user=departing,
+        content_type=ContentType.objects.get_for_model(get_user_model()),
+        object_id=str(user.pk),
+        object_repr=str(user),
+        action_flag=CHANGE,
+        change_message="Changed is_superuser.",
+    )
+    page = admin_client.get(f"/admin/auth/user/{departing.pk}/delete/").content.decode()
+    assert "departing: the admin history of their 1 change" in page and "deactivate the account instead" in page
+    admin_client.post(f"/admin/auth/user/{departing.pk}/delete/", {"post": "yes"})
+    selected = {"action": "delete_selected", "_selected_action": [departing.pk], "post": "yes"}
+    admin_client.post("/admin/auth/user/", selected)
+    assert get_user_model().objects.filter(pk=departing.pk).exists()
+    assert LogEntry.objects.filter(user=departing, change_message="Changed is_superuser.").exists()
+    # An account without such history (a clinician's) is still deleted as before.
+    assert admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not get_user_model().objects.filter(pk=user.pk).exists()
