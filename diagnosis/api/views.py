@@ -309,6 +309,8 @@ class AnalysisViewSet(
         analysis = self.get_object()
         if not services.retry_failed_analyses(analyses=Analysis.objects.filter(pk=analysis.pk)):
             raise Conflict(f"Only a failed analysis can be tried again; this one is {analysis.get_status_display()}.")
+        # The answer is the whole record, as a GET's: recorded as one, or a key could read through it unseen.
+        record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="retry answer")
         return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(
@@ -434,8 +436,9 @@ class BatchViewSet(
     @action(detail=True, methods=["post"], url_path="retry-failed", url_name="retry-failed")
     def retry_failed(self, request, pk=None):
         """Send the batch's failed analyses to the worker again (none failed: nothing changes)."""
-        services.retry_failed_analyses(analyses=self.get_object().analyses.all())
-        return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+        batch = self.get_object()
+        services.retry_failed_analyses(analyses=batch.analyses.all())
+        return self._retry_answer(request)
 
     @extend_schema(request=None, responses={202: BatchSerializer, **errors(401, 404, 409)})
     @action(detail=True, methods=["post"], url_path="callback/retry", url_name="callback-retry")
@@ -447,7 +450,14 @@ class BatchViewSet(
                 raise Conflict("Only a failed callback can be retried; this batch has no callback.")
             state = batch.get_callback_state_display()
             raise Conflict(f"Only a failed callback can be retried; this batch's is {state}.")
-        return Response(self.get_serializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+        return self._retry_answer(request)
+
+    def _retry_answer(self, request) -> Response:
+        """The batch as it is now, every result in it, as a GET's answer: recorded as one, or a key
+        could read every batch through the retries unseen."""
+        batch = self.get_object()
+        record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch, detail="retry answer")
+        return Response(self.get_serializer(batch).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses={200: BatchSerializer, **errors(401, 404)})
     def retrieve(self, request, *args, **kwargs):
