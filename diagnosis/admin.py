@@ -562,8 +562,10 @@ admin.site.unregister(get_user_model())
 
 
 def _privileged(user) -> bool:
-    """An account with more access than a clinician's: to the admin, or to every user's cells."""
-    return user.is_superuser or user.is_staff or selectors.can_review(user)
+    """An account with more access than a clinician's: to the admin, or to every user's cells. A
+    deactivated reviewer is one too (has_perm says no while inactive): set a password and ticked
+    Active, it is a reviewer again."""
+    return user.is_superuser or user.is_staff or selectors.holds_review_permission(user)
 
 
 @admin.register(get_user_model())
@@ -592,12 +594,23 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
 
     @admin.action(description="Clear the selected users' sign-in lockouts", permissions=["change"])
     def clear_sign_in_lockout(self, request, queryset):
-        for user in queryset:
+        users = list(queryset)
+        # Else a help desk could keep lifting a superuser's lockout, and turn it off for that account.
+        passed_over = [] if request.user.is_superuser else [user for user in users if _privileged(user)]
+        if passed_over:
+            users = [user for user in users if user not in passed_over]
+            self.message_user(
+                request,
+                f"Not cleared for {', '.join(user.get_username() for user in passed_over)}: a staff, reviewer "
+                "or superuser account's lockout is a superuser's to clear.",
+                messages.WARNING,
+            )
+        for user in users:
             login_throttle.forgive(user.get_username())
             self.log_change(request, user, "Cleared the sign-in lockout.")
         self.message_user(
             request,
-            f"Sign-in lockouts cleared for {counted(len(queryset), 'user')}. An address locked out for "
+            f"Sign-in lockouts cleared for {counted(len(users), 'user')}. An address locked out for "
             "guessing at many names stays locked until its count expires (LOGIN_LOCKOUT_SECONDS), or until "
             "manage.py clear_address_lockout ADDRESS clears it.",
         )

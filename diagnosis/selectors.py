@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from functools import reduce
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, Permission
 from django.db.models import Avg, Count, F, Min, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import Http404
@@ -88,6 +88,13 @@ REVIEW_PERMISSION = "diagnosis.review_analysis"
 
 def can_review(user: AbstractBaseUser) -> bool:
     return user.is_authenticated and user.has_perm(REVIEW_PERMISSION)
+
+
+def holds_review_permission(user: AbstractBaseUser) -> bool:
+    """Whether the account would review once active: has_perm answers False for any inactive one."""
+    app_label, codename = REVIEW_PERMISSION.split(".")
+    granted = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
+    return user.is_superuser or granted.filter(Q(user=user) | Q(group__user=user)).exists()
 
 
 def get_viewable_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:

@@ -394,3 +394,39 @@ def test_a_help_desk_account_may_not_delete_a_reviewers_account_from_the_list_ei
     assert User.objects.filter(pk=reviewer.pk).exists(), "a reviewer's account deleted by the help desk"
     c.post("/admin/auth/user/", {**action, "_selected_action": [str(clinician.pk)]})
     assert not User.objects.filter(pk=clinician.pk).exists(), "an ordinary account stays the help desk's to remove"
+
+
+def test_a_help_desk_account_may_not_take_over_a_deactivated_reviewer_nor_lift_a_superusers_lockout(world, settings):
+    """A reviewer on leave is still a reviewer (has_perm says no only while the account is inactive):
+    a help desk that set its password and ticked Active could sign in and see every user's cells.
+    Nor may it keep lifting a superuser's lockout, which would turn the lockout off for that account."""
+    reviewer, root, clinician = world["users"]["reviewer"], world["users"]["superuser"], world["users"]["outsider"]
+    User.objects.filter(pk=reviewer.pk).update(is_active=False)
+    c = world["clients"]["staff"]
+    assert c.get(f"/admin/auth/user/{reviewer.pk}/password/").status_code == 403
+    c.post(f"/admin/auth/user/{reviewer.pk}/password/", {"password1": "Taken-Over-123", "password2": "Taken-Over-123"})
+    reactivate = {
+        "username": reviewer.username,
+        "is_active": "on",
+        "date_joined_0": "2026-01-01",
+        "date_joined_1": "0:0",
+    }
+    c.post(f"/admin/auth/user/{reviewer.pk}/change/", reactivate)
+    reviewer.refresh_from_db()
+    assert not reviewer.is_active and not reviewer.check_password("Taken-Over-123")
+
+    settings.LOGIN_MAX_FAILURES = 2
+    for name in ("root", "outsider"):
+        for _ in range(3):
+            Client().post("/accounts/login/", {"username": name, "password": "guess"})
+    cleared = c.post(
+        "/admin/auth/user/",
+        {"action": "clear_sign_in_lockout", "_selected_action": [str(root.pk), str(clinician.pk)]},
+        follow=True,
+    ).content.decode()
+    assert "Not cleared for root" in cleared and "Sign-in lockouts cleared for 1 user" in cleared
+
+    def locked_out(name):
+        return Client().post("/accounts/login/", {"username": name, "password": "pw"}).status_code == 429
+
+    assert locked_out("root") and not locked_out("outsider")
