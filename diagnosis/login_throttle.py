@@ -38,9 +38,24 @@ DEVICE_COOKIE_USERS = 5  # a shared workstation remembers its last few users
 
 def client_address(request) -> str:
     """The client's address as every limit and the access trail take it: CLIENT_IP_HEADER behind a
-    proxy (its first entry), else the peer; never a header a client could make up itself."""
+    proxy, else the peer; never a header a client could make up itself. Of a list (X-Forwarded-For)
+    the last entry, which the proxy appended: the first is whatever the client sent."""
     value = request.META.get(settings.CLIENT_IP_HEADER) or request.META.get("REMOTE_ADDR") or ""
-    return value.split(",")[0].strip()
+    return value.split(",")[-1].strip()
+
+
+def counted_source(address: str) -> str:
+    """Where an address's attempts count: an IPv6 client's whole /64 network, which one machine is
+    routinely given (2**64 addresses, each a fresh set of guesses otherwise); an IPv4 one as is."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 4:
+        return str(parsed)
+    if parsed.ipv4_mapped:  # an IPv4 client reaching a dual-stack socket
+        return str(parsed.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
 
 
 def _digest(text: str) -> str:
@@ -60,7 +75,7 @@ def _key(request, username: str) -> str:
     """Where failures at this username count: per known browser, else per address, in the
     username's current round (see forgive)."""
     device = _known_device(request, username)
-    source = f"device:{device}" if device else client_address(request)
+    source = f"device:{device}" if device else counted_source(client_address(request))
     name = _digest(_name(username))
     return f"login-failures:{_digest(source)}:{name}:{_round(name)}"
 
@@ -90,7 +105,7 @@ def forgive(username: str) -> None:
 
 
 def _address_key(request) -> str:
-    return _address_count_key(client_address(request))
+    return _address_count_key(counted_source(client_address(request)))
 
 
 def _address_count_key(address: str) -> str:
@@ -99,14 +114,11 @@ def _address_count_key(address: str) -> str:
 
 def forgive_address(address: str) -> bool:
     """Clear the count of failures at every name from ``address`` (a hospital's NAT locked out by
-    guesses from one machine behind it); True if it was counting any. The address is taken as
-    written and in its canonical form, the form a proxy's header or the peer gives it."""
-    forms = {address.strip()}
-    with contextlib.suppress(ValueError):
-        forms.add(str(ipaddress.ip_address(address.strip())))
-    keys = [_address_count_key(form) for form in forms]
-    counting = any(cache.get(key) for key in keys)
-    cache.delete_many([name for key in keys for name in (key, f"{key}:since")])
+    guesses from one machine behind it); True if it was counting any. An IPv6 address clears its
+    /64 network, where it was counted."""
+    key = _address_count_key(counted_source(address.strip()))
+    counting = bool(cache.get(key))
+    cache.delete_many([key, f"{key}:since"])
     return counting
 
 

@@ -132,7 +132,8 @@ if min(LOGIN_MAX_FAILURES, LOGIN_MAX_FAILURES_PER_ADDRESS) < 1:
         "LOGIN_MAX_FAILURES and LOGIN_MAX_FAILURES_PER_ADDRESS must be at least 1: with 0 nobody could sign in."
     )
 # Behind a reverse proxy every request comes from the proxy: name the header (as in request.META)
-# that the proxy overwrites with the client's address, e.g. HTTP_X_REAL_IP behind the bundled nginx.
+# that the proxy overwrites with the client's address, e.g. HTTP_X_REAL_IP behind the bundled nginx
+# (of a list, such as X-Forwarded-For, the last entry: the proxy's). Limits count an IPv6 client's /64.
 CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")
 
 # --- Cache (login throttling, API rate limits): shared through Redis when there is one ---------

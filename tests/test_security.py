@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from django.contrib.sessions.models import Session
 from django.core.cache.backends.base import CacheKeyWarning
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
@@ -189,6 +190,33 @@ def test_behind_a_proxy_failures_count_per_client_not_per_proxy(client, user, se
         "/accounts/login/", {"username": user.username, "password": PASSWORD}, HTTP_X_REAL_IP="198.51.100.7"
     )
     assert colleague.status_code == 302
+
+
+def test_a_client_cannot_escape_the_lockout_by_making_up_addresses(user, settings):
+    """Behind a proxy that appends the peer to X-Forwarded-For, the first entry is the client's own
+    invention; and one IPv6 machine holds a whole /64, each address of which used to count afresh."""
+    settings.LOGIN_MAX_FAILURES = 3
+    settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 5
+    settings.CLIENT_IP_HEADER = "HTTP_X_FORWARDED_FOR"
+    guess = {"username": user.username, "password": "x"}
+    for n in range(4):
+        Client().post("/accounts/login/", guess, HTTP_X_FORWARDED_FOR=f"10.9.9.{n}, 203.0.113.9")
+    right = {"username": user.username, "password": PASSWORD}
+    assert Client().post("/accounts/login/", right, HTTP_X_FORWARDED_FOR="10.9.9.99, 203.0.113.9").status_code == 429
+    assert Client().post("/accounts/login/", right, HTTP_X_FORWARDED_FOR="203.0.113.10").status_code == 302
+
+    settings.CLIENT_IP_HEADER = "REMOTE_ADDR"
+    other = UserFactory()
+    for host in range(1, 7):  # six names guessed from six addresses of one /64: past the address's limit
+        Client(REMOTE_ADDR=f"2001:db8:0:1::{host:x}").post(
+            "/accounts/login/", {"username": f"n{host}", "password": "x"}
+        )
+    assert _sign_in(Client(REMOTE_ADDR="2001:db8:0:1::ff"), other.username) == 429
+    assert _sign_in(Client(REMOTE_ADDR="2001:db8:0:2::1"), other.username) == 302  # the next /64: another client
+    out = io.StringIO()
+    call_command("clear_address_lockout", "2001:db8:0:1::3", stdout=out)
+    assert out.getvalue() == "2001:db8:0:1::3 (counted as 2001:db8:0:1::/64): sign-in lockout cleared\n"
+    assert _sign_in(Client(REMOTE_ADDR="2001:db8:0:1::ff"), other.username) == 302
 
 
 def test_successful_login_clears_the_failure_count(user, settings):
@@ -624,7 +652,6 @@ def test_the_api_rate_limit_for_anonymous_clients_ignores_a_made_up_forwarded_fo
 def test_an_administrator_clears_an_address_locked_out_for_guessing_at_many_names(db, settings):
     """One machine behind a ward's shared address guessing at names locks every new browser there
     out; the admin's per-user unlock does not reach it, this command does."""
-    from django.core.management import call_command
 
     settings.LOGIN_MAX_FAILURES_PER_ADDRESS = 3
     clinician = UserFactory()

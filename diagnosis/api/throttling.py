@@ -8,15 +8,15 @@ cannot be reversed by trying the addresses of a hospital's network one by one.
 from django.utils.crypto import salted_hmac
 from rest_framework import throttling
 
-from diagnosis.login_throttle import client_address
+from diagnosis.login_throttle import client_address, counted_source
 
 
 class AddressDigestMixin:
     def get_ident(self, request) -> str:
         # The address the sign-in lockout and the access trail take (CLIENT_IP_HEADER behind the
         # proxy), not DRF's X-Forwarded-For, which a client reaching gunicorn can make up afresh
-        # on every request.
-        return salted_hmac("diagnosis.api.throttling", client_address(request)).hexdigest()[:32]
+        # on every request. An IPv6 client's /64 counts as one, as for the sign-in lockout.
+        return salted_hmac("diagnosis.api.throttling", counted_source(client_address(request))).hexdigest()[:32]
 
 
 class AnonRateThrottle(AddressDigestMixin, throttling.AnonRateThrottle):

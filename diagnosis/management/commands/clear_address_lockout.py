@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from diagnosis.login_throttle import forgive_address
+from diagnosis.login_throttle import counted_source, forgive_address
 
 
 class Command(BaseCommand):
@@ -15,7 +15,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, addresses, **options):
         for address in addresses:
+            counted_as = counted_source(address.strip())
+            # An IPv6 address is counted with the rest of its /64 network: say which addresses it frees.
+            shown = f"{address} (counted as {counted_as})" if "/" in counted_as else address
             if forgive_address(address):
-                self.stdout.write(f"{address}: sign-in lockout cleared")
+                self.stdout.write(f"{shown}: sign-in lockout cleared")
             else:
-                self.stdout.write(f"{address}: had no failed sign-ins counted")
+                self.stdout.write(f"{shown}: had no failed sign-ins counted")
