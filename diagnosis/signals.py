@@ -1,17 +1,21 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
 removal; a removed user's results are withdrawn from the lab systems that were sent them; a
-user's API key goes with their password or their account's deactivation, and a new password
+user's API key goes with their password or their account's deactivation (their sign-ins with
+the latter), and a new password
 lifts their sign-in lockout; and a sign-in's clock starts at sign-in."""
 
 import logging
 import time
 
 from django.conf import settings
+from django.contrib.auth import SESSION_KEY
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
 from django.contrib.auth.signals import user_logged_in
+from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
+from django.utils import timezone
 
 from diagnosis import login_throttle, services
 from diagnosis.middleware import SignOutMiddleware
@@ -66,6 +70,17 @@ def revoke_token_when_access_ends(sender, instance, update_fields=None, **kwargs
     # then, so its key is ended when it is reactivated.
     if disabled or was_active != instance.is_active:
         ApiToken.objects.filter(user_id=instance.pk).delete()
+    if was_active != instance.is_active:
+        _end_sign_ins(user_id=instance.pk)
+
+
+def _end_sign_ins(*, user_id: int) -> None:
+    """Django only ignores an inactive account's sessions: reactivated (after a suspected leak), the
+    browser that may have been the leak's would be signed in again. Sessions name their user only
+    inside their data, so the live ones are read; deactivations are rare."""
+    live = Session.objects.filter(expire_date__gt=timezone.now())
+    ended = [session.pk for session in live.iterator() if session.get_decoded().get(SESSION_KEY) == str(user_id)]
+    Session.objects.filter(pk__in=ended).delete()
 
 
 @receiver(post_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="diagnosis.lift_lockout_on_new_password")

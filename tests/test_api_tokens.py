@@ -116,6 +116,32 @@ def test_a_key_of_an_account_deactivated_in_bulk_stays_stopped_when_reactivated(
         assert status_with(key) == 401, f"revived (used while inactive: {tried_in_between})"
 
 
+def test_a_deactivated_accounts_sign_ins_stay_ended_when_it_is_reactivated(user):
+    """Django only ignores an inactive account's sessions: reactivated after a suspected leak, the
+    browser that may have been the leak's was signed in again, by the save or after a bulk update()."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    colleague = UserFactory()
+    theirs = Client()
+    theirs.force_login(colleague)
+    for bulk in (False, True):
+        browser = Client()
+        browser.force_login(user)
+        assert browser.get("/").status_code == 200
+        if bulk:
+            get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+        else:
+            user.is_active = False
+            user.save()
+        assert browser.get("/").status_code == 302
+        user.refresh_from_db()
+        user.is_active = True
+        user.save()
+        assert browser.get("/").status_code == 302, f"signed in again (deactivated in bulk: {bulk})"
+    assert theirs.get("/").status_code == 200  # another account's sign-in is left alone
+
+
 def test_use_is_recorded_at_most_every_few_minutes(user):
     key = issue(user)["token"]
     assert ApiToken.objects.get(user=user).last_used_at is None
