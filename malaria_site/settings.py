@@ -197,6 +197,8 @@ EXPORT_MAX_ROWS = env.int("EXPORT_MAX_ROWS", default=50_000)
 # --- Model ----------------------------------------------------------------------------------
 MODEL_WEIGHTS = Path(env("MODEL_WEIGHTS", default=str(BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors")))
 MODEL_BATCH_SIZE = env.int("MODEL_BATCH_SIZE", default=16)
+if MODEL_BATCH_SIZE < 1:  # beside MODEL_THREADS, where 0 is "every core": here it would fail every cell
+    raise ImproperlyConfigured("MODEL_BATCH_SIZE must be at least 1 (images the model takes at once).")
 # Threads torch may use per worker process; 0 uses every core the host has. Set it when several
 # workers share a host, or a container's CPU limit is below the host's core count.
 MODEL_THREADS = env.int("MODEL_THREADS", default=0)

@@ -1156,6 +1156,14 @@ def test_a_session_of_zero_hours_is_refused_at_start():
     assert refused.returncode != 0 and "SESSION_HOURS must be at least 1" in refused.stderr
 
 
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_a_model_batch_size_below_one_is_refused_at_start(size):
+    """Beside MODEL_THREADS, where 0 is "every core", MODEL_BATCH_SIZE=0 started a worker whose every
+    cell failed ("range() arg 3 must not be zero"), and a negative one crashed every task."""
+    refused = run_python(["-c", "import malaria_site.settings"], {**production_env(), "MODEL_BATCH_SIZE": size})
+    assert refused.returncode != 0 and "MODEL_BATCH_SIZE must be at least 1" in refused.stderr
+
+
 @pytest.mark.parametrize("name", ["LOGIN_MAX_FAILURES", "LOGIN_MAX_FAILURES_PER_ADDRESS"])
 def test_a_lockout_after_zero_failures_is_refused_at_start(name):
     """0 turns other limits off, but here it would lock every account out before any password is checked."""
