@@ -160,6 +160,8 @@ def deliver(*, batch_id: int) -> bool:
         error = f"{failure.__class__.__name__}: {failure}"
     if sent:  # recorded even if newer results will follow, or the receiver failed after taking them
         record_callback(batch=batch, error=error)
+    else:  # still an attempt, counted towards giving up
+        _not_sent(batch_id=batch_id, claimed_at=claimed_at)
     if not error:
         delivered_at = timezone.now()
         held.update(

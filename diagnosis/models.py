@@ -113,9 +113,10 @@ class Batch(models.Model):
 
     @property
     def results_may_have_reached(self) -> bool:
-        """Whether its lab system may hold its results: an attempt is claimed, was made, or arrived."""
-        sent = self.callback_delivered_at or self.callback_first_sent_at
-        return sent is not None or self.callback_attempts > 0
+        """Whether its lab system may hold its results: an attempt is claimed, was made, or arrived.
+        Not the count of attempts: one that posted nothing (no connection, its host since refused)
+        counts towards giving up, and takes back its mark (callbacks._not_sent)."""
+        return (self.callback_delivered_at or self.callback_first_sent_at) is not None
 
     @property
     def cells_as_sent(self) -> list["Analysis"]:
@@ -135,9 +136,7 @@ class Batch(models.Model):
 
 
 # Batch.results_may_have_reached as a query: the batches whose lab system was never sent anything.
-RESULTS_NEVER_SENT = models.Q(
-    callback_delivered_at__isnull=True, callback_first_sent_at__isnull=True, callback_attempts=0
-)
+RESULTS_NEVER_SENT = models.Q(callback_delivered_at__isnull=True, callback_first_sent_at__isnull=True)
 
 
 # How sure the model was of a cell: its score's distance from the model's own decision threshold

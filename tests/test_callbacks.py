@@ -649,3 +649,27 @@ def test_a_failed_withdrawal_is_listed_in_the_admin_retried_there_and_kept_from_
     assert admin_client.post("/admin/diagnosis/batch/", chosen).status_code == 302
     assert Batch.with_withdrawn.get(pk=batch.pk).callback_state == State.PENDING
     assert callbacks.deliver(batch_id=batch.pk) and not Batch.with_withdrawn.filter(pk=batch.pk).exists()
+
+
+@pytest.mark.parametrize("cause", ["host refused since", "no connection"])
+def test_a_batch_whose_only_attempt_posted_nothing_is_deleted_outright(user, settings, monkeypatch, cause):
+    """An attempt that could not connect, or whose host was taken off the list, posted nothing: the
+    batch's deletion left a row with its sample reference, to send a withdrawal of results the lab
+    system never had (never, for a refused host), and its Idempotency-Key stayed refused."""
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/results"
+    batch, _ = services.create_batch_once(owner=user, idempotency_key="lis-42", uploads=[upload()], callback_url=url)
+    batch.analyses.update(status=Analysis.Status.DONE, label="Uninfected", probability_parasitized=0.02)
+    allowed = settings.CALLBACK_ALLOWED_HOSTS
+    if cause == "host refused since":
+        settings.CALLBACK_ALLOWED_HOSTS = ["lis.example-hospital.org"]
+    assert not callbacks.deliver(batch_id=batch.pk)
+    settings.CALLBACK_ALLOWED_HOSTS = allowed
+    tried = refreshed(batch)
+    assert tried.callback_attempts == 1 and not tried.results_may_have_reached  # counted towards giving up
+    services.delete_batch(batch=tried)
+    assert not Batch.with_withdrawn.filter(pk=batch.pk).exists()
+    _, created = services.create_batch_once(owner=user, idempotency_key="lis-42", uploads=[upload()], callback_url=url)
+    assert created, "the key of a batch deleted outright is free again"
