@@ -11,7 +11,7 @@ from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
-from diagnosis.audit import record_access
+from diagnosis.audit import record_access, record_list_read
 from diagnosis.forms import ReviewForm, show_review_time
 from diagnosis.models import AccessEvent, Analysis
 
@@ -23,10 +23,13 @@ def queue(request):
     page = Paginator(pending, 50).get_page(request.GET.get("page"))
     context = {
         "page": page,
-        "disagreements": disagreements[:20],
+        "disagreements": list(disagreements[:20]),
         # Agreed cases leave the queue: without this list a verdict given by mistake is not found again.
-        "mine": selectors.reviews_by(user=request.user)[:20],
+        "mine": list(selectors.reviews_by(user=request.user)[:20]),
     }
+    # Other users' file names, samples and labels, some with no thumbnail whose download is recorded.
+    shown = {cell.pk: cell for cell in [*page.object_list, *context["disagreements"], *context["mine"]]}
+    record_list_read(request=request, records=list(shown.values()), noun="cell", page=page.number, own=False)
     return render(request, "diagnosis/review_queue.html", context)
 
 

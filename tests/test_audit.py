@@ -201,6 +201,24 @@ def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_t
         (reviewer.username, Action.REVIEWED, "web", cell.pk, cell.batch_id, "agree"),
     ]
     assert set(AccessEvent.objects.values_list("owner_id", flat=True)) == {user.pk}
+    # The queue lists other users' file names, samples and verdicts, some with no thumbnail to record.
+    colleague = UserFactory()
+    colleague.groups.add(Group.objects.get(name="reviewers"))
+    other = cell.batch.analyses.exclude(pk=cell.pk).get()
+    services.review_analysis(
+        analysis=other, reviewer=colleague, verdict="disagree", corrected_label="Uninfected", replacing=None
+    )
+    page = client.get("/review/").content.decode()
+    assert "b.png" in page and "W-9" in page  # among the recent disagreements
+    ids = sorted([cell.pk, other.pk])
+    assert trail()[-1] == (
+        reviewer.username,
+        Action.VIEWED,
+        "web",
+        None,
+        None,
+        f"list of 2 cells, page 1, ids {ids[0]}–{ids[1]}",
+    )
 
 
 def test_the_client_address_comes_from_the_configured_proxy_header(client, settings, user, cell):
