@@ -117,8 +117,10 @@ def record_callback(*, batch: Batch, error: str = "") -> AccessEvent:
 
 
 def _seen_recently(event: AccessEvent) -> bool:
+    # The same address too: a leaked key or session used elsewhere while its owner polls must show.
     return AccessEvent.objects.filter(
         user=event.user,
+        client_ip=event.client_ip,
         action=event.action,
         channel=event.channel,
         analysis_id=event.analysis_id,

@@ -181,6 +181,11 @@ def test_repeated_polls_and_downloads_are_recorded_once_per_window_and_per_file(
         (Action.DOWNLOADED, "overlay"),
         (Action.DOWNLOADED, "image"),
     ]
+    elsewhere = APIClient(REMOTE_ADDR="203.0.113.9")  # the same key used from another address: recorded
+    elsewhere.force_authenticate(user)
+    assert elsewhere.get(f"/api/batches/{batch.pk}/").status_code == 200
+    assert AccessEvent.objects.filter(action=Action.VIEWED, client_ip="203.0.113.9").count() == 1
+    AccessEvent.objects.filter(client_ip="203.0.113.9").delete()
     AccessEvent.objects.update(at=timezone.now() - audit.REPEAT_WINDOW)
     api.get(f"/api/batches/{batch.pk}/")
     api.get(f"/api/analyses/{cell.pk}/overlay/")
