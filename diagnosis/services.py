@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import islice
+from typing import NamedTuple
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -201,8 +202,9 @@ def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: li
     return analysis
 
 
-def enqueue_analyses(*, analysis_ids: Sequence[int], per_task: int = ANALYSES_PER_TASK) -> None:
-    """Send analyses to the worker. If the broker is unreachable they stay queued for the sweeper."""
+def enqueue_analyses(*, analysis_ids: Sequence[int], per_task: int = ANALYSES_PER_TASK) -> int:
+    """Send analyses to the worker; returns how many were sent. If the broker is unreachable the
+    rest stay queued for the sweeper."""
     from diagnosis.tasks import analyse_images  # here, not at the top: tasks imports this module
 
     for start in range(0, len(analysis_ids), per_task):
@@ -213,8 +215,9 @@ def enqueue_analyses(*, analysis_ids: Sequence[int], per_task: int = ANALYSES_PE
             # The rest would wait out the same connection timeout each: the sweeper sends them all.
             rest = list(analysis_ids[start:])
             logger.warning("event=enqueue_failed analysis_ids=%s; the sweeper will retry", rest, exc_info=True)
-            return
+            return start
         Analysis.objects.filter(pk__in=chunk, status=Analysis.Status.QUEUED).update(enqueued_at=timezone.now())
+    return len(analysis_ids)
 
 
 def claim_analysis(*, analysis_id: int, task_id: str, retries: int = 0) -> bool:
@@ -328,10 +331,15 @@ def _give_up(running: QuerySet[Analysis]) -> int:
     return len(ids)
 
 
-def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
+class Requeued(NamedTuple):
+    found: int  # stale cells, queued again
+    sent: int  # of those, sent to the broker (the rest wait for the next sweep)
+
+
+def requeue_stale_analyses(*, older_than: timedelta | None = None) -> Requeued:
     """Re-enqueue analyses whose task was lost: queued but never sent (broker down) or sent long
     ago, and running for longer than a task can take (worker died), unless they have used up
-    their attempts (then they fail). Returns how many were enqueued again."""
+    their attempts (then they fail)."""
     older_than = timedelta(seconds=settings.ANALYSIS_STALE_SECONDS) if older_than is None else older_than
     cutoff = timezone.now() - older_than
     with transaction.atomic():
@@ -352,10 +360,10 @@ def requeue_stale_analyses(*, older_than: timedelta | None = None) -> int:
         .values_list("pk", flat=True)
     )
     ids = sorted(set(running_ids) | set(queued_ids))
-    if ids:
-        logger.info("event=requeue count=%s analysis_ids=%s", len(ids), ids)
-        enqueue_analyses(analysis_ids=ids)
-    return len(ids)
+    if not ids:
+        return Requeued(found=0, sent=0)
+    logger.info("event=requeue count=%s analysis_ids=%s", len(ids), ids)
+    return Requeued(found=len(ids), sent=enqueue_analyses(analysis_ids=ids))
 
 
 def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:

@@ -41,7 +41,7 @@ def deliver_batch_callback(batch_id: int) -> None:
 def requeue_stale_analyses() -> int:
     requeued = services.requeue_stale_analyses()
     callbacks.requeue_due_callbacks()
-    return requeued
+    return requeued.sent
 
 
 @shared_task(ignore_result=True)

@@ -237,9 +237,14 @@ def test_unreadable_stored_image_fails_that_analysis_only(user, settings):
     assert second.status == "done" and second.label in ("Parasitized", "Uninfected") and second.overlay
 
 
+def sending_to(sent: list):
+    """enqueue_analyses as a broker that takes everything, into ``sent``."""
+    return lambda *, analysis_ids: sent.extend(analysis_ids) or len(analysis_ids)
+
+
 def test_sweeper_requeues_lost_work_only(user, monkeypatch):
     sent = []
-    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    monkeypatch.setattr(services, "enqueue_analyses", sending_to(sent))
     never_sent = services.create_analysis(owner=user, upload=upload())
     stuck = services.create_analysis(owner=user, upload=upload())
     fresh = services.create_analysis(owner=user, upload=upload())
@@ -249,7 +254,7 @@ def test_sweeper_requeues_lost_work_only(user, monkeypatch):
     Analysis.objects.filter(pk__in=[never_sent.pk, stuck.pk]).update(created_at=long_ago, started_at=long_ago)
     Analysis.objects.filter(pk=fresh.pk).update(created_at=long_ago)
 
-    assert services.requeue_stale_analyses(older_than=timedelta(minutes=10)) == 2
+    assert services.requeue_stale_analyses(older_than=timedelta(minutes=10)) == (2, 2)
     assert sorted(sent) == sorted([never_sent.pk, stuck.pk])
     stuck.refresh_from_db()
     assert stuck.status == "queued" and stuck.claimed_by_task == ""
@@ -263,7 +268,7 @@ def test_the_sweep_command_with_older_than_zero_sends_every_queued_cell_again(us
     from django.core.management import CommandError, call_command
 
     sent = []
-    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    monkeypatch.setattr(services, "enqueue_analyses", sending_to(sent))
     lost = services.create_analysis(owner=user, upload=upload())
     Analysis.objects.filter(pk=lost.pk).update(enqueued_at=timezone.now() - timedelta(seconds=5))
     output = io.StringIO()
@@ -271,6 +276,27 @@ def test_the_sweep_command_with_older_than_zero_sends_every_queued_cell_again(us
     assert output.getvalue().strip() == "re-enqueued 1 cell" and sent == [lost.pk]
     with pytest.raises(CommandError, match="--older-than -60: give an age in seconds, 0 or more"):
         call_command("requeue_stale_analyses", "--older-than", "-60", stdout=output)
+
+
+def test_the_sweep_command_says_so_when_the_broker_is_still_down(user, monkeypatch):
+    """Run during the incident it is for, it printed "re-enqueued 1 cell" though nothing was sent."""
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    from diagnosis import tasks
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(tasks.analyse_images, "apply_async", broker_down)
+    lost = services.create_analysis(owner=user, upload=upload())
+    Analysis.objects.filter(pk=lost.pk).update(created_at=timezone.now() - timedelta(hours=1))
+    output = io.StringIO()
+    with pytest.raises(CommandError, match="1 cell could not be sent: the broker refused or could not be reached"):
+        call_command("requeue_stale_analyses", "--older-than", "0", stdout=output)
+    assert output.getvalue().strip() == "re-enqueued 0 cells"
+    assert Analysis.objects.get(pk=lost.pk).status == "queued"
 
 
 @pytest.mark.django_db(transaction=True)  # the upload really commits, so its on-commit hook really runs
@@ -288,7 +314,7 @@ def test_a_failure_after_the_commit_keeps_the_stored_upload(user, monkeypatch):
 def test_a_cell_that_keeps_killing_its_worker_is_failed_not_sent_again(user, settings, monkeypatch):
     settings.ANALYSIS_MAX_ATTEMPTS = 2
     sent = []
-    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: sent.extend(analysis_ids))
+    monkeypatch.setattr(services, "enqueue_analyses", sending_to(sent))
     poison = services.create_analysis(owner=user, upload=upload())
     # Redelivered under the same task id each time its worker dies (task_reject_on_worker_lost).
     assert services.claim_analysis(analysis_id=poison.pk, task_id="t")
@@ -303,7 +329,7 @@ def test_a_cell_that_keeps_killing_its_worker_is_failed_not_sent_again(user, set
     Analysis.objects.filter(pk=stuck.pk).update(status="queued", claimed_by_task="")  # swept once
     services.claim_analysis(analysis_id=stuck.pk, task_id="b")
     Analysis.objects.filter(pk=stuck.pk).update(started_at=timezone.now() - timedelta(hours=1))
-    assert services.requeue_stale_analyses(older_than=timedelta(minutes=10)) == 0 and sent == []
+    assert services.requeue_stale_analyses(older_than=timedelta(minutes=10)) == (0, 0) and sent == []
     stuck.refresh_from_db()
     assert stuck.status == "failed" and "Analyse it again" in stuck.error
 

@@ -20,5 +20,10 @@ class Command(BaseCommand):
     def handle(self, *args, older_than=None, **options):
         if older_than is not None and older_than < 0:
             raise CommandError(f"--older-than {older_than}: give an age in seconds, 0 or more.")
-        count = requeue_stale_analyses(older_than=None if older_than is None else timedelta(seconds=older_than))
-        self.stdout.write(f"re-enqueued {counted(count, 'cell')}")
+        requeued = requeue_stale_analyses(older_than=None if older_than is None else timedelta(seconds=older_than))
+        self.stdout.write(f"re-enqueued {counted(requeued.sent, 'cell')}")
+        if left := requeued.found - requeued.sent:  # the broker is still down: say so, not "done"
+            raise CommandError(
+                f"{counted(left, 'cell')} could not be sent: the broker refused or could not be reached. "
+                "They stay queued; run this again once it is back (the worker's sweeper also retries)."
+            )
