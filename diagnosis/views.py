@@ -227,7 +227,9 @@ def batch_delete(request, pk: int):
         "cells": batch.analyses.count(),
         "cancel_url": _keeping_from(reverse("diagnosis:batch", args=[pk]), came_from),
         "came_from": came_from,
-        "lab_system": batch.callback_host if batch.callback_delivered_at else "",
+        # Withdrawn there once an attempt may have posted them, confirmed or not (services.delete_batch).
+        "lab_system": batch.callback_host if batch.results_may_have_reached else "",
+        "lab_system_confirmed": batch.callback_delivered_at is not None,
     }
     return render(request, "diagnosis/confirm_delete.html", context)
 

@@ -3,6 +3,7 @@ The retention period deletes old ones the same way."""
 
 import io
 import os
+import re
 import time
 from datetime import timedelta
 from urllib.parse import urlencode
@@ -165,6 +166,24 @@ def test_owner_deletes_a_whole_batch_from_the_page(client, user, batch, django_c
     assert response.status_code == 302 and response["Location"] == "/batches/"
     assert not Batch.objects.exists() and not Analysis.objects.exists()
     assert not any(private_storage.exists(name) for name in files)
+
+
+def test_the_batch_delete_page_names_the_lab_system_its_results_may_have_reached(client, user, batch):
+    """An attempt the receiver answered with a 500 may have stored the results, and the deletion
+    withdraws them there: the page said so only once delivery was confirmed."""
+    client.force_login(user)
+
+    def told() -> str:
+        page = client.get(f"/batches/{batch.pk}/delete/").content.decode()
+        return re.search(r"Its results (.*?) sent to the lab system at ([^:]+)", page)
+
+    assert told() is None  # no callback
+    Batch.objects.filter(pk=batch.pk).update(callback_url="https://lis.example/results")
+    assert told() is None  # never sent: deleted outright, nothing to tell
+    Batch.objects.filter(pk=batch.pk).update(callback_first_sent_at=timezone.now(), callback_attempts=6)
+    assert told().groups() == ("may have been", "lis.example")
+    Batch.objects.filter(pk=batch.pk).update(callback_delivered_at=timezone.now())
+    assert told().groups() == ("were", "lis.example")
 
 
 def test_api_deletes_analyses_and_batches_with_204(user, batch, django_capture_on_commit_callbacks):
