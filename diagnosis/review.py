@@ -61,7 +61,8 @@ def review(request, pk: int):
         except ValidationError as error:
             form.add_error(None, error)
             analysis.refresh_from_db()  # show the case's review as it is now
-            if error.code == services.REVIEW_CONFLICT:  # told of it now: saving again replaces it
+            # Told of a colleague's review now: saving again replaces it (a field's error has no code).
+            if getattr(error, "code", None) == services.REVIEW_CONFLICT:
                 show_review_time(form, analysis.reviewed_at)
         else:
             messages.success(

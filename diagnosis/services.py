@@ -542,7 +542,10 @@ def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> s
     if verdict != Analysis.Verdict.DISAGREE:
         raise ValidationError("The verdict must be agree or disagree.")
     if corrected_label not in Analysis.Label.values or corrected_label == analysis.label:
-        raise ValidationError("A disagreement needs the corrected label (the one the model did not give).")
+        # Against the field, so the form marks the label's select with it (a screen reader hears why).
+        raise ValidationError(
+            {"corrected_label": "A disagreement needs the corrected label (the one the model did not give)."}
+        )
     return corrected_label
 
 

@@ -109,6 +109,18 @@ def test_a_review_note_at_the_length_the_browser_allows_is_saved_with_its_line_b
     assert Analysis.objects.get(pk=case.pk).review_note == typed
     one_more = reviewer.post(f"/review/{case.pk}/", {"verdict": "agree", "note": typed + "x", "replacing": ""})
     assert one_more.status_code == 400 and "at most 2000 characters (it has 2001)" in one_more.content.decode()
+    assert 'aria-invalid="true" aria-describedby="id_note-error"' in one_more.content.decode()
+
+
+def test_a_refused_verdict_marks_the_field_it_is_about_for_a_screen_reader(case):
+    """The error was shown in the form's alert only: a screen reader on the label's select heard nothing."""
+    reviewer, _ = reviewer_client()
+    page = reviewer.post(f"/review/{case.pk}/", {"verdict": "disagree", "replacing": ""}).content.decode()
+    select = re.search(r'<select name="corrected_label"[^>]*>', page)[0]
+    assert 'aria-invalid="true"' in select and 'aria-describedby="id_corrected_label-error"' in select
+    described = re.search(r'<div id="id_corrected_label-error">(.*?)</div>', page, re.S)[1]
+    assert "A disagreement needs the corrected label" in described
+    assert "aria-invalid" not in re.search(r'<textarea name="note"[^>]*>', page)[0]
 
 
 def test_a_refusal_that_is_no_conflict_does_not_carry_a_review_saved_meanwhile(case):
