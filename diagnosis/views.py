@@ -266,7 +266,7 @@ def batch_retry(request, pk: int):
         messages.success(request, f"{counted(len(retried), 'failed cell')} queued for analysis again.")
     else:  # a double submit, or a page older than the last retry
         messages.info(request, "No failed cells to analyse again.")
-    return redirect("diagnosis:batch", pk=pk)
+    return redirect(_keeping_from(reverse("diagnosis:batch", args=[pk]), _came_from(request)))
 
 
 @login_required

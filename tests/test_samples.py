@@ -122,6 +122,14 @@ def test_a_searched_list_is_kept_through_a_batch_its_deletion_and_a_cells_second
     assert again.redirect_chain[-1][0] == f"/analyses/{failed.pk}/?from=%2F%3Fstatus%3Dfailed%26page%3D1"
     assert '<a href="/?status=failed&amp;page=1">← Back</a>' in again.content.decode()
 
+    Analysis.objects.filter(pk=failed.pk).update(status="failed", error="Cannot read the image.")
+    batch = failed.batch
+    retry = client.get(f"/batches/{batch.pk}/", {"from": listing}).content.decode()
+    assert 'name="from" value="/batches/?search=ward&amp;page=1"' in retry  # the batch's own "Analyse … again"
+    again = client.post(f"/batches/{batch.pk}/retry/", {"from": listing}, follow=True)
+    assert again.redirect_chain[-1][0] == f"/batches/{batch.pk}/?from=%2Fbatches%2F%3Fsearch%3Dward%26page%3D1"
+    assert f'<a href="{listing.replace("&", "&amp;")}">← Back</a>' in again.content.decode()
+
 
 def test_a_batchs_cells_come_back_in_the_order_they_were_sent(api_client, user):
     """A lab system may pair results with what it sent by position: names can repeat (cell.png from
