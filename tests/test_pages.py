@@ -22,6 +22,9 @@ class Markup(HTMLParser):
         self.references: list[tuple[str, str, str]] = []  # (tag, attribute, id)
         self.html: dict[str, str | None] = {}
         self.viewport = False
+        self.mains = 0
+        self.headers: list[str] = []  # each table header's text (a screen reader reads it out per cell)
+        self._header: list[str] | None = None
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
@@ -34,6 +37,18 @@ class Markup(HTMLParser):
             self.html = attributes
         if tag == "meta" and attributes.get("name") == "viewport":
             self.viewport = True
+        self.mains += tag == "main"
+        if tag == "th":
+            self._header = []
+
+    def handle_data(self, data):
+        if self._header is not None:
+            self._header.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "th" and self._header is not None:
+            self.headers.append("".join(self._header).strip())
+            self._header = None
 
 
 @pytest.fixture
@@ -74,6 +89,8 @@ def checked(page: str) -> Markup:
     assert not duplicated, f"ids used twice: {duplicated}"
     assert markup.html.get("lang"), "the page does not say its language"
     assert markup.viewport, "no viewport: a phone shows the page at desktop width"
+    assert markup.mains == 1, f"{markup.mains} main landmarks: a screen reader's 'go to main content' needs one"
+    assert all(markup.headers), f"a table column without a header: {markup.headers}"
     return markup
 
 
