@@ -29,13 +29,21 @@ PAGE_SIZE = 25
 @require_GET
 def dashboard(request):
     form = FilterForm(request.GET)
-    analyses = selectors.analyses_for(user=request.user, filters=form.to_filters())
+    filters = form.to_filters()
+    analyses = selectors.analyses_for(user=request.user, filters=filters)
     page = Paginator(analyses, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
     # "Apply" with every filter empty filters nothing: a new account still sees how to start.
     filtered = any(value for name, values in query.lists() if name != "sort" for value in values)
-    context = {"form": form, "page": page, "query": query.urlencode(), "filtered": filtered}
+    context = {
+        "form": form,
+        "page": page,
+        "query": query.urlencode(),
+        "filtered": filtered,
+        # Sorted by score, the page's rows move into place as results arrive (live.js).
+        "score_order": {"-probability_parasitized": "desc", "probability_parasitized": "asc"}.get(filters.sort, ""),
+    }
     return render(request, "diagnosis/dashboard.html", context)
 
 
@@ -378,6 +386,7 @@ def _status_payload(analysis: Analysis) -> dict:
         "borderline": analysis.is_borderline,
         "finished": analysis.is_finished,
         "overlay_url": reverse("diagnosis:analysis-file", args=[analysis.pk, "overlay"]) if analysis.overlay else None,
+        "model_version": analysis.model_version,
     }
 
 

@@ -47,26 +47,39 @@
       threshold.textContent = "threshold " + item.decision_threshold.toFixed(2);
       threshold.hidden = false;
     }
+    const model = el.querySelector("[data-model]");
+    if (model && item.model_version) model.textContent = item.model_version;
     const img = el.querySelector("img");
     if (img && item.overlay_url) img.dataset.overlay = item.overlay_url;
     if (item.probability_parasitized !== null) el.dataset.score = item.probability_parasitized;
     if (item.finished) el.dataset.finished = "1";
   }
 
-  // Keeps the batch grid "most suspicious first" as results arrive (unscored cells last, then by id).
-  // Not while the pointer or the keyboard focus is in the grid: a cell must not move from under
-  // a click. The order catches up when they leave.
-  function sortGrid() {
-    const grid = document.getElementById("cell-grid");
-    if (!grid || grid.matches(":hover") || grid.contains(document.activeElement)) return;
-    const score = (li) => (li.dataset.score === undefined ? -1 : Number(li.dataset.score));
-    const items = Array.from(grid.children);
-    const sorted = items.slice().sort((a, b) => score(b) - score(a) || a.dataset.analysis - b.dataset.analysis);
-    if (sorted.every((li, i) => li === items[i])) return;
-    sorted.forEach((li) => grid.appendChild(li));
-  }
+  // Keeps the batch grid "most suspicious first", and the dashboard in the score order it was asked
+  // for, as results arrive: unscored cells last either way, ties as the server orders them (the
+  // grid by id, the dashboard newest first). Not while the pointer or the keyboard focus is in
+  // the list: a row must not move from under a click. The order catches up when they leave.
   const grid = document.getElementById("cell-grid");
-  if (grid) { grid.addEventListener("mouseleave", sortGrid); grid.addEventListener("focusout", () => setTimeout(sortGrid)); }
+  const rows = table && table.dataset.scoreOrder ? table.tBodies[0] : null;
+  const sorted = grid || rows;
+  function sortByScore() {
+    if (!sorted || sorted.matches(":hover") || sorted.contains(document.activeElement)) return;
+    const descending = grid ? true : table.dataset.scoreOrder === "desc";
+    const tie = (a, b) => (grid ? 1 : -1) * (a.dataset.analysis - b.dataset.analysis);
+    const scored = (el) => el.dataset.score !== undefined;
+    const items = Array.from(sorted.children);
+    const order = items.slice().sort((a, b) => {
+      if (scored(a) !== scored(b)) return scored(a) ? -1 : 1;
+      const difference = scored(a) ? Number(a.dataset.score) - Number(b.dataset.score) : 0;
+      return (descending ? -difference : difference) || tie(a, b);
+    });
+    if (order.every((el, i) => el === items[i])) return;
+    order.forEach((el) => sorted.appendChild(el));
+  }
+  if (sorted) {
+    sorted.addEventListener("mouseleave", sortByScore);
+    sorted.addEventListener("focusout", () => setTimeout(sortByScore));
+  }
 
   // Rounded down, as the templates' `score` filter does: rounded up, a score just under the
   // threshold could read as the threshold itself.
@@ -109,7 +122,8 @@
           apply(item);
         });
         if (announcer && finished.length) announcer.textContent = announcement(finished);
-        if (progress) { applyCounts(data.counts); sortGrid(); }
+        if (progress) applyCounts(data.counts);
+        sortByScore();
       }
     } catch (error) { /* network blip: try again later */ }
     delay = changed ? 1000 : Math.min(delay * 1.5, 10000);
@@ -119,8 +133,9 @@
   // Hover or focus a batch thumbnail to see its heatmap overlay.
   document.querySelectorAll(".cell img").forEach((img) => {
     const original = img.src;
-    const show = () => { if (img.dataset.overlay) img.src = img.dataset.overlay; };
-    const hide = () => { img.src = original; };
+    const originalAlt = img.alt;  // the picture's text alternative changes with it, for a screen reader
+    const show = () => { if (img.dataset.overlay) { img.src = img.dataset.overlay; img.alt = img.dataset.overlayAlt; } };
+    const hide = () => { img.src = original; img.alt = originalAlt; };
     img.addEventListener("mouseenter", show); img.addEventListener("mouseleave", hide);
     img.parentElement.addEventListener("focus", show); img.parentElement.addEventListener("blur", hide);
   });

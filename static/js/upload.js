@@ -80,6 +80,9 @@
       list.appendChild(li);
     });
     showCount();
+    // The list marks what is skipped; a screen reader hears it only from this live region.
+    const skipped = list.children.length - chosen.length;
+    status.textContent = skipped ? counted(chosen.length) + " to upload; " + skipped + " skipped (see the list)." : "";
     // Dropped files and folders never reach the file input, whose `required` would block the submit
     // (and the message saying why none of the listed files can go).
     input.required = !list.children.length;

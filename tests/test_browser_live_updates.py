@@ -1,0 +1,97 @@
+"""What the pages say as results arrive and files are chosen, in a real browser: to the eye (rows in
+the order asked for, the model named) and to a screen reader (what a picture shows, what is skipped)."""
+
+import re
+
+import pytest
+from django.core.files.base import ContentFile
+from django.utils import timezone
+from playwright.sync_api import expect
+
+from diagnosis import services
+from diagnosis.models import Analysis
+from tests.browser import log_in
+from tests.factories import PASSWORD, classified, image_bytes, upload
+from tests.test_browser import browser, open_page  # noqa: F401 - the fixtures
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+MODEL = "vgg19_bn-96px-20261126-e84911f9"
+
+
+@pytest.fixture
+def not_analysed(monkeypatch):
+    """Uploads stay queued: these tests are about the pages, not the worker."""
+    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
+
+
+def finish(cell: Analysis, probability: float) -> None:
+    label = "Parasitized" if probability >= 0.37 else "Uninfected"
+    Analysis.objects.filter(pk=cell.pk).update(
+        status="done",
+        label=label,
+        probability_parasitized=probability,
+        decision_threshold=0.37,
+        model_version=MODEL,
+        finished_at=timezone.now(),
+    )
+
+
+def test_the_dashboard_sorted_by_score_keeps_that_order_and_names_the_model_as_results_arrive(
+    open_page,  # noqa: F811
+    user,
+    not_analysed,
+):
+    """A cell finishing at 0.98 stayed below a 0.02 one on "Most suspicious first" until a reload,
+    and its Model column kept its "—" as if no model had classified it."""
+    batch = services.create_batch(owner=user, uploads=[upload(name) for name in ("low.png", "late.png", "mid.png")])
+    low, late, mid = (batch.analyses.get(original_filename=name) for name in ("low.png", "late.png", "mid.png"))
+    classified(low, probability_parasitized=0.02, label="Uninfected")
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/?sort=-probability_parasitized")
+    files = page.locator("table.results tbody td.file")
+    expect(files).to_have_text(["low.png", "mid.png", "late.png"])  # unscored last, newest first
+    finish(late, 0.98)
+    row = page.locator(f'tr[data-analysis="{late.pk}"]')
+    expect(row.locator("[data-label]")).to_have_text("Parasitized")
+    expect(row.locator("[data-model]")).to_have_text(MODEL)
+    expect(files).to_have_text(["late.png", "low.png", "mid.png"])
+    finish(mid, 0.30)
+    expect(files).to_have_text(["late.png", "mid.png", "low.png"])
+
+    page.goto("/?sort=probability_parasitized")  # least suspicious first: the same rows the other way
+    expect(files).to_have_text(["low.png", "mid.png", "late.png"])
+
+
+def test_a_batch_thumbnail_showing_its_heatmap_says_so_to_a_screen_reader(open_page, user, not_analysed):  # noqa: F811
+    batch = services.create_batch(owner=user, uploads=[upload("a.png")])
+    cell = classified(batch.analyses.get(), finished_at=timezone.now())
+    cell.overlay.save("overlay.png", ContentFile(image_bytes(color=(255, 0, 0))), save=True)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/")
+    img = page.locator("#cell-grid img")
+    expect(img).to_have_attribute("alt", "Cell a.png")
+    page.locator("#cell-grid a").focus()  # the keyboard's focus shows the heatmap in the thumbnail's place
+    expect(img).to_have_attribute("src", re.compile(r"/overlay/$"))
+    expect(img).to_have_attribute("alt", "Heatmap of a.png")
+    page.locator("#cell-grid a").blur()
+    expect(img).to_have_attribute("alt", "Cell a.png")
+
+
+def test_a_screen_reader_hears_which_chosen_files_will_not_be_uploaded(open_page, user):  # noqa: F811
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.wait_for_load_state("load")
+    page.locator("#id_images").set_input_files(
+        [
+            {"name": "a.png", "mimeType": "image/png", "buffer": image_bytes()},
+            {"name": "._a.png", "mimeType": "image/png", "buffer": image_bytes()},
+            {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"x"},
+        ]
+    )
+    expect(page.locator("#file-list li.rejected")).to_have_count(2)
+    expect(page.locator("#upload-status")).to_have_text("1 image to upload; 2 skipped (see the list).")
+    page.locator("#id_images").set_input_files([{"name": "b.png", "mimeType": "image/png", "buffer": image_bytes()}])
+    expect(page.locator("#upload-status")).to_have_text("")
