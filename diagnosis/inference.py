@@ -15,7 +15,7 @@ from diagnosis import services
 from diagnosis.models import Analysis
 from ml.predictor import Predictor
 from ml.preprocessing import ImageDecodeError, open_rgb, square_resize
-from ml.weights import WeightsNotFound
+from ml.weights import WeightsNotFound, WeightsUnreadable
 
 logger = logging.getLogger("diagnosis.analysis")
 # What loading a missing, corrupt (ml.weights.WeightsUnreadable is a ValueError) or incompatible weights file raises.
@@ -76,12 +76,24 @@ def _send_back_unfinished_cells(*, claimed: list[int], task_id: str) -> None:
         services.fail_analysis(analysis_id=pk, task_id=task_id, error=f"The analysis took longer than {limit} s.")
 
 
+def _unavailable_because(error: Exception) -> str:
+    if isinstance(error, WeightsNotFound):
+        problem = "the server's model weights file (MODEL_WEIGHTS) is missing"
+    elif isinstance(error, WeightsUnreadable):
+        problem = "the server's model weights file is damaged or incomplete: fetch the whole file again"
+    else:
+        problem = "the server's model weights file does not fit this version of the software"
+    return f"Model unavailable: {problem}. The worker's log names the file. Analyse the cell again once it is fixed."
+
+
 def _classify(*, claimed: list[int], task_id: str) -> None:
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:
+        # The path and the cause go to the log: the cell's error reaches clinicians and lab systems.
+        logger.error("event=model_unavailable weights=%s error=%s", settings.MODEL_WEIGHTS, error)
         for pk in claimed:
-            services.fail_analysis(analysis_id=pk, task_id=task_id, error=f"Model unavailable: {error}")
+            services.fail_analysis(analysis_id=pk, task_id=task_id, error=_unavailable_because(error))
         return
 
     # Only the model-sized copy of each cell is kept for the batch, and each original is decoded

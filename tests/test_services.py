@@ -67,11 +67,16 @@ def test_a_task_that_lost_its_claim_leaves_the_standing_overlay_alone(queued):
         assert overlay.read() == b"overlay of b"
 
 
-def test_missing_weights_fail_the_analysis_with_instructions(queued, settings, tmp_path):
+def test_missing_weights_fail_the_analysis_saying_so_and_log_where_and_what_to_do(queued, settings, tmp_path, caplog):
+    """The cell's error reaches clinicians and lab systems (the callback): the server's path and the
+    operator's instructions go to the worker's log."""
     settings.MODEL_WEIGHTS = tmp_path / "absent.safetensors"
     inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
     queued.refresh_from_db()
-    assert queued.status == "failed" and "ml.train" in queued.error and queued.label == ""
+    assert queued.status == "failed" and "weights file (MODEL_WEIGHTS) is missing" in queued.error
+    assert str(tmp_path) not in queued.error and queued.label == ""
+    logged = "\n".join(record.getMessage() for record in caplog.records if record.name == "diagnosis.analysis")
+    assert "absent.safetensors" in logged and "ml.train" in logged
 
 
 @pytest.mark.parametrize("damage", ["cut short while copying", "a Git LFS pointer"])
@@ -408,7 +413,7 @@ def test_weights_the_worker_may_not_read_fail_the_analysis_saying_so(queued, set
     inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
     queued.refresh_from_db()
     assert queued.status == "failed" and queued.error.startswith("Model unavailable:")
-    assert str(unreadable) in queued.error
+    assert "damaged or incomplete" in queued.error and str(tmp_path) not in queued.error  # the log has it
 
 
 def test_a_full_media_disk_fails_the_cell_it_struck_saying_so_and_not_the_next(user, monkeypatch):
