@@ -50,7 +50,10 @@ class ReviewAdminForm(forms.ModelForm):
             # Locked until the admin's save commits (its change view is one transaction): a colleague's
             # review saved meanwhile waits, then finds this one, instead of slipping in between this
             # check and the save, which could then only fail with a server error.
-            current = Analysis.objects.select_for_update().get(pk=self.instance.pk)
+            services.lock_batches(batch_ids=[self.instance.batch_id])  # first, as every writer of both does
+            current = Analysis.objects.select_for_update().filter(pk=self.instance.pk).first()
+            if current is None:  # deleted by its owner since the page was opened
+                raise forms.ValidationError("This case was deleted while you had it open: there is nothing to review.")
             if "replacing" in data and data["replacing"] != current.reviewed_at:
                 show_review_time(self, current.reviewed_at)
                 services.check_not_reviewed_since(analysis_id=self.instance.pk, replacing=data["replacing"])

@@ -59,6 +59,9 @@ def review(request, pk: int):
                 )
                 record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
         except ValidationError as error:
+            if not Analysis.objects.filter(pk=analysis.pk).exists():  # its owner deleted it meanwhile
+                messages.warning(request, f"{analysis.original_filename} was deleted while you had it open.")
+                return redirect("diagnosis:review-queue")
             form.add_error(None, error)
             analysis.refresh_from_db()  # show the case's review as it is now
             # Told of a colleague's review now: saving again replaces it (a field's error has no code).

@@ -366,6 +366,14 @@ def requeue_stale_analyses(*, older_than: timedelta | None = None) -> Requeued:
     return Requeued(found=len(ids), sent=enqueue_analyses(analysis_ids=ids))
 
 
+def lock_batches(*, batch_ids: Iterable[int | None]) -> None:
+    """Lock batch rows before any of their cells, in every transaction that writes both: delete_batch
+    locks its batch, then its cells, and the other order deadlocks against it on PostgreSQL."""
+    ids = sorted({pk for pk in batch_ids if pk is not None})  # in one order, against each other too
+    if ids:
+        list(Batch.with_withdrawn.select_for_update().filter(pk__in=ids).order_by("pk").values_list("pk", flat=True))
+
+
 def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
     """failed -> queued for those of ``analyses`` that failed (the model file was missing, the
     image unreadable until restored, a worker kept dying): result fields cleared, sent to the
@@ -373,6 +381,7 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
     to send again, so the lab system gets the new results. Returns the ids queued again."""
     failed = Analysis.Status.FAILED
     with transaction.atomic():
+        lock_batches(batch_ids=analyses.filter(status=failed).values_list("batch_id", flat=True))
         ids = list(analyses.select_for_update(of=("self",)).filter(status=failed).values_list("pk", flat=True))
         Analysis.objects.filter(pk__in=ids, status=failed).update(
             status=Analysis.Status.QUEUED,
@@ -404,6 +413,7 @@ def delete_analysis(*, analysis: Analysis) -> None:
     attempt may be on its way with it, or have reached the lab system unconfirmed."""
     logger.info("event=deleted analysis_id=%s owner_id=%s", analysis.pk, analysis.owner_id)
     with transaction.atomic():
+        lock_batches(batch_ids=[analysis.batch_id])
         analysis.delete()
         batch = Batch.objects.filter(pk=analysis.batch_id)
         batch.update(results_changed_at=timezone.now())
@@ -572,6 +582,7 @@ def review_analysis(
     # With the re-send to the lab system, or not at all: a correction it is never sent would leave
     # it holding the model's call.
     with transaction.atomic():
+        lock_batches(batch_ids=[analysis.batch_id])  # send_again below writes it
         if not Analysis.objects.filter(pk=analysis.pk, reviewed_at=replacing).update(**changes):
             check_not_reviewed_since(analysis_id=analysis.pk, replacing=replacing)
             raise ValidationError(  # its review is back as seen
@@ -594,7 +605,9 @@ REVIEW_CONFLICT = "review_conflict"
 def check_not_reviewed_since(*, analysis_id: int, replacing: datetime | None) -> None:
     """Raise, saying who and when, if the case's review is no longer the one the reviewer saw
     (``replacing``: its review time then, None for no review)."""
-    current = Analysis.objects.select_related("reviewed_by").get(pk=analysis_id)
+    current = Analysis.objects.select_related("reviewed_by").filter(pk=analysis_id).first()
+    if current is None:  # deleted by its owner as the reviewer saved
+        raise ValidationError("This case was deleted while you had it open: there is nothing left to review.")
     if current.reviewed_at == replacing:
         return
     if current.reviewed_at is None:

@@ -1,0 +1,206 @@
+"""Two writers at once on PostgreSQL: a batch deleted while one of its cells is reviewed, deleted or
+analysed again, and a review saved as its cell is deleted. Each side runs over a connection of its
+own; PostgreSQL only, as row locks and deadlocks are (SQLite serialises whole transactions)."""
+
+import os
+import threading
+import time
+
+import pytest
+from django.db import connection
+from django.db.models.signals import post_delete
+
+from diagnosis import services
+from diagnosis.models import Analysis, Batch
+from tests.factories import UserFactory, classified, upload
+
+PG_ONLY = pytest.mark.skipif(
+    "sqlite" in os.environ.get("DATABASE_URL", "sqlite"), reason="PostgreSQL only (CI): row locks"
+)
+pytestmark = pytest.mark.django_db(transaction=True)  # each side commits over a connection of its own
+
+
+def _in_thread(target, outcome: list, name: str) -> threading.Thread:
+    def run():
+        try:
+            target()
+            outcome.append((name, "ok"))
+        except Exception as error:  # noqa: BLE001 - what the request would have answered with a 500
+            outcome.append((name, f"{error.__class__.__name__}: {error}".splitlines()[0]))
+        finally:
+            connection.close()
+
+    return threading.Thread(target=run, name=name)
+
+
+def _someone_waits_on_a_lock(timeout: float = 5.0) -> bool:
+    """Whether another connection to this database is blocked on a row lock (polled from this one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+            )
+            if cursor.fetchone()[0]:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _lab_batch(owner) -> Batch:
+    """A lab system's batch, finished, whose results went out to its callback."""
+    batch = services.create_batch(
+        owner=owner, uploads=[upload("a.png"), upload("b.png")], callback_url="http://127.0.0.1:9/results"
+    )
+    for cell in batch.analyses.all():
+        classified(cell)
+    Batch.objects.filter(pk=batch.pk).update(callback_state=Batch.CallbackState.DELIVERED)
+    return Batch.objects.get(pk=batch.pk)
+
+
+@PG_ONLY
+def test_a_review_saved_while_the_lab_system_deletes_the_batch_is_no_deadlock(monkeypatch):
+    """review_analysis locked the cell, then its batch (send_again); delete_batch locks the batch,
+    then its cells: run at once they deadlocked, and PostgreSQL killed one of them (a 500)."""
+    owner, reviewer = UserFactory(), UserFactory()
+    batch = _lab_batch(owner)
+    cell = batch.analyses.order_by("pk").first()
+    cell_locked, go_on, outcome = threading.Event(), threading.Event(), []
+    real_send_again = services.send_again
+
+    def send_again_after_the_deletion_started(**kwargs):
+        cell_locked.set()  # the review's UPDATE of the cell is done, uncommitted
+        go_on.wait(10)
+        return real_send_again(**kwargs)
+
+    monkeypatch.setattr(services, "send_again", send_again_after_the_deletion_started)
+    review = _in_thread(
+        lambda: services.review_analysis(
+            analysis=Analysis.objects.get(pk=cell.pk), reviewer=reviewer, verdict="agree", replacing=None
+        ),
+        outcome,
+        "review",
+    )
+    delete = _in_thread(lambda: services.delete_batch(batch=Batch.objects.get(pk=batch.pk)), outcome, "delete")
+    review.start()
+    assert cell_locked.wait(10)
+    delete.start()
+    _someone_waits_on_a_lock()  # the deletion, on the cell the review holds (or, fixed, on the batch)
+    go_on.set()
+    review.join(20)
+    delete.join(20)
+    assert sorted(outcome) == [("delete", "ok"), ("review", "ok")], outcome
+
+
+@PG_ONLY
+def test_a_cell_deleted_while_its_batch_is_deleted_is_no_deadlock():
+    """delete_analysis deleted the cell, then updated its batch; delete_batch locks the batch, then
+    deletes its cells: an admin removing a cell as its owner removed the batch got a 500 (or the owner did)."""
+    owner = UserFactory()
+    batch = services.create_batch(owner=owner, uploads=[upload("a.png"), upload("b.png")])
+    cell = batch.analyses.order_by("pk").first()
+    cell_deleted, go_on, outcome = threading.Event(), threading.Event(), []
+
+    def pause_the_cells_deletion(sender, instance, **kwargs):
+        if threading.current_thread().name == "cell" and instance.pk == cell.pk:
+            cell_deleted.set()  # the cell's row is deleted, uncommitted; its batch not yet updated
+            go_on.wait(10)
+
+    post_delete.connect(pause_the_cells_deletion, sender=Analysis, dispatch_uid="concurrency-pause")
+    try:
+        one = _in_thread(lambda: services.delete_analysis(analysis=Analysis.objects.get(pk=cell.pk)), outcome, "cell")
+        whole = _in_thread(lambda: services.delete_batch(batch=Batch.objects.get(pk=batch.pk)), outcome, "batch")
+        one.start()
+        assert cell_deleted.wait(10)
+        whole.start()
+        _someone_waits_on_a_lock()
+        go_on.set()
+        one.join(20)
+        whole.join(20)
+    finally:
+        post_delete.disconnect(dispatch_uid="concurrency-pause", sender=Analysis)
+    assert sorted(outcome) == [("batch", "ok"), ("cell", "ok")], outcome
+    assert (
+        not Batch.with_withdrawn.filter(pk=batch.pk).exists()
+        and not Analysis.objects.filter(batch_id=batch.pk).exists()
+    )
+
+
+@PG_ONLY
+def test_failed_cells_sent_again_while_the_batch_is_deleted_is_no_deadlock(monkeypatch):
+    """retry_failed_analyses locked the cells, then updated their batch; delete_batch the other way round."""
+    owner = UserFactory()
+    batch = _lab_batch(owner)
+    batch.analyses.update(status=Analysis.Status.FAILED, error="Model unavailable")
+    cells_locked, go_on, outcome = threading.Event(), threading.Event(), []
+
+    class PausingBatch:  # services' Batch, pausing the retry as it turns from the cells to their batch
+        def __getattr__(self, name):
+            if name == "objects" and threading.current_thread().name == "retry" and not cells_locked.is_set():
+                cells_locked.set()
+                go_on.wait(10)
+            return getattr(Batch, name)
+
+    monkeypatch.setattr(services, "Batch", PausingBatch())
+    retry = _in_thread(
+        lambda: services.retry_failed_analyses(analyses=Analysis.objects.filter(batch_id=batch.pk)), outcome, "retry"
+    )
+    delete = _in_thread(lambda: services.delete_batch(batch=Batch.objects.get(pk=batch.pk)), outcome, "delete")
+    retry.start()
+    assert cells_locked.wait(10)
+    delete.start()
+    _someone_waits_on_a_lock()
+    go_on.set()
+    retry.join(20)
+    delete.join(20)
+    assert sorted(outcome) == [("delete", "ok"), ("retry", "ok")], outcome
+
+
+def _deleted_by_its_owner_as_the_review_is_checked(monkeypatch) -> None:
+    """The owner's deletion of the cell commits, over a connection of its own, while the reviewer's
+    save is under way: after the page looked the cell up, before the verdict is written."""
+    real_check = services.check_review
+
+    def owner_deletes_it_meanwhile(*, analysis, **kwargs):
+        checked = real_check(analysis=analysis, **kwargs)
+        outcome = []
+        owner = _in_thread(
+            lambda: services.delete_analysis(analysis=Analysis.objects.get(pk=analysis.pk)), outcome, "owner"
+        )
+        owner.start()
+        owner.join(20)
+        assert outcome == [("owner", "ok")], outcome
+        return checked
+
+    monkeypatch.setattr(services, "check_review", owner_deletes_it_meanwhile)
+
+
+@PG_ONLY
+def test_a_review_saved_as_its_cell_is_deleted_tells_the_reviewer(client, monkeypatch):
+    """Analysis.DoesNotExist from check_not_reviewed_since, then from the page's refresh: a 500."""
+    from django.contrib.auth import get_user_model
+
+    case = classified(services.create_analysis(owner=UserFactory(), upload=upload("going.png")))
+    client.force_login(get_user_model().objects.create_superuser("reviewer", password="pw-for-tests-123"))
+    _deleted_by_its_owner_as_the_review_is_checked(monkeypatch)
+    saved = client.post(f"/review/{case.pk}/", {"verdict": "agree", "replacing": ""}, follow=True)
+    assert saved.redirect_chain[-1][0] == "/review/"
+    assert "going.png was deleted while you had it open" in saved.content.decode()
+    assert not Analysis.objects.filter(pk=case.pk).exists()
+
+
+@PG_ONLY
+def test_an_admin_review_saved_as_its_cell_is_deleted_says_so(client, monkeypatch):
+    """The admin form's select_for_update().get() raised Analysis.DoesNotExist: a 500."""
+    from django.contrib.auth import get_user_model
+
+    case = classified(services.create_analysis(owner=UserFactory(), upload=upload("going.png")))
+    client.force_login(get_user_model().objects.create_superuser("boss", password="pw-for-tests-123"))
+    _deleted_by_its_owner_as_the_review_is_checked(monkeypatch)
+    saved = client.post(
+        f"/admin/diagnosis/analysis/{case.pk}/change/",
+        {"review_verdict": "agree", "corrected_label": "", "review_note": "", "replacing": ""},
+    )
+    assert saved.status_code == 200 and "This case was deleted while you had it open" in saved.content.decode()
+    assert not Analysis.objects.filter(pk=case.pk).exists()
