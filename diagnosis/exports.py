@@ -143,5 +143,7 @@ def batch_report(request, pk: int):
         "counts": counts,
         "unfinished": counts["queued"] + counts["running"],
         "models": selectors.batch_models(batch=batch),
+        # As the batch page says: the one deleted may have been the positive cell.
+        "deleted_cells": selectors.cells_deleted_from(batch=batch),
     }
     return render(request, "diagnosis/report.html", context)

@@ -141,12 +141,18 @@ def test_a_report_printed_early_says_it_is_preliminary_and_names_reviewer_thresh
     page = client.get(f"/batches/{batch.pk}/report/").content.decode()
     assert "Preliminary:</strong> 1 of 3 cells still being analysed" in page
     assert "(times in Africa/Nairobi)" in page and f'href="/batches/{batch.pk}/"' in page
-    assert "Model: Parasitized 0.930." in page and "Confirmed by microscopist" in page and "ring forms" in page
-    assert "P 0.040 (threshold 0.11)" in page
+    assert "Model: Parasitized 0.930 (threshold 0.11)." in page and "Confirmed by microscopist" in page
+    assert "ring forms" in page and "P 0.040 (threshold 0.11)" in page and "deleted" not in page
 
     batch.analyses.filter(original_filename="pending.png").update(status="failed", error="Cannot read the image")
     final = client.get(f"/batches/{batch.pk}/report/").content.decode()
     assert "Preliminary" not in final and "Cannot read the image" in final
+
+    # The report goes into the patient's file: it says, as the batch page does, that a cell is gone
+    # (the one deleted may have been the positive one).
+    client.post(f"/analyses/{likely.pk}/delete/")
+    after = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert "1 cell of this batch was deleted:</strong> these counts are of the cells left" in after
 
 
 def test_scores_are_shown_with_the_threshold_they_were_judged_against(client, user, batch):
