@@ -8,7 +8,7 @@ from datetime import date, datetime, time, timedelta
 from functools import reduce
 
 from django.contrib.auth.models import AbstractBaseUser, Permission
-from django.db.models import Avg, Count, F, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Avg, Case, Count, F, Min, OuterRef, Q, QuerySet, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.shortcuts import get_object_or_404
@@ -167,8 +167,11 @@ def get_batch(*, user: AbstractBaseUser, pk: int) -> Batch:
 
 
 def batch_analyses_by_suspicion(*, batch: Batch) -> QuerySet[Analysis]:
-    """Most likely parasitized first; unfinished cells last on every database."""
-    return batch.analyses.order_by(F("probability_parasitized").desc(nulls_last=True), "id")
+    """Cells labelled Parasitized first, a reviewer's correction included (a positive a microscopist
+    found in a low score must not sit among the negatives), each part most likely parasitized
+    first; unfinished cells last on every database."""
+    parasitized_first = Case(When(final_label_is(Analysis.Label.PARASITIZED), then=Value(0)), default=Value(1))
+    return batch.analyses.order_by(parasitized_first, F("probability_parasitized").desc(nulls_last=True), "id")
 
 
 def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:

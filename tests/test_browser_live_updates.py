@@ -95,3 +95,25 @@ def test_a_screen_reader_hears_which_chosen_files_will_not_be_uploaded(open_page
     expect(page.locator("#upload-status")).to_have_text("1 image to upload; 2 skipped (see the list).")
     page.locator("#id_images").set_input_files([{"name": "b.png", "mimeType": "image/png", "buffer": image_bytes()}])
     expect(page.locator("#upload-status")).to_have_text("")
+
+
+def test_the_batch_grid_keeps_a_reviewers_positive_among_the_positives_as_results_arrive(
+    open_page,  # noqa: F811
+    user,
+    not_analysed,
+):
+    """The grid re-sorted by score alone: once another cell finished, a low-scoring cell a
+    microscopist had corrected to Parasitized went back below the negatives."""
+    batch = services.create_batch(owner=user, uploads=[upload(f"{name}.png") for name in ("found", "neg", "late")])
+    found, neg, late = (batch.analyses.get(original_filename=f"{name}.png") for name in ("found", "neg", "late"))
+    classified(found, probability_parasitized=0.02, label="Uninfected")
+    classified(neg, probability_parasitized=0.09, label="Uninfected")
+    Analysis.objects.filter(pk=found.pk).update(review_verdict="disagree", corrected_label="Parasitized")
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/")
+    names = page.locator("#cell-grid .cell-name")
+    expect(names).to_have_text(["found.png", "neg.png", "late.png"])
+    finish(late, 0.30)
+    expect(page.locator(f'#cell-grid li[data-analysis="{late.pk}"]')).to_have_attribute("data-finished", "1")
+    expect(names).to_have_text(["found.png", "late.png", "neg.png"])

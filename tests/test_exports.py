@@ -43,6 +43,30 @@ def test_report_puts_the_most_suspicious_cell_first_and_names_model_and_threshol
     assert "scaled to its own strongest region" in page  # the heatmaps' key, on paper too
 
 
+def test_a_positive_a_reviewer_found_in_a_low_score_is_listed_among_the_positives(client, user):
+    """Most suspicious first was by score alone: a cell the model scored 0.02 and a microscopist
+    corrected to Parasitized sat below every higher-scoring negative, on the page and on paper."""
+    from django.contrib.auth import get_user_model
+
+    from diagnosis.services import review_analysis
+
+    batch = create_batch(owner=user, uploads=[upload(f"{name}.png") for name in ("found", "neg", "pos", "waiting")])
+    cells = {a.original_filename: a for a in batch.analyses.all()}
+    finish(cells["found.png"], label="Uninfected", probability=0.02)
+    finish(cells["neg.png"], label="Uninfected", probability=0.09)
+    finish(cells["pos.png"], label="Parasitized", probability=0.80)
+    reviewer = get_user_model().objects.create_superuser("microscopist", password="pw-for-tests-123")
+    found = Analysis.objects.get(pk=cells["found.png"].pk)
+    review_analysis(
+        analysis=found, reviewer=reviewer, verdict="disagree", corrected_label="Parasitized", replacing=None
+    )
+    client.force_login(user)
+    for path in (f"/batches/{batch.pk}/report/", f"/batches/{batch.pk}/"):
+        page = client.get(path).content.decode()
+        order = sorted(cells, key=lambda name: page.index(f">{name}"))
+        assert order == ["pos.png", "found.png", "neg.png", "waiting.png"], path
+
+
 def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):
     batch = create_batch(owner=user, uploads=[upload("waiting.png")])
     client.force_login(user)

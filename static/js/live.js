@@ -52,12 +52,14 @@
     const img = el.querySelector("img");
     if (img && item.overlay_url) img.dataset.overlay = item.overlay_url;
     if (item.probability_parasitized !== null) el.dataset.score = item.probability_parasitized;
+    el.toggleAttribute("data-parasitized", item.label === "Parasitized");  // a reviewer's correction too
     if (item.finished) el.dataset.finished = "1";
   }
 
-  // Keeps the batch grid "most suspicious first", and the dashboard in the score order it was asked
-  // for, as results arrive: unscored cells last either way, ties as the server orders them (the
-  // grid by id, the dashboard newest first). Not while the pointer or the keyboard focus is in
+  // Keeps the batch grid "most suspicious first" (cells labelled Parasitized, a reviewer's correction
+  // included, before the rest), and the dashboard in the score order it was asked for, as results
+  // arrive: unscored cells last either way, ties as the server orders them (the grid by id, the
+  // dashboard newest first). Not while the pointer or the keyboard focus is in
   // the list: a row must not move from under a click. The order catches up when they leave.
   const grid = document.getElementById("cell-grid");
   const rows = table && table.dataset.scoreOrder ? table.tBodies[0] : null;
@@ -68,7 +70,9 @@
     const tie = (a, b) => (grid ? 1 : -1) * (a.dataset.analysis - b.dataset.analysis);
     const scored = (el) => el.dataset.score !== undefined;
     const items = Array.from(sorted.children);
+    const parasitized = (el) => grid !== null && el.hasAttribute("data-parasitized");
     const order = items.slice().sort((a, b) => {
+      if (parasitized(a) !== parasitized(b)) return parasitized(a) ? -1 : 1;
       if (scored(a) !== scored(b)) return scored(a) ? -1 : 1;
       const difference = scored(a) ? Number(a.dataset.score) - Number(b.dataset.score) : 0;
       return (descending ? -difference : difference) || tie(a, b);
