@@ -35,7 +35,9 @@ CSV_COLUMNS = [
     "reviewed_at",
     "created_at",
     "finished_at",
-    "borderline",  # last: a lab's import that reads the earlier columns by position reads them still
+    # Added at the end: a lab's import that reads the earlier columns by position reads them still.
+    "borderline",
+    "error",  # why a failed cell failed, as its page and the API say
 ]
 
 
@@ -93,6 +95,7 @@ def _csv_row(a) -> list:
         _local(a.created_at),
         _local(a.finished_at),
         ("yes" if a.is_borderline else "no") if a.status == a.Status.DONE else "",
+        csv_safe(a.error),
     ]
 
 

@@ -81,6 +81,11 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
     rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(response.getvalue().decode()))}
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png", "pending.png"}
     assert rows["likely.png"]["decision_threshold"] == "0.11" and rows["pending.png"]["decision_threshold"] == ""
+    assert list(rows["likely.png"])[-2:] == ["borderline", "error"] and rows["likely.png"]["error"] == ""
+    Analysis.objects.filter(original_filename="pending.png").update(status="failed", error="=Cannot read the image")
+    again = client.get(f"/batches/{batch.pk}/export.csv").getvalue().decode()
+    failed = next(row for row in csv.DictReader(io.StringIO(again)) if row["original_filename"] == "pending.png")
+    assert failed["status"] == "failed" and failed["error"] == "'=Cannot read the image"  # why, and no formula
     assert {row["sample_reference"] for row in rows.values()} == {"'@WARD-7"}
 
 
