@@ -17,7 +17,7 @@ from diagnosis import callbacks, login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access, record_list_read
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import NoteField, ReviewTimeField, show_review_time
-from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch
+from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch, is_borderline
 from diagnosis.templatetags.scores import score
 
 admin.site.login_form = login_throttle.LockoutAdminAuthenticationForm
@@ -258,6 +258,21 @@ class ReviewedFilter(admin.SimpleListFilter):
         return queryset
 
 
+class BorderlineFilter(admin.SimpleListFilter):
+    title = "borderline (confirm first)"
+    parameter_name = "borderline"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Borderline"), ("no", "Not borderline")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(is_borderline())
+        if self.value() == "no":
+            return queryset.exclude(is_borderline())
+        return queryset
+
+
 def _batch_cells_link(batch: Batch) -> str:
     url = reverse("admin:diagnosis_analysis_changelist") + f"?batch={batch.pk}"
     reference = f"{batch.sample_reference}, " if batch.sample_reference else ""
@@ -277,6 +292,7 @@ class AnalysisAdmin(PatientRecordAdmin):
         "status",
         "final_label",
         "probability",
+        "borderline",
         "model_version",
         "reviewed",
         "created_at",
@@ -285,6 +301,7 @@ class AnalysisAdmin(PatientRecordAdmin):
         "status",
         FinalLabelFilter,
         ("label", ModelLabelFilter),
+        BorderlineFilter,
         ReviewedFilter,
         "review_verdict",
         OWNERS_WITH_RECORDS,
@@ -309,6 +326,7 @@ class AnalysisAdmin(PatientRecordAdmin):
                     "label",
                     "probability",
                     "decision_threshold",
+                    "borderline",
                     "model_version",
                     "error",
                     "attempts",
@@ -354,6 +372,11 @@ class AnalysisAdmin(PatientRecordAdmin):
     @admin.display(description="P(parasitized)", ordering="probability_parasitized")
     def probability(self, obj):
         return score(obj.probability_parasitized)
+
+    @admin.display(description="Borderline", boolean=True)
+    def borderline(self, obj):
+        # As the pages mark it: a score close to its threshold, where most of the model's errors are.
+        return obj.is_borderline
 
     @admin.display(description="Sample", ordering="batch__sample_reference")
     def sample(self, obj):

@@ -44,6 +44,23 @@ def test_changelist_with_filters_and_search(admin_client, finished):
     assert "0.910" in change and "0.91000" not in change  # a score as it reads elsewhere, not a raw float
 
 
+def test_the_admin_marks_and_filters_borderline_calls_as_the_pages_do(admin_client, user):
+    """Reviewers review here too, and borderline calls are the ones to confirm first."""
+    near = classified(create_analysis(owner=user, upload=upload("near.png")), probability_parasitized=0.40)
+    sure = classified(create_analysis(owner=user, upload=upload("sure.png")), probability_parasitized=0.99)
+    assert near.is_borderline and not sure.is_borderline
+    base = "/admin/diagnosis/analysis/"
+    assert "By borderline (confirm first)" in admin_client.get(base).content.decode()
+    for query, shown, hidden in (
+        ("?borderline=yes", "near.png", "sure.png"),
+        ("?borderline=no", "sure.png", "near.png"),
+    ):
+        page = admin_client.get(base + query).content.decode()
+        assert shown in page and hidden not in page, query
+    change = admin_client.get(f"{base}{near.pk}/change/").content.decode()
+    assert re.search(r"Borderline:</label>\s*<div class=\"readonly\"><img[^>]*alt=\"True\"", change)
+
+
 def test_change_view_shows_both_images_and_locks_predictions(admin_client, finished):
     page = admin_client.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").content.decode()
     assert f"/analyses/{finished.pk}/picture/" in page  # the original as browsers draw it (a TIFF as a PNG)
