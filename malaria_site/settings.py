@@ -331,6 +331,11 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {"AnalysisLabelEnum": "diagnosis.models.Analysis.Label"},
+    # The enum hook is drf-spectacular's default; the other adds what its decorators cannot say.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "diagnosis.api.schema.declare_retry_after",
+    ],
 }
 
 # --- Security (production) ------------------------------------------------------------------

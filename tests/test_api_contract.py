@@ -225,12 +225,22 @@ def test_a_filter_given_twice_is_refused_not_read_as_its_last_value(lab, user):
         assert refused.status_code == 400 and "sent more than once" in refused.json()["detail"], path
 
 
-def test_an_empty_sample_reference_filter_is_refused_not_read_as_no_reference(lab, user):
+def test_an_empty_filter_is_refused_not_read_as_no_filter(lab, user):
+    """A lab system's unset variable: ?batch= listed every cell of the account as the batch's, and
+    ?sample_reference= the batches that have no reference."""
     services.create_batch(owner=user, uploads=[upload("a.png")])  # a batch without a reference
     services.create_batch(owner=user, uploads=[upload("b.png")], sample_reference="W-1")
-    for path in ("/api/batches/?sample_reference=", "/api/batches/?sample_reference=%20"):
+    for path in (
+        "/api/batches/?sample_reference=",
+        "/api/batches/?sample_reference=%20",
+        "/api/analyses/?batch=",
+        "/api/analyses/?status=",
+        "/api/analyses/?label=",
+        "/api/analyses/?borderline=",
+    ):
         refused = lab.get(path)
-        assert refused.status_code == 400 and "sample_reference is empty" in refused.json()["detail"], path
+        name = path.split("?")[1].split("=")[0]
+        assert refused.status_code == 400 and f"{name} is empty" in refused.json()["detail"], path
     found = lab.get("/api/batches/?sample_reference=%20w-1%20").json()["results"]
     assert [batch["sample_reference"] for batch in found] == ["W-1"]
 
@@ -273,7 +283,10 @@ def test_every_operation_says_it_may_be_rate_limited(lab, user, monkeypatch, cli
     assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
     paths = yaml.safe_load(client.get("/api/schema/").content)["paths"]
     without = [
-        f"{method} {path}" for path, ops in paths.items() for method, op in ops.items() if "429" not in op["responses"]
+        f"{method} {path}"
+        for path, ops in paths.items()
+        for method, op in ops.items()
+        if "Retry-After" not in op["responses"].get("429", {}).get("headers", {})  # how long to wait, too
     ]
     assert without == []
 
@@ -324,3 +337,13 @@ def test_the_schema_lists_what_uploads_and_records_are_refused_with(lab, user, c
     assert (images["minItems"], images["maxItems"]) == (1, settings.BATCH_MAX_FILES)
     as_of = document["components"]["schemas"]["Batch"]["properties"]["results_as_of"]["description"]
     assert "sent for analysis again" in as_of
+    # Most batches have no callback: "", which a client checking the format of a URI would refuse.
+    assert "format" not in document["components"]["schemas"]["Batch"]["properties"]["callback_url"]
+    assert lab.post("/api/batches/", {"images": [upload("a.png")]}).json()["callback_url"] == ""
+    # docs/deploy.md names the fields of the monitoring endpoint to alert on: so does the schema.
+    ops = document["paths"]["/api/ops/status/"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    fields = document["components"]["schemas"][ops["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert {"oldest_queued_seconds", "oldest_running_seconds", "failed_last_24h", "callbacks_failed"} <= set(fields)
+    # An internal class's docstring described every operation of the analyses and batches.
+    described = [op.get("description", "") for ops in document["paths"].values() for op in ops.values()]
+    assert not [text for text in described if "OPTIONS describes" in text]

@@ -152,6 +152,8 @@ class BatchCountsSerializer(serializers.Serializer):
 
 
 class BatchSerializer(serializers.ModelSerializer):
+    # Not the model's URLField, which the schema would call a URI: most batches have none, "".
+    callback_url = serializers.CharField(read_only=True, help_text='where results are POSTed; "" for none')
     counts = serializers.SerializerMethodField()
     results_as_of = serializers.SerializerMethodField(
         help_text=(
@@ -191,3 +193,19 @@ class BatchSerializer(serializers.ModelSerializer):
         return serializers.DateTimeField().to_representation(
             selectors.results_as_of(batch=batch, analyses=batch.analyses.all())
         )
+
+
+class OperationsStatusSerializer(serializers.Serializer):
+    """selectors.operations_status, for a monitoring system's generated client (docs/deploy.md)."""
+
+    queued = serializers.IntegerField()
+    running = serializers.IntegerField()
+    oldest_queued_seconds = serializers.FloatField(allow_null=True, help_text="since the oldest queued cell was sent")
+    oldest_running_seconds = serializers.FloatField(allow_null=True)
+    done_last_24h = serializers.IntegerField()
+    failed_last_24h = serializers.IntegerField()
+    mean_inference_ms_last_24h = serializers.FloatField(allow_null=True)
+    mean_turnaround_seconds_last_24h = serializers.FloatField(allow_null=True, help_text="upload to result")
+    model_versions_last_24h = serializers.ListField(child=serializers.CharField())
+    callbacks_pending = serializers.IntegerField()
+    callbacks_failed = serializers.IntegerField()

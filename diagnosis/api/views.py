@@ -24,6 +24,7 @@ from diagnosis.api.serializers import (
     AnalysisUploadSerializer,
     BatchSerializer,
     BatchUploadSerializer,
+    OperationsStatusSerializer,
 )
 from diagnosis.api.throttling import ScopedRateThrottle
 from diagnosis.audit import counted, record_access, record_list_read
@@ -142,11 +143,17 @@ def _idempotency_key(request) -> str:
 
 def _refuse_unknown_parameters(request, known: set[str]) -> None:
     """A misspelt filter (``?batch_id=4``) must not be ignored into a list of every cell of the account,
-    nor a filter given twice be read as its last value."""
+    nor a filter given twice be read as its last value, nor an empty one (a lab system's unset
+    variable: ``?batch=``) as no filter at all."""
     if unknown := sorted(set(request.query_params) - known - {"page", "format"}):  # DRF's own ?format=json
         takes = ", ".join(sorted(known | {"page"}))
         raise ApiValidationError({"detail": f"Unknown query parameter: {', '.join(unknown)}. This list takes {takes}."})
     _refuse_repeated(request.query_params, "query parameter")
+    query = request.query_params
+    if empty := sorted(name for name in known if name in query and not query[name].strip()):
+        raise ApiValidationError(
+            {"detail": f"{', '.join(empty)} is empty: give a value, or leave the parameter out to list every one."}
+        )
 
 
 def _refuse_unexpected_fields(request, *, takes: list[str], files: str, repeatable: str = "") -> None:
@@ -210,8 +217,9 @@ def _wrong_credentials(serializer: AuthTokenSerializer) -> bool:
 
 
 class _OptionsDescribeTheUpload:
-    """OPTIONS describes what a POST takes, not what it answers: the upload's fields on a list, none
-    on a record's retry actions."""
+    # OPTIONS describes what a POST takes, not what it answers: the upload's fields on a list, none
+    # on a record's retry actions. (A comment: drf-spectacular would publish a docstring here as the
+    # description of every operation of the viewsets.)
 
     upload_serializer_class: type
 
@@ -361,11 +369,6 @@ class BatchViewSet(
     )
     def list(self, request, *args, **kwargs):
         _refuse_unknown_parameters(request, {"sample_reference"})
-        if "sample_reference" in request.query_params and not request.query_params["sample_reference"].strip():
-            # A lab system's unset variable (?sample_reference=) must not list every batch, nor those without one.
-            raise ApiValidationError(
-                {"detail": "sample_reference is empty: give the sample's reference, or leave the parameter out."}
-            )
         batches = selectors.with_counts(self.paginate_queryset(self.get_queryset()))
         prefetch_related_objects(batches, "analyses")
         response = self.get_paginated_response(self.get_serializer(batches, many=True).data)
@@ -483,6 +486,6 @@ class OperationsStatusView(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT, **errors(401, 403)})
+    @extend_schema(responses={200: OperationsStatusSerializer, **errors(401, 403)})
     def get(self, request):
         return Response(selectors.operations_status())
