@@ -1,4 +1,5 @@
 import ipaddress
+from collections.abc import Iterable
 
 from django import forms
 from django.contrib import admin, messages
@@ -110,8 +111,15 @@ class RecordsDeletions:
             self.record_deletion(request, obj)
             self.delete_record(obj)
 
+    def batch_ids_of(self, queryset) -> Iterable[int]:
+        """The batches deleting these records writes (see services.lock_batches)."""
+        raise NotImplementedError
+
     def delete_queryset(self, request, queryset):
         with transaction.atomic():
+            # All of them first, in id order, as every other writer of several batches takes them:
+            # the list's order (newest first) would deadlock against a retry across the same ones.
+            services.lock_batches(batch_ids=self.batch_ids_of(queryset))
             for obj in queryset:
                 try:
                     with transaction.atomic():
@@ -281,6 +289,9 @@ def _batch_cells_link(batch: Batch) -> str:
 
 @admin.register(Analysis)
 class AnalysisAdmin(PatientRecordAdmin):
+    def batch_ids_of(self, queryset):
+        return queryset.values_list("batch_id", flat=True)
+
     form = ReviewAdminForm
     actions = ["retry_failed"]
     list_display = [
@@ -450,6 +461,9 @@ class WithdrawnFilter(admin.SimpleListFilter):
 class BatchAdmin(PatientRecordAdmin):
     actions = ["retry_callbacks"]
 
+    def batch_ids_of(self, queryset):
+        return queryset.values_list("pk", flat=True)
+
     @admin.action(description="Retry failed callbacks of the selected batches", permissions=["change"])
     def retry_callbacks(self, request, queryset):
         retried = sum(callbacks.retry(batch=batch) for batch in queryset)
@@ -600,6 +614,10 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
 
     record_deletion = staticmethod(_record_users_data_deleted)
     actions = ["clear_sign_in_lockout"]
+
+    def batch_ids_of(self, queryset):
+        return Batch.with_withdrawn.filter(owner__in=queryset).values_list("pk", flat=True)
+
     # change_user is what lifting a lockout needs: with it, a help desk's account could otherwise make
     # itself a superuser or a reviewer, or set a reviewer's password and sign in as them.
     PRIVILEGES = ("is_superuser", "is_staff", "groups", "user_permissions")

@@ -7,8 +7,11 @@ import threading
 import time
 
 import pytest
+from django.contrib import admin
+from django.contrib.auth import get_user_model
 from django.db import connection
 from django.db.models.signals import post_delete
+from django.test import RequestFactory
 
 from diagnosis import services
 from diagnosis.models import Analysis, Batch
@@ -204,3 +207,46 @@ def test_an_admin_review_saved_as_its_cell_is_deleted_says_so(client, monkeypatc
     )
     assert saved.status_code == 200 and "This case was deleted while you had it open" in saved.content.decode()
     assert not Analysis.objects.filter(pk=case.pk).exists()
+
+
+@PG_ONLY
+def test_an_admins_bulk_deletion_and_a_retry_across_the_same_batches_do_not_deadlock():
+    """The admin's *Delete selected* is one transaction that deleted the batches in the list's order,
+    newest first, each locked before the next; a retry across batches locks them oldest first. Run
+    at once, each held the batch the other waited for: PostgreSQL killed one, and that admin got a 500."""
+    owner = UserFactory()
+    boss = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
+    older, newer = (services.create_batch(owner=owner, uploads=[upload(f"{n}.png")]) for n in ("old", "new"))
+    Analysis.objects.update(status=Analysis.Status.FAILED, error="Model unavailable")
+    newer_cell = newer.analyses.get()
+    paused, go_on, outcome = threading.Event(), threading.Event(), []
+
+    def pause_after_the_newer_batch(sender, instance, **kwargs):
+        if threading.current_thread().name == "bulk" and instance.pk == newer_cell.pk:
+            paused.set()  # the newer batch is locked and its cell deleted, uncommitted
+            go_on.wait(10)
+
+    def bulk_delete():
+        request = RequestFactory().post("/admin/diagnosis/batch/")
+        request.user = boss
+        model_admin = admin.site._registry[Batch]
+        model_admin.delete_queryset(request, Batch.objects.filter(pk__in=[older.pk, newer.pk]))  # newest first
+
+    post_delete.connect(pause_after_the_newer_batch, sender=Analysis, dispatch_uid="concurrency-bulk-pause")
+    try:
+        bulk = _in_thread(bulk_delete, outcome, "bulk")
+        retry = _in_thread(
+            lambda: services.retry_failed_analyses(analyses=Analysis.objects.filter(batch__in=[older, newer])),
+            outcome,
+            "retry",
+        )
+        bulk.start()
+        assert paused.wait(10)
+        retry.start()
+        _someone_waits_on_a_lock()  # the retry, holding the older batch, waits on the newer one
+        go_on.set()
+        bulk.join(30)
+        retry.join(30)
+    finally:
+        post_delete.disconnect(dispatch_uid="concurrency-bulk-pause", sender=Analysis)
+    assert sorted(outcome) == [("bulk", "ok"), ("retry", "ok")], outcome
