@@ -111,16 +111,17 @@ class RecordsDeletions:
             self.record_deletion(request, obj)
             self.delete_record(obj)
 
-    def batch_ids_of(self, queryset) -> Iterable[int]:
+    def batch_ids_of(self, records: list) -> Iterable[int]:
         """The batches deleting these records writes (see services.lock_batches)."""
         raise NotImplementedError
 
     def delete_queryset(self, request, queryset):
+        records = list(queryset)
         with transaction.atomic():
             # All of them first, in id order, as every other writer of several batches takes them:
             # the list's order (newest first) would deadlock against a retry across the same ones.
-            services.lock_batches(batch_ids=self.batch_ids_of(queryset))
-            for obj in queryset:
+            services.lock_batches(batch_ids=self.batch_ids_of(records))
+            for obj in records:
                 try:
                     with transaction.atomic():
                         self.record_deletion(request, obj)
@@ -289,8 +290,8 @@ def _batch_cells_link(batch: Batch) -> str:
 
 @admin.register(Analysis)
 class AnalysisAdmin(PatientRecordAdmin):
-    def batch_ids_of(self, queryset):
-        return queryset.values_list("batch_id", flat=True)
+    def batch_ids_of(self, records):
+        return [cell.batch_id for cell in records]
 
     form = ReviewAdminForm
     actions = ["retry_failed"]
@@ -461,8 +462,8 @@ class WithdrawnFilter(admin.SimpleListFilter):
 class BatchAdmin(PatientRecordAdmin):
     actions = ["retry_callbacks"]
 
-    def batch_ids_of(self, queryset):
-        return queryset.values_list("pk", flat=True)
+    def batch_ids_of(self, records):
+        return [batch.pk for batch in records]
 
     @admin.action(description="Retry failed callbacks of the selected batches", permissions=["change"])
     def retry_callbacks(self, request, queryset):
@@ -615,8 +616,8 @@ class RecordedUserAdmin(RecordsDeletions, UserAdmin):
     record_deletion = staticmethod(_record_users_data_deleted)
     actions = ["clear_sign_in_lockout"]
 
-    def batch_ids_of(self, queryset):
-        return Batch.with_withdrawn.filter(owner__in=queryset).values_list("pk", flat=True)
+    def batch_ids_of(self, records):
+        return Batch.with_withdrawn.filter(owner__in=records).values_list("pk", flat=True)
 
     # change_user is what lifting a lockout needs: with it, a help desk's account could otherwise make
     # itself a superuser or a reviewer, or set a reviewer's password and sign in as them.
