@@ -81,8 +81,8 @@ def _unavailable_because(error: Exception) -> str:
         problem = "the server's model weights file (MODEL_WEIGHTS) is missing"
     elif isinstance(error, WeightsUnreadable):
         problem = "the server's model weights file is damaged or incomplete: fetch the whole file again"
-    else:
-        problem = "the server's model weights file does not fit this version of the software"
+    else:  # a file of another version, or a worker short of memory: only the log can tell which
+        problem = "the model could not be loaded on the server"
     return f"Model unavailable: {problem}. The worker's log names the file. Analyse the cell again once it is fixed."
 
 

@@ -396,6 +396,24 @@ def test_a_committed_uploads_files_stay_when_a_commit_hook_aborts_the_process(tr
         assert private_storage.exists(analysis.image.name) and private_storage.exists(analysis.thumbnail.name)
 
 
+def test_a_model_the_worker_cannot_load_is_not_called_a_damaged_or_wrong_file(queued, monkeypatch):
+    """Out of memory in a small container is a RuntimeError too: the cell said the file did not fit
+    this version of the software, and an operator could replace a good file."""
+    from ml import predictor
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    inference.get_predictor.cache_clear()
+    monkeypatch.setattr(predictor.Predictor, "__init__", out_of_memory)
+    try:
+        inference.run_analyses(analysis_ids=[queued.pk], task_id="t")
+    finally:
+        inference.get_predictor.cache_clear()
+    queued.refresh_from_db()
+    assert queued.status == "failed" and "the model could not be loaded on the server" in queued.error
+
+
 def test_weights_the_worker_may_not_read_fail_the_analysis_saying_so(queued, settings, tmp_path, monkeypatch):
     """safetensors reports a file it may not open (mode 0600 for another user, a broken mount) as
     missing; the tests run as root, so the refusal is the library's own error, raised here."""
