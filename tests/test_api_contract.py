@@ -346,4 +346,4 @@ def test_the_schema_lists_what_uploads_and_records_are_refused_with(lab, user, c
     assert {"oldest_queued_seconds", "oldest_running_seconds", "failed_last_24h", "callbacks_failed"} <= set(fields)
     # An internal class's docstring described every operation of the analyses and batches.
     described = [op.get("description", "") for ops in document["paths"].values() for op in ops.values()]
-    assert not [text for text in described if "OPTIONS describes" in text]
+    assert all(described) and not [text for text in described if "OPTIONS describes" in text]

@@ -267,6 +267,7 @@ class AnalysisViewSet(
         responses={200: AnalysisSerializer(many=True), **errors(400, 401, 404)},
     )
     def list(self, request, *args, **kwargs):
+        """Your cells, newest first, a page at a time; filter by status, final label, batch or borderline."""
         _refuse_unknown_parameters(request, {"status", "label", "batch", "borderline"})
         response = super().list(request, *args, **kwargs)
         _record_page(self, "cell")
@@ -274,6 +275,7 @@ class AnalysisViewSet(
 
     @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 415)})
     def create(self, request):
+        """Upload one cell image: 202 with the queued analysis, which the worker classifies (poll it)."""
         if "Idempotency-Key" in request.headers:  # ignored, it would make a second analysis unseen
             raise ApiValidationError(
                 {"detail": "An Idempotency-Key is taken by POST /api/batches/ only: send the image as a batch of one."}
@@ -296,6 +298,7 @@ class AnalysisViewSet(
 
     @extend_schema(responses={200: AnalysisSerializer, **errors(401, 404)})
     def retrieve(self, request, *args, **kwargs):
+        """One of your cells: its status, label, probability, threshold, model version and review."""
         analysis = self.get_object()
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis)
         return Response(self.get_serializer(analysis).data)
@@ -308,6 +311,7 @@ class AnalysisViewSet(
 
     @extend_schema(responses={204: None, **errors(401, 404)})
     def destroy(self, request, *args, **kwargs):
+        """Delete one of your cells, its image and heatmap, for good (its lab system is sent the batch again)."""
         return super().destroy(request, *args, **kwargs)
 
     @extend_schema(request=None, responses={202: AnalysisSerializer, **errors(401, 404, 409)})
@@ -368,6 +372,7 @@ class BatchViewSet(
         responses={200: BatchSerializer(many=True), **errors(400, 401, 404)},
     )
     def list(self, request, *args, **kwargs):
+        """Your batches, newest first, with their counts and cells; ?sample_reference= finds a sample's."""
         _refuse_unknown_parameters(request, {"sample_reference"})
         batches = selectors.with_counts(self.paginate_queryset(self.get_queryset()))
         prefetch_related_objects(batches, "analyses")
@@ -402,6 +407,7 @@ class BatchViewSet(
         },
     )
     def create(self, request):
+        """Upload a sample's cell images as one batch (repeat `images`): 202 with its cells in the order sent."""
         _refuse_unexpected_fields(
             request, takes=["images", "sample_reference", "note", "callback_url"], files="images", repeatable="images"
         )
@@ -464,12 +470,14 @@ class BatchViewSet(
 
     @extend_schema(responses={200: BatchSerializer, **errors(401, 404)})
     def retrieve(self, request, *args, **kwargs):
+        """One of your batches: its counts, its cells in the order sent, and its callback's state."""
         batch = self.get_object()
         record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch)
         return Response(self.get_serializer(batch).data)
 
     @extend_schema(responses={204: None, **errors(401, 404)})
     def destroy(self, request, *args, **kwargs):
+        """Delete one of your batches with its cells and files (a lab system sent its results is told)."""
         return super().destroy(request, *args, **kwargs)
 
     def perform_destroy(self, instance):
