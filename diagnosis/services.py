@@ -548,6 +548,10 @@ def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> s
     if analysis.status != Analysis.Status.DONE:
         raise ValidationError("Only finished analyses can be reviewed.")
     if verdict == Analysis.Verdict.AGREE:
+        # The reviewer changed their mind one way or the other: which one is not for this code to guess.
+        if corrected_label and corrected_label != analysis.label:
+            contradicts = "You agreed with the model but chose another label: choose Disagree, or clear the label."
+            raise ValidationError({"corrected_label": contradicts})
         return ""
     if verdict != Analysis.Verdict.DISAGREE:
         raise ValidationError("The verdict must be agree or disagree.")

@@ -320,7 +320,10 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     third.refresh_from_db()
     assert not third.review_verdict and reviewer_page.locator(".flash").count() == 0
     # Switched on again, the same key on the same loaded page does save: the wait above was long enough.
+    # After a D that chose a label, A agrees without it (an agreement with another label is refused).
     reviewer_page.get_by_label("Keyboard shortcuts").check()
+    reviewer_page.keyboard.press("d")
+    reviewer_page.get_by_label("Corrected label (when disagreeing)").blur()
     reviewer_page.keyboard.press("a")
     expect(reviewer_page.locator(".flash")).to_have_text(
         f"Review of {third.original_filename} saved (agreed). Change it"

@@ -112,6 +112,29 @@ def test_a_review_note_at_the_length_the_browser_allows_is_saved_with_its_line_b
     assert 'aria-invalid="true" aria-describedby="id_note-error"' in one_more.content.decode()
 
 
+def test_an_agreement_with_another_label_chosen_is_refused_not_saved_without_it(case):
+    """Agree ticked, then Parasitized chosen as the correction: saved as an agreement, the reviewer's
+    correction dropped, on the site and in the admin alike."""
+    reviewer, _ = reviewer_client()
+    other = "Uninfected" if case.label == "Parasitized" else "Parasitized"
+    refused = reviewer.post(f"/review/{case.pk}/", {"verdict": "agree", "corrected_label": other, "replacing": ""})
+    assert (
+        refused.status_code == 400 and "You agreed with the model but chose another label" in refused.content.decode()
+    )
+    staff = UserFactory(is_staff=True)
+    staff.groups.add(Group.objects.get(name="reviewers"))
+    in_admin = Client()
+    in_admin.force_login(staff)
+    admin = in_admin.post(
+        f"/admin/diagnosis/analysis/{case.pk}/change/",
+        {"review_verdict": "agree", "corrected_label": other, "review_note": "", "replacing": ""},
+    )
+    assert admin.status_code == 200 and "You agreed with the model but chose another label" in admin.content.decode()
+    assert not Analysis.objects.get(pk=case.pk).review_verdict
+    same = reviewer.post(f"/review/{case.pk}/", {"verdict": "agree", "corrected_label": case.label, "replacing": ""})
+    assert same.status_code == 302 and Analysis.objects.get(pk=case.pk).corrected_label == ""  # no contradiction
+
+
 def test_a_refused_verdict_marks_the_field_it_is_about_for_a_screen_reader(case):
     """The error was shown in the form's alert only: a screen reader on the label's select heard nothing."""
     reviewer, _ = reviewer_client()

@@ -47,6 +47,7 @@
     const key = event.key.toLowerCase();
     if (key === "a") {
       form.querySelector('input[value="agree"]').checked = true;
+      select.value = "";  // agreeing: a label chosen after D would contradict it, and the server refuse it
       form.requestSubmit();
     } else if (key === "d") {
       form.querySelector('input[value="disagree"]').checked = true;
