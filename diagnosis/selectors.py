@@ -64,8 +64,18 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
         return queryset.order_by(sort, "-id" if sort.startswith("-") else "id")
     field = F(sort.lstrip("-"))
     # Unfinished cells have no probability yet: last in either direction, on PostgreSQL as on SQLite.
-    ordering = field.desc(nulls_last=True) if sort.startswith("-") else field.asc(nulls_last=True)
-    return queryset.order_by(ordering, "-id")
+    # By suspicion, as the batch page: a reviewer's correction decides the side a cell is on.
+    if sort.startswith("-"):
+        return queryset.order_by(_by_label(first=Analysis.Label.PARASITIZED), field.desc(nulls_last=True), "-id")
+    return queryset.order_by(_by_label(first=Analysis.Label.UNINFECTED), field.asc(nulls_last=True), "-id")
+
+
+def _by_label(*, first: str) -> Case:
+    """The cells with the final label ``first``, then those with the other, then unlabelled ones."""
+    other = Analysis.Label.UNINFECTED if first == Analysis.Label.PARASITIZED else Analysis.Label.PARASITIZED
+    return Case(
+        When(final_label_is(first), then=Value(0)), When(final_label_is(other), then=Value(1)), default=Value(2)
+    )
 
 
 def _within_calendar(day: date) -> date:
@@ -170,8 +180,8 @@ def batch_analyses_by_suspicion(*, batch: Batch) -> QuerySet[Analysis]:
     """Cells labelled Parasitized first, a reviewer's correction included (a positive a microscopist
     found in a low score must not sit among the negatives), each part most likely parasitized
     first; unfinished cells last on every database."""
-    parasitized_first = Case(When(final_label_is(Analysis.Label.PARASITIZED), then=Value(0)), default=Value(1))
-    return batch.analyses.order_by(parasitized_first, F("probability_parasitized").desc(nulls_last=True), "id")
+    by_suspicion = _by_label(first=Analysis.Label.PARASITIZED)
+    return batch.analyses.order_by(by_suspicion, F("probability_parasitized").desc(nulls_last=True), "id")
 
 
 def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:

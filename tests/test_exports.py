@@ -61,10 +61,12 @@ def test_a_positive_a_reviewer_found_in_a_low_score_is_listed_among_the_positive
         analysis=found, reviewer=reviewer, verdict="disagree", corrected_label="Parasitized", replacing=None
     )
     client.force_login(user)
-    for path in (f"/batches/{batch.pk}/report/", f"/batches/{batch.pk}/"):
+    for path in (f"/batches/{batch.pk}/report/", f"/batches/{batch.pk}/", "/?sort=-probability_parasitized"):
         page = client.get(path).content.decode()
         order = sorted(cells, key=lambda name: page.index(f">{name}"))
         assert order == ["pos.png", "found.png", "neg.png", "waiting.png"], path
+    page = client.get("/?sort=probability_parasitized").content.decode()  # least suspicious first
+    assert sorted(cells, key=lambda name: page.index(f">{name}")) == ["neg.png", "found.png", "pos.png", "waiting.png"]
 
 
 def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):

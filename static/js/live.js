@@ -57,9 +57,9 @@
   }
 
   // Keeps the batch grid "most suspicious first" (cells labelled Parasitized, a reviewer's correction
-  // included, before the rest), and the dashboard in the score order it was asked for, as results
-  // arrive: unscored cells last either way, ties as the server orders them (the grid by id, the
-  // dashboard newest first). Not while the pointer or the keyboard focus is in
+  // included, before the rest), and the dashboard in the order of suspicion it was asked for, as
+  // results arrive: unscored cells last either way, ties as the server orders them (the grid by
+  // id, the dashboard newest first). Not while the pointer or the keyboard focus is in
   // the list: a row must not move from under a click. The order catches up when they leave.
   const grid = document.getElementById("cell-grid");
   const rows = table && table.dataset.scoreOrder ? table.tBodies[0] : null;
@@ -69,13 +69,13 @@
     const descending = grid ? true : table.dataset.scoreOrder === "desc";
     const tie = (a, b) => (grid ? 1 : -1) * (a.dataset.analysis - b.dataset.analysis);
     const scored = (el) => el.dataset.score !== undefined;
+    // The label the order asks for first (Parasitized when most suspicious first), then the other,
+    // then the unscored: as the server orders them.
+    const group = (el) => (!scored(el) ? 2 : el.hasAttribute("data-parasitized") === descending ? 0 : 1);
     const items = Array.from(sorted.children);
-    const parasitized = (el) => grid !== null && el.hasAttribute("data-parasitized");
     const order = items.slice().sort((a, b) => {
-      if (parasitized(a) !== parasitized(b)) return parasitized(a) ? -1 : 1;
-      if (scored(a) !== scored(b)) return scored(a) ? -1 : 1;
-      const difference = scored(a) ? Number(a.dataset.score) - Number(b.dataset.score) : 0;
-      return (descending ? -difference : difference) || tie(a, b);
+      const difference = scored(a) && scored(b) ? Number(a.dataset.score) - Number(b.dataset.score) : 0;
+      return group(a) - group(b) || (descending ? -difference : difference) || tie(a, b);
     });
     if (order.every((el, i) => el === items[i])) return;
     order.forEach((el) => sorted.appendChild(el));
