@@ -159,6 +159,13 @@ def _unreadable_reason(analysis: Analysis, error: Exception) -> str:
     """Why, in the words a clinician reads on the result page: the server's paths stay in the log."""
     if isinstance(error, FileNotFoundError) or isinstance(error.__cause__, FileNotFoundError):  # open_rgb wraps it
         return "its stored file is missing; an administrator can find the details in the worker's log."
+    if isinstance(
+        error, ImageDecodeError
+    ):  # it was read at upload: the stored copy is damaged (Pillow's words, the log's)
+        return (
+            f"the stored copy of {analysis.original_filename} is damaged or no longer an image; an administrator "
+            "can find the details in the worker's log."
+        )
     return str(error).replace(analysis.image.path, analysis.original_filename)
 
 

@@ -549,7 +549,10 @@ def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_pa
     assert missing.error == (
         "Cannot read the image: its stored file is missing; an administrator can find the details in the worker's log."
     )
-    assert damaged.error.startswith("Cannot read the image: ") and "cell-1.png" in damaged.error
+    assert damaged.error == (
+        "Cannot read the image: the stored copy of Rahman_Amina_cell-1.png is damaged or no longer an image; "
+        "an administrator can find the details in the worker's log."
+    )  # it read "cannot identify image file <_io.BufferedReader name=...>"
     assert str(media_root) not in missing.error + damaged.error
     # The log, which outlives the cells, keeps the reason without the patient-named file.
     assert f"event=failed analysis_id={damaged.pk}" in caplog.text and "Rahman" not in caplog.text
