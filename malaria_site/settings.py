@@ -224,6 +224,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {}
+# Beat's own record of when each task last ran: with the rest of this installation's data, so two
+# platforms started from one checkout (VAR_DIR apart) keep a schedule each. Compose names its own.
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="analyses")
 # The sweeper, the callbacks and the deletions have a queue of their own, which every worker also
 # takes from (turn about with the analyses): behind a backlog of cells they wait for the task in

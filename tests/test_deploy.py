@@ -404,6 +404,16 @@ def test_beat_runs_the_stale_analysis_sweeper(settings):
         assert command[command.index("--loglevel") + 1] == "WARNING", service
 
 
+def test_beat_keeps_its_schedule_under_var_dir_and_compose_names_its_own(tmp_path):
+    """scripts/start passed --schedule var/celerybeat-schedule: with VAR_DIR elsewhere the schedule
+    stayed in the checkout, shared by every platform started from it."""
+    show = "from malaria_site.celery import app; print(app.conf.beat_schedule_filename)"
+    shown = run_python(["-c", show], {**production_env(), "VAR_DIR": str(tmp_path)})
+    assert shown.stdout.strip() == str(tmp_path / "celerybeat-schedule"), shown.stderr
+    assert "--schedule" not in (ROOT / "scripts" / "start").read_text()
+    assert SERVICES["beat"]["command"][-2:] == ["--schedule", "/tmp/celerybeat-schedule"]  # the health check's
+
+
 def test_beat_health_check_notices_a_stalled_scheduler(tmp_path):
     command = SERVICES["beat"]["healthcheck"]["test"]
     assert command[:3] == ["CMD", "python", "-c"]
