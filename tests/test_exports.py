@@ -69,6 +69,19 @@ def test_a_positive_a_reviewer_found_in_a_low_score_is_listed_among_the_positive
     assert sorted(cells, key=lambda name: page.index(f">{name}")) == ["neg.png", "found.png", "pos.png", "waiting.png"]
 
 
+def test_the_report_prints_each_cells_whole_name_and_id(client, user):
+    """Names cut in the middle printed two cells of different slides, one positive, alike on paper."""
+    names = [f"WARD7_2026-12-01_slide{side}_field_03_cell_12.png" for side in "AB"]
+    batch = create_batch(owner=user, uploads=[upload(name) for name in names])
+    client.force_login(user)
+    page = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    for cell in batch.analyses.all():
+        assert (
+            f'<span class="cell-name">{cell.original_filename}</span> <span class="cell-id">(cell #{cell.pk})</span>'
+            in page
+        )
+
+
 def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):
     batch = create_batch(owner=user, uploads=[upload("waiting.png")])
     client.force_login(user)
