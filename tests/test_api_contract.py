@@ -257,7 +257,8 @@ def test_the_token_is_not_cached_and_a_lockout_says_when_to_try_again(db, user, 
     settings.LOGIN_MAX_FAILURES = 1
     issued = APIClient().post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
     assert issued.status_code == 200 and issued["Cache-Control"] == "no-store"
-    APIClient().post("/api/auth/token/", {"username": user.username, "password": "wrong"})
+    wrong = APIClient().post("/api/auth/token/", {"username": user.username, "password": "wrong"})
+    assert wrong.status_code == 400 and wrong.json()["detail"] == "Unable to log in with provided credentials."
     locked = APIClient().post("/api/auth/token/", {"username": user.username, "password": PASSWORD})
     assert locked.status_code == 429 and int(locked["Retry-After"]) == settings.LOGIN_LOCKOUT_SECONDS
 

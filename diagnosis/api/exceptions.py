@@ -1,4 +1,5 @@
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler
 
 from diagnosis.errors import unreadable_request_message
@@ -26,4 +27,6 @@ def _field_messages(errors, prefix: str = "") -> list[str]:
     if isinstance(errors, list) and any(isinstance(item, dict | list) for item in errors):
         return [message for index, item in enumerate(errors) for message in _field_messages(item, f"{prefix}[{index}]")]
     messages = errors if isinstance(errors, list) else [errors]
-    return [f"{prefix}: " + " ".join(str(message) for message in messages)]
+    text = " ".join(str(message) for message in messages)
+    # A refusal of the whole request (a wrong password) is about no field: DRF's key is no word for it.
+    return [text if prefix == api_settings.NON_FIELD_ERRORS_KEY else f"{prefix}: {text}"]
