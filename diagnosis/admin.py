@@ -252,34 +252,41 @@ class ModelLabelFilter(admin.ChoicesFieldListFilter):
         self.title = "label the model gave"  # beside the label shown, which may be a reviewer's
 
 
-class ReviewedFilter(admin.SimpleListFilter):
+class _YesNoFilter(admin.SimpleListFilter):
+    """The cells that meet ``condition`` (yes), or those that do not (no)."""
+
+    answers: tuple[str, str]
+
+    def condition(self) -> Q:
+        raise NotImplementedError
+
+    def lookups(self, request, model_admin):
+        return [("yes", self.answers[0]), ("no", self.answers[1])]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(self.condition())
+        if self.value() == "no":
+            return queryset.exclude(self.condition())
+        return queryset
+
+
+class ReviewedFilter(_YesNoFilter):
     title = "reviewed"
     parameter_name = "reviewed"
+    answers = ("Reviewed", "Not reviewed")
 
-    def lookups(self, request, model_admin):
-        return [("yes", "Reviewed"), ("no", "Not reviewed")]
-
-    def queryset(self, request, queryset):
-        if self.value() == "yes":
-            return queryset.exclude(review_verdict="")
-        if self.value() == "no":
-            return queryset.filter(review_verdict="")
-        return queryset
+    def condition(self):
+        return ~Q(review_verdict="")
 
 
-class BorderlineFilter(admin.SimpleListFilter):
+class BorderlineFilter(_YesNoFilter):
     title = "borderline (confirm first)"
     parameter_name = "borderline"
+    answers = ("Borderline", "Not borderline")
 
-    def lookups(self, request, model_admin):
-        return [("yes", "Borderline"), ("no", "Not borderline")]
-
-    def queryset(self, request, queryset):
-        if self.value() == "yes":
-            return queryset.filter(is_borderline())
-        if self.value() == "no":
-            return queryset.exclude(is_borderline())
-        return queryset
+    def condition(self):
+        return is_borderline()
 
 
 def _batch_cells_link(batch: Batch) -> str:

@@ -51,6 +51,18 @@ def _someone_waits_on_a_lock(timeout: float = 5.0) -> bool:
     return False
 
 
+def _race(first: threading.Thread, second: threading.Thread, *, paused: threading.Event, go_on: threading.Event):
+    """Start ``first``; once it has paused holding its locks, start ``second`` and let it reach its
+    wait on them (or, fixed, on what ``first`` took before them); then let both finish."""
+    first.start()
+    assert paused.wait(10)
+    second.start()
+    _someone_waits_on_a_lock()
+    go_on.set()
+    first.join(30)
+    second.join(30)
+
+
 def _lab_batch(owner) -> Batch:
     """A lab system's batch, finished, whose results went out to its callback."""
     batch = services.create_batch(
@@ -86,13 +98,8 @@ def test_a_review_saved_while_the_lab_system_deletes_the_batch_is_no_deadlock(mo
         "review",
     )
     delete = _in_thread(lambda: services.delete_batch(batch=Batch.objects.get(pk=batch.pk)), outcome, "delete")
-    review.start()
-    assert cell_locked.wait(10)
-    delete.start()
-    _someone_waits_on_a_lock()  # the deletion, on the cell the review holds (or, fixed, on the batch)
-    go_on.set()
-    review.join(20)
-    delete.join(20)
+    # The deletion waits on the cell the review holds (or, fixed, on the batch).
+    _race(review, delete, paused=cell_locked, go_on=go_on)
     assert sorted(outcome) == [("delete", "ok"), ("review", "ok")], outcome
 
 
@@ -114,13 +121,7 @@ def test_a_cell_deleted_while_its_batch_is_deleted_is_no_deadlock():
     try:
         one = _in_thread(lambda: services.delete_analysis(analysis=Analysis.objects.get(pk=cell.pk)), outcome, "cell")
         whole = _in_thread(lambda: services.delete_batch(batch=Batch.objects.get(pk=batch.pk)), outcome, "batch")
-        one.start()
-        assert cell_deleted.wait(10)
-        whole.start()
-        _someone_waits_on_a_lock()
-        go_on.set()
-        one.join(20)
-        whole.join(20)
+        _race(one, whole, paused=cell_deleted, go_on=go_on)
     finally:
         post_delete.disconnect(dispatch_uid="concurrency-pause", sender=Analysis)
     assert sorted(outcome) == [("batch", "ok"), ("cell", "ok")], outcome
@@ -150,13 +151,7 @@ def test_failed_cells_sent_again_while_the_batch_is_deleted_is_no_deadlock(monke
         lambda: services.retry_failed_analyses(analyses=Analysis.objects.filter(batch_id=batch.pk)), outcome, "retry"
     )
     delete = _in_thread(lambda: services.delete_batch(batch=Batch.objects.get(pk=batch.pk)), outcome, "delete")
-    retry.start()
-    assert cells_locked.wait(10)
-    delete.start()
-    _someone_waits_on_a_lock()
-    go_on.set()
-    retry.join(20)
-    delete.join(20)
+    _race(retry, delete, paused=cells_locked, go_on=go_on)
     assert sorted(outcome) == [("delete", "ok"), ("retry", "ok")], outcome
 
 
@@ -240,13 +235,7 @@ def test_an_admins_bulk_deletion_and_a_retry_across_the_same_batches_do_not_dead
             outcome,
             "retry",
         )
-        bulk.start()
-        assert paused.wait(10)
-        retry.start()
-        _someone_waits_on_a_lock()  # the retry, holding the older batch, waits on the newer one
-        go_on.set()
-        bulk.join(30)
-        retry.join(30)
+        _race(bulk, retry, paused=paused, go_on=go_on)  # the retry, holding the older batch, waits for the newer
     finally:
         post_delete.disconnect(dispatch_uid="concurrency-bulk-pause", sender=Analysis)
     assert sorted(outcome) == [("bulk", "ok"), ("retry", "ok")], outcome
