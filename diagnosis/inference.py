@@ -157,15 +157,16 @@ def _fail_overlay(analysis: Analysis, error: Exception, what: str, *, task_id: s
 
 def _unreadable_reason(analysis: Analysis, error: Exception) -> str:
     """Why, in the words a clinician reads on the result page: the server's paths stay in the log."""
-    if isinstance(error, FileNotFoundError) or isinstance(error.__cause__, FileNotFoundError):  # open_rgb wraps it
-        return "its stored file is missing; an administrator can find the details in the worker's log."
-    if isinstance(
-        error, ImageDecodeError
-    ):  # it was read at upload: the stored copy is damaged (Pillow's words, the log's)
-        return (
-            f"the stored copy of {analysis.original_filename} is damaged or no longer an image; an administrator "
-            "can find the details in the worker's log."
-        )
+    details = "an administrator can find the details in the worker's log."
+    cause = error.__cause__  # open_rgb wraps what stopped it
+    if isinstance(error, FileNotFoundError) or isinstance(cause, FileNotFoundError):
+        return f"its stored file is missing; {details}"
+    if isinstance(cause, MemoryError):
+        return "the worker ran short of memory reading it; analyse it again, or ask an administrator."
+    if isinstance(cause, OSError) and cause.strerror:  # "Permission denied", "Input/output error": not the file
+        return f"its stored file cannot be read ({cause.strerror}); {details}"
+    if isinstance(error, ImageDecodeError):  # it was read at upload: the copy is damaged (Pillow's words: the log)
+        return f"its stored file is damaged or no longer an image; {details}"
     return str(error).replace(analysis.image.path, analysis.original_filename)
 
 

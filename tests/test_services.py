@@ -536,6 +536,31 @@ def test_the_workers_thread_setting_holds_for_the_overlay_too(settings):
         cv2.setNumThreads(before[1])
 
 
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (PermissionError(13, "Permission denied"), "its stored file cannot be read (Permission denied)"),
+        (OSError(5, "Input/output error"), "its stored file cannot be read (Input/output error)"),
+        (MemoryError(), "the worker ran short of memory reading it"),
+    ],
+    ids=["permission", "io-error", "memory"],
+)
+def test_a_stored_image_the_worker_cannot_open_is_not_called_damaged(user, monkeypatch, failure, said):
+    """Media restored under another owner, a failing disk, a worker short of memory: the file is
+    fine, and 'damaged' would send an operator to replace it."""
+    from ml import preprocessing
+
+    cell = services.create_analysis(owner=user, upload=upload("a.png"))
+
+    def cannot(stream, source):
+        raise failure
+
+    monkeypatch.setattr(preprocessing, "_decode", cannot)
+    inference.run_analyses(analysis_ids=[cell.pk], task_id="t")
+    cell.refresh_from_db()
+    assert cell.status == "failed" and said in cell.error and "damaged" not in cell.error
+
+
 def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_paths(user, media_root, caplog):
     missing, damaged = (
         services.create_analysis(owner=user, upload=upload(f"Rahman_Amina_cell-{n}.png")) for n in range(2)
@@ -550,7 +575,7 @@ def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_pa
         "Cannot read the image: its stored file is missing; an administrator can find the details in the worker's log."
     )
     assert damaged.error == (
-        "Cannot read the image: the stored copy of Rahman_Amina_cell-1.png is damaged or no longer an image; "
+        "Cannot read the image: its stored file is damaged or no longer an image; "
         "an administrator can find the details in the worker's log."
     )  # it read "cannot identify image file <_io.BufferedReader name=...>"
     assert str(media_root) not in missing.error + damaged.error
