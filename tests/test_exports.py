@@ -80,6 +80,12 @@ def test_the_report_prints_each_cells_whole_name_and_id(client, user):
             f'<span class="cell-name">{cell.original_filename}</span> <span class="cell-id">(cell #{cell.pk})</span>'
             in page
         )
+    # Nor is why a cell failed cut short: at 80 characters paper never said what was wrong.
+    why = (
+        "Cannot read the image: its stored file is damaged or no longer an image; an administrator can find the details"
+    )
+    batch.analyses.filter(original_filename=names[0]).update(status="failed", error=why)
+    assert why in client.get(f"/batches/{batch.pk}/report/").content.decode()
 
 
 def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):
