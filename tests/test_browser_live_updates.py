@@ -117,3 +117,23 @@ def test_the_batch_grid_keeps_a_reviewers_positive_among_the_positives_as_result
     finish(late, 0.30)
     expect(page.locator(f'#cell-grid li[data-analysis="{late.pk}"]')).to_have_attribute("data-finished", "1")
     expect(names).to_have_text(["found.png", "late.png", "neg.png"])
+
+
+def test_the_dashboard_keeps_a_reviewers_positive_among_the_positives_as_results_arrive(
+    open_page,  # noqa: F811
+    user,
+    not_analysed,
+):
+    batch = services.create_batch(owner=user, uploads=[upload(f"{name}.png") for name in ("found", "neg", "late")])
+    found, neg, late = (batch.analyses.get(original_filename=f"{name}.png") for name in ("found", "neg", "late"))
+    classified(found, probability_parasitized=0.02, label="Uninfected")
+    classified(neg, probability_parasitized=0.09, label="Uninfected")
+    Analysis.objects.filter(pk=found.pk).update(review_verdict="disagree", corrected_label="Parasitized")
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/?sort=-probability_parasitized")
+    files = page.locator("table.results tbody td.file")
+    expect(files).to_have_text(["found.png", "neg.png", "late.png"])
+    finish(late, 0.30)
+    expect(page.locator(f'tr[data-analysis="{late.pk}"]')).to_have_attribute("data-finished", "1")
+    expect(files).to_have_text(["found.png", "late.png", "neg.png"])
