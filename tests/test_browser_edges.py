@@ -264,7 +264,7 @@ def test_a_borderline_call_is_marked_for_the_reviewer_and_settled_by_the_review(
     expect(owner.locator("#borderline-note")).to_contain_text(f"{reviewer.username} reviewed it on")
     expect(owner.locator("#borderline-note")).not_to_contain_text("before relying on it")
     owner.goto(f"/batches/{batch.pk}/report/")
-    expect(owner.locator("figcaption")).to_contain_text("Model: Parasitized 0.200, borderline.")
+    expect(owner.locator("figcaption")).to_contain_text("Model: Parasitized 0.200 (threshold 0.11), borderline.")
     expect(owner.locator("figcaption")).not_to_contain_text("Uninfected (borderline)")
 
 
