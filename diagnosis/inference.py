@@ -83,7 +83,7 @@ def _unavailable_because(error: Exception) -> str:
         problem = "the server's model weights file is damaged or incomplete: fetch the whole file again"
     else:  # a file of another version, or a worker short of memory: only the log can tell which
         problem = "the model could not be loaded on the server"
-    return f"Model unavailable: {problem}. The worker's log names the file. Analyse the cell again once it is fixed."
+    return f"Model unavailable: {problem}. The worker's log says which file and why; analyse the cell again once fixed."
 
 
 def _classify(*, claimed: list[int], task_id: str) -> None:

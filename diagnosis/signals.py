@@ -1,8 +1,8 @@
 """An analysis's stored files go with it, however it is deleted: page, API, admin, or its owner's
 removal; a removed user's results are withdrawn from the lab systems that were sent them; a
 user's API key goes with their password or their account's deactivation (their sign-ins with
-the latter), and a new password
-lifts their sign-in lockout; and a sign-in's clock starts at sign-in."""
+the latter), and a new password lifts their sign-in lockout; and a sign-in's clock starts at
+sign-in."""
 
 import logging
 import time
