@@ -5,6 +5,7 @@ import re
 import shutil
 
 import pytest
+from django.core.files.base import ContentFile
 from django.utils import timezone
 from playwright.sync_api import expect
 
@@ -12,7 +13,7 @@ from diagnosis import services
 from diagnosis.models import Analysis, Batch
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, classified, upload
+from tests.factories import PASSWORD, classified, image_bytes, upload
 from tests.test_browser import browser, make_reviewer, open_page  # noqa: F401 - the fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -176,6 +177,28 @@ def test_without_javascript_pages_do_not_promise_updates_they_cannot_make(no_scr
     if page.get_by_role("button", name="Print").is_visible():
         problems.append("the report shows a Print button that does nothing")
     assert not problems, problems
+
+
+def test_without_javascript_the_result_page_offers_no_opacity_slider(no_script_page, user, not_analysed):
+    """The heatmap's opacity slider is moved by analysis.js; without JavaScript it moved and nothing
+    happened."""
+    cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
+    cell.overlay.save("overlay.png", ContentFile(image_bytes(color=(255, 0, 0))), save=True)
+    page = no_script_page
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/analyses/{cell.pk}/")
+    expect(page.get_by_text("Grad-CAM overlay")).to_be_visible()
+    expect(page.get_by_label("Heatmap opacity")).to_be_hidden()
+
+
+def test_with_javascript_the_opacity_slider_fades_the_heatmap(open_page, user, not_analysed):  # noqa: F811
+    cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
+    cell.overlay.save("overlay.png", ContentFile(image_bytes(color=(255, 0, 0))), save=True)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/analyses/{cell.pk}/")
+    page.get_by_label("Heatmap opacity").fill("25")
+    expect(page.locator("#overlay-image")).to_have_css("opacity", "0.25")
 
 
 def test_with_javascript_pages_update_and_print(open_page, user, not_analysed):  # noqa: F811
