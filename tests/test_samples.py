@@ -131,6 +131,22 @@ def test_a_searched_list_is_kept_through_a_batch_its_deletion_and_a_cells_second
     assert f'<a href="{listing.replace("&", "&amp;")}">← Back</a>' in again.content.decode()
 
 
+def test_a_cell_opened_from_a_batch_leads_back_through_the_batch_to_the_searched_list(client, user):
+    """The batch's grid linked each cell without ``from``: the cell's Back reached the batch page, whose
+    own Back then fell to the first page of every sample, not to ``?search=ward&page=2``."""
+    batch = create_batch(owner=user, uploads=[upload("a.png")], sample_reference="WARD-1")
+    cell = batch.analyses.get()
+    client.force_login(user)
+    listing = "/batches/?search=ward&page=2"
+    batch_page = client.get(f"/batches/{batch.pk}/", {"from": listing}).content.decode()
+    cell_link = re.search(rf'<a href="(/analyses/{cell.pk}/[^"]*)">', batch_page)[1].replace("&amp;", "&")
+    back_to_batch = re.search(r'<a href="([^"]+)">← Back</a>', client.get(cell_link).content.decode())[1]
+    back_to_batch = back_to_batch.replace("&amp;", "&")
+    assert back_to_batch.startswith(f"/batches/{batch.pk}/?from=")
+    again = client.get(back_to_batch).content.decode()
+    assert f'<a href="{listing.replace("&", "&amp;")}">← Back</a>' in again
+
+
 def test_a_batchs_cells_come_back_in_the_order_they_were_sent(api_client, user):
     """A lab system may pair results with what it sent by position: names can repeat (cell.png from
     several folders), so only the order tells them apart."""
