@@ -212,7 +212,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     # 3. The result page: the heatmap's opacity follows the slider (mouse and keyboard).
     first = analyses[0]
     page.locator(f'#cell-grid [data-analysis="{first.pk}"] a').click()
-    page.wait_for_url(f"**/analyses/{first.pk}/")
+    page.wait_for_url(re.compile(rf"/analyses/{first.pk}/\?from=%2Fbatches%2F{batch.pk}%2F$"))  # Back: the batch
     expect(page.get_by_role("heading", level=1)).to_have_text(first.original_filename)
     overlay = page.locator("#overlay-image")
     expect(overlay).to_have_css("opacity", "1")
