@@ -5,12 +5,14 @@ import contextlib
 import re
 import socket
 import threading
+import time
 
 import pytest
 from django.contrib.sessions.models import Session
 from playwright.sync_api import expect
+from rest_framework.test import APIClient
 
-from diagnosis import services
+from diagnosis import services, tokens
 from diagnosis.models import Analysis
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
@@ -279,3 +281,30 @@ def test_a_printed_page_keeps_the_labels_fill(open_page, user, not_analysed):  #
     style = "el => getComputedStyle(el).printColorAdjust || getComputedStyle(el).webkitPrintColorAdjust"
     adjust = label.evaluate(style)
     assert adjust == "exact", "printed, the white Parasitized label loses its red fill"
+
+
+def test_a_second_click_on_issue_a_key_while_it_is_sent_sends_nothing(open_page, user, monkeypatch):  # noqa: F811
+    """Both clicks reached the server and issued a key each: the browser shows the answer to the
+    second, so when the first was stored last, the key copied into the lab system never worked."""
+    issue = tokens.new_token
+
+    def slowly(**kwargs):
+        time.sleep(0.5)  # a busy server: the second click lands while the first is being answered
+        return issue(**kwargs)
+
+    monkeypatch.setattr(tokens, "new_token", slowly)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/account/api-token/")
+    sent = []
+    page.on("request", lambda request: request.method == "POST" and sent.append(request.url))
+    page.get_by_label("Your password (needed for a new key)").fill(PASSWORD)
+    page.evaluate("""() => {
+        const button = document.querySelector("button[value=issue]");
+        button.click();
+        setTimeout(() => button.click(), 150);
+    }""")
+    page.wait_for_timeout(400)
+    key = page.locator("#token-key").inner_text()
+    assert len(sent) == 1, sent
+    assert APIClient().get("/api/analyses/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200

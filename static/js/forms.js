@@ -1,6 +1,6 @@
-// Shared by every page with a form: each submission carries the current CSRF token. Signing in
-// again (in another tab, after the session ended) gives the browser a new one, and the copy this
-// page was rendered with would be refused, with what was typed on it lost.
+// Shared by every page with a form: each submission goes once and carries the current CSRF token.
+// Signing in again (in another tab, after the session ended) gives the browser a new token, and the
+// copy this page was rendered with would be refused, with what was typed on it lost.
 (function () {
   "use strict";
   const name = "csrftoken=";  // Django's CSRF_COOKIE_NAME, which the settings leave as it is
@@ -13,4 +13,19 @@
   };
   // Captured on the document: before a page's own handler reads the form (upload.js sends it itself).
   document.addEventListener("submit", (event) => window.refreshCsrfToken(event.target), true);
+  // A second click while a form is being sent would send it again: "Issue a key" issued two keys,
+  // and the page showed the one that lost. Pages that send their form themselves (upload.js,
+  // review.js) have stopped the browser's own submit by now. A send stopped with Esc can be
+  // repeated after a while.
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (event.defaultPrevented || form.method !== "post") return;
+    if (form.dataset.sending) { event.preventDefault(); return; }
+    form.dataset.sending = "yes";
+    setTimeout(() => { delete form.dataset.sending; }, 15000);
+  });
+  // A page the browser kept in memory comes back with its forms free to be sent again.
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted) document.querySelectorAll("form[data-sending]").forEach((form) => { delete form.dataset.sending; });
+  });
 })();
