@@ -1,6 +1,7 @@
 """Checks an uploaded file is a real, sane image before anything is stored."""
 
 import io
+import math
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -117,8 +118,10 @@ def _check_shows_a_cell(name: str, image: Image.Image) -> None:
     span = _span(foreground, width=width, height=height)
     if span < MIN_CELL_SPAN:
         raise ValidationError(
-            f"{name}: the cell spans {span:.0%} of the picture's long side; the model reads cells cropped close "
-            f"(at least {MIN_CELL_SPAN:.0%}), and misreads smaller ones: crop the picture closer to the cell."
+            # Rounded down: 0.597 rounded to "60%" read as meeting the 60% it was refused for.
+            f"{name}: the cell spans {math.floor(span * 100)}% of the picture's long side; the model reads cells "
+            f"cropped close (at least {MIN_CELL_SPAN:.0%}), and misreads smaller ones: crop the picture closer "
+            "to the cell."
         )
 
 

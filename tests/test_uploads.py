@@ -592,3 +592,12 @@ def test_twelve_bit_colour_in_a_16_bit_file_is_kept_as_bright_as_the_camera_took
         analysis = services.create_analysis(owner=user, upload=upload(f"cell{extension}", deep))
         kept = np.asarray(Image.open(analysis.image.path).convert("RGB")).astype(int)
         assert np.abs(kept - cell).max() <= 1, extension
+
+
+def test_a_loose_crop_refusal_never_says_the_cell_spans_the_share_it_needs(api_client):
+    """The share was rounded to the nearest percent: a cell spanning 59.7% was refused with "the cell
+    spans 60% of the picture's long side ... (at least 60%)"."""
+    picture = Image.new("RGB", (1000, 597))
+    ImageDraw.Draw(picture).ellipse([400, 0, 799, 596], fill=(180, 90, 120))  # standing the full height
+    answer = api_client.post("/api/analyses/", {"image": upload("tall.png", _encoded(picture, "PNG"))})
+    assert answer.status_code == 400 and "the cell spans 59% of the picture's long side" in str(answer.json())
