@@ -597,7 +597,8 @@ class ApiTokenAdmin(admin.ModelAdmin):
         end = tokens.expires_at(token)
         if end is None:
             return "never"
-        return f"expired {end:%Y-%m-%d}" if tokens.token_expired(token) else f"{end:%Y-%m-%d}"
+        day = f"{timezone.localtime(end):%Y-%m-%d}"  # the site's day, as on the user's own API-token page
+        return f"expired {day}" if tokens.token_expired(token) else day
 
     def has_add_permission(self, request):
         return False

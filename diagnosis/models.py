@@ -322,7 +322,8 @@ class AccessEvent(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.username} {self.action} at {self.at:%Y-%m-%d %H:%M:%S}"
+        # The entry's admin page shows no other time: in the site's zone, as the list beside it.
+        return f"{self.username} {self.action} at {timezone.localtime(self.at):%Y-%m-%d %H:%M:%S}"
 
 
 class ApiToken(models.Model):

@@ -1,12 +1,14 @@
 import os
 import re
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 
-from diagnosis.models import Analysis
+from diagnosis.models import AccessEvent, Analysis, ApiToken
 from diagnosis.services import create_analysis
+from diagnosis.tokens import new_token
 from tests.factories import api_key, classified, upload
 
 
@@ -581,3 +583,19 @@ def test_the_demo_accounts_scripts_start_prints_exist_after_a_database_reset(db,
     out = io.StringIO()
     call_command("create_demo_users", stdout=out)
     assert "Users already exist" in out.getvalue() and not (tmp_path / "demo-credentials.txt").exists()
+
+
+def test_an_api_keys_expiry_and_an_access_entrys_title_are_in_the_sites_time_zone(admin_client, settings, user):
+    """Both were formatted in UTC while the user's own pages, the lists and the footer use
+    TIME_ZONE: an auditor in Nairobi read 22:30 on 03-01 for what happened at 01:30 on 03-02."""
+    settings.TIME_ZONE = "Africa/Nairobi"
+    settings.API_TOKEN_DAYS = 90
+    evening = datetime(2026, 3, 1, 22, 30, tzinfo=UTC)
+    token, _ = new_token(user=user)
+    ApiToken.objects.filter(pk=token.pk).update(created=evening - timedelta(days=90))
+    listing = admin_client.get("/admin/diagnosis/apitoken/").content.decode()
+    assert "2026-03-02" in listing and "2026-03-01" not in listing
+    event = AccessEvent.objects.create(username="alice", action="viewed", channel="web", analysis_id=1)
+    AccessEvent.objects.filter(pk=event.pk).update(at=evening)
+    page = admin_client.get(f"/admin/diagnosis/accessevent/{event.pk}/change/").content.decode()
+    assert "2026-03-02 01:30" in page and "2026-03-01 22:30" not in page
