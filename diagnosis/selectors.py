@@ -15,6 +15,7 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
 from diagnosis.models import REVIEW_CONFIDENCE, AccessEvent, Analysis, Batch, is_borderline
+from diagnosis.text import plain_line
 
 ACCESS_HISTORY_SHOWN = 20
 
@@ -43,9 +44,9 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
         queryset = queryset.filter(final_label_is(filters.label))
     if filters.batch is not None:
         queryset = queryset.filter(batch_id=filters.batch)
-    if filters.search:
+    if search := plain_line(filters.search):
         queryset = queryset.filter(
-            Q(original_filename__icontains=filters.search) | Q(batch__sample_reference__icontains=filters.search)
+            Q(original_filename__icontains=search) | Q(batch__sample_reference__icontains=search)
         )
     if filters.reviewed == "yes":
         queryset = queryset.exclude(review_verdict="")
@@ -244,10 +245,10 @@ BATCH_COUNT_NAMES = tuple(_analysis_counts())
 def batches_matching(*, user: AbstractBaseUser, search: str = "", sample_reference: str = "") -> QuerySet[Batch]:
     """The user's batches, newest first, without their counts: page them, then ``with_counts``."""
     batches = batches_for(user=user)
-    if search:
+    if search := plain_line(search):
         batches = batches.filter(Q(sample_reference__icontains=search) | Q(note__icontains=search))
-    if sample_reference:
-        batches = batches.filter(sample_reference__iexact=sample_reference.strip())
+    if sample_reference := plain_line(sample_reference):
+        batches = batches.filter(sample_reference__iexact=sample_reference)
     return batches.order_by("-created_at", "-id")
 
 

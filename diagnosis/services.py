@@ -24,6 +24,7 @@ from django.utils import timezone
 from diagnosis.audit import record_retention_deletion
 from diagnosis.callbacks import check_callback_url, notify_deletion, notify_finished_batches, send_again
 from diagnosis.models import RESULTS_NEVER_SENT, Analysis, Batch, overlay_path, private_storage
+from diagnosis.text import composed, plain_line
 from diagnosis.validation import ValidImage, validate_upload
 
 GAVE_UP = (
@@ -63,8 +64,8 @@ def create_batch(
         _keep_files_once_committed(stored)
         batch = Batch.objects.create(
             owner=owner,
-            sample_reference=sample_reference.strip(),
-            note=note.strip(),
+            sample_reference=plain_line(sample_reference),
+            note=composed(note).strip(),
             callback_url=callback_url,
             callback_state=Batch.CallbackState.PENDING if callback_url else Batch.CallbackState.NONE,
             idempotency_key=idempotency_key,

@@ -13,6 +13,7 @@ from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from PIL import Image, ImageStat
 
+from diagnosis.text import composed
 from ml.preprocessing import ImageDecodeError, picture_rgb
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "BMP"}
@@ -83,7 +84,7 @@ def validate_upload(upload: UploadedFile) -> ValidImage:
 def display_name(raw: str | None) -> str:
     """The client's file name reduced to a harmless label (never used as a path)."""
     base = (raw or "upload").replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(ch for ch in base if ch.isprintable()).strip() or "upload"
+    cleaned = "".join(ch for ch in composed(base) if ch.isprintable()).strip() or "upload"
     if len(cleaned) <= NAME_MAX_LENGTH:
         return cleaned
     # Shortened in the middle: the end tells a lab's numbered files apart, and holds the extension.

@@ -1,6 +1,9 @@
 """The samples page: one row per batch with its progress and parasitized fraction, the owner's only."""
 
 import re
+import unicodedata
+
+import pytest
 
 from diagnosis import selectors
 from diagnosis.models import Analysis, Batch
@@ -160,3 +163,31 @@ def test_a_batchs_cells_come_back_in_the_order_they_were_sent(api_client, user):
     detail = api_client.get(f"/api/batches/{batch_id}/").json()["analyses"]
     listed = api_client.get("/api/batches/?sample_reference=ORDER-1").json()["results"][0]["analyses"]
     assert [(c["width"], c["height"]) for c in detail] == [(c["width"], c["height"]) for c in listed] == sizes
+
+
+MULLER_TYPED = unicodedata.normalize("NFC", "Müller-Đurić")
+MULLER_FROM_A_MAC = unicodedata.normalize("NFD", MULLER_TYPED)  # "u" and a combining diaeresis
+
+
+def test_a_reference_or_file_name_sent_decomposed_is_found_by_the_same_text_typed(api_client, web_client, user):
+    """Stored as sent: a reference or file name a Mac sent decomposed was not found by the same
+    letters typed, by the API's ?sample_reference=, the dashboard's search or the Samples search."""
+    cells = [upload(MULLER_FROM_A_MAC + "_cell_1.png")]
+    batch = create_batch(owner=user, uploads=cells, sample_reference=MULLER_FROM_A_MAC)
+    found = api_client.get("/api/batches/", {"sample_reference": MULLER_TYPED}).json()["results"]
+    assert [b["id"] for b in found] == [batch.pk]
+    assert batch.analyses.get().original_filename == MULLER_TYPED + "_cell_1.png"
+    for page in ("/", "/batches/"):
+        assert f"#{batch.pk}" in web_client.get(page, {"search": MULLER_TYPED}).content.decode(), page
+    assert api_client.get("/api/batches/", {"sample_reference": MULLER_FROM_A_MAC}).json()["count"] == 1
+
+
+@pytest.mark.parametrize("sent", ["PT-\u202e0321", "WARD-7\u200b", "BED\u20663\u2069", "WARD\t7"], ids=ascii)
+def test_a_reference_keeps_no_invisible_or_direction_changing_characters(api_client, sent):
+    """A right-to-left override showed "PT-\u202e0321" as "PT-1230" on the batch page and the printed
+    report; "WARD-7" with a zero-width space pasted along looked like WARD-7 and was not found by it."""
+    sending = {"images": [upload("a.png")], "sample_reference": sent}
+    answer = api_client.post("/api/batches/", sending, format="multipart")
+    stored = answer.json()["sample_reference"]
+    assert not [ch for ch in stored if unicodedata.category(ch) in ("Cc", "Cf")], ascii(stored)
+    assert api_client.get("/api/batches/", {"sample_reference": stored}).json()["count"] == 1
