@@ -1,5 +1,6 @@
 """API tokens: one per user, stored only as a digest, renewed by a POST, revoked by DELETE."""
 
+import unicodedata
 from datetime import timedelta
 
 import pytest
@@ -300,3 +301,16 @@ def test_a_key_can_be_issued_from_either_of_two_open_account_pages(client, user)
     again = client.post("/account/api-token/", {"action": "issue", "password": PASSWORD, "form_id": second_tab})
     assert again.status_code == 200 and '<code id="token-key">' in again.content.decode()
     assert client.post("/account/api-token/", {"action": "issue", "password": PASSWORD}).status_code == 302
+
+
+def test_the_token_post_reads_a_user_name_as_the_web_sign_in_does(client, settings, db):
+    """The web sign-in reads the name NFKC-normalised, and the lockout counts under that form; the
+    token POST took it as sent, so a lab system sending "Müller" decomposed (as a Mac keeps it) was
+    refused with the right password, and a few retries locked Müller out of the web as well."""
+    settings.LOGIN_MAX_FAILURES = 3
+    name = unicodedata.normalize("NFC", "MüllerĐurić")
+    UserFactory(username=name)
+    sent = {"username": unicodedata.normalize("NFD", name), "password": PASSWORD}
+    codes = [APIClient().post("/api/auth/token/", sent).status_code for _ in range(3)]
+    assert codes == [200, 200, 200]
+    assert client.post("/accounts/login/", {"username": name, "password": PASSWORD}).status_code == 302

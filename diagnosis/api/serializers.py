@@ -1,3 +1,4 @@
+import unicodedata
 from datetime import datetime
 
 from django.conf import settings
@@ -6,11 +7,21 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.fields import empty
 
 from diagnosis import selectors
 from diagnosis.callbacks import check_callback_url
 from diagnosis.models import NOTE_MAX_LENGTH, Analysis, Batch
+
+
+class SignInSerializer(AuthTokenSerializer):
+    """The token POST's user name read as the web sign-in reads it (Django's UsernameField, NFKC):
+    a lab system that sends "Müller" decomposed, as a Mac keeps it, signs in as Müller, instead of
+    being refused with the right password and counted towards locking Müller out."""
+
+    def validate_username(self, value: str) -> str:
+        return unicodedata.normalize("NFKC", value)
 
 
 class AnalysisSerializer(serializers.ModelSerializer):

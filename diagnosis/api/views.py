@@ -6,7 +6,6 @@ from django.db.models import prefetch_related_objects
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
-from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, Throttled
 from rest_framework.exceptions import ValidationError as ApiValidationError
@@ -25,6 +24,7 @@ from diagnosis.api.serializers import (
     BatchSerializer,
     BatchUploadSerializer,
     OperationsStatusSerializer,
+    SignInSerializer,
 )
 from diagnosis.api.throttling import ScopedRateThrottle
 from diagnosis.audit import counted, record_access, record_list_read
@@ -80,7 +80,7 @@ class TokenView(APIView):
         return [] if posting else super().get_authenticators()
 
     @extend_schema(
-        request=AuthTokenSerializer,
+        request=SignInSerializer,
         responses={
             200: inline_serializer(
                 "IssuedToken",
@@ -94,7 +94,7 @@ class TokenView(APIView):
         if not login_throttle.admit(request, username):
             wait = login_throttle.seconds_locked(request, username)
             raise Throttled(wait=wait, detail=login_throttle.lockout_message(wait))
-        serializer = AuthTokenSerializer(data=request.data, context={"request": request})
+        serializer = SignInSerializer(data=request.data, context={"request": request})
         if not serializer.is_valid():
             if not _wrong_credentials(serializer):  # missing ones, or no form at all; wrong ones stay counted
                 login_throttle.not_a_guess(request, username)
@@ -210,7 +210,7 @@ def _record_page(view: viewsets.GenericViewSet, noun: str) -> None:
     record_list_read(request=view.request, records=list(page.object_list), noun=noun, page=page.number)
 
 
-def _wrong_credentials(serializer: AuthTokenSerializer) -> bool:
+def _wrong_credentials(serializer: SignInSerializer) -> bool:
     """A password was checked, and refused (not a field left out, nor a body that is no form)."""
     refusals = serializer.errors.get("non_field_errors", [])
     return serializer.errors.keys() == {"non_field_errors"} and any(r.code == "authorization" for r in refusals)
