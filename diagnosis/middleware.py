@@ -6,6 +6,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import logout
 from django.http import Http404, HttpResponseForbidden, JsonResponse
+from django.shortcuts import render
 from django.urls import is_valid_path
 from django.utils.cache import patch_cache_control
 
@@ -147,6 +148,39 @@ class SignOutMiddleware:
         logout(request)  # the view then sees no one: the sign-in page, or a 401 for scripts and the API
         messages.info(request, f"{reason} Sign in again.")
         return None
+
+
+class SameSignInMiddleware:
+    """Refuses a form sent from a page that was opened under another sign-in.
+
+    forms.js gives each form the latest sign-in's CSRF token, so that signing in again in another
+    tab does not lose what was typed; but on a shared workstation the page may be clinician A's
+    while B is signed in now, and A's patient's images would be stored in B's account. forms.js also
+    sends the id of the user the page was rendered for (``signed_in_as``); a form without it (the
+    admin's, a browser without JavaScript, whose token Django's rotation at sign-in has retired) is
+    left to the CSRF check."""
+
+    FIELD = "signed_in_as"
+    MESSAGE = (
+        "Someone else has signed in on this browser since this page was opened, so nothing was done. "
+        "Open the page again to work as the person signed in now."
+    )
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        if request.method != "POST" or not request.user.is_authenticated:
+            return None
+        opened_by = request.POST.get(self.FIELD)
+        if opened_by is None or opened_by == str(request.user.pk):
+            return None
+        if request.headers.get("X-Requested-With") == "XMLHttpRequest":
+            return JsonResponse({"detail": self.MESSAGE}, status=409)
+        return render(request, "other_sign_in.html", {"message": self.MESSAGE}, status=409)
 
 
 class ContentSecurityPolicyMiddleware:

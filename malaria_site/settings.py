@@ -69,6 +69,7 @@ MIDDLEWARE = [
     "diagnosis.middleware.NoStoreWhenSignedInMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "diagnosis.middleware.SignOutMiddleware",
+    "diagnosis.middleware.SameSignInMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "diagnosis.middleware.SiteNotFoundPageMiddleware",
 ]

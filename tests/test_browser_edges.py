@@ -13,10 +13,10 @@ from playwright.sync_api import expect
 from rest_framework.test import APIClient
 
 from diagnosis import services, tokens
-from diagnosis.models import Analysis
+from diagnosis.models import Analysis, Batch
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, classified, upload
+from tests.factories import PASSWORD, UserFactory, classified, upload
 from tests.test_browser import browser, make_reviewer, open_page  # noqa: F401 - the fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -308,3 +308,26 @@ def test_a_second_click_on_issue_a_key_while_it_is_sent_sends_nothing(open_page,
     key = page.locator("#token-key").inner_text()
     assert len(sent) == 1, sent
     assert APIClient().get("/api/analyses/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
+
+
+def test_an_upload_page_left_open_by_one_clinician_stores_nothing_for_the_next(open_page, not_analysed):  # noqa: F811
+    """A shared workstation: A chooses a patient's images and is called away, A signs out in another
+    tab and B signs in. A's page still read "Log out A", and its Upload stored A's patient in B's account."""
+    a, b = UserFactory(), UserFactory()
+    page = open_page()
+    log_in(page, a.username, PASSWORD)
+    page.goto("/upload/")
+    page.set_input_files("#id_images", [str(cell) for cell in fixture_cells()[:2]])
+    page.get_by_label("Patient / sample reference").fill("PATIENT-OF-A")
+    other_tab = page.context.new_page()
+    other_tab.goto("/")
+    other_tab.get_by_role("button", name=f"Log out {a.username}").click()
+    log_in(other_tab, b.username, PASSWORD)
+    other_tab.close()
+
+    page.locator("#upload-button").click()
+    expect(page.get_by_role("alert")).to_contain_text("Someone else has signed in on this browser")
+    expect(page.get_by_role("alert")).to_contain_text("Nothing was stored.")
+    open_page.errors[page].clear()  # the browser logs the 409
+    assert not Batch.objects.exists()
+    expect(page.get_by_label("Patient / sample reference")).to_have_value("PATIENT-OF-A")  # nothing typed is lost

@@ -18,6 +18,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from diagnosis.models import Batch
 from tests.factories import PASSWORD, UserFactory, api_key, upload
 
 
@@ -678,3 +679,19 @@ def test_an_administrator_clears_an_address_locked_out_for_guessing_at_many_name
         ipv6.post("/accounts/login/", {"username": name, "password": "Summer2026"})
     call_command("clear_address_lockout", "2001:DB8:0::1", stdout=io.StringIO())  # as someone may type it
     assert _sign_in(Client(REMOTE_ADDR="2001:db8::1"), clinician.username) == 302
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["form", "upload.js"])
+def test_a_form_from_a_page_opened_under_another_sign_in_does_nothing(client, user, other_user, scripted):
+    """forms.js gives an old page the latest sign-in's CSRF token: clinician A's upload page, sent
+    after B signed in on the same browser, stored A's patient's images in B's account."""
+    client.force_login(user)
+    headers = {"X-Requested-With": "XMLHttpRequest"} if scripted else {}
+    sent = {"images": [upload("a.png")], "sample_reference": "PATIENT-OF-A", "signed_in_as": str(other_user.pk)}
+    refused = client.post("/upload/", sent, headers=headers)
+    assert refused.status_code == 409 and not Batch.objects.exists()
+    message = refused.json()["detail"] if scripted else refused.content.decode()
+    assert "Someone else has signed in on this browser since this page was opened, so nothing was done." in message
+    sent |= {"images": [upload("a.png")], "signed_in_as": str(user.pk)}
+    assert client.post("/upload/", sent, headers=headers).status_code in (200, 302)
+    assert Batch.objects.get().owner == user

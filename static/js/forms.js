@@ -10,6 +10,15 @@
     // reads the last one of its Cookie header, which lists them in document.cookie's order.
     const cookie = document.cookie.split("; ").filter((part) => part.startsWith(name)).pop();
     if (field && cookie) field.value = decodeURIComponent(cookie.slice(name.length));
+    // Whose page this is: the server refuses it under anyone else's sign-in (SameSignInMiddleware).
+    const pageUser = document.body.dataset.signedInAs;
+    if (pageUser === undefined || form.method !== "post") return;
+    let owner = form.querySelector("input[name=signed_in_as]");
+    if (!owner) {
+      owner = Object.assign(document.createElement("input"), { type: "hidden", name: "signed_in_as" });
+      form.append(owner);
+    }
+    owner.value = pageUser;
   };
   // Captured on the document: before a page's own handler reads the form (upload.js sends it itself).
   document.addEventListener("submit", (event) => window.refreshCsrfToken(event.target), true);
