@@ -1,3 +1,4 @@
+import secrets
 from datetime import UTC, datetime
 
 from django import forms
@@ -58,6 +59,11 @@ class UploadForm(forms.Form):
         widget=forms.TextInput(attrs=NOT_REMEMBERED),
     )
     note = NoteField()
+    # A new one each time the page is drawn: the same form sent twice (a double click without
+    # JavaScript, or sent again after its answer was lost) makes one batch (services.create_batch_once).
+    upload_id = forms.CharField(
+        required=False, max_length=43, widget=forms.HiddenInput, initial=lambda: secrets.token_urlsafe(24)
+    )
 
 
 class FilterForm(forms.Form):

@@ -19,7 +19,7 @@ from diagnosis import login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access
 from diagnosis.files import browser_picture, protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
-from diagnosis.models import AccessEvent, Analysis
+from diagnosis.models import AccessEvent, Analysis, Batch
 from malaria_site.celery import app as celery_app
 
 PAGE_SIZE = 25
@@ -64,23 +64,16 @@ def upload(request):
     form = UploadForm(request.POST or None, request.FILES or None)
     digest = _images_digest(request) if request.FILES.getlist("images") else ""  # before they are stored
     if digest and (sent := _batch_sent_as(request, digest=digest)) is not None:
-        messages.info(
-            request,
-            f"These images were already uploaded as batch #{sent} (the form was sent again, after Back "
-            "perhaps): nothing was stored twice. To store them again, delete that batch first.",
-        )
-        return _to_batch(request, sent)
+        return _sent_before(request, sent)
     if request.method == "POST" and form.is_valid():
         try:
             detail = counted(len(form.cleaned_data["images"]), "image")
-            batch = services.create_batch(
-                owner=request.user,
-                uploads=form.cleaned_data["images"],
-                sample_reference=form.cleaned_data["sample_reference"],
-                note=form.cleaned_data["note"],
-                record=lambda batch: record_access(
-                    request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail
-                ),
+            batch, made = _store_upload(request, form.cleaned_data, detail=detail)
+        except services.KeyReused:
+            form.add_error(
+                "images",
+                "This page has uploaded its images already (look under Samples): open the upload page again "
+                "to upload other images.",
             )
         except services.FilesRefused as refusal:
             if _from_upload_script(request):  # it keeps the other files for the next attempt
@@ -92,6 +85,8 @@ def upload(request):
             for message in error.messages:
                 form.add_error("images", message)
         else:
+            if not made:
+                return _sent_before(request, batch.pk)
             _remember_sent(request, batch.pk, digest=digest)
             messages.success(request, f"{detail} queued for analysis.")
             return _to_batch(request, batch.pk)
@@ -103,6 +98,32 @@ def upload(request):
         "max_request_bytes": settings.REQUEST_MAX_BYTES,
     }
     return render(request, "diagnosis/upload.html", context, status=status)
+
+
+def _store_upload(request, data: dict, *, detail: str) -> tuple[Batch, bool]:
+    """The batch the form makes, and whether this request made it: one sent again while the first
+    was still being checked (the session does not know of the first yet) gets the first's batch."""
+    fields = {
+        "owner": request.user,
+        "uploads": data["images"],
+        "sample_reference": data["sample_reference"],
+        "note": data["note"],
+        "record": lambda batch: record_access(
+            request=request, action=AccessEvent.Action.UPLOADED, batch=batch, detail=detail
+        ),
+    }
+    if not data["upload_id"]:  # a page drawn before forms carried one
+        return services.create_batch(**fields), True
+    return services.create_batch_once(idempotency_key=f"upload-page:{data['upload_id']}", **fields)
+
+
+def _sent_before(request, batch_id: int):
+    messages.info(
+        request,
+        f"These images were already uploaded as batch #{batch_id} (the form was sent again, after Back "
+        "perhaps): nothing was stored twice. To store them again, delete that batch first.",
+    )
+    return _to_batch(request, batch_id)
 
 
 # The images this session has uploaded (a digest of their names and bytes, in order), each with

@@ -2,14 +2,18 @@
 
 import io
 import random
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from PIL import Image, ImageDraw, ImageOps
 
 from diagnosis import services
@@ -601,3 +605,35 @@ def test_a_loose_crop_refusal_never_says_the_cell_spans_the_share_it_needs(api_c
     ImageDraw.Draw(picture).ellipse([400, 0, 799, 596], fill=(180, 90, 120))  # standing the full height
     answer = api_client.post("/api/analyses/", {"image": upload("tall.png", _encoded(picture, "PNG"))})
     assert answer.status_code == 400 and "the cell spans 59% of the picture's long side" in str(answer.json())
+
+
+def test_an_upload_form_sent_again_while_its_first_send_is_checked_stores_one_batch(
+    web_client, monkeypatch, media_root
+):
+    """The session learns of an upload only once it is stored: a second click without JavaScript,
+    arriving while the first send's images were still being checked, stored the patient's cells twice."""
+    before = set(stored_files(media_root))
+    page = web_client.get("/upload/").content.decode()
+    sent = {
+        "images": [upload("a.png"), upload("b.png")],
+        "sample_reference": "WARD-7",
+        "upload_id": re.search(r'name="upload_id" value="([^"]+)"', page)[1],
+    }
+    second_click = Client()
+    second_click.cookies = web_client.cookies  # the same browser
+    check_images = services._validate_all
+    answers = []
+
+    def second_click_meanwhile(uploads):
+        if not answers:
+            answers.append("sending")
+            answers[0] = second_click.post("/upload/", sent | {"images": [upload("a.png"), upload("b.png")]})
+        return check_images(uploads)
+
+    monkeypatch.setattr(services, "_validate_all", second_click_meanwhile)
+    first = web_client.post("/upload/", sent, follow=True)
+    assert answers[0].status_code == 302 and Batch.objects.count() == 1 and Analysis.objects.count() == 2
+    assert first.redirect_chain[-1][0] == f"/batches/{Batch.objects.get().pk}/"
+    assert "nothing was stored twice" in first.content.decode()
+    kept = {Path(settings.MEDIA_ROOT, f.name) for a in Analysis.objects.all() for f in (a.image, a.thumbnail)}
+    assert set(stored_files(media_root)) - before == kept  # the first send's copies are gone
