@@ -16,6 +16,11 @@ class MultipleImageField(forms.FileField):
 
     widget = MultipleFileInput
 
+    def __init__(self, **kwargs):
+        # An empty file too: the service names it among every other refused file, where this field
+        # stopped at the first, and a file input cannot be refilled for the next bad one.
+        super().__init__(allow_empty_file=True, **kwargs)
+
     def clean(self, data, initial=None):
         files = data if isinstance(data, list | tuple) else [data] if data else []
         if not files:

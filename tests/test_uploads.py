@@ -85,6 +85,21 @@ def test_one_bad_file_in_a_batch_stores_nothing(api_client, no_leftovers):
     assert "broken.png" in response.json()["detail"]
 
 
+def test_the_upload_page_names_every_refused_file_at_once(web_client, no_leftovers):
+    """The form stopped at the first empty file, so the others and the damaged ones went unnamed: a
+    file input cannot be refilled, and the clinician chose the whole folder again per bad file."""
+    images = [
+        upload("good.png"),
+        upload("empty-1.png", b""),
+        upload("empty-2.png", b""),
+        upload("cut-short.png", image_bytes(size=(200, 200))[:300]),
+    ]
+    page = web_client.post("/upload/", {"images": images})
+    assert page.status_code == 400 and "Nothing was stored" in page.content.decode()
+    for refused in ("empty-1.png: the file is empty.", "empty-2.png: the file is empty.", "cut-short.png"):
+        assert refused in page.content.decode()
+
+
 def test_decompression_bomb_is_refused_by_the_pixel_guard(api_client, no_leftovers, settings):
     settings.UPLOAD_MAX_SIDE = 100_000  # so only Pillow's decompression-bomb limit can stop it
     response = api_client.post("/api/analyses/", {"image": upload("bomb.png", bomb_png())})
