@@ -5,6 +5,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import connection, transaction
@@ -58,9 +59,14 @@ def batch_list(request):
     return render(request, "diagnosis/batches.html", {"page": page, "search": search, "query": query})
 
 
-@login_required
 @require_http_methods(["GET", "POST"])
 def upload(request):
+    if not request.user.is_authenticated:
+        if request.method == "POST":  # no page after the sign-in could say so, nor keep the files
+            messages.info(
+                request, "Your session had ended, so nothing was stored: sign in, then choose the images again."
+            )
+        return redirect_to_login(request.get_full_path())
     form = UploadForm(request.POST or None, request.FILES or None)
     digest = _images_digest(request) if request.FILES.getlist("images") else ""  # before they are stored
     if digest and (sent := _batch_sent_as(request, digest=digest)) is not None:

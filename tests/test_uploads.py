@@ -652,3 +652,13 @@ def test_an_upload_form_sent_again_while_its_first_send_is_checked_stores_one_ba
     assert "nothing was stored twice" in first.content.decode()
     kept = {Path(settings.MEDIA_ROOT, f.name) for a in Analysis.objects.all() for f in (a.image, a.thumbnail)}
     assert set(stored_files(media_root)) - before == kept  # the first send's copies are gone
+
+
+def test_an_upload_sent_after_the_session_ended_says_nothing_was_stored(client, user):
+    """Without JavaScript the upload went to the sign-in page and on to an empty upload form, neither
+    saying whether the patient's images had been stored."""
+    response = client.post("/upload/", {"images": [upload("a.png")], "sample_reference": "WARD-7"})
+    assert response.status_code == 302 and response.url == "/accounts/login/?next=/upload/"
+    login_page = client.get(response.url).content.decode()
+    assert "Your session had ended, so nothing was stored: sign in, then choose the images again." in login_page
+    assert not Batch.objects.exists()
