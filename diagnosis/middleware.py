@@ -56,10 +56,13 @@ class RequestSizeLimitMiddleware:
         except ValueError:
             length = 0
         limit = settings.REQUEST_MAX_BYTES
-        if length > limit:
+        if length <= limit:
+            return self.get_response(request)
+        if request.path.startswith("/api/") or request.headers.get("X-Requested-With") == "XMLHttpRequest":
             message = f"The request is too large ({length} bytes); the limit is {limit} bytes."
             return JsonResponse({"detail": message}, status=413)
-        return self.get_response(request)
+        # The upload form sent without JavaScript: a page, not a line of JSON in bytes.
+        return render(request, "413.html", {"length": length, "limit": limit}, status=413)
 
 
 class ApiSlashMiddleware:

@@ -58,7 +58,6 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "diagnosis.middleware.DebugServesThisMachineOnlyMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "diagnosis.middleware.RequestSizeLimitMiddleware",
     "diagnosis.middleware.RefuseNulCharactersMiddleware",
     "diagnosis.middleware.ApiSlashMiddleware",
     "diagnosis.middleware.ContentSecurityPolicyMiddleware",
@@ -66,6 +65,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # After the sign-in is known, so its refusal page shows who is signed in; before anything reads the body.
+    "diagnosis.middleware.RequestSizeLimitMiddleware",
     "diagnosis.middleware.NoStoreWhenSignedInMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "diagnosis.middleware.SignOutMiddleware",

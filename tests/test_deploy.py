@@ -963,18 +963,27 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
         assert css.getheader("X-Content-Type-Options") == "nosniff"
         assert request(port, "GET", "/nginx-health", host).body == b"ok\n"
 
-        # Bodies over REQUEST_MAX_BYTES are refused by nginx before they reach gunicorn.
-        too_big = {**host, **owner, "Content-Length": str(settings_default("REQUEST_MAX_BYTES") + 1)}
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.putrequest("POST", "/upload/", skip_host=True)
-        for name, value in too_big.items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        refused = connection.getresponse()
+        # Bodies over REQUEST_MAX_BYTES are refused by nginx before they reach gunicorn: with JSON for
+        # the API and the upload page's script, with a page for the form sent without JavaScript.
         limit = settings_default("REQUEST_MAX_BYTES")
-        assert refused.status == 413 and refused.getheader("Content-Type") == "application/json"
-        assert json.loads(refused.read()) == {"detail": f"The request is too large; the limit is {limit} bytes."}
-        connection.close()
+
+        def too_big(path: str, **headers: str) -> http.client.HTTPResponse:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.putrequest("POST", path, skip_host=True)
+            for name, value in {**host, **owner, "Content-Length": str(limit + 1), **headers}.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            refused = connection.getresponse()
+            refused.body = refused.read()
+            connection.close()
+            return refused
+
+        for refused in (too_big("/upload/", **{"X-Requested-With": "XMLHttpRequest"}), too_big("/api/batches/")):
+            assert refused.status == 413 and refused.getheader("Content-Type") == "application/json"
+            assert json.loads(refused.body) == {"detail": f"The request is too large; the limit is {limit} bytes."}
+        page = too_big("/upload/")
+        assert page.status == 413 and page.getheader("Content-Type") == "text/html"
+        assert f"Nothing was stored: the upload was over the limit of {limit} bytes" in page.body.decode()
 
         # Queries can carry patient references: the access log keeps only the path.
         request(port, "GET", "/?search=PATIENT-4711&status=done", {**host, **owner})

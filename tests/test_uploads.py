@@ -121,6 +121,22 @@ def test_request_over_the_size_limit_is_refused_before_reading(api_client, no_le
     assert response.status_code == 413 and "too large" in response.json()["detail"]
 
 
+def test_an_upload_too_large_sent_without_javascript_gets_a_page(web_client, no_leftovers, settings, user):
+    """The upload form sent without JavaScript was answered with a line of JSON in bytes; upload.js
+    and the API still get JSON, which they read."""
+    settings.REQUEST_MAX_BYTES = 20_000
+    images = {"images": [upload(f"{n}.png", b"x" * 8000) for n in range(3)]}
+    page = web_client.post("/upload/", images)
+    assert page.status_code == 413 and page["Content-Type"].startswith("text/html")
+    text = re.sub(r"[ \n]+", " ", page.content.decode())
+    assert "Nothing was stored: the upload was" in text and "over the limit of 19.5\xa0KB for one upload" in text
+    assert f"Log out {user.username}" in text
+    for image in images["images"]:
+        image.seek(0)
+    scripted = web_client.post("/upload/", images, headers={"X-Requested-With": "XMLHttpRequest"})
+    assert scripted.status_code == 413 and "too large" in scripted.json()["detail"]
+
+
 def test_too_many_files_in_a_batch(api_client, no_leftovers, settings):
     settings.BATCH_MAX_FILES = 2
     files = [upload(f"{i}.png") for i in range(3)]
