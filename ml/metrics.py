@@ -9,7 +9,9 @@ def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve via the rank-sum statistic (ties get average ranks)."""
     scores, positives = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if not n_pos or not n_neg:
+    # NaN never equals NaN, so NaN scores would each get a rank of their own and the AUC would
+    # be 0 or 1 by the order of the cells: a model that outputs NaN has no AUC.
+    if not n_pos or not n_neg or np.isnan(scores).any():
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
     ranks = np.empty(len(scores), dtype=np.float64)

@@ -437,8 +437,14 @@ def main(argv=None) -> None:
             threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
             metrics = screening_metrics(scores, positives, threshold)
             print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
+            if np.isnan(metrics["auc"]):  # NaN weights: no AUC, and no probability is >= the threshold
+                kept = f"; {args.out} keeps epoch {state['best_epoch']}" if state.get("best_epoch") else ""
+                raise SystemExit(
+                    f"epoch {epoch + 1}: validation scores are NaN (the weights diverged, or overflow the "
+                    f"file's fp16): try a lower --lr{kept}"
+                )
             if metrics["auc"] > state["best_auc"]:
-                state["best_auc"] = metrics["auc"]
+                state.update(best_auc=metrics["auc"], best_epoch=epoch + 1)
                 export(exported, validation=metrics, val_samples=val_samples, **record)
         # The last epoch's checkpoint says the run ended: the next run to this file may start afresh.
         state["finished"] = epoch + 1 == last_epoch

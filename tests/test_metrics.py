@@ -24,6 +24,15 @@ def test_rank_auc_matches_the_pairwise_definition_with_ties():
     assert roc_auc(list(scores), positives.astype(int).tolist()) == roc_auc(scores, positives)  # 0/1 labels too
 
 
+def test_nan_scores_have_no_auc():
+    """NaN never equals NaN, so each NaN got a rank of its own: a model that outputs NaN scored an
+    AUC of 0.0 or 1.0 by the order of the cells alone."""
+    positives = np.array([True, True, False, False])
+    assert np.isnan(roc_auc(np.full(4, np.nan), positives))
+    assert np.isnan(roc_auc(np.full(4, np.nan), positives[::-1].copy()))
+    assert np.isnan(roc_auc(np.array([0.9, np.nan, 0.1, 0.2]), positives))  # one is enough
+
+
 def test_threshold_is_the_most_accurate_one_that_keeps_the_sensitivity():
     positives = np.array([True] * 10 + [False] * 10)
     scores = np.array([0.05] + [0.9] * 9 + [0.5] * 3 + [0.02] * 7)

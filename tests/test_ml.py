@@ -655,6 +655,21 @@ def test_a_finished_run_does_not_stop_the_next_one_to_the_same_file(tmp_path, tr
     assert again.returncode == 0 and "wrote" in again.stdout, again.stderr
 
 
+def test_a_run_whose_validation_scores_are_nan_writes_no_model(tmp_path, training_cells, monkeypatch):
+    """NaN weights (a learning rate too high, an fp16 overflow) scored an AUC of 0.0, which beat
+    the starting -1: the model was written with exit status 0, and labelled every cell Uninfected."""
+    from ml import train
+
+    def diverged(model, *args, **kwargs):
+        with torch.no_grad():
+            model.classifier.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(train, "train_one_epoch", diverged)
+    out = tmp_path / "model.safetensors"
+    result = train_on_fixture_cells(training_cells, out)
+    assert result.returncode != 0 and "validation scores are NaN" in result.stderr and not out.exists()
+
+
 def test_the_tools_report_an_ordinary_mistake_in_a_line_not_a_traceback(tmp_path):
     weights = str(tiny_weights(tmp_path / "w.safetensors"))
     nested = tmp_path / "cells"
