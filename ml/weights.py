@@ -69,6 +69,13 @@ def load_model(path: str | Path) -> tuple[MalariaVGG, ModelInfo]:
     with _opened(path) as handle:
         info = _info_from_metadata(handle.metadata())
         state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+    # NaN weights give NaN probabilities, which no threshold is below: every cell would be Uninfected.
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise ValueError(
+            f"{path} holds weights that are not finite numbers (NaN or infinite, in {len(broken)} tensors such "
+            f"as {broken[0]}): a run that diverged or overflowed fp16, or a damaged copy"
+        )
     model = MalariaVGG(info.config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval(), info

@@ -232,6 +232,18 @@ def test_a_model_file_that_would_mislabel_cells_is_refused(tmp_path, changes, re
         Predictor(path)
 
 
+def test_a_model_file_with_weights_that_are_not_numbers_is_refused(tmp_path):
+    """NaN weights give NaN probabilities, and no NaN is >= the threshold: the file loaded, and the
+    worker and ml.evaluate called every cell Uninfected."""
+    path = tiny_weights(tmp_path / "model.safetensors")
+    with safe_open(path, "pt") as stored:
+        metadata, tensors = stored.metadata(), {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 - not a dict
+    tensors["classifier.weight"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="not finite numbers .* such as classifier.weight"):
+        Predictor(tmp_path / "nan.safetensors")
+
+
 @pytest.mark.parametrize("arch", ["vgg19", "vgg19_bn"])
 def test_the_trunk_is_torchvisions_layer_for_layer(arch):
     """So torchvision's ImageNet weights load into it by name (--init imagenet)."""
