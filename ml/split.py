@@ -60,7 +60,13 @@ def chosen_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> d
 def validation_cells(parser: argparse.ArgumentParser, samples: list, weights: str) -> list:
     """The cells of the patient groups ml.train held out to validate these weights (and to choose
     their threshold): where figures about the operating point may be read, unlike the test side."""
-    groups = set(read_info(weights).metrics.get("validation_groups", []))
+    metrics = read_info(weights).metrics
+    if metrics.get("refit_of"):  # it keeps that run's validation groups, but was trained on them
+        parser.error(
+            f"{weights} is a --refit of {metrics['refit_of']}, trained on the patients that run was validated "
+            "on: give --validation-of that run's file"
+        )
+    groups = set(metrics.get("validation_groups", []))
     chosen = [sample for sample in samples if sample.patient_group in groups]
     if not chosen:
         parser.error(f"no cell of --data is of the patient groups {weights} was validated on")

@@ -639,6 +639,21 @@ def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation
     assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
 
 
+def test_split_refuses_the_validation_cells_of_a_refit_it_was_trained_on(tmp_path):
+    """A --refit file keeps its first run's validation_groups but trained on them: ml.split wrote
+    them out as the patients it was validated on, and ml.evaluate scored it on its training cells."""
+    groups = sorted({patient_group(p.name) for p in FIXTURE_CELLS.glob("*/*.png")})
+    torch.manual_seed(0)
+    model = MalariaVGG(ModelConfig(input_size=32, trunk_stride=8))
+    metrics = {"validation_groups": groups, "refit_of": "vgg19_bn-64px-earlier", "validation_images": 4}
+    refit = tmp_path / "refit.safetensors"
+    save_model(model, refit, info=ModelInfo(config=model.config, version="refit", metrics=metrics))
+    out = tmp_path / "validation"
+    result = run_module("ml.split", "--data", str(FIXTURE_CELLS), "--out", str(out), "--validation-of", str(refit))
+    assert result.returncode != 0 and "is a --refit of vgg19_bn-64px-earlier" in result.stderr
+    assert not list(out.glob("validation/*/*"))
+
+
 def test_train_refuses_a_heatmap_grid_coarser_than_8x8(tmp_path, training_cells):
     out = tmp_path / "coarse.safetensors"
     coarse = train_on_fixture_cells(training_cells, out, "--trunk-stride", "32")  # 64 px: a 2x2 grid
