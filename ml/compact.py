@@ -28,7 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, required=True, help="side in pixels: the --input-size to train at")
     parser.add_argument("--quality", type=int, default=85, help="WebP quality, 1-100")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes; 1: none, all in this one")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):  # an earlier copy's cells (another split's) would stay among the new
+        parser.error(f"{out} is not empty; give a new folder")
+    return args
 
 
 def compact_one(source: str, target: str, size: int, quality: int) -> int:

@@ -762,6 +762,17 @@ def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp
     assert "decoded 8 images at 64px" in trained.stdout
 
 
+def test_compact_refuses_a_folder_that_holds_an_earlier_copy(tmp_path):
+    """It wrote over and beside what was there: a copy made again after a new split kept the
+    earlier split's cells, held-out patients among them."""
+    copy = tmp_path / "cells-64"
+    (copy / "Parasitized").mkdir(parents=True)
+    (copy / "Parasitized" / "C1P1thinF_IMG_1_cell_1.webp").write_bytes(b"an earlier copy")
+    result = run_module("ml.compact", "--data", str(FIXTURE_CELLS), "--out", str(copy), "--size", "64")
+    assert result.returncode != 0 and "is not empty; give a new folder" in result.stderr
+    assert [p.name for p in copy.rglob("*.webp")] == ["C1P1thinF_IMG_1_cell_1.webp"]
+
+
 def test_training_on_a_missing_gpu_says_so_before_loading_anything(tmp_path, training_cells):
     """Run as ``python -m ml.train`` in a process of its own, as a user would (the other tests run
     the CLIs' main() in this process)."""
