@@ -305,6 +305,12 @@ def main(argv=None) -> None:
         samples = list_samples(args.data)
     except (OSError, ValueError) as error:  # a folder not of the shape --data asks for
         raise SystemExit(f"ml.train: {error}") from None
+    listed = set()
+    if args.exclude:
+        # By stem: an audit of the PNG originals names the cells of their ml.compact .webp copy too.
+        listed = {Path(name).stem for name in excluded_file_names(args.exclude)}
+        if not any(s.path.stem in listed for s in samples):  # a list of another folder's cells
+            raise SystemExit(f"--exclude: none of the {len(listed)} cells {args.exclude} lists is in {args.data}")
     if args.limit:
         samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
     validation_run = read_info(args.refit) if args.refit else None
@@ -318,8 +324,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"ml.train: {error}") from None
     excluded = 0
     if args.exclude:
-        names = excluded_file_names(args.exclude)
-        kept = [s for s in train_samples if s.path.name not in names]
+        kept = [s for s in train_samples if s.path.stem not in listed]
         excluded = len(train_samples) - len(kept)
         print(f"left {excluded} of {len(train_samples)} training cells out, as {args.exclude} lists", flush=True)
         train_samples = kept

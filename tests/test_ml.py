@@ -654,6 +654,33 @@ def test_split_refuses_the_validation_cells_of_a_refit_it_was_trained_on(tmp_pat
     assert not list(out.glob("validation/*/*"))
 
 
+def test_exclude_from_an_audit_of_the_originals_applies_to_their_compact_copy(tmp_path, training_cells, monkeypatch):
+    """An audit of the PNG originals names .png files; --exclude matched the .webp copy's cells by
+    the whole name, left none out, said 'left 0 of 4' and trained on: the listed labels stayed in.
+    A list of another folder's cells was taken as quietly."""
+    from ml import train
+
+    copy = tmp_path / "cells-64"  # what ml.compact writes: the same stems, as .webp
+    for cell in training_cells.glob("*/*.png"):
+        (copy / cell.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(cell, copy / cell.parent.name / f"{cell.stem}.webp")
+    listed = sorted(p.name for p in training_cells.glob("Parasitized/*.png"))
+    audit_report = tmp_path / "audit.json"
+    audit_report.write_text(json.dumps({"cells": [{"file": name, "label": "Parasitized"} for name in listed]}))
+
+    def stop(args):
+        raise SystemExit("stopped before training")
+
+    monkeypatch.setattr(train, "build_model", stop)
+    result = train_on_fixture_cells(copy, tmp_path / "m.safetensors", "--exclude", str(audit_report))
+    assert "left 2 of 4 training cells out" in result.stdout, result.stderr
+
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("C9P9thinF_IMG_1_cell_1.png\n")
+    refused = train_on_fixture_cells(copy, tmp_path / "m.safetensors", "--exclude", str(elsewhere))
+    assert refused.returncode != 0 and "none of the 1 cells" in refused.stderr
+
+
 def test_train_refuses_a_heatmap_grid_coarser_than_8x8(tmp_path, training_cells):
     out = tmp_path / "coarse.safetensors"
     coarse = train_on_fixture_cells(training_cells, out, "--trunk-stride", "32")  # 64 px: a 2x2 grid
