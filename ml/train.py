@@ -367,7 +367,12 @@ def main(argv=None) -> None:
             raise SystemExit(
                 f"--resume: there is no checkpoint at {checkpoint_path}; leave --resume out to start afresh"
             )
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        saved = read_checkpoint(checkpoint_path)
+        if saved is None:  # torch's own words advise unpickling it unsafely, so they are not repeated
+            raise SystemExit(
+                f"--resume: {checkpoint_path} is not a checkpoint ml.train can read (cut short, or another "
+                "program's file); remove it to start afresh"
+            )
         if "cells" not in saved["progress"].get("recipe", recipe):
             raise SystemExit(
                 f"--resume: {checkpoint_path} is from an earlier ml.train, which recorded its data otherwise; "
@@ -456,13 +461,21 @@ def main(argv=None) -> None:
         save_checkpoint(epoch + 1, 0)
 
 
-def finished_run(checkpoint_path: Path) -> bool:
-    """Whether the checkpoint is of a run that ended; one that cannot be read may be an interrupted one."""
+def read_checkpoint(checkpoint_path: Path) -> dict | None:
+    """The training state ml.train saved there, or None where the file is not one it can read."""
     try:
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError):
-        return False
-    return bool(saved.get("progress", {}).get("finished"))
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("progress"), dict):
+        return None
+    return saved
+
+
+def finished_run(checkpoint_path: Path) -> bool:
+    """Whether the checkpoint is of a run that ended; one that cannot be read may be an interrupted one."""
+    saved = read_checkpoint(checkpoint_path)
+    return bool(saved and saved["progress"].get("finished"))
 
 
 def check_same_recipe(config: ModelConfig, validation_run: ModelInfo, *, args) -> int:

@@ -697,6 +697,19 @@ def test_train_without_resume_keeps_an_existing_checkpoint(tmp_path, training_ce
     assert out.with_suffix(".ckpt").read_bytes() == b"hours of training" and not out.exists()
 
 
+@pytest.mark.parametrize("checkpoint", [b"not a checkpoint", "foreign"], ids=["garbage", "another-programs-file"])
+def test_resume_from_a_checkpoint_it_cannot_read_says_so_in_a_line(tmp_path, training_cells, checkpoint):
+    """Torch's unpickling error or a KeyError came out as a traceback."""
+    out = tmp_path / "model.safetensors"
+    if checkpoint == "foreign":
+        torch.save({"state_dict": {}}, out.with_suffix(".ckpt"))
+    else:
+        out.with_suffix(".ckpt").write_bytes(checkpoint)
+    resumed = train_on_fixture_cells(training_cells, out, "--resume")
+    assert resumed.returncode != 0 and "--resume: " in resumed.stderr and "is not a checkpoint" in resumed.stderr
+    assert not out.exists()
+
+
 def test_a_finished_run_does_not_stop_the_next_one_to_the_same_file(tmp_path, training_cells, monkeypatch):
     """The checkpoint is written after every epoch, the last too: a run after a finished one (new
     cells, another recipe) was refused as if the first had been interrupted."""
