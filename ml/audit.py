@@ -92,13 +92,21 @@ def describe(report: dict) -> str:
     return "\n".join(lines)
 
 
+def probability(text: str) -> float:
+    """An argparse type: a cut between 0 and 1 (NaN or 2 called every cell one class, saying nothing)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a probability between 0 and 1, e.g. 0.5")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
     parser.add_argument("--weights", nargs="+", required=True, help="two or more model files")
     parser.add_argument(
         "--cut",
-        type=float,
+        type=probability,
         default=0.5,
         help="probability at or above which a model says Parasitized (0.5: the labels are checked "
         "against the model's even call, not its screening threshold)",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ml.data import at_least_one
 from ml.predictor import Predictor
 from ml.weights import deployed_weights
 
@@ -36,8 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--weights", default=str(deployed_weights()), help="default: $MODEL_WEIGHTS, else the shipped model"
     )
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=at_least_one, default=64)
+    parser.add_argument("--batch-size", type=at_least_one, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -79,6 +79,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a count of epochs, images or cells per batch, 1 or more."""
+    value = int(text)
+    if value < 1:  # 0 epochs or images ran nothing and exited 0; a batch of 0 divided by zero
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return value
+
+
 def patient_groups(samples: Iterable[Sample]) -> set[str]:
     return {s.patient_group for s in samples}
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml.augment import augment_batch
-from ml.data import Sample, fraction, list_samples, load_arrays, patient_groups, split_by_patient
+from ml.data import Sample, at_least_one, fraction, list_samples, load_arrays, patient_groups, split_by_patient
 from ml.metrics import choose_threshold, screening_metrics
 from ml.model import CLASS_NAMES, MIN_HEATMAP_GRID, PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import cpu_has_bf16
@@ -117,21 +117,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train on every patient group in DATA (no validation split), keeping the threshold and "
         "validation figures of FILE, an earlier run of the same recipe",
     )
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=at_least_one, default=8)
+    parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--lr", type=float, help="peak learning rate; default 2e-3 scratch, 1e-2 imagenet")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--val-fraction", type=fraction, default=0.12, help="fraction of patient groups for validation")
-    parser.add_argument("--min-sensitivity", type=float, default=0.97, help="sensitivity the threshold must keep")
+    parser.add_argument("--min-sensitivity", type=sensitivity, default=0.97, help="sensitivity the threshold must keep")
     parser.add_argument("--limit", type=int, help="use at most this many images (smoke tests)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads and decoders")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the network trains")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
     parser.add_argument("--checkpoint", help="training-state file (default: OUT with .ckpt suffix)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-every", type=at_least_one, default=100, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=20261125)
     return parser.parse_args(argv)
+
+
+def sensitivity(text: str) -> float:
+    """An argparse type: a share of the parasitized cells above 0 and at most 1."""
+    value = float(text)
+    if not 0 < value <= 1:  # NaN too; at 0 any threshold keeps it, and screening is not asked for
+        raise argparse.ArgumentTypeError(f"{text}: give a sensitivity above 0 and at most 1, e.g. 0.97")
+    return value
 
 
 def build_model(args) -> MalariaVGG:

@@ -763,6 +763,35 @@ def test_the_tools_report_an_ordinary_mistake_in_a_line_not_a_traceback(tmp_path
         assert result.stderr.startswith(f"{argv[0]}: ") and expected in result.stderr, (argv, result.stderr)
 
 
+@pytest.mark.parametrize(
+    ("argv", "refusal"),
+    [
+        (["ml.train", "--epochs", "0"], "--epochs: 0: give 1 or more"),
+        (["ml.train", "--batch-size", "0"], "--batch-size: 0: give 1 or more"),
+        (["ml.train", "--checkpoint-every", "-1"], "--checkpoint-every: -1: give 1 or more"),
+        (["ml.train", "--min-sensitivity", "1.5"], "give a sensitivity above 0 and at most 1"),
+        (["ml.train", "--min-sensitivity", "0"], "give a sensitivity above 0 and at most 1"),
+        (["ml.bench", "--images", "0"], "--images: 0: give 1 or more"),
+        (["ml.bench", "--batch-size", "0"], "--batch-size: 0: give 1 or more"),
+        (["ml.audit", "--cut", "nan"], "give a probability between 0 and 1"),
+        (["ml.audit", "--cut", "1.5"], "give a probability between 0 and 1"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_counts_and_shares_out_of_range_are_refused_by_name(tmp_path, argv, refusal):
+    """--epochs 0 exited 0 without a model, a --batch-size or --images of 0 divided by zero, and a
+    cut or a sensitivity outside 0..1 went through."""
+    module, *options = argv
+    required = {
+        "ml.train": ["--data", str(FIXTURE_CELLS), "--out", str(tmp_path / "m.safetensors")],
+        "ml.bench": [],
+        "ml.audit": ["--data", str(FIXTURE_CELLS), "--weights", "a", "b"],
+    }[module]
+    result = run_module(module, *required, *options)
+    assert result.returncode == 2 and refusal in result.stderr, result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_evaluate_says_when_its_intervals_resample_cells_not_patients(tmp_path):
     """A lab's file names without _IMG_ make each cell its own patient group: the intervals came out
     far too narrow, printed as intervals over patient groups."""
