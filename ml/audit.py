@@ -116,7 +116,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if len(args.weights) < 2:
         parser.error("--weights needs at least two model files to compare")
-    report = audit(args.data, args.weights, cut=args.cut, sheets=args.sheets)
+    try:
+        report = audit(args.data, args.weights, cut=args.cut, sheets=args.sheets)
+    # As ml.evaluate: a folder or weights file missing or not of the shape asked for, a cell that
+    # cannot be decoded, in a line.
+    except (OSError, ValueError) as error:
+        parser.exit(1, f"ml.audit: {error}\n")
     sys.stdout.write(json.dumps(report) + "\n" if args.json else describe(report) + "\n")
 
 

@@ -43,7 +43,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    predictor = Predictor(args.weights, batch_size=args.batch_size)
+    try:
+        predictor = Predictor(args.weights, batch_size=args.batch_size)
+    except (OSError, ValueError) as error:  # a weights file missing or not of the shape asked for
+        parser.exit(1, f"ml.bench: {error}\n")
     images = synthetic_cells(args.images)
     time_per_image(predictor, images[:2], repeats=1)  # warm-up
     single = time_per_image(predictor, images[:1], repeats=20)

@@ -77,8 +77,23 @@ def load_model(path: str | Path) -> tuple[MalariaVGG, ModelInfo]:
             f"as {broken[0]}): a run that diverged or overflowed fp16, or a damaged copy"
         )
     model = MalariaVGG(info.config)
+    _check_fits(path, state, model.state_dict(), info.config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval(), info
+
+
+def _check_fits(path, state: dict, expected: dict, config: ModelConfig) -> None:
+    """Tensors that are not the network the config describes (another arch, one missing) are a bad
+    file, said in a line. Checked here, not by catching load_state_dict's RuntimeError: that is also
+    what a worker short of memory raises, and its text lists every key."""
+    wrong = sorted(expected.keys() ^ state.keys()) or sorted(
+        name for name in expected if expected[name].shape != state[name].shape
+    )
+    if wrong:
+        raise ValueError(
+            f"{path}: its tensors do not fit its config (arch {config.arch}): "
+            f"{len(wrong)} missing, extra or of another shape, such as {wrong[0]}"
+        )
 
 
 @contextmanager

@@ -792,6 +792,24 @@ def test_counts_and_shares_out_of_range_are_refused_by_name(tmp_path, argv, refu
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_a_line_not_a_traceback(tmp_path):
+    """A file whose config names another arch raised torch's RuntimeError out of load_state_dict,
+    listing every key, in ml.evaluate, ml.bench and ml.audit; ml.audit did so for a missing file too."""
+    weights = str(tiny_weights(tmp_path / "w.safetensors"))
+    other_arch = str(with_metadata(Path(weights), tmp_path / "arch.safetensors", config_arch="vgg19"))
+    with pytest.raises(ValueError, match="its tensors do not fit its config .arch vgg19.: 108 missing"):
+        load_model(other_arch)
+    for argv, refusal in [
+        (["ml.evaluate", "--data", str(FIXTURE_CELLS), "--weights", other_arch, "--bootstrap", "0"], "do not fit"),
+        (["ml.bench", "--weights", other_arch, "--images", "2", "--threads", "1"], "do not fit"),
+        (["ml.audit", "--data", str(FIXTURE_CELLS), "--weights", other_arch, weights], "do not fit"),
+        (["ml.audit", "--data", str(FIXTURE_CELLS), "--weights", str(tmp_path / "none"), weights], "not found"),
+    ]:
+        result = run_module(*argv)
+        assert result.returncode == 1 and result.stderr.startswith(f"{argv[0]}: ") and refusal in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 def test_evaluate_says_when_its_intervals_resample_cells_not_patients(tmp_path):
     """A lab's file names without _IMG_ make each cell its own patient group: the intervals came out
     far too narrow, printed as intervals over patient groups."""
