@@ -54,6 +54,8 @@ def contact_sheet(paths: list[Path], out: Path) -> None:
 
 def audit(data_dir: str, weights: list[str], *, cut: float = 0.5, sheets: str | None = None) -> dict:
     samples = list_samples(data_dir)
+    if not samples:  # a report of 0 shared mistakes would read as clean labels
+        raise ValueError(f"no images found under {data_dir}")
     positives = np.array([s.label == PARASITIZED for s in samples])
     scores = [scores_for(w, samples) for w in weights]
     shared = shared_mistakes(scores, positives, cut=cut)

@@ -942,6 +942,16 @@ def test_audit_cli_lists_and_sheets_the_cells_every_model_gets_wrong(tmp_path):
     assert alone.returncode != 0 and "at least two" in alone.stderr
 
 
+def test_audit_of_a_folder_without_cells_fails_as_evaluate_does(tmp_path):
+    """It printed a report of 0 cells and 0 shared mistakes and exited 0, as if the labels were clean."""
+    empty = tmp_path / "empty"
+    for name in ("Parasitized", "Uninfected"):
+        (empty / name).mkdir(parents=True)
+    weights = str(tiny_weights(tmp_path / "w.safetensors"))
+    result = run_module("ml.audit", "--data", str(empty), "--weights", weights, weights, "--json")
+    assert result.returncode == 1 and result.stdout == "" and "ml.audit: no images found under" in result.stderr
+
+
 def test_the_bootstrap_resamples_patients_not_file_name_prefixes():
     from ml.evaluate import resampling_units
 
