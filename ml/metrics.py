@@ -27,7 +27,9 @@ def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def expected_calibration_error(scores: np.ndarray, positives: np.ndarray, bins: int = 10) -> float:
-    """ECE of the Parasitized probability over equal-width bins."""
+    """ECE of the Parasitized probability over equal-width bins; NaN for no cells, as every other figure."""
+    if not len(scores):  # 0.0 would read as a perfectly calibrated model
+        return math.nan
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
     total = 0.0

@@ -59,6 +59,14 @@ def test_figures_a_folder_of_one_class_cannot_have_are_undefined_not_zero():
     assert np.isnan(one_missed["specificity"])
 
 
+def test_the_figures_of_no_cells_are_all_undefined():
+    """The ECE of an empty set read 0.0, a perfectly calibrated model, beside NaN for everything else."""
+    metrics = screening_metrics(np.array([]), np.array([], dtype=bool), 0.5)
+    undefined = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "ece")
+    assert all(np.isnan(metrics[name]) for name in undefined)
+    assert without_nan(metrics)["ece"] is None
+
+
 def test_json_reports_write_an_undefined_figure_as_null():
     report = without_nan({"auc": float("nan"), "ci95": {"auc": (float("nan"), 0.9)}, "n": 3})
     assert json.loads(json.dumps(report, allow_nan=False)) == {"auc": None, "ci95": {"auc": [None, 0.9]}, "n": 3}
