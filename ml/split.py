@@ -49,6 +49,8 @@ def main(argv=None) -> None:
 
 def chosen_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list]:
     samples = list_samples(args.data)
+    if not samples:  # no patient to draw, which is not for another --seed to mend
+        raise ValueError(f"no images found under {args.data}")
     if args.validation_of:
         return {"validation": validation_cells(parser, samples, args.validation_of)}
     train, test = split_by_patient(samples, holdout_fraction=args.test_fraction, seed=args.seed)

@@ -639,6 +639,15 @@ def test_exclude_leaves_listed_cells_out_of_training_but_never_out_of_validation
     assert refused.returncode != 0 and "not an ml.audit --json report" in refused.stderr
 
 
+def test_split_of_a_folder_without_cells_says_so(tmp_path):
+    """It said no patient was wholly among the groups drawn, and to try another --seed."""
+    empty = tmp_path / "empty"
+    for name in ("Parasitized", "Uninfected"):
+        (empty / name).mkdir(parents=True)
+    result = run_module("ml.split", "--data", str(empty), "--out", str(tmp_path / "split"))
+    assert result.returncode == 1 and result.stderr == f"ml.split: no images found under {empty}\n"
+
+
 def test_split_refuses_the_validation_cells_of_a_refit_it_was_trained_on(tmp_path):
     """A --refit file keeps its first run's validation_groups but trained on them: ml.split wrote
     them out as the patients it was validated on, and ml.evaluate scored it on its training cells."""
