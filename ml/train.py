@@ -1,6 +1,10 @@
 """Train the malaria VGG19 classifier on a Parasitized/Uninfected folder, split by patient group.
 
-    python -m ml.train --data ../shared/datasets/nih-malaria-cells --out ml/weights/malaria_vgg19.safetensors
+    python -m ml.split --data ../shared/datasets/nih-malaria-cells --out /tmp/malaria-split
+    python -m ml.train --data /tmp/malaria-split/train --out /tmp/malaria_vgg19.safetensors
+
+trains on the split's train side (its validation patients are drawn from those), keeping the test
+side's patients for ml.evaluate and the shipped model in ml/weights/ as it is.
 
 ``--init scratch`` trains the whole VGG19-BN; ``--init imagenet`` loads torchvision's ImageNet VGG19,
 freezes its convolutional trunk and trains only the new two-way head (the seed's method);

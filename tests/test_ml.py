@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,23 @@ def test_the_trunk_is_torchvisions_layer_for_layer(arch):
 def test_heatmap_grid_is_at_least_8x8_for_the_shipped_config():
     assert ModelConfig().heatmap_size >= MIN_HEATMAP_GRID == 8
     assert read_info(DEFAULT_WEIGHTS).config.heatmap_size >= 8
+
+
+def test_the_train_example_keeps_the_test_patients_out_and_the_shipped_model_whole():
+    """``ml.train --help`` began by training on the whole shared folder, the held-out test patients
+    included, over ml/weights/malaria_vgg19.safetensors."""
+    from ml import train
+
+    assert "--data /tmp/malaria-split/train" in train.__doc__ and "--out ml/weights/" not in train.__doc__
+
+
+def test_the_model_cards_references_to_the_code_name_what_is_there():
+    """It sent readers to ml.preprocessing.standardise_stain, which is in ml.tensors."""
+    card = (ROOT / "ml" / "MODEL_CARD.md").read_text()
+    references = re.findall(r"`(ml(?:\.\w+)+)\.(\w+)`", card)
+    assert references
+    for module, name in references:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
 
 
 def test_overlay_has_the_original_size():
