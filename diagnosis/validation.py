@@ -62,7 +62,7 @@ class ValidImage:
 
 
 def validate_upload(upload: UploadedFile) -> ValidImage:
-    name = display_name(upload.name)
+    name = display_name(getattr(upload, "client_name", upload.name))  # diagnosis.upload_handlers
     if upload.size == 0:
         raise ValidationError(f"{name}: the file is empty.")
     if upload.size > settings.UPLOAD_MAX_BYTES:

@@ -187,6 +187,10 @@ REQUEST_MAX_BYTES = env.int("REQUEST_MAX_BYTES", default=200 * 1024 * 1024)
 # Form fields and JSON bodies are read into memory: Django's default cap, far below a batch's size.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+FILE_UPLOAD_HANDLERS = [
+    "diagnosis.upload_handlers.MemoryFileKeepingItsName",
+    "diagnosis.upload_handlers.TemporaryFileKeepingItsName",
+]
 # Larger files are spooled to disk while the request is read: under MEDIA_ROOT, with the patient
 # data it is, rather than in /tmp, where the copy a killed process leaves of a patient's image
 # would stay; the nightly sweep (delete_orphaned_files) clears this folder too.

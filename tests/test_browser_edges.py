@@ -16,7 +16,7 @@ from diagnosis import services, tokens
 from diagnosis.models import Analysis, Batch
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, UserFactory, classified, upload
+from tests.factories import PASSWORD, UserFactory, classified, image_bytes, upload
 from tests.test_browser import browser, make_reviewer, open_page  # noqa: F401 - the fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -331,3 +331,17 @@ def test_an_upload_page_left_open_by_one_clinician_stores_nothing_for_the_next(o
     open_page.errors[page].clear()  # the browser logs the 409
     assert not Batch.objects.exists()
     expect(page.get_by_label("Patient / sample reference")).to_have_value("PATIENT-OF-A")  # nothing typed is lost
+
+
+def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_analysed):  # noqa: F811
+    """Browsers send a double quote in a file name as %22 (the HTML standard's multipart encoding),
+    and the batch page, the CSV and the report named the cell 'slide %22B%22 cell 3.png'."""
+    name = 'slide "B" cell 3.png'
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.set_input_files("#id_images", [{"name": name, "mimeType": "image/png", "buffer": image_bytes()}])
+    page.locator("#upload-button").click()
+    page.wait_for_url(re.compile(r"/batches/\d+/$"))
+    expect(page.locator("#cell-grid .cell-name")).to_have_text(name)
+    assert Analysis.objects.get().original_filename == name

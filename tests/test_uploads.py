@@ -678,3 +678,20 @@ def test_an_upload_sent_after_the_session_ended_says_nothing_was_stored(client, 
     login_page = client.get(response.url).content.decode()
     assert "Your session had ended, so nothing was stored: sign in, then choose the images again." in login_page
     assert not Batch.objects.exists()
+
+
+def test_file_names_over_255_characters_keep_their_numbered_end(web_client, api_client):
+    """Django cut names over 255 characters at their end, keeping only the extension, before they were
+    shortened in the middle: two cells of one batch showed the very same name."""
+    stem = "C100P61ThinF_IMG_20150918_144104_" + "x" * 240
+
+    def named(n: int) -> io.BytesIO:  # a SimpleUploadedFile would cut the name itself, before it is sent
+        file = io.BytesIO(image_bytes())
+        file.name = f"{stem}_cell_{n}.png"
+        return file
+
+    assert web_client.post("/upload/", {"images": [named(1), named(2)]}).status_code == 302
+    assert api_client.post("/api/batches/", {"images": [named(3)]}, format="multipart").status_code == 202
+    names = list(Analysis.objects.order_by("pk").values_list("original_filename", flat=True))
+    assert [name[-11:] for name in names] == ["_cell_1.png", "_cell_2.png", "_cell_3.png"]
+    assert all(name.startswith("C100P61ThinF_IMG_") and len(name) == 200 for name in names)
