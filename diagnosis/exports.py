@@ -62,7 +62,9 @@ def csv_download(*, header: list[str], rows: Iterator[list], filename: str) -> S
     writer = csv.writer(_Line(), quoting=csv.QUOTE_ALL)
 
     def lines():
-        yield writer.writerow(header)
+        # A byte-order mark first: Excel, which these files are opened in, reads a CSV without one in
+        # the computer's legacy code page, and "Müller" became "MÃ¼ller". (Programs: read utf-8-sig.)
+        yield "\ufeff" + writer.writerow(header)
         for row in rows:
             yield writer.writerow(row)
 

@@ -264,7 +264,7 @@ def test_admins_export_the_trail_as_csv_safe_for_spreadsheets(admin_client, cell
     )
     assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
     assert response.streaming  # a year of the trail is never held in memory at once
-    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode("utf-8-sig"))))
     assert rows[0][:3] == ["at", "username", "action"] and len(rows) == 3
     assert rows[1][1:4] == ["'=cmd|calc", "viewed", "web"]  # oldest first; a formula is defused
     assert rows[2][1:5] == ["admin", "viewed", "admin", str(cell.pk)]

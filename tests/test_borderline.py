@@ -113,7 +113,8 @@ def test_the_csv_says_which_calls_are_borderline(client, user):
     waiting = create_analysis(owner=user, upload=upload("waiting.png"))
     client.force_login(user)
     response = client.get("/export.csv")
-    rows = {row["analysis_id"]: row["borderline"] for row in csv.DictReader(io.StringIO(response.getvalue().decode()))}
+    exported = csv.DictReader(io.StringIO(response.getvalue().decode("utf-8-sig")))
+    rows = {row["analysis_id"]: row["borderline"] for row in exported}
     assert rows == {str(near.pk): "yes", str(sure.pk): "no", str(waiting.pk): ""}
 
 
@@ -178,7 +179,7 @@ def test_a_borderline_call_a_reviewer_has_settled_is_not_sent_back_to_the_micros
 def test_the_csv_keeps_its_earlier_columns_where_they_were(client, user):
     cells(user, [0.2])
     client.force_login(user)
-    header = next(csv.reader(io.StringIO(client.get("/export.csv").getvalue().decode())))
+    header = next(csv.reader(io.StringIO(client.get("/export.csv").getvalue().decode("utf-8-sig"))))
     # Where a lab's import has read them since the first export: the new column comes last.
     assert [header.index(name) for name in ("analysis_id", "final_label", "model_version", "finished_at")] == [
         0,

@@ -250,7 +250,7 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
         page.get_by_role("link", name="Export CSV").click()
     download = download_info.value
     assert download.suggested_filename == f"batch-{batch.pk}.csv"
-    with open(download.path(), newline="", encoding="utf-8") as handle:
+    with open(download.path(), newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == CSV_COLUMNS
         rows = list(reader)

@@ -99,12 +99,13 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
     client.force_login(user)
     response = client.get(f"/batches/{batch.pk}/export.csv")
     assert response["Content-Type"].startswith("text/csv")
-    rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(response.getvalue().decode()))}
+    exported = csv.DictReader(io.StringIO(response.getvalue().decode("utf-8-sig")))
+    rows = {row["original_filename"]: row for row in exported}
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png", "pending.png"}
     assert rows["likely.png"]["decision_threshold"] == "0.11" and rows["pending.png"]["decision_threshold"] == ""
     assert list(rows["likely.png"])[-2:] == ["borderline", "error"] and rows["likely.png"]["error"] == ""
     Analysis.objects.filter(original_filename="pending.png").update(status="failed", error="=Cannot read the image")
-    again = client.get(f"/batches/{batch.pk}/export.csv").getvalue().decode()
+    again = client.get(f"/batches/{batch.pk}/export.csv").getvalue().decode("utf-8-sig")
     failed = next(row for row in csv.DictReader(io.StringIO(again)) if row["original_filename"] == "pending.png")
     assert failed["status"] == "failed" and failed["error"] == "'=Cannot read the image"  # why, and no formula
     assert {row["sample_reference"] for row in rows.values()} == {"'@WARD-7"}
@@ -120,7 +121,7 @@ def test_the_csv_and_the_admin_list_show_a_score_just_under_the_threshold_as_und
     client.force_login(user)
     rows = {
         row["original_filename"]: row
-        for row in csv.DictReader(io.StringIO(client.get("/export.csv").getvalue().decode()))
+        for row in csv.DictReader(io.StringIO(client.get("/export.csv").getvalue().decode("utf-8-sig")))
     }
     assert (rows["likely.png"]["probability_parasitized"], rows["likely.png"]["label"]) == ("0.109", "Uninfected")
     assert rows["pending.png"]["probability_parasitized"] == ""
@@ -140,7 +141,7 @@ def test_one_bad_filter_value_is_ignored_and_said_so_while_the_others_still_appl
     page = client.get("/" + query).content.decode()
     assert "kept.png" in page and "dropped.png" not in page
     assert "Ignored:" in page and "Sort" in page and "From" in page
-    exported = client.get("/export.csv" + query).getvalue().decode()
+    exported = client.get("/export.csv" + query).getvalue().decode("utf-8-sig")
     assert "kept.png" in exported and "dropped.png" not in exported
 
 
@@ -162,7 +163,7 @@ def test_the_label_filter_and_the_csv_follow_a_reviewers_correction_in_the_sites
     assert "likely.png" in positives and "HYPERLINK(evil).png" in positives
     assert "HYPERLINK(evil).png" not in client.get("/?label=Uninfected").content.decode()
 
-    exported = client.get("/export.csv?label=Parasitized").getvalue().decode()
+    exported = client.get("/export.csv?label=Parasitized").getvalue().decode("utf-8-sig")
     assert exported.startswith('"analysis_id","batch_id",')  # every field quoted
     rows = {row["original_filename"]: row for row in csv.DictReader(io.StringIO(exported))}
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png"}
@@ -254,8 +255,8 @@ def test_the_furthest_dates_a_date_field_takes_filter_rather_than_fail(client, u
     for query in ("date_to=9999-12-31", "date_from=0001-01-01", "date_from=0001-01-01&date_to=9999-12-31"):
         page, export = client.get(f"/?{query}"), client.get(f"/export.csv?{query}")
         assert page.status_code == export.status_code == 200, query
-        assert "cell.png" in page.content.decode() and "cell.png" in export.getvalue().decode(), query
-    assert "cell.png" not in client.get("/export.csv?date_to=0001-01-01").getvalue().decode()
+        assert "cell.png" in page.content.decode() and "cell.png" in export.getvalue().decode("utf-8-sig"), query
+    assert "cell.png" not in client.get("/export.csv?date_to=0001-01-01").getvalue().decode("utf-8-sig")
 
 
 def test_a_dashboard_export_too_large_to_finish_is_refused_saying_how_to_narrow_it(client, user, settings):
@@ -269,3 +270,15 @@ def test_a_dashboard_export_too_large_to_finish_is_refused_saying_how_to_narrow_
     settings.EXPORT_MAX_ROWS = 3
     exported = client.get("/export.csv?status=queued")
     assert exported.status_code == 200 and len(b"".join(exported.streaming_content).splitlines()) == 4
+
+
+def test_a_csv_opens_in_a_spreadsheet_with_its_non_ascii_text_intact(client, user):
+    """Without a byte-order mark Excel reads a CSV in the computer's legacy code page: "Müller-Đurić"
+    became "MÃ¼ller-Ä\x90uriÄ‡" in a downloaded export."""
+    create_batch(owner=user, uploads=[upload("Müller-Đurić_cell_1.png")], sample_reference="Müller-Đurić")
+    client.force_login(user)
+    for path in ("/export.csv", f"/batches/{Analysis.objects.get().batch_id}/export.csv"):
+        exported = client.get(path).getvalue()
+        assert exported.startswith(b"\xef\xbb\xbf" + b'"analysis_id",'), path
+        row = next(csv.DictReader(io.StringIO(exported.decode("utf-8-sig"))))
+        assert row["sample_reference"] == "Müller-Đurić" and row["original_filename"] == "Müller-Đurić_cell_1.png"
