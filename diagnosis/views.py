@@ -11,6 +11,7 @@ from django.core.paginator import Paginator
 from django.db import connection, transaction
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
+from django.templatetags.static import static
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.cache import never_cache
@@ -381,6 +382,13 @@ def _password_refusal(request) -> str:
     if request.user.password != hashed:  # Django re-hashed it on checking: stay signed in
         update_session_auth_hash(request, request.user)
     return ""
+
+
+@require_GET
+def favicon(request):
+    """Pages without a <link rel="icon"> (Django's admin) make browsers ask for /favicon.ico: a 404
+    in the log for every admin page opened. Not permanent: the icon's name changes with its content."""
+    return redirect(static("img/favicon.svg"))
 
 
 @require_GET

@@ -8,7 +8,7 @@ from diagnosis.login_throttle import (
     admin_login,
     admin_password_change,
 )
-from diagnosis.views import healthz
+from diagnosis.views import favicon, healthz
 
 urlpatterns = [
     path("", include("diagnosis.urls")),
@@ -28,6 +28,7 @@ urlpatterns = [
     path("admin/password_change/", admin.site.admin_view(admin_password_change)),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("favicon.ico", favicon),
 ]
 handler400 = "diagnosis.errors.bad_request"
 handler404 = "diagnosis.errors.not_found"

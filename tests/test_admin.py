@@ -599,3 +599,10 @@ def test_an_api_keys_expiry_and_an_access_entrys_title_are_in_the_sites_time_zon
     AccessEvent.objects.filter(pk=event.pk).update(at=evening)
     page = admin_client.get(f"/admin/diagnosis/accessevent/{event.pk}/change/").content.decode()
     assert "2026-03-02 01:30" in page and "2026-03-01 22:30" not in page
+
+
+def test_the_favicon_browsers_ask_admin_pages_for_is_the_sites_icon(admin_client):
+    """Django's admin pages name no icon, so browsers asked for /favicon.ico: a 404 in the log for
+    every admin page opened."""
+    answer = admin_client.get("/favicon.ico")
+    assert answer.status_code == 302 and re.fullmatch(r"/static/img/favicon(\.[0-9a-f]{12})?\.svg", answer["Location"])
