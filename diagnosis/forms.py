@@ -5,6 +5,7 @@ from django import forms
 
 from diagnosis.models import NOTE_MAX_LENGTH, Analysis
 from diagnosis.selectors import AnalysisFilters
+from diagnosis.text import composed, plain_line
 
 
 class MultipleFileInput(forms.ClearableFileInput):
@@ -48,7 +49,15 @@ class NoteField(forms.CharField):
         super().__init__(widget=widget, required=False, max_length=NOTE_MAX_LENGTH, **kwargs)
 
     def to_python(self, value):
-        return super().to_python(value).replace("\r\n", "\n").replace("\r", "\n")
+        return composed(super().to_python(value).replace("\r\n", "\n").replace("\r", "\n"))
+
+
+class PlainLineField(forms.CharField):
+    """One line, composed and without invisible characters (diagnosis.text) before its length is
+    checked: composing lengthens some letters, and the column's limit would fail with a 500."""
+
+    def to_python(self, value):
+        return plain_line(super().to_python(value))
 
 
 class UploadForm(forms.Form):
@@ -57,7 +66,7 @@ class UploadForm(forms.Form):
         help_text="Colour PNG, JPEG, TIFF or BMP; one segmented cell per image.",
         widget=MultipleFileInput(attrs={"accept": "image/png,image/jpeg,image/tiff,image/bmp", "multiple": True}),
     )
-    sample_reference = forms.CharField(
+    sample_reference = PlainLineField(
         max_length=100,
         required=False,
         label="Patient / sample reference",

@@ -191,3 +191,17 @@ def test_a_reference_keeps_no_invisible_or_direction_changing_characters(api_cli
     stored = answer.json()["sample_reference"]
     assert not [ch for ch in stored if unicodedata.category(ch) in ("Cc", "Cf")], ascii(stored)
     assert api_client.get("/api/batches/", {"sample_reference": stored}).json()["count"] == 1
+
+
+@pytest.mark.parametrize("path", ["/upload/", "/api/batches/"])
+def test_a_reference_that_grows_when_composed_is_refused_with_a_message(client, api_client, user, path):
+    """Its length was checked before composing, which lengthens some letters (U+0958, Devanagari QA,
+    composes to two code points): 100 letters passed, then overflowed the column (a 500 on PostgreSQL)."""
+    sending = {"images": [upload("a.png")], "sample_reference": "WARD-" + "\u0958" * 95}
+    if path == "/upload/":
+        client.force_login(user)
+        answer = client.post(path, sending)
+    else:
+        answer = api_client.post(path, sending, format="multipart")
+    assert answer.status_code == 400 and re.search("(at most|no more than) 100 characters", answer.content.decode())
+    assert not Batch.objects.exists()

@@ -13,6 +13,7 @@ from rest_framework.fields import empty
 from diagnosis import selectors
 from diagnosis.callbacks import check_callback_url
 from diagnosis.models import NOTE_MAX_LENGTH, Analysis, Batch
+from diagnosis.text import composed, plain_line
 
 
 class SignInSerializer(AuthTokenSerializer):
@@ -128,11 +129,24 @@ class ImageList(serializers.ListField):
     pass
 
 
+class PlainLineField(serializers.CharField):
+    """One line, composed and without invisible characters (diagnosis.text) before its length is
+    checked: composing lengthens some letters, and the column's limit would fail with a 500."""
+
+    def to_internal_value(self, data) -> str:
+        return plain_line(super().to_internal_value(data))
+
+
+class ComposedTextField(serializers.CharField):
+    def to_internal_value(self, data) -> str:
+        return composed(super().to_internal_value(data))
+
+
 class BatchUploadSerializer(serializers.Serializer):
     # Empty files pass here so that the upload service refuses them by name.
     images = ImageList(child=serializers.FileField(allow_empty_file=True), allow_empty=False)
-    sample_reference = serializers.CharField(max_length=100, required=False, allow_blank=True)
-    note = serializers.CharField(required=False, allow_blank=True, max_length=NOTE_MAX_LENGTH)
+    sample_reference = PlainLineField(max_length=100, required=False, allow_blank=True)
+    note = ComposedTextField(required=False, allow_blank=True, max_length=NOTE_MAX_LENGTH)
     # Checked by the callbacks' own rules, not URLField's, which refuses the single-label host names
     # (https://lis01/results) that hospital networks use.
     callback_url = serializers.CharField(
