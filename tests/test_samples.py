@@ -4,6 +4,8 @@ import re
 import unicodedata
 
 import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 
 from diagnosis import selectors
 from diagnosis.models import Analysis, Batch
@@ -205,3 +207,25 @@ def test_a_reference_that_grows_when_composed_is_refused_with_a_message(client, 
         answer = api_client.post(path, sending, format="multipart")
     assert answer.status_code == 400 and re.search("(at most|no more than) 100 characters", answer.content.decode())
     assert not Batch.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_references_and_names_stored_decomposed_before_the_upgrade_are_found_after_it(user):
+    """Lookups are composed now: a reference a lab system sent decomposed before, stored as sent, was
+    no longer found even by the very bytes it was sent with."""
+    executor = MigrationExecutor(connection)
+    executor.migrate([("diagnosis", "0012_results_changed_at")])
+    before = executor.loader.project_state([("diagnosis", "0012_results_changed_at")]).apps
+    batch = before.get_model("diagnosis", "Batch").objects.create(
+        owner_id=user.pk, sample_reference=MULLER_FROM_A_MAC + "\u200b", note=MULLER_FROM_A_MAC
+    )
+    before.get_model("diagnosis", "Analysis").objects.create(
+        owner_id=user.pk, batch_id=batch.pk, original_filename=MULLER_FROM_A_MAC + ".png", image="uploads/x.png"
+    )
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+    for sent in (MULLER_TYPED, MULLER_FROM_A_MAC):
+        assert [b.pk for b in selectors.batches_matching(user=user, sample_reference=sent)] == [batch.pk]
+    stored = Batch.objects.get()
+    assert (stored.sample_reference, stored.note) == (MULLER_TYPED, MULLER_TYPED)
+    assert Analysis.objects.get().original_filename == MULLER_TYPED + ".png"
