@@ -51,7 +51,7 @@ RUN if [ "$REQUIRE_WEIGHTS" = 1 ] && [ ! -f ml/weights/malaria_vgg19.safetensors
 # serves at start-up, so a rebuilt image never leaves nginx with stale files. The secret key here
 # only lets the settings load for collectstatic; it is not kept in the image's environment.
 RUN useradd --create-home --no-log-init --uid 1000 app \
-    && DJANGO_SECRET_KEY=collectstatic-only-not-a-secret-just-long-enough-for-the-check CELERY_BROKER_URL=memory:// \
+    && DJANGO_SECRET_KEY=collectstatic-only-not-a-secret-just-long-enough-for-the-check DJANGO_ALLOWED_HOSTS=localhost CELERY_BROKER_URL=memory:// \
        python manage.py collectstatic --noinput --verbosity 0 \
     && mkdir -p /data/media /data/static-shared \
     && chown -R app:app /data

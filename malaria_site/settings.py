@@ -1,5 +1,6 @@
 """Settings, all read from the environment (see .env.example) with safe development defaults."""
 
+import re
 from pathlib import Path
 
 import environ
@@ -19,6 +20,17 @@ def env_flag(name: str, *, default: bool) -> bool:
     return env.bool(name) if env(name, default="").strip() else default
 
 
+def api_rate(name: str, *, default: str) -> str:
+    """A rate as DRF's throttles read it ("2000/hour"): one they cannot read passed every check and
+    then failed each request it applies to with a 500."""
+    rate = env(name, default=default)
+    if not re.fullmatch(r"\d+/[smhd][a-z]*", rate):
+        raise ImproperlyConfigured(
+            f"{name}={rate!r} is not a rate such as 2000/hour: a number, '/', then second, minute, hour or day."
+        )
+    return rate
+
+
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 VAR_DIR = Path(env("VAR_DIR", default=str(BASE_DIR / "var")))
 
@@ -33,7 +45,14 @@ if not DEBUG and (len(SECRET_KEY) < 50 or SECRET_KEY.startswith("change-me")):
         "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
     )
 THIS_MACHINE = ["localhost", "127.0.0.1", "[::1]", "testserver"]
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=THIS_MACHINE)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=THIS_MACHINE if DEBUG else [])
+# Production answers the host names listed only: without them every request would get a bare
+# "Bad Request (400)", with nothing saying why.
+if not DEBUG and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured(
+        "DJANGO_ALLOWED_HOSTS is not set: with DJANGO_DEBUG=false the site answers only the host names it "
+        "lists (e.g. screening.hospital.example), and refuses every request to any other with 400."
+    )
 # Debug error pages show local variables (file names, sample references) and settings: never to others.
 if DEBUG and not set(ALLOWED_HOSTS) <= set(THIS_MACHINE):
     raise ImproperlyConfigured(
@@ -269,10 +288,13 @@ if not CELERY_BROKER_URL.startswith("filesystem://"):
 # Fail fast when the broker is down: the upload stays queued and the sweeper enqueues it later.
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
+SWEEP_INTERVAL_SECONDS = env.float("SWEEP_INTERVAL_SECONDS", default=60.0)
+if not SWEEP_INTERVAL_SECONDS > 0:  # beat would send the sweeper without pause, flooding the broker
+    raise ImproperlyConfigured("SWEEP_INTERVAL_SECONDS must be above 0: the sweeper cannot be switched off.")
 CELERY_BEAT_SCHEDULE = {
     "requeue-stale-analyses": {
         "task": "diagnosis.tasks.requeue_stale_analyses",
-        "schedule": env.float("SWEEP_INTERVAL_SECONDS", default=60.0),
+        "schedule": SWEEP_INTERVAL_SECONDS,
     },
 }
 # Analyses queued or running longer than this are considered lost and enqueued again.
@@ -323,9 +345,9 @@ REST_FRAMEWORK = {
         "diagnosis.api.throttling.AnonRateThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
-        "user": env("API_USER_RATE", default="2000/hour"),
-        "anon": env("API_ANON_RATE", default="100/hour"),
-        "login": env("API_LOGIN_RATE", default="20/minute"),
+        "user": api_rate("API_USER_RATE", default="2000/hour"),
+        "anon": api_rate("API_ANON_RATE", default="100/hour"),
+        "login": api_rate("API_LOGIN_RATE", default="20/minute"),
     },
 }
 SPECTACULAR_SETTINGS = {

@@ -58,13 +58,14 @@ PRODUCTION_HOST = "malaria.example.org"
 
 
 def settings_env_calls() -> dict[str, ast.Call]:
-    """`env("NAME", ...)` / `env.int("NAME", ...)` / `env_flag("NAME", ...)` calls in settings.py, by variable name."""
+    """`env("NAME", ...)` / `env.int("NAME", ...)` / `env_flag("NAME", ...)` / `api_rate("NAME", ...)`
+    calls in settings.py, by variable name."""
     calls = {}
     for node in ast.walk(ast.parse(SETTINGS_SOURCE)):
         if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
             continue
         func = node.func
-        is_env = (isinstance(func, ast.Name) and func.id in ("env", "env_flag")) or (
+        is_env = (isinstance(func, ast.Name) and func.id in ("env", "env_flag", "api_rate")) or (
             isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "env"
         )
         if is_env and isinstance(node.args[0].value, str):
@@ -1181,6 +1182,36 @@ def test_a_model_batch_size_below_one_is_refused_at_start(size):
     cell failed ("range() arg 3 must not be zero"), and a negative one crashed every task."""
     refused = run_python(["-c", "import malaria_site.settings"], {**production_env(), "MODEL_BATCH_SIZE": size})
     assert refused.returncode != 0 and "MODEL_BATCH_SIZE must be at least 1" in refused.stderr
+
+
+@pytest.mark.parametrize("interval", ["0", "-5"])
+def test_a_sweep_interval_of_zero_or_less_is_refused_at_start(interval):
+    """0 is "off" for the settings beside it, but here beat sent the sweeper without pause: 8,717
+    messages in 5 s into the housekeeping queue every worker takes from."""
+    refused = run_python(["-c", "import malaria_site.settings"], production_env(SWEEP_INTERVAL_SECONDS=interval))
+    assert refused.returncode != 0 and "SWEEP_INTERVAL_SECONDS must be above 0" in refused.stderr
+
+
+@pytest.mark.parametrize("hosts", [None, ""], ids=["unset", "blank"])
+def test_production_without_its_host_names_is_refused_at_start(hosts):
+    """It started, and answered every request for the site's real name "Bad Request (400)"."""
+    env = production_env()
+    del env["DJANGO_ALLOWED_HOSTS"]
+    if hosts is not None:
+        env["DJANGO_ALLOWED_HOSTS"] = hosts
+    refused = run_python(["-c", "import malaria_site.settings"], env)
+    assert refused.returncode != 0 and "DJANGO_ALLOWED_HOSTS is not set" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "rate"), [("API_USER_RATE", "2000"), ("API_LOGIN_RATE", "20 per minute"), ("API_ANON_RATE", "100/week")]
+)
+def test_an_api_rate_the_throttles_cannot_read_is_refused_at_start(name, rate):
+    """It passed start-up and `manage.py check`, then failed every request it applies to with a 500."""
+    refused = run_python(["manage.py", "check"], {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", name: rate})
+    assert refused.returncode != 0 and f"{name}={rate!r} is not a rate such as 2000/hour" in refused.stderr
+    accepted = run_python(["manage.py", "check"], {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", name: "5/day"})
+    assert accepted.returncode == 0, accepted.stderr
 
 
 @pytest.mark.parametrize("name", ["LOGIN_MAX_FAILURES", "LOGIN_MAX_FAILURES_PER_ADDRESS"])
