@@ -14,6 +14,7 @@ other action always is.
 import ipaddress
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
 from diagnosis.login_throttle import client_address
@@ -86,6 +87,9 @@ def record_dataset_export(*, analyses: list[Analysis], out: str) -> None:
 def record_retention_deletion(*, cells: list[tuple[int, int | None, int]], older_than_days: int) -> None:
     """Cells (id, batch id, owner id) that the retention period removed: deletions nobody asked for
     on the day, so the trail says why each record ends there."""
+    # `delete_expired_analyses --days N` may run where the setting is another period, or none.
+    by_setting = older_than_days == settings.ANALYSIS_RETENTION_DAYS
+    why = "ANALYSIS_RETENTION_DAYS" if by_setting else f"delete_expired_analyses --days {older_than_days}"
     AccessEvent.objects.bulk_create(
         (
             AccessEvent(
@@ -95,7 +99,7 @@ def record_retention_deletion(*, cells: list[tuple[int, int | None, int]], older
                 analysis_id=pk,
                 batch_id=batch_id,
                 owner_id=owner_id,
-                detail=f"uploaded over {older_than_days} days ago (ANALYSIS_RETENTION_DAYS)",
+                detail=f"uploaded over {older_than_days} days ago ({why})",
             )
             for pk, batch_id, owner_id in cells
         ),

@@ -8,7 +8,7 @@ import re
 
 import pytest
 from django.conf import settings
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 from PIL import Image
 
@@ -218,3 +218,10 @@ def test_a_folder_the_export_makes_is_its_owners_only_whatever_the_umask(user, t
         os.umask(previous)
     assert (tmp_path / "new" / "reviewed").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "chosen").stat().st_mode & 0o777 == 0o750  # a folder given keeps its modes
+
+
+def test_an_export_to_a_place_it_cannot_write_is_a_command_error(db, tmp_path):
+    """--out naming a file ended in a NotADirectoryError traceback."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CommandError, match="--out .*a-file: Not a directory"):
+        call_command("export_reviewed_cells", out=str(tmp_path / "a-file"))

@@ -16,7 +16,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from diagnosis import services, tasks
-from diagnosis.models import Analysis, Batch, private_storage
+from diagnosis.models import AccessEvent, Analysis, Batch, private_storage
 from tests.factories import upload
 
 
@@ -392,3 +392,14 @@ def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     assert "diagnosis.tasks.delete_orphaned_files" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
     settings.FILE_UPLOAD_TEMP_DIR = str(media_root / "removed-with-a-restore")
     assert tasks.delete_orphaned_files() == 0  # no spool folder: nothing to sweep there, and no failure
+
+
+def test_a_retention_run_by_hand_is_recorded_as_run_by_hand(user, settings):
+    """`delete_expired_analyses --days 30` where ANALYSIS_RETENTION_DAYS is not set recorded each
+    deletion as "(ANALYSIS_RETENTION_DAYS)": the trail named a setting nobody set as the reason."""
+    settings.ANALYSIS_RETENTION_DAYS = 0
+    cell = services.create_analysis(owner=user, upload=upload("a.png"))
+    Analysis.objects.filter(pk=cell.pk).update(created_at=timezone.now() - timedelta(days=40))
+    call_command("delete_expired_analyses", days=30, stdout=io.StringIO())
+    (entry,) = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED)
+    assert entry.detail == "uploaded over 30 days ago (delete_expired_analyses --days 30)"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from django.contrib.sessions.models import Session
 from django.core.cache.backends.base import CacheKeyWarning
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
@@ -708,3 +708,11 @@ def test_a_signed_in_api_upload_is_still_read_by_the_apis_own_parser(client, use
     answer = client.generic("POST", "/api/batches/", body, content_type=sent_as)
     assert answer.status_code == 400 and "A part of the form could not be read" in answer.json()["detail"]
     assert not Batch.objects.exists()
+
+
+@pytest.mark.parametrize("typed", ["not-an-address", "10.0.0.256", "10.0.0.5:443"])
+def test_clearing_the_lockout_of_something_that_is_no_address_is_refused(db, typed):
+    """A typo, or an address copied with its port, "had no failed sign-ins counted" and exited 0:
+    the ward's address stayed locked out while the operator thought it never was."""
+    with pytest.raises(CommandError, match="is not an IP address"):
+        call_command("clear_address_lockout", typed, stdout=io.StringIO())

@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand
+import ipaddress
+
+from django.core.management.base import BaseCommand, CommandError
 
 from diagnosis.login_throttle import counted_source, forgive_address
 
@@ -15,6 +17,13 @@ class Command(BaseCommand):
 
     def handle(self, *args, addresses, **options):
         for address in addresses:
+            try:  # a typo, or an address copied with its port, "had no failed sign-ins" and stayed locked out
+                ipaddress.ip_address(address.strip())
+            except ValueError:
+                raise CommandError(
+                    f"{address!r} is not an IP address: give it as the access trail records it, e.g. 203.0.113.7 "
+                    "or 2001:db8::7, without a port"
+                ) from None
             counted_as = counted_source(address.strip())
             # An IPv6 address is counted with the rest of its /64 network: say which addresses it frees.
             shown = f"{address} (counted as {counted_as})" if "/" in counted_as else address

@@ -20,4 +20,6 @@ class Command(BaseCommand):
             count = export_reviewed_cells(out=out)
         except ExportRunning as running:
             raise CommandError(str(running)) from None
+        except OSError as error:  # --out is a file, or somewhere this account cannot write
+            raise CommandError(f"--out {out}: {error.strerror or error}") from None
         self.stdout.write(f"wrote {count} reviewed cells to {out} (manifest: {out / 'reviewed.csv'})")
