@@ -38,6 +38,11 @@ logger = logging.getLogger("diagnosis.analysis")
 ANALYSES_PER_TASK = 16
 
 
+def logged_ids(ids: Iterable[int]) -> str:
+    """Ids as one field of a key=value log line ("7,8"): a list's "[7, 8]" split into fields."""
+    return ",".join(map(str, ids))
+
+
 def create_batch(
     *,
     owner: AbstractBaseUser,
@@ -214,7 +219,7 @@ def enqueue_analyses(*, analysis_ids: Sequence[int], per_task: int = ANALYSES_PE
             analyse_images.apply_async(args=[chunk], retry=True)
         except Exception:  # noqa: BLE001 - any broker failure must not lose the upload
             # The rest would wait out the same connection timeout each: the sweeper sends them all.
-            rest = list(analysis_ids[start:])
+            rest = logged_ids(analysis_ids[start:])
             logger.warning("event=enqueue_failed analysis_ids=%s; the sweeper will retry", rest, exc_info=True)
             return start
         Analysis.objects.filter(pk__in=chunk, status=Analysis.Status.QUEUED).update(enqueued_at=timezone.now())
@@ -259,7 +264,7 @@ def send_separately(*, analysis_ids: Sequence[int], task_id: str) -> None:
         enqueued_at=None,
         attempts=F("attempts") - 1,  # this claim ran nothing: only the crashes count
     )
-    logger.info("event=split analysis_ids=%s task_id=%s", list(analysis_ids), task_id)
+    logger.info("event=split analysis_ids=%s task_id=%s", logged_ids(analysis_ids), task_id)
     enqueue_analyses(analysis_ids=analysis_ids, per_task=1)
 
 
@@ -328,7 +333,7 @@ def _give_up(running: QuerySet[Analysis]) -> int:
             error=GAVE_UP.format(attempts=settings.ANALYSIS_MAX_ATTEMPTS),
             finished_at=timezone.now(),
         )
-        logger.warning("event=gave_up analysis_ids=%s", ids)
+        logger.warning("event=gave_up analysis_ids=%s", logged_ids(ids))
     return len(ids)
 
 
@@ -363,7 +368,7 @@ def requeue_stale_analyses(*, older_than: timedelta | None = None) -> Requeued:
     ids = sorted(set(running_ids) | set(queued_ids))
     if not ids:
         return Requeued(found=0, sent=0)
-    logger.info("event=requeue count=%s analysis_ids=%s", len(ids), ids)
+    logger.info("event=requeue count=%s analysis_ids=%s", len(ids), logged_ids(ids))
     return Requeued(found=len(ids), sent=enqueue_analyses(analysis_ids=ids))
 
 
@@ -403,7 +408,7 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
         Batch.objects.filter(pk__in=batch_ids).update(results_changed_at=timezone.now())
         send_again(batch_ids=batch_ids)
         if ids:
-            logger.info("event=retry analysis_ids=%s", ids)
+            logger.info("event=retry analysis_ids=%s", logged_ids(ids))
             transaction.on_commit(lambda: enqueue_analyses(analysis_ids=ids), robust=True)
     return ids
 
@@ -428,7 +433,7 @@ def delete_batch(*, batch: Batch) -> None:
     its lab system (delivered, or an attempt made: delivery is at least once), the batch is kept,
     empty and hidden, until the lab system is told they are withdrawn."""
     ids = list(batch.analyses.values_list("pk", flat=True))
-    logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, ids)
+    logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, logged_ids(ids))
     with transaction.atomic():
         # Locked, so an attempt cannot claim it between this look and the deletion. Gone by then (a
         # second click, a DELETE retried after a timeout) is the caller's 404, as if it came later.

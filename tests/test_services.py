@@ -581,3 +581,15 @@ def test_an_upload_gone_or_damaged_on_disk_fails_in_words_without_the_servers_pa
     assert str(media_root) not in missing.error + damaged.error
     # The log, which outlives the cells, keeps the reason without the patient-named file.
     assert f"event=failed analysis_id={damaged.pk}" in caplog.text and "Rahman" not in caplog.text
+
+
+def test_a_logged_list_of_cells_is_one_key_value_field(user, caplog, monkeypatch):
+    """`event=requeue count=2 analysis_ids=[7, 8]`: the list's space split it into a field `8]` with
+    no key, in a log every other line of which is key=value."""
+    ids = [services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk for n in range(2)]
+    Analysis.objects.filter(pk__in=ids).update(enqueued_at=None, created_at=timezone.now() - timedelta(minutes=5))
+    monkeypatch.setattr(services, "enqueue_analyses", lambda *, analysis_ids: len(analysis_ids))
+    with caplog.at_level("INFO", logger="diagnosis.analysis"):
+        services.requeue_stale_analyses()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=requeue ")]
+    assert line == f"event=requeue count=2 analysis_ids={ids[0]},{ids[1]}"
