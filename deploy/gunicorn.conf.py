@@ -1,6 +1,8 @@
 """gunicorn settings for the web service; GUNICORN_WORKERS and GUNICORN_TIMEOUT come from .env."""
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import environ
@@ -31,3 +33,25 @@ accesslog = "-"
 errorlog = "-"
 # The path without its query string: queries can carry patient references (?search=...).
 access_log_format = '%({x-real-ip}i)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms "%(a)s"'
+
+
+class _WithoutQueries(logging.Filter):
+    """gunicorn's error log quotes a request line it refuses whole (one sent with a raw "José" in
+    its ?sample_reference=, say): queries are left out there too."""
+
+    QUERY = re.compile(r"\?[^\s'\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.QUERY.sub("?(query left out)", record.getMessage()), ()
+        return True
+
+
+WITHOUT_QUERIES = _WithoutQueries()
+
+
+def on_starting(server):
+    server.log.error_log.addFilter(WITHOUT_QUERIES)
+
+
+def post_worker_init(worker):  # the workers, which refuse the requests, log them
+    worker.log.error_log.addFilter(WITHOUT_QUERIES)

@@ -1391,3 +1391,34 @@ def test_a_count_in_the_file_cache_keeps_its_expiry_and_ends_with_it(tmp_path, m
     monkeypatch.setattr(caches.time, "time", lambda: now + 901)
     with pytest.raises(ValueError):  # ended with its lockout: the next failure starts a new count
         counts.incr("failures")
+
+
+def test_gunicorns_log_leaves_the_query_of_a_request_line_it_refuses_out(tmp_path):
+    """A lab script's `curl "$BASE/api/batches/?sample_reference=José-4711"` sends the UTF-8 bytes
+    raw; nginx passes them on and gunicorn refuses the line, quoting it whole in its log:
+    `Invalid request from ip=...: Invalid HTTP request line: 'GET /api/batches/?sample_reference=JosÃ©-4711 ...'`."""
+    port, log = free_port(), tmp_path / "gunicorn.log"
+    env = {**production_env(), "PATH": os.environ["PATH"], "VAR_DIR": str(tmp_path), "GUNICORN_WORKERS": "1"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}"]
+            + ["malaria_site.wsgi"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_port(port, server, log, timeout=60)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            raw.sendall("GET /api/batches/?sample_reference=José-4711 HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            assert raw.recv(65536).startswith(b"HTTP/1.1 400")
+        deadline = time.monotonic() + 10
+        while "Invalid request" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop(server)
+    logged = log.read_text(errors="replace")
+    assert "Invalid request from ip=127.0.0.1" in logged and "/api/batches/?(query left out)" in logged, logged
+    assert "4711" not in logged and "Jos" not in logged, logged
