@@ -979,12 +979,15 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
             connection.close()
             return refused
 
-        for refused in (too_big("/upload/", **{"X-Requested-With": "XMLHttpRequest"}), too_big("/api/batches/")):
-            assert refused.status == 413 and refused.getheader("Content-Type") == "application/json"
-            assert json.loads(refused.body) == {"detail": f"The request is too large; the limit is {limit} bytes."}
         page = too_big("/upload/")
         assert page.status == 413 and page.getheader("Content-Type") == "text/html"
         assert f"Nothing was stored: the upload was over the limit of {limit} bytes" in page.body.decode()
+        for refused in (too_big("/upload/", **{"X-Requested-With": "XMLHttpRequest"}), too_big("/api/batches/")):
+            assert refused.status == 413 and refused.getheader("Content-Type") == "application/json"
+            assert json.loads(refused.body) == {"detail": f"The request is too large; the limit is {limit} bytes."}
+        # Logged as the requests they were, not as the error page's (GET /too-large).
+        logged = logged_once(tmp_path / "nginx" / "access.log", '"POST /api/batches/ HTTP/1.1" 413')
+        assert logged.count('"POST /upload/ HTTP/1.1" 413') == 2
 
         # Queries can carry patient references: the access log keeps only the path.
         request(port, "GET", "/?search=PATIENT-4711&status=done", {**host, **owner})
