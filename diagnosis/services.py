@@ -197,12 +197,25 @@ def _keep_files_once_committed(stored: list[str]) -> None:
     transaction.on_commit(stored.clear)
 
 
+class StorageFailed(Exception):
+    """The upload's files could not be written (the disk full, the folder not writable): nothing was
+    stored, and the client is told so, not that the server failed and the upload may be there."""
+
+
 def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:
     analysis = Analysis(owner=owner, batch=batch, original_filename=image.name, width=image.width, height=image.height)
-    analysis.image.save("upload.png", image.picture_png, save=False)
-    stored.append(analysis.image.name)
-    analysis.thumbnail.save("thumb.png", ContentFile(image.thumbnail_png), save=False)
-    stored.append(analysis.thumbnail.name)
+    try:
+        analysis.image.save("upload.png", image.picture_png, save=False)
+        stored.append(analysis.image.name)
+        analysis.thumbnail.save("thumb.png", ContentFile(image.thumbnail_png), save=False)
+        stored.append(analysis.thumbnail.name)
+    except OSError as error:
+        reason = error.strerror or str(error)  # not the file's path
+        logger.error("event=storage_failed error=%r: uploads cannot be stored", reason)
+        raise StorageFailed(
+            f"The server could not store the images ({reason}): tell the lab's IT that its storage is full "
+            "or cannot be written."
+        ) from error
     analysis.save()
     log_transition(analysis, "queued")
     return analysis

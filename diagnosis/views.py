@@ -82,6 +82,10 @@ def upload(request):
                 "This page has uploaded its images already (look under Samples): open the upload page again "
                 "to upload other images.",
             )
+        except services.StorageFailed as failure:
+            if _from_upload_script(request):
+                return JsonResponse({"detail": str(failure)}, status=507)
+            form.add_error("images", str(failure))
         except services.FilesRefused as refusal:
             if _from_upload_script(request):  # it keeps the other files for the next attempt
                 refused = [{"position": position, "message": message} for position, message in refusal.refused]

@@ -1,5 +1,7 @@
 """Bad uploads are refused with a clear 4xx and leave no row and no file behind."""
 
+import errno
+import html
 import io
 import random
 import re
@@ -695,3 +697,30 @@ def test_file_names_over_255_characters_keep_their_numbered_end(web_client, api_
     names = list(Analysis.objects.order_by("pk").values_list("original_filename", flat=True))
     assert [name[-11:] for name in names] == ["_cell_1.png", "_cell_2.png", "_cell_3.png"]
     assert all(name.startswith("C100P61ThinF_IMG_") and len(name) == 200 for name in names)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("channel", ["api", "upload.js", "form"])
+def test_an_upload_onto_a_full_disk_says_so_and_stores_nothing(
+    api_client, web_client, media_root, monkeypatch, channel
+):
+    """A bare 500: the API said "The server failed", so a lab system retried and nobody learnt the
+    storage was full, and the upload page said the upload "may have been stored", which it was not."""
+    before = set(stored_files(media_root))
+    monkeypatch.setattr(private_storage, "_save", _disk_full)
+    images = {"images": [upload("a.png"), upload("b.png")]}
+    if channel == "api":
+        answer = api_client.post("/api/batches/", images, format="multipart")
+        told = answer.json()["detail"]
+    elif channel == "upload.js":
+        answer = web_client.post("/upload/", images, headers={"X-Requested-With": "XMLHttpRequest"})
+        told = answer.json()["detail"]
+    else:
+        answer = web_client.post("/upload/", images)
+        told = html.unescape(answer.content.decode())
+    assert answer.status_code == (400 if channel == "form" else 507)
+    assert "The server could not store the images (No space left on device): tell the lab's IT" in told
+    assert not Analysis.objects.exists() and set(stored_files(media_root)) == before

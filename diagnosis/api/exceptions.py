@@ -3,12 +3,15 @@ from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler
 
 from diagnosis.errors import unreadable_request_message
+from diagnosis.services import StorageFailed
 
 
 def api_exception_handler(exc, context):
     """DRF's handler, plus a one-line ``detail`` on field errors so every 4xx carries a message."""
     if (message := unreadable_request_message(exc)) is not None:  # DRF would leave these to Django's bare 400
         return Response({"detail": message}, status=400)
+    if isinstance(exc, StorageFailed):  # the server's fault, not the request's: 507 Insufficient Storage
+        return Response({"detail": f"{exc} Nothing was stored."}, status=507)
     response = exception_handler(exc, context)
     if response is not None and isinstance(response.data, dict) and "detail" not in response.data:
         response.data["detail"] = "; ".join(_field_messages(response.data))
