@@ -497,7 +497,7 @@ def test_an_upload_the_disk_filled_under_leaves_no_part_of_an_image(user, media_
     fdopen = filesystem.os.fdopen
     monkeypatch.setattr(filesystem.os, "fdopen", lambda fd, mode: _FillsUpHalfWay(fdopen(fd, mode)))
     before = set(stored_files(media_root))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(services.StorageFailed, match=r"No space left on device"):
         services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")])
     assert not Analysis.objects.exists()
     assert set(stored_files(media_root)) == before, "half of a patient's image left until the nightly sweep"
