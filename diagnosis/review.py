@@ -5,6 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
+from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.html import format_html
@@ -36,16 +37,27 @@ def queue(request):
 @login_required
 @require_http_methods(["GET", "POST"])
 def review(request, pk: int):
+    saving = request.method == "POST"
+    if saving and not selectors.can_review(request.user):
+        # Taken out of the reviewers while the case was open: "not found" would blame the case.
+        return render(request, "403.html", status=403)
     selectors.review_queue(user=request.user)  # 404 for non-reviewers
-    analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    try:
+        analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
+    except Http404:
+        if not saving:
+            raise
+        # Every cell is a reviewer's to see: one missing now was deleted since the page was opened.
+        messages.warning(request, f"Cell {pk} was deleted while you had it open: there is nothing to review.")
+        return redirect("diagnosis:review-queue")
     if analysis.status != Analysis.Status.DONE:  # nothing to judge yet, or ever: its own page says why
-        state = analysis.get_status_display()
-        messages.info(request, f"{analysis.original_filename} has no result to review ({state}).")
+        # By number: its name, another user's, would go unrecorded (only a finished cell's opening is).
+        messages.info(request, f"Cell {pk} has no result to review ({analysis.get_status_display()}).")
         return redirect("diagnosis:review-queue")
     if request.method == "GET":
         record_access(request=request, action=AccessEvent.Action.VIEWED, analysis=analysis, detail="review")
     form = ReviewForm(request.POST or None, initial=_initial_review(analysis=analysis, user=request.user))
-    if request.method == "POST" and form.is_valid():
+    if saving and form.is_valid():
         verdict = form.cleaned_data["verdict"]
         try:
             with transaction.atomic():  # a review is saved with its entry in the access trail, or not at all
@@ -80,7 +92,7 @@ def review(request, pk: int):
             following, _ = selectors.review_queue(user=request.user)
             next_case = selectors.next_case(user=request.user, pending=following)
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
-    status = 400 if request.method == "POST" else 200
+    status = 400 if saving else 200
     context = {"analysis": analysis, "form": form, "replaced": selectors.replaced_verdicts(analysis=analysis)}
     return render(request, "diagnosis/review.html", context, status=status)
 

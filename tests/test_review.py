@@ -188,7 +188,9 @@ def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
     client.force_login(reviewer)
     response = client.get(f"/review/{waiting.pk}/", follow=True)
     assert response.redirect_chain == [("/review/", 302)]
-    assert "waiting.png has no result to review (Queued)." in response.content.decode()
+    # By number: its name (another user's, a patient's perhaps) was shown, and no entry recorded it.
+    assert f"Cell {waiting.pk} has no result to review (Queued)." in response.content.decode()
+    assert "waiting.png" not in response.content.decode()
     assert client.post(f"/review/{waiting.pk}/", {"verdict": "agree"}).status_code == 302
     waiting.refresh_from_db()
     assert waiting.review_verdict == ""
@@ -394,3 +396,29 @@ def test_a_reviewers_empty_dashboard_points_to_the_queue_and_the_menu_marks_the_
     assert re.search(r'<a href="/"\s+aria-current="page">Dashboard</a>', dashboard)
     queue = client.get("/review/").content.decode()
     assert re.search(r'<a href="/review/"\s+aria-current="page">Review queue</a>', queue)
+
+
+def test_a_review_saved_after_its_cell_was_deleted_says_so(user):
+    """Deleted a moment before the save (not during it), the save was a bare 404 "Not found ... or
+    it belongs to another account", the verdict and note typed lost without a word on why."""
+    batch = create_batch(owner=user, uploads=[upload("going.png")])
+    cell = batch.analyses.get()
+    Analysis.objects.filter(pk=cell.pk).update(status="done", label="Parasitized", probability_parasitized=0.9)
+    client, _ = reviewer_client()
+    assert client.get(f"/review/{cell.pk}/").status_code == 200
+    batch.delete()
+    saved = client.post(f"/review/{cell.pk}/", {"verdict": "agree", "replacing": ""}, follow=True)
+    assert saved.redirect_chain == [("/review/", 302)]
+    assert f"Cell {cell.pk} was deleted while you had it open" in saved.content.decode()
+
+
+def test_a_reviewer_taken_out_of_the_reviewers_with_a_case_open_is_told_the_account_may_not(case):
+    """The save answered 404, "the record may have been deleted, or it belongs to another account",
+    neither of which had happened."""
+    client, reviewer = reviewer_client()
+    assert client.get(f"/review/{case.pk}/").status_code == 200
+    reviewer.groups.clear()
+    refused = client.post(f"/review/{case.pk}/", {"verdict": "agree", "replacing": ""})
+    assert refused.status_code == 403
+    assert "Your account may not do this. Nothing was changed." in refused.content.decode()
+    assert not Analysis.objects.get(pk=case.pk).review_verdict
