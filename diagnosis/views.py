@@ -422,7 +422,7 @@ def _status_payload(analysis: Analysis) -> dict:
         "label": analysis.final_label,
         "probability_parasitized": analysis.probability_parasitized,
         "decision_threshold": analysis.decision_threshold,
-        "borderline": analysis.is_borderline,
+        "borderline": analysis.is_borderline and not analysis.review_verdict,  # to confirm first, as the badge
         "finished": analysis.is_finished,
         "overlay_url": reverse("diagnosis:analysis-file", args=[analysis.pk, "overlay"]) if analysis.overlay else None,
         "model_version": analysis.model_version,

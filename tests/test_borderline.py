@@ -3,6 +3,7 @@ first, the same way in Python (pages, CSV, callbacks) and in SQL (filters, count
 
 import csv
 import io
+import re
 
 import pytest
 from django.utils import timezone
@@ -174,6 +175,12 @@ def test_a_borderline_call_a_reviewer_has_settled_is_not_sent_back_to_the_micros
     page = client.get(f"/analyses/{cell.pk}/").content.decode()
     assert "The model's call was <strong>borderline</strong>" in page and "dr-lee reviewed it on" in page
     assert "before relying on it" not in page
+    # Nor does the dashboard's row, the batch's grid, or what their live updates read.
+    badge = re.compile(rf'data-analysis="{cell.pk}".*?<span class="badge borderline" data-borderline[^>]*hidden>', re.S)
+    for listing in ("/", f"/batches/{cell.batch_id}/"):
+        assert badge.search(client.get(listing).content.decode()), listing
+    status = client.get(f"/batches/{cell.batch_id}/status.json").json()
+    assert [item["borderline"] for item in status["analyses"]] == [False]
 
 
 def test_the_csv_keeps_its_earlier_columns_where_they_were(client, user):
