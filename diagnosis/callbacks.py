@@ -262,6 +262,7 @@ def _payload(batch: Batch) -> dict:
                     "final_label": a.final_label,  # the reviewer's, where one disagreed with the model
                     "label": a.label,
                     "review_verdict": a.review_verdict,
+                    "review_note": a.review_note,
                     "probability_parasitized": a.probability_parasitized,
                     "decision_threshold": a.decision_threshold,
                     "borderline": a.is_borderline,

@@ -38,6 +38,7 @@ CSV_COLUMNS = [
     # Added at the end: a lab's import that reads the earlier columns by position reads them still.
     "borderline",
     "error",  # why a failed cell failed, as its page and the API say
+    "review_note",
 ]
 
 
@@ -98,6 +99,7 @@ def _csv_row(a) -> list:
         _local(a.finished_at),
         ("yes" if a.is_borderline else "no") if a.status == a.Status.DONE else "",
         csv_safe(a.error),
+        csv_safe(a.review_note),
     ]
 
 

@@ -194,7 +194,7 @@ def test_the_csv_keeps_its_earlier_columns_where_they_were(client, user):
         9,
         15,
     ]
-    assert header[16:] == ["borderline", "error"] and len(header) == 18  # each added at the end
+    assert header[16:] == ["borderline", "error", "review_note"] and len(header) == 19  # each added at the end
 
 
 @pytest.mark.parametrize("path", ["/batches/", "/api/batches/"])

@@ -103,7 +103,7 @@ def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client
     rows = {row["original_filename"]: row for row in exported}
     assert set(rows) == {"'=HYPERLINK(evil).png", "likely.png", "pending.png"}
     assert rows["likely.png"]["decision_threshold"] == "0.11" and rows["pending.png"]["decision_threshold"] == ""
-    assert list(rows["likely.png"])[-2:] == ["borderline", "error"] and rows["likely.png"]["error"] == ""
+    assert list(rows["likely.png"])[-3:] == ["borderline", "error", "review_note"] and rows["likely.png"]["error"] == ""
     Analysis.objects.filter(original_filename="pending.png").update(status="failed", error="=Cannot read the image")
     again = client.get(f"/batches/{batch.pk}/export.csv").getvalue().decode("utf-8-sig")
     failed = next(row for row in csv.DictReader(io.StringIO(again)) if row["original_filename"] == "pending.png")

@@ -422,3 +422,25 @@ def test_a_reviewer_taken_out_of_the_reviewers_with_a_case_open_is_told_the_acco
     assert refused.status_code == 403
     assert "Your account may not do this. Nothing was changed." in refused.content.decode()
     assert not Analysis.objects.get(pk=case.pk).review_verdict
+
+
+def test_the_reviewers_note_reaches_the_api_the_csv_and_the_lab_system(case, user):
+    """The note ("gametocytes seen, repeat smear") was on the result page and the printed report
+    only: the API, the CSV and the callback carried the corrected label without it."""
+    from diagnosis import callbacks
+    from tests.factories import api_key
+
+    client, _ = reviewer_client()
+    note = "=gametocytes seen, repeat smear"
+    sent = {"verdict": "disagree", "corrected_label": "Uninfected", "note": note, "replacing": ""}
+    assert client.post(f"/review/{case.pk}/", sent).status_code == 302
+    lab = Client(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
+    assert lab.get(f"/api/analyses/{case.pk}/").json()["review_note"] == note
+    owner = Client()
+    owner.force_login(user)
+    exported = b"".join(owner.get("/export.csv").streaming_content).decode("utf-8-sig")
+    assert exported.splitlines()[1].endswith(f'"\'{note}"')  # kept from running as a formula
+    batch = create_batch(owner=user, uploads=[upload("b.png")])
+    reviewed = batch.analyses.get()
+    Analysis.objects.filter(pk=reviewed.pk).update(status="done", label="Uninfected", review_note="rings?")
+    assert callbacks._payload(batch)["batch"]["analyses"][0]["review_note"] == "rings?"

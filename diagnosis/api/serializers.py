@@ -76,6 +76,7 @@ class AnalysisSerializer(serializers.ModelSerializer):
             "review_verdict",
             "corrected_label",
             "reviewed_at",
+            "review_note",  # what the microscopist wrote ("gametocytes seen, repeat smear"), as the report prints it
         ]
         read_only_fields = fields
 
