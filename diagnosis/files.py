@@ -15,6 +15,13 @@ from ml.preprocessing import ImageDecodeError, open_rgb
 FILE_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp")
 
 
+def missing_pictures(analysis) -> list[str]:
+    """Which of a cell's stored pictures are gone from storage (a backup restored without its
+    media): its page says so, where it showed broken images beside its result without a word."""
+    pictures = {"original image": analysis.image, "heatmap": analysis.overlay}
+    return [name for name, picture in pictures.items() if picture and not picture.storage.exists(picture.name)]
+
+
 def protected_file_response(field_file: FieldFile, *, download_stem: str) -> HttpResponse:
     """The file, named ``download_stem`` plus the stored file's own extension (an original may be a JPEG)."""
     if not field_file:

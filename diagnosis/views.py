@@ -19,7 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import login_throttle, selectors, services, tokens
 from diagnosis.audit import counted, record_access
-from diagnosis.files import browser_picture, protected_file_response
+from diagnosis.files import browser_picture, missing_pictures, protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
 from diagnosis.models import AccessEvent, Analysis, Batch
 from malaria_site.celery import app as celery_app
@@ -222,6 +222,7 @@ def analysis_detail(request, pk: int):
     context = {
         "analysis": analysis,
         "history": selectors.access_history(analysis=analysis),
+        "missing_pictures": missing_pictures(analysis),
         **_analysis_context(request, analysis),
     }
     return render(request, "diagnosis/analysis.html", context)

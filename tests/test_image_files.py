@@ -1,12 +1,14 @@
 """Image files a lab really produces, from the upload check through the stored picture to the
 worker: read in their own colours, and never refused as blank or corrupt while they show a cell."""
 
+import html
 import io
 import struct
 
 import numpy as np
 import pytest
 from django.conf import settings
+from django.core.files.base import ContentFile
 from PIL import Image, ImageCms
 
 from diagnosis import inference, services
@@ -14,7 +16,7 @@ from diagnosis.models import Analysis
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
 from tests.conftest import fixture_cells
-from tests.factories import upload
+from tests.factories import classified, image_bytes, upload
 from tests.test_ml import SHARED_DATA
 
 
@@ -184,3 +186,19 @@ def test_a_palette_png_tagged_with_a_wide_gamut_profile_is_read_in_its_own_colou
     analysis = services.create_analysis(owner=user, upload=upload("palette.png", buffer.getvalue()))
     difference = np.abs(stored_pixels(analysis) - expected)
     assert difference.max() <= 3, f"stored picture is {difference.max()} levels off the cell it shows"
+
+
+def test_a_cell_whose_pictures_were_not_restored_says_so_on_its_page(client, user, media_root):
+    """After a restore without the media of the same night, a finished cell's page opened with its
+    label and two broken pictures, and said nothing of the missing files."""
+    cell = classified(services.create_analysis(owner=user, upload=upload("a.png")))
+    cell.overlay.save("overlay.png", ContentFile(image_bytes()), save=True)
+    client.force_login(user)
+    assert "missing-pictures" not in client.get(f"/analyses/{cell.pk}/").content.decode()
+    cell.image.storage.delete(cell.image.name)
+    page = html.unescape(client.get(f"/analyses/{cell.pk}/").content.decode())
+    assert "This cell's original image is missing from the server's storage" in page
+    assert "cannot be shown with it." in page
+    cell.overlay.storage.delete(cell.overlay.name)
+    page = html.unescape(client.get(f"/analyses/{cell.pk}/").content.decode())
+    assert "This cell's original image and heatmap are missing" in page and "shown with them." in page
