@@ -486,8 +486,13 @@ def delete_expired_analyses(*, older_than: timedelta) -> int:
     expired = Analysis.objects.filter(created_at__lt=cutoff)
     deleted = 0
     # In chunks: each deletion loads its rows to remove their files, so memory stays bounded.
-    while cells := list(expired.values_list("pk", "batch_id", "owner_id")[:500]):
+    while listed := list(expired.values_list("pk", flat=True)[:500]):
         with transaction.atomic():  # gone with its entries in the access trail, or not at all
+            # The cells still here, locked: another run at once (beat's, and one by hand) may have
+            # deleted and recorded some since they were listed.
+            cells = list(
+                Analysis.objects.select_for_update().filter(pk__in=listed).values_list("pk", "batch_id", "owner_id")
+            )
             deleted += (
                 Analysis.objects.filter(pk__in=[pk for pk, _, _ in cells]).delete()[1].get(Analysis._meta.label, 0)
             )

@@ -16,6 +16,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from diagnosis import services, tasks
+from diagnosis.audit import record_retention_deletion
 from diagnosis.models import AccessEvent, Analysis, Batch, private_storage
 from tests.factories import upload
 
@@ -403,3 +404,26 @@ def test_a_retention_run_by_hand_is_recorded_as_run_by_hand(user, settings):
     call_command("delete_expired_analyses", days=30, stdout=io.StringIO())
     (entry,) = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED)
     assert entry.detail == "uploaded over 30 days ago (delete_expired_analyses --days 30)"
+
+
+def test_overlapping_retention_runs_record_each_deletion_once(user, monkeypatch):
+    """Two runs at once (beat's at 03:00 and one by hand) list the same cells; the one whose delete
+    found some already gone still recorded a deletion for every cell it had listed: twice in the trail."""
+    ids = []
+    for n in range(3):
+        ids.append(services.create_analysis(owner=user, upload=upload(f"{n}.png")).pk)
+    Analysis.objects.filter(pk__in=ids).update(created_at=timezone.now() - timedelta(days=40))
+    atomic, other_run = transaction.atomic, []
+
+    def the_other_run_first(*args, **kwargs):
+        if not other_run:  # between this run's listing and its chunk, the other takes one cell
+            other_run.append(ids[0])
+            Analysis.objects.filter(pk=ids[0]).delete()
+            record_retention_deletion(cells=[(ids[0], None, user.pk)], older_than_days=30)
+        return atomic(*args, **kwargs)
+
+    monkeypatch.setattr(services.transaction, "atomic", the_other_run_first)
+    assert services.delete_expired_analyses(older_than=timedelta(days=30)) == 2
+    monkeypatch.undo()
+    deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED)
+    assert sorted(deleted.values_list("analysis_id", flat=True)) == sorted(ids)
