@@ -275,6 +275,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Each pool process loads and warms up the model before taking tasks (diagnosis.tasks): give it
 # longer than Celery's default 4 s to report ready.
 CELERY_WORKER_PROC_ALIVE_TIMEOUT = 60
+# The worker and beat log as the web does (LOGGING below): Celery's own setup of the root logger
+# wrote "[time: INFO/ForkPoolWorker-2] event=...", with no level= or logger= to filter on.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=300)
 CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 30
 if not CELERY_BROKER_URL.startswith("filesystem://"):

@@ -1,6 +1,7 @@
 """Uploads through the web form and the API, classified by a real Celery worker process."""
 
 import io
+import re
 
 import pytest
 from django.conf import settings
@@ -101,5 +102,7 @@ def test_a_new_worker_warms_up_the_model_before_its_first_task(without_session_w
         try:
             wait_for(lambda log=log, event=event: event in log.read_bytes(), timeout=60)
             assert worker.process.poll() is None, log.read_text()[-2000:]
+            # In the web's key=value shape: Celery's own root logger wrote "[time: INFO/MainProcess] event=".
+            assert re.search(rb"level=(INFO|WARNING) logger=diagnosis\.\w+ " + event, log.read_bytes()), log.read_text()
         finally:
             worker.stop()
