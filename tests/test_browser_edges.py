@@ -2,6 +2,7 @@
 something is typed, notes of several lines."""
 
 import contextlib
+import errno
 import re
 import socket
 import threading
@@ -13,7 +14,7 @@ from playwright.sync_api import expect
 from rest_framework.test import APIClient
 
 from diagnosis import services, tokens
-from diagnosis.models import Analysis, Batch
+from diagnosis.models import Analysis, Batch, private_storage
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
 from tests.factories import PASSWORD, UserFactory, classified, image_bytes, upload
@@ -345,3 +346,22 @@ def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_
     page.wait_for_url(re.compile(r"/batches/\d+/$"))
     expect(page.locator("#cell-grid .cell-name")).to_have_text(name)
     assert Analysis.objects.get().original_filename == name
+
+
+def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, not_analysed, monkeypatch):  # noqa: F811
+    """upload.js took every status from 500 up as "it may have been stored", the server's 507 too."""
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(private_storage, "_save", disk_full)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    page.set_input_files("#id_images", [str(fixture_cells()[0])])
+    page.locator("#upload-button").click()
+    open_page.expect_error(page, "507")
+    told = page.locator("#client-errors")
+    expect(told).to_contain_text("The server could not store the images (No space left on device)")
+    expect(told).to_contain_text("Nothing was stored.")
+    expect(told).not_to_contain_text("may have been stored")
+    assert not Analysis.objects.exists()

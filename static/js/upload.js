@@ -230,6 +230,8 @@
           + "cookies. Reload the page and upload again. Nothing was stored.");
       } else if (xhr.status === 400 && type.startsWith("text/html")) {  // the form with its errors
         document.open(); document.write(xhr.responseText); document.close();
+      } else if (xhr.status === 507 && type.startsWith("application/json")) {  // the server's storage is full
+        fail(JSON.parse(xhr.responseText).detail + " Nothing was stored.");
       } else if (xhr.status >= 500) {
         // The server failed, or a proxy gave up waiting for it: the upload may have been stored after all.
         fail("The server did not finish the upload (HTTP " + xhr.status + "). It may have been stored: look for it "
