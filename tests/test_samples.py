@@ -222,10 +222,14 @@ def test_references_and_names_stored_decomposed_before_the_upgrade_are_found_aft
     before.get_model("diagnosis", "Analysis").objects.create(
         owner_id=user.pk, batch_id=batch.pk, original_filename=MULLER_FROM_A_MAC + ".png", image="uploads/x.png"
     )
+    # U+0958 composes to two code points: 100 of them would be cut to fit the column, or overflow it.
+    growing = "WARD-" + "\u0958" * 95
+    kept = before.get_model("diagnosis", "Batch").objects.create(owner_id=user.pk, sample_reference=growing)
     executor.loader.build_graph()
     executor.migrate(executor.loader.graph.leaf_nodes())
     for sent in (MULLER_TYPED, MULLER_FROM_A_MAC):
         assert [b.pk for b in selectors.batches_matching(user=user, sample_reference=sent)] == [batch.pk]
-    stored = Batch.objects.get()
+    stored = Batch.objects.get(pk=batch.pk)
     assert (stored.sample_reference, stored.note) == (MULLER_TYPED, MULLER_TYPED)
+    assert Batch.objects.get(pk=kept.pk).sample_reference == growing  # left as it was, whole
     assert Analysis.objects.get().original_filename == MULLER_TYPED + ".png"

@@ -18,8 +18,12 @@ def _composed(text: str) -> str:
 
 def _rewrite(model, rules: dict) -> None:
     changed = []
+    limits = {field: model._meta.get_field(field).max_length for field in rules}
     for row in model.objects.only("pk", *rules).iterator(chunk_size=2000):
         new = {field: rule(getattr(row, field)) for field, rule in rules.items()}
+        # Some letters grow when composed: such a row stays as it was, rather than be cut to fit.
+        if any(limits[field] and len(value) > limits[field] for field, value in new.items()):
+            continue
         if any(getattr(row, field) != value for field, value in new.items()):
             for field, value in new.items():
                 setattr(row, field, value)
