@@ -39,7 +39,9 @@ class _WithoutQueries(logging.Filter):
     """gunicorn's error log quotes a request line it refuses whole (one sent with a raw "José" in
     its ?sample_reference=, say): queries are left out there too."""
 
-    QUERY = re.compile(r"\?[^\s'\"]*")
+    # From a "?" inside a word to the request line's protocol: a query may hold quotes ("D'Almeida")
+    # and raw spaces; a "?" ending a sentence is left alone.
+    QUERY = re.compile(r"(?<=\S)\?\S+(?:\s+(?!HTTP/)\S+)*")
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = self.QUERY.sub("?(query left out)", record.getMessage()), ()

@@ -24,7 +24,8 @@ def api_rate(name: str, *, default: str) -> str:
     """A rate as DRF's throttles read it ("2000/hour"): one they cannot read passed every check and
     then failed each request it applies to with a 500."""
     rate = env(name, default=default)
-    if not re.fullmatch(r"\d+/[smhd][a-z]*", rate):
+    # DRF reads the unit's first letter only: "50000/month" would be 50,000 a minute.
+    if not re.fullmatch(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)", rate):
         raise ImproperlyConfigured(
             f"{name}={rate!r} is not a rate such as 2000/hour: a number, '/', then second, minute, hour or day."
         )

@@ -17,6 +17,7 @@ import contextlib
 import getpass
 import http.client
 import json
+import logging
 import os
 import pickle
 import re
@@ -1207,7 +1208,13 @@ def test_production_without_its_host_names_is_refused_at_start(hosts):
 
 
 @pytest.mark.parametrize(
-    ("name", "rate"), [("API_USER_RATE", "2000"), ("API_LOGIN_RATE", "20 per minute"), ("API_ANON_RATE", "100/week")]
+    ("name", "rate"),
+    [
+        ("API_USER_RATE", "2000"),
+        ("API_LOGIN_RATE", "20 per minute"),
+        ("API_ANON_RATE", "100/week"),
+        ("API_USER_RATE", "50000/month"),  # DRF reads the first letter: 50,000 a minute
+    ],
 )
 def test_an_api_rate_the_throttles_cannot_read_is_refused_at_start(name, rate):
     """It passed start-up and `manage.py check`, then failed every request it applies to with a 500."""
@@ -1425,3 +1432,20 @@ def test_gunicorns_log_leaves_the_query_of_a_request_line_it_refuses_out(tmp_pat
     logged = log.read_text(errors="replace")
     assert "Invalid request from ip=127.0.0.1" in logged and "/api/batches/?(query left out)" in logged, logged
     assert "4711" not in logged and "Jos" not in logged, logged
+
+
+def test_gunicorns_log_filter_leaves_out_whole_queries_and_nothing_else():
+    """It stopped at a quote ("D'Almeida" kept "'Almeida-José-4711"), and marked a "?" ending a sentence."""
+    without_queries = runpy.run_path(str(GUNICORN_CONF))["WITHOUT_QUERIES"]
+
+    def filtered(message: str, *args) -> str:
+        record = logging.LogRecord("gunicorn.error", logging.WARNING, __file__, 1, message, args, None)
+        assert without_queries.filter(record)
+        return record.getMessage()
+
+    refused = "Invalid request from ip=10.0.0.9: Invalid HTTP request line: %r"
+    for line in ("GET /api/batches/?sample_reference=D'Almeida-José-4711 HTTP/1.0", "GET /?search=Ana Lima HTTP/1.1"):
+        shown = filtered(refused, line)
+        assert "?(query left out) HTTP/1." in shown and not any(name in shown for name in ("Almeida", "Lima")), shown
+    oom = "Worker (pid:%s) was sent %s! Perhaps out of memory?"
+    assert filtered(oom, 4711, "SIGKILL") == "Worker (pid:4711) was sent SIGKILL! Perhaps out of memory?"
