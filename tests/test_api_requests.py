@@ -7,6 +7,7 @@ from rest_framework.test import APIClient
 
 from diagnosis import services
 from diagnosis.models import Analysis, Batch
+from diagnosis.services import create_batch
 from tests.factories import PASSWORD, api_key, image_bytes, upload
 
 PNG = image_bytes()
@@ -172,3 +173,19 @@ def test_a_body_that_never_closes_is_refused_not_stored_without_its_last_image(l
     )
     assert answer.status_code == 400 and "ends before the form's closing boundary" in answer.json()["detail"]
     assert Analysis.objects.count() == 3
+
+
+@pytest.mark.parametrize("path", ["/api/analyses/", "/api/batches/"])
+def test_the_schema_lists_the_507_an_upload_onto_a_full_disk_gets(client, path):
+    import yaml
+
+    document = yaml.safe_load(client.get("/api/schema/").content)
+    assert "507" in document["paths"][path]["post"]["responses"]
+
+
+def test_a_filter_of_nothing_but_an_invisible_character_is_empty(api_client, user):
+    """`?sample_reference=` of a zero-width space passed the empty check (strip keeps it), then read
+    as nothing: the API listed every batch of the account, the unfiltered list it promises never to give."""
+    create_batch(owner=user, uploads=[upload("a.png")], sample_reference="WARD-7")
+    answer = api_client.get("/api/batches/", {"sample_reference": "\u200b"})
+    assert answer.status_code == 400 and answer.json()["detail"].startswith("sample_reference is empty")

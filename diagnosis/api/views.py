@@ -30,6 +30,7 @@ from diagnosis.api.throttling import ScopedRateThrottle
 from diagnosis.audit import counted, record_access, record_list_read
 from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis, Batch
+from diagnosis.text import plain_line
 
 
 def errors(*codes: int, answers_json: bool = True) -> dict:
@@ -55,6 +56,7 @@ ERROR_MEANINGS = {
     415: "the body is not of a type this operation reads (uploads: multipart/form-data)",
     422: "the Idempotency-Key was used for a different request",
     429: "rate limited or locked out; Retry-After says for how many seconds",
+    507: "the server's storage is full or cannot be written: nothing was stored",
 }
 
 
@@ -150,7 +152,8 @@ def _refuse_unknown_parameters(request, known: set[str]) -> None:
         raise ApiValidationError({"detail": f"Unknown query parameter: {', '.join(unknown)}. This list takes {takes}."})
     _refuse_repeated(request.query_params, "query parameter")
     query = request.query_params
-    if empty := sorted(name for name in known if name in query and not query[name].strip()):
+    # Empty as the lookups read it: a zero-width space alone listed every record, unfiltered.
+    if empty := sorted(name for name in known if name in query and not plain_line(query[name])):
         raise ApiValidationError(
             {"detail": f"{', '.join(empty)} is empty: give a value, or leave the parameter out to list every one."}
         )
@@ -273,7 +276,9 @@ class AnalysisViewSet(
         _record_page(self, "cell")
         return response
 
-    @extend_schema(request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 415)})
+    @extend_schema(
+        request=AnalysisUploadSerializer, responses={202: AnalysisSerializer, **errors(400, 401, 413, 415, 507)}
+    )
     def create(self, request):
         """Upload one cell image: 202 with the queued analysis, which the worker classifies (poll it)."""
         if "Idempotency-Key" in request.headers:  # ignored, it would make a second analysis unseen
@@ -403,7 +408,7 @@ class BatchViewSet(
             200: OpenApiResponse(
                 BatchSerializer, description="a request sent again under its Idempotency-Key: the first one's batch"
             ),
-            **errors(400, 401, 413, 415, 422),
+            **errors(400, 401, 413, 415, 422, 507),
         },
     )
     def create(self, request):
