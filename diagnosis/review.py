@@ -13,6 +13,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import selectors, services
 from diagnosis.audit import record_access, record_list_read
+from diagnosis.files import missing_pictures
 from diagnosis.forms import ReviewForm, show_review_time
 from diagnosis.models import AccessEvent, Analysis
 
@@ -93,7 +94,12 @@ def review(request, pk: int):
             next_case = selectors.next_case(user=request.user, pending=following)
             return redirect("diagnosis:review", pk=next_case.pk) if next_case else redirect("diagnosis:review-queue")
     status = 400 if saving else 200
-    context = {"analysis": analysis, "form": form, "replaced": selectors.replaced_verdicts(analysis=analysis)}
+    context = {
+        "analysis": analysis,
+        "form": form,
+        "replaced": selectors.replaced_verdicts(analysis=analysis),
+        "missing_pictures": missing_pictures(analysis),  # the pictures the verdict is given on
+    }
     return render(request, "diagnosis/review.html", context, status=status)
 
 

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Group
 from django.core.files.base import ContentFile
 from PIL import Image, ImageCms
 
@@ -16,7 +17,7 @@ from diagnosis.models import Analysis
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
 from tests.conftest import fixture_cells
-from tests.factories import classified, image_bytes, upload
+from tests.factories import UserFactory, classified, image_bytes, upload
 from tests.test_ml import SHARED_DATA
 
 
@@ -202,3 +203,14 @@ def test_a_cell_whose_pictures_were_not_restored_says_so_on_its_page(client, use
     cell.overlay.storage.delete(cell.overlay.name)
     page = html.unescape(client.get(f"/analyses/{cell.pk}/").content.decode())
     assert "This cell's original image and heatmap are missing" in page and "shown with them." in page
+
+
+def test_the_review_page_of_a_cell_whose_picture_is_gone_says_so(client, user):
+    """The microscopist judges the call on these pictures, and saw a broken image without a word."""
+    cell = classified(services.create_analysis(owner=user, upload=upload("a.png")))
+    cell.image.storage.delete(cell.image.name)
+    reviewer = UserFactory()
+    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    client.force_login(reviewer)
+    page = html.unescape(client.get(f"/review/{cell.pk}/").content.decode())
+    assert "This cell's original image is missing from the server's storage" in page
