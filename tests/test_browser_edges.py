@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from playwright.sync_api import expect
 from rest_framework.test import APIClient
@@ -365,3 +366,14 @@ def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, 
     expect(told).to_contain_text("Nothing was stored.")
     expect(told).not_to_contain_text("may have been stored")
     assert not Analysis.objects.exists()
+
+
+@pytest.mark.parametrize("model", ["analysis", "batch", "accessevent"])
+def test_the_admins_search_box_is_not_remembered_by_the_browser(open_page, model):  # noqa: F811
+    """The site's own search fields are not remembered on a shared workstation; the admin's, where
+    patient references are typed to search every user's records, was."""
+    admin = get_user_model().objects.create_superuser("boss", password=PASSWORD)
+    page = open_page()
+    log_in(page, admin.username, PASSWORD)
+    page.goto(f"/admin/diagnosis/{model}/")
+    expect(page.locator("#searchbar")).to_have_attribute("autocomplete", "off")
