@@ -32,8 +32,10 @@ def record_access(
     batch: Batch | None = None,
     detail: str = "",
     owner_id: int | None = None,
+    once_in_a_while: bool = True,
 ) -> AccessEvent | None:
-    """``owner_id``: the owner of what was read, where no one record was (a list)."""
+    """``owner_id``: the owner of what was read, where no one record was (a list).
+    ``once_in_a_while=False``: recorded each time, even where a repeat would not be."""
     subject = analysis or batch
     event = AccessEvent(
         user=request.user,
@@ -46,7 +48,7 @@ def record_access(
         detail=detail[:200],
         client_ip=_client_ip(request),
     )
-    if action in REPEATABLE and _seen_recently(event):
+    if once_in_a_while and action in REPEATABLE and _seen_recently(event):
         return None
     event.save()
     return event
@@ -57,13 +59,16 @@ def record_list_read(
 ) -> AccessEvent | None:
     """One page of a list, with the span of ids it held (the query's values are left out: a sample
     reference may name a patient): of the user's own records in the API, of anyone's (``own=False``)
-    in the admin. The same page read again with the same records within REPEAT_WINDOW, a lab system
-    polling, is recorded once."""
+    in the admin. The same page of one's own read again within REPEAT_WINDOW, a lab system polling,
+    is recorded once; of anyone's (a reviewer's searches of every user's records), each time: the span
+    of ids would tell two searches for different patients apart only by chance."""
     ids = sorted(record.pk for record in records)
     held = f", ids {ids[0]}–{ids[-1]}" if ids else ""
     detail = f"list of {counted(len(ids), noun)}, page {page}{held}"
     owner_id = request.user.pk if own else None
-    return record_access(request=request, action=AccessEvent.Action.VIEWED, detail=detail, owner_id=owner_id)
+    return record_access(
+        request=request, action=AccessEvent.Action.VIEWED, detail=detail, owner_id=owner_id, once_in_a_while=own
+    )
 
 
 def record_dataset_export(*, analyses: list[Analysis], out: str) -> None:

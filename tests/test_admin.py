@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 
 from diagnosis.models import AccessEvent, Analysis, ApiToken
-from diagnosis.services import create_analysis
+from diagnosis.services import create_analysis, create_batch
 from diagnosis.tokens import new_token
 from tests.factories import api_key, classified, upload
 
@@ -606,3 +606,20 @@ def test_the_favicon_browsers_ask_admin_pages_for_is_the_sites_icon(admin_client
     every admin page opened."""
     answer = admin_client.get("/favicon.ico")
     assert answer.status_code == 302 and re.fullmatch(r"/static/img/favicon(\.[0-9a-f]{12})?\.svg", answer["Location"])
+
+
+def test_an_admin_search_for_other_patients_is_recorded_each_time(admin_client, user, other_user):
+    """A list page is recorded by the span of ids it held, and a repeat within 10 minutes left out:
+    searches for SMITH and then JONES, other patients' batches between the same first and last ids,
+    left one entry, and the second search no trace."""
+    for owner, reference in [
+        (user, "SMITH JONES household"),
+        (user, "SMITH Anna"),
+        (other_user, "JONES Bob"),
+        (other_user, "SMITH JONES 2"),
+    ]:
+        create_batch(owner=owner, uploads=[upload("a.png")], sample_reference=reference)
+    for search in ("SMITH", "JONES"):
+        assert admin_client.get("/admin/diagnosis/batch/", {"q": search}).status_code == 200
+    lists = AccessEvent.objects.filter(username="boss", action="viewed", detail__startswith="list of 3 batches")
+    assert lists.count() == 2
