@@ -110,6 +110,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "diagnosis.context_processors.roles",
+                "diagnosis.context_processors.idle_sign_out",
             ],
         },
     },

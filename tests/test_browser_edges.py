@@ -377,3 +377,29 @@ def test_the_admins_search_box_is_not_remembered_by_the_browser(open_page, model
     log_in(page, admin.username, PASSWORD)
     page.goto(f"/admin/diagnosis/{model}/")
     expect(page.locator("#searchbar")).to_have_attribute("autocomplete", "off")
+
+
+def test_a_result_left_open_stops_showing_its_patient_once_the_idle_sign_out_ends_the_session(
+    open_page,  # noqa: F811
+    user,
+    settings,
+    not_analysed,
+):
+    """The idle sign-out acts on the next request, and a finished cell's page sends none: the file
+    name, sample reference, pictures and result stayed on screen for whoever came by."""
+    batch = services.create_batch(owner=user, uploads=[upload("Doe_Jane_0815.png")], sample_reference="MRN-4711")
+    cell = classified(batch.analyses.get())
+    page = open_page()
+    page.clock.install()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/analyses/{cell.pk}/")
+    expect(page.get_by_role("heading", name="Doe_Jane_0815.png")).to_be_visible()
+    page.clock.fast_forward(f"{settings.SESSION_IDLE_MINUTES - 1}:00")  # still within the limit
+    expect(page.get_by_role("heading", name="Doe_Jane_0815.png")).to_be_visible()
+    page.clock.fast_forward("02:00")  # past it, and the server has ended the sign-in
+    Session.objects.all().delete()
+    page.clock.fast_forward("01:00")
+    expect(page.get_by_role("alert")).to_contain_text("You were signed out after 30 minutes without activity")
+    open_page.expect_error(page, "401")
+    shown = page.locator("body").inner_text()
+    assert "Doe_Jane_0815.png" not in shown and "MRN-4711" not in shown, shown[:400]
