@@ -351,6 +351,7 @@ def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_
 
 def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, not_analysed, monkeypatch):  # noqa: F811
     """upload.js took every status from 500 up as "it may have been stored", the server's 507 too."""
+
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
