@@ -804,10 +804,7 @@ def test_the_development_servers_log_leaves_query_strings_out(tmp_path):
         '"GET /batches/ HTTP/1.1" 302',
         "Bad request syntax ('GET /batches/ HTTP/1.1')",
     ]
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    server = logged_process(command, env=env, log=log)
     try:
         wait_for_port(port, server, log, timeout=60)
         for path in ("/accounts/login/?next=/%3Fsearch%3DPATIENT-4711", "/batches/?sample_reference=PATIENT-4711"):
@@ -843,6 +840,21 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
             return
         time.sleep(0.1)
     raise RuntimeError(f"port {port} not open after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def gunicorn_command(port: int) -> list[str]:
+    """gunicorn as deploy/gunicorn.conf.py sets it up, on this machine's ``port``."""
+    config = ["--config", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}"]
+    return [sys.executable, "-m", "gunicorn", *config, "malaria_site.wsgi"]
+
+
+def logged_process(command: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A server started from the repository, its stdout and stderr together in ``log``, in a
+    session of its own (``stop`` ends the whole group)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -1032,16 +1044,7 @@ def test_gunicorn_behind_nginx_in_production_mode(tmp_path):
     collected = subprocess.run(collect, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=300)
     assert collected.returncode == 0, collected.stderr
     log = tmp_path / "gunicorn.log"
-    with open(log, "wb") as log_file:
-        gunicorn = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}"]
-            + ["malaria_site.wsgi"],
-            cwd=ROOT,
-            env={**base, **env},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    gunicorn = logged_process(gunicorn_command(port), env={**base, **env}, log=log)
     try:
         wait_for_port(port, gunicorn, log, timeout=60)
 
@@ -1109,15 +1112,8 @@ def test_worker_health_check_pings_its_own_replica(tmp_path):
         "HOME": os.environ.get("HOME", str(tmp_path)),
     }
     log = tmp_path / "worker.log"
-    with open(log, "wb") as log_file:
-        worker = subprocess.Popen(
-            interpolate(SERVICES["worker"]["command"], {}),  # as compose fills it in, with no .env
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # As compose fills the command in, with no .env.
+    worker = logged_process(interpolate(SERVICES["worker"]["command"], {}), env=env, log=log)
     try:
         deadline = time.monotonic() + 90
         while b" ready." not in log.read_bytes():
@@ -1409,16 +1405,7 @@ def test_gunicorns_log_leaves_the_query_of_a_request_line_it_refuses_out(tmp_pat
     `Invalid request from ip=...: Invalid HTTP request line: 'GET /api/batches/?sample_reference=JosÃ©-4711 ...'`."""
     port, log = free_port(), tmp_path / "gunicorn.log"
     env = {**production_env(), "PATH": os.environ["PATH"], "VAR_DIR": str(tmp_path), "GUNICORN_WORKERS": "1"}
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}"]
-            + ["malaria_site.wsgi"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = logged_process(gunicorn_command(port), env=env, log=log)
     try:
         wait_for_port(port, server, log, timeout=60)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
