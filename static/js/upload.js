@@ -210,6 +210,8 @@
     // The server checks every image before it answers, which can take a while for a large batch.
     xhr.upload.addEventListener("load", () => {
       allSent = true;
+      // Every byte is sent: the last file too, which the sum of scaled sizes may put a hair past the end.
+      chosen.forEach((file, i) => { notes[i].textContent = "uploaded"; });
       status.textContent = "All files sent. The server is checking them…";
     });
     xhr.addEventListener("load", () => {
