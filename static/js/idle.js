@@ -26,14 +26,18 @@
     document.title = "Signed out · Malaria cell screening";
   }
 
+  let asking = false;  // one question at a time: a slow answer must not pile up others
   const timer = setInterval(async () => {
-    if (Date.now() - lastInput < idleSeconds * 1000) return;
+    if (asking || Date.now() - lastInput < idleSeconds * 1000) return;
+    asking = true;
     try {
       // The status endpoint: asking it is no activity, so it does not keep the sign-in alive.
       const answer = await fetch(body.dataset.sessionUrl, { headers: { "X-Requested-With": "XMLHttpRequest" } });
       if (answer.status !== 401) return;
     } catch (error) {
       return;  // the server unreachable: the sign-in may stand
+    } finally {
+      asking = false;
     }
     clearInterval(timer);
     signedOut();
