@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--images", type=at_least_one, default=64)
     parser.add_argument("--batch-size", type=at_least_one, default=16)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=at_least_one, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

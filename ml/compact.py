@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ml.data import list_samples, load_resized
+from ml.data import at_least_one, list_samples, load_resized
 from ml.model import CLASS_NAMES
 
 
@@ -25,14 +25,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/")
     parser.add_argument("--out", required=True, help="folder to write the copy to (same layout)")
-    parser.add_argument("--size", type=int, required=True, help="side in pixels: the --input-size to train at")
-    parser.add_argument("--quality", type=int, default=85, help="WebP quality, 1-100")
-    parser.add_argument("--workers", type=int, default=2, help="decoding processes; 1: none, all in this one")
+    parser.add_argument("--size", type=at_least_one, required=True, help="side in pixels: the --input-size to train at")
+    parser.add_argument("--quality", type=webp_quality, default=85, help="WebP quality, 0-100")
+    parser.add_argument("--workers", type=at_least_one, default=2, help="decoding processes; 1: none, all in this one")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):  # an earlier copy's cells (another split's) would stay among the new
         parser.error(f"{out} is not empty; give a new folder")
     return args
+
+
+def webp_quality(text: str) -> int:
+    """An argparse type: a WebP quality, 0 to 100 (libwebp refused any other in every worker, cell by cell)."""
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text}: give a quality from 0 to 100, e.g. 85")
+    return value
 
 
 def compact_one(source: str, target: str, size: int, quality: int) -> int:

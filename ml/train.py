@@ -38,7 +38,7 @@ from ml.metrics import choose_threshold, screening_metrics
 from ml.model import CLASS_NAMES, MIN_HEATMAP_GRID, PARASITIZED, MalariaVGG, ModelConfig
 from ml.predictor import cpu_has_bf16
 from ml.tensors import model_inputs
-from ml.weights import ModelInfo, load_model, read_info, save_model
+from ml.weights import ModelInfo, load_model, read_info, save_model, tensors_that_differ
 
 IMAGENET_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 
@@ -127,8 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--val-fraction", type=fraction, default=0.12, help="fraction of patient groups for validation")
     parser.add_argument("--min-sensitivity", type=sensitivity, default=0.97, help="sensitivity the threshold must keep")
-    parser.add_argument("--limit", type=int, help="use at most this many images (smoke tests)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads and decoders")
+    parser.add_argument("--limit", type=at_least_one, help="use at most this many images (smoke tests)")
+    parser.add_argument(
+        "--threads", type=at_least_one, default=torch.get_num_threads(), help="CPU threads and decoders"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the network trains")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
     parser.add_argument("--checkpoint", help="training-state file (default: OUT with .ckpt suffix)")
@@ -158,7 +160,14 @@ def build_model(args) -> MalariaVGG:
     )
     model = MalariaVGG(config)
     if imagenet:
-        model.features.load_state_dict(imagenet_trunk_state(args.backbone_weights))
+        trunk = imagenet_trunk_state(args.backbone_weights)
+        wrong = tensors_that_differ(trunk, model.features.state_dict())
+        if wrong:  # another network's file: load_state_dict's error would list every key
+            raise ValueError(
+                f"--backbone-weights: not torchvision's VGG19 without batch norm ({len(wrong)} tensors missing, "
+                f"extra or of another shape, such as features.{wrong[0]})"
+            )
+        model.features.load_state_dict(trunk)
         model.freeze_trunk()
     return model
 
@@ -200,7 +209,10 @@ def imagenet_trunk_state(path: str | None) -> dict[str, torch.Tensor]:
 
 def excluded_file_names(path: str) -> set[str]:
     """File names from an ``ml.audit --json`` report, or from a plain list (one per line, # comments)."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"ml.train: --exclude: {error}") from None
     try:
         report = json.loads(text)
     except json.JSONDecodeError:
@@ -325,7 +337,12 @@ def main(argv=None) -> None:
             raise SystemExit(f"--exclude: none of the {len(listed)} cells {args.exclude} lists is in {args.data}")
     if args.limit:
         samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
-    validation_run = read_info(args.refit) if args.refit else None
+    try:
+        validation_run = read_info(args.refit) if args.refit else None
+        # Built before the images are decoded: a wrong model file or size should not wait minutes to be said.
+        model = build_model(args).to(device, memory_format=torch.channels_last)
+    except (OSError, ValueError) as error:  # a missing or unreadable model file, an input size the trunk refuses
+        raise SystemExit(f"ml.train: {error}") from None
     if validation_run:
         # The validation patients join training; the earlier run already chose the threshold on them.
         train_samples, val_samples = samples, []
@@ -346,7 +363,6 @@ def main(argv=None) -> None:
         flush=True,
     )
 
-    model = build_model(args).to(device, memory_format=torch.channels_last)
     grid, stride = model.config.heatmap_size, model.config.trunk_stride
     if grid < MIN_HEATMAP_GRID:
         raise SystemExit(

@@ -86,14 +86,19 @@ def _check_fits(path, state: dict, expected: dict, config: ModelConfig) -> None:
     """Tensors that are not the network the config describes (another arch, one missing) are a bad
     file, said in a line. Checked here, not by catching load_state_dict's RuntimeError: that is also
     what a worker short of memory raises, and its text lists every key."""
-    wrong = sorted(expected.keys() ^ state.keys()) or sorted(
-        name for name in expected if expected[name].shape != state[name].shape
-    )
+    wrong = tensors_that_differ(state, expected)
     if wrong:
         raise ValueError(
             f"{path}: its tensors do not fit its config (arch {config.arch}): "
             f"{len(wrong)} missing, extra or of another shape, such as {wrong[0]}"
         )
+
+
+def tensors_that_differ(state: dict, expected: dict) -> list[str]:
+    """The names missing from one state dict or the other, else those whose shapes differ."""
+    return sorted(expected.keys() ^ state.keys()) or sorted(
+        name for name in expected if expected[name].shape != state[name].shape
+    )
 
 
 @contextmanager

@@ -695,10 +695,10 @@ def test_exclude_from_an_audit_of_the_originals_applies_to_their_compact_copy(tm
     audit_report = tmp_path / "audit.json"
     audit_report.write_text(json.dumps({"cells": [{"file": name, "label": "Parasitized"} for name in listed]}))
 
-    def stop(args):
+    def stop(*args, **kwargs):
         raise SystemExit("stopped before training")
 
-    monkeypatch.setattr(train, "build_model", stop)
+    monkeypatch.setattr(train, "load_arrays", stop)
     result = train_on_fixture_cells(copy, tmp_path / "m.safetensors", "--exclude", str(audit_report))
     assert "left 2 of 4 training cells out" in result.stdout, result.stderr
 
@@ -784,10 +784,23 @@ def test_the_tools_report_an_ordinary_mistake_in_a_line_not_a_traceback(tmp_path
         (["ml.train", "--data", str(nested), "--out", str(tmp_path / "m.safetensors")], "sub-folder"),
         (["ml.train", "--data", str(unnamed), "--out", str(tmp_path / "m.safetensors")], "do not name their patient"),
     ]
+    model_file = ["ml.train", "--data", str(FIXTURE_CELLS), "--out", str(tmp_path / "m.safetensors")]
+    other_trunk = tmp_path / "resnet.safetensors"  # another network's ImageNet file, given by mistake
+    save_file({"features.0.weight": torch.zeros(64, 3, 7, 7)}, str(other_trunk))
+    a_cell = next((FIXTURE_CELLS / "Parasitized").glob("*.png"))
+    cases += [
+        ([*model_file, "--exclude", str(tmp_path / "no-such-list.txt")], "--exclude: "),
+        ([*model_file, "--init-from", str(tmp_path / "none")], "weights not found"),
+        ([*model_file, "--init-from", str(a_cell)], "is not a usable weights file"),
+        ([*model_file, "--refit", str(tmp_path / "none")], "weights not found"),
+        ([*model_file, "--input-size", "50"], "positive multiple of trunk_stride"),
+        ([*model_file, "--init", "imagenet", "--backbone-weights", str(other_trunk)], "not torchvision's VGG19"),
+    ]
     for argv, expected in cases:
         result = run_module(*argv)
         assert result.returncode == 1 and result.stdout == "", argv
         assert result.stderr.startswith(f"{argv[0]}: ") and expected in result.stderr, (argv, result.stderr)
+        assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -800,23 +813,31 @@ def test_the_tools_report_an_ordinary_mistake_in_a_line_not_a_traceback(tmp_path
         (["ml.train", "--min-sensitivity", "0"], "give a sensitivity above 0 and at most 1"),
         (["ml.bench", "--images", "0"], "--images: 0: give 1 or more"),
         (["ml.bench", "--batch-size", "0"], "--batch-size: 0: give 1 or more"),
+        (["ml.train", "--threads", "0"], "--threads: 0: give 1 or more"),
+        (["ml.train", "--limit", "-3"], "--limit: -3: give 1 or more"),
+        (["ml.bench", "--threads", "0"], "--threads: 0: give 1 or more"),
+        (["ml.compact", "--size", "0"], "--size: 0: give 1 or more"),
+        (["ml.compact", "--workers", "0"], "--workers: 0: give 1 or more"),
+        (["ml.compact", "--quality", "150"], "give a quality from 0 to 100"),
         (["ml.audit", "--cut", "nan"], "give a probability between 0 and 1"),
         (["ml.audit", "--cut", "1.5"], "give a probability between 0 and 1"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
 def test_counts_and_shares_out_of_range_are_refused_by_name(tmp_path, argv, refusal):
-    """--epochs 0 exited 0 without a model, a --batch-size or --images of 0 divided by zero, and a
-    cut or a sensitivity outside 0..1 went through."""
+    """--epochs 0 exited 0 without a model, a --batch-size or --images of 0 divided by zero, a
+    cut or a sensitivity outside 0..1 went through, --threads 0 was torch's RuntimeError, and
+    ml.compact's --quality 150 libwebp's error for every cell."""
     module, *options = argv
     required = {
         "ml.train": ["--data", str(FIXTURE_CELLS), "--out", str(tmp_path / "m.safetensors")],
         "ml.bench": [],
         "ml.audit": ["--data", str(FIXTURE_CELLS), "--weights", "a", "b"],
+        "ml.compact": ["--data", str(FIXTURE_CELLS), "--out", str(tmp_path / "copy"), "--size", "64"],
     }[module]
     result = run_module(module, *required, *options)
     assert result.returncode == 2 and refusal in result.stderr, result.stderr
-    assert not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "copy").exists()
 
 
 def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_a_line_not_a_traceback(tmp_path):
