@@ -306,9 +306,13 @@ CELERY_BEAT_SCHEDULE = {
 ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=600)
 # A cell whose worker died on it this many times is failed, not sent again (a poison image).
 ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
+if ANALYSIS_MAX_ATTEMPTS < 1:  # 0 failed every stale cell as a poison image, never sending it again
+    raise ImproperlyConfigured("ANALYSIS_MAX_ATTEMPTS must be at least 1.")
 # The lab's retention period: analyses older than this many days are deleted with their images,
 # once a day. 0 keeps everything.
 ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)
+if not 0 <= ANALYSIS_RETENTION_DAYS <= 36500:  # diagnosis.services.MAX_RETENTION_DAYS
+    raise ImproperlyConfigured("ANALYSIS_RETENTION_DAYS is a number of days from 1 to 36500, or 0 to keep everything.")
 # Batch callbacks (diagnosis.callbacks): the only hosts a batch's callback_url may name (none: off),
 # the HMAC key that signs each body (unset: callbacks off), and how many attempts to make.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])

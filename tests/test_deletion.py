@@ -349,6 +349,16 @@ def test_retention_command_refuses_to_run_without_a_period(settings):
         call_command("delete_expired_analyses")
 
 
+@pytest.mark.parametrize("days", [0, -5, 10**9])
+def test_retention_command_names_a_days_option_out_of_range(settings, user, days):
+    """--days -5 was told "No retention period" (set with --days), and 10**9 was an OverflowError."""
+    settings.ANALYSIS_RETENTION_DAYS = 30
+    analysis = services.create_analysis(owner=user, upload=upload("kept.png"))
+    with pytest.raises(CommandError, match=f"--days {days}: give a retention period from 1 to 36500 days"):
+        call_command("delete_expired_analyses", days=days)
+    assert Analysis.objects.filter(pk=analysis.pk).exists()
+
+
 def test_files_a_killed_upload_left_are_deleted_once_they_are_old_and_no_others(
     user, media_root, monkeypatch, settings
 ):

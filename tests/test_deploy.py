@@ -1192,6 +1192,21 @@ def test_a_sweep_interval_of_zero_or_less_is_refused_at_start(interval):
     assert refused.returncode != 0 and "SWEEP_INTERVAL_SECONDS must be above 0" in refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "refusal"),
+    [
+        ("ANALYSIS_RETENTION_DAYS", "-5", "ANALYSIS_RETENTION_DAYS is a number of days from 1 to 36500"),
+        ("ANALYSIS_RETENTION_DAYS", "1000000", "ANALYSIS_RETENTION_DAYS is a number of days from 1 to 36500"),
+        ("ANALYSIS_MAX_ATTEMPTS", "0", "ANALYSIS_MAX_ATTEMPTS must be at least 1"),
+    ],
+)
+def test_a_retention_or_attempt_count_out_of_range_is_refused_at_start(name, value, refusal):
+    """A negative retention period kept everything with nothing said, a million days stopped the
+    daily deletion with OverflowError, and 0 attempts failed every stale cell without a retry."""
+    refused = run_python(["-c", "import malaria_site.settings"], production_env(**{name: value}))
+    assert refused.returncode != 0 and refusal in refused.stderr
+
+
 @pytest.mark.parametrize("hosts", [None, ""], ids=["unset", "blank"])
 def test_production_without_its_host_names_is_refused_at_start(hosts):
     """It started, and answered every request for the site's real name "Bad Request (400)"."""

@@ -3,7 +3,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from diagnosis.services import delete_expired_analyses
+from diagnosis.services import MAX_RETENTION_DAYS, delete_expired_analyses
 
 
 class Command(BaseCommand):
@@ -13,8 +13,11 @@ class Command(BaseCommand):
         parser.add_argument("--days", type=int, help="default ANALYSIS_RETENTION_DAYS")
 
     def handle(self, *args, days=None, **options):
-        days = days if days is not None else settings.ANALYSIS_RETENTION_DAYS
-        if days < 1:
-            raise CommandError("No retention period: pass --days N or set ANALYSIS_RETENTION_DAYS.")
+        if days is None:
+            days = settings.ANALYSIS_RETENTION_DAYS
+            if days < 1:
+                raise CommandError("No retention period: pass --days N or set ANALYSIS_RETENTION_DAYS.")
+        elif not 1 <= days <= MAX_RETENTION_DAYS:  # 0 would be every analysis; a century overflows the date
+            raise CommandError(f"--days {days}: give a retention period from 1 to {MAX_RETENTION_DAYS} days.")
         count = delete_expired_analyses(older_than=timedelta(days=days))
         self.stdout.write(f"deleted {count} analyses uploaded more than {days} days ago")
