@@ -6,7 +6,18 @@ validation.display_name could shorten the name in the middle. And browsers send 
 a file name as ``%22`` (the HTML standard's multipart encoding), which Django keeps.
 """
 
+import os
+
+from django.conf import settings
 from django.core.files.uploadhandler import MemoryFileUploadHandler, TemporaryFileUploadHandler
+
+
+def spool_folder() -> str:
+    """FILE_UPLOAD_TEMP_DIR, made again if it has gone: settings make it only at start, and media
+    restored or cleaned by hand while the site runs took it away, failing every large upload with a
+    500 until a restart."""
+    os.makedirs(settings.FILE_UPLOAD_TEMP_DIR, exist_ok=True)
+    return settings.FILE_UPLOAD_TEMP_DIR
 
 
 class _KeepingTheWholeName:
@@ -22,4 +33,6 @@ class MemoryFileKeepingItsName(_KeepingTheWholeName, MemoryFileUploadHandler):
 
 
 class TemporaryFileKeepingItsName(_KeepingTheWholeName, TemporaryFileUploadHandler):
-    pass
+    def new_file(self, *args, **kwargs):
+        spool_folder()
+        super().new_file(*args, **kwargs)

@@ -14,6 +14,7 @@ from django.core.files.uploadedfile import UploadedFile
 from PIL import Image, ImageStat
 
 from diagnosis.text import composed
+from diagnosis.upload_handlers import spool_folder
 from ml.preprocessing import ImageDecodeError, picture_rgb
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "BMP"}
@@ -171,7 +172,7 @@ def _thumbnail_png(image: Image.Image) -> bytes:
 
 def _spooled(content: bytes) -> File:
     # Deleted when closed or collected, as Django's own upload spools are; nightly swept if a worker dies.
-    spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024, dir=settings.FILE_UPLOAD_TEMP_DIR)  # noqa: SIM115
+    spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024, dir=spool_folder())  # noqa: SIM115
     spool.write(content)
     spool.seek(0)
     return File(spool, name="upload.png")

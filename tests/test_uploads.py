@@ -5,6 +5,7 @@ import html
 import io
 import random
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -481,6 +482,20 @@ def test_stored_files_take_the_configured_mode(api_client, media_root, settings,
     files = [path for path in set(media_root.rglob("*")) - before if path.is_file()]
     assert len(files) == 2  # the upload and its thumbnail
     assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o600)}
+
+
+def test_a_large_upload_is_taken_after_its_spool_folder_was_removed(api_client, media_root, settings):
+    """Settings made media/incoming only at start: media restored or cleaned by hand while the site
+    ran took it away, and every upload past FILE_UPLOAD_MAX_MEMORY_SIZE was a 500 until a restart."""
+    settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 10  # every upload spools, as a 2 MB photo does
+    cell = fixture_cells()[0]
+    shutil.rmtree(media_root / "incoming")
+    try:
+        response = api_client.post("/api/analyses/", {"image": upload(cell.name, cell.read_bytes())})
+    finally:
+        (media_root / "incoming").mkdir(exist_ok=True)
+    assert response.status_code == 202, response.content
+    assert Analysis.objects.get(pk=response.json()["id"]).original_filename == cell.name
 
 
 def test_what_is_kept_of_a_photo_is_its_picture_without_the_files_metadata(client, user):
