@@ -18,12 +18,13 @@ sends the batch again without it, a batch deleted sends ``batch.withdrawn`` (dia
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -156,6 +157,8 @@ def deliver(*, batch_id: int) -> bool:
     except urllib.error.URLError as failure:  # urllib's wrapper of what stops the request going out
         sent = False
         error = f"{failure.reason.__class__.__name__}: {failure.reason}"
+    except http.client.HTTPException as failure:  # not a word of it shown: it is another service's banner
+        error = f"the receiver did not answer in HTTP ({failure.__class__.__name__})"
     except Exception as failure:  # noqa: BLE001 - no answer, not HTTP, time up: it may have gone out
         error = f"{failure.__class__.__name__}: {failure}"
     if sent:  # recorded even if newer results will follow, or the receiver failed after taking them
@@ -201,11 +204,27 @@ def retry(*, batch: Batch) -> bool:
 
 
 def send_again(*, batch_ids: Iterable[int]) -> int:
-    """Any state -> pending with no lease: these batches have new results (cells analysed again),
-    which go out once every cell is finished, as the first ones did. An attempt under way for a
-    pending one loses its lease, so it cannot mark the batch delivered with the old results."""
+    """Any state -> pending with no lease: these batches have new results (cells analysed again,
+    reviewed), which go out once every cell is finished, as the first ones did. An attempt under
+    way for a pending one loses its lease, so it cannot mark the batch delivered with the old
+    results. A batch whose receiver is failing keeps its count of attempts and waits out a pause:
+    a review a minute called a lab system that was down at once, each time, and never gave up. A
+    withdrawal is a message of its own, and starts afresh."""
+    batches = Batch.with_withdrawn.filter(pk__in=batch_ids)
+    pending = Batch.CallbackState.PENDING
+    failing = batches.filter(callback_state=pending, withdrawn_at__isnull=True).exclude(callback_error="")
+    waiting = []
+    for batch_id, attempts in failing.values_list("pk", "callback_attempts"):
+        # A new due time, never the old one: an attempt under way holds its lease as its due time.
+        paused = (
+            Batch.with_withdrawn.filter(pk=batch_id, callback_state=pending, callback_attempts=attempts)
+            .exclude(callback_error="")
+            .update(callback_due_at=timezone.now() + retry_pause(attempts))
+        )
+        if paused:
+            waiting.append(batch_id)
     states = [Batch.CallbackState.PENDING, Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
-    return _restart(Batch.with_withdrawn.filter(pk__in=batch_ids), from_states=states)
+    return len(waiting) + _restart(batches.exclude(pk__in=waiting), from_states=states)
 
 
 def _restart(batches: QuerySet[Batch], *, from_states: list[str]) -> int:
@@ -248,11 +267,14 @@ def _payload(batch: Batch) -> dict:
     analyses = list(batch.analyses.order_by("pk"))
     return {
         "event": "batch.withdrawn" if batch.withdrawn_at else "batch.finished",
+        # Any account may name any allowed URL, and one secret signs for every receiver: the lab
+        # system takes only its own service account's results ("" once that account is removed).
+        "account": batch.owner.get_username() if batch.owner else "",
         "batch": {
             "id": batch.pk,
             "sample_reference": batch.sample_reference,
             "created_at": _timestamp(batch.created_at),
-            "results_as_of": _timestamp(selectors.results_as_of(batch=batch, analyses=analyses)),
+            "results_as_of": results_timestamp(selectors.results_as_of(batch=batch, analyses=analyses)),
             "counts": selectors.batch_counts(batch=batch),
             "analyses": [
                 {
@@ -277,6 +299,13 @@ def _payload(batch: Batch) -> dict:
 
 def _timestamp(moment) -> str:
     return DateTimeField().to_representation(moment)  # as the API writes it, in TIME_ZONE
+
+
+def results_timestamp(moment: datetime) -> str:
+    """``results_as_of`` as the API and the callbacks write it: in UTC, so that the later of two
+    sorts later as text too. In TIME_ZONE, the night its clocks go back wrote a review made 40
+    minutes after a result as 02:10+01:00, before the result's 02:30+02:00."""
+    return DateTimeField(default_timezone=UTC).to_representation(moment)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

@@ -6,7 +6,7 @@ import hmac
 import json
 import socket
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
@@ -673,3 +673,92 @@ def test_a_batch_whose_only_attempt_posted_nothing_is_deleted_outright(user, set
     assert not Batch.with_withdrawn.filter(pk=batch.pk).exists()
     _, created = services.create_batch_once(owner=user, idempotency_key="lis-42", uploads=[upload()], callback_url=url)
     assert created, "the key of a batch deleted outright is free again"
+
+
+def test_each_callback_names_the_account_whose_batch_it_is(user, other_user, receiver, monkeypatch):
+    """Any account may name an allowed URL and one secret signs for every receiver: another
+    account's batch, under one of the lab system's sample references, arrived signed exactly as
+    its own, with nothing in it by which the lab system could refuse it."""
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    own, pointed_at_it = finished_batch(user, receiver.url), finished_batch(other_user, receiver.url)
+    assert callbacks.deliver(batch_id=own.pk) and callbacks.deliver(batch_id=pointed_at_it.pk)
+    accounts = [json.loads(call.body)["account"] for call in receiver.received]
+    assert accounts == [user.username, other_user.username]
+
+    other_user.delete()  # its batch was sent: it is withdrawn, named by no account now
+    services.withdraw_batches_of_removed_users()
+    make_due(pointed_at_it)
+    assert callbacks.deliver(batch_id=pointed_at_it.pk)
+    withdrawal = json.loads(receiver.received[-1].body)
+    assert (withdrawal["event"], withdrawal["account"]) == ("batch.withdrawn", "")
+
+
+def test_what_a_service_other_than_http_answers_is_not_shown_as_the_callback_error(user, api_client):
+    """An allowed host's other ports can be named: the first line a mail server there answered
+    ("220 mail.internal ESMTP Postfix ...") was copied into callback_error, shown to the owner."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def mail_server():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"220 mail.internal.example ESMTP Postfix 3.4.13 (Debian)\r\n")
+
+    threading.Thread(target=mail_server, daemon=True).start()
+    batch = finished_batch(user, f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    try:
+        assert not callbacks.deliver(batch_id=batch.pk)
+    finally:
+        listener.close()
+    shown = api_client.get(f"/api/batches/{batch.pk}/").json()["callback_error"]
+    assert shown == "the receiver did not answer in HTTP (BadStatusLine)"
+    assert refreshed(batch).callback_state == State.PENDING  # a failed attempt, tried again later
+
+
+def test_results_as_of_sorts_as_text_across_the_night_the_clocks_go_back(settings, user, api_client, receiver):
+    """Written in TIME_ZONE, a review 40 minutes after a result read 02:10+01:00, before the
+    result's 02:30+02:00: a lab system keeping the latest as text kept the stale result."""
+    settings.TIME_ZONE = "Europe/Berlin"
+    batch = finished_batch(user, receiver.url)
+    finished = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 summer time
+    batch.analyses.update(finished_at=finished)
+    assert callbacks.deliver(batch_id=batch.pk)
+    Analysis.objects.filter(pk=batch.analyses.first().pk).update(
+        review_verdict="agree",
+        reviewed_at=finished + timedelta(minutes=40),  # 02:10 winter time
+    )
+    callbacks.send_again(batch_ids=[batch.pk])
+    assert callbacks.deliver(batch_id=batch.pk)
+    first, second = (json.loads(call.body)["batch"]["results_as_of"] for call in receiver.received)
+    assert (first, second) == ("2026-10-25T00:30:00Z", "2026-10-25T01:10:00Z") and second > first
+    assert api_client.get(f"/api/batches/{batch.pk}/").json()["results_as_of"] == second
+
+
+def test_reviews_while_the_lab_system_is_down_wait_out_its_pause_and_count_its_attempts(
+    settings, user, receiver, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Each review reset the count of attempts to 0 and ended the pause: a receiver answering 503
+    was called at once on every review, and the callback never reached `failed`."""
+    from django.contrib.auth import get_user_model
+
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: callbacks.deliver(batch_id=batch_id))
+    batch = services.create_batch(
+        owner=user, uploads=[upload(f"c{n}.png") for n in range(4)], callback_url=receiver.url
+    )
+    batch.analyses.update(status=Analysis.Status.DONE, label="Uninfected", probability_parasitized=0.02)
+    reviewer = get_user_model().objects.create_superuser("microscopist", password="pw-for-tests-123")
+    receiver.answers.extend([503] * 10)
+    assert not callbacks.deliver(batch_id=batch.pk)
+    for cell in batch.analyses.order_by("pk"):
+        with django_capture_on_commit_callbacks(execute=True):
+            services.review_analysis(analysis=cell, reviewer=reviewer, verdict="agree", replacing=None)
+    state = refreshed(batch)
+    assert len(receiver.received) == 1, "the receiver, answering 503, was called again at once"
+    assert (state.callback_state, state.callback_attempts) == (State.PENDING, 1)
+    assert state.callback_due_at > timezone.now() + timedelta(seconds=30)  # its pause of a minute, begun anew
+
+    make_due(batch)  # the pause over: the reviewed results go out, as the second attempt
+    receiver.answers.clear()
+    assert callbacks.deliver(batch_id=batch.pk)
+    sent = json.loads(receiver.received[-1].body)["batch"]["analyses"]
+    assert {cell["review_verdict"] for cell in sent} == {"agree"} and refreshed(batch).callback_attempts == 2

@@ -11,7 +11,7 @@ from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.fields import empty
 
 from diagnosis import selectors
-from diagnosis.callbacks import check_callback_url
+from diagnosis.callbacks import check_callback_url, results_timestamp
 from diagnosis.models import NOTE_MAX_LENGTH, Analysis, Batch
 from diagnosis.text import composed, plain_line
 
@@ -184,7 +184,7 @@ class BatchSerializer(serializers.ModelSerializer):
     results_as_of = serializers.SerializerMethodField(
         help_text=(
             "When its results last changed (a cell finished, was reviewed, deleted or sent for analysis again), "
-            "as its callbacks say."
+            "as its callbacks say; in UTC, so the later of two also sorts later as text."
         )
     )
     analyses = AnalysisSerializer(
@@ -216,9 +216,7 @@ class BatchSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(OpenApiTypes.DATETIME)
     def get_results_as_of(self, batch: Batch) -> datetime:
-        return serializers.DateTimeField().to_representation(
-            selectors.results_as_of(batch=batch, analyses=batch.analyses.all())
-        )
+        return results_timestamp(selectors.results_as_of(batch=batch, analyses=batch.analyses.all()))
 
 
 class OperationsStatusSerializer(serializers.Serializer):
