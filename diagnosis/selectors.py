@@ -15,7 +15,7 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
 from diagnosis.models import REVIEW_CONFIDENCE, AccessEvent, Analysis, Batch, is_borderline
-from diagnosis.text import plain_line
+from diagnosis.text import composed, plain_line
 
 ACCESS_HISTORY_SHOWN = 20
 
@@ -245,8 +245,9 @@ BATCH_COUNT_NAMES = tuple(_analysis_counts())
 def batches_matching(*, user: AbstractBaseUser, search: str = "", sample_reference: str = "") -> QuerySet[Batch]:
     """The user's batches, newest first, without their counts: page them, then ``with_counts``."""
     batches = batches_for(user=user)
-    if search := plain_line(search):
-        batches = batches.filter(Q(sample_reference__icontains=search) | Q(note__icontains=search))
+    if reference := plain_line(search):
+        # A note keeps its invisible characters: Persian and Hindi words hold a zero-width non-joiner.
+        batches = batches.filter(Q(sample_reference__icontains=reference) | Q(note__icontains=composed(search).strip()))
     if sample_reference := plain_line(sample_reference):
         batches = batches.filter(sample_reference__iexact=sample_reference)
     return batches.order_by("-created_at", "-id")

@@ -17,6 +17,7 @@ def composed(text: str) -> str:
 
 def plain_line(text: str) -> str:
     """One line of text in composed form, without control or invisible format characters: a tab or
-    a line break becomes a space."""
-    kept = (" " if ch.isspace() else ch for ch in composed(text))
-    return "".join(ch for ch in kept if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
+    a line break becomes a space. Composed once they are gone: a zero-width space between a letter
+    and its accent kept them apart."""
+    kept = (" " if ch.isspace() else ch for ch in text)
+    return composed("".join(ch for ch in kept if unicodedata.category(ch) not in ("Cc", "Cf"))).strip()

@@ -10,6 +10,7 @@ from django.db.migrations.executor import MigrationExecutor
 from diagnosis import selectors
 from diagnosis.models import Analysis, Batch
 from diagnosis.services import create_batch
+from diagnosis.text import plain_line
 from tests.factories import image_bytes, upload
 
 
@@ -182,6 +183,22 @@ def test_a_reference_or_file_name_sent_decomposed_is_found_by_the_same_text_type
     for page in ("/", "/batches/"):
         assert f"#{batch.pk}" in web_client.get(page, {"search": MULLER_TYPED}).content.decode(), page
     assert api_client.get("/api/batches/", {"sample_reference": MULLER_FROM_A_MAC}).json()["count"] == 1
+
+
+@pytest.mark.parametrize("between", ["\u200b", "\u00ad"], ids=["zero-width space", "soft hyphen"])
+def test_a_reference_is_composed_once_its_invisible_characters_are_gone(between):
+    """Composed first, then stripped of them: one between a letter and its accent kept the two
+    apart, and a search or the upgrade's migration, applying it once, left "Müller" decomposed."""
+    assert plain_line(f"Mu{between}\u0308ller") == "Müller"
+
+
+def test_a_note_with_a_zero_width_non_joiner_is_found_by_its_own_words(web_client, user):
+    """A note keeps the joiners Persian, Urdu and Hindi words are written with, but the Samples
+    search dropped them from what was typed, so such a word in a note was never found."""
+    persian = "بیمار می\u200cخواهد"  # "the patient wants", as a Persian keyboard types it
+    batch = create_batch(owner=user, uploads=[upload("a.png")], note=persian)
+    for words in ("بیمار", "می\u200cخواهد"):
+        assert f"#{batch.pk}" in web_client.get("/batches/", {"search": words}).content.decode(), ascii(words)
 
 
 @pytest.mark.parametrize("sent", ["PT-\u202e0321", "WARD-7\u200b", "BED\u20663\u2069", "WARD\t7"], ids=ascii)

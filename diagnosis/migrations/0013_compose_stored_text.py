@@ -8,8 +8,8 @@ from django.db import migrations
 
 
 def _plain_line(text: str) -> str:
-    kept = (" " if ch.isspace() else ch for ch in unicodedata.normalize("NFC", text))
-    return "".join(ch for ch in kept if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
+    kept = (" " if ch.isspace() else ch for ch in text)
+    return unicodedata.normalize("NFC", "".join(ch for ch in kept if unicodedata.category(ch) not in ("Cc", "Cf"))).strip()
 
 
 def _composed(text: str) -> str:
