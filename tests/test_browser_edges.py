@@ -380,23 +380,26 @@ def test_the_admins_search_box_is_not_remembered_by_the_browser(open_page, model
     expect(page.locator("#searchbar")).to_have_attribute("autocomplete", "off")
 
 
+@pytest.mark.parametrize("shown_on", ["its page", "the printed report"])
 def test_a_result_left_open_stops_showing_its_patient_once_the_idle_sign_out_ends_the_session(
     open_page,  # noqa: F811
     user,
     settings,
     not_analysed,
+    shown_on,
 ):
     """The idle sign-out acts on the next request, and a finished cell's page sends none: the file
-    name, sample reference, pictures and result stayed on screen for whoever came by."""
+    name, sample reference, pictures and result stayed on screen for whoever came by. The printed
+    report, a page of its own, did not load idle.js at all."""
     batch = services.create_batch(owner=user, uploads=[upload("Doe_Jane_0815.png")], sample_reference="MRN-4711")
     cell = classified(batch.analyses.get())
     page = open_page()
     page.clock.install()
     log_in(page, user.username, PASSWORD)
-    page.goto(f"/analyses/{cell.pk}/")
-    expect(page.get_by_role("heading", name="Doe_Jane_0815.png")).to_be_visible()
+    page.goto(f"/analyses/{cell.pk}/" if shown_on == "its page" else f"/batches/{batch.pk}/report/")
+    expect(page.get_by_text("Doe_Jane_0815.png").first).to_be_visible()
     page.clock.fast_forward(f"{settings.SESSION_IDLE_MINUTES - 1}:00")  # still within the limit
-    expect(page.get_by_role("heading", name="Doe_Jane_0815.png")).to_be_visible()
+    expect(page.get_by_text("Doe_Jane_0815.png").first).to_be_visible()
     page.clock.fast_forward("02:00")  # past it, and the server has ended the sign-in
     Session.objects.all().delete()
     page.clock.fast_forward("01:00")
