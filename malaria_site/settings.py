@@ -25,7 +25,7 @@ def api_rate(name: str, *, default: str) -> str:
     then failed each request it applies to with a 500."""
     rate = env(name, default=default)
     # DRF reads the unit's first letter only: "50000/month" would be 50,000 a minute.
-    if not re.fullmatch(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)", rate):
+    if not re.fullmatch(r"\d+/(s|sec|seconds?|m|min|minutes?|h|hours?|d|days?)", rate):
         raise ImproperlyConfigured(
             f"{name}={rate!r} is not a rate such as 2000/hour: a number, '/', then second, minute, hour or day."
         )
@@ -85,9 +85,10 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # After the sign-in is known, so its refusal page shows who is signed in; before anything reads the body.
-    "diagnosis.middleware.RequestSizeLimitMiddleware",
     "diagnosis.middleware.NoStoreWhenSignedInMiddleware",
+    # After the sign-in is known, so its refusal page shows who is signed in (and is not kept by the
+    # browser: inside no-store); before anything reads the body.
+    "diagnosis.middleware.RequestSizeLimitMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "diagnosis.middleware.SignOutMiddleware",
     "diagnosis.middleware.SameSignInMiddleware",

@@ -1235,6 +1235,13 @@ def test_an_api_rate_the_throttles_cannot_read_is_refused_at_start(name, rate):
     assert accepted.returncode == 0, accepted.stderr
 
 
+def test_an_api_rate_with_a_plural_unit_is_taken_as_it_reads():
+    """DRF reads "2000/hours" as 2000 an hour, as it says, but the start-up check refused it."""
+    rates = {"API_USER_RATE": "2000/hours", "API_ANON_RATE": "5/days", "API_LOGIN_RATE": "20/minutes"}
+    accepted = run_python(["manage.py", "check"], {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", **rates})
+    assert accepted.returncode == 0, accepted.stderr
+
+
 @pytest.mark.parametrize("name", ["LOGIN_MAX_FAILURES", "LOGIN_MAX_FAILURES_PER_ADDRESS"])
 def test_a_lockout_after_zero_failures_is_refused_at_start(name):
     """0 turns other limits off, but here it would lock every account out before any password is checked."""

@@ -134,6 +134,7 @@ def test_an_upload_too_large_sent_without_javascript_gets_a_page(web_client, no_
     text = re.sub(r"[ \n]+", " ", page.content.decode())
     assert "Nothing was stored: the upload was" in text and "over the limit of 19.5\xa0KB for one upload" in text
     assert f"Log out {user.username}" in text
+    assert page["Cache-Control"] == "private, no-store"  # a signed-in page, kept by no browser, as the others
     for image in images["images"]:
         image.seek(0)
     scripted = web_client.post("/upload/", images, headers={"X-Requested-With": "XMLHttpRequest"})
