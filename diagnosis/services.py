@@ -166,6 +166,20 @@ class FilesRefused(ValidationError):
         self.refused = refused
 
 
+class StorageFailed(Exception):
+    """The upload's files could not be written (the disk full, the folder not writable): nothing was
+    stored, and the client is told so, not that the server failed and the upload may be there."""
+
+
+def _storage_failed(error: OSError) -> StorageFailed:
+    reason = error.strerror or str(error)  # not the file's path
+    logger.error("event=storage_failed error=%r: uploads cannot be stored", reason)
+    return StorageFailed(
+        f"The server could not store the images ({reason}): tell the lab's IT that its storage is full "
+        "or cannot be written."
+    )
+
+
 def _validate_all(uploads: Iterable[UploadedFile]) -> list[ValidImage]:
     valid, refused = [], []
     for position, upload in enumerate(uploads):
@@ -173,6 +187,8 @@ def _validate_all(uploads: Iterable[UploadedFile]) -> list[ValidImage]:
             valid.append(validate_upload(upload))
         except ValidationError as error:
             refused.append((position, " ".join(error.messages)))
+        except OSError as error:  # a picture past 1 MB is spooled to disk (Pillow's own errors are refusals)
+            raise _storage_failed(error) from error
     if refused:
         raise FilesRefused(refused)
     return valid
@@ -197,11 +213,6 @@ def _keep_files_once_committed(stored: list[str]) -> None:
     transaction.on_commit(stored.clear)
 
 
-class StorageFailed(Exception):
-    """The upload's files could not be written (the disk full, the folder not writable): nothing was
-    stored, and the client is told so, not that the server failed and the upload may be there."""
-
-
 def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: list[str]) -> Analysis:
     analysis = Analysis(owner=owner, batch=batch, original_filename=image.name, width=image.width, height=image.height)
     try:
@@ -210,12 +221,7 @@ def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: li
         analysis.thumbnail.save("thumb.png", ContentFile(image.thumbnail_png), save=False)
         stored.append(analysis.thumbnail.name)
     except OSError as error:
-        reason = error.strerror or str(error)  # not the file's path
-        logger.error("event=storage_failed error=%r: uploads cannot be stored", reason)
-        raise StorageFailed(
-            f"The server could not store the images ({reason}): tell the lab's IT that its storage is full "
-            "or cannot be written."
-        ) from error
+        raise _storage_failed(error) from error
     analysis.save()
     log_transition(analysis, "queued")
     return analysis

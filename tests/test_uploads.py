@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -719,15 +720,32 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _large_photo() -> bytes:
+    """A cell photographed large: its picture's PNG is past the 1 MB validation keeps in memory, and
+    the upload under the 2 MB past which Django spools the request itself."""
+    cell = Image.open(fixture_cells()[0]).convert("RGB").resize((1200, 1200), Image.BICUBIC)
+    grain = np.random.default_rng(0).integers(-4, 5, (1200, 1200, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.asarray(cell).astype(np.int16) + grain, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    assert 1024 * 1024 < buffer.tell() < 2 * 1024 * 1024
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("where", ["storing", "spooling a large picture"])
 @pytest.mark.parametrize("channel", ["api", "upload.js", "form"])
 def test_an_upload_onto_a_full_disk_says_so_and_stores_nothing(
-    api_client, web_client, media_root, monkeypatch, channel
+    api_client, web_client, media_root, monkeypatch, channel, where
 ):
     """A bare 500: the API said "The server failed", so a lab system retried and nobody learnt the
-    storage was full, and the upload page said the upload "may have been stored", which it was not."""
+    storage was full, and the upload page said the upload "may have been stored", which it was not.
+    A picture past 1 MB, spooled to disk while it is checked, was a 500 still."""
     before = set(stored_files(media_root))
-    monkeypatch.setattr(private_storage, "_save", _disk_full)
-    images = {"images": [upload("a.png"), upload("b.png")]}
+    if where == "storing":
+        monkeypatch.setattr(private_storage, "_save", _disk_full)
+        images = {"images": [upload("a.png"), upload("b.png")]}
+    else:
+        images = {"images": [upload("a.png"), upload("large.png", _large_photo())]}
+        monkeypatch.setattr(tempfile, "TemporaryFile", _disk_full)  # where a spool rolls over to disk
     if channel == "api":
         answer = api_client.post("/api/batches/", images, format="multipart")
         told = answer.json()["detail"]
