@@ -105,6 +105,12 @@ class Batch(models.Model):
                 name="one_batch_per_idempotency_key",
             )
         ]
+        # The sweeper looks for due callbacks every minute: among the few pending, not every batch ever made.
+        indexes = [
+            models.Index(
+                fields=["callback_due_at"], condition=models.Q(callback_state="pending"), name="callbacks_pending"
+            )
+        ]
 
     def __str__(self) -> str:
         # No patient data: the admin's history (django_admin_log) keeps this text for every record
@@ -240,6 +246,13 @@ class Analysis(models.Model):
                 name="review_queue",
             ),
             models.Index(F("reviewed_at").desc(), condition=models.Q(review_verdict="disagree"), name="disagreements"),
+            # A reviewer's latest reviews, beside the queue: 20 of them, not all they ever gave, sorted.
+            models.Index(F("reviewed_by"), F("reviewed_at").desc(), name="reviews_by_reviewer"),
+            # The nightly sweep for files no cell names looks each name up: without these, a full
+            # scan per 1,000 files, on the worker that classifies cells.
+            models.Index(fields=["image"], name="analysis_by_image"),
+            models.Index(fields=["thumbnail"], name="analysis_by_thumbnail"),
+            models.Index(fields=["overlay"], name="analysis_by_overlay"),
         ]
 
     def __str__(self) -> str:

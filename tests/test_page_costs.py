@@ -6,12 +6,14 @@ are in the comments of the code each guards)."""
 
 import json
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from diagnosis.models import Analysis, Batch
 
@@ -129,3 +131,88 @@ def test_a_filtered_analysis_admin_page_does_not_count_every_cell_too(client, us
     queries = _queries(reviewer, "/admin/diagnosis/analysis/?status__exact=done")
     whole_table = [q for q in queries if re.fullmatch(r'SELECT COUNT\(\*\) AS "__count" FROM "diagnosis_analysis"', q)]
     assert not whole_table, "a filtered page counted the whole analysis table (show_full_result_count)"
+
+
+# --- 4. Sweeps and the review queue: look-ups an index must serve -------------------------------
+
+postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="reads PostgreSQL's EXPLAIN ANALYZE")
+
+
+def _rows_read(sql: str, table: str) -> int:
+    """Rows of ``table`` that running ``sql`` reads, kept or filtered out, over every loop, with
+    sequential scans discouraged: where an index could serve the query PostgreSQL then takes it,
+    so a test's small table reads as a lab's large one would."""
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE diagnosis_analysis")
+        cursor.execute("ANALYZE diagnosis_batch")
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+        raw = cursor.fetchone()[0]
+        cursor.execute("SET LOCAL enable_seqscan = on")
+    plan = raw if isinstance(raw, list) else json.loads(raw)
+
+    def read(node) -> int:
+        own = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * node.get("Actual Loops", 1)
+        return (own if node.get("Relation Name") == table else 0) + sum(map(read, node.get("Plans", [])))
+
+    return read(plan[0]["Plan"])
+
+
+def _selects(captured) -> list[str]:
+    return [query["sql"] for query in captured.captured_queries if query["sql"].startswith("SELECT")]
+
+
+@postgres_only
+def test_the_orphaned_file_sweep_reads_about_one_cell_row_per_file(settings, tmp_path, user):
+    """Each chunk of 1,000 file names was looked up in columns without an index: a full scan of the
+    cells per chunk, quadratic in the lab's history, on the worker that classifies cells (25 s a
+    night at 300,000 cells, minutes at a million, cut off by the time limit at the same place)."""
+    from diagnosis import services
+
+    settings.MEDIA_ROOT = str(tmp_path)  # a media folder of its own, of thousands of files
+    names = [(f"uploads/{i}.png", f"thumbnails/{i}.png", f"overlays/old-{i}.png") for i in range(3000)]
+    Analysis.objects.bulk_create(
+        Analysis(owner=user, image=image, thumbnail=thumbnail, overlay=overlay, original_filename="cell.png")
+        for image, thumbnail, overlay in names
+    )
+    for folder in ("uploads", "thumbnails", "overlays"):
+        (tmp_path / folder).mkdir()
+    for name in (name for three in names for name in three):
+        (tmp_path / name).touch()
+    with CaptureQueriesContext(connection) as captured:
+        assert services.delete_orphaned_files(older_than=timedelta(hours=6)) == 0
+    read = sum(_rows_read(sql, "diagnosis_analysis") for sql in _selects(captured))
+    files = 3 * len(names)  # three chunks of 1,000 in each folder: nine full scans of 3,000 cells before
+    assert read <= 2 * files, f"the sweep read {read} cell rows to check {files} files"
+
+
+@postgres_only
+def test_the_review_queue_reads_the_reviewers_latest_reviews_not_all_they_gave(client, user):
+    """'Your latest reviews' filtered on the reviewer and sorted on the time, with an index on the
+    reviewer alone: every visit read and sorted all their reviews to show 20."""
+    reviewer = _reviewer(client)
+    me = get_user_model().objects.get(username="scale-reviewer")
+    for batch in _batches(user, 200, cells=2):
+        batch.analyses.update(
+            review_verdict="agree", reviewed_by=me, reviewer_name=me.username, reviewed_at=timezone.now()
+        )
+    with CaptureQueriesContext(connection) as captured:
+        assert reviewer.get("/review/").status_code == 200
+    (mine,) = [sql for sql in _selects(captured) if f'"diagnosis_analysis"."reviewed_by_id" = {me.pk} ' in sql]
+    read = _rows_read(mine, "diagnosis_analysis")
+    assert read <= 40, f"the queue read {read} of the reviewer's 400 reviews to list their latest"
+
+
+@postgres_only
+def test_the_callback_sweep_reads_the_pending_batches_only(user):
+    """Every minute the sweeper asked for due callbacks in a column without an index, walking every
+    batch ever made to find the few pending."""
+    from diagnosis import callbacks
+
+    Batch.objects.bulk_create(Batch(owner=user, callback_state="delivered") for _ in range(500))
+    Batch.objects.bulk_create(Batch(owner=user, callback_state="pending") for _ in range(3))
+    sql, params = callbacks._due().values_list("pk", flat=True).query.sql_with_params()
+    with connection.cursor() as cursor:
+        sql = cursor.mogrify(sql, params)
+    read = _rows_read(sql.decode() if isinstance(sql, bytes) else sql, "diagnosis_batch")
+    assert read <= 20, f"one sweep read {read} batch rows to find 3 pending callbacks among 503"
