@@ -219,6 +219,16 @@ def test_a_client_cannot_escape_the_lockout_by_making_up_addresses(user, setting
     call_command("clear_address_lockout", "2001:db8:0:1::3", stdout=out)
     assert out.getvalue() == "2001:db8:0:1::3 (counted as 2001:db8:0:1::/64): sign-in lockout cleared\n"
     assert _sign_in(Client(REMOTE_ADDR="2001:db8:0:1::ff"), other.username) == 302
+    for host in range(1, 7):  # the network it names, as it printed it, clears the same count
+        Client(REMOTE_ADDR=f"2001:db8:0:1::{host:x}").post(
+            "/accounts/login/", {"username": f"n{host}", "password": "x"}
+        )
+    assert _sign_in(Client(REMOTE_ADDR="2001:db8:0:1::ff"), other.username) == 429
+    call_command("clear_address_lockout", "2001:db8:0:1::/64", stdout=io.StringIO())
+    assert _sign_in(Client(REMOTE_ADDR="2001:db8:0:1::ff"), other.username) == 302
+    for refused in ("2001:db8:0:1::/48", "10.0.0.0/24", "10.0.0.1:443"):
+        with pytest.raises(CommandError, match="is not an IP address"):
+            call_command("clear_address_lockout", refused)
 
 
 def test_successful_login_clears_the_failure_count(user, settings):
