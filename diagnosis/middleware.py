@@ -187,10 +187,14 @@ class SameSignInMiddleware:
         return render(request, "other_sign_in.html", {"message": self.MESSAGE}, status=409)
 
 
+PERMISSIONS_POLICY = "camera=(), microphone=(), geolocation=(), payment=(), usb=()"  # deploy/nginx.conf's too
+
+
 class ContentSecurityPolicyMiddleware:
     """Pages load scripts, styles and images from this site only, and cannot be framed: an injected
     tag could neither run nor send patient data elsewhere. (Styles may be inline: Django's admin and
-    Redoc set some; Redoc runs its search in a worker it makes from a blob.)"""
+    Redoc set some; Redoc runs its search in a worker it makes from a blob.) And no page, nor a frame
+    in one, may ask the browser for a camera, microphone or location, none of which the site uses."""
 
     POLICY = (
         "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
@@ -205,6 +209,7 @@ class ContentSecurityPolicyMiddleware:
         # Not in development: Django's debug error pages run inline scripts.
         if not settings.DEBUG and response.get("Content-Type", "").startswith("text/html"):
             response.headers.setdefault("Content-Security-Policy", self.POLICY)
+        response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
         return response
 
 

@@ -416,7 +416,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"keyvalue": {"format": "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"}},
-    "filters": {"request_line_without_query": {"()": "malaria_site.log_filters.RequestLineWithoutQuery"}},
+    "filters": {
+        "request_line_without_query": {"()": "malaria_site.log_filters.RequestLineWithoutQuery"},
+        "as_warning_without_traceback": {"()": "malaria_site.log_filters.AsWarningWithoutTraceback"},
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "keyvalue"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     # runserver's access log (scripts/start), which Django's own logging setup would write whole.
@@ -426,6 +429,7 @@ LOGGING = {
             "level": "INFO",
             "propagate": False,
             "filters": ["request_line_without_query"],
-        }
+        },
+        "django.security.DisallowedHost": {"filters": ["as_warning_without_traceback"]},
     },
 }

@@ -1008,18 +1008,41 @@ def test_nginx_serves_patient_images_only_after_djangos_check(
         assert "PATIENT-4711" not in logged
 
 
-@needs_nginx
-def test_nginx_logs_no_query_while_the_web_service_is_down(tmp_path):
+def dead_upstream() -> str:
     with socket.socket() as probe:  # a port nothing listens on: the web service is restarting
         probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+@needs_nginx
+def test_nginx_logs_no_query_while_the_web_service_is_down(tmp_path):
     workdir = tmp_path / "nginx"
-    with running_nginx(workdir, upstream=dead, media=tmp_path, static=tmp_path) as port:
+    with running_nginx(workdir, upstream=dead_upstream(), media=tmp_path, static=tmp_path) as port:
         headers = {"Host": "localhost", "Referer": "http://localhost/?sample_reference=PATIENT-4711"}
         assert request(port, "GET", "/?search=PATIENT-4711", headers).status == 502
         logged_once(workdir / "access.log", '"GET / HTTP/1.1" 502')
     for log in workdir.glob("*.log"):
         assert "PATIENT-4711" not in log.read_text(), log.name
+
+
+@needs_nginx
+def test_the_pages_nginx_writes_itself_carry_the_security_headers(tmp_path):
+    """A location's add_header replaces the server's, and only /static/ and /protected/ had any: the
+    413 page and JSON and nginx's stock 502 while `web` restarted went out without nosniff,
+    X-Frame-Options or a CSP, flagged by every header scan of the site."""
+    with running_nginx(tmp_path / "nginx", upstream=dead_upstream(), media=tmp_path, static=tmp_path) as port:
+        host = {"Host": "localhost"}
+        over_the_limit = {**host, "Content-Length": str(300 * 1024 * 1024)}
+        answers = {
+            "502": request(port, "GET", "/accounts/login/", host),
+            "413 page": request(port, "POST", "/upload/", over_the_limit, b""),
+            "413 JSON": request(port, "POST", "/api/batches/", over_the_limit, b""),
+        }
+    assert [answer.status for answer in answers.values()] == [502, 413, 413]  # nginx's own status kept
+    assert "The screening service is not answering" in answers["502"].body.decode()
+    for name, answer in answers.items():
+        for header in ("X-Content-Type-Options", "X-Frame-Options", "Content-Security-Policy", "Permissions-Policy"):
+            assert answer.getheader(header), (name, header)
 
 
 @needs_nginx

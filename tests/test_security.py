@@ -1,5 +1,6 @@
 import hashlib
 import io
+import logging
 import re
 import threading
 import time
@@ -726,3 +727,24 @@ def test_clearing_the_lockout_of_something_that_is_no_address_is_refused(db, typ
     the ward's address stayed locked out while the operator thought it never was."""
     with pytest.raises(CommandError, match="is not an IP address"):
         call_command("clear_address_lockout", typed, stdout=io.StringIO())
+
+
+def test_no_page_may_ask_for_a_camera_microphone_or_location(client, user, settings):
+    """The site uses none of them, but nothing told the browser to refuse them to its pages, or
+    to a frame an injected tag might open in one."""
+    settings.DEBUG = False
+    client.force_login(user)
+    for url in ("/accounts/login/", "/", "/api/analyses/", "/no-such-page/"):
+        policy = client.get(url).headers.get("Permissions-Policy", "")
+        assert {"camera=()", "microphone=()", "geolocation=()"} <= set(policy.split(", ")), (url, policy)
+
+
+def test_a_request_for_another_host_is_a_warning_in_the_log_not_an_error(client, db, settings, caplog):
+    """nginx passes on any Host, and Django logged each it does not serve as an ERROR with its
+    traceback: every scanner asking for the server's address filled the log and its alerts."""
+    settings.DEBUG = False
+    settings.ALLOWED_HOSTS = ["malaria.example.org"]
+    with caplog.at_level(logging.INFO):
+        assert client.get("/accounts/login/", HTTP_HOST="203.0.113.7").status_code == 400
+    (record,) = [r for r in caplog.records if r.name == "django.security.DisallowedHost"]
+    assert (record.levelname, record.exc_info) == ("WARNING", None) and "203.0.113.7" in record.getMessage()
