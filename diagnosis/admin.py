@@ -9,6 +9,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
 from django.db.models import Q
+from django.db.models.constants import LOOKUP_SEP
 from django.http import Http404, HttpResponseRedirect
 from django.urls import reverse
 from django.utils import timezone
@@ -140,6 +141,18 @@ def _beyond_any_id(value: str) -> bool:
         return abs(int(value)) > 2**63 - 1  # int() takes "+9...", " 9..." too
     except ValueError:  # not a number: Django's own lookup check answers it
         return False
+
+
+class HidesFields:
+    """Fields no page shows, kept from the list's query string too: Django takes a lookup on any of
+    the model's own fields there, and which records a guess like ?callback_url__contains=key=s3
+    lists would read the field back, a character at a time."""
+
+    hidden_fields: tuple[str, ...] = ()
+
+    def lookup_allowed(self, lookup, value, request=None):
+        field = lookup.split(LOOKUP_SEP)[0]
+        return field not in self.hidden_fields and super().lookup_allowed(lookup, value, request)
 
 
 def _is_address(value: str) -> bool:
@@ -469,8 +482,11 @@ class WithdrawnFilter(admin.SimpleListFilter):
 
 
 @admin.register(Batch)
-class BatchAdmin(PatientRecordAdmin):
+class BatchAdmin(HidesFields, PatientRecordAdmin):
     actions = ["retry_callbacks"]
+    # The callback URL may carry credentials (only its host is shown); the lab system's
+    # Idempotency-Key and its request's digest are shown nowhere either.
+    hidden_fields = ("callback_url", "idempotency_key", "request_digest")
 
     def batch_ids_of(self, records):
         return [batch.pk for batch in records]
@@ -590,8 +606,10 @@ class AccessEventAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(HidesFields, admin.ModelAdmin):
     """Who holds an API key and when it was last used; an admin can revoke one (delete) but never read it."""
+
+    hidden_fields = ("digest",)  # the key's hash, kept back as the key is
 
     list_display = ["user", "hint", "created", "expires", "last_used_at"]
     search_fields = ["user__username"]

@@ -8,9 +8,9 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.test import Client
 
-from diagnosis.models import NOTE_MAX_LENGTH, AccessEvent, Analysis, Batch
+from diagnosis.models import NOTE_MAX_LENGTH, AccessEvent, Analysis, ApiToken, Batch
 from diagnosis.services import create_analysis, create_batch
-from tests.factories import UserFactory, classified, upload
+from tests.factories import UserFactory, api_key, classified, upload
 
 
 def reviewer(*, staff: bool = False) -> tuple[Client, object]:
@@ -165,3 +165,21 @@ def test_an_account_with_admin_history_is_deactivated_not_deleted_with_that_hist
     # An account without such history (a clinician's) is still deleted as before.
     assert admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"}).status_code == 302
     assert not get_user_model().objects.filter(pk=user.pk).exists()
+
+
+@pytest.mark.parametrize(
+    ("page", "lookup"),
+    [("batch", "callback_url__contains"), ("batch", "idempotency_key__startswith"), ("apitoken", "digest__startswith")],
+)
+def test_a_hidden_field_cannot_be_read_back_by_guessing_at_it_in_the_list_url(admin_client, user, page, lookup):
+    """The batch page shows only the callback URL's host, as it may carry credentials, and no page
+    shows a lab system's Idempotency-Key or an API key's digest; but Django lists by any of the model's
+    own fields in the query string: ?callback_url__contains=key=s3 listed the batch when the guess
+    was right and not otherwise, so a reviewer read the whole URL back a character at a time."""
+    batch = create_batch(owner=user, uploads=[upload("a.png")])
+    Batch.objects.filter(pk=batch.pk).update(callback_url="https://127.0.0.1/r?key=s3cret", idempotency_key="lis-42")
+    api_key(user)
+    right = {"callback_url": "key=s3", "idempotency_key": "lis-4", "digest": ApiToken.objects.get().digest[:4]}
+    for guess in (right[lookup.split("__")[0]], "no such text"):
+        assert admin_client.get(f"/admin/diagnosis/{page}/", {lookup: guess}).status_code == 400, guess
+    assert admin_client.get(f"/admin/diagnosis/{page}/", {"id__gte": 1}).status_code == 200  # the others answer
