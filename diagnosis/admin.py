@@ -3,6 +3,7 @@ from collections.abc import Iterable
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import actions as admin_actions
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
@@ -483,13 +484,35 @@ class WithdrawnFilter(admin.SimpleListFilter):
 
 @admin.register(Batch)
 class BatchAdmin(HidesFields, PatientRecordAdmin):
-    actions = ["retry_callbacks"]
+    actions = ["delete_selected", "retry_callbacks"]  # Django's delete_selected, replaced
     # The callback URL may carry credentials (only its host is shown); the lab system's
     # Idempotency-Key and its request's digest are shown nowhere either.
     hidden_fields = ("callback_url", "idempotency_key", "request_digest")
 
     def batch_ids_of(self, records):
         return [batch.pk for batch in records]
+
+    def has_delete_permission(self, request, obj=None):
+        # Deleted by its owner, the lab system not yet told: without this row it never would be, and
+        # would keep the results. One given up on (failed) may go.
+        if obj is not None and obj.withdrawn_at and obj.callback_state == Batch.CallbackState.PENDING:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    @admin.action(description=admin_actions.delete_selected.short_description, permissions=["delete"])
+    def delete_selected(self, request, queryset):
+        """Django's, leaving out the withdrawals still to be delivered (which it would refuse the whole
+        selection for, saying the account may not delete batches)."""
+        pending = Q(withdrawn_at__isnull=False, callback_state=Batch.CallbackState.PENDING)
+        if left_out := queryset.filter(pending).count():
+            self.message_user(
+                request,
+                f"Left out: {counted(left_out, 'batch')} deleted by the owner whose lab system is still to be "
+                "told; each goes once that is delivered.",
+                messages.WARNING,
+            )
+        deletable = queryset.exclude(pending)
+        return admin_actions.delete_selected(self, request, deletable) if deletable.exists() else None
 
     @admin.action(description="Retry failed callbacks of the selected batches", permissions=["change"])
     def retry_callbacks(self, request, queryset):

@@ -18,6 +18,7 @@ from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, QuerySet, Value, When
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
@@ -457,6 +458,10 @@ def delete_batch(*, batch: Batch) -> None:
         # Locked, so an attempt cannot claim it between this look and the deletion. Gone by then (a
         # second click, a DELETE retried after a timeout) is the caller's 404, as if it came later.
         current = get_object_or_404(Batch.with_withdrawn.select_for_update(), pk=batch.pk)
+        if current.withdrawn_at and current.callback_state == Batch.CallbackState.PENDING:
+            # Deleted already (by a click just before, or its owner while an admin looked at it): its
+            # row is what tells the lab system, so it stays until that is delivered.
+            raise Http404
         if current.withdrawn_at or not current.results_may_have_reached:  # a withdrawal given up on, or nothing sent
             current.delete()
             return

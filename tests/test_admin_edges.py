@@ -183,3 +183,39 @@ def test_a_hidden_field_cannot_be_read_back_by_guessing_at_it_in_the_list_url(ad
     for guess in (right[lookup.split("__")[0]], "no such text"):
         assert admin_client.get(f"/admin/diagnosis/{page}/", {lookup: guess}).status_code == 400, guess
     assert admin_client.get(f"/admin/diagnosis/{page}/", {"id__gte": 1}).status_code == 200  # the others answer
+
+
+@pytest.mark.parametrize("how", ["delete page", "delete selected", "deleted by its owner meanwhile"])
+def test_deleting_in_the_admin_keeps_a_withdrawal_still_to_be_delivered(admin_client, user, monkeypatch, rf, how):
+    """The batch list shows the batches their owners deleted whose lab system is still to be told,
+    and deleting one there (or one its owner deleted while the admin's action ran) went to
+    services.delete_batch, which deletes a withdrawn batch outright: the lab system was never sent
+    batch.withdrawn and kept reporting the results the owner had deleted."""
+    from django.contrib import admin
+    from django.utils import timezone
+
+    from diagnosis import callbacks
+    from diagnosis.admin import BatchAdmin
+    from diagnosis.services import delete_batch
+
+    monkeypatch.setattr(callbacks, "_enqueue", lambda batch_id: None)
+    sent, given_up = (create_batch(owner=user, uploads=[upload("a.png")]) for _ in range(2))
+    Batch.objects.update(
+        callback_url="http://127.0.0.1:9150/r", callback_state="delivered", callback_delivered_at=timezone.now()
+    )
+    seen_earlier = Batch.objects.get(pk=sent.pk)
+    for batch in (sent, given_up):
+        delete_batch(batch=Batch.objects.get(pk=batch.pk))  # kept, empty, to tell the lab system
+    Batch.with_withdrawn.filter(pk=given_up.pk).update(callback_state="failed")
+    if how == "delete page":
+        assert admin_client.post(f"/admin/diagnosis/batch/{sent.pk}/delete/", {"post": "yes"}).status_code == 403
+        assert admin_client.post(f"/admin/diagnosis/batch/{given_up.pk}/delete/", {"post": "yes"}).status_code == 302
+    elif how == "delete selected":
+        selected = {"action": "delete_selected", "post": "yes", "_selected_action": [sent.pk, given_up.pk]}
+        page = admin_client.post("/admin/diagnosis/batch/", selected, follow=True).content.decode()
+        assert "Left out: 1 batch deleted by the owner" in page and "Successfully deleted 1 batch." in page
+    else:
+        request = rf.post("/admin/diagnosis/batch/")
+        request.user = get_user_model().objects.get(username="boss")
+        BatchAdmin(Batch, admin.site).delete_queryset(request, [seen_earlier, given_up])
+    assert list(Batch.with_withdrawn.values_list("pk", "callback_state")) == [(sent.pk, "pending")]
