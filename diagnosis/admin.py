@@ -4,10 +4,12 @@ from collections.abc import Iterable
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import actions as admin_actions
+from django.contrib.admin import helpers
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
-from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group
 from django.db import transaction
 from django.db.models import Q
 from django.db.models.constants import LOOKUP_SEP
@@ -156,6 +158,22 @@ class HidesFields:
         return field not in self.hidden_fields and super().lookup_allowed(lookup, value, request)
 
 
+def _is_id(value: str) -> bool:
+    return value.isascii() and value.isdigit() and int(value) <= 2**63 - 1
+
+
+class ChecksSelections:
+    """An action's ticked rows come as ids, filtered by unchecked: one that is no id (a stale or
+    scripted form's "abc", "1.5", a number past 64 bits) was a 500 (ValueError, or OverflowError on
+    SQLite). The action is refused instead, as Django refuses one with nothing selected."""
+
+    def response_action(self, request, queryset):
+        if all(map(_is_id, request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))):
+            return super().response_action(request, queryset)
+        self.message_user(request, "Nothing was done: the selection held something that is no id.", messages.ERROR)
+        return None
+
+
 def _is_address(value: str) -> bool:
     try:
         ipaddress.ip_address(value.strip())
@@ -164,7 +182,7 @@ def _is_address(value: str) -> bool:
     return True
 
 
-class PatientRecordAdmin(RecordsDeletions, admin.ModelAdmin):
+class PatientRecordAdmin(ChecksSelections, RecordsDeletions, admin.ModelAdmin):
     """Cells and batches: made by uploads, never here; each opening of one enters the access trail.
 
     Seen only by the `reviewers` group (staff in it), as on the site: the permission that shows every
@@ -565,7 +583,7 @@ ACCESS_TRAIL_COLUMNS = [
 
 
 @admin.register(AccessEvent)
-class AccessEventAdmin(admin.ModelAdmin):
+class AccessEventAdmin(ChecksSelections, admin.ModelAdmin):
     """The access trail, read-only for everyone: no one adds, edits or removes entries here."""
 
     class Media:
@@ -629,7 +647,7 @@ class AccessEventAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(HidesFields, admin.ModelAdmin):
+class ApiTokenAdmin(HidesFields, ChecksSelections, admin.ModelAdmin):
     """Who holds an API key and when it was last used; an admin can revoke one (delete) but never read it."""
 
     hidden_fields = ("digest",)  # the key's hash, kept back as the key is
@@ -655,6 +673,12 @@ class ApiTokenAdmin(HidesFields, admin.ModelAdmin):
 
 
 admin.site.unregister(get_user_model())
+admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class CheckedGroupAdmin(ChecksSelections, GroupAdmin):
+    """Django's, its Delete selected checked as the other lists' actions."""
 
 
 def _privileged(user) -> bool:
@@ -665,7 +689,7 @@ def _privileged(user) -> bool:
 
 
 @admin.register(get_user_model())
-class RecordedUserAdmin(RecordsDeletions, UserAdmin):
+class RecordedUserAdmin(ChecksSelections, RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
     record_deletion = staticmethod(_record_users_data_deleted)

@@ -219,3 +219,28 @@ def test_deleting_in_the_admin_keeps_a_withdrawal_still_to_be_delivered(admin_cl
         request.user = get_user_model().objects.get(username="boss")
         BatchAdmin(Batch, admin.site).delete_queryset(request, [seen_earlier, given_up])
     assert list(Batch.with_withdrawn.values_list("pk", "callback_state")) == [(sent.pk, "pending")]
+
+
+@pytest.mark.parametrize(
+    ("page", "action"),
+    [
+        ("diagnosis/analysis", "retry_failed"),
+        ("diagnosis/analysis", "delete_selected"),
+        ("diagnosis/batch", "retry_callbacks"),
+        ("diagnosis/accessevent", "export_csv"),
+        ("diagnosis/apitoken", "delete_selected"),
+        ("auth/user", "clear_sign_in_lockout"),
+        ("auth/group", "delete_selected"),
+    ],
+)
+@pytest.mark.parametrize("selection", ["abc", "1.5", "9" * 25])
+def test_an_action_on_a_selection_that_is_no_id_is_refused(admin_client, user, page, action, selection):
+    """Every list's actions filtered pk__in=<the ticked rows> unchecked: a stale or scripted form's
+    "abc" or "1.5" was a ValueError, and a number past 64 bits an OverflowError on SQLite, a 500."""
+    cell = classified(create_analysis(owner=user, upload=upload("a.png")))
+    api_key(user)
+    chosen = {"action": action, "index": "0", "post": "yes", "_selected_action": [selection, cell.pk]}
+    answer = admin_client.post(f"/admin/{page}/", chosen, follow=True)
+    assert answer.redirect_chain == [(f"/admin/{page}/", 302)]
+    assert "Nothing was done: the selection held something that is no id." in answer.content.decode()
+    assert Analysis.objects.filter(pk=cell.pk).exists() and ApiToken.objects.exists()
