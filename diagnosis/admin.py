@@ -135,8 +135,9 @@ class RecordsDeletions:
 
 
 # The lists' id filters, by the noun their refusal names.
-ID_FILTERS = {"batch": "batch", "batch_id": "batch", "owner": "user", "owner_id": "user",
-              "reviewed_by": "user", "reviewed_by_id": "user", "id": "record", "pk": "record"}  # fmt: skip
+ID_FILTERS = {"batch": "batch", "batch_id": "batch", "analysis_id": "cell", "owner": "user", "owner_id": "user",
+              "reviewed_by": "user", "reviewed_by_id": "user", "user": "user", "user_id": "user", "groups": "group",
+              "id": "record", "pk": "record"}  # fmt: skip
 
 
 def _beyond_any_id(value: str) -> bool:
@@ -156,6 +157,19 @@ class HidesFields:
     def lookup_allowed(self, lookup, value, request=None):
         field = lookup.split(LOOKUP_SEP)[0]
         return field not in self.hidden_fields and super().lookup_allowed(lookup, value, request)
+
+
+class ChecksIdFilters:
+    """A list's id filter (?batch=, ?owner=, ?user=, ?groups=, ...) edited past a 64-bit integer is
+    answered that there is no such record: SQLite cannot compare it (a 500), and no record has it."""
+
+    def changelist_view(self, request, extra_context=None):
+        for key, value in request.GET.items():
+            noun = ID_FILTERS.get(key.split("__")[0])
+            if noun and any(_beyond_any_id(one) for one in value.split(",")):  # __in lists too
+                self.message_user(request, f"There is no {noun} #{value.strip()[:30]}.", level=messages.ERROR)
+                return HttpResponseRedirect(request.path)
+        return super().changelist_view(request, extra_context)
 
 
 def _is_id(value: str) -> bool:
@@ -182,7 +196,7 @@ def _is_address(value: str) -> bool:
     return True
 
 
-class PatientRecordAdmin(ChecksSelections, RecordsDeletions, admin.ModelAdmin):
+class PatientRecordAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, admin.ModelAdmin):
     """Cells and batches: made by uploads, never here; each opening of one enters the access trail.
 
     Seen only by the `reviewers` group (staff in it), as on the site: the permission that shows every
@@ -234,13 +248,6 @@ class PatientRecordAdmin(ChecksSelections, RecordsDeletions, admin.ModelAdmin):
         return deleted, counts, needed, protected
 
     def changelist_view(self, request, extra_context=None):
-        # An id filter (?batch=, ?owner=, ?reviewed_by_id=, ...) edited past a 64-bit integer: SQLite
-        # cannot compare it (a 500), and no record has it.
-        for key, value in request.GET.items():
-            noun = ID_FILTERS.get(key.split("__")[0])
-            if noun and any(_beyond_any_id(one) for one in value.split(",")):  # __in lists too
-                self.message_user(request, f"There is no {noun} #{value.strip()[:30]}.", level=messages.ERROR)
-                return HttpResponseRedirect(request.path)
         response = super().changelist_view(request, extra_context)
         changelist = getattr(response, "context_data", None) and response.context_data.get("cl")
         if changelist is not None:  # a page was shown, not a refusal or the redirect after an action
@@ -583,7 +590,7 @@ ACCESS_TRAIL_COLUMNS = [
 
 
 @admin.register(AccessEvent)
-class AccessEventAdmin(ChecksSelections, admin.ModelAdmin):
+class AccessEventAdmin(ChecksIdFilters, ChecksSelections, admin.ModelAdmin):
     """The access trail, read-only for everyone: no one adds, edits or removes entries here."""
 
     class Media:
@@ -603,7 +610,8 @@ class AccessEventAdmin(ChecksSelections, admin.ModelAdmin):
         # ?client_ip= edited by hand: PostgreSQL refuses to compare text that is no address (a 500).
         for key, value in request.GET.items():
             field, _, lookup = key.partition("__")
-            if field == "client_ip" and lookup != "isnull" and not all(map(_is_address, value.split(","))):
+            addresses = value.split(",") if lookup == "in" else [value]  # a plain ?client_ip=a,b is one text
+            if field == "client_ip" and lookup != "isnull" and not all(map(_is_address, addresses)):
                 self.message_user(request, f"{value.strip()[:50]!r} is no client address.", level=messages.ERROR)
                 return HttpResponseRedirect(request.path)
         return super().changelist_view(request, extra_context)
@@ -647,7 +655,7 @@ class AccessEventAdmin(ChecksSelections, admin.ModelAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(HidesFields, ChecksSelections, admin.ModelAdmin):
+class ApiTokenAdmin(HidesFields, ChecksIdFilters, ChecksSelections, admin.ModelAdmin):
     """Who holds an API key and when it was last used; an admin can revoke one (delete) but never read it."""
 
     hidden_fields = ("digest",)  # the key's hash, kept back as the key is
@@ -677,8 +685,8 @@ admin.site.unregister(Group)
 
 
 @admin.register(Group)
-class CheckedGroupAdmin(ChecksSelections, GroupAdmin):
-    """Django's, its Delete selected checked as the other lists' actions."""
+class CheckedGroupAdmin(ChecksIdFilters, ChecksSelections, GroupAdmin):
+    """Django's, its id filters and Delete selected checked as the other lists'."""
 
 
 def _privileged(user) -> bool:
@@ -689,7 +697,7 @@ def _privileged(user) -> bool:
 
 
 @admin.register(get_user_model())
-class RecordedUserAdmin(ChecksSelections, RecordsDeletions, UserAdmin):
+class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
     record_deletion = staticmethod(_record_users_data_deleted)

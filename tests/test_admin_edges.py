@@ -244,3 +244,28 @@ def test_an_action_on_a_selection_that_is_no_id_is_refused(admin_client, user, p
     assert answer.redirect_chain == [(f"/admin/{page}/", 302)]
     assert "Nothing was done: the selection held something that is no id." in answer.content.decode()
     assert Analysis.objects.filter(pk=cell.pk).exists() and ApiToken.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("page", "query", "refusal"),
+    [
+        ("diagnosis/accessevent", {"user": "9" * 25}, "There is no user #999"),
+        ("diagnosis/accessevent", {"analysis_id": "9" * 25}, "There is no cell #999"),
+        ("diagnosis/apitoken", {"user__id__exact": "9" * 25}, "There is no user #999"),
+        ("auth/user", {"groups__id__exact": "9" * 25}, "There is no group #999"),
+        ("auth/group", {"id": "9" * 25}, "There is no record #999"),
+        ("diagnosis/accessevent", {"client_ip": "10.0.0.1,10.0.0.2"}, "&#x27;10.0.0.1,10.0.0.2&#x27; is no client"),
+    ],
+)
+def test_the_other_lists_filters_edited_by_hand_are_answered(admin_client, user, page, query, refusal):
+    """Only the cell and batch lists answered an id filter past 64 bits: the trail's and the API
+    tokens' ?user=, the users' ?groups= and the like were an OverflowError on SQLite, a 500. And the
+    trail split a plain ?client_ip=a,b on its comma as if it were ?client_ip__in=, so took it for
+    two addresses, which PostgreSQL then refused to compare as one (ValueError, a 500)."""
+    api_key(user)
+    AccessEvent.objects.create(username="x", user=user, action="viewed", channel="web", client_ip="10.0.0.1")
+    answer = admin_client.get(f"/admin/{page}/", query, follow=True)
+    assert answer.redirect_chain == [(f"/admin/{page}/", 302)] and refusal in answer.content.decode()
+    if "client_ip" in query:  # a list of addresses is still taken as one
+        listed = admin_client.get("/admin/diagnosis/accessevent/", {"client_ip__in": "10.0.0.1,10.0.0.2"})
+        assert len(listed.context["cl"].result_list) == 1
