@@ -24,6 +24,7 @@ from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import NoteField, ReviewTimeField, show_review_time
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch, is_borderline
 from diagnosis.templatetags.scores import score
+from diagnosis.text import plain_line
 
 admin.site.login_form = login_throttle.LockoutAdminAuthenticationForm
 
@@ -235,7 +236,9 @@ class PatientRecordAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, ad
         # across every user's records, and would leave no trace of it: the lists' searches do.
         if request.resolver_match and request.resolver_match.url_name == "autocomplete":
             return queryset.none(), False
-        return super().get_search_results(request, queryset, search_term)
+        # As the site stores references and file names (composed, no invisible characters): a
+        # "Müller" pasted from a Mac's file name, "u" and a combining mark, found nothing.
+        return super().get_search_results(request, queryset, plain_line(search_term))
 
     def get_deleted_objects(self, objs, request):
         """What deleting these takes with it, counted: Django's page would link every cell."""

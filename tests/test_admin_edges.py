@@ -269,3 +269,13 @@ def test_the_other_lists_filters_edited_by_hand_are_answered(admin_client, user,
     if "client_ip" in query:  # a list of addresses is still taken as one
         listed = admin_client.get("/admin/diagnosis/accessevent/", {"client_ip__in": "10.0.0.1,10.0.0.2"})
         assert len(listed.context["cl"].result_list) == 1
+
+
+@pytest.mark.parametrize("page", ["batch", "analysis"])
+def test_the_admins_search_finds_a_name_pasted_in_another_unicode_form(admin_client, user, page):
+    """The site stores sample references and file names composed, and its own searches compose what
+    is typed; the admin's search compared the raw text, so a "Müller" pasted from a Mac's file name
+    ("u" and a combining mark), or with a zero-width space copied along, found nothing."""
+    create_batch(owner=user, uploads=[upload("Müller.png")], sample_reference="Müller Anna 1962")
+    listed = admin_client.get(f"/admin/diagnosis/{page}/", {"q": "Mu\u0308ller\u200b"})
+    assert len(listed.context["cl"].result_list) == 1
