@@ -1,6 +1,7 @@
 """CSV exports and the printable batch report."""
 
 import csv
+import unicodedata
 from collections.abc import Iterator
 
 from django.conf import settings
@@ -43,9 +44,10 @@ CSV_COLUMNS = [
 
 
 def csv_safe(value) -> str:
-    """Stop spreadsheet formula injection from user-chosen text such as file names."""
+    """Stop spreadsheet formula injection from user-chosen text such as file names. Judged in
+    compatibility form: Numbers reads a full-width "＝" (or a small "﹦") as "=" and runs the rest."""
     text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    return "'" + text if unicodedata.normalize("NFKC", text[:1])[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 class _Line:

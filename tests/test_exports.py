@@ -5,6 +5,7 @@ import io
 
 import pytest
 
+from diagnosis.exports import csv_safe
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis, create_batch
 from tests.factories import upload
@@ -93,6 +94,14 @@ def test_report_of_a_batch_nothing_has_classified_yet_says_so(client, user):
     client.force_login(user)
     page = client.get(f"/batches/{batch.pk}/report/").content.decode()
     assert "No cell classified yet." in page and "data-model" not in page
+
+
+@pytest.mark.parametrize("sign", ["\uff1d", "\uff0b", "\uff0d", "\uff20", "\ufe66"], ids=ascii)
+def test_a_full_width_formula_sign_is_kept_from_running_as_one_too(sign):
+    """Only ASCII signs were caught: Numbers takes a full-width "＝" for "=" and ran
+    ＝HYPERLINK(...) from a file name, reference or note (node-csv escapes them for this)."""
+    assert csv_safe(f"{sign}HYPERLINK(evil)") == f"'{sign}HYPERLINK(evil)"
+    assert csv_safe(f"WARD{sign}7") == f"WARD{sign}7"
 
 
 def test_csv_gives_threshold_and_keeps_user_text_from_running_as_formulas(client, user, batch):
