@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET
 
 from diagnosis import selectors
 from diagnosis.audit import record_access
+from diagnosis.files import missing_pictures
 from diagnosis.forms import FilterForm
 from diagnosis.models import AccessEvent
 from diagnosis.templatetags.scores import score
@@ -144,7 +145,9 @@ def batch_csv(request, pk: int):
 def batch_report(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     record_access(request=request, action=AccessEvent.Action.EXPORTED, batch=batch, detail="printable report")
-    analyses = selectors.batch_analyses_by_suspicion(batch=batch).select_related("reviewed_by")
+    analyses = list(selectors.batch_analyses_by_suspicion(batch=batch).select_related("reviewed_by"))
+    for analysis in analyses:  # said on paper, as on the cell's page: a result printed without its cell
+        analysis.missing_pictures = missing_pictures(analysis)
     counts = selectors.batch_counts(batch=batch)
     context = {
         "batch": batch,

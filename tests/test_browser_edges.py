@@ -407,3 +407,25 @@ def test_a_result_left_open_stops_showing_its_patient_once_the_idle_sign_out_end
     open_page.expect_error(page, "401")
     shown = page.locator("body").inner_text()
     assert "Doe_Jane_0815.png" not in shown and "MRN-4711" not in shown, shown[:400]
+
+
+def test_the_printed_report_keeps_long_unbroken_text_on_the_paper(open_page, user, not_analysed):  # noqa: F811
+    """A reference, note or link without a space ran off the paper's edge: the header's reference
+    had no rule to break it, and a review note widened its grid column until the row of cells was
+    wider than the page (Chrome shrinks or clips it)."""
+    link = "https://lis.hospital.example/results/2026/12/01/WARD_7/PATIENT_000123456/SLIDE_B/field_03?view=full"
+    batch = services.create_batch(
+        owner=user,
+        uploads=[upload(f"cell_{n}.png") for n in range(8)],
+        sample_reference="LIS_2026_12_01_WARD_7_BED_12_PATIENT_000123456_SLIDE_B_THIN_FILM_GIEMSA_FIELD_03",
+        note=f"Referred, see {link}",
+    )
+    cells = [classified(cell) for cell in batch.analyses.order_by("pk")]
+    services.review_analysis(analysis=cells[0], reviewer=user, verdict="agree", note=f"See {link}", replacing=None)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.emulate_media(media="print")
+    page.set_viewport_size({"width": 718, "height": 1000})  # A4 less Chrome's default margins, at 96 px an inch
+    page.goto(f"/batches/{batch.pk}/report/")
+    assert not overflows_horizontally(page)
+    open_page.errors[page].clear()  # the cells were classified without heatmap files: their <img> are 404s

@@ -214,3 +214,19 @@ def test_the_review_page_of_a_cell_whose_picture_is_gone_says_so(client, user):
     client.force_login(reviewer)
     page = html.unescape(client.get(f"/review/{cell.pk}/").content.decode())
     assert "This cell's original image is missing from the server's storage" in page
+
+
+def test_the_printed_report_says_which_cells_pictures_are_missing(client, user):
+    """The cell's page and the review page said so, but the report printed the label beside two
+    broken picture boxes: on paper, a result without its cell, and no word why."""
+    batch = services.create_batch(owner=user, uploads=[upload("kept.png"), upload("lost.png")])
+    kept, lost = (classified(cell) for cell in batch.analyses.order_by("original_filename"))
+    for cell in (kept, lost):
+        cell.overlay.save("overlay.png", ContentFile(image_bytes()), save=True)
+    lost.image.storage.delete(lost.image.name)
+    lost.overlay.storage.delete(lost.overlay.name)
+    client.force_login(user)
+    page = html.unescape(client.get(f"/batches/{batch.pk}/report/").content.decode())
+    assert page.count("data-missing-pictures") == 1
+    assert "Its original image and heatmap are missing from the server's storage" in page
+    assert f"/analyses/{lost.pk}/picture/" not in page and f"/analyses/{kept.pk}/picture/" in page
