@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.db.models.constants import LOOKUP_SEP
 from django.http import Http404, HttpResponseRedirect
 from django.urls import reverse
@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
-from diagnosis.audit import counted, record_access, record_list_read
+from diagnosis.audit import access_event, counted, record_access, record_list_read
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import NoteField, ReviewTimeField, show_review_time
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch, is_borderline
@@ -94,11 +94,18 @@ def _record_deleted(request, obj: Analysis | Batch) -> None:
 
 def _record_users_data_deleted(request, user) -> None:
     """A user's batches and cells go with the account (and their files with them): each one leaves
-    an entry in the access trail, as if deleted one by one."""
-    for batch in user.batches.all():
-        _record_deleted(request, batch)
-    for analysis in user.analyses.filter(batch__isnull=True):
-        _record_deleted(request, analysis)
+    an entry in the access trail, as if deleted one by one. Written at once: one query per record
+    (a count and an insert for each batch) made a lab system's 20,000 batches outlast the request."""
+    deleted = AccessEvent.Action.DELETED
+    events = [
+        access_event(request=request, action=deleted, batch=batch, detail=counted(batch.cells, "cell"))
+        for batch in user.batches.annotate(cells=Count("analyses")).order_by("pk")
+    ]
+    events += [
+        access_event(request=request, action=deleted, analysis=analysis, detail="1 cell")
+        for analysis in user.analyses.filter(batch__isnull=True).only("pk", "owner_id", "batch_id").order_by("pk")
+    ]
+    AccessEvent.objects.bulk_create(events, batch_size=1000)
 
 
 class RecordsDeletions:
@@ -273,9 +280,20 @@ class PatientRecordAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, ad
         record_access(request=request, action=AccessEvent.Action.VIEWED, **subject)
 
 
-# The owners of the listed records only: a reviewer may not list the accounts (superusers and
-# service accounts included), and an owner filter of every user would name them all.
-OWNERS_WITH_RECORDS = ("owner", admin.RelatedOnlyFieldListFilter)
+class OwnersWithRecords(admin.RelatedFieldListFilter):
+    """The owners of records of the list's kind only: a reviewer may not list the accounts
+    (superusers and service accounts included), and an owner filter of every user would name them
+    all. Asked user by user (EXISTS on the owner index), not as Django's RelatedOnlyFieldListFilter
+    does, with a DISTINCT over every cell ever uploaded on each page (55 ms at 300,000 cells)."""
+
+    def field_choices(self, field, request, model_admin):
+        records = field.model._base_manager.filter(**{field.name: OuterRef("pk")})  # a withdrawn batch's too
+        owners = field.remote_field.model._default_manager.filter(Exists(records)).values("pk")
+        ordering = self.field_admin_ordering(field, request, model_admin)
+        return field.get_choices(include_blank=False, limit_choices_to={"pk__in": owners}, ordering=ordering)
+
+
+OWNERS_WITH_RECORDS = ("owner", OwnersWithRecords)
 
 
 class FinalLabelFilter(admin.SimpleListFilter):

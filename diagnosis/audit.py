@@ -36,22 +36,30 @@ def record_access(
 ) -> AccessEvent | None:
     """``owner_id``: the owner of what was read, where no one record was (a list).
     ``once_in_a_while=False``: recorded each time, even where a repeat would not be."""
+    event = access_event(request=request, action=action, analysis=analysis, batch=batch, detail=detail)
+    event.owner_id = event.owner_id or owner_id
+    if once_in_a_while and action in REPEATABLE and _seen_recently(event):
+        return None
+    event.save()
+    return event
+
+
+def access_event(
+    *, request, action: AccessEvent.Action, analysis: Analysis | None = None, batch: Batch | None = None, detail: str
+) -> AccessEvent:
+    """The entry, not yet saved: many of them are saved at once (an account's records removed with it)."""
     subject = analysis or batch
-    event = AccessEvent(
+    return AccessEvent(
         user=request.user,
         username=request.user.get_username(),
         action=action,
         channel=_channel(request.path),
         analysis_id=analysis.pk if analysis else None,
         batch_id=batch.pk if batch else (analysis.batch_id if analysis else None),
-        owner_id=subject.owner_id if subject else owner_id,
+        owner_id=subject.owner_id if subject else None,
         detail=detail[:200],
         client_ip=_client_ip(request),
     )
-    if once_in_a_while and action in REPEATABLE and _seen_recently(event):
-        return None
-    event.save()
-    return event
 
 
 def record_list_read(
