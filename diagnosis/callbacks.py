@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -207,24 +208,29 @@ def send_again(*, batch_ids: Iterable[int]) -> int:
     """Any state -> pending with no lease: these batches have new results (cells analysed again,
     reviewed), which go out once every cell is finished, as the first ones did. An attempt under
     way for a pending one loses its lease, so it cannot mark the batch delivered with the old
-    results. A batch whose receiver is failing keeps its count of attempts and waits out a pause:
-    a review a minute called a lab system that was down at once, each time, and never gave up. A
-    withdrawal is a message of its own, and starts afresh."""
-    batches = Batch.with_withdrawn.filter(pk__in=batch_ids)
+    results. A batch whose receiver is failing keeps its count of attempts and waits out the pause
+    it is in: a review a minute called a lab system that was down at once, each time, and never gave
+    up. A withdrawal is a message of its own, and starts afresh."""
     pending = Batch.CallbackState.PENDING
-    failing = batches.filter(callback_state=pending, withdrawn_at__isnull=True).exclude(callback_error="")
-    waiting = []
-    for batch_id, attempts in failing.values_list("pk", "callback_attempts"):
-        # A new due time, never the old one: an attempt under way holds its lease as its due time.
-        paused = (
-            Batch.with_withdrawn.filter(pk=batch_id, callback_state=pending, callback_attempts=attempts)
+    with transaction.atomic():
+        batches = Batch.with_withdrawn.filter(pk__in=batch_ids)
+        # Locked (in id order, as every writer of several batches takes them): an attempt claimed
+        # between the look and the update would leave its count to the restart below.
+        failing = list(
+            batches.select_for_update()
+            .filter(callback_state=pending, withdrawn_at__isnull=True)
             .exclude(callback_error="")
-            .update(callback_due_at=timezone.now() + retry_pause(attempts))
+            .order_by("pk")
+            .values_list("pk", "callback_attempts", "callback_due_at")
         )
-        if paused:
-            waiting.append(batch_id)
-    states = [Batch.CallbackState.PENDING, Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
-    return len(waiting) + _restart(batches.exclude(pk__in=waiting), from_states=states)
+        now = timezone.now()
+        for batch_id, attempts, due in failing:
+            # Its pause kept, not begun anew (a review each hour put off a 60-minute one for ever),
+            # but its value changed: an attempt under way holds its lease as its due time.
+            resume = min(due, now + retry_pause(attempts)) + timedelta(microseconds=1) if due else now
+            Batch.with_withdrawn.filter(pk=batch_id).update(callback_due_at=resume)
+        states = [Batch.CallbackState.PENDING, Batch.CallbackState.DELIVERED, Batch.CallbackState.FAILED]
+        return len(failing) + _restart(batches.exclude(pk__in=[pk for pk, _, _ in failing]), from_states=states)
 
 
 def _restart(batches: QuerySet[Batch], *, from_states: list[str]) -> int:

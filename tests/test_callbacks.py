@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
+from django.db.models import F
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -755,10 +756,51 @@ def test_reviews_while_the_lab_system_is_down_wait_out_its_pause_and_count_its_a
     state = refreshed(batch)
     assert len(receiver.received) == 1, "the receiver, answering 503, was called again at once"
     assert (state.callback_state, state.callback_attempts) == (State.PENDING, 1)
-    assert state.callback_due_at > timezone.now() + timedelta(seconds=30)  # its pause of a minute, begun anew
+    assert state.callback_due_at > timezone.now() + timedelta(seconds=30)  # its pause of a minute, kept
 
     make_due(batch)  # the pause over: the reviewed results go out, as the second attempt
     receiver.answers.clear()
     assert callbacks.deliver(batch_id=batch.pk)
     sent = json.loads(receiver.received[-1].body)["batch"]["analyses"]
     assert {cell["review_verdict"] for cell in sent} == {"agree"} and refreshed(batch).callback_attempts == 2
+
+
+def _failing_for_hours(user, *, attempts: int, due_in: timedelta) -> Batch:
+    """A batch whose receiver has failed ``attempts`` times, its pause ending after ``due_in``."""
+    batch = finished_batch(user, "http://127.0.0.1:9/results")
+    Batch.objects.filter(pk=batch.pk).update(
+        callback_state=State.PENDING,
+        callback_attempts=attempts,
+        callback_error="the receiver answered HTTP 503",
+        callback_due_at=timezone.now() + due_in,
+        callback_first_sent_at=timezone.now() - timedelta(hours=3),
+    )
+    return batch
+
+
+def test_new_results_for_a_failing_receiver_do_not_push_back_a_pause_already_over(user):
+    """Each review began the pause anew: a receiver on its hour's pause was put off another hour
+    by every review, and one reviewing through the batch put it off for as long as they worked."""
+    batch = _failing_for_hours(user, attempts=7, due_in=-timedelta(seconds=5))
+    callbacks.send_again(batch_ids=[batch.pk])  # a review
+    assert callbacks._due().filter(pk=batch.pk).exists()  # the sweeper's next round sends it
+    assert refreshed(batch).callback_attempts == 7
+
+
+def test_new_results_for_a_failing_receiver_keep_its_count_when_an_attempt_claims_it_meanwhile(user, monkeypatch):
+    """The count was read, then the pause written only if it was unchanged: an attempt claimed in
+    between made it fall through to a restart, count 0 and no pause, the reset it was to end."""
+    batch = _failing_for_hours(user, attempts=5, due_in=-timedelta(seconds=5))
+    pause = callbacks.retry_pause
+
+    def claimed_meanwhile(attempts):  # deliver()'s claim, between the look and the update
+        Batch.objects.filter(pk=batch.pk).update(
+            callback_due_at=timezone.now() + callbacks.LEASE, callback_attempts=F("callback_attempts") + 1
+        )
+        monkeypatch.setattr(callbacks, "retry_pause", pause)
+        return pause(attempts)
+
+    monkeypatch.setattr(callbacks, "retry_pause", claimed_meanwhile)
+    callbacks.send_again(batch_ids=[batch.pk])
+    state = refreshed(batch)
+    assert state.callback_attempts == 6 and state.callback_error
