@@ -246,8 +246,13 @@ def batches_matching(*, user: AbstractBaseUser, search: str = "", sample_referen
     """The user's batches, newest first, without their counts: page them, then ``with_counts``."""
     batches = batches_for(user=user)
     if reference := plain_line(search):
-        # A note keeps its invisible characters: Persian and Hindi words hold a zero-width non-joiner.
-        batches = batches.filter(Q(sample_reference__icontains=reference) | Q(note__icontains=composed(search).strip()))
+        # A note keeps its invisible characters (Persian and Hindi words hold a zero-width non-joiner):
+        # found by the text as typed, or without them as pasted along with it.
+        batches = batches.filter(
+            Q(sample_reference__icontains=reference)
+            | Q(note__icontains=composed(search).strip())
+            | Q(note__icontains=reference)
+        )
     if sample_reference := plain_line(sample_reference):
         batches = batches.filter(sample_reference__iexact=sample_reference)
     return batches.order_by("-created_at", "-id")

@@ -85,7 +85,8 @@ def validate_upload(upload: UploadedFile) -> ValidImage:
 def display_name(raw: str | None) -> str:
     """The client's file name reduced to a harmless label (never used as a path)."""
     base = (raw or "upload").replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(ch for ch in composed(base) if ch.isprintable()).strip() or "upload"
+    # Composed once the invisible characters are gone: one between a letter and its accent kept them apart.
+    cleaned = composed("".join(ch for ch in base if ch.isprintable())).strip() or "upload"
     if len(cleaned) <= NAME_MAX_LENGTH:
         return cleaned
     # Shortened in the middle: the end tells a lab's numbered files apart, and holds the extension.

@@ -192,6 +192,24 @@ def test_a_reference_is_composed_once_its_invisible_characters_are_gone(between)
     assert plain_line(f"Mu{between}\u0308ller") == "Müller"
 
 
+def test_a_file_name_is_stored_composed_once_its_invisible_characters_are_gone(web_client, user):
+    """plain_line composed after dropping them, but file names were composed before: "Mu\u200b\u0308ller"
+    was stored decomposed, and neither the name as typed nor as uploaded found it any more."""
+    uploaded = "Mu\u200b\u0308ller.png"  # "u", a zero-width space, then the diaeresis
+    batch = create_batch(owner=user, uploads=[upload(uploaded)])
+    assert batch.analyses.get().original_filename == "Müller.png"
+    for typed in (uploaded, "Müller"):
+        assert len(web_client.get("/", {"search": typed}).context["page"].object_list) == 1, ascii(typed)
+
+
+@pytest.mark.parametrize("typed", ["recheck\u200b", "WARD\t7"], ids=["zero-width space pasted", "tab pasted"])
+def test_a_note_is_found_by_text_pasted_with_an_invisible_character(web_client, user, typed):
+    """Kept whole for a Persian word's joiners, the term as typed no longer found a note when a
+    zero-width space came along with it, or a tab stood where the note has a space."""
+    batch = create_batch(owner=user, uploads=[upload("a.png")], note="WARD 7: recheck tomorrow")
+    assert f"#{batch.pk}" in web_client.get("/batches/", {"search": typed}).content.decode()
+
+
 def test_a_note_with_a_zero_width_non_joiner_is_found_by_its_own_words(web_client, user):
     """A note keeps the joiners Persian, Urdu and Hindi words are written with, but the Samples
     search dropped them from what was typed, so such a word in a note was never found."""
