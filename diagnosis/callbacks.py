@@ -158,6 +158,8 @@ def deliver(*, batch_id: int) -> bool:
     except urllib.error.URLError as failure:  # urllib's wrapper of what stops the request going out
         sent = False
         error = f"{failure.reason.__class__.__name__}: {failure.reason}"
+    except http.client.RemoteDisconnected:  # before its base class below: it answered nothing at all
+        error = "the receiver closed the connection without answering"
     except http.client.HTTPException as failure:  # not a word of it shown: it is another service's banner
         error = f"the receiver did not answer in HTTP ({failure.__class__.__name__})"
     except Exception as failure:  # noqa: BLE001 - no answer, not HTTP, time up: it may have gone out

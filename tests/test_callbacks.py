@@ -716,6 +716,23 @@ def test_what_a_service_other_than_http_answers_is_not_shown_as_the_callback_err
     assert refreshed(batch).callback_state == State.PENDING  # a failed attempt, tried again later
 
 
+def test_a_receiver_that_hangs_up_without_answering_is_said_to_have_done_so(user):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hang_up():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    batch = finished_batch(user, f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    try:
+        assert not callbacks.deliver(batch_id=batch.pk)
+    finally:
+        listener.close()
+    assert refreshed(batch).callback_error == "the receiver closed the connection without answering"
+
+
 def test_results_as_of_sorts_as_text_across_the_night_the_clocks_go_back(settings, user, api_client, receiver):
     """Written in TIME_ZONE, a review 40 minutes after a result read 02:10+01:00, before the
     result's 02:30+02:00: a lab system keeping the latest as text kept the stale result."""
