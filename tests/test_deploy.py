@@ -289,6 +289,16 @@ def test_every_service_is_there_and_long_running_ones_have_health_checks():
     assert len({SERVICES[name]["image"] for name in APP_SERVICES}) == 1
 
 
+def test_only_web_shares_a_network_with_nginx_and_the_app_gains_no_privilege():
+    """Every service was on compose's one default network: nginx, facing the visitors, could reach
+    PostgreSQL and a Redis without a password."""
+    networks = {name: set(service["networks"]) for name, service in SERVICES.items()}
+    assert {name for name, joined in networks.items() if networks["nginx"] & joined} == {"nginx", "web"}
+    assert all("back" in networks[name] for name in (*APP_SERVICES, "db", "redis"))
+    for name in APP_SERVICES:
+        assert SERVICES[name]["cap_drop"] == ["ALL"] and "no-new-privileges:true" in SERVICES[name]["security_opt"]
+
+
 def test_compose_builds_with_the_dockerfiles_arguments_and_defaults():
     """`docker compose up -d --build` takes no `--build-arg`: .env sets them, and a blank line there must
     not turn the weights check off (an empty REQUIRE_WEIGHTS is not 1)."""
