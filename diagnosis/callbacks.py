@@ -45,11 +45,26 @@ LEASE = timedelta(minutes=5)  # longer than an attempt can take (TIMEOUT_SECONDS
 TIMEOUT_SECONDS = 10
 LONGEST_PAUSE_MINUTES = 60
 UNFINISHED = (Analysis.Status.QUEUED, Analysis.Status.RUNNING)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _allowed_destinations() -> set[tuple[str, int | None]]:
+    """CALLBACK_ALLOWED_HOSTS as (host, port) pairs: "lis01" takes any port of it, "lis01:8443"
+    that one only, so the worker cannot be pointed at the host's other services."""
+    allowed = set()
+    for entry in (entry.lower().strip() for entry in settings.CALLBACK_ALLOWED_HOSTS):
+        host, colon, port = entry.rpartition(":")
+        # An IPv6 address takes a port in brackets only: "2001:db8::1:8443" is an address.
+        if colon and port.isdigit() and (":" not in host or host.startswith("[") and host.endswith("]")):
+            allowed.add((host.strip("[]"), int(port)))
+        else:
+            allowed.add((entry.strip("[]"), None))
+    return allowed
 
 
 def check_callback_url(url: str) -> str:
     """The URL if this server may call it, else a ValidationError saying why."""
-    allowed = {host.lower() for host in settings.CALLBACK_ALLOWED_HOSTS}
+    allowed = _allowed_destinations()
     if not allowed:
         raise ValidationError("Callbacks are not enabled on this server (CALLBACK_ALLOWED_HOSTS is empty).")
     if not settings.CALLBACK_SECRET:
@@ -77,8 +92,11 @@ def check_callback_url(url: str) -> str:
         port = 0
     if port == 0:
         raise ValidationError("The callback URL's port is not a port number (1-65535).")
-    if parts.hostname.lower() not in allowed:
-        raise ValidationError(f"This server may not call {parts.hostname}: it is not in CALLBACK_ALLOWED_HOSTS.")
+    host = parts.hostname.lower()
+    if (host, None) not in allowed and (host, port or DEFAULT_PORTS[parts.scheme]) not in allowed:
+        named = {name for name, _ in allowed}
+        where = f"{parts.hostname} on this port" if host in named else parts.hostname
+        raise ValidationError(f"This server may not call {where}: it is not in CALLBACK_ALLOWED_HOSTS.")
     return url
 
 

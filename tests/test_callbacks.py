@@ -99,9 +99,29 @@ def test_the_worker_posts_a_signed_result_when_the_last_cell_is_finished(celery_
     assert shown["callback_attempts"] == 1 and shown["callback_delivered_at"]
 
 
-@pytest.mark.parametrize("url", ["https://lis01/results", "https://lab_lis.ward-3:8443/in", "https://LIS01/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://lis01/results",
+        "https://lab_lis.ward-3:8443/in",
+        "https://LIS01/x",
+        "https://lis02:8443/in",  # the one port allowed of it
+        "https://lis03/in",  # 443, as allowed
+        "https://[2001:db8::7]:8443/in",
+        "https://[2001:db8::1:8443]/in",  # an IPv6 address, any port
+    ],
+)
 def test_a_hospital_host_name_without_a_domain_is_a_callback_url_where_allowed(settings, api_client, url):
-    settings.CALLBACK_ALLOWED_HOSTS = ["lis01", "lab_lis.ward-3"]
+    """An entry names a host (any port of it) or host:port: an allowed host's other services (its
+    mail server's 25, say) cannot be called, nor probed by the errors an attempt reports."""
+    settings.CALLBACK_ALLOWED_HOSTS = [
+        "lis01",
+        "lab_lis.ward-3",
+        "lis02:8443",
+        "lis03:443",
+        "[2001:db8::7]:8443",
+        "2001:db8::1:8443",
+    ]
     response = api_client.post("/api/batches/", {"images": [upload()], "callback_url": url})
     assert response.status_code == 202, response.content
     assert response.json()["callback_url"] == url
@@ -122,6 +142,9 @@ def test_a_hospital_host_name_without_a_domain_is_a_callback_url_where_allowed(s
         (["127.0.0.1"], "http://127.0.0.1/results/ward 3", "spaces or control characters"),
         (["127.0.0.1"], "http://127.0.0.1/results\r\nX-Injected: 1", "spaces or control characters"),
         (["127.0.0.1"], "http://127.0.0.1/results\tx\x7f", "spaces or control characters"),
+        (["lis01:8443"], "https://lis01:25/x", "may not call lis01 on this port"),  # its mail server
+        (["lis01:8443"], "https://lis01/x", "may not call lis01 on this port"),
+        (["[2001:db8::7]:8443"], "https://[2001:db8::7]:8080/x", "may not call 2001:db8::7 on this port"),
     ],
 )
 def test_a_callback_url_this_server_may_not_call_is_refused_and_nothing_is_stored(
