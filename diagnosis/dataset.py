@@ -30,6 +30,9 @@ MANIFEST_COLUMNS = [
     "probability_parasitized",
     "model_version",
     "reviewed_at",
+    # Added at the end, for readers by position: the label was the model's at this threshold, which
+    # differs between models (0.3 is Parasitized under one, Uninfected under another).
+    "decision_threshold",
 ]
 
 
@@ -122,7 +125,8 @@ def _export_cell(analysis: Analysis, *, out: Path, manifest, written: set[Path],
         return
     # Listed before it is copied: a run killed during the copy leaves no file that nothing lists.
     row = [f"{label}/{name}", analysis.pk, group, analysis.label, label, analysis.probability_parasitized]
-    csv.writer(manifest).writerow([*row, analysis.model_version, analysis.reviewed_at.isoformat()])
+    made = [analysis.model_version, analysis.reviewed_at.isoformat(), analysis.decision_threshold]
+    csv.writer(manifest).writerow([*row, *made])
     manifest.flush()
     with source, open(out / label / name, "wb") as copy:
         begun.append(analysis)

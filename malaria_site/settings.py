@@ -223,7 +223,11 @@ Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 EXPORT_MAX_ROWS = env.int("EXPORT_MAX_ROWS", default=50_000)
 
 # --- Model ----------------------------------------------------------------------------------
-MODEL_WEIGHTS = Path(env("MODEL_WEIGHTS", default=str(BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors")))
+# A blank value (`MODEL_WEIGHTS=` in .env) is the shipped model, as compose and ml.evaluate read it: as
+# Path("") it was the current folder, and every cell failed for want of a model.
+MODEL_WEIGHTS = Path(
+    env("MODEL_WEIGHTS", default="").strip() or BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors"
+)
 MODEL_BATCH_SIZE = env.int("MODEL_BATCH_SIZE", default=16)
 if MODEL_BATCH_SIZE < 1:  # beside MODEL_THREADS, where 0 is "every core": here it would fail every cell
     raise ImproperlyConfigured("MODEL_BATCH_SIZE must be at least 1 (images the model takes at once).")

@@ -26,6 +26,7 @@ def finished(analysis: Analysis, *, label: str, verdict: str = "", corrected: st
         status="done",
         label=label,
         probability_parasitized=0.9 if label == "Parasitized" else 0.1,
+        decision_threshold=0.37,
         model_version="m1",
         review_verdict=verdict,
         corrected_label=corrected,
@@ -79,6 +80,8 @@ def test_reviewed_cells_export_by_reviewed_label_and_sample(user, other_user, tm
         "Parasitized",
         "Uninfected",
     )
+    # The threshold the model's label was made at: scores of two models' are not comparable without it.
+    assert float(manifest[corrected.pk]["decision_threshold"]) == corrected.decision_threshold
 
     # A later review that changes its mind moves the cell; a deleted cell leaves the data set.
     Analysis.objects.filter(pk=agreed.pk).update(review_verdict="disagree", corrected_label="Uninfected")

@@ -289,6 +289,14 @@ def test_every_service_is_there_and_long_running_ones_have_health_checks():
     assert len({SERVICES[name]["image"] for name in APP_SERVICES}) == 1
 
 
+def test_a_blank_model_weights_is_the_shipped_model_as_compose_reads_it():
+    """`MODEL_WEIGHTS=` (the example's line uncommented to go back to the shipped model) was read
+    as the current folder: every cell failed, while ml.evaluate reported the shipped model."""
+    shown = run_python(["-c", "from django.conf import settings; print(settings.MODEL_WEIGHTS)"],
+                       {"DJANGO_SETTINGS_MODULE": "malaria_site.settings", "MODEL_WEIGHTS": " "})  # fmt: skip
+    assert shown.returncode == 0 and shown.stdout.strip() == str(ROOT / "ml" / "weights" / "malaria_vgg19.safetensors")
+
+
 def test_only_web_shares_a_network_with_nginx_and_the_app_gains_no_privilege():
     """Every service was on compose's one default network: nginx, facing the visitors, could reach
     PostgreSQL and a Redis without a password."""
