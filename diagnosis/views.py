@@ -189,6 +189,8 @@ def batch_detail(request, pk: int):
         "counts": selectors.batch_counts(batch=batch),
         "history": selectors.access_history(batch=batch),
         "deleted_cells": selectors.cells_deleted_from(batch=batch),
+        # More than one after a new model is installed and some cells are analysed again.
+        "models": selectors.batch_models(batch=batch),
     }
     return render(request, "diagnosis/batch.html", context)
 

@@ -291,3 +291,27 @@ def test_a_csv_opens_in_a_spreadsheet_with_its_non_ascii_text_intact(client, use
         assert exported.startswith(b"\xef\xbb\xbf" + b'"analysis_id",'), path
         row = next(csv.DictReader(io.StringIO(exported.decode("utf-8-sig"))))
         assert row["sample_reference"] == "Müller-Đurić" and row["original_filename"] == "Müller-Đurić_cell_1.png"
+
+
+def test_a_batch_classified_by_two_models_says_which_cell_each_classified(client, user):
+    """After a new model was installed and some cells analysed again, the batch page named no model
+    at all, and the report's cells none: the same score is a positive under one and not the other."""
+    batch = create_batch(owner=user, uploads=[upload("before.png"), upload("after.png")])
+    before, after = batch.analyses.order_by("original_filename").reverse()
+    finish(before, label="Parasitized", probability=0.3)
+    finish(after, label="Uninfected", probability=0.3)
+    Analysis.objects.filter(pk=after.pk).update(model_version="vgg-test-2", decision_threshold=0.6)
+    client.force_login(user)
+    page = client.get(f"/batches/{batch.pk}/").content.decode()
+    named = "each cell by the one it names: vgg-test-1 (threshold 0.11); vgg-test-2 (threshold 0.60)."
+    assert f"Classified by 2 models, {named}" in page
+    assert page.count('<span class="small muted cell-name" data-model>') == 2
+    report = client.get(f"/batches/{batch.pk}/report/").content.decode()
+    assert (
+        "<br>Model <span data-model>vgg-test-1</span>" in report
+        and "<br>Model <span data-model>vgg-test-2</span>" in report
+    )
+
+    Analysis.objects.filter(pk=after.pk).update(model_version="vgg-test-1", decision_threshold=0.11)
+    page = client.get(f"/batches/{batch.pk}/").content.decode()  # one model: no note, no name on each cell
+    assert "mixed-models" not in page and "data-model>" not in page
