@@ -159,6 +159,18 @@ REVIEW_CONFIDENCE = Case(
     default=Coalesce((_THRESHOLD - F("probability_parasitized")) / NullIf(_THRESHOLD, Value(0.0)), 0.0),
     output_field=models.FloatField(),
 )
+# "Most suspicious first" on one scale for every model: REVIEW_CONFIDENCE, negative below the
+# threshold (-1 a certain negative, 1 a certain positive; NULL unscored). For one model it orders as
+# the scores do; across two (a batch analysed again under a new one) a raw 0.25 is a sure negative
+# at a threshold of 0.6 and a positive at 0.11. Analysis.suspicion and live.js work it out alike.
+SUSPICION = Case(
+    When(
+        probability_parasitized__gte=_THRESHOLD,
+        then=Coalesce((F("probability_parasitized") - _THRESHOLD) / NullIf(Value(1.0) - _THRESHOLD, Value(0.0)), 0.0),
+    ),
+    default=(F("probability_parasitized") - _THRESHOLD) / NullIf(_THRESHOLD, Value(0.0)),
+    output_field=models.FloatField(),
+)
 
 
 # A call is borderline when its score lies within BORDERLINE_CONFIDENCE of the room between the
@@ -276,6 +288,17 @@ class Analysis(models.Model):
         threshold = 0.5 if self.decision_threshold is None else self.decision_threshold
         low, high = borderline_band(threshold=threshold, confidence=settings.BORDERLINE_CONFIDENCE)
         return low <= self.probability_parasitized < high
+
+    @property
+    def suspicion(self) -> float | None:
+        """SUSPICION, for the pages' data-score (live.js keeps their order with it)."""
+        if self.probability_parasitized is None:
+            return None
+        threshold = 0.5 if self.decision_threshold is None else self.decision_threshold
+        score = self.probability_parasitized
+        if score >= threshold:
+            return (score - threshold) / (1 - threshold) if threshold < 1 else 0.0
+        return (score - threshold) / threshold
 
     @property
     def reviewer(self) -> str:

@@ -14,7 +14,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from diagnosis.models import REVIEW_CONFIDENCE, AccessEvent, Analysis, Batch, is_borderline
+from diagnosis.models import REVIEW_CONFIDENCE, SUSPICION, AccessEvent, Analysis, Batch, is_borderline
 from diagnosis.text import composed, plain_line
 
 ACCESS_HISTORY_SHOWN = 20
@@ -63,12 +63,12 @@ def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = No
     sort = filters.sort if filters.sort in AnalysisFilters.SORTS else "-created_at"
     if "probability" not in sort:  # the index's own order; NULLS LAST would make PostgreSQL sort every row
         return queryset.order_by(sort, "-id" if sort.startswith("-") else "id")
-    field = F(sort.lstrip("-"))
     # Unfinished cells have no probability yet: last in either direction, on PostgreSQL as on SQLite.
-    # By suspicion, as the batch page: a reviewer's correction decides the side a cell is on.
+    # By suspicion, as the batch page: a reviewer's correction decides the side a cell is on, and
+    # each score is weighed against its own model's threshold.
     if sort.startswith("-"):
-        return queryset.order_by(_by_label(first=Analysis.Label.PARASITIZED), field.desc(nulls_last=True), "-id")
-    return queryset.order_by(_by_label(first=Analysis.Label.UNINFECTED), field.asc(nulls_last=True), "-id")
+        return queryset.order_by(_by_label(first=Analysis.Label.PARASITIZED), SUSPICION.desc(nulls_last=True), "-id")
+    return queryset.order_by(_by_label(first=Analysis.Label.UNINFECTED), SUSPICION.asc(nulls_last=True), "-id")
 
 
 def _by_label(*, first: str) -> Case:
@@ -182,7 +182,7 @@ def batch_analyses_by_suspicion(*, batch: Batch) -> QuerySet[Analysis]:
     found in a low score must not sit among the negatives), each part most likely parasitized
     first; unfinished cells last on every database."""
     by_suspicion = _by_label(first=Analysis.Label.PARASITIZED)
-    return batch.analyses.order_by(by_suspicion, F("probability_parasitized").desc(nulls_last=True), "id")
+    return batch.analyses.order_by(by_suspicion, SUSPICION.desc(nulls_last=True), "id")
 
 
 def batch_models(*, batch: Batch) -> list[tuple[str, float | None]]:

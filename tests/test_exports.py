@@ -2,6 +2,7 @@
 
 import csv
 import io
+import re
 
 import pytest
 
@@ -315,3 +316,23 @@ def test_a_batch_classified_by_two_models_says_which_cell_each_classified(client
     Analysis.objects.filter(pk=after.pk).update(model_version="vgg-test-1", decision_threshold=0.11)
     page = client.get(f"/batches/{batch.pk}/").content.decode()  # one model: no note, no name on each cell
     assert "mixed-models" not in page and "data-model>" not in page
+
+
+def test_most_suspicious_first_weighs_each_score_against_its_own_models_threshold(client, user):
+    """Ordered by the raw score, a new model's sure negative (0.25 at a threshold of 0.6) stood above
+    the old model's borderline one (0.105 at 0.11), on the batch page, the report and the dashboard."""
+    batch = create_batch(owner=user, uploads=[upload("old-borderline.png"), upload("new-sure.png")])
+    old, new = batch.analyses.order_by("original_filename").reverse()
+    finish(old, label="Uninfected", probability=0.105)
+    finish(new, label="Uninfected", probability=0.25)
+    Analysis.objects.filter(pk=new.pk).update(model_version="vgg-test-2", decision_threshold=0.6)
+    client.force_login(user)
+    for url in (f"/batches/{batch.pk}/", f"/batches/{batch.pk}/report/", "/?sort=-probability_parasitized"):
+        page = client.get(url).content.decode()
+        assert page.index("old-borderline.png") < page.index("new-sure.png"), url
+    page = client.get("/?sort=probability_parasitized").content.decode()  # least suspicious first
+    assert page.index("new-sure.png") < page.index("old-borderline.png")
+    scores = [
+        float(s) for s in re.findall(r'data-score="([-0-9.]+)"', client.get(f"/batches/{batch.pk}/").content.decode())
+    ]
+    assert scores == sorted(scores, reverse=True) and scores[1] == pytest.approx((0.25 - 0.6) / 0.6, abs=1e-6)

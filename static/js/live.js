@@ -51,7 +51,7 @@
     if (model && item.model_version) model.textContent = item.model_version;
     const img = el.querySelector("img");
     if (img && item.overlay_url) img.dataset.overlay = item.overlay_url;
-    if (item.probability_parasitized !== null) el.dataset.score = item.probability_parasitized;
+    if (item.probability_parasitized !== null) el.dataset.score = suspicion(item);
     el.toggleAttribute("data-parasitized", item.label === "Parasitized");  // a reviewer's correction too
     if (item.finished) el.dataset.finished = "1";
   }
@@ -83,6 +83,15 @@
   if (sorted) {
     sorted.addEventListener("mouseleave", sortByScore);
     sorted.addEventListener("focusout", () => setTimeout(sortByScore));
+  }
+
+  // The score weighed against its own model's threshold (diagnosis.models.SUSPICION): -1 a certain
+  // negative, 1 a certain positive, so two models' cells keep one order.
+  function suspicion(item) {
+    const threshold = item.decision_threshold === null ? 0.5 : item.decision_threshold;
+    const p = item.probability_parasitized;
+    if (p >= threshold) return threshold < 1 ? (p - threshold) / (1 - threshold) : 0;
+    return (p - threshold) / threshold;
   }
 
   // Rounded down, as the templates' `score` filter does: rounded up, a score just under the
