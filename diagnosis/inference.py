@@ -4,6 +4,7 @@ import io
 import logging
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import torch
@@ -30,6 +31,13 @@ def get_predictor(weights_path: str) -> Predictor:
     return predictor
 
 
+def model_ready_file() -> Path:
+    """Holds the model's version once this machine's worker has loaded it and run it once. The
+    worker's health check (docker-compose.yml) reads it: a worker whose file is another arch's, or
+    no model at all, answers pings, and fails every cell."""
+    return Path(settings.VAR_DIR) / "worker-model-ready"
+
+
 def warm_up() -> None:
     """Load the model and run it once, so the first upload after a worker starts waits for neither."""
     if settings.MODEL_THREADS > 0:  # OpenCV (the overlay) as well as torch: both share the cores
@@ -38,10 +46,12 @@ def warm_up() -> None:
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:
+        model_ready_file().unlink(missing_ok=True)  # an earlier start's, with another file
         logger.warning("event=model_unavailable error=%s", error)  # each analysis then fails saying why
         return
     size = predictor.info.config.input_size
     predictor.predict([Image.new("RGB", (size, size))])
+    model_ready_file().write_text(predictor.version + "\n")
     logger.info("event=model_warm version=%s", predictor.version)
 
 

@@ -1157,7 +1157,8 @@ def test_worker_health_check_pings_its_own_replica(tmp_path):
     worker = logged_process(interpolate(SERVICES["worker"]["command"], {}), env=env, log=log)
     try:
         deadline = time.monotonic() + 90
-        while b" ready." not in log.read_bytes():
+        ready = tmp_path / "worker-model-ready"  # VAR_DIR's, once the model has loaded and run
+        while b" ready." not in log.read_bytes() or not ready.exists():
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         (kind, script) = interpolate(SERVICES["worker"]["healthcheck"]["test"], {})
@@ -1172,6 +1173,9 @@ def test_worker_health_check_pings_its_own_replica(tmp_path):
         assert health("another-replica") != 0
         # A worker that answers without a model to use fails every cell: it is not healthy either.
         assert health(socket.gethostname(), MODEL_WEIGHTS=str(ROOT / "ml" / "weights" / "missing.safetensors")) != 0
+        # Nor is one whose file opened, but was no model it could run (another arch's, say).
+        ready.unlink()
+        assert health(socket.gethostname()) != 0
     finally:
         stop(worker)
 

@@ -218,6 +218,19 @@ def test_an_overlay_recorded_after_the_page_loaded_the_cell_goes_with_it(queued,
     assert not overlay.exists()
 
 
+def test_the_worker_says_it_has_a_model_to_run_only_once_it_has_run_it(settings, tmp_path):
+    """Its health check opened the file as safetensors only: another arch's file, or one with no
+    model in it, passed, and the worker answered healthy while every cell failed."""
+    settings.VAR_DIR = tmp_path
+    inference.warm_up()
+    ready = tmp_path / "worker-model-ready"
+    assert ready.read_text().strip() == inference.get_predictor(str(settings.MODEL_WEIGHTS)).version
+    settings.MODEL_WEIGHTS = tmp_path / "not-a-model.safetensors"
+    settings.MODEL_WEIGHTS.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # a header, no tensors
+    inference.warm_up()
+    assert not ready.exists()
+
+
 def test_the_worker_uses_the_threads_it_is_given(settings):
     import torch
 
