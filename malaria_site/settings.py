@@ -20,6 +20,12 @@ def env_flag(name: str, *, default: bool) -> bool:
     return env.bool(name) if env(name, default="").strip() else default
 
 
+def env_path(name: str, *, default: Path) -> Path:
+    """A file setting where a blank value (``NAME=`` in .env) keeps the default, as compose's
+    ``${NAME:-...}`` does: read as Path(""), it was the current folder."""
+    return Path(env(name, default="").strip() or default)
+
+
 def api_rate(name: str, *, default: str) -> str:
     """A rate as DRF's throttles read it ("2000/hour"): one they cannot read passed every check and
     then failed each request it applies to with a 500."""
@@ -223,11 +229,7 @@ Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 EXPORT_MAX_ROWS = env.int("EXPORT_MAX_ROWS", default=50_000)
 
 # --- Model ----------------------------------------------------------------------------------
-# A blank value (`MODEL_WEIGHTS=` in .env) is the shipped model, as compose and ml.evaluate read it: as
-# Path("") it was the current folder, and every cell failed for want of a model.
-MODEL_WEIGHTS = Path(
-    env("MODEL_WEIGHTS", default="").strip() or BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors"
-)
+MODEL_WEIGHTS = env_path("MODEL_WEIGHTS", default=BASE_DIR / "ml" / "weights" / "malaria_vgg19.safetensors")
 MODEL_BATCH_SIZE = env.int("MODEL_BATCH_SIZE", default=16)
 if MODEL_BATCH_SIZE < 1:  # beside MODEL_THREADS, where 0 is "every core": here it would fail every cell
     raise ImproperlyConfigured("MODEL_BATCH_SIZE must be at least 1 (images the model takes at once).")

@@ -59,14 +59,14 @@ PRODUCTION_HOST = "malaria.example.org"
 
 
 def settings_env_calls() -> dict[str, ast.Call]:
-    """`env("NAME", ...)` / `env.int("NAME", ...)` / `env_flag("NAME", ...)` / `api_rate("NAME", ...)`
-    calls in settings.py, by variable name."""
+    """`env("NAME", ...)` / `env.int("NAME", ...)` / `env_flag("NAME", ...)` / `env_path("NAME", ...)` /
+    `api_rate("NAME", ...)` calls in settings.py, by variable name."""
     calls = {}
     for node in ast.walk(ast.parse(SETTINGS_SOURCE)):
         if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
             continue
         func = node.func
-        is_env = (isinstance(func, ast.Name) and func.id in ("env", "env_flag", "api_rate")) or (
+        is_env = (isinstance(func, ast.Name) and func.id in ("env", "env_flag", "env_path", "api_rate")) or (
             isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "env"
         )
         if is_env and isinstance(node.args[0].value, str):
