@@ -429,3 +429,30 @@ def test_the_printed_report_keeps_long_unbroken_text_on_the_paper(open_page, use
     page.goto(f"/batches/{batch.pk}/report/")
     assert not overflows_horizontally(page)
     open_page.errors[page].clear()  # the cells were classified without heatmap files: their <img> are 404s
+
+
+def test_a_refusal_and_a_warning_do_not_look_like_a_success(open_page, user, settings, not_analysed):  # noqa: F811
+    """Every message had the success style (.flash, green, with a green border) and role="status":
+    "That export would hold ... rows" and "... was deleted while you had it open" looked like
+    "12 images queued for analysis.", and a screen reader heard the refusal only when idle."""
+    settings.EXPORT_MAX_ROWS = 0
+    cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.get_by_role("link", name="Export CSV").click()
+    refusal = page.get_by_role("alert")
+    expect(refusal).to_contain_text("That export would hold")
+    expect(refusal).to_have_css("background-color", "rgb(253, 236, 236)")
+    expect(refusal).to_have_css("color", "rgb(163, 22, 27)")
+
+    reviewer = open_page()
+    log_in(reviewer, make_reviewer().username, PASSWORD)
+    reviewer.goto(f"/review/{cell.pk}/")
+    open_page.expect_error(reviewer, "404")  # the test's cell has no overlay file
+    pk = cell.pk
+    cell.delete()
+    reviewer.locator('input[value="agree"]').check()
+    reviewer.get_by_role("button", name="Save review").click()
+    warning = reviewer.locator(".flash")
+    expect(warning).to_have_text(f"Cell {pk} was deleted while you had it open: there is nothing to review.")
+    expect(warning).to_have_css("background-color", "rgb(255, 246, 224)")
