@@ -49,7 +49,7 @@ def test_the_dashboard_sorted_by_score_keeps_that_order_and_names_the_model_as_r
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/?sort=-probability_parasitized")
-    files = page.locator("table.results tbody td.file")
+    files = page.locator("table.results tbody td.file a")
     expect(files).to_have_text(["low.png", "mid.png", "late.png"])  # unscored last, newest first
     finish(late, 0.98)
     row = page.locator(f'tr[data-analysis="{late.pk}"]')
@@ -108,7 +108,7 @@ def test_a_reviewers_positive_stays_among_the_positives_as_results_arrive(open_p
     Analysis.objects.filter(pk=found.pk).update(review_verdict="disagree", corrected_label="Parasitized")
     path, names = {
         "batch grid": (f"/batches/{batch.pk}/", "#cell-grid .cell-name"),
-        "dashboard": ("/?sort=-probability_parasitized", "table.results tbody td.file"),
+        "dashboard": ("/?sort=-probability_parasitized", "table.results tbody td.file a"),
     }[listing]
     page = open_page()
     log_in(page, user.username, PASSWORD)

@@ -85,6 +85,25 @@ def test_on_a_phone_the_dashboard_keeps_each_cells_score_on_screen(open_page, us
     open_page.errors[page].clear()  # classified without a thumbnail file
 
 
+def test_on_a_phone_each_dashboard_result_names_its_sample(open_page, user, not_analysed):  # noqa: F811
+    """At 700 px and below the dashboard hides its Sample column: on a phone a row read
+    "C100P61ThinF_..._cell_162.png  Parasitized  0.910", and nothing said whose sample it was."""
+    batch = services.create_batch(owner=user, uploads=[upload(NIH_NAME)], sample_reference="WARD-7 bed 3")
+    cell = classified(batch.analyses.get())
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.set_viewport_size(PHONE)
+    page.goto("/")
+    row = page.locator(f'tr[data-analysis="{cell.pk}"]')
+    sample = f"WARD-7 bed 3 #{batch.pk}"
+    expect(row.locator(".file").get_by_text(sample)).to_be_visible()
+    assert not cut_off(page, "table.results .file")
+    page.set_viewport_size({"width": 1200, "height": 800})  # where the Sample column says it, once
+    expect(row.get_by_role("link", name=sample)).to_be_visible()
+    expect(row.locator(".file").get_by_text(sample)).to_be_hidden()
+    open_page.errors[page].clear()  # classified without a thumbnail file
+
+
 def test_on_a_phone_a_new_api_key_shown_once_fits_the_screen(open_page, user):  # noqa: F811
     """The key is shown once, to be copied into the lab system: its 40 characters do not wrap, so on
     a phone the page scrolls sideways and the key runs out of its card past the screen's edge."""
