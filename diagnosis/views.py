@@ -57,7 +57,10 @@ def batch_list(request):
     page = Paginator(batches, PAGE_SIZE).get_page(request.GET.get("page"))
     page.object_list = selectors.with_counts(page.object_list)
     query = urlencode({"search": search}) if search else ""
-    return render(request, "diagnosis/batches.html", {"page": page, "search": search, "query": query})
+    # Unlike the dashboard and a batch's page, this list does not poll: it says so while a sample is unfinished.
+    in_progress = any(batch.finished < batch.total for batch in page.object_list)
+    context = {"page": page, "search": search, "query": query, "in_progress": in_progress}
+    return render(request, "diagnosis/batches.html", context)
 
 
 @require_http_methods(["GET", "POST"])

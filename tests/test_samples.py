@@ -74,6 +74,17 @@ def test_each_sample_shows_its_progress_and_parasitized_fraction(client, user, o
     assert "No sample matches “nothing”" in client.get("/batches/", {"search": "nothing"}).content.decode()
 
 
+def test_the_samples_list_says_it_does_not_update_by_itself(client, user):
+    """The dashboard and a batch's page update themselves; Samples did not, and did not say so: a
+    sample finished (and positive) minutes ago still read "0 (in progress)" with "—" for its result."""
+    batch = create_batch(owner=user, uploads=[upload("p.png"), upload("u.png")], sample_reference="W-9")
+    client.force_login(user)
+    note = 'This list does not update by itself: <a href="/batches/?search=W-9">reload it</a>'
+    assert note in client.get("/batches/", {"search": "W-9"}).content.decode()
+    batch.analyses.update(status="done", label="Parasitized", probability_parasitized=0.9)
+    assert "does not update by itself" not in client.get("/batches/").content.decode()  # nothing left to wait for
+
+
 def test_api_finds_a_sample_by_its_reference_with_its_counts(api_client, user, other_user):
     ward = create_batch(owner=user, uploads=[upload("p.png"), upload("q.png")], sample_reference="WARD-7")
     create_batch(owner=user, uploads=[upload("c.png")], sample_reference="CLINIC-B")
