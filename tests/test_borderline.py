@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from diagnosis import callbacks, selectors
+from diagnosis import callbacks, selectors, services
 from diagnosis.models import Analysis, Batch, is_borderline
 from diagnosis.services import create_analysis, create_batch, delete_batch
 from ml.metrics import borderline_band, borderline_figures
@@ -92,6 +92,20 @@ def test_the_result_page_says_a_borderline_call_needs_confirming(client, user, o
     assert "Borderline call." not in client.get(f"/analyses/{sure.pk}/").content.decode()
     client.force_login(other_user)
     assert client.get(f"/analyses/{near.pk}/").status_code == 404
+
+
+def test_the_pages_borderline_count_says_it_counts_the_reviewed_calls_too(client, user, other_user):
+    """Once a reviewer has settled a borderline call its badge goes, but the batch page's progress
+    line still counted it: "1 borderline" over a grid with none marked, and Samples' Borderline
+    column said 1 as well. Only the printed report said "(reviewed or not)"."""
+    near, _ = cells(user, [0.2, 0.99])
+    services.review_analysis(analysis=near, reviewer=other_user, verdict="agree", replacing=None)
+    client.force_login(user)
+    page = client.get(f"/batches/{near.batch_id}/").content.decode()
+    assert '<span data-count="borderline">1</span> borderline (reviewed or not)</p>' in page
+    badges = re.findall(r"<span [^>]*data-borderline[^>]*>", page)
+    assert len(badges) == 2 and all(badge.endswith(" hidden>") for badge in badges)  # the settled one too
+    assert '<th scope="col">Borderline (reviewed or not)</th>' in client.get("/batches/").content.decode()
 
 
 def test_the_batch_page_report_and_status_count_borderline_calls(client, user, other_user):
