@@ -198,6 +198,34 @@ def test_without_javascript_pages_do_not_promise_updates_they_cannot_make(no_scr
     assert not problems, problems
 
 
+def test_without_javascript_the_review_pages_offer_no_keyboard_shortcuts(no_script_page, user, not_analysed):
+    """review.js handles A and D; without JavaScript the review page still showed a ticked "Keyboard
+    shortcuts (A agree and save, D disagree)" box and A/D key caps beside the verdicts, pressing A did
+    nothing, and the queue still said "Open a case and press A to agree"."""
+    cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
+    page = no_script_page
+    log_in(page, make_reviewer().username, PASSWORD)
+    page.goto(f"/review/{cell.pk}/")
+    expect(page.get_by_role("radio", name="Agree", exact=True)).to_be_visible()
+    expect(page.get_by_role("checkbox", name=re.compile("Keyboard shortcuts"))).to_be_hidden()
+    expect(page.locator("kbd:visible")).to_have_count(0)
+    page.goto("/review/")
+    expect(page.get_by_text("Least confident predictions first.")).to_be_visible()
+    expect(page.get_by_text("press A to agree")).to_be_hidden()
+
+
+def test_with_javascript_the_review_pages_offer_the_keyboard_shortcuts(open_page, user, not_analysed):  # noqa: F811
+    cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
+    page = open_page()
+    log_in(page, make_reviewer().username, PASSWORD)
+    page.goto("/review/")
+    expect(page.get_by_text("press A to agree")).to_be_visible()
+    page.goto(f"/review/{cell.pk}/")
+    expect(page.get_by_role("checkbox", name=re.compile("Keyboard shortcuts"))).to_be_checked()
+    expect(page.get_by_role("radio", name="Agree A")).to_be_visible()
+    open_page.errors[page].clear()  # classified without picture files
+
+
 def test_without_javascript_the_result_page_offers_no_opacity_slider(no_script_page, user, not_analysed):
     """The heatmap's opacity slider is moved by analysis.js; without JavaScript it moved and nothing
     happened."""

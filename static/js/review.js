@@ -1,6 +1,8 @@
 // Keyboard shortcuts for reviewers: A agrees, D disagrees (then pick the label and press Enter).
 (function () {
   "use strict";
+  // The shortcuts are offered (on the queue too) only where this script is running to handle them.
+  document.querySelectorAll("[data-needs-script]").forEach((el) => { el.hidden = false; });
   const form = document.getElementById("review-form");
   if (!form) return;
   const select = form.querySelector("select[name=corrected_label]");
