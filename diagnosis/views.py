@@ -5,7 +5,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.views import redirect_to_login
+from django.contrib.auth.views import LogoutView, redirect_to_login
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import connection, transaction
@@ -392,6 +392,17 @@ def _password_refusal(request) -> str:
     if request.user.password != hashed:  # Django re-hashed it on checking: stay signed in
         update_session_auth_hash(request, request.user)
     return ""
+
+
+class SignOutView(LogoutView):
+    """Django's sign-out, then the sign-in page says it happened: otherwise identical to the one before
+    signing in, it left a shared workstation's next user unsure that the session had ended. Nothing of
+    the account is said, and the message is in the new, empty session."""
+
+    def post(self, request, *args, **kwargs):
+        response = super().post(request, *args, **kwargs)
+        messages.info(request, "You are signed out.")
+        return response
 
 
 @require_GET

@@ -8,14 +8,14 @@ from diagnosis.login_throttle import (
     admin_login,
     admin_password_change,
 )
-from diagnosis.views import favicon, healthz
+from diagnosis.views import SignOutView, favicon, healthz
 
 urlpatterns = [
     path("", include("diagnosis.urls")),
     path("api/", include("diagnosis.api.urls")),
     path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
     # Accounts are made by an administrator, who also resets passwords: no public reset-by-email pages.
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/logout/", SignOutView.as_view(), name="logout"),
     path("accounts/password_change/", ThrottledPasswordChangeView.as_view(), name="password_change"),
     path(
         "accounts/password_change/done/",
@@ -23,9 +23,10 @@ urlpatterns = [
         name="password_change_done",
     ),
     # Before the admin's own: its password change would check the current password without the
-    # lockout, and its sign-in would not remember the browser.
+    # lockout, its sign-in would not remember the browser, and its sign-out would not say so.
     path("admin/login/", admin_login),
     path("admin/password_change/", admin.site.admin_view(admin_password_change)),
+    path("admin/logout/", SignOutView.as_view()),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("favicon.ico", favicon),

@@ -483,6 +483,22 @@ def test_signing_in_again_after_the_idle_limit_says_nothing_about_being_signed_o
     assert client.get("/").status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/accounts/logout/", "/admin/logout/"])
+def test_signing_out_says_so_on_the_sign_in_page(client, path, db):
+    """Log out led to a bare sign-in form, identical to the one before signing in: on a shared
+    workstation nothing confirmed that the session had really ended."""
+    staff = UserFactory(is_staff=True, username="ward7-nurse")
+    client.force_login(staff)
+    page = client.post(path, follow=True)
+    assert page.redirect_chain == [("/accounts/login/", 302)]
+    text = page.content.decode()
+    assert '<p class="flash info" role="status">You are signed out.</p>' in text
+    assert "ward7-nurse" not in text and client.get("/").status_code == 302
+    assert "signed out" not in client.get("/accounts/login/").content.decode()  # said once
+    client.post("/accounts/login/", {"username": staff.username, "password": PASSWORD})
+    assert "signed out" not in client.get("/").content.decode()
+
+
 def test_the_admins_password_change_page_shares_the_sign_in_lockout(client, db, settings):
     settings.LOGIN_MAX_FAILURES = 3
     staff = UserFactory(is_staff=True)
