@@ -397,7 +397,18 @@ def _password_refusal(request) -> str:
 class SignOutView(LogoutView):
     """Django's sign-out, then the sign-in page says it happened: otherwise identical to the one before
     signing in, it left a shared workstation's next user unsure that the session had ended. Nothing of
-    the account is said, and the message is in the new, empty session."""
+    the account is said, and the message is in the new, empty session.
+
+    Its address opened in the browser (a bookmark, typed, an old link) asks to confirm, where Django
+    answers an empty 405 and leaves the user signed in; someone signed out already is sent to sign in."""
+
+    http_method_names = ["get", "post", "options"]
+    template_name = "registration/sign_out.html"
+
+    def get(self, request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return redirect("login")
+        return super().get(request, *args, **kwargs)
 
     def post(self, request, *args, **kwargs):
         response = super().post(request, *args, **kwargs)

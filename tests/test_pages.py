@@ -76,6 +76,7 @@ def pages(user):
         f"/review/{done.pk}/",
         "/account/api-token/",
         "/accounts/password_change/",
+        "/accounts/logout/",
         "/api/docs/",
     ]
 

@@ -499,6 +499,23 @@ def test_signing_out_says_so_on_the_sign_in_page(client, path, db):
     assert "signed out" not in client.get("/").content.decode()
 
 
+@pytest.mark.parametrize("path", ["/accounts/logout/", "/admin/logout/"])
+def test_the_sign_out_address_opened_in_the_browser_asks_to_sign_out(path, user):
+    """GET /accounts/logout/ (a bookmark, a typed address, an old link) answered 405 with an empty
+    body: Chrome showed "This page isn't working - HTTP ERROR 405", no way back, still signed in."""
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    page = browser.get(path)
+    text = page.content.decode()
+    assert page.status_code == 200 and "<title>Sign out · Malaria cell screening</title>" in text
+    assert f"You are signed in as {user.username}." in text
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', text)[1]
+    assert re.search(r'<form method="post">.*<button type="submit">Sign out</button></form>', text)
+    signed_out = browser.post(path, {"csrfmiddlewaretoken": token}, follow=True)
+    assert "You are signed out." in signed_out.content.decode() and browser.get("/").status_code == 302
+    assert browser.get(path).url == "/accounts/login/"  # nobody to sign out: to the sign-in page
+
+
 def test_the_admins_password_change_page_shares_the_sign_in_lockout(client, db, settings):
     settings.LOGIN_MAX_FAILURES = 3
     staff = UserFactory(is_staff=True)
