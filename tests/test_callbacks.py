@@ -256,23 +256,28 @@ def test_an_unreachable_receiver_is_a_failed_attempt_with_the_reason(user):
     assert not AccessEvent.objects.exists()  # the results never left: no disclosure to record
 
 
-def test_a_receiver_that_does_not_speak_http_is_a_failed_attempt_not_a_stuck_one(user):
+def attempted_on_a_service_that_answers(user, answer: bytes) -> Batch:
+    """A batch whose one attempt went to a port of the allowed host where something other than an
+    HTTP receiver listens: it reads the request and sends ``answer`` (b"": hangs up)."""
     listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
 
-    def answer_with_a_banner():
+    def serve_once():
         connection, _ = listener.accept()
         with connection:
             connection.recv(65536)
-            connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            connection.sendall(answer)
 
-    threading.Thread(target=answer_with_a_banner, daemon=True).start()
-    batch = finished_batch(user, f"http://127.0.0.1:{port}/results")
+    threading.Thread(target=serve_once, daemon=True).start()
+    batch = finished_batch(user, f"http://127.0.0.1:{listener.getsockname()[1]}/results")
     try:
         assert not callbacks.deliver(batch_id=batch.pk)
     finally:
         listener.close()
-    failed = refreshed(batch)
+    return refreshed(batch)
+
+
+def test_a_receiver_that_does_not_speak_http_is_a_failed_attempt_not_a_stuck_one(user):
+    failed = attempted_on_a_service_that_answers(user, b"SSH-2.0-OpenSSH_9.6\r\n")
     assert (failed.callback_state, failed.callback_attempts) == (State.PENDING, 1)
     assert "BadStatusLine" in failed.callback_error and failed.callback_due_at > timezone.now()
 
@@ -720,40 +725,15 @@ def test_each_callback_names_the_account_whose_batch_it_is(user, other_user, rec
 def test_what_a_service_other_than_http_answers_is_not_shown_as_the_callback_error(user, api_client):
     """An allowed host's other ports can be named: the first line a mail server there answered
     ("220 mail.internal ESMTP Postfix ...") was copied into callback_error, shown to the owner."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def mail_server():
-        connection, _ = listener.accept()
-        with connection:
-            connection.recv(65536)
-            connection.sendall(b"220 mail.internal.example ESMTP Postfix 3.4.13 (Debian)\r\n")
-
-    threading.Thread(target=mail_server, daemon=True).start()
-    batch = finished_batch(user, f"http://127.0.0.1:{listener.getsockname()[1]}/")
-    try:
-        assert not callbacks.deliver(batch_id=batch.pk)
-    finally:
-        listener.close()
+    batch = attempted_on_a_service_that_answers(user, b"220 mail.internal.example ESMTP Postfix 3.4.13 (Debian)\r\n")
     shown = api_client.get(f"/api/batches/{batch.pk}/").json()["callback_error"]
     assert shown == "the receiver did not answer in HTTP (BadStatusLine)"
     assert refreshed(batch).callback_state == State.PENDING  # a failed attempt, tried again later
 
 
 def test_a_receiver_that_hangs_up_without_answering_is_said_to_have_done_so(user):
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def hang_up():
-        connection, _ = listener.accept()
-        with connection:
-            connection.recv(65536)
-
-    threading.Thread(target=hang_up, daemon=True).start()
-    batch = finished_batch(user, f"http://127.0.0.1:{listener.getsockname()[1]}/")
-    try:
-        assert not callbacks.deliver(batch_id=batch.pk)
-    finally:
-        listener.close()
-    assert refreshed(batch).callback_error == "the receiver closed the connection without answering"
+    batch = attempted_on_a_service_that_answers(user, b"")
+    assert batch.callback_error == "the receiver closed the connection without answering"
 
 
 def test_results_as_of_sorts_as_text_across_the_night_the_clocks_go_back(settings, user, api_client, receiver):

@@ -294,14 +294,23 @@ def test_a_csv_opens_in_a_spreadsheet_with_its_non_ascii_text_intact(client, use
         assert row["sample_reference"] == "Müller-Đurić" and row["original_filename"] == "Müller-Đurić_cell_1.png"
 
 
+def classified_by_two_models(user, cells: dict[str, tuple[str, float]]):
+    """A batch of two cells, named and labelled with their scores as ``cells`` says, the second
+    analysed again after a new model came (threshold 0.6)."""
+    batch = create_batch(owner=user, uploads=[upload(name) for name in cells])
+    (first, (label, probability)), (second, (new_label, new_probability)) = cells.items()
+    old, new = (batch.analyses.get(original_filename=name) for name in (first, second))
+    finish(old, label=label, probability=probability)
+    finish(new, label=new_label, probability=new_probability)
+    Analysis.objects.filter(pk=new.pk).update(model_version="vgg-test-2", decision_threshold=0.6)
+    return batch, old, new
+
+
 def test_a_batch_classified_by_two_models_says_which_cell_each_classified(client, user):
     """After a new model was installed and some cells analysed again, the batch page named no model
     at all, and the report's cells none: the same score is a positive under one and not the other."""
-    batch = create_batch(owner=user, uploads=[upload("before.png"), upload("after.png")])
-    before, after = batch.analyses.order_by("original_filename").reverse()
-    finish(before, label="Parasitized", probability=0.3)
-    finish(after, label="Uninfected", probability=0.3)
-    Analysis.objects.filter(pk=after.pk).update(model_version="vgg-test-2", decision_threshold=0.6)
+    cells = {"before.png": ("Parasitized", 0.3), "after.png": ("Uninfected", 0.3)}
+    batch, _, after = classified_by_two_models(user, cells)
     client.force_login(user)
     page = client.get(f"/batches/{batch.pk}/").content.decode()
     named = "each cell by the one it names: vgg-test-1 (threshold 0.11); vgg-test-2 (threshold 0.60)."
@@ -321,11 +330,8 @@ def test_a_batch_classified_by_two_models_says_which_cell_each_classified(client
 def test_most_suspicious_first_weighs_each_score_against_its_own_models_threshold(client, user):
     """Ordered by the raw score, a new model's sure negative (0.25 at a threshold of 0.6) stood above
     the old model's borderline one (0.105 at 0.11), on the batch page, the report and the dashboard."""
-    batch = create_batch(owner=user, uploads=[upload("old-borderline.png"), upload("new-sure.png")])
-    old, new = batch.analyses.order_by("original_filename").reverse()
-    finish(old, label="Uninfected", probability=0.105)
-    finish(new, label="Uninfected", probability=0.25)
-    Analysis.objects.filter(pk=new.pk).update(model_version="vgg-test-2", decision_threshold=0.6)
+    cells = {"old-borderline.png": ("Uninfected", 0.105), "new-sure.png": ("Uninfected", 0.25)}
+    batch, _, _ = classified_by_two_models(user, cells)
     client.force_login(user)
     for url in (f"/batches/{batch.pk}/", f"/batches/{batch.pk}/report/", "/?sort=-probability_parasitized"):
         page = client.get(url).content.decode()
