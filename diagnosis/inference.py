@@ -43,15 +43,18 @@ def warm_up() -> None:
     if settings.MODEL_THREADS > 0:  # OpenCV (the overlay) as well as torch: both share the cores
         torch.set_num_threads(settings.MODEL_THREADS)
         cv2.setNumThreads(settings.MODEL_THREADS)
+    ready = model_ready_file()
+    ready.unlink(missing_ok=True)  # an earlier start's: it survives a restart of the container
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:
-        model_ready_file().unlink(missing_ok=True)  # an earlier start's, with another file
         logger.warning("event=model_unavailable error=%s", error)  # each analysis then fails saying why
         return
     size = predictor.info.config.input_size
-    predictor.predict([Image.new("RGB", (size, size))])
-    model_ready_file().write_text(predictor.version + "\n")
+    predictor.predict([Image.new("RGB", (size, size))])  # one that fails here leaves no marker either
+    written = ready.with_suffix(".tmp")
+    written.write_text(predictor.version + "\n")
+    written.replace(ready)  # whole or not at all: the health check may read it meanwhile
     logger.info("event=model_warm version=%s", predictor.version)
 
 

@@ -231,6 +231,24 @@ def test_the_worker_says_it_has_a_model_to_run_only_once_it_has_run_it(settings,
     assert not ready.exists()
 
 
+def test_a_restarted_worker_whose_trial_run_fails_is_not_left_healthy(settings, tmp_path, monkeypatch):
+    """The marker went only when loading failed: the container keeps its /data across a restart, so
+    a start whose trial run failed (short of memory, say; Celery only logs the signal's error) left
+    the previous start's marker, and the health check passed while every cell failed."""
+    settings.VAR_DIR = tmp_path
+    inference.warm_up()  # the previous start of this container
+    ready = tmp_path / "worker-model-ready"
+    predictor = inference.get_predictor(str(settings.MODEL_WEIGHTS))
+
+    def out_of_memory(images):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(predictor, "predict", out_of_memory)
+    with pytest.raises(RuntimeError):
+        inference.warm_up()
+    assert not ready.exists()
+
+
 def test_the_worker_uses_the_threads_it_is_given(settings):
     import torch
 
