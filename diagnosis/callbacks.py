@@ -55,7 +55,7 @@ def _allowed_destinations() -> set[tuple[str, int | None]]:
     for entry in (entry.lower().strip() for entry in settings.CALLBACK_ALLOWED_HOSTS):
         host, colon, port = entry.rpartition(":")
         # An IPv6 address takes a port in brackets only: "2001:db8::1:8443" is an address.
-        if colon and port.isdigit() and (":" not in host or host.startswith("[") and host.endswith("]")):
+        if colon and port.isascii() and port.isdigit() and (":" not in host or host[:1] + host[-1:] == "[]"):
             allowed.add((host.strip("[]"), int(port)))
         else:
             allowed.add((entry.strip("[]"), None))

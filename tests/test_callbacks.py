@@ -121,6 +121,7 @@ def test_a_hospital_host_name_without_a_domain_is_a_callback_url_where_allowed(s
         "lis03:443",
         "[2001:db8::7]:8443",
         "2001:db8::1:8443",
+        "lis04:²",  # a mistyped entry spoils no other
     ]
     response = api_client.post("/api/batches/", {"images": [upload()], "callback_url": url})
     assert response.status_code == 202, response.content
@@ -145,6 +146,7 @@ def test_a_hospital_host_name_without_a_domain_is_a_callback_url_where_allowed(s
         (["lis01:8443"], "https://lis01:25/x", "may not call lis01 on this port"),  # its mail server
         (["lis01:8443"], "https://lis01/x", "may not call lis01 on this port"),
         (["[2001:db8::7]:8443"], "https://[2001:db8::7]:8080/x", "may not call 2001:db8::7 on this port"),
+        (["lis01:²", "lis01:8443①"], "https://lis01/x", "may not call lis01"),  # a typo, no 500 (int() refused it)
     ],
 )
 def test_a_callback_url_this_server_may_not_call_is_refused_and_nothing_is_stored(
