@@ -118,3 +118,28 @@ def test_a_reviewers_positive_stays_among_the_positives_as_results_arrive(open_p
     finish(late, 0.30)
     expect(page.locator(f'[data-analysis="{late.pk}"]')).to_have_attribute("data-finished", "1")
     expect(names).to_have_text(["found.png", "late.png", "neg.png"])
+
+
+def test_a_batch_page_open_while_cells_finish_under_a_new_model_names_it(open_page, user, not_analysed):  # noqa: F811
+    """Failed cells sent again after a new model was installed finish under it while the page is
+    open: live.js updated their labels, but the page said nothing of a second model until reloaded."""
+    batch = services.create_batch(owner=user, uploads=[upload("old.png"), upload("retried.png")])
+    old, retried = (batch.analyses.get(original_filename=name) for name in ("old.png", "retried.png"))
+    classified(old, model_version="vgg-test-1", decision_threshold=0.11, probability_parasitized=0.9)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/")
+    expect(page.locator("#mixed-models")).to_be_hidden()
+    cell = page.locator(f'#cell-grid [data-analysis="{retried.pk}"]')
+    Analysis.objects.filter(pk=retried.pk).update(
+        status="done",
+        label="Uninfected",
+        probability_parasitized=0.3,
+        decision_threshold=0.6,
+        model_version="vgg-test-2",
+        finished_at=timezone.now(),
+    )
+    expect(cell.locator("[data-label]")).to_have_text("Uninfected")
+    expect(cell.locator("[data-model]")).to_have_text("vgg-test-2")
+    expect(page.locator(f'#cell-grid [data-analysis="{old.pk}"] [data-model]')).to_have_text("vgg-test-1")
+    expect(page.locator("#mixed-models")).to_contain_text("Classified by 2 models")

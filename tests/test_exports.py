@@ -313,9 +313,9 @@ def test_a_batch_classified_by_two_models_says_which_cell_each_classified(client
     batch, _, after = classified_by_two_models(user, cells)
     client.force_login(user)
     page = client.get(f"/batches/{batch.pk}/").content.decode()
-    named = "each cell by the one it names: vgg-test-1 (threshold 0.11); vgg-test-2 (threshold 0.60)."
-    assert f"Classified by 2 models, {named}" in page
-    assert page.count('<span class="small muted cell-name" data-model>') == 2
+    note = 'id="mixed-models">Classified by <span data-model-count>2</span> models, each cell by the one it names'
+    assert note in page
+    assert '<span class="small muted model-name" data-model>vgg-test-2</span>' in page
     report = client.get(f"/batches/{batch.pk}/report/").content.decode()
     assert (
         "<br>Model <span data-model>vgg-test-1</span>" in report
@@ -324,7 +324,7 @@ def test_a_batch_classified_by_two_models_says_which_cell_each_classified(client
 
     Analysis.objects.filter(pk=after.pk).update(model_version="vgg-test-1", decision_threshold=0.11)
     page = client.get(f"/batches/{batch.pk}/").content.decode()  # one model: no note, no name on each cell
-    assert "mixed-models" not in page and "data-model>" not in page
+    assert 'id="mixed-models" hidden' in page and page.count("data-model hidden>") == 2
 
 
 def test_most_suspicious_first_weighs_each_score_against_its_own_models_threshold(client, user):

@@ -118,6 +118,18 @@
     }
   }
 
+  // Cells sent again after a new model was installed finish under it: from then on the batch page
+  // says it holds two models' cells, and names each cell's, as a reload would.
+  function nameModelsWhenMixed() {
+    const note = document.getElementById("mixed-models");
+    const names = Array.from(document.querySelectorAll("#cell-grid [data-model]"));
+    const versions = new Set(names.map((el) => el.textContent.trim()).filter(Boolean));
+    if (!note || versions.size < 2) return;
+    names.forEach((el) => { el.hidden = false; });
+    note.querySelector("[data-model-count]").textContent = versions.size;
+    note.hidden = false;
+  }
+
   async function poll() {
     const waiting = pending();
     if (!waiting.length) return;
@@ -135,7 +147,7 @@
           apply(item);
         });
         if (announcer && finished.length) announcer.textContent = announcement(finished);
-        if (progress) applyCounts(data.counts);
+        if (progress) { applyCounts(data.counts); nameModelsWhenMixed(); }
         sortByScore();
       }
     } catch (error) { /* network blip: try again later */ }
