@@ -44,7 +44,7 @@ def warm_up() -> None:
         torch.set_num_threads(settings.MODEL_THREADS)
         cv2.setNumThreads(settings.MODEL_THREADS)
     ready = model_ready_file()
-    ready.unlink(missing_ok=True)  # an earlier start's: it survives a restart of the container
+    _marking_the_model_ready(ready.unlink, missing_ok=True)  # an earlier start's: it survives a restart
     try:
         predictor = get_predictor(str(settings.MODEL_WEIGHTS))
     except MODEL_UNAVAILABLE as error:
@@ -53,9 +53,20 @@ def warm_up() -> None:
     size = predictor.info.config.input_size
     predictor.predict([Image.new("RGB", (size, size))])  # one that fails here leaves no marker either
     written = ready.with_suffix(".tmp")
-    written.write_text(predictor.version + "\n")
-    written.replace(ready)  # whole or not at all: the health check may read it meanwhile
+    # Whole or not at all: the health check may read it meanwhile.
+    if _marking_the_model_ready(written.write_text, predictor.version + "\n"):
+        _marking_the_model_ready(written.replace, ready)
     logger.info("event=model_warm version=%s", predictor.version)
+
+
+def _marking_the_model_ready(step, *args, **kwargs) -> bool:
+    """A VAR_DIR the worker may not write to leaves it working, unhealthy to its check, and says why."""
+    try:
+        step(*args, **kwargs)
+    except OSError as error:
+        logger.warning("event=model_marker_failed error=%s: the health check will call this worker unhealthy", error)
+        return False
+    return True
 
 
 def run_analyses(*, analysis_ids: list[int], task_id: str, retries: int = 0) -> None:

@@ -231,6 +231,12 @@ def test_the_worker_says_it_has_a_model_to_run_only_once_it_has_run_it(settings,
     assert not ready.exists()
 
 
+def test_a_worker_that_may_not_write_its_marker_works_all_the_same(settings, tmp_path, caplog):
+    settings.VAR_DIR = tmp_path / "not-there"  # nor writable: the marker cannot be made
+    inference.warm_up()
+    assert "event=model_marker_failed" in caplog.text and "event=model_warm" in caplog.text
+
+
 def test_a_restarted_worker_whose_trial_run_fails_is_not_left_healthy(settings, tmp_path, monkeypatch):
     """The marker went only when loading failed: the container keeps its /data across a restart, so
     a start whose trial run failed (short of memory, say; Celery only logs the signal's error) left
