@@ -133,8 +133,12 @@ class SignOutMiddleware:
         return self.get_response(request)
 
     def process_view(self, request, view_func, view_args, view_kwargs):
-        # Signing in or out starts or ends the sign-in itself: no "you were signed out" on top.
-        if not request.user.is_authenticated or request.resolver_match.url_name in ("login", "logout"):
+        # Signing in or out starts or ends the sign-in itself: no "you were signed out" on top. (The
+        # sign-out page opened with GET is a page like another: past the limit it is not "signed in as".)
+        signing = request.resolver_match.url_name == "login" or (
+            request.resolver_match.url_name in ("logout", "admin-logout") and request.method == "POST"
+        )
+        if not request.user.is_authenticated or signing:
             return None
         session, now = request.session, int(time.time())
         signed_in_at = session.setdefault(self.SIGNED_IN_AT, now)  # a sign-in from before this check began

@@ -26,7 +26,7 @@ urlpatterns = [
     # lockout, its sign-in would not remember the browser, and its sign-out would not say so.
     path("admin/login/", admin_login),
     path("admin/password_change/", admin.site.admin_view(admin_password_change)),
-    path("admin/logout/", SignOutView.as_view()),
+    path("admin/logout/", SignOutView.as_view(), name="admin-logout"),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("favicon.ico", favicon),

@@ -500,6 +500,23 @@ def test_signing_out_says_so_on_the_sign_in_page(client, path, db):
 
 
 @pytest.mark.parametrize("path", ["/accounts/logout/", "/admin/logout/"])
+def test_signing_out_past_the_idle_limit_says_one_thing_and_never_signed_in(client, path, db):
+    """The admin's sign-out, unnamed, was not exempt: past the limit it showed both "You were signed
+    out after 30 minutes" and "You are signed out.". And the sign-out page opened with GET said
+    "You are signed in as ..." for a sign-in the site had ended."""
+    staff = UserFactory(is_staff=True, username="ward7-nurse")
+    for method in ("post", "get"):
+        client.force_login(staff)
+        session = client.session
+        session["last_activity"] = int(time.time()) - 40 * 60
+        session.save()
+        page = getattr(client, method)(path, follow=True)
+        assert page.redirect_chain[-1][0].startswith("/accounts/login/"), (method, page.redirect_chain)
+        flashes = re.findall(r'<p class="flash[^"]*" role="[a-z]+">([^<]*)</p>', page.content.decode())
+        assert len(flashes) == 1 and "ward7-nurse" not in page.content.decode(), (method, flashes)
+
+
+@pytest.mark.parametrize("path", ["/accounts/logout/", "/admin/logout/"])
 def test_the_sign_out_address_opened_in_the_browser_asks_to_sign_out(path, user):
     """GET /accounts/logout/ (a bookmark, a typed address, an old link) answered 405 with an empty
     body: Chrome showed "This page isn't working - HTTP ERROR 405", no way back, still signed in."""
