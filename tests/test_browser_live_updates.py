@@ -143,3 +143,20 @@ def test_a_batch_page_open_while_cells_finish_under_a_new_model_names_it(open_pa
     expect(cell.locator("[data-model]")).to_have_text("vgg-test-2")
     expect(page.locator(f'#cell-grid [data-analysis="{old.pk}"] [data-model]')).to_have_text("vgg-test-1")
     expect(page.locator("#mixed-models")).to_contain_text("Classified by 2 models")
+
+
+def test_a_cell_failing_under_a_new_model_does_not_make_the_batch_two_models(open_page, user, not_analysed):  # noqa: F811
+    """A failed cell keeps the model it failed under, and the page counted it: one failing under a
+    newly installed (broken) model made the open page say "Classified by 2 models", a reload one."""
+    batch = services.create_batch(owner=user, uploads=[upload("old.png"), upload("bad.png"), upload("later.png")])
+    old, bad = (batch.analyses.get(original_filename=name) for name in ("old.png", "bad.png"))
+    classified(old, model_version="vgg-test-1", decision_threshold=0.37, finished_at=timezone.now())
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/")
+    Analysis.objects.filter(pk=bad.pk).update(
+        status="failed", error="Model unavailable: not a VGG19", model_version="vgg-test-2", finished_at=timezone.now()
+    )
+    expect(page.locator(f'#cell-grid [data-analysis="{bad.pk}"]')).to_have_attribute("data-finished", "1")
+    page.wait_for_timeout(500)  # the same poll's naming of the models has run
+    expect(page.locator("#mixed-models")).to_be_hidden()

@@ -123,7 +123,9 @@
   function nameModelsWhenMixed() {
     const note = document.getElementById("mixed-models");
     const names = Array.from(document.querySelectorAll("#cell-grid [data-model]"));
-    const versions = new Set(names.map((el) => el.textContent.trim()).filter(Boolean));
+    // Of classified cells only, as the server counts them: a cell that failed names the model it failed under.
+    const classified = names.filter((el) => el.closest("[data-analysis]").querySelector("[data-status].status-done"));
+    const versions = new Set(classified.map((el) => el.textContent.trim()).filter(Boolean));
     if (!note || versions.size < 2) return;
     names.forEach((el) => { el.hidden = false; });
     note.querySelector("[data-model-count]").textContent = versions.size;
