@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -52,7 +53,7 @@ def warm_up() -> None:
         return
     size = predictor.info.config.input_size
     predictor.predict([Image.new("RGB", (size, size))])  # one that fails here leaves no marker either
-    written = ready.with_suffix(".tmp")
+    written = ready.with_name(f"{ready.name}.{os.getpid()}")  # its own: a pool's processes warm up at once
     # Whole or not at all: the health check may read it meanwhile.
     if _marking_the_model_ready(written.write_text, predictor.version + "\n"):
         _marking_the_model_ready(written.replace, ready)
