@@ -56,6 +56,7 @@ PUBLIC = [
     "api:schema",
     "api:docs",
     "logout",
+    "admin-logout",  # the admin's sign-out, the site's view
     "api:api-root",
 ]
 LOGIN_ONLY = ["password_change", "password_change_done", "diagnosis:api-token"]
