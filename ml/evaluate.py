@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,23 @@ def evaluate_folder(
             "where one patient has several",
             file=sys.stderr,
         )
+    labels = {s.label for s in samples}
+    if len(labels) < 2:  # a lab's first few reviews, say: said once here, not as numpy's warnings
+        only = CLASS_NAMES[labels.pop()]
+        print(
+            f"ml.evaluate: every cell here is {only}: the AUC, and the share of the other class found, need "
+            "cells of both and are printed as nan",
+            file=sys.stderr,
+        )
+    groups = resampling_units(samples)
+    if bootstrap and len(set(groups)) < 2:
+        print("ml.evaluate: the intervals need two patient groups or more; this folder has one", file=sys.stderr)
+        bootstrap = 0
     predictor = Predictor(weights)
     started = time.perf_counter()
     scores = score_samples(predictor, samples, overlays_dir=overlays_dir, overlays=overlays)
     elapsed = time.perf_counter() - started
     positives = np.array([s.label == PARASITIZED for s in samples])
-    groups = resampling_units(samples)
     metrics = screening_metrics(scores, positives, predictor.info.threshold)
     metrics.update(
         borderline=borderline_figures(scores, positives, predictor.info.threshold),
@@ -63,7 +75,9 @@ def evaluate_folder(
         uninfected=int((~positives).sum()),
     )
     if bootstrap:
-        intervals = patient_bootstrap(scores, positives, groups, metrics["threshold"], resamples=bootstrap)
+        with warnings.catch_warnings():  # a figure one class leaves undefined is nan in every resample
+            warnings.simplefilter("ignore", RuntimeWarning)
+            intervals = patient_bootstrap(scores, positives, groups, metrics["threshold"], resamples=bootstrap)
         metrics["ci95"] = {name: list(bounds) for name, bounds in intervals.items()}
     if against:
         other = Predictor(against)

@@ -876,6 +876,21 @@ def test_evaluate_says_when_its_intervals_resample_cells_not_patients(tmp_path):
     assert negative.returncode == 2 and "--bootstrap -1: give a number of resamples" in negative.stderr
 
 
+def test_evaluate_on_cells_of_one_class_or_one_patient_says_what_it_cannot_work_out(tmp_path):
+    """A lab's first reviewed cells, all of one label and one patient: numpy's "All-NaN slice"
+    warnings came first, then an interval of 1.0000-1.0000 over a single patient group."""
+    one_patient = tmp_path / "reviewed"
+    (one_patient / "Uninfected").mkdir(parents=True)
+    (one_patient / "Parasitized").mkdir()
+    for k, cell in enumerate(sorted((FIXTURE_CELLS / "Parasitized").glob("*.png"))):
+        shutil.copy(cell, one_patient / "Parasitized" / f"WARD-7_IMG_{k}.png")
+    weights = str(tiny_weights(tmp_path / "w.safetensors"))
+    result = run_module("ml.evaluate", "--data", str(one_patient), "--weights", weights, "--json", "--bootstrap", "20")
+    assert result.returncode == 0 and "ci95" not in json.loads(result.stdout)
+    assert "every cell here is Parasitized" in result.stderr and "need two patient groups" in result.stderr
+    assert "RuntimeWarning" not in result.stderr
+
+
 @pytest.mark.slow
 def test_compact_copy_keeps_names_and_groups_at_the_training_size_and_trains(tmp_path, training_cells):
     copy = tmp_path / "cells-64"
