@@ -4,6 +4,7 @@ finished; failures pause and retry, then give up; nothing else can be made to ca
 import hashlib
 import hmac
 import json
+import re
 import socket
 import threading
 from datetime import UTC, datetime, timedelta
@@ -266,7 +267,15 @@ def attempted_on_a_service_that_answers(user, answer: bytes) -> Batch:
     def serve_once():
         connection, _ = listener.accept()
         with connection:
-            connection.recv(65536)
+            # The whole request first: closing with some of it unread resets the connection, which
+            # the client reads as another failure (ConnectionResetError) than the one under test.
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += connection.recv(65536)
             connection.sendall(answer)
 
     threading.Thread(target=serve_once, daemon=True).start()
