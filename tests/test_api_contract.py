@@ -105,8 +105,35 @@ def test_a_misspelt_filter_is_refused_and_the_batch_filter_works(lab, user):
     assert names == ["in.png"]
     assert lab.get("/api/analyses/?batch=x").status_code == 400
     assert lab.get(f"/api/analyses/?batch={2**63}").status_code == 400  # past any id: a 500 on SQLite
-    assert lab.get(f"/api/analyses/?batch={2**63 - 1}").json()["results"] == []
+    assert lab.get(f"/api/analyses/?batch={2**63 - 1}").status_code == 404  # no such batch
     assert lab.get("/api/analyses/?page=1").status_code == 200
+
+
+def test_the_batch_filter_of_another_users_batch_is_a_404_as_for_none(lab, user, other_user):
+    """?batch= of another user's batch, or of none, answered 200 with an empty list, so a lab system
+    with a mistyped id was told the batch had no cells; the owner's batch (even emptied) lists."""
+    mine = services.create_batch(owner=user, uploads=[upload("mine.png")])
+    emptied = services.create_batch(owner=user, uploads=[upload("gone.png")])
+    services.delete_analysis(analysis=emptied.analyses.get())
+    theirs = services.create_batch(owner=other_user, uploads=[upload("theirs.png")])
+    outsider = APIClient()
+    outsider.force_authenticate(other_user)
+    names = [row["original_filename"] for row in lab.get(f"/api/analyses/?batch={mine.pk}").json()["results"]]
+    assert names == ["mine.png"]
+    assert lab.get(f"/api/analyses/?batch={emptied.pk}").json()["results"] == []
+    refusals = {
+        "theirs": lab.get(f"/api/analyses/?batch={theirs.pk}"),
+        "mine, to another user": outsider.get(f"/api/analyses/?batch={mine.pk}"),
+        "none": lab.get(f"/api/analyses/?batch={theirs.pk + 1000}"),
+    }
+    for case, refused in refusals.items():
+        assert refused.status_code == 404, case
+        assert refused.json()["detail"].startswith("No batch #"), case
+    assert refusals["theirs"].json()["detail"] == refusals["none"].json()["detail"].replace(
+        str(theirs.pk + 1000), str(theirs.pk)
+    )  # the same words: nothing tells another user's batch from a missing one
+    not_a_number = lab.get("/api/analyses/?batch=x")
+    assert not_a_number.status_code == 400 and "batch" in not_a_number.json()["detail"]
 
 
 def test_a_cells_own_url_finds_it_whatever_the_lists_filters_say(lab, user):

@@ -7,7 +7,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, Throttled
+from rest_framework.exceptions import APIException, NotFound, Throttled
 from rest_framework.exceptions import ValidationError as ApiValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -250,6 +250,10 @@ class AnalysisViewSet(
             query = AnalysisListQuerySerializer(data=self.request.query_params)
             query.is_valid(raise_exception=True)
             filters = selectors.AnalysisFilters(**query.validated_data)
+            # Another user's batch answers as one that does not exist: an empty list would say it has no cells.
+            yours = selectors.batches_for(user=self.request.user)
+            if filters.batch is not None and not yours.filter(pk=filters.batch).exists():
+                raise NotFound(f"No batch #{filters.batch} among yours: GET /api/batches/ lists them.")
         return selectors.analyses_for(user=self.request.user, filters=filters)
 
     @extend_schema(
@@ -260,7 +264,9 @@ class AnalysisViewSet(
                 enum=Analysis.Label.values,
                 description="The final label: the reviewer's where a reviewer corrected the model.",
             ),
-            OpenApiParameter("batch", int, description="only the cells of this batch"),
+            OpenApiParameter(
+                "batch", int, description="only the cells of this batch, one of yours (another's, or none: 404)"
+            ),
             OpenApiParameter(
                 "borderline",
                 bool,
