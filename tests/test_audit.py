@@ -128,15 +128,16 @@ def test_api_uploads_reads_downloads_and_deletions_are_recorded(user, batch, cel
 
 
 def test_the_api_retries_answer_with_the_whole_record_and_record_the_read(user, batch, cell):
-    """A retry answers the batch or cell as a GET does, even when nothing failed: a key walking every
-    id through them must leave the trace a GET leaves."""
+    """A retry answers the batch or cell as a GET does: a key walking every id through them must
+    leave the trace a GET leaves (nothing to retry: a 409, which answers nothing)."""
     Analysis.objects.filter(pk=cell.pk).update(status="failed", error="Model unavailable")
     Batch.objects.filter(pk=batch.pk).update(callback_url="https://lis.example/r", callback_state="failed")
     api = APIClient()
     api.force_authenticate(user)
     assert api.post(f"/api/batches/{batch.pk}/callback/retry/").status_code == 202
     assert api.post(f"/api/analyses/{cell.pk}/retry/").status_code == 202
-    answered = api.post(f"/api/batches/{batch.pk}/retry-failed/")  # nothing failed now: still the batch
+    Analysis.objects.filter(pk=cell.pk).update(status="failed", error="Model unavailable")
+    answered = api.post(f"/api/batches/{batch.pk}/retry-failed/")
     assert answered.status_code == 202 and len(answered.json()["analyses"]) == 2
     u = user.username
     assert trail() == [
@@ -144,6 +145,7 @@ def test_the_api_retries_answer_with_the_whole_record_and_record_the_read(user, 
         (u, Action.VIEWED, "api", cell.pk, batch.pk, "retry answer"),
     ]  # the second batch answer is a repeat within the window
     assert api.post(f"/api/analyses/{cell.pk}/retry/").status_code == 409  # queued now: nothing answered
+    assert api.post(f"/api/batches/{batch.pk}/retry-failed/").status_code == 409
     assert len(trail()) == 2
 
 

@@ -31,7 +31,7 @@ OWNED = {
 OWNED_ACTIONS = {
     "api:batch-callback-retry": ("batch", 409),
     "api:analysis-retry": ("analysis", 409),
-    "api:batch-retry-failed": ("batch", 202),
+    "api:batch-retry-failed": ("batch", 409),
     "diagnosis:analysis-retry": ("analysis", 302),
     "diagnosis:batch-retry": ("batch", 302),
 }

@@ -80,6 +80,18 @@ def test_the_owner_retries_on_the_pages_and_the_api_and_nobody_else_can(client, 
     assert counts["failed"] == 0 and counts["queued"] == 2
 
 
+def test_a_batch_retry_with_no_failed_cell_is_a_409_as_a_cells_is(user, batch):
+    """POST /api/batches/{id}/retry-failed/ answered 202 "Accepted" when nothing failed, as if cells
+    had been queued again; the cell's own retry says 409 and why."""
+    api = APIClient()
+    api.force_authenticate(user)
+    assert api.post(f"/api/batches/{batch.pk}/retry-failed/").status_code == 202  # a.png failed
+    refused = api.post(f"/api/batches/{batch.pk}/retry-failed/")  # sent again: a.png is queued now
+    assert refused.status_code == 409
+    assert refused.json() == {"detail": "Only failed analyses can be tried again; this batch has none."}
+    assert by_name(batch)["a.png"].status == "queued"
+
+
 def test_signing_in_again_after_the_session_ended_on_a_retry_button_leads_back_and_does_nothing(
     client, user, other_user, batch
 ):

@@ -452,12 +452,13 @@ class BatchViewSet(
         record_access(request=request, action=AccessEvent.Action.VIEWED, batch=batch, detail="replayed request")
         return Response(self.get_serializer(batch).data, headers={"Idempotent-Replayed": "true"})
 
-    @extend_schema(request=None, responses={202: BatchSerializer, **errors(401, 404)})
+    @extend_schema(request=None, responses={202: BatchSerializer, **errors(401, 404, 409)})
     @action(detail=True, methods=["post"], url_path="retry-failed", url_name="retry-failed")
     def retry_failed(self, request, pk=None):
-        """Send the batch's failed analyses to the worker again (none failed: nothing changes)."""
+        """Send the batch's failed analyses to the worker again (409 unless one failed)."""
         batch = self.get_object()
-        services.retry_failed_analyses(analyses=batch.analyses.all())
+        if not services.retry_failed_analyses(analyses=batch.analyses.all()):
+            raise Conflict("Only failed analyses can be tried again; this batch has none.")
         return self._retry_answer(request)
 
     @extend_schema(request=None, responses={202: BatchSerializer, **errors(401, 404, 409)})
