@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from diagnosis.login_throttle import (
     ThrottledLoginView,
@@ -28,7 +28,7 @@ urlpatterns = [
     path("admin/password_change/", admin.site.admin_view(admin_password_change)),
     path("admin/logout/", SignOutView.as_view(), name="admin-logout"),
     path("admin/", admin.site.urls),
-    path("healthz", healthz, name="healthz"),
+    re_path(r"^healthz/?$", healthz, name="healthz"),  # with or without the slash a monitor was set up with
     path("favicon.ico", favicon),
 ]
 handler400 = "diagnosis.errors.bad_request"

@@ -300,6 +300,15 @@ def test_healthz_reports_database_and_broker(client, db):
     assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
 
 
+def test_healthz_answers_with_its_slash_too_and_over_plain_http(client, db, settings):
+    """/healthz/ was the site's 404 page: a monitor set up with the slash saw the site as down."""
+    settings.SECURE_SSL_REDIRECT = True  # a probe inside the network speaks plain HTTP
+    for path in ("/healthz", "/healthz/"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}, path
+
+
 def test_the_token_endpoint_shares_the_sign_in_lockout(client, user, settings):
     """Guessing passwords through the API must not get around the web sign-in's limit, nor the reverse."""
     settings.LOGIN_MAX_FAILURES = 3
