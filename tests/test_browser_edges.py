@@ -349,6 +349,18 @@ def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_
     assert Analysis.objects.get().original_filename == name
 
 
+def test_the_upload_list_gives_a_small_files_size_in_bytes(open_page, user, not_analysed):  # noqa: F811
+    """A cell crop under half a kilobyte was listed as "0 KB", as if it were empty."""
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto("/upload/")
+    sizes = {"tiny.png": 300, "one.png": 1, "small.png": 812, "crop.png": 3 * 1024, "photo.png": 5 * 1024 * 1024 // 2}
+    files = [{"name": name, "mimeType": "image/png", "buffer": b"x" * size} for name, size in sizes.items()]
+    page.set_input_files("#id_images", files)
+    shown = page.locator("#file-list li span")
+    expect(shown).to_have_text(["300 bytes", "1 byte", "812 bytes", "3 KB", "2.5 MB"])
+
+
 def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, not_analysed, monkeypatch):  # noqa: F811
     """upload.js took every status from 500 up as "it may have been stored", the server's 507 too."""
 

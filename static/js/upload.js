@@ -56,6 +56,13 @@
     return "";
   }
 
+  // As the page writes its limits: a crop under half a kilobyte was "0 KB", as if it were empty.
+  function sizeText(bytes) {
+    if (bytes < 1024) return bytes + (bytes === 1 ? " byte" : " bytes");
+    if (bytes < 1048576) return Math.round(bytes / 1024) + " KB";
+    return (bytes / 1048576).toFixed(1) + " MB";
+  }
+
   // `paths` names dropped folders' files, whose webkitRelativePath the browser leaves empty.
   function choose(files, paths) {
     if (sending) return;
@@ -75,7 +82,7 @@
         li.className = "rejected";
         note.textContent = "skipped: one upload takes at most " + Math.floor(maxRequestBytes / 1048576) + " MB in all; upload it next";
       }
-      else { chosen.push(file); notes.push(note); total += file.size; note.textContent = (file.size / 1024).toFixed(0) + " KB"; }
+      else { chosen.push(file); notes.push(note); total += file.size; note.textContent = sizeText(file.size); }
       li.appendChild(note);
       list.appendChild(li);
     });
