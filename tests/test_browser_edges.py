@@ -3,6 +3,7 @@ something is typed, notes of several lines."""
 
 import contextlib
 import errno
+import io
 import re
 import socket
 import threading
@@ -440,6 +441,38 @@ def test_the_printed_report_keeps_long_unbroken_text_on_the_paper(open_page, use
     page.set_viewport_size({"width": 718, "height": 1000})  # A4 less Chrome's default margins, at 96 px an inch
     page.goto(f"/batches/{batch.pk}/report/")
     assert not overflows_horizontally(page)
+    open_page.errors[page].clear()  # the cells were classified without heatmap files: their <img> are 404s
+
+
+def printed_pages(page) -> list[str]:
+    """The text of each page of the report as Chromium prints it to PDF (A4, its default margins)."""
+    pypdf = pytest.importorskip("pypdf")
+    return [paper.extract_text() for paper in pypdf.PdfReader(io.BytesIO(page.pdf(format="A4"))).pages]
+
+
+def test_every_printed_page_of_a_long_report_names_the_sample_and_says_preliminary(open_page, user, not_analysed):  # noqa: F811
+    """Pages 2 and later of a long report carried neither the sample's reference nor "Preliminary":
+    a page that came loose from the first was an unnamed, seemingly final list of results."""
+    batch = services.create_batch(
+        owner=user, uploads=[upload(f"cell_{n}.png") for n in range(60)], sample_reference="WARD-7-BED-12"
+    )
+    for cell in batch.analyses.order_by("pk")[1:]:
+        classified(cell)
+    page = open_page()
+    log_in(page, user.username, PASSWORD)
+    page.goto(f"/batches/{batch.pk}/report/")
+    papers = printed_pages(page)
+    assert len(papers) >= 3, "the report should run past two pages"
+    for number, text in enumerate(papers, 1):
+        assert "WARD-7-BED-12" in text and f"Batch #{batch.pk}" in text, f"page {number}: {text[:300]}"
+        assert "Preliminary" in text, f"page {number}: {text[:300]}"
+    expect(page.locator("[data-running-head]")).to_be_hidden()  # on the screen, the header says it once
+
+    classified(batch.analyses.order_by("pk").first())  # finished: nothing preliminary left
+    page.reload()
+    papers = printed_pages(page)
+    assert all("WARD-7-BED-12" in text for text in papers)
+    assert not any("Preliminary" in text for text in papers)
     open_page.errors[page].clear()  # the cells were classified without heatmap files: their <img> are 404s
 
 
