@@ -5,7 +5,6 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import actions as admin_actions
 from django.contrib.admin import helpers
-from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
@@ -770,17 +769,18 @@ class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, Use
 
     def get_deleted_objects(self, objs, request):
         """What deleting these accounts takes with it, counted rather than listed: Django's page would
-        name every cell, which for a lab system's account is a page of hundreds of megabytes."""
-        users = list(objs)
-        batches = Batch.objects.filter(owner__in=users).count()
-        cells = Analysis.objects.filter(owner__in=users).count()
+        name every cell, which for a lab system's account is a page of hundreds of megabytes. Counted
+        in one query for the whole selection, however many accounts it holds."""
+        users = selectors.accounts_with_their_records(users=objs)
+        batches = sum(user.batch_count for user in users)
+        cells = sum(user.cell_count for user in users)
         summary = [
             format_html(
                 "{}: {} and {} (their images, thumbnails and heatmaps), and the API key; the reviews they "
                 "signed keep their name, and batches whose results a lab system was sent are withdrawn there",
                 user.get_username(),
-                counted(Batch.objects.filter(owner=user).count(), "batch"),
-                counted(Analysis.objects.filter(owner=user).count(), "cell"),
+                counted(user.batch_count, "batch"),
+                counted(user.cell_count, "cell"),
             )
             for user in users
         ]
@@ -792,7 +792,8 @@ class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, Use
             for model, count in ((Batch, batches), (Analysis, cells))
             if count and not (reviewer and request.user.has_perm(f"diagnosis.delete_{model._meta.model_name}"))
         }
-        if not request.user.is_superuser and any(_privileged(user) for user in users):  # the list's action too
+        privileged = (user.is_superuser or user.is_staff or user.holds_review for user in users)  # as _privileged
+        if not request.user.is_superuser and any(privileged):  # the list's action too
             needed.add("staff, reviewer or superuser account")
         # Django deletes an account's admin history with it: the only record of who granted a role,
         # set a password or cleared a lockout. Such an account is deactivated instead.
@@ -801,9 +802,9 @@ class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, Use
                 "{}: the admin history of their {} (who granted which rights, set which password, cleared "
                 "which lockout) would go with it; deactivate the account instead (untick Active)",
                 user.get_username(),
-                counted(entries, "change"),
+                counted(user.admin_changes, "change"),
             )
             for user in users
-            if (entries := LogEntry.objects.filter(user=user).count())
+            if user.admin_changes
         ]
         return summary, counts, needed, keeps_history

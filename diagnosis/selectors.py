@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from functools import reduce
 
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Permission
-from django.db.models import Avg, Case, Count, F, Min, OuterRef, Q, QuerySet, Subquery, Value, When
+from django.db.models import Avg, Case, Count, Exists, F, Min, OuterRef, Q, QuerySet, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.shortcuts import get_object_or_404
@@ -103,9 +105,39 @@ def can_review(user: AbstractBaseUser) -> bool:
 
 def holds_review_permission(user: AbstractBaseUser) -> bool:
     """Whether the account would review once active: has_perm answers False for any inactive one."""
+    return user.is_superuser or _review_permission_granted(to=user).exists()
+
+
+def _review_permission_granted(*, to: AbstractBaseUser | OuterRef) -> QuerySet[Permission]:
+    """The review permission, if given to the account (``to``) directly or through a group."""
     app_label, codename = REVIEW_PERMISSION.split(".")
     granted = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
-    return user.is_superuser or granted.filter(Q(user=user) | Q(group__user=user)).exists()
+    return granted.filter(Q(user=to) | Q(group__user=to))
+
+
+def accounts_with_their_records(*, users: Iterable[AbstractBaseUser]) -> list[AbstractBaseUser]:
+    """The accounts, in the order given, each with what deleting it takes along, in one query:
+    ``batch_count`` (withdrawn batches left out, as everywhere but the admin's own list),
+    ``cell_count``, ``admin_changes`` (its entries in Django's admin history) and
+    ``holds_review`` (as holds_review_permission, superusers aside)."""
+    ids = [user.pk for user in users]
+
+    def count_of(records: QuerySet, owner: str) -> Coalesce:
+        per_owner = records.filter(**{owner: OuterRef("pk")}).order_by().values(owner)
+        return Coalesce(Subquery(per_owner.annotate(count=Count("pk")).values("count")), 0)
+
+    accounts = (
+        get_user_model()
+        .objects.filter(pk__in=ids)
+        .annotate(
+            batch_count=count_of(Batch.objects.all(), "owner"),
+            cell_count=count_of(Analysis.objects.all(), "owner"),
+            admin_changes=count_of(LogEntry.objects.all(), "user"),
+            holds_review=Exists(_review_permission_granted(to=OuterRef("pk"))),
+        )
+        .in_bulk()
+    )
+    return [accounts[pk] for pk in ids if pk in accounts]
 
 
 def get_viewable_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:

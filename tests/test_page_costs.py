@@ -252,3 +252,35 @@ def test_removing_an_account_records_its_records_in_a_number_of_queries_that_doe
 
     removal_queries(1)  # the first also fills Django's caches (content types)
     assert removal_queries(3) == removal_queries(30)
+
+
+@pytest.mark.parametrize("superuser", [True, False], ids=["superuser", "user-admin"])
+def test_confirming_the_deletion_of_accounts_runs_as_many_queries_for_20_as_for_10(client, superuser):
+    """Each selected account's batches, cells and admin history were counted one query at a time
+    (and, for an admin who is no superuser, whether it holds the review permission): 3 to 4 queries
+    per account on the "Delete selected" confirmation."""
+    from django.contrib.auth.models import Permission
+
+    if superuser:
+        admin = get_user_model().objects.create_superuser("confirmer", password="pw-for-tests-123")
+    else:  # may delete clinicians' accounts, and (a reviewer) the records that go with them
+        admin = get_user_model().objects.create_user("confirmer", password="pw-for-tests-123", is_staff=True)
+        admin.groups.add(Group.objects.get(name="reviewers"))
+        admin_rights = ["view_user", "delete_user", "delete_batch", "delete_analysis"]
+        admin.user_permissions.set(Permission.objects.filter(codename__in=admin_rights))
+    client.force_login(admin)
+
+    def confirmation_queries(accounts: int) -> int:
+        users = [get_user_model().objects.create_user(f"leaver{accounts}-{n}") for n in range(accounts)]
+        for user in users:
+            _batches(user, 2, cells=3)
+        selected = {"action": "delete_selected", "_selected_action": [user.pk for user in users]}
+        with CaptureQueriesContext(connection) as captured:
+            page = client.post("/admin/auth/user/", selected).content.decode()
+        assert "Are you sure" in page
+        assert f"leaver{accounts}-0: 2 batches and 6 cells" in page
+        assert f"<li>Batches: {2 * accounts}</li>" in page and f"<li>Cells: {6 * accounts}</li>" in page
+        return len(captured.captured_queries)
+
+    confirmation_queries(1)  # the first also fills Django's caches (content types)
+    assert confirmation_queries(10) == confirmation_queries(20)
