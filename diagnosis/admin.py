@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
-from diagnosis.audit import access_event, counted, record_access, record_list_read
+from diagnosis.audit import access_event, counted, deletion_recorder, record_access, record_list_read
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import NoteField, ReviewTimeField, show_review_time
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch, is_borderline
@@ -83,14 +83,6 @@ def _image_tag(analysis: Analysis, field: str, size: int, *, kind: str = "") -> 
     )
 
 
-def _record_deleted(request, obj: Analysis | Batch) -> None:
-    if isinstance(obj, Batch):
-        detail = counted(obj.analyses.count(), "cell")
-        record_access(request=request, action=AccessEvent.Action.DELETED, batch=obj, detail=detail)
-    else:
-        record_access(request=request, action=AccessEvent.Action.DELETED, analysis=obj, detail="1 cell")
-
-
 def _record_users_data_deleted(request, user) -> None:
     """A user's batches and cells go with the account (and their files with them): each one leaves
     an entry in the access trail, as if deleted one by one. Written at once: one query per record
@@ -110,17 +102,15 @@ def _record_users_data_deleted(request, user) -> None:
 class RecordsDeletions:
     """Deletions here go into the access trail like the owners' own, one entry per record."""
 
-    record_deletion = staticmethod(_record_deleted)
-
-    def delete_record(self, obj) -> None:
-        obj.delete()
+    def delete_recorded(self, request, obj) -> None:
+        """Delete ``obj`` and enter its deletion in the access trail."""
+        raise NotImplementedError
 
     # In one transaction with the deletions: one that fails is not recorded as done (Django's delete
     # page has its own, its "Delete selected" action none).
     def delete_model(self, request, obj):
         with transaction.atomic():
-            self.record_deletion(request, obj)
-            self.delete_record(obj)
+            self.delete_recorded(request, obj)
 
     def batch_ids_of(self, records: list) -> Iterable[int]:
         """The batches deleting these records writes (see services.lock_batches)."""
@@ -135,8 +125,7 @@ class RecordsDeletions:
             for obj in records:
                 try:
                     with transaction.atomic():
-                        self.record_deletion(request, obj)
-                        self.delete_record(obj)
+                        self.delete_recorded(request, obj)
                 except Http404:  # deleted meanwhile, by its owner or another admin: not this action's
                     continue
 
@@ -230,12 +219,13 @@ class PatientRecordAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, ad
     def has_delete_permission(self, request, obj=None):
         return selectors.can_review(request.user) and super().has_delete_permission(request, obj)
 
-    def delete_record(self, obj) -> None:
+    def delete_recorded(self, request, obj) -> None:
         # As the owners' deletions: a lab system that was sent the results is told they are withdrawn.
+        record = deletion_recorder(request=request)
         if isinstance(obj, Batch):
-            services.delete_batch(batch=obj)
+            services.delete_batch(batch=obj, record=record)
         else:
-            services.delete_analysis(analysis=obj)
+            services.delete_analysis(analysis=obj, record=record)
 
     def get_search_results(self, request, queryset, search_term):
         # Django's autocomplete endpoint runs this search for any reviewer (no page here uses it),
@@ -720,8 +710,11 @@ def _privileged(user) -> bool:
 class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, UserAdmin):
     """Django's user admin; deleting an account records the patient data that goes with it."""
 
-    record_deletion = staticmethod(_record_users_data_deleted)
     actions = ["clear_sign_in_lockout"]
+
+    def delete_recorded(self, request, obj) -> None:
+        _record_users_data_deleted(request, obj)
+        obj.delete()
 
     def batch_ids_of(self, records):
         return Batch.with_withdrawn.filter(owner__in=records).values_list("pk", flat=True)

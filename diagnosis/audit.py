@@ -12,6 +12,7 @@ other action always is.
 """
 
 import ipaddress
+from collections.abc import Callable
 from datetime import timedelta
 
 from django.conf import settings
@@ -60,6 +61,17 @@ def access_event(
         detail=detail[:200],
         client_ip=_client_ip(request),
     )
+
+
+def deletion_recorder(*, request) -> Callable[..., None]:
+    """The ``record`` of services.delete_analysis and services.delete_batch: one entry for the cell,
+    or for the batch with the number of cells that went with it."""
+
+    def record(deleted: Analysis | Batch, cells: int = 1) -> None:
+        subject = {"batch": deleted} if isinstance(deleted, Batch) else {"analysis": deleted}
+        record_access(request=request, action=AccessEvent.Action.DELETED, detail=counted(cells, "cell"), **subject)
+
+    return record
 
 
 def record_list_read(

@@ -433,13 +433,16 @@ def retry_failed_analyses(*, analyses: QuerySet[Analysis]) -> list[int]:
     return ids
 
 
-def delete_analysis(*, analysis: Analysis) -> None:
+def delete_analysis(*, analysis: Analysis, record: Callable[[Analysis], None] | None = None) -> None:
     """Remove an analysis for good, its image, thumbnail and heatmap included (see signals). Its
     batch's ``results_as_of`` moves on, and a batch with a callback is sent again without it: an
-    attempt may be on its way with it, or have reached the lab system unconfirmed."""
+    attempt may be on its way with it, or have reached the lab system unconfirmed. ``record`` (the
+    access trail's entry) runs in the same transaction: a deletion that fails is not recorded as done."""
     logger.info("event=deleted analysis_id=%s owner_id=%s", analysis.pk, analysis.owner_id)
     with transaction.atomic():
         lock_batches(batch_ids=[analysis.batch_id])
+        if record:
+            record(analysis)  # while it still has its id
         analysis.delete()
         batch = Batch.objects.filter(pk=analysis.batch_id)
         batch.update(results_changed_at=timezone.now())
@@ -448,10 +451,11 @@ def delete_analysis(*, analysis: Analysis) -> None:
             transaction.on_commit(lambda: notify_deletion(batch_id=analysis.batch_id), robust=True)
 
 
-def delete_batch(*, batch: Batch) -> None:
+def delete_batch(*, batch: Batch, record: Callable[[Batch, int], None] | None = None) -> None:
     """Remove a batch with every analysis in it and their files. If its results may have reached
     its lab system (delivered, or an attempt made: delivery is at least once), the batch is kept,
-    empty and hidden, until the lab system is told they are withdrawn."""
+    empty and hidden, until the lab system is told they are withdrawn. ``record`` is given the batch
+    and how many cells go with it, in the same transaction, as for delete_analysis."""
     ids = list(batch.analyses.values_list("pk", flat=True))
     logger.info("event=deleted batch_id=%s owner_id=%s analysis_ids=%s", batch.pk, batch.owner_id, logged_ids(ids))
     with transaction.atomic():
@@ -462,6 +466,8 @@ def delete_batch(*, batch: Batch) -> None:
             # Deleted already (by a click just before, or its owner while an admin looked at it): its
             # row is what tells the lab system, so it stays until that is delivered.
             raise Http404
+        if record:
+            record(batch, len(ids))
         if current.withdrawn_at or not current.results_may_have_reached:  # a withdrawal given up on, or nothing sent
             current.delete()
             return

@@ -8,7 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import LogoutView, redirect_to_login
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db import connection, transaction
+from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.templatetags.static import static
@@ -18,7 +18,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from diagnosis import login_throttle, selectors, services, tokens
-from diagnosis.audit import counted, record_access
+from diagnosis.audit import counted, deletion_recorder, record_access
 from diagnosis.files import browser_picture, missing_pictures, protected_file_response
 from diagnosis.forms import FilterForm, UploadForm
 from diagnosis.models import AccessEvent, Analysis, Batch
@@ -239,9 +239,7 @@ def analysis_delete(request, pk: int):
     analysis = selectors.get_analysis(user=request.user, pk=pk)
     navigation = _analysis_context(request, analysis)
     if request.method == "POST":
-        with transaction.atomic():  # a deletion that fails is not recorded as done
-            record_access(request=request, action=AccessEvent.Action.DELETED, analysis=analysis, detail="1 cell")
-            services.delete_analysis(analysis=analysis)
+        services.delete_analysis(analysis=analysis, record=deletion_recorder(request=request))
         messages.success(request, f"Deleted {analysis.original_filename}: its image, heatmap and result are gone.")
         return redirect(navigation["back_url"])
     context = {
@@ -260,10 +258,7 @@ def analysis_delete(request, pk: int):
 def batch_delete(request, pk: int):
     batch = selectors.get_batch(user=request.user, pk=pk)
     if request.method == "POST":
-        detail = counted(batch.analyses.count(), "cell")
-        with transaction.atomic():
-            record_access(request=request, action=AccessEvent.Action.DELETED, batch=batch, detail=detail)
-            services.delete_batch(batch=batch)
+        services.delete_batch(batch=batch, record=deletion_recorder(request=request))
         messages.success(request, f"Deleted batch #{pk} with its images, heatmaps and results.")
         return redirect(_came_from(request) or "diagnosis:batch-list")  # the list of samples it was one of
     came_from = _came_from(request)

@@ -115,6 +115,25 @@ def test_a_deletion_that_fails_is_not_recorded_as_done(client, user, batch, boss
     assert model.objects.filter(pk=target.pk).exists() and selectors.cells_deleted_from(batch=batch) == 0
 
 
+@pytest.mark.parametrize("record", ["cell", "batch"])
+def test_a_deletion_whose_trail_entry_fails_deletes_nothing(user, batch, record):
+    """The caller's ``record`` runs in the deletion's own transaction, given the batch's cell count."""
+    recorded = []
+
+    def fails(*args) -> None:
+        recorded.append(args)
+        raise RuntimeError("the trail could not be written")
+
+    with pytest.raises(RuntimeError):
+        if record == "cell":
+            services.delete_analysis(analysis=batch.analyses.get(original_filename="a.png"), record=fails)
+        else:
+            services.delete_batch(batch=batch, record=fails)
+    assert batch.analyses.count() == 2 and Batch.objects.filter(pk=batch.pk).exists()
+    given = [args[1:] for args in recorded]  # what came beside the record: the batch's cell count
+    assert given == ([()] if record == "cell" else [(2,)])
+
+
 def test_a_batch_deleted_meanwhile_is_a_404_not_an_error(user, batch):
     """A second click, or a DELETE retried after a timeout, that reaches the lock after the first one
     deleted the batch."""

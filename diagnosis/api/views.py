@@ -1,7 +1,6 @@
 from collections.abc import Collection, Mapping
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
 from django.db.models import prefetch_related_objects
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
@@ -27,7 +26,7 @@ from diagnosis.api.serializers import (
     SignInSerializer,
 )
 from diagnosis.api.throttling import ScopedRateThrottle
-from diagnosis.audit import counted, record_access, record_list_read
+from diagnosis.audit import counted, deletion_recorder, record_access, record_list_read
 from diagnosis.files import FILE_TYPES, protected_file_response
 from diagnosis.models import AccessEvent, Analysis, Batch
 from diagnosis.text import plain_line
@@ -316,9 +315,7 @@ class AnalysisViewSet(
 
     def perform_destroy(self, instance):
         """204: the analysis, its image and its heatmap are gone for good."""
-        with transaction.atomic():  # a deletion that fails is not recorded as done
-            record_access(request=self.request, action=AccessEvent.Action.DELETED, analysis=instance, detail="1 cell")
-            services.delete_analysis(analysis=instance)
+        services.delete_analysis(analysis=instance, record=deletion_recorder(request=self.request))
 
     @extend_schema(responses={204: None, **errors(401, 404)})
     def destroy(self, request, *args, **kwargs):
@@ -494,10 +491,7 @@ class BatchViewSet(
 
     def perform_destroy(self, instance):
         """204: the batch and every analysis in it, files included, are gone for good."""
-        detail = counted(len(instance.analyses.all()), "cell")
-        with transaction.atomic():
-            record_access(request=self.request, action=AccessEvent.Action.DELETED, batch=instance, detail=detail)
-            services.delete_batch(batch=instance)
+        services.delete_batch(batch=instance, record=deletion_recorder(request=self.request))
 
 
 class OperationsStatusView(APIView):
