@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.db import transaction
-from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef, Q
 from django.db.models.constants import LOOKUP_SEP
 from django.http import Http404, HttpResponseRedirect
 from django.urls import reverse
@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from diagnosis import callbacks, login_throttle, selectors, services, tokens
-from diagnosis.audit import access_event, counted, deletion_recorder, record_access, record_list_read
+from diagnosis.audit import counted, deletion_recorder, record_access, record_account_deletion, record_list_read
 from diagnosis.exports import csv_download, csv_safe
 from diagnosis.forms import NoteField, ReviewTimeField, show_review_time
 from diagnosis.models import AccessEvent, Analysis, ApiToken, Batch, is_borderline
@@ -55,8 +55,7 @@ class ReviewAdminForm(forms.ModelForm):
             # Locked until the admin's save commits (its change view is one transaction): a colleague's
             # review saved meanwhile waits, then finds this one, instead of slipping in between this
             # check and the save, which could then only fail with a server error.
-            services.lock_batches(batch_ids=[self.instance.batch_id])  # first, as every writer of both does
-            current = Analysis.objects.select_for_update().filter(pk=self.instance.pk).first()
+            current = services.lock_for_review(analysis=self.instance)
             if current is None:  # deleted by its owner since the page was opened
                 raise forms.ValidationError("This case was deleted while you had it open: there is nothing to review.")
             if "replacing" in data and data["replacing"] != current.reviewed_at:
@@ -81,22 +80,6 @@ def _image_tag(analysis: Analysis, field: str, size: int, *, kind: str = "") -> 
         size,
         size,
     )
-
-
-def _record_users_data_deleted(request, user) -> None:
-    """A user's batches and cells go with the account (and their files with them): each one leaves
-    an entry in the access trail, as if deleted one by one. Written at once: one query per record
-    (a count and an insert for each batch) made a lab system's 20,000 batches outlast the request."""
-    deleted = AccessEvent.Action.DELETED
-    events = [
-        access_event(request=request, action=deleted, batch=batch, detail=counted(batch.cells, "cell"))
-        for batch in user.batches.annotate(cells=Count("analyses")).order_by("pk")
-    ]
-    events += [
-        access_event(request=request, action=deleted, analysis=analysis, detail="1 cell")
-        for analysis in user.analyses.filter(batch__isnull=True).only("pk", "owner_id", "batch_id").order_by("pk")
-    ]
-    AccessEvent.objects.bulk_create(events, batch_size=1000)
 
 
 class RecordsDeletions:
@@ -713,7 +696,7 @@ class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, Use
     actions = ["clear_sign_in_lockout"]
 
     def delete_recorded(self, request, obj) -> None:
-        _record_users_data_deleted(request, obj)
+        record_account_deletion(request=request, user=obj)
         obj.delete()
 
     def batch_ids_of(self, records):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from django.conf import settings
+from django.db.models import Count
 from django.utils import timezone
 
 from diagnosis.login_throttle import client_address
@@ -130,6 +131,22 @@ def record_retention_deletion(*, cells: list[tuple[int, int | None, int]], older
         ),
         batch_size=1000,
     )
+
+
+def record_account_deletion(*, request, user) -> None:
+    """A user's batches and cells go with the account (and their files with them): each one leaves
+    an entry in the access trail, as if deleted one by one. Written at once: one query per record
+    (a count and an insert for each batch) made a lab system's 20,000 batches outlast the request."""
+    deleted = AccessEvent.Action.DELETED
+    events = [
+        access_event(request=request, action=deleted, batch=batch, detail=counted(batch.cells, "cell"))
+        for batch in user.batches.annotate(cells=Count("analyses")).order_by("pk")
+    ]
+    events += [
+        access_event(request=request, action=deleted, analysis=analysis, detail="1 cell")
+        for analysis in user.analyses.filter(batch__isnull=True).only("pk", "owner_id", "batch_id").order_by("pk")
+    ]
+    AccessEvent.objects.bulk_create(events, batch_size=1000)
 
 
 def record_callback(*, batch: Batch, error: str = "") -> AccessEvent:

@@ -608,6 +608,13 @@ def check_review(*, analysis: Analysis, verdict: str, corrected_label: str) -> s
     return corrected_label
 
 
+def lock_for_review(*, analysis: Analysis) -> Analysis | None:
+    """The case as it is now, locked with its batch (first, as every writer of both) until the
+    transaction commits, for a review to be checked against and saved; None if it was deleted."""
+    lock_batches(batch_ids=[analysis.batch_id])
+    return Analysis.objects.select_for_update().filter(pk=analysis.pk).first()
+
+
 def review_analysis(
     *,
     analysis: Analysis,
