@@ -153,7 +153,9 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
         try:
             overlay_png = _png_bytes(prediction.overlay(open_rgb(analysis.image.path)))
         except Exception as error:  # noqa: BLE001 - whatever it is, it fails this cell only, not the chunk
-            _fail_overlay(analysis, error, "Cannot draw the heatmap overlay", task_id=task_id, model=predictor.version)
+            _fail_overlay(
+                analysis, error, "Cannot draw the heatmap overlay", task_id=task_id, model_version=predictor.version
+            )
             continue
         try:
             services.record_result(
@@ -167,17 +169,21 @@ def _classify(*, claimed: list[int], task_id: str) -> None:
                 inference_ms=per_image_ms,
             )
         except OSError as error:  # the media disk full or gone: this cell says so, the next may fit
-            _fail_overlay(analysis, error, "Cannot store the heatmap overlay", task_id=task_id, model=predictor.version)
+            _fail_overlay(
+                analysis, error, "Cannot store the heatmap overlay", task_id=task_id, model_version=predictor.version
+            )
 
 
-def _fail_overlay(analysis: Analysis, error: Exception, what: str, *, task_id: str, model: str) -> None:
+def _fail_overlay(analysis: Analysis, error: Exception, what: str, *, task_id: str, model_version: str) -> None:
     """This cell's overlay went wrong: the cell fails saying so; the chunk's other cells go on."""
     _raise_if_time_limit(error)
     logger.exception("event=overlay_failed analysis_id=%s", analysis.pk)
     # An OSError's own words ("No space left on device"), and a decoding error's, without the
     # server's path either names.
     reason = error.strerror if isinstance(error, OSError) and error.strerror else _unreadable_reason(analysis, error)
-    services.fail_analysis(analysis_id=analysis.pk, task_id=task_id, error=f"{what}: {reason}", model_version=model)
+    services.fail_analysis(
+        analysis_id=analysis.pk, task_id=task_id, error=f"{what}: {reason}", model_version=model_version
+    )
 
 
 def _unreadable_reason(analysis: Analysis, error: Exception) -> str:

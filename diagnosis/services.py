@@ -494,7 +494,8 @@ def _withdraw(*, batch_ids: list[int]) -> None:
         transaction.on_commit(partial(notify_deletion, batch_id=batch_id), robust=True)
 
 
-# A century: beyond some 2,700 years the cutoff falls before year 1 and the date arithmetic overflows.
+# A century, far more than any retention rule asks: beyond about 2,025 years (the days since year 1,
+# in 2026) the cutoff falls before year 1 and the date arithmetic overflows.
 MAX_RETENTION_DAYS = 36500
 
 

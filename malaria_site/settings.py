@@ -398,7 +398,7 @@ SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 # Messages ("Deleted <file name>: ...") wait in the session, not in a cookie anyone at the
 # workstation can read: a file name may be the patient's.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
-# ... and after this long without the user doing anything (0: never), for the walk-away case.
+# A sign-in also ends after this long without the user doing anything (0: never), for the walk-away case.
 SESSION_IDLE_MINUTES = env.int("SESSION_IDLE_MINUTES", default=30)
 # An API token stops working this many days after it was issued (0: never); a new POST issues another.
 API_TOKEN_DAYS = env.int("API_TOKEN_DAYS", default=90)

@@ -40,7 +40,7 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
-    # Scale each cell to a reference mean colour before normalising (see ml.preprocessing).
+    # Scale each cell to a reference mean colour before normalising (see ml.tensors.standardise_stain).
     stain_standardise: bool = False
 
     def __post_init__(self) -> None:

@@ -31,11 +31,11 @@ def model_inputs(batch: torch.Tensor, config) -> torch.Tensor:
     return normalize(batch, config.mean, config.std).contiguous(memory_format=torch.channels_last)
 
 
-def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """NHWC or NCHW uint8 (NCHW expected) to normalised float NCHW."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
-    return (batch_uint8.float() - mean_t) / std_t
+def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
+    """An NCHW batch of 0-255 values (uint8, or float once stain-standardised) to normalised float NCHW."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean_t) / std_t
 
 
 def to_batch(arrays: list[np.ndarray]) -> torch.Tensor:

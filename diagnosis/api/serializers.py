@@ -35,7 +35,7 @@ class AnalysisSerializer(serializers.ModelSerializer):
         allow_blank=True,
         help_text="The reviewer's corrected label where a reviewer disagreed, else the model's `label`.",
     )
-    # Blank until the model (or a reviewer) has given one.
+    # Blank until the model has given one; a reviewer's correction is `corrected_label`, not this.
     label = serializers.ChoiceField(
         choices=Analysis.Label.choices, read_only=True, allow_blank=True, help_text="The model's label."
     )

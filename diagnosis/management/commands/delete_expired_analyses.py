@@ -17,7 +17,7 @@ class Command(BaseCommand):
             days = settings.ANALYSIS_RETENTION_DAYS
             if days < 1:
                 raise CommandError("No retention period: pass --days N or set ANALYSIS_RETENTION_DAYS.")
-        elif not 1 <= days <= MAX_RETENTION_DAYS:  # 0 would be every analysis; a century overflows the date
+        elif not 1 <= days <= MAX_RETENTION_DAYS:  # 0 would be every analysis; see MAX_RETENTION_DAYS
             raise CommandError(f"--days {days}: give a retention period from 1 to {MAX_RETENTION_DAYS} days.")
         count = delete_expired_analyses(older_than=timedelta(days=days))
         self.stdout.write(f"deleted {count} analyses uploaded more than {days} days ago")
