@@ -42,7 +42,8 @@ def review(request, pk: int):
     if saving and not selectors.can_review(request.user):
         # Taken out of the reviewers while the case was open: "not found" would blame the case.
         return render(request, "403.html", status=403)
-    selectors.review_queue(user=request.user)  # 404 for non-reviewers
+    if not selectors.can_review(request.user):  # as the queue answers them: not even that the page is there
+        raise Http404
     try:
         analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)
     except Http404:
@@ -72,7 +73,7 @@ def review(request, pk: int):
                 )
                 record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=analysis, detail=verdict)
         except ValidationError as error:
-            if not Analysis.objects.filter(pk=analysis.pk).exists():  # its owner deleted it meanwhile
+            if not selectors.analysis_exists(analysis=analysis):  # its owner deleted it meanwhile
                 messages.warning(request, f"{analysis.original_filename} was deleted while you had it open.")
                 return redirect("diagnosis:review-queue")
             form.add_error(None, error)

@@ -147,6 +147,11 @@ def get_viewable_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:
     return get_analysis(user=user, pk=pk)
 
 
+def analysis_exists(*, analysis: Analysis) -> bool:
+    """Whether the cell is still stored: its owner may delete it while a reviewer has it open."""
+    return Analysis.objects.filter(pk=analysis.pk).exists()
+
+
 def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySet[Analysis]]:
     """(cases awaiting review, least confident first; cases a reviewer disagreed with)."""
     if not can_review(user):
