@@ -494,11 +494,6 @@ def _withdraw(*, batch_ids: list[int]) -> None:
         transaction.on_commit(partial(notify_deletion, batch_id=batch_id), robust=True)
 
 
-# A century, far more than any retention rule asks: beyond about 2,025 years (the days since year 1,
-# in 2026) the cutoff falls before year 1 and the date arithmetic overflows.
-MAX_RETENTION_DAYS = 36500
-
-
 def delete_expired_analyses(*, older_than: timedelta) -> int:
     """Delete analyses uploaded longer ago than ``older_than`` (files included), and the batches
     this leaves empty. Returns how many analyses went."""

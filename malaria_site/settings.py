@@ -8,6 +8,7 @@ from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from diagnosis.retention import MAX_RETENTION_DAYS
 from malaria_site.cache import file_cache, redis_cache
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -165,6 +166,15 @@ if min(LOGIN_MAX_FAILURES, LOGIN_MAX_FAILURES_PER_ADDRESS) < 1:
 # that the proxy overwrites with the client's address, e.g. HTTP_X_REAL_IP behind the bundled nginx
 # (of a list, such as X-Forwarded-For, the last entry: the proxy's). Limits count an IPv6 client's /64.
 CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="REMOTE_ADDR")
+# Clinical workstations are shared: a sign-in lasts one shift at most and ends with the browser.
+SESSION_COOKIE_AGE = env.int("SESSION_HOURS", default=12) * 3600
+if SESSION_COOKIE_AGE < 3600:  # unlike the limits beside it, 0 is no "never" here: every sign-in would end at once
+    raise ImproperlyConfigured("SESSION_HOURS must be at least 1: with 0 every sign-in would end at once.")
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+# A sign-in also ends after this long without the user doing anything (0: never), for the walk-away case.
+SESSION_IDLE_MINUTES = env.int("SESSION_IDLE_MINUTES", default=30)
+# An API token stops working this many days after it was issued (0: never); a new POST issues another.
+API_TOKEN_DAYS = env.int("API_TOKEN_DAYS", default=90)
 
 # --- Cache (login throttling, API rate limits): shared through Redis when there is one ---------
 # Falling back to memory (malaria_site.cache): a Redis outage stops neither the sign-ins and uploads
@@ -258,9 +268,6 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {}
-# Beat's own record of when each task last ran: with the rest of this installation's data, so two
-# platforms started from one checkout (VAR_DIR apart) keep a schedule each. Compose names its own.
-CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="analyses")
 # The sweeper, the callbacks and the deletions have a queue of their own, which every worker also
 # takes from (turn about with the analyses): behind a backlog of cells they wait for the task in
@@ -300,15 +307,11 @@ if not CELERY_BROKER_URL.startswith("filesystem://"):
 # Fail fast when the broker is down: the upload stays queued and the sweeper enqueues it later.
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
+
+# --- Analyses: the sweeper, attempts and retention ------------------------------------------
 SWEEP_INTERVAL_SECONDS = env.float("SWEEP_INTERVAL_SECONDS", default=60.0)
 if not SWEEP_INTERVAL_SECONDS > 0:  # beat would send the sweeper without pause, flooding the broker
     raise ImproperlyConfigured("SWEEP_INTERVAL_SECONDS must be above 0: the sweeper cannot be switched off.")
-CELERY_BEAT_SCHEDULE = {
-    "requeue-stale-analyses": {
-        "task": "diagnosis.tasks.requeue_stale_analyses",
-        "schedule": SWEEP_INTERVAL_SECONDS,
-    },
-}
 # Analyses queued or running longer than this are considered lost and enqueued again.
 ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=600)
 # A cell whose worker died on it this many times is failed, not sent again (a poison image).
@@ -318,23 +321,38 @@ if ANALYSIS_MAX_ATTEMPTS < 1:  # 0 failed every stale cell as a poison image, ne
 # The lab's retention period: analyses older than this many days are deleted with their images,
 # once a day. 0 keeps everything.
 ANALYSIS_RETENTION_DAYS = env.int("ANALYSIS_RETENTION_DAYS", default=0)
-if not 0 <= ANALYSIS_RETENTION_DAYS <= 36500:  # diagnosis.services.MAX_RETENTION_DAYS
-    raise ImproperlyConfigured("ANALYSIS_RETENTION_DAYS is a number of days from 1 to 36500, or 0 to keep everything.")
-# Batch callbacks (diagnosis.callbacks): the only hosts a batch's callback_url may name (none: off),
-# the HMAC key that signs each body (unset: callbacks off), and how many attempts to make.
+if not 0 <= ANALYSIS_RETENTION_DAYS <= MAX_RETENTION_DAYS:
+    raise ImproperlyConfigured(
+        f"ANALYSIS_RETENTION_DAYS is a number of days from 1 to {MAX_RETENTION_DAYS}, or 0 to keep everything."
+    )
+
+# --- Batch callbacks (diagnosis.callbacks) ---------------------------------------------------
+# The only hosts a batch's callback_url may name (none: off), the HMAC key that signs each body
+# (unset: callbacks off), and how many attempts to make.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_SECRET = env("CALLBACK_SECRET", default="")
 # Results name patients' samples: plain-http receivers only where the network itself is trusted.
 CALLBACK_ALLOW_HTTP = env.bool("CALLBACK_ALLOW_HTTP", default=False)
 CALLBACK_MAX_ATTEMPTS = env.int("CALLBACK_MAX_ATTEMPTS", default=6)
-# Files left by an upload process killed mid-batch (diagnosis.services.delete_orphaned_files).
-CELERY_BEAT_SCHEDULE["delete-orphaned-files"] = {
-    "task": "diagnosis.tasks.delete_orphaned_files",
-    "schedule": crontab(hour=3, minute=30),
-}
-CELERY_BEAT_SCHEDULE["clear-expired-sessions"] = {
-    "task": "diagnosis.tasks.clear_expired_sessions",
-    "schedule": crontab(hour=3, minute=45),
+
+# --- Periodic tasks (Celery beat) ------------------------------------------------------------
+# Beat's own record of when each task last ran: with the rest of this installation's data, so two
+# platforms started from one checkout (VAR_DIR apart) keep a schedule each. Compose names its own.
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "requeue-stale-analyses": {
+        "task": "diagnosis.tasks.requeue_stale_analyses",
+        "schedule": SWEEP_INTERVAL_SECONDS,
+    },
+    # Files left by an upload process killed mid-batch (diagnosis.services.delete_orphaned_files).
+    "delete-orphaned-files": {
+        "task": "diagnosis.tasks.delete_orphaned_files",
+        "schedule": crontab(hour=3, minute=30),
+    },
+    "clear-expired-sessions": {
+        "task": "diagnosis.tasks.clear_expired_sessions",
+        "schedule": crontab(hour=3, minute=45),
+    },
 }
 if ANALYSIS_RETENTION_DAYS > 0:
     # At a fixed hour, not "every 24 h": beat's interval restarts whenever its container is recreated,
@@ -390,18 +408,9 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env_flag("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
 SESSION_COOKIE_SECURE = env_flag("DJANGO_SECURE_COOKIES", default=not DEBUG)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
-# Clinical workstations are shared: a sign-in lasts one shift at most and ends with the browser.
-SESSION_COOKIE_AGE = env.int("SESSION_HOURS", default=12) * 3600
-if SESSION_COOKIE_AGE < 3600:  # unlike the limits beside it, 0 is no "never" here: every sign-in would end at once
-    raise ImproperlyConfigured("SESSION_HOURS must be at least 1: with 0 every sign-in would end at once.")
-SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 # Messages ("Deleted <file name>: ...") wait in the session, not in a cookie anyone at the
 # workstation can read: a file name may be the patient's.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
-# A sign-in also ends after this long without the user doing anything (0: never), for the walk-away case.
-SESSION_IDLE_MINUTES = env.int("SESSION_IDLE_MINUTES", default=30)
-# An API token stops working this many days after it was issued (0: never); a new POST issues another.
-API_TOKEN_DAYS = env.int("API_TOKEN_DAYS", default=90)
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31536000)
 # Every host under the site's name must serve HTTPS then: a hospital whose site is its bare domain
 # turns these off for the HTTP-only hosts beneath it.

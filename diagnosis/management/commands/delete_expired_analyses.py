@@ -3,7 +3,8 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from diagnosis.services import MAX_RETENTION_DAYS, delete_expired_analyses
+from diagnosis.retention import MAX_RETENTION_DAYS
+from diagnosis.services import delete_expired_analyses
 
 
 class Command(BaseCommand):
