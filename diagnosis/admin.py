@@ -194,13 +194,13 @@ class PatientRecordAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, ad
         return False
 
     def has_view_permission(self, request, obj=None):
-        return selectors.can_review(request.user)
+        return selectors.can_review(user=request.user)
 
     def has_change_permission(self, request, obj=None):
-        return selectors.can_review(request.user) and super().has_change_permission(request, obj)
+        return selectors.can_review(user=request.user) and super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request, obj=None):
-        return selectors.can_review(request.user) and super().has_delete_permission(request, obj)
+        return selectors.can_review(user=request.user) and super().has_delete_permission(request, obj)
 
     def delete_recorded(self, request, obj) -> None:
         # As the owners' deletions: a lab system that was sent the results is told they are withdrawn.
@@ -409,7 +409,7 @@ class AnalysisAdmin(PatientRecordAdmin):
     ]
 
     def has_change_permission(self, request, obj=None):
-        return selectors.can_review(request.user)  # reviewing is the one change made here
+        return selectors.can_review(user=request.user)  # reviewing is the one change made here
 
     @admin.display(description="Image")
     def thumb(self, obj):
@@ -456,7 +456,7 @@ class AnalysisAdmin(PatientRecordAdmin):
         return bool(obj.review_verdict)
 
     def get_readonly_fields(self, request, obj=None):
-        if selectors.can_review(request.user):
+        if selectors.can_review(user=request.user):
             return self.readonly_fields
         # Only the `reviewers` group records verdicts ("replacing" is the form's, and hidden).
         return [name for name in flatten_fieldsets(self.fieldsets) if name != "replacing"]
@@ -464,7 +464,7 @@ class AnalysisAdmin(PatientRecordAdmin):
     def has_retry_permission(self, request) -> bool:
         # Reviewing is the change a reviewer makes; analysing someone's cells again (their results
         # reset, their lab system sent them again) takes Django's change permission as well.
-        return selectors.can_review(request.user) and request.user.has_perm("diagnosis.change_analysis")
+        return selectors.can_review(user=request.user) and request.user.has_perm("diagnosis.change_analysis")
 
     @admin.action(description="Analyse the selected failed analyses again", permissions=["retry"])
     def retry_failed(self, request, queryset):
@@ -686,7 +686,7 @@ def _privileged(user) -> bool:
     """An account with more access than a clinician's: to the admin, or to every user's cells. A
     deactivated reviewer is one too (has_perm says no while inactive): set a password and ticked
     Active, it is a reviewer again."""
-    return user.is_superuser or user.is_staff or selectors.holds_review_permission(user)
+    return user.is_superuser or user.is_staff or selectors.holds_review_permission(user=user)
 
 
 @admin.register(get_user_model())
@@ -762,7 +762,7 @@ class RecordedUserAdmin(ChecksIdFilters, ChecksSelections, RecordsDeletions, Use
         ]
         counts = {self.model._meta.verbose_name_plural: len(users), "batches": batches, "cells": cells}
         # As for deleting the cells themselves: other users' records are a reviewer's to delete.
-        reviewer = selectors.can_review(request.user)
+        reviewer = selectors.can_review(user=request.user)
         needed = {
             model._meta.verbose_name
             for model, count in ((Batch, batches), (Analysis, cells))

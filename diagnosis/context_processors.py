@@ -4,7 +4,7 @@ from diagnosis.selectors import can_review
 
 
 def roles(request):
-    return {"is_reviewer": can_review(request.user) if hasattr(request, "user") else False}
+    return {"is_reviewer": can_review(user=request.user) if hasattr(request, "user") else False}
 
 
 def idle_sign_out(request):

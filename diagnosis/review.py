@@ -39,10 +39,10 @@ def queue(request):
 @require_http_methods(["GET", "POST"])
 def review(request, pk: int):
     saving = request.method == "POST"
-    if saving and not selectors.can_review(request.user):
+    if saving and not selectors.can_review(user=request.user):
         # Taken out of the reviewers while the case was open: "not found" would blame the case.
         return render(request, "403.html", status=403)
-    if not selectors.can_review(request.user):  # as the queue answers them: not even that the page is there
+    if not selectors.can_review(user=request.user):  # as the queue answers them: not even that the page is there
         raise Http404
     try:
         analysis = selectors.get_viewable_analysis(user=request.user, pk=pk)

@@ -99,11 +99,11 @@ def get_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:
 REVIEW_PERMISSION = "diagnosis.review_analysis"
 
 
-def can_review(user: AbstractBaseUser) -> bool:
+def can_review(*, user: AbstractBaseUser) -> bool:
     return user.is_authenticated and user.has_perm(REVIEW_PERMISSION)
 
 
-def holds_review_permission(user: AbstractBaseUser) -> bool:
+def holds_review_permission(*, user: AbstractBaseUser) -> bool:
     """Whether the account would review once active: has_perm answers False for any inactive one."""
     return user.is_superuser or _review_permission_granted(to=user).exists()
 
@@ -142,7 +142,7 @@ def accounts_with_their_records(*, users: Iterable[AbstractBaseUser]) -> list[Ab
 
 def get_viewable_analysis(*, user: AbstractBaseUser, pk: int) -> Analysis:
     """Owners see their own analyses; reviewers (and admins) may see any."""
-    if can_review(user):
+    if can_review(user=user):
         return get_object_or_404(Analysis, pk=pk)
     return get_analysis(user=user, pk=pk)
 
@@ -154,7 +154,7 @@ def analysis_exists(*, analysis: Analysis) -> bool:
 
 def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySet[Analysis]]:
     """(cases awaiting review, least confident first; cases a reviewer disagreed with)."""
-    if not can_review(user):
+    if not can_review(user=user):
         raise Http404
     done = Analysis.objects.filter(status=Analysis.Status.DONE).select_related("owner", "batch")
     pending = (
@@ -171,7 +171,7 @@ def review_queue(*, user: AbstractBaseUser) -> tuple[QuerySet[Analysis], QuerySe
 
 def reviews_by(*, user: AbstractBaseUser) -> QuerySet[Analysis]:
     """The cases this reviewer last reviewed, newest first."""
-    if not can_review(user):
+    if not can_review(user=user):
         raise Http404
     return Analysis.objects.filter(reviewed_by=user).select_related("batch").order_by("-reviewed_at")
 
@@ -258,10 +258,10 @@ def _analysis_counts(path: str = "") -> dict[str, Count]:
 
 
 def batch_counts(*, batch: Batch) -> dict[str, int | None]:
-    return with_percent(batch.analyses.aggregate(**_analysis_counts()))
+    return with_percent(counts=batch.analyses.aggregate(**_analysis_counts()))
 
 
-def with_percent(counts: dict[str, int]) -> dict[str, int | None]:
+def with_percent(*, counts: dict[str, int]) -> dict[str, int | None]:
     # As the templates' {% widthratio %} computes it, so the live page and a reload agree.
     percent = round(counts["parasitized"] / counts["done"] * 100) if counts["done"] else None
     return {**counts, "parasitized_percent": percent}
@@ -300,7 +300,7 @@ def batches_with_counts(*, user: AbstractBaseUser) -> QuerySet[Batch]:
     return batches_for(user=user).annotate(**_counts_of_each_batch())
 
 
-def with_counts(batches: Iterable[Batch]) -> list[Batch]:
+def with_counts(*, batches: Iterable[Batch]) -> list[Batch]:
     """A page of batches, in its order, with the counts of ``batch_counts`` as attributes. Counted
     for these rows only: on the annotated query, PostgreSQL counted every row an OFFSET skipped
     (page 800 of 20,000 batches: 1.25 s)."""

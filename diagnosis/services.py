@@ -224,7 +224,7 @@ def _store_analysis(*, owner, image: ValidImage, batch: Batch | None, stored: li
     except OSError as error:
         raise _storage_failed(error) from error
     analysis.save()
-    log_transition(analysis, "queued")
+    log_transition(analysis=analysis, event="queued")
     return analysis
 
 
@@ -325,7 +325,7 @@ def record_result(
     # Not read back: the owner may delete the cell the moment the lock is released.
     for field, value in result.items():
         setattr(analysis, field, value)
-    log_transition(analysis, "done")
+    log_transition(analysis=analysis, event="done")
     return True
 
 
@@ -674,7 +674,7 @@ def check_not_reviewed_since(*, analysis_id: int, replacing: datetime | None) ->
     )
 
 
-def log_transition(analysis: Analysis, event: str) -> None:
+def log_transition(*, analysis: Analysis, event: str) -> None:
     timings = ""
     if analysis.finished_at:
         total = (analysis.finished_at - analysis.created_at).total_seconds()

@@ -57,7 +57,7 @@ def revoke_token(*, user: AbstractBaseUser) -> None:
     ApiToken.objects.filter(user=user).delete()
 
 
-def record_use(token: ApiToken) -> None:
+def record_use(*, token: ApiToken) -> None:
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at >= USE_RECORDED_EVERY:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)

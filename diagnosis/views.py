@@ -55,7 +55,7 @@ def batch_list(request):
     search = request.GET.get("search", "").strip()
     batches = selectors.batches_matching(user=request.user, search=search)
     page = Paginator(batches, PAGE_SIZE).get_page(request.GET.get("page"))
-    page.object_list = selectors.with_counts(page.object_list)
+    page.object_list = selectors.with_counts(batches=page.object_list)
     query = urlencode({"search": search}) if search else ""
     # Unlike the dashboard and a batch's page, this list does not poll: it says so while a sample is unfinished.
     in_progress = any(batch.finished < batch.total for batch in page.object_list)

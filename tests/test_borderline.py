@@ -217,10 +217,10 @@ def test_a_batch_deleted_while_a_page_of_them_is_counted_is_left_out(client, use
     gone = create_batch(owner=user, uploads=[upload("b.png")], sample_reference="GONE")
     counted = selectors.with_counts
 
-    def deleted_in_between(batches):
+    def deleted_in_between(*, batches):
         batches = list(batches)
         delete_batch(batch=Batch.objects.get(pk=gone.pk))
-        return counted(batches)
+        return counted(batches=batches)
 
     monkeypatch.setattr(selectors, "with_counts", deleted_in_between)
     client.force_login(user)

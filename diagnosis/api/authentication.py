@@ -25,5 +25,5 @@ class ExpiringTokenAuthentication(TokenAuthentication):
             raise AuthenticationFailed(
                 "This token has expired. POST your username and password to /api/auth/token/ for a new one."
             )
-        tokens.record_use(token)
+        tokens.record_use(token=token)
         return token.user, token

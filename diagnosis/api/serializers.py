@@ -212,7 +212,7 @@ class BatchSerializer(serializers.ModelSerializer):
     @extend_schema_field(BatchCountsSerializer)
     def get_counts(self, batch: Batch) -> dict[str, int | None]:
         # Annotated by selectors.batches_with_counts: one query for a whole page of batches.
-        return selectors.with_percent({name: getattr(batch, name) for name in selectors.BATCH_COUNT_NAMES})
+        return selectors.with_percent(counts={name: getattr(batch, name) for name in selectors.BATCH_COUNT_NAMES})
 
     @extend_schema_field(OpenApiTypes.DATETIME)
     def get_results_as_of(self, batch: Batch) -> datetime:

@@ -382,7 +382,7 @@ class BatchViewSet(
     def list(self, request, *args, **kwargs):
         """Your batches, newest first, with their counts and cells; ?sample_reference= finds a sample's."""
         _refuse_unknown_parameters(request, {"sample_reference"})
-        batches = selectors.with_counts(self.paginate_queryset(self.get_queryset()))
+        batches = selectors.with_counts(batches=self.paginate_queryset(self.get_queryset()))
         prefetch_related_objects(batches, "analyses")
         response = self.get_paginated_response(self.get_serializer(batches, many=True).data)
         _record_page(self, "batch")
