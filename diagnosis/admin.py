@@ -288,7 +288,7 @@ class ModelLabelFilter(admin.ChoicesFieldListFilter):
 
 
 class _YesNoFilter(admin.SimpleListFilter):
-    """The cells that meet ``condition`` (yes), or those that do not (no)."""
+    """The records that meet ``condition`` (yes), or those that do not (no)."""
 
     answers: tuple[str, str]
 
@@ -487,17 +487,13 @@ class AnalysisAdmin(PatientRecordAdmin):
         record_access(request=request, action=AccessEvent.Action.REVIEWED, analysis=obj, detail=data["review_verdict"])
 
 
-class WithdrawnFilter(admin.SimpleListFilter):
+class WithdrawnFilter(_YesNoFilter):
     title = "deleted, lab system to be told"
     parameter_name = "withdrawn"
+    answers = ("yes", "no")
 
-    def lookups(self, request, model_admin):
-        return [("yes", "yes"), ("no", "no")]
-
-    def queryset(self, request, queryset):
-        if self.value() in ("yes", "no"):
-            return queryset.filter(withdrawn_at__isnull=self.value() == "no")
-        return queryset
+    def condition(self):
+        return Q(withdrawn_at__isnull=False)
 
 
 @admin.register(Batch)

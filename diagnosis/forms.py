@@ -90,15 +90,7 @@ class FilterForm(forms.Form):
     call = forms.ChoiceField(choices=[("", "Every call"), ("borderline", "Borderline only")], required=False)
     date_from = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}), label="From")
     date_to = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}), label="To")
-    sort = forms.ChoiceField(
-        choices=[
-            ("-created_at", "Newest first"),
-            ("created_at", "Oldest first"),
-            ("-probability_parasitized", "Most suspicious first"),
-            ("probability_parasitized", "Least suspicious first"),
-        ],
-        required=False,
-    )
+    sort = forms.ChoiceField(choices=AnalysisFilters.SORTS.items(), required=False)
 
     @property
     def reversed_dates(self) -> bool:

@@ -34,7 +34,13 @@ class AnalysisFilters:
     batch: int | None = None
     sort: str = "-created_at"
 
-    SORTS = ("-created_at", "created_at", "-probability_parasitized", "probability_parasitized")
+    # Each order the list takes, with the name the dashboard's menu gives it.
+    SORTS = {
+        "-created_at": "Newest first",
+        "created_at": "Oldest first",
+        "-probability_parasitized": "Most suspicious first",
+        "probability_parasitized": "Least suspicious first",
+    }
 
 
 def analyses_for(*, user: AbstractBaseUser, filters: AnalysisFilters | None = None) -> QuerySet[Analysis]:

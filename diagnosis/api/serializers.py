@@ -131,8 +131,7 @@ class ImageList(serializers.ListField):
 
 
 class PlainLineField(serializers.CharField):
-    """One line, composed and without invisible characters (diagnosis.text) before its length is
-    checked: composing lengthens some letters, and the column's limit would fail with a 500."""
+    """The API's diagnosis.forms.PlainLineField: cleaned by plain_line before its length is checked."""
 
     def to_internal_value(self, data) -> str:
         return plain_line(super().to_internal_value(data))
