@@ -300,21 +300,9 @@ def evaluate(model, images, labels, *, bf16: bool, batch_size: int = 128) -> np.
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.mixup is not None and args.mixup <= 0:
-        raise SystemExit(f"--mixup {args.mixup}: alpha must be above 0, e.g. 0.2")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1, e.g. 0.998")
-    # Either would be a run that is not the one asked for, with nothing to say so.
-    if args.init_from and args.init == "imagenet":
-        raise SystemExit("--init imagenet starts a new model, --init-from continues an earlier one: give one of them")
-    if args.backbone_weights and args.init != "imagenet":
-        raise SystemExit("--backbone-weights is read by --init imagenet only; add it, or leave the weights out")
+    check_options(args)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "--device cuda: PyTorch sees no CUDA GPU on this machine; leave --device out to train on the CPU"
-        )
+    device = training_device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     torch.manual_seed(args.seed)
     checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".ckpt"))
@@ -325,50 +313,15 @@ def main(argv=None) -> None:
             "to start afresh"
         )
 
-    try:
-        samples = list_samples(args.data)
-    except (OSError, ValueError) as error:  # a folder not of the shape --data asks for
-        raise SystemExit(f"ml.train: {error}") from None
-    listed = set()
-    if args.exclude:
-        # By stem: an audit of the PNG originals names the cells of their ml.compact .webp copy too.
-        listed = {Path(name).stem for name in excluded_file_names(args.exclude)}
-        if not any(s.path.stem in listed for s in samples):  # a list of another folder's cells
-            raise SystemExit(f"--exclude: none of the {len(listed)} cells {args.exclude} lists is in {args.data}")
-    if args.limit:
-        samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
+    samples, listed = read_samples(args)
     try:
         validation_run = read_info(args.refit) if args.refit else None
         # Built before the images are decoded: a wrong model file or size should not wait minutes to be said.
         model = build_model(args).to(device, memory_format=torch.channels_last)
     except (OSError, ValueError) as error:  # a missing or unreadable model file, an input size the trunk refuses
         raise SystemExit(f"ml.train: {error}") from None
-    if validation_run:
-        # The validation patients join training; the earlier run already chose the threshold on them.
-        train_samples, val_samples = samples, []
-    else:
-        try:
-            train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
-        except ValueError as error:  # file names that do not name their patients
-            raise SystemExit(f"ml.train: {error}") from None
-    excluded = 0
-    if args.exclude:
-        kept = [s for s in train_samples if s.path.stem not in listed]
-        excluded = len(train_samples) - len(kept)
-        print(f"left {excluded} of {len(train_samples)} training cells out, as {args.exclude} lists", flush=True)
-        train_samples = kept
-    print(
-        f"train: {len(train_samples)} images / {len(patient_groups(train_samples))} patient groups; "
-        f"validation: {len(val_samples)} images / {len(patient_groups(val_samples))} groups",
-        flush=True,
-    )
-
-    grid, stride = model.config.heatmap_size, model.config.trunk_stride
-    if grid < MIN_HEATMAP_GRID:
-        raise SystemExit(
-            f"--input-size {model.config.input_size} at trunk stride {stride} gives a {grid}x{grid} heatmap grid, "
-            f"coarser than {MIN_HEATMAP_GRID}x{MIN_HEATMAP_GRID}: give --input-size {MIN_HEATMAP_GRID * stride} or more"
-        )
+    train_samples, val_samples, excluded = split_samples(samples, listed=listed, refit=bool(validation_run), args=args)
+    check_heatmap_grid(model.config)
     last_epoch = check_same_recipe(model.config, validation_run, args=args) if validation_run else args.epochs
     size = model.config.input_size
     loaded = time.monotonic()
@@ -386,65 +339,20 @@ def main(argv=None) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=max(1, args.epochs * steps_per_epoch), pct_start=0.15
     )
+    training = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "average": average}
     recipe = {name: getattr(args, name) for name in RESUME_MUST_MATCH} | {
         "cells": cells_digest([*train_samples, *val_samples], root=args.data)
     }
-    state = {"epoch": 0, "step": 0, "best_auc": -1.0, "recipe": recipe}
+    state, resumed_random = {"epoch": 0, "step": 0, "best_auc": -1.0, "recipe": recipe}, None
     if args.resume:
-        if not checkpoint_path.is_file():
-            raise SystemExit(
-                f"--resume: there is no checkpoint at {checkpoint_path}; leave --resume out to start afresh"
-            )
-        saved = read_checkpoint(checkpoint_path)
-        if saved is None:  # torch's own words advise unpickling it unsafely, so they are not repeated
-            raise SystemExit(
-                f"--resume: {checkpoint_path} is not a checkpoint ml.train can read (cut short, or another "
-                "program's file); remove it to start afresh"
-            )
-        if "cells" not in saved["progress"].get("recipe", recipe):
-            raise SystemExit(
-                f"--resume: {checkpoint_path} is from an earlier ml.train, which recorded its data otherwise; "
-                "leave --resume out to start afresh"
-            )
-        differ = sorted(k for k, v in saved["progress"].get("recipe", recipe).items() if recipe.get(k) != v)
-        if differ:
-            raise SystemExit(f"--resume: the checkpoint was made with other settings or data ({', '.join(differ)})")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if average is not None:
-            average.load_state_dict(saved["average"])
-        state = saved["progress"]
-        resumed_random = saved.get("random") if state["step"] else None
-        print(f"resumed from {checkpoint_path} at epoch {state['epoch'] + 1} step {state['step']}", flush=True)
-    else:
-        resumed_random = None
+        state, resumed_random = resume(checkpoint_path, recipe=recipe, **training)
     # Checked after the options are (a mistaken option says so first), before a minute is trained.
-    if len(train_samples) < args.batch_size:  # not one step: the file would hold untrained weights
-        raise SystemExit(f"{len(train_samples)} training images, fewer than --batch-size {args.batch_size}")
-    if not val_samples and not validation_run:
-        raise SystemExit("no patient group is left for validation, where the epoch and threshold are chosen")
-    if val_samples and len({s.label for s in val_samples}) < 2:  # no AUC, and no threshold worth having
-        only = CLASS_NAMES[val_samples[0].label]
-        raise SystemExit(
-            f"the validation patients' cells are all {only}; the epoch and threshold are chosen on both "
-            "classes: give a larger --val-fraction or another --seed"
-        )
+    check_training_cells(train_samples, val_samples, refit=bool(validation_run), args=args)
 
     def save_checkpoint(epoch: int, step: int, random_state: dict | None = None) -> None:
         state.update(epoch=epoch, step=step)
         if step % args.checkpoint_every == 0 or step == 0:
-            payload = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "progress": dict(state),
-                "random": random_state,
-            }
-            if average is not None:
-                payload["average"] = average.state_dict()
-            torch.save(payload, checkpoint_path.with_suffix(".tmp"))
-            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+            write_checkpoint(checkpoint_path, progress=state, random_state=random_state, **training)
 
     # Validation scores as the worker will compute them, so that the epoch and the threshold are
     # chosen on its figures: on a CPU the worker uses bf16 only where it is native.
@@ -470,23 +378,173 @@ def main(argv=None) -> None:
             if epoch + 1 == last_epoch:
                 export(exported, validation=validation_run.metrics["validation"], refit_of=validation_run, **record)
         else:
-            scores = evaluate(as_stored(exported), val_x, val_y, bf16=validation_bf16)
-            positives = val_y.cpu().numpy() == PARASITIZED
-            threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
-            metrics = screening_metrics(scores, positives, threshold)
-            print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
-            if np.isnan(metrics["auc"]):  # NaN weights: no AUC, and no probability is >= the threshold
-                kept = f"; {args.out} keeps epoch {state['best_epoch']}" if state.get("best_epoch") else ""
-                raise SystemExit(
-                    f"epoch {epoch + 1}: validation scores are NaN (the weights diverged, or overflow the "
-                    f"file's fp16): try a lower --lr{kept}"
-                )
-            if metrics["auc"] > state["best_auc"]:
-                state.update(best_auc=metrics["auc"], best_epoch=epoch + 1)
-                export(exported, validation=metrics, val_samples=val_samples, **record)
+            validate(exported, val_x, val_y, bf16=validation_bf16, state=state, val_samples=val_samples, **record)
         # The last epoch's checkpoint says the run ended: the next run to this file may start afresh.
         state["finished"] = epoch + 1 == last_epoch
         save_checkpoint(epoch + 1, 0)
+
+
+def check_options(args) -> None:
+    """Refuses options that cannot go together or hold no value argparse can check alone."""
+    if args.mixup is not None and args.mixup <= 0:
+        raise SystemExit(f"--mixup {args.mixup}: alpha must be above 0, e.g. 0.2")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise SystemExit(f"--ema {args.ema}: the decay must lie between 0 and 1, e.g. 0.998")
+    # Either would be a run that is not the one asked for, with nothing to say so.
+    if args.init_from and args.init == "imagenet":
+        raise SystemExit("--init imagenet starts a new model, --init-from continues an earlier one: give one of them")
+    if args.backbone_weights and args.init != "imagenet":
+        raise SystemExit("--backbone-weights is read by --init imagenet only; add it, or leave the weights out")
+
+
+def training_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: PyTorch sees no CUDA GPU on this machine; leave --device out to train on the CPU"
+        )
+    return device
+
+
+def read_samples(args) -> tuple[list[Sample], set[str]]:
+    """The cells of ``--data`` (at most ``--limit`` of them), and the stems ``--exclude`` lists."""
+    try:
+        samples = list_samples(args.data)
+    except (OSError, ValueError) as error:  # a folder not of the shape --data asks for
+        raise SystemExit(f"ml.train: {error}") from None
+    listed = set()
+    if args.exclude:
+        # By stem: an audit of the PNG originals names the cells of their ml.compact .webp copy too.
+        listed = {Path(name).stem for name in excluded_file_names(args.exclude)}
+        if not any(s.path.stem in listed for s in samples):  # a list of another folder's cells
+            raise SystemExit(f"--exclude: none of the {len(listed)} cells {args.exclude} lists is in {args.data}")
+    if args.limit:
+        samples = [samples[i] for i in np.random.default_rng(args.seed).permutation(len(samples))[: args.limit]]
+    return samples, listed
+
+
+def split_samples(
+    samples: list[Sample], *, listed: set[str], refit: bool, args
+) -> tuple[list[Sample], list[Sample], int]:
+    """(training cells, validation cells, how many listed cells were left out of training)."""
+    if refit:
+        # The validation patients join training; the earlier run already chose the threshold on them.
+        train_samples, val_samples = samples, []
+    else:
+        try:
+            train_samples, val_samples = split_by_patient(samples, holdout_fraction=args.val_fraction, seed=args.seed)
+        except ValueError as error:  # file names that do not name their patients
+            raise SystemExit(f"ml.train: {error}") from None
+    excluded = 0
+    if args.exclude:
+        kept = [s for s in train_samples if s.path.stem not in listed]
+        excluded = len(train_samples) - len(kept)
+        print(f"left {excluded} of {len(train_samples)} training cells out, as {args.exclude} lists", flush=True)
+        train_samples = kept
+    print(
+        f"train: {len(train_samples)} images / {len(patient_groups(train_samples))} patient groups; "
+        f"validation: {len(val_samples)} images / {len(patient_groups(val_samples))} groups",
+        flush=True,
+    )
+    return train_samples, val_samples, excluded
+
+
+def check_heatmap_grid(config: ModelConfig) -> None:
+    grid, stride = config.heatmap_size, config.trunk_stride
+    if grid < MIN_HEATMAP_GRID:
+        raise SystemExit(
+            f"--input-size {config.input_size} at trunk stride {stride} gives a {grid}x{grid} heatmap grid, "
+            f"coarser than {MIN_HEATMAP_GRID}x{MIN_HEATMAP_GRID}: give --input-size {MIN_HEATMAP_GRID * stride} or more"
+        )
+
+
+def check_training_cells(train_samples: list[Sample], val_samples: list[Sample], *, refit: bool, args) -> None:
+    if len(train_samples) < args.batch_size:  # not one step: the file would hold untrained weights
+        raise SystemExit(f"{len(train_samples)} training images, fewer than --batch-size {args.batch_size}")
+    if not val_samples and not refit:
+        raise SystemExit("no patient group is left for validation, where the epoch and threshold are chosen")
+    if val_samples and len({s.label for s in val_samples}) < 2:  # no AUC, and no threshold worth having
+        only = CLASS_NAMES[val_samples[0].label]
+        raise SystemExit(
+            f"the validation patients' cells are all {only}; the epoch and threshold are chosen on both "
+            "classes: give a larger --val-fraction or another --seed"
+        )
+
+
+def resume(checkpoint_path: Path, *, recipe: dict, model, optimizer, scheduler, average) -> tuple[dict, dict | None]:
+    """Loads the run saved at ``checkpoint_path`` into the model, optimiser, scheduler and average;
+    returns its progress, and the random state its epoch continues with (None at an epoch's start).
+    A checkpoint of other settings or other cells is refused."""
+    if not checkpoint_path.is_file():
+        raise SystemExit(f"--resume: there is no checkpoint at {checkpoint_path}; leave --resume out to start afresh")
+    saved = read_checkpoint(checkpoint_path)
+    if saved is None:  # torch's own words advise unpickling it unsafely, so they are not repeated
+        raise SystemExit(
+            f"--resume: {checkpoint_path} is not a checkpoint ml.train can read (cut short, or another "
+            "program's file); remove it to start afresh"
+        )
+    if "cells" not in saved["progress"].get("recipe", recipe):
+        raise SystemExit(
+            f"--resume: {checkpoint_path} is from an earlier ml.train, which recorded its data otherwise; "
+            "leave --resume out to start afresh"
+        )
+    differ = sorted(k for k, v in saved["progress"].get("recipe", recipe).items() if recipe.get(k) != v)
+    if differ:
+        raise SystemExit(f"--resume: the checkpoint was made with other settings or data ({', '.join(differ)})")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if average is not None:
+        average.load_state_dict(saved["average"])
+    state = saved["progress"]
+    print(f"resumed from {checkpoint_path} at epoch {state['epoch'] + 1} step {state['step']}", flush=True)
+    return state, saved.get("random") if state["step"] else None
+
+
+def write_checkpoint(
+    checkpoint_path: Path, *, progress: dict, random_state: dict | None, model, optimizer, scheduler, average
+) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": dict(progress),
+        "random": random_state,
+    }
+    if average is not None:
+        payload["average"] = average.state_dict()
+    # Written whole, then renamed: a run stopped while writing keeps the last checkpoint.
+    torch.save(payload, checkpoint_path.with_suffix(".tmp"))
+    checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+
+def validate(
+    model, images, labels, *, args, epoch: int, bf16: bool, state: dict, train_samples, val_samples, excluded: int
+) -> None:
+    """Scores the validation patients after ``epoch``, choosing the threshold on them; the epoch
+    whose AUC beats every earlier one's is exported."""
+    scores = evaluate(as_stored(model), images, labels, bf16=bf16)
+    positives = labels.cpu().numpy() == PARASITIZED
+    threshold = choose_threshold(scores, positives, min_sensitivity=args.min_sensitivity)
+    metrics = screening_metrics(scores, positives, threshold)
+    print("validation " + json.dumps({k: v for k, v in metrics.items() if k != "confusion"}), flush=True)
+    if np.isnan(metrics["auc"]):  # NaN weights: no AUC, and no probability is >= the threshold
+        kept = f"; {args.out} keeps epoch {state['best_epoch']}" if state.get("best_epoch") else ""
+        raise SystemExit(
+            f"epoch {epoch}: validation scores are NaN (the weights diverged, or overflow the "
+            f"file's fp16): try a lower --lr{kept}"
+        )
+    if metrics["auc"] > state["best_auc"]:
+        state.update(best_auc=metrics["auc"], best_epoch=epoch)
+        export(
+            model,
+            args=args,
+            validation=metrics,
+            epoch=epoch,
+            train_samples=train_samples,
+            excluded=excluded,
+            val_samples=val_samples,
+        )
 
 
 def read_checkpoint(checkpoint_path: Path) -> dict | None:
