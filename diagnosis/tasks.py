@@ -21,9 +21,14 @@ def warm_up_model(**kwargs) -> None:
     bind=True,
     acks_late=True,
     autoretry_for=(OperationalError, InterfaceError, ConnectionError),
+    # 2, 4, 8 ... 60 s apart, 11 minutes in all: longer than the sweeper waits for a cell that has
+    # stopped (ANALYSIS_STALE_SECONDS), so a database back within that finds the task still trying.
+    # With 8 jittered retries, the task gave up after a minute or two and left its cells "running"
+    # for the sweeper, which counted the outage as a worker crash.
     retry_backoff=2,
     retry_backoff_max=60,
-    max_retries=8,
+    retry_jitter=False,
+    max_retries=15,
 )
 def analyse_images(self, analysis_ids: list[int]) -> None:
     from diagnosis import inference

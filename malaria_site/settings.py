@@ -127,6 +127,9 @@ TEMPLATES = [
 # --- Database -------------------------------------------------------------------------------
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
+# A kept connection is tried before each request reuses it: after PostgreSQL restarted, each web
+# process answered its first request (an upload, perhaps) with a 500 on the connection it had lost.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # .env.example's POSTGRES_PASSWORD is public too; the database takes it at its first start.
 if not DEBUG and DATABASES["default"].get("PASSWORD", "").startswith("change-me"):
     raise ImproperlyConfigured(
@@ -306,6 +309,10 @@ if not CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS |= {"socket_connect_timeout": 3, "socket_timeout": 10}
 # Fail fast when the broker is down: the upload stays queued and the sweeper enqueues it later.
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
+# A worker or beat whose broker is down reconnects for as long as that takes: Celery's default gave
+# up after 100 tries (some 47 minutes), and under scripts/start took the web server with it. None,
+# not 0, which kombu reads as "no retries".
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
 
 # --- Analyses: the sweeper, attempts and retention ------------------------------------------

@@ -432,3 +432,52 @@ def test_database_connection_dropped_mid_task_is_retried(celery_worker_process, 
         f"\n[db drop] {dropped} worker connection(s) terminated mid-task; 4/4 done; "
         f"retries logged: {log.count('Retry in')}"
     )
+
+
+def test_a_database_outage_shorter_than_the_sweepers_wait_is_left_to_the_task(settings):
+    """The task retries a database error for longer than the sweeper waits for a cell that has
+    stopped: with 8 jittered retries it gave up after a minute or two of a PostgreSQL restart and
+    left its cells "running", until the sweeper took them as a worker crash."""
+    from celery.utils.time import get_exponential_backoff_interval
+
+    from diagnosis.tasks import analyse_images as task
+
+    assert task.retry_jitter is False  # each pause as long as written, not 0 to that
+    pauses = [
+        get_exponential_backoff_interval(task.retry_backoff, retries, task.retry_backoff_max, full_jitter=False)
+        for retries in range(task.max_retries)
+    ]
+    assert sum(pauses) > settings.ANALYSIS_STALE_SECONDS, pauses
+
+
+def test_the_worker_reconnects_to_its_broker_however_long_it_is_down():
+    """Celery's default gave up after 100 tries (some 47 minutes of a Redis outage): the worker
+    exited, and under scripts/start the web server with it. kombu reads None as "for ever"."""
+    from malaria_site.celery import app
+
+    assert app.conf.broker_connection_max_retries is None
+
+
+@pytest.mark.skipif("sqlite" in os.environ.get("DATABASE_URL", "sqlite"), reason="PostgreSQL only (CI)")
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_database_connection_lost_meanwhile_is_replaced_before_a_request_uses_it():
+    """With DATABASE_CONN_MAX_AGE set, a web process keeps its connection between requests; after
+    PostgreSQL restarted, its first request failed on the lost one (a 500) unless it is tried first.
+    (Django's test client leaves out what each request starts with, close_old_connections: so
+    called here as a real request would call it.)"""
+    import psycopg
+    from django.db import close_old_connections
+
+    connection.close()
+    connection.settings_dict["CONN_MAX_AGE"] = 600
+    try:
+        connection.ensure_connection()
+        backend = connection.connection.info.backend_pid
+        with psycopg.connect(database_url(), autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", [backend])
+        close_old_connections()  # the next request starts
+        assert Analysis.objects.count() == 0
+        assert connection.connection.info.backend_pid != backend
+    finally:
+        connection.close()
+        connection.settings_dict["CONN_MAX_AGE"] = 0
