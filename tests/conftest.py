@@ -118,7 +118,7 @@ class WorkerProcess:
             "--without-gossip",
             "--without-mingle",
         ]
-        if self.beat:  # the stale-analysis sweeper runs in the worker, as in scripts/start
+        if self.beat:  # the stale-analysis sweeper, in the worker here (scripts/start runs beat on its own)
             command += ["--beat", "--schedule", str(self.log_path.with_suffix(".beat"))]
         already_logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime

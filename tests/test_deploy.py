@@ -434,6 +434,16 @@ def test_beat_keeps_its_schedule_under_var_dir_and_compose_names_its_own(tmp_pat
     assert SERVICES["beat"]["command"][-2:] == ["--schedule", "/tmp/celerybeat-schedule"]  # the health check's
 
 
+def test_scripts_start_runs_beat_as_a_process_of_its_own_that_it_waits_on():
+    """Beat run inside the worker (--beat) could be killed without a sign: the worker logged nothing,
+    the sweeper stopped, and cells whose broker message was lost stayed queued. Its own process,
+    in the list `wait -n` watches, ends the platform with it instead."""
+    start = (ROOT / "scripts" / "start").read_text()
+    assert not re.search(r"^celery .* --beat", start, re.MULTILINE)
+    assert re.search(r"^celery -A malaria_site beat .*&$", start, re.MULTILINE)
+    assert re.search(r'^wait -n .*"\$beat"', start, re.MULTILINE)
+
+
 def test_beat_health_check_notices_a_stalled_scheduler(tmp_path):
     command = SERVICES["beat"]["healthcheck"]["test"]
     assert command[:3] == ["CMD", "python", "-c"]
