@@ -148,12 +148,67 @@ class WorkerProcess:
                 self.process.wait()
 
 
-@pytest.fixture(scope="session")
-def _session_worker(django_db_setup, media_root, tmp_path_factory):
+# The session worker takes from queues of its own, and a test's tasks go there only while it holds
+# ``celery_worker_process``. Every other test's go to the settings' queues ("tests" and
+# "tests-housekeeping"), which no worker takes from but those a test starts itself after
+# ``without_session_worker`` has emptied them: a worker started for one test never analyses the
+# cells that a later transactional or live-server test commits.
+SESSION_WORKER_QUEUE = "tests-session-worker"
+
+
+def default_queues() -> list[str]:
+    """The queues every test's tasks go to unless it asked for the session worker."""
+    return [settings.CELERY_TASK_DEFAULT_QUEUE, settings.HOUSEKEEPING_QUEUE]
+
+
+def session_worker_queues() -> list[str]:
+    """The session worker's, named as the settings name them from its CELERY_QUEUE."""
+    return [SESSION_WORKER_QUEUE, f"{SESSION_WORKER_QUEUE}-housekeeping"]
+
+
+def purge_queues(names: list[str]) -> None:
     from malaria_site.celery import app
 
-    app.control.purge()  # a previous run's leftovers must not reach this run's database
-    worker = WorkerProcess(media_root, tmp_path_factory.mktemp("worker") / "worker.log").start()
+    with app.connection_for_write() as connection:
+        for name in names:
+            connection.default_channel.queue_purge(name)
+
+
+def queued_messages(name: str) -> int:
+    """How many messages wait in the queue (declaring it, so an empty one reads 0 on any broker)."""
+    from malaria_site.celery import app
+
+    with app.connection_for_write() as connection:
+        return connection.default_channel.queue_declare(queue=name).message_count
+
+
+@pytest.fixture
+def tasks_to_the_session_worker(monkeypatch):
+    """Sends this test's tasks to the session worker's queues for its duration (the router is the
+    process's: the live server's threads send there too); a task naming a queue of its own keeps it."""
+    from malaria_site.celery import app
+
+    router = app.amqp.router
+    moved = dict(zip(default_queues(), session_worker_queues(), strict=True))
+    route = router.route
+
+    def to_the_session_worker(*args, **kwargs):
+        options = route(*args, **kwargs)
+        if options["queue"].name in moved:
+            options["queue"] = app.amqp.queues[moved[options["queue"].name]]
+        return options
+
+    monkeypatch.setattr(router, "route", to_the_session_worker)
+
+
+@pytest.fixture(scope="session")
+def _session_worker(django_db_setup, media_root, tmp_path_factory):
+    purge_queues(session_worker_queues())  # a previous run's leftovers must not reach this run's database
+    worker = WorkerProcess(
+        media_root,
+        tmp_path_factory.mktemp("worker") / "worker.log",
+        extra_env={"TEST_CELERY_QUEUE": SESSION_WORKER_QUEUE},
+    ).start()
     _SESSION_WORKERS.append(worker)
     yield worker
     worker.stop()
@@ -164,18 +219,22 @@ _SESSION_WORKERS: list[WorkerProcess] = []
 
 @pytest.fixture
 def without_session_worker(transactional_db):
-    """For tests that run their own workers: the shared one must not take their tasks.
-    ``celery_worker_process`` starts it again for the tests after."""
+    """For tests that run their own workers, on the settings' queues: those are emptied of the tasks
+    earlier tests left there, and the shared worker is stopped (it holds a model and a CPU of the
+    test's). ``celery_worker_process`` starts it again for the tests after."""
     for worker in _SESSION_WORKERS:
         worker.stop()
+    purge_queues(default_queues())
 
 
 @pytest.fixture
-def celery_worker_process(_session_worker, transactional_db) -> WorkerProcess:
-    """One worker for the whole session (starting one loads torch); tests get committed data."""
+def celery_worker_process(_session_worker, transactional_db, tasks_to_the_session_worker) -> WorkerProcess:
+    """One worker for the whole session (starting one loads torch); tests get committed data, and
+    their tasks reach it. What the test leaves queued is dropped when it ends, not analysed during the next."""
     if _session_worker.process.poll() is not None:
         _session_worker.start()
-    return _session_worker
+    yield _session_worker
+    purge_queues(session_worker_queues())
 
 
 def wait_for(predicate, timeout: float = 90, interval: float = 0.25):

@@ -3,8 +3,9 @@ platform that may be running on the same machine (its own queue and filesystem-b
 
 import os
 
-# Queues of their own (the analyses' and the housekeeping one the project settings derive from it).
-os.environ["CELERY_QUEUE"] = "tests"
+# Queues of their own (the analyses' and the housekeeping one the project settings derive from it);
+# the session worker is started with queues of its own (tests.conftest.SESSION_WORKER_QUEUE).
+os.environ["CELERY_QUEUE"] = os.environ.get("TEST_CELERY_QUEUE") or "tests"
 
 from malaria_site.cache import redis_cache  # noqa: E402
 from malaria_site.settings import *  # noqa: E402, F403

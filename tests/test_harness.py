@@ -1,0 +1,30 @@
+"""The suite's own machinery (tests/conftest.py): what one test starts does not decide another's outcome."""
+
+import pytest
+
+from diagnosis import services
+from diagnosis.models import Analysis
+from tests.conftest import default_queues, purge_queues, queued_messages, wait_for
+from tests.factories import upload
+
+
+@pytest.mark.worker
+@pytest.mark.django_db(transaction=True)
+def test_the_session_worker_takes_no_task_of_a_test_that_did_not_ask_for_it(_session_worker, user, request):
+    """Once the first worker test had started it, the session worker took the tasks of every later
+    transactional or live-server test that committed an upload, and analysed those cells mid-test:
+    outcomes hung on the order tests ran in and on -m."""
+    if _session_worker.process.poll() is not None:
+        _session_worker.start()
+    analyses_queue = default_queues()[0]
+    purge_queues(default_queues())
+    unasked = services.create_analysis(owner=user, upload=upload("not-for-the-worker.png"))
+    assert queued_messages(analyses_queue) == 1
+
+    request.getfixturevalue("tasks_to_the_session_worker")  # from here on, as a test that asked for it
+    asked = services.create_analysis(owner=user, upload=upload("for-the-worker.png"))
+    wait_for(lambda: Analysis.objects.get(pk=asked.pk).status == "done", timeout=180)
+    assert Analysis.objects.get(pk=unasked.pk).status == "queued"
+    assert queued_messages(analyses_queue) == 1, "the session worker took the task of a test that did not ask for it"
+    assert f"analysis_id={unasked.pk} " not in _session_worker.log_path.read_text(errors="replace")
+    purge_queues(default_queues())
