@@ -1,7 +1,7 @@
 """Every URL the project serves, for the owner, another user and an anonymous visitor.
 
 The URL list is read from the URL conf, so a new URL fails ``test_every_url_is_classified`` until
-it is added to one of the tables below.
+it is added to one of the tables below: by its name, or by its route where it has none.
 """
 
 import pytest
@@ -59,26 +59,76 @@ PUBLIC = [
     "admin-logout",  # the admin's sign-out, the site's view
     "api:api-root",
 ]
+# Patterns without a name, by route.
+PUBLIC_ROUTES = [
+    "admin/login/",  # the admin's sign-in, the site's throttled view (Django's own is admin:login)
+    "favicon.ico",  # the site's icon, which browsers ask the admin's pages for
+]
 LOGIN_ONLY = ["password_change", "password_change_done", "diagnosis:api-token"]
+# The admin's pages, the site's views in front of two of them: Django's admin checks staff itself
+# (tests/test_admin.py, test_roles.py and, for the password change's lockout, test_security.py).
 ADMIN_PREFIX = "admin:"
+ADMIN_ROUTES = ["admin/password_change/"]  # the site's throttled view, behind the admin's staff check
 
 
-def all_url_names(resolver=None, namespace="") -> set[str]:
-    names = set()
+def admin_unnamed_routes() -> set[str]:
+    """Django admin's own patterns without a name: the catch-all (a 404, or the sign-in for anyone
+    signed out) and, per registered model, the redirect of an object's bare address to its change page."""
+    from django.contrib import admin
+
+    models = {
+        f"admin/{model._meta.app_label}/{model._meta.model_name}/<path:object_id>/" for model in admin.site._registry
+    }
+    return models | {"admin/(?P<url>.*)$"}
+
+
+def all_urls(resolver=None, namespace="", prefix="") -> set[str]:
+    """Every pattern of the URL conf: by its namespaced name, or by its route where it has no name."""
+    found = set()
     for pattern in (resolver or get_resolver()).url_patterns:
+        route = prefix + str(pattern.pattern)
         if isinstance(pattern, URLResolver):
             inner = f"{namespace}{pattern.namespace}:" if pattern.namespace else namespace
-            names |= all_url_names(pattern, inner)
-        elif isinstance(pattern, URLPattern) and pattern.name:
-            names.add(namespace + pattern.name)
-    return names
+            found |= all_urls(pattern, inner, route)
+        elif isinstance(pattern, URLPattern):
+            found.add(namespace + pattern.name if pattern.name else route)
+    return found
 
 
 def test_every_url_is_classified():
-    tables = (OWNED, OWNED_ACTIONS, STAFF_ONLY, LISTS, FORMS, REVIEWER_ONLY, PUBLIC, LOGIN_ONLY)
-    known = set().union(*tables)
-    unclassified = {name for name in all_url_names() if name not in known and not name.startswith(ADMIN_PREFIX)}
+    tables = (
+        OWNED,
+        OWNED_ACTIONS,
+        STAFF_ONLY,
+        LISTS,
+        FORMS,
+        REVIEWER_ONLY,
+        PUBLIC,
+        PUBLIC_ROUTES,
+        LOGIN_ONLY,
+        ADMIN_ROUTES,
+    )
+    known = set().union(*tables) | admin_unnamed_routes()
+    unclassified = {url for url in all_urls() if url not in known and not url.startswith(ADMIN_PREFIX)}
     assert not unclassified, f"classify these URLs in tests/test_ownership.py: {sorted(unclassified)}"
+
+
+def test_a_url_without_a_name_is_classified_too():
+    """The list held named patterns only: admin/login/, admin/password_change/ and favicon.ico (and
+    any view added later without a name) were never classified."""
+    assert {"admin/login/", "admin/password_change/", "favicon.ico"} <= all_urls()
+
+
+@pytest.mark.parametrize("url", PUBLIC_ROUTES)
+def test_public_routes_answer_anyone(client, db, url):
+    response = client.get("/" + url)
+    assert response.status_code in (200, 302) and "login/?next=" not in response.get("Location", ""), url
+
+
+@pytest.mark.parametrize("url", ADMIN_ROUTES)
+def test_the_admins_routes_send_anyone_signed_out_to_the_admins_sign_in(client, db, url):
+    response = client.get("/" + url)
+    assert response.status_code == 302 and response["Location"].startswith("/admin/login/?next="), url
 
 
 @pytest.fixture
