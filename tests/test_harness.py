@@ -4,8 +4,10 @@ import pytest
 
 from diagnosis import services
 from diagnosis.models import Analysis
-from tests.conftest import default_queues, purge_queues, queued_messages, wait_for
+from tests.conftest import ROOT, default_queues, purge_queues, queued_messages, wait_for
 from tests.factories import upload
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.mark.worker
@@ -28,3 +30,25 @@ def test_the_session_worker_takes_no_task_of_a_test_that_did_not_ask_for_it(_ses
     assert queued_messages(analyses_queue) == 1, "the session worker took the task of a test that did not ask for it"
     assert f"analysis_id={unasked.pk} " not in _session_worker.log_path.read_text(errors="replace")
     purge_queues(default_queues())
+
+
+def test_a_module_skipped_whole_fails_the_run_under_ci_and_the_rest_still_runs(pytester, monkeypatch):
+    """The skip-to-failure hook saw the tests' reports only: a module skipped as it is collected
+    (pytest.importorskip of a missing package, say) is a collection report, and .ci/run stayed green."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    pytester.makepyfile(
+        test_probe='import pytest\npytest.importorskip("no_such_module_anywhere")\n\ndef test_x():\n    pass\n',
+        test_kept="def test_y():\n    assert 1 + 1 == 2\n",
+    )
+    plugin = ["-p", "tests.every_test_runs", "-p", "no:django", "-p", "no:cacheprovider"]
+
+    monkeypatch.delenv("REQUIRE_REAL_SERVICES", raising=False)
+    anywhere = pytester.runpytest_subprocess(*plugin)
+    anywhere.assert_outcomes(passed=1, skipped=1)
+    assert anywhere.ret == pytest.ExitCode.OK
+
+    monkeypatch.setenv("REQUIRE_REAL_SERVICES", "1")
+    under_ci = pytester.runpytest_subprocess(*plugin)
+    under_ci.assert_outcomes(passed=1, skipped=1)
+    assert under_ci.ret == pytest.ExitCode.TESTS_FAILED
+    under_ci.stdout.fnmatch_lines(["FAILED test_probe.py - skipped whole under .ci/run*no_such_module_anywhere*"])
