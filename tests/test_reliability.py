@@ -287,6 +287,11 @@ def stalled_broker(port: int):
         listener.close()
 
 
+GUNICORN_TIMEOUT = (
+    60  # deploy/gunicorn.conf.py's default: past it gunicorn kills the worker, and the upload has no answer
+)
+
+
 def test_an_upload_while_the_broker_stalls_is_answered_and_kept(transactional_db, user, media_root, tmp_path):
     port = free_port()
     with (
@@ -295,23 +300,29 @@ def test_an_upload_while_the_broker_stalls_is_answered_and_kept(transactional_db
     ):
         cell = fixture_cells()[0]
         started = time.monotonic()
-        response = requests.post(
-            f"{base}/api/analyses/",
-            headers={"Authorization": f"Token {api_key(user)}"},
-            timeout=90,  # gunicorn's own timeout is 60 s: an answer after that would be no answer
-            files={"image": (cell.name, cell.read_bytes(), "image/png")},
-        )
+        try:
+            response = requests.post(
+                f"{base}/api/analyses/",
+                headers={"Authorization": f"Token {api_key(user)}"},
+                timeout=GUNICORN_TIMEOUT,  # in production an answer after that would be no answer
+                files={"image": (cell.name, cell.read_bytes(), "image/png")},
+            )
+        except requests.Timeout:
+            pytest.fail(f"the upload had no answer within gunicorn's {GUNICORN_TIMEOUT} s: it waits on the broker")
         waited = time.monotonic() - started
         started = time.monotonic()
-        assert signing_in_works(base, user)
+        assert signing_in_works(base, user), "the cache stalls with the broker: sign-in must not wait on it"
         signing_in = time.monotonic() - started
-    assert signing_in < 30, f"signing in took {signing_in:.0f} s"
     assert response.status_code == 202, response.text
     analysis = Analysis.objects.get()
     assert analysis.status == "queued" and analysis.enqueued_at is None  # the sweeper sends it later
     assert (media_root / analysis.image.name).is_file()
-    assert waited < 60, f"answered after {waited:.0f} s"
-    print(f"\n[broker stalls] the upload was answered in {waited:.1f}s and kept for the sweeper")
+    log = (tmp_path / "web.log").read_text(errors="replace")
+    assert f"event=enqueue_failed analysis_ids={analysis.pk}" in log, "the enqueue gave the broker up" + log[-3000:]
+    print(
+        f"\n[broker stalls] the upload was answered in {waited:.1f}s and kept for the sweeper; "
+        f"signing in took {signing_in:.1f}s"
+    )
 
 
 @needs_redis_server
