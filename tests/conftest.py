@@ -232,6 +232,20 @@ def celery_worker_process(_session_worker, transactional_db, tasks_to_the_sessio
     purge_queues(session_worker_queues())
 
 
+def someone_waits_on_a_lock() -> bool:
+    """Whether another connection to this (PostgreSQL) database is blocked on a lock now. Asked over
+    this thread's connection, also from inside a transaction: the activity table is read afresh."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first reading again
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+        )
+        return bool(cursor.fetchone()[0])
+
+
 def wait_for(predicate, timeout: float = 90, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

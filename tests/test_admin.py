@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from diagnosis.models import AccessEvent, Analysis, ApiToken
 from diagnosis.services import create_analysis, create_batch
 from diagnosis.tokens import new_token
+from tests.conftest import someone_waits_on_a_lock, wait_for
 from tests.factories import api_key, classified, upload
 
 
@@ -241,7 +242,8 @@ def test_a_colleagues_review_saved_during_an_admin_save_waits_and_is_told(client
     def checked_then_colleague_saves(form):
         data = checked(form)
         colleague_thread.start()
-        colleague_thread.join(timeout=1)  # done within a second unless the admin's check holds it
+        # The colleague's save is done, or it waits on the lock the admin's check took: the admin's goes on then.
+        wait_for(lambda: not colleague_thread.is_alive() or someone_waits_on_a_lock(), timeout=20, interval=0.05)
         return data
 
     monkeypatch.setattr(ReviewAdminForm, "clean", checked_then_colleague_saves)

@@ -19,6 +19,7 @@ from django.contrib.auth.models import Group
 from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.utils import timezone
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 from rest_framework.test import APIClient
 
@@ -315,11 +316,23 @@ def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker
     reviewer_page.get_by_label("Keyboard shortcuts").uncheck()
     reviewer_page.reload()
     expect(reviewer_page.get_by_label("Keyboard shortcuts")).not_to_be_checked()
+    # A listener on the window hears the key after review.js's on the document: by then a shortcut
+    # would have submitted the form (requestSubmit dispatches "submit" at once).
+    reviewer_page.evaluate("""() => {
+        document.getElementById("review-form").addEventListener("submit", () => { window.reviewSubmitted = true; });
+        window.addEventListener("keydown", () => { window.keyHeard = true; });
+    }""")
     reviewer_page.keyboard.press("a")
-    reviewer_page.wait_for_timeout(1000)
+    try:
+        reviewer_page.wait_for_function("window.keyHeard === true")
+        submitted = reviewer_page.evaluate("window.reviewSubmitted === true")
+    except PlaywrightError as navigated:  # the review went, and the next case is on its way
+        submitted = navigated
+    assert not submitted, f"A with the shortcuts off sent the review: {submitted}"
+    expect(reviewer_page.locator('input[value="agree"]')).not_to_be_checked()
     third.refresh_from_db()
     assert not third.review_verdict and reviewer_page.locator(".flash").count() == 0
-    # Switched on again, the same key on the same loaded page does save: the wait above was long enough.
+    # Switched on again, the same key on the same loaded page does save.
     # After a D that chose a label, A agrees without it (an agreement with another label is refused).
     reviewer_page.get_by_label("Keyboard shortcuts").check()
     reviewer_page.keyboard.press("d")

@@ -7,7 +7,6 @@ import io
 import re
 import socket
 import threading
-import time
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -289,26 +288,33 @@ def test_a_printed_page_keeps_the_labels_fill(open_page, user, not_analysed):  #
 def test_a_second_click_on_issue_a_key_while_it_is_sent_sends_nothing(open_page, user, monkeypatch):  # noqa: F811
     """Both clicks reached the server and issued a key each: the browser shows the answer to the
     second, so when the first was stored last, the key copied into the lab system never worked."""
-    issue = tokens.new_token
+    issue, arrived, answer = tokens.new_token, threading.Event(), threading.Event()
 
-    def slowly(**kwargs):
-        time.sleep(0.5)  # a busy server: the second click lands while the first is being answered
+    def once_the_second_click_is_in(**kwargs):
+        arrived.set()
+        answer.wait(20)  # a busy server: the second click lands while the first is being answered
         return issue(**kwargs)
 
-    monkeypatch.setattr(tokens, "new_token", slowly)
+    monkeypatch.setattr(tokens, "new_token", once_the_second_click_is_in)
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/account/api-token/")
     sent = []
     page.on("request", lambda request: request.method == "POST" and sent.append(request.url))
     page.get_by_label("Your password (needed for a new key)").fill(PASSWORD)
-    page.evaluate("""() => {
-        const button = document.querySelector("button[value=issue]");
-        button.click();
-        setTimeout(() => button.click(), 150);
-    }""")
-    page.wait_for_timeout(400)
+    button = page.locator("button[value=issue]")
+    # Counted where the next page can read it: the clicks' own page is gone by then.
+    button.evaluate(
+        "(el) => el.addEventListener('click', () => { sessionStorage.clicks = +(sessionStorage.clicks || 0) + 1; })"
+    )
+    box = button.bounding_box()
+    # Clicks as the mouse makes them: a script can run on a page only until it starts to leave.
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert arrived.wait(20), "the first click's request never reached the server"
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # while the first is unanswered
+    answer.set()
     key = page.locator("#token-key").inner_text()
+    assert page.evaluate("sessionStorage.clicks") == "2", "the second click missed the button"
     assert len(sent) == 1, sent
     assert APIClient().get("/api/analyses/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
 

@@ -4,7 +4,6 @@ own; PostgreSQL only, as row locks and deadlocks are (SQLite serialises whole tr
 
 import os
 import threading
-import time
 
 import pytest
 from django.contrib import admin
@@ -15,6 +14,7 @@ from django.test import RequestFactory
 
 from diagnosis import services
 from diagnosis.models import Analysis, Batch
+from tests.conftest import someone_waits_on_a_lock, wait_for
 from tests.factories import UserFactory, classified, upload
 
 PG_ONLY = pytest.mark.skipif(
@@ -36,29 +36,18 @@ def _in_thread(target, outcome: list, name: str) -> threading.Thread:
     return threading.Thread(target=run, name=name)
 
 
-def _someone_waits_on_a_lock(timeout: float = 5.0) -> bool:
-    """Whether another connection to this database is blocked on a row lock (polled from this one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
-            )
-            if cursor.fetchone()[0]:
-                return True
-        time.sleep(0.05)
-    return False
-
-
 def _race(first: threading.Thread, second: threading.Thread, *, paused: threading.Event, go_on: threading.Event):
     """Start ``first``; once it has paused holding its locks, start ``second`` and let it reach its
     wait on them (or, fixed, on what ``first`` took before them); then let both finish."""
     first.start()
     assert paused.wait(10)
     second.start()
-    _someone_waits_on_a_lock()
-    go_on.set()
+    try:  # else the second could start after the first had finished, and no race was run
+        wait_for(someone_waits_on_a_lock, timeout=20, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"{second.name} never waited on {first.name}'s locks") from None
+    finally:
+        go_on.set()
     first.join(30)
     second.join(30)
 
