@@ -89,16 +89,15 @@ def overflows_horizontally(page: Page) -> bool:
 
 
 def screenshot(page: Page, name: str, *, docs: bool = False) -> Path:
-    """Saves a full-page screenshot under test-output/screenshots/. With ``docs``, also the viewport
-    as docs/screenshots/<name>.png for the README, written when missing or when
-    UPDATE_DOCS_SCREENSHOTS=1 (so ordinary test runs leave the committed images alone)."""
+    """Saves a full-page screenshot under test-output/screenshots/. With ``docs``, and only when
+    asked with UPDATE_DOCS_SCREENSHOTS=1, also the viewport as docs/screenshots/<name>.png for the
+    README: a test run otherwise writes nothing into the committed tree, a missing image included."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    target = DOCS_SCREENSHOTS / f"{name}.png"
-    if docs and (os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1" or not target.exists()):
+    if docs and os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(small_png(page.screenshot()))
+        (DOCS_SCREENSHOTS / f"{name}.png").write_bytes(small_png(page.screenshot()))
     return path
 
 

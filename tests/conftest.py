@@ -82,18 +82,24 @@ def database_url() -> str:
 
 
 class WorkerProcess:
-    """A real `celery worker` subprocess consuming the configured broker and the test database."""
+    """A real `celery worker` subprocess consuming the configured broker and the test database.
+    Its VAR_DIR (where it writes its model marker) is a folder beside its log: the checkout's var/
+    belongs to a platform that may be running from it."""
 
     def __init__(self, media_root: Path, log_path: Path, extra_env: dict | None = None, beat: bool = False):
         self.media_root, self.log_path, self.extra_env = media_root, log_path, extra_env or {}
+        self.var_dir = log_path.with_name(f"{log_path.stem}-var")
         self.beat = beat
         self.process: subprocess.Popen | None = None
+        self.started_at: float | None = None
 
     def start(self) -> "WorkerProcess":
+        self.var_dir.mkdir(exist_ok=True)
         env = {
             **os.environ,
             "DATABASE_URL": database_url(),
             "MEDIA_ROOT": str(self.media_root),
+            "VAR_DIR": str(self.var_dir),
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             **self.extra_env,
         }
@@ -116,6 +122,7 @@ class WorkerProcess:
         if self.beat:  # the stale-analysis sweeper, in the worker here (scripts/start runs beat on its own)
             command += ["--beat", "--schedule", str(self.log_path.with_suffix(".beat"))]
         already_logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.started_at = time.time()
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -2,6 +2,7 @@
 platform that may be running on the same machine (its own queue and filesystem-broker folder)."""
 
 import os
+from pathlib import Path
 
 # Queues of their own (the analyses' and the housekeeping one the project settings derive from it);
 # the session worker is started with queues of its own (tests.conftest.SESSION_WORKER_QUEUE).
@@ -11,8 +12,10 @@ from malaria_site.cache import redis_cache  # noqa: E402
 from malaria_site.settings import *  # noqa: E402, F403
 from malaria_site.settings import CELERY_BROKER_URL, VAR_DIR  # noqa: E402
 
+# The filesystem broker's folder: named by the first process (pytest's) and inherited by the workers
+# it starts, whose VAR_DIR is a folder of their own (tests.conftest.WorkerProcess).
+_broker_dir = Path(os.environ.setdefault("TEST_BROKER_DIR", str(VAR_DIR / "test-broker")))
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "test-broker"
     (_broker_dir / "control").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),

@@ -84,13 +84,12 @@ def test_a_worker_meeting_a_message_cut_short_goes_on_with_the_next(
     from diagnosis.tasks import analyse_images
 
     monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)  # sent below, to this broker
-    folder = Path(settings.VAR_DIR) / "test-broker"  # where tests.settings puts a filesystem broker
-    (folder / "control").mkdir(parents=True, exist_ok=True)  # a new checkout, on Redis, has none yet
-    for message in folder.glob("*.msg"):
-        message.unlink()
+    folder = tmp_path / "broker"  # a filesystem broker of the worker's own (tests.settings reads TEST_BROKER_DIR)
+    (folder / "control").mkdir(parents=True)
     queue = settings.CELERY_TASK_DEFAULT_QUEUE
     (folder / f"0_{uuid.uuid4()}.{queue}.msg").write_bytes(b"")
-    worker = WorkerProcess(media_root, tmp_path / "worker.log", {"CELERY_BROKER_URL": "filesystem://"}).start()
+    broker_env = {"CELERY_BROKER_URL": "filesystem://", "TEST_BROKER_DIR": str(folder)}
+    worker = WorkerProcess(media_root, tmp_path / "worker.log", broker_env).start()
     try:
         analysis = services.create_analysis(owner=user, upload=upload("after.png"))
         with connection_to(folder) as connection:

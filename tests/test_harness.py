@@ -76,3 +76,14 @@ def test_no_test_asserts_on_how_long_something_took():
             if {name.id for name in ast.walk(node.test) if isinstance(name, ast.Name)} & measured:
                 offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node.test)}")
     assert not offenders, offenders
+
+
+@pytest.mark.worker
+def test_a_test_worker_keeps_its_model_marker_out_of_the_checkout(celery_worker_process):
+    """WorkerProcess passed no VAR_DIR: each test worker deleted, then wrote, var/worker-model-ready
+    in the checkout, the marker by which a platform running from it has its worker's health checked."""
+    worker = celery_worker_process
+    wait_for(lambda: b"event=model_warm" in worker.log_path.read_bytes(), timeout=120)
+    assert (worker.var_dir / "worker-model-ready").is_file()
+    in_the_checkout = ROOT / "var" / "worker-model-ready"
+    assert not in_the_checkout.exists() or in_the_checkout.stat().st_mtime < worker.started_at
