@@ -1,4 +1,5 @@
-"""Helpers for the Playwright browser tests: Debian's Chromium, file drops, screenshots, page checks."""
+"""Helpers for the Playwright browser tests: Debian's Chromium, file drops, screenshots, page checks,
+and the ``browser`` and ``open_page`` fixtures (tests/conftest.py offers them to every test module)."""
 
 import base64
 import io
@@ -6,8 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Playwright
+from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,6 +24,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1100, "height": 700}
+TIMEOUT_MS = 15_000
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
 DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 DOCS_MAX_BYTES = 150 * 1024
@@ -111,3 +114,68 @@ def small_png(data: bytes, limit: int = DOCS_MAX_BYTES) -> bytes:
         if buffer.tell() <= limit:
             break
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # Playwright's sync API keeps an event loop running in this thread; Django refuses ORM calls
+    # from a thread with a running loop unless told it is safe (it is: nothing here is async).
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            yield browser
+            browser.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+class Pages:
+    """Opens pages, each in a fresh browser context (its own cookies, so its own user), and keeps
+    every page's script errors and failed requests; the test fails on any that it did not expect."""
+
+    def __init__(self, browser, base_url: str):
+        self.browser, self.base_url = browser, base_url
+        self.contexts, self.errors = [], {}
+
+    def __call__(self, *, enforce_csp: bool = False):
+        # Playwright's waits evaluate strings of script, which the site's Content-Security-Policy
+        # forbids; pages are checked under the policy where a test asks for it.
+        context = self.browser.new_context(
+            base_url=self.base_url, viewport=VIEWPORT, accept_downloads=True, bypass_csp=not enforce_csp
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        self.contexts.append(context)
+        page = context.new_page()
+        self.errors[page] = watch_for_errors(page)
+        # Intercept file choosers from the start: turned on only by expect_file_chooser(), the
+        # interception races with the key press that opens the chooser and loses about half the time.
+        page.on("filechooser", lambda chooser: None)
+        return page
+
+    def expect_error(self, page, fragment: str) -> None:
+        """The page reported an error containing ``fragment`` (waiting for it a while, as for any other expectation)."""
+        for _ in range(TIMEOUT_MS // 100):
+            if any(fragment in error for error in self.errors[page]):
+                break
+            page.wait_for_timeout(100)
+        matching = [error for error in self.errors[page] if fragment in error]
+        assert matching, f"expected an error containing {fragment!r}, got {self.errors[page]}"
+        self.errors[page].remove(matching[0])
+
+    def close(self) -> list[str]:
+        for context in self.contexts:
+            context.close()
+        return [error for errors in self.errors.values() for error in errors]
+
+
+@pytest.fixture
+def open_page(browser, live_server):
+    pages = Pages(browser, live_server.url)
+    yield pages
+    problems = pages.close()
+    assert not problems, problems

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -9,13 +10,14 @@ from django.conf import settings
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
+from tests.browser import browser, open_page  # noqa: F401 - the browser tests' fixtures
 from tests.every_test_runs import (  # noqa: F401 - the hooks that make a skip fail under .ci/run
     pytest_collectreport,
     pytest_runtest_makereport,
     pytest_sessionfinish,
     pytest_terminal_summary,
 )
-from tests.factories import PASSWORD, UserFactory
+from tests.factories import PASSWORD, UserFactory, api_key
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_CELLS = Path(__file__).parent / "fixtures" / "cells"
@@ -60,9 +62,39 @@ def api_client(user) -> APIClient:
 
 
 @pytest.fixture
+def admin_client(client, admin_user):
+    """pytest-django's, which also names its superuser: ``admin_client.admin``."""
+    client.force_login(admin_user)
+    client.admin = admin_user
+    return client
+
+
+@pytest.fixture
+def lab(user) -> APIClient:
+    """The user's lab system: the API with the user's key, as a lab system sends it."""
+    return APIClient(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
+
+
+@pytest.fixture
+def not_analysed(monkeypatch):
+    """Uploads stay queued, and off the broker: these tests are about the pages, not the worker
+    (some finish cells themselves, as the worker would)."""
+    from diagnosis import services
+
+    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
+
+
+@pytest.fixture
 def web_client(client, user):
     client.login(username=user.username, password=PASSWORD)
     return client
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fixture_cells() -> list[Path]:

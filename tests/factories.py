@@ -1,7 +1,10 @@
+import importlib
 import io
 
 import factory
+from django.apps import apps
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image, ImageDraw
 
@@ -14,6 +17,23 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     username = factory.Sequence(lambda n: f"user{n}")
     password = factory.django.Password(PASSWORD)
+
+
+def reviewers_group() -> Group:
+    """The `reviewers` group. A data migration makes it, and a transactional test's flush takes it
+    away: the migration's own function makes it again where it is gone (it changes nothing else)."""
+    importlib.import_module("diagnosis.migrations.0002_reviewers_group").create_reviewers_group(apps, None)
+    return Group.objects.get(name="reviewers")
+
+
+def add_to_reviewers(user):
+    user.groups.add(reviewers_group())
+    return user
+
+
+def make_reviewer(**fields):
+    """A user (of UserFactory, with ``fields``) in the `reviewers` group."""
+    return add_to_reviewers(UserFactory(**fields))
 
 
 def image_bytes(size=(120, 110), color=(180, 90, 120), fmt="PNG", mode="RGB") -> bytes:

@@ -10,15 +10,7 @@ from diagnosis.models import AccessEvent, Analysis, ApiToken
 from diagnosis.services import create_analysis, create_batch
 from diagnosis.tokens import new_token
 from tests.conftest import someone_waits_on_a_lock, wait_for
-from tests.factories import api_key, classified, upload
-
-
-@pytest.fixture
-def admin_client(client, db):
-    admin = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
-    client.force_login(admin)
-    client.admin = admin
-    return client
+from tests.factories import add_to_reviewers, api_key, classified, upload
 
 
 @pytest.fixture
@@ -180,10 +172,8 @@ def test_staff_outside_the_reviewers_group_see_no_patient_records_whatever_their
 
 
 def test_a_reviewer_who_is_staff_reviews_in_the_admin_with_no_further_permissions(client, finished):
-    from django.contrib.auth.models import Group
-
     reviewer = staff_with(client)
-    get_user_model().objects.get(username="clerk").groups.add(Group.objects.get(name="reviewers"))
+    add_to_reviewers(get_user_model().objects.get(username="clerk"))
     get_user_model().objects.create_superuser("service-account-with-no-cells", password="x")
     listing = reviewer.get("/admin/diagnosis/analysis/")
     assert listing.status_code == 200 and "review-me.png" in listing.content.decode()
@@ -311,18 +301,16 @@ def test_opening_a_batch_in_the_admin_is_recorded_and_hides_callback_credentials
     assert "PT-77" in page and "lis.example.org" in page and "s3cret" not in page
     assert 'name="sample_reference"' not in page  # the owner's record, not editable here
     viewed = AccessEvent.objects.get(batch_id=batch.pk, action=AccessEvent.Action.VIEWED)
-    assert viewed.username == "boss" and viewed.channel == "admin"
+    assert viewed.username == admin_client.admin.username and viewed.channel == "admin"
 
 
 def test_an_admin_page_refused_for_want_of_permission_records_no_opening(client, finished):
-    from django.contrib.auth.models import Group
-
     from diagnosis.models import AccessEvent
 
     clerk = staff_with(client, "view_analysis")  # a model permission, but not a reviewer
     assert clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").status_code == 403
     assert not AccessEvent.objects.filter(analysis_id=finished.pk).exists()
-    get_user_model().objects.get(username="clerk").groups.add(Group.objects.get(name="reviewers"))
+    add_to_reviewers(get_user_model().objects.get(username="clerk"))
     assert clerk.get(f"/admin/diagnosis/analysis/{finished.pk}/change/").status_code == 200
     assert AccessEvent.objects.get(analysis_id=finished.pk).username == "clerk"
 
@@ -410,7 +398,7 @@ def test_deleting_an_account_records_the_patient_data_that_goes_with_it(admin_cl
     single = create_analysis(owner=user, upload=upload("alone.png"))
     response = admin_client.post(f"/admin/auth/user/{user.pk}/delete/", {"post": "yes"})
     assert response.status_code == 302 and not get_user_model().objects.filter(pk=user.pk).exists()
-    deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED, username="boss")
+    deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED, username=admin_client.admin.username)
     assert set(deleted.values_list("batch_id", "analysis_id", "owner_id", "detail")) == {
         (batch.pk, None, user.pk, "2 cells"),
         (None, single.pk, user.pk, "1 cell"),
@@ -623,5 +611,7 @@ def test_an_admin_search_for_other_patients_is_recorded_each_time(admin_client, 
         create_batch(owner=owner, uploads=[upload("a.png")], sample_reference=reference)
     for search in ("SMITH", "JONES"):
         assert admin_client.get("/admin/diagnosis/batch/", {"q": search}).status_code == 200
-    lists = AccessEvent.objects.filter(username="boss", action="viewed", detail__startswith="list of 3 batches")
+    lists = AccessEvent.objects.filter(
+        username=admin_client.admin.username, action="viewed", detail__startswith="list of 3 batches"
+    )
     assert lists.count() == 2

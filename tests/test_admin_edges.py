@@ -5,27 +5,18 @@ import re
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.test import Client
 
 from diagnosis.models import NOTE_MAX_LENGTH, AccessEvent, Analysis, ApiToken, Batch
 from diagnosis.services import create_analysis, create_batch
-from tests.factories import UserFactory, api_key, classified, upload
+from tests.factories import api_key, classified, make_reviewer, upload
 
 
 def reviewer(*, staff: bool = False) -> tuple[Client, object]:
-    account = UserFactory(is_staff=staff)
-    account.groups.add(Group.objects.get(name="reviewers"))
+    account = make_reviewer(is_staff=staff)
     client = Client()
     client.force_login(account)
     return client, account
-
-
-@pytest.fixture
-def admin_client(client, db):
-    admin = get_user_model().objects.create_superuser("boss", password="pw-for-tests-123")
-    client.force_login(admin)
-    return client
 
 
 def test_the_admins_autocomplete_search_of_every_users_batches_by_sample_reference_leaves_a_trace(user):
@@ -216,7 +207,7 @@ def test_deleting_in_the_admin_keeps_a_withdrawal_still_to_be_delivered(admin_cl
         assert "Left out: 1 batch deleted by the owner" in page and "Successfully deleted 1 batch." in page
     else:
         request = rf.post("/admin/diagnosis/batch/")
-        request.user = get_user_model().objects.get(username="boss")
+        request.user = admin_client.admin
         BatchAdmin(Batch, admin.site).delete_queryset(request, [seen_earlier, given_up])
     assert list(Batch.with_withdrawn.values_list("pk", "callback_state")) == [(sent.pk, "pending")]
 

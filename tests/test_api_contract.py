@@ -67,13 +67,6 @@ def test_every_kind_of_record_is_answered_as_the_schema_says(user, token, settin
     assert {row["label"] for row in unfiltered["results"]} == {"Parasitized", ""}
 
 
-@pytest.fixture
-def lab(user) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
-
-
 def test_a_path_without_its_slash_is_served_not_redirected(lab, user, media_root):
     # A redirect would be followed as a GET: the lab system would see 200 and nothing stored.
     created = lab.post("/api/batches", {"images": [upload("a.png")], "sample_reference": "S-1"})

@@ -13,11 +13,6 @@ from tests.factories import PASSWORD, api_key, image_bytes, upload
 PNG = image_bytes()
 
 
-@pytest.fixture
-def lab(user) -> APIClient:
-    return APIClient(HTTP_AUTHORIZATION=f"Token {api_key(user)}")
-
-
 # As long as the ones HTTP libraries make, so that a delimiter often straddles two reads of the body.
 BOUNDARY = b"----LabSystemFormBoundary7MA4YWxkTrZu0gW1c2f"
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
-from django.contrib.auth.models import Group
 from django.core.files.base import ContentFile
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from diagnosis import audit, services
 from diagnosis.models import AccessEvent, Analysis, Batch, private_storage
-from tests.factories import UserFactory, upload
+from tests.factories import UserFactory, make_reviewer, upload
 
 Action = AccessEvent.Action
 
@@ -196,8 +195,7 @@ def test_repeated_polls_and_downloads_are_recorded_once_per_window_and_per_file(
 
 
 def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_the_owner(client, user, cell):
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     client.force_login(reviewer)
     assert client.get(f"/review/{cell.pk}/").status_code == 200
     assert client.get(f"/analyses/{cell.pk}/thumbnail/").status_code == 200  # as the queue shows it
@@ -209,8 +207,7 @@ def test_a_reviewer_opening_and_judging_someone_elses_cell_is_recorded_against_t
     ]
     assert set(AccessEvent.objects.values_list("owner_id", flat=True)) == {user.pk}
     # The queue lists other users' file names, samples and verdicts, some with no thumbnail to record.
-    colleague = UserFactory()
-    colleague.groups.add(Group.objects.get(name="reviewers"))
+    colleague = make_reviewer()
     other = cell.batch.analyses.exclude(pk=cell.pk).get()
     services.review_analysis(
         analysis=other, reviewer=colleague, verdict="disagree", corrected_label="Uninfected", replacing=None
@@ -280,8 +277,7 @@ def history_rows(page: str) -> list[str]:
 
 
 def test_the_owner_sees_who_opened_a_cell_and_its_batch(client, user, batch, cell):
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     client.force_login(reviewer)
     client.post(f"/review/{cell.pk}/", {"verdict": "agree"})
     client.force_login(user)

@@ -5,7 +5,6 @@ go to test-output/screenshots/."""
 
 import base64
 import csv
-import importlib
 import os
 import re
 import signal
@@ -14,13 +13,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from django.apps import apps
-from django.contrib.auth.models import Group
 from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.utils import timezone
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 from rest_framework.test import APIClient
 
 from diagnosis import services
@@ -31,84 +28,16 @@ from tests.browser import (
     VIEWPORT,
     broken_images,
     drop_files,
-    launch,
     log_in,
     overflows_horizontally,
     screenshot,
-    watch_for_errors,
 )
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, UserFactory, classified, upload
+from tests.factories import PASSWORD, classified, make_reviewer, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-TIMEOUT_MS = 15_000
 ANALYSIS_TIMEOUT_MS = 180_000  # first inference loads torch and the weights on a busy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def browser():
-    # Playwright's sync API keeps an event loop running in this thread; Django refuses ORM calls
-    # from a thread with a running loop unless told it is safe (it is: nothing here is async).
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    try:
-        with sync_playwright() as playwright:
-            browser = launch(playwright)
-            yield browser
-            browser.close()
-    finally:
-        if previous is None:
-            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-        else:
-            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
-
-
-class Pages:
-    """Opens pages, each in a fresh browser context (its own cookies, so its own user), and keeps
-    every page's script errors and failed requests; the test fails on any that it did not expect."""
-
-    def __init__(self, browser, base_url: str):
-        self.browser, self.base_url = browser, base_url
-        self.contexts, self.errors = [], {}
-
-    def __call__(self, *, enforce_csp: bool = False):
-        # Playwright's waits evaluate strings of script, which the site's Content-Security-Policy
-        # forbids; pages are checked under the policy where a test asks for it.
-        context = self.browser.new_context(
-            base_url=self.base_url, viewport=VIEWPORT, accept_downloads=True, bypass_csp=not enforce_csp
-        )
-        context.set_default_timeout(TIMEOUT_MS)
-        self.contexts.append(context)
-        page = context.new_page()
-        self.errors[page] = watch_for_errors(page)
-        # Intercept file choosers from the start: turned on only by expect_file_chooser(), the
-        # interception races with the key press that opens the chooser and loses about half the time.
-        page.on("filechooser", lambda chooser: None)
-        return page
-
-    def expect_error(self, page, fragment: str) -> None:
-        """The page reported an error containing ``fragment`` (waiting for it a while, as for any other expectation)."""
-        for _ in range(TIMEOUT_MS // 100):
-            if any(fragment in error for error in self.errors[page]):
-                break
-            page.wait_for_timeout(100)
-        matching = [error for error in self.errors[page] if fragment in error]
-        assert matching, f"expected an error containing {fragment!r}, got {self.errors[page]}"
-        self.errors[page].remove(matching[0])
-
-    def close(self) -> list[str]:
-        for context in self.contexts:
-            context.close()
-        return [error for errors in self.errors.values() for error in errors]
-
-
-@pytest.fixture
-def open_page(browser, live_server):
-    pages = Pages(browser, live_server.url)
-    yield pages
-    problems = pages.close()
-    assert not problems, problems
 
 
 @contextmanager
@@ -119,16 +48,6 @@ def paused(worker):
         yield
     finally:
         os.killpg(worker.process.pid, signal.SIGCONT)
-
-
-def make_reviewer():
-    """A user in the `reviewers` group. The group comes from a data migration; earlier transactional
-    tests flush it away, so the migration's own function re-creates it (it is idempotent)."""
-    migration = importlib.import_module("diagnosis.migrations.0002_reviewers_group")
-    migration.create_reviewers_group(apps, None)
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
-    return reviewer
 
 
 def test_upload_live_progress_heatmap_export_and_review(open_page, celery_worker_process, user):
@@ -571,8 +490,7 @@ def test_an_upload_too_large_in_all_is_trimmed_and_a_refusal_keeps_the_form(open
     assert page.url.endswith("/upload/") and not Batch.objects.exists()
 
 
-def test_the_selection_stays_as_sent_while_an_upload_is_on_its_way(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+def test_the_selection_stays_as_sent_while_an_upload_is_on_its_way(open_page, user, not_analysed):
     cells = fixture_cells()
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -598,11 +516,10 @@ def test_the_selection_stays_as_sent_while_an_upload_is_on_its_way(open_page, us
     assert sorted(Analysis.objects.values_list("original_filename", flat=True)) == sorted(c.name for c in cells[:2])
 
 
-def test_a_dropped_folder_uploads_the_images_inside_it(open_page, user, monkeypatch):
+def test_a_dropped_folder_uploads_the_images_inside_it(open_page, user, not_analysed):
     """Browsers hand a dropped folder over as one entry, its files only through the directory API.
     Playwright cannot drag a folder from the desktop, so the drop carries entries shaped like
     Chromium's: a folder whose reader returns its entries in two batches, then none."""
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
     cell = base64.b64encode(fixture_cells()[0].read_bytes()).decode()
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -639,8 +556,7 @@ def test_a_dropped_folder_uploads_the_images_inside_it(open_page, user, monkeypa
     assert sorted(batch.analyses.values_list("original_filename", flat=True)) == ["a.png", "b.png", "c.png"]
 
 
-def test_the_dashboard_tells_a_screen_reader_what_finished(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # the test finishes them
+def test_the_dashboard_tells_a_screen_reader_what_finished(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png"), upload("c.png")])
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -655,8 +571,7 @@ def test_the_dashboard_tells_a_screen_reader_what_finished(open_page, user, monk
     expect(page.locator("[data-status]").filter(has_text="Queued")).to_have_count(1)
 
 
-def test_a_borderline_call_is_marked_as_it_arrives_and_the_dashboard_lists_them(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # the test finishes them
+def test_a_borderline_call_is_marked_as_it_arrives_and_the_dashboard_lists_them(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("near.png"), upload("sure.png")])
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -682,8 +597,7 @@ def test_a_borderline_call_is_marked_as_it_arrives_and_the_dashboard_lists_them(
     expect(page.locator("tbody tr").get_by_role("link", name="near.png")).to_be_visible()
 
 
-def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # stays queued
+def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("waiting.png"), upload("gone.png")])
     gone = batch.analyses.get(original_filename="gone.png")
     page = open_page()
@@ -706,8 +620,7 @@ def test_live_pages_say_when_they_stop_updating_rather_than_wait_for_ever(open_p
     expect(page.get_by_role("button", name="Sign in")).to_be_visible()
 
 
-def test_the_api_docs_and_the_printable_report_work_under_the_content_security_policy(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)  # stays queued
+def test_the_api_docs_and_the_printable_report_work_under_the_content_security_policy(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("a.png")], sample_reference="WARD-9")
     page = open_page(enforce_csp=True)
     page.goto("/api/docs/")  # public: integrators read it before they have an account
@@ -742,8 +655,7 @@ def test_the_per_file_limit_is_checked_in_bytes_before_sending(open_page, user, 
     expect(page.locator("#upload-button")).to_have_text("Upload and analyse 1 image")
 
 
-def test_a_refused_file_is_marked_and_the_others_stay_chosen_for_the_next_attempt(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+def test_a_refused_file_is_marked_and_the_others_stay_chosen_for_the_next_attempt(open_page, user, not_analysed):
     cells = fixture_cells()[:2]
     truncated = ("cut-short.png", cells[0].read_bytes()[:200])  # a PNG name and header, its data missing
     page = open_page()
@@ -767,8 +679,7 @@ def test_a_refused_file_is_marked_and_the_others_stay_chosen_for_the_next_attemp
     assert sorted(batch.analyses.values_list("original_filename", flat=True)) == sorted(c.name for c in cells)
 
 
-def test_the_upload_form_sent_again_after_back_stores_nothing_twice(open_page, user, monkeypatch):
-    monkeypatch.setattr("diagnosis.services.enqueue_analyses", lambda **kwargs: None)
+def test_the_upload_form_sent_again_after_back_stores_nothing_twice(open_page, user, not_analysed):
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/upload/")

@@ -18,8 +18,7 @@ from diagnosis import services, tokens
 from diagnosis.models import Analysis, Batch, private_storage
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, UserFactory, classified, image_bytes, upload
-from tests.test_browser import browser, make_reviewer, open_page  # noqa: F401 - the fixtures
+from tests.factories import PASSWORD, UserFactory, classified, image_bytes, make_reviewer, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -27,18 +26,12 @@ PHONE = {"width": 390, "height": 844}
 NIH_NAME = "C100P61ThinF_IMG_20150918_144104_cell_162.png"  # 45 characters and no space to wrap at
 
 
-@pytest.fixture
-def not_analysed(monkeypatch):
-    """Uploads stay queued: these tests are about the pages, not the worker."""
-    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
-
-
 def off_screen(page, selector: str) -> bool:
     box = page.locator(selector).first.bounding_box()
     return box["x"] + box["width"] > page.viewport_size["width"]
 
 
-def test_a_notes_line_breaks_are_shown_where_it_is_read(open_page, user, not_analysed):  # noqa: F811
+def test_a_notes_line_breaks_are_shown_where_it_is_read(open_page, user, not_analysed):
     note = "Fever 3 days\nReturned from Kisumu\nOn doxycycline"
     batch = services.create_batch(owner=user, uploads=[upload("a.png")], note=note)
     cell = classified(batch.analyses.get())
@@ -58,7 +51,7 @@ def test_a_notes_line_breaks_are_shown_where_it_is_read(open_page, user, not_ana
 
 
 def test_on_a_phone_the_upload_list_the_result_and_the_review_button_stay_on_screen(
-    open_page,  # noqa: F811
+    open_page,
     user,
     not_analysed,
 ):
@@ -96,7 +89,7 @@ def test_on_a_phone_the_upload_list_the_result_and_the_review_button_stay_on_scr
 
 
 def test_a_review_typed_as_the_session_ended_is_kept_and_saved_after_signing_in_again(
-    open_page,  # noqa: F811
+    open_page,
     user,
     not_analysed,
 ):
@@ -127,7 +120,7 @@ def test_a_review_typed_as_the_session_ended_is_kept_and_saved_after_signing_in_
     open_page.errors[page].clear()  # classified without a heatmap file: its <img> was a 404
 
 
-def test_an_upload_after_signing_in_again_in_another_tab_goes_through(open_page, user, not_analysed):  # noqa: F811
+def test_an_upload_after_signing_in_again_in_another_tab_goes_through(open_page, user, not_analysed):
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/upload/")
@@ -150,7 +143,7 @@ def test_an_upload_after_signing_in_again_in_another_tab_goes_through(open_page,
     assert Analysis.objects.filter(owner=user, batch__sample_reference="WARD-7 bed 12").count() == 2
 
 
-def test_an_upload_the_server_did_not_finish_says_it_may_have_been_stored(open_page, user, not_analysed):  # noqa: F811
+def test_an_upload_the_server_did_not_finish_says_it_may_have_been_stored(open_page, user, not_analysed):
     """A 502 from the proxy (gunicorn's timeout, a worker restarting) comes after the request was
     read: the batch may be stored, so the page must not say that nothing was."""
     page = open_page()
@@ -167,7 +160,7 @@ def test_an_upload_the_server_did_not_finish_says_it_may_have_been_stored(open_p
 
 
 def test_a_connection_lost_after_the_files_were_sent_says_the_upload_may_have_been_stored(
-    open_page,  # noqa: F811
+    open_page,
     user,
     not_analysed,
 ):
@@ -189,7 +182,7 @@ def test_a_connection_lost_after_the_files_were_sent_says_the_upload_may_have_be
     open_page.expect_error(page, "ERR_EMPTY_RESPONSE")
 
 
-def test_an_upload_that_never_reached_the_server_says_nothing_was_stored(open_page, user, not_analysed):  # noqa: F811
+def test_an_upload_that_never_reached_the_server_says_nothing_was_stored(open_page, user, not_analysed):
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/upload/")
@@ -235,7 +228,7 @@ def server_that_hangs_up(*, origin: str):
 NEAR = {"status": "done", "label": "Parasitized", "probability_parasitized": 0.2, "decision_threshold": 0.11}
 
 
-def test_a_screen_reader_hears_that_a_call_that_finished_is_borderline(open_page, user, not_analysed):  # noqa: F811
+def test_a_screen_reader_hears_that_a_call_that_finished_is_borderline(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("near.png"), upload("later.png")])
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -245,7 +238,7 @@ def test_a_screen_reader_hears_that_a_call_that_finished_is_borderline(open_page
     expect(announcer).to_have_text("1 analysis finished: 1 parasitized (1 borderline, to confirm first).")
 
 
-def test_a_borderline_call_is_marked_for_the_reviewer_and_settled_by_the_review(open_page, user, not_analysed):  # noqa: F811
+def test_a_borderline_call_is_marked_for_the_reviewer_and_settled_by_the_review(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("near.png")], sample_reference="WARD-2")
     cell = classified(batch.analyses.get(), **NEAR)
     reviewer = make_reviewer()
@@ -272,7 +265,7 @@ def test_a_borderline_call_is_marked_for_the_reviewer_and_settled_by_the_review(
     expect(owner.locator("figcaption")).not_to_contain_text("Uninfected (borderline)")
 
 
-def test_a_printed_page_keeps_the_labels_fill(open_page, user, not_analysed):  # noqa: F811
+def test_a_printed_page_keeps_the_labels_fill(open_page, user, not_analysed):
     cell = classified(services.create_analysis(owner=user, upload=upload("near.png")), **NEAR)
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -285,7 +278,7 @@ def test_a_printed_page_keeps_the_labels_fill(open_page, user, not_analysed):  #
     assert adjust == "exact", "printed, the white Parasitized label loses its red fill"
 
 
-def test_a_second_click_on_issue_a_key_while_it_is_sent_sends_nothing(open_page, user, monkeypatch):  # noqa: F811
+def test_a_second_click_on_issue_a_key_while_it_is_sent_sends_nothing(open_page, user, monkeypatch):
     """Both clicks reached the server and issued a key each: the browser shows the answer to the
     second, so when the first was stored last, the key copied into the lab system never worked."""
     issue, arrived, answer = tokens.new_token, threading.Event(), threading.Event()
@@ -319,7 +312,7 @@ def test_a_second_click_on_issue_a_key_while_it_is_sent_sends_nothing(open_page,
     assert APIClient().get("/api/analyses/", HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
 
 
-def test_an_upload_page_left_open_by_one_clinician_stores_nothing_for_the_next(open_page, not_analysed):  # noqa: F811
+def test_an_upload_page_left_open_by_one_clinician_stores_nothing_for_the_next(open_page, not_analysed):
     """A shared workstation: A chooses a patient's images and is called away, A signs out in another
     tab and B signs in. A's page still read "Log out A", and its Upload stored A's patient in B's account."""
     a, b = UserFactory(), UserFactory()
@@ -342,7 +335,7 @@ def test_an_upload_page_left_open_by_one_clinician_stores_nothing_for_the_next(o
     expect(page.get_by_label("Patient / sample reference")).to_have_value("PATIENT-OF-A")  # nothing typed is lost
 
 
-def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_analysed):  # noqa: F811
+def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_analysed):
     """Browsers send a double quote in a file name as %22 (the HTML standard's multipart encoding),
     and the batch page, the CSV and the report named the cell 'slide %22B%22 cell 3.png'."""
     name = 'slide "B" cell 3.png'
@@ -356,7 +349,7 @@ def test_a_file_name_with_quotes_is_shown_as_it_was_chosen(open_page, user, not_
     assert Analysis.objects.get().original_filename == name
 
 
-def test_the_upload_list_gives_a_small_files_size_in_bytes(open_page, user, not_analysed):  # noqa: F811
+def test_the_upload_list_gives_a_small_files_size_in_bytes(open_page, user, not_analysed):
     """A cell crop under half a kilobyte was listed as "0 KB", as if it were empty."""
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -368,7 +361,7 @@ def test_the_upload_list_gives_a_small_files_size_in_bytes(open_page, user, not_
     expect(shown).to_have_text(["300 bytes", "1 byte", "812 bytes", "3 KB", "2.5 MB"])
 
 
-def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, not_analysed, monkeypatch):  # noqa: F811
+def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, not_analysed, monkeypatch):
     """upload.js took every status from 500 up as "it may have been stored", the server's 507 too."""
 
     def disk_full(*args, **kwargs):
@@ -389,7 +382,7 @@ def test_an_upload_onto_a_full_disk_is_shown_as_nothing_stored(open_page, user, 
 
 
 @pytest.mark.parametrize("model", ["analysis", "batch", "accessevent"])
-def test_the_admins_search_box_is_not_remembered_by_the_browser(open_page, model):  # noqa: F811
+def test_the_admins_search_box_is_not_remembered_by_the_browser(open_page, model):
     """The site's own search fields are not remembered on a shared workstation; the admin's, where
     patient references are typed to search every user's records, was."""
     admin = get_user_model().objects.create_superuser("boss", password=PASSWORD)
@@ -401,7 +394,7 @@ def test_the_admins_search_box_is_not_remembered_by_the_browser(open_page, model
 
 @pytest.mark.parametrize("shown_on", ["its page", "the printed report"])
 def test_a_result_left_open_stops_showing_its_patient_once_the_idle_sign_out_ends_the_session(
-    open_page,  # noqa: F811
+    open_page,
     user,
     settings,
     not_analysed,
@@ -428,7 +421,7 @@ def test_a_result_left_open_stops_showing_its_patient_once_the_idle_sign_out_end
     assert "Doe_Jane_0815.png" not in shown and "MRN-4711" not in shown, shown[:400]
 
 
-def test_the_printed_report_keeps_long_unbroken_text_on_the_paper(open_page, user, not_analysed):  # noqa: F811
+def test_the_printed_report_keeps_long_unbroken_text_on_the_paper(open_page, user, not_analysed):
     """A reference, note or link without a space ran off the paper's edge: the header's reference
     had no rule to break it, and a review note widened its grid column until the row of cells was
     wider than the page (Chrome shrinks or clips it)."""
@@ -452,11 +445,12 @@ def test_the_printed_report_keeps_long_unbroken_text_on_the_paper(open_page, use
 
 def printed_pages(page) -> list[str]:
     """The text of each page of the report as Chromium prints it to PDF (A4, its default margins)."""
-    pypdf = pytest.importorskip("pypdf")
+    import pypdf
+
     return [paper.extract_text() for paper in pypdf.PdfReader(io.BytesIO(page.pdf(format="A4"))).pages]
 
 
-def test_every_printed_page_of_a_long_report_names_the_sample_and_says_preliminary(open_page, user, not_analysed):  # noqa: F811
+def test_every_printed_page_of_a_long_report_names_the_sample_and_says_preliminary(open_page, user, not_analysed):
     """Pages 2 and later of a long report carried neither the sample's reference nor "Preliminary":
     a page that came loose from the first was an unnamed, seemingly final list of results."""
     batch = services.create_batch(
@@ -482,7 +476,7 @@ def test_every_printed_page_of_a_long_report_names_the_sample_and_says_prelimina
     open_page.errors[page].clear()  # the cells were classified without heatmap files: their <img> are 404s
 
 
-def test_a_refusal_and_a_warning_do_not_look_like_a_success(open_page, user, settings, not_analysed):  # noqa: F811
+def test_a_refusal_and_a_warning_do_not_look_like_a_success(open_page, user, settings, not_analysed):
     """Every message had the success style (.flash, green, with a green border) and role="status":
     "That export would hold ... rows" and "... was deleted while you had it open" looked like
     "12 images queued for analysis.", and a screen reader heard the refusal only when idle."""

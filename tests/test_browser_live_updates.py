@@ -12,16 +12,9 @@ from diagnosis import services
 from diagnosis.models import Analysis
 from tests.browser import log_in
 from tests.factories import PASSWORD, classified, image_bytes, upload
-from tests.test_browser import browser, open_page  # noqa: F401 - the fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 MODEL = "vgg19_bn-96px-20261126-e84911f9"
-
-
-@pytest.fixture
-def not_analysed(monkeypatch):
-    """Uploads stay queued: these tests are about the pages, not the worker."""
-    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
 
 
 def finish(cell: Analysis, probability: float) -> None:
@@ -37,7 +30,7 @@ def finish(cell: Analysis, probability: float) -> None:
 
 
 def test_the_dashboard_sorted_by_score_keeps_that_order_and_names_the_model_as_results_arrive(
-    open_page,  # noqa: F811
+    open_page,
     user,
     not_analysed,
 ):
@@ -63,7 +56,7 @@ def test_the_dashboard_sorted_by_score_keeps_that_order_and_names_the_model_as_r
     expect(files).to_have_text(["low.png", "mid.png", "late.png"])
 
 
-def test_a_batch_thumbnail_showing_its_heatmap_says_so_to_a_screen_reader(open_page, user, not_analysed):  # noqa: F811
+def test_a_batch_thumbnail_showing_its_heatmap_says_so_to_a_screen_reader(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("a.png")])
     cell = classified(batch.analyses.get(), finished_at=timezone.now())
     cell.overlay.save("overlay.png", ContentFile(image_bytes(color=(255, 0, 0))), save=True)
@@ -79,7 +72,7 @@ def test_a_batch_thumbnail_showing_its_heatmap_says_so_to_a_screen_reader(open_p
     expect(img).to_have_attribute("alt", "Cell a.png")
 
 
-def test_a_screen_reader_hears_which_chosen_files_will_not_be_uploaded(open_page, user):  # noqa: F811
+def test_a_screen_reader_hears_which_chosen_files_will_not_be_uploaded(open_page, user):
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/upload/")
@@ -98,7 +91,7 @@ def test_a_screen_reader_hears_which_chosen_files_will_not_be_uploaded(open_page
 
 
 @pytest.mark.parametrize("listing", ["batch grid", "dashboard"])
-def test_a_reviewers_positive_stays_among_the_positives_as_results_arrive(open_page, user, not_analysed, listing):  # noqa: F811
+def test_a_reviewers_positive_stays_among_the_positives_as_results_arrive(open_page, user, not_analysed, listing):
     """The live lists re-sorted by score alone: once another cell finished, a low-scoring cell a
     microscopist had corrected to Parasitized went back below the negatives."""
     batch = services.create_batch(owner=user, uploads=[upload(f"{name}.png") for name in ("found", "neg", "late")])
@@ -120,7 +113,7 @@ def test_a_reviewers_positive_stays_among_the_positives_as_results_arrive(open_p
     expect(names).to_have_text(["found.png", "late.png", "neg.png"])
 
 
-def test_a_batch_page_open_while_cells_finish_under_a_new_model_names_it(open_page, user, not_analysed):  # noqa: F811
+def test_a_batch_page_open_while_cells_finish_under_a_new_model_names_it(open_page, user, not_analysed):
     """Failed cells sent again after a new model was installed finish under it while the page is
     open: live.js updated their labels, but the page said nothing of a second model until reloaded."""
     batch = services.create_batch(owner=user, uploads=[upload("old.png"), upload("retried.png")])
@@ -145,7 +138,7 @@ def test_a_batch_page_open_while_cells_finish_under_a_new_model_names_it(open_pa
     expect(page.locator("#mixed-models")).to_contain_text("Classified by 2 models")
 
 
-def test_a_cell_failing_under_a_new_model_does_not_make_the_batch_two_models(open_page, user, not_analysed):  # noqa: F811
+def test_a_cell_failing_under_a_new_model_does_not_make_the_batch_two_models(open_page, user, not_analysed):
     """A failed cell keeps the model it failed under, and the page counted it: one failing under a
     newly installed (broken) model made the open page say "Classified by 2 models", a reload one."""
     batch = services.create_batch(owner=user, uploads=[upload("old.png"), upload("bad.png"), upload("later.png")])

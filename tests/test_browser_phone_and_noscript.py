@@ -13,19 +13,12 @@ from diagnosis import services
 from diagnosis.models import Analysis, Batch
 from tests.browser import log_in, overflows_horizontally
 from tests.conftest import fixture_cells
-from tests.factories import PASSWORD, classified, image_bytes, upload
-from tests.test_browser import browser, make_reviewer, open_page  # noqa: F401 - the fixtures
+from tests.factories import PASSWORD, classified, image_bytes, make_reviewer, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PHONE = {"width": 375, "height": 812}  # an iPhone X/11 Pro/12 mini, a common clinician's phone
 NIH_NAME = "C100P61ThinF_IMG_20150918_144104_cell_162.png"
-
-
-@pytest.fixture
-def not_analysed(monkeypatch):
-    """Uploads stay queued: these tests are about the pages, not the worker."""
-    monkeypatch.setattr(services, "enqueue_analyses", lambda **kwargs: None)
 
 
 def cut_off(page, selector: str) -> list[str]:
@@ -43,7 +36,7 @@ def cut_off(page, selector: str) -> list[str]:
     )
 
 
-def test_on_a_phone_the_samples_table_shows_each_samples_result_and_report(open_page, user, not_analysed):  # noqa: F811
+def test_on_a_phone_the_samples_table_shows_each_samples_result_and_report(open_page, user, not_analysed):
     """Samples is where a clinician reads a patient's parasitized fraction: on a 375 px phone its
     9-column table is twice the screen's width, and the fraction, the borderline and failed counts
     and the Report link lie past the right edge of a box whose scrollbar a phone does not show."""
@@ -61,7 +54,7 @@ def test_on_a_phone_the_samples_table_shows_each_samples_result_and_report(open_
     open_page.errors[page].clear()
 
 
-def test_on_a_phone_the_dashboard_keeps_each_cells_score_on_screen(open_page, user, not_analysed):  # noqa: F811
+def test_on_a_phone_the_dashboard_keeps_each_cells_score_on_screen(open_page, user, not_analysed):
     """app.css says the result (label and score) stays on a phone's screen; at 375 px (and at 390)
     the P(parasitized) column is cut off: "0.91" shows as "0.9", its threshold and heading half gone."""
     cell = classified(services.create_analysis(owner=user, upload=upload(NIH_NAME)))
@@ -85,7 +78,7 @@ def test_on_a_phone_the_dashboard_keeps_each_cells_score_on_screen(open_page, us
     open_page.errors[page].clear()  # classified without a thumbnail file
 
 
-def test_on_a_phone_each_dashboard_result_names_its_sample(open_page, user, not_analysed):  # noqa: F811
+def test_on_a_phone_each_dashboard_result_names_its_sample(open_page, user, not_analysed):
     """At 700 px and below the dashboard hides its Sample column: on a phone a row read
     "C100P61ThinF_..._cell_162.png  Parasitized  0.910", and nothing said whose sample it was."""
     batch = services.create_batch(owner=user, uploads=[upload(NIH_NAME)], sample_reference="WARD-7 bed 3")
@@ -104,7 +97,7 @@ def test_on_a_phone_each_dashboard_result_names_its_sample(open_page, user, not_
     open_page.errors[page].clear()  # classified without a thumbnail file
 
 
-def test_on_a_phone_a_new_api_key_shown_once_fits_the_screen(open_page, user):  # noqa: F811
+def test_on_a_phone_a_new_api_key_shown_once_fits_the_screen(open_page, user):
     """The key is shown once, to be copied into the lab system: its 40 characters do not wrap, so on
     a phone the page scrolls sideways and the key runs out of its card past the screen's edge."""
     page = open_page()
@@ -118,7 +111,7 @@ def test_on_a_phone_a_new_api_key_shown_once_fits_the_screen(open_page, user):  
     assert not overflows_horizontally(page)
 
 
-def test_on_a_phone_the_review_queue_does_not_scroll_sideways(open_page, user, not_analysed):  # noqa: F811
+def test_on_a_phone_the_review_queue_does_not_scroll_sideways(open_page, user, not_analysed):
     """A reviewer's "Your recent reviews" and "Recent disagreements" lists name each cell by its file
     name, which does not wrap: an NIH-style name widens the page past a phone's screen."""
     reviewer = make_reviewer()
@@ -135,7 +128,7 @@ def test_on_a_phone_the_review_queue_does_not_scroll_sideways(open_page, user, n
 
 
 @pytest.fixture
-def no_script_page(browser, live_server):  # noqa: F811
+def no_script_page(browser, live_server):
     """A page in a browser with JavaScript switched off (a locked-down hospital workstation)."""
     context = browser.new_context(base_url=live_server.url, java_script_enabled=False)
     context.set_default_timeout(15_000)
@@ -167,7 +160,7 @@ def test_without_javascript_the_upload_page_offers_only_what_works(no_script_pag
     assert not problems, problems
 
 
-def test_with_javascript_the_upload_page_offers_a_drop_and_a_folder(open_page, user):  # noqa: F811
+def test_with_javascript_the_upload_page_offers_a_drop_and_a_folder(open_page, user):
     page = open_page()
     log_in(page, user.username, PASSWORD)
     page.goto("/upload/")
@@ -214,7 +207,7 @@ def test_without_javascript_the_review_pages_offer_no_keyboard_shortcuts(no_scri
     expect(page.get_by_text("press A to agree")).to_be_hidden()
 
 
-def test_with_javascript_the_review_pages_offer_the_keyboard_shortcuts(open_page, user, not_analysed):  # noqa: F811
+def test_with_javascript_the_review_pages_offer_the_keyboard_shortcuts(open_page, user, not_analysed):
     cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
     page = open_page()
     log_in(page, make_reviewer().username, PASSWORD)
@@ -238,7 +231,7 @@ def test_without_javascript_the_result_page_offers_no_opacity_slider(no_script_p
     expect(page.get_by_label("Heatmap opacity")).to_be_hidden()
 
 
-def test_with_javascript_the_opacity_slider_fades_the_heatmap(open_page, user, not_analysed):  # noqa: F811
+def test_with_javascript_the_opacity_slider_fades_the_heatmap(open_page, user, not_analysed):
     cell = classified(services.create_batch(owner=user, uploads=[upload("a.png")]).analyses.get())
     cell.overlay.save("overlay.png", ContentFile(image_bytes(color=(255, 0, 0))), save=True)
     page = open_page()
@@ -248,7 +241,7 @@ def test_with_javascript_the_opacity_slider_fades_the_heatmap(open_page, user, n
     expect(page.locator("#overlay-image")).to_have_css("opacity", "0.25")
 
 
-def test_with_javascript_pages_update_and_print(open_page, user, not_analysed):  # noqa: F811
+def test_with_javascript_pages_update_and_print(open_page, user, not_analysed):
     batch = services.create_batch(owner=user, uploads=[upload("a.png")], sample_reference="WARD-7")
     page = open_page()
     log_in(page, user.username, PASSWORD)
@@ -259,7 +252,7 @@ def test_with_javascript_pages_update_and_print(open_page, user, not_analysed): 
     expect(page.get_by_role("button", name="Print")).to_be_visible()
 
 
-def test_on_a_phone_an_unfinished_sample_says_it_is_unfinished(open_page, user, not_analysed):  # noqa: F811
+def test_on_a_phone_an_unfinished_sample_says_it_is_unfinished(open_page, user, not_analysed):
     """The phone hides Samples' Cells and Finished columns: "0% of 2" of a sample with 38 cells still
     to come read as a finished negative sample of 2 cells."""
     batch = services.create_batch(owner=user, uploads=[upload(f"c{n}.png") for n in range(4)], sample_reference="W-1")

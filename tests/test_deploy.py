@@ -38,7 +38,7 @@ from django.conf import settings as django_settings
 from django.test import Client
 
 from diagnosis.services import create_analysis
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.factories import upload
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -851,12 +851,6 @@ def test_the_development_servers_log_leaves_query_strings_out(tmp_path):
     text = log.read_text()
     assert "Bad request syntax ('GET /batches/ HTTP/1.1')" in text, text
     assert "PATIENT-4711" not in text and "Jane" not in text and "Doe" not in text, text
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:

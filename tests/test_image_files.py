@@ -8,7 +8,6 @@ import struct
 import numpy as np
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import Group
 from django.core.files.base import ContentFile
 from PIL import Image, ImageCms
 
@@ -17,7 +16,7 @@ from diagnosis.models import Analysis
 from ml.predictor import Predictor
 from ml.preprocessing import open_rgb
 from tests.conftest import fixture_cells
-from tests.factories import UserFactory, classified, image_bytes, upload
+from tests.factories import classified, image_bytes, make_reviewer, upload
 from tests.test_ml import SHARED_DATA
 
 
@@ -209,8 +208,7 @@ def test_the_review_page_of_a_cell_whose_picture_is_gone_says_so(client, user):
     """The microscopist judges the call on these pictures, and saw a broken image without a word."""
     cell = classified(services.create_analysis(owner=user, upload=upload("a.png")))
     cell.image.storage.delete(cell.image.name)
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     client.force_login(reviewer)
     page = html.unescape(client.get(f"/review/{cell.pk}/").content.decode())
     assert "This cell's original image is missing from the server's storage" in page

@@ -5,12 +5,11 @@ it is added to one of the tables below: by its name, or by its route where it ha
 """
 
 import pytest
-from django.contrib.auth.models import Group
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis
-from tests.factories import PASSWORD, UserFactory, api_key, upload
+from tests.factories import PASSWORD, api_key, make_reviewer, upload
 
 # URL name -> how its kwargs are filled from the owner's objects.
 OWNED = {
@@ -230,8 +229,7 @@ def test_lists_show_only_the_users_own_items(client, user, other_user, owned, na
 
 @pytest.mark.parametrize("name", sorted(REVIEWER_ONLY))
 def test_review_pages_are_for_reviewers_only(client, user, owned, name):
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     url = url_for(name, owned)
     assert as_user(client, reviewer, name).get(url).status_code == 200
     assert as_user(client, user, name).get(url).status_code == 404  # even the owner is not a reviewer
@@ -247,8 +245,7 @@ def test_login_required_pages(client, user, name):
 
 
 def test_reviewers_may_see_any_file_but_others_may_not(client, owned, other_user):
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     url = url_for("diagnosis:analysis-file", owned)
     assert as_user(client, reviewer, "x").get(url).status_code == 200
     assert as_user(client, other_user, "x").get(url).status_code == 404

@@ -10,19 +10,20 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from diagnosis.models import AccessEvent, Analysis, Batch
+from tests.factories import add_to_reviewers
 
 pytestmark = pytest.mark.django_db
 
 
 def _reviewer(client):
-    reviewer = get_user_model().objects.create_user("scale-reviewer", password="pw-for-tests-123", is_staff=True)
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = add_to_reviewers(
+        get_user_model().objects.create_user("scale-reviewer", password="pw-for-tests-123", is_staff=True)
+    )
     client.force_login(reviewer)
     return client
 
@@ -265,7 +266,7 @@ def test_confirming_the_deletion_of_accounts_runs_as_many_queries_for_20_as_for_
         admin = get_user_model().objects.create_superuser("confirmer", password="pw-for-tests-123")
     else:  # may delete clinicians' accounts, and (a reviewer) the records that go with them
         admin = get_user_model().objects.create_user("confirmer", password="pw-for-tests-123", is_staff=True)
-        admin.groups.add(Group.objects.get(name="reviewers"))
+        add_to_reviewers(admin)
         admin_rights = ["view_user", "delete_user", "delete_batch", "delete_analysis"]
         admin.user_permissions.set(Permission.objects.filter(codename__in=admin_rights))
     client.force_login(admin)

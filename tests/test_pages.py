@@ -5,12 +5,11 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from diagnosis.models import Analysis
 from diagnosis.services import create_analysis, create_batch
-from tests.factories import UserFactory, classified, upload
+from tests.factories import add_to_reviewers, classified, make_reviewer, upload
 
 REFERRING = ("aria-describedby", "aria-labelledby", "aria-controls", "for", "list")
 
@@ -55,7 +54,7 @@ class Markup(HTMLParser):
 def pages(user):
     """A path for each page a signed-in reviewer can open, with a batch, a finished cell and a
     failed one behind them, and the pages as they show a form's errors."""
-    user.groups.add(Group.objects.get(name="reviewers"))
+    add_to_reviewers(user)
     batch = create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="WARD-1")
     done, failed = batch.analyses.order_by("pk")
     classified(done, finished_at=timezone.now())
@@ -173,8 +172,7 @@ def test_a_shared_workstation_keeps_no_patient_name_in_its_history_autofill_or_c
     assert all("Rahman" not in morsel.value for morsel in client.cookies.values())
     assert "Deleted Rahman_Amina_cell1.png" in client.get("/").content.decode(), "the message is still shown"
 
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     client.force_login(reviewer)
     other = classified(create_analysis(owner=user, upload=upload("Rahman_Amina_cell2.png")))
     review_page = client.get(f"/review/{other.pk}/").content.decode()

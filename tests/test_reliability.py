@@ -20,7 +20,7 @@ from django.db import connection
 from PIL import Image
 
 from diagnosis.models import Analysis
-from tests.conftest import ROOT, WorkerProcess, database_url, fixture_cells, wait_for
+from tests.conftest import ROOT, WorkerProcess, database_url, fixture_cells, free_port, wait_for
 from tests.factories import PASSWORD, api_key
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
@@ -41,12 +41,6 @@ def done_events(*logs: Path) -> list[str]:
 def wait_until_logged(count: int, *logs: Path) -> None:
     """The worker logs ``done`` just after committing it: let those lines land before stopping it or reading them."""
     wait_for(lambda: len(set(done_events(*logs))) >= count, timeout=15, interval=0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_worker_killed_mid_task_loses_nothing_and_records_once(without_session_worker, user, media_root, tmp_path):

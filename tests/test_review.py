@@ -3,13 +3,12 @@
 import re
 
 import pytest
-from django.contrib.auth.models import Group
 from django.db import OperationalError
 from django.test import Client
 
 from diagnosis.models import AccessEvent, Analysis, Batch
 from diagnosis.services import create_analysis, create_batch
-from tests.factories import UserFactory, upload
+from tests.factories import UserFactory, make_reviewer, upload
 
 
 @pytest.fixture
@@ -22,8 +21,7 @@ def case(user):
 
 
 def reviewer_client() -> tuple[Client, object]:
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     client = Client()
     client.force_login(reviewer)
     return client, reviewer
@@ -121,8 +119,7 @@ def test_an_agreement_with_another_label_chosen_is_refused_not_saved_without_it(
     assert (
         refused.status_code == 400 and "You agreed with the model but chose another label" in refused.content.decode()
     )
-    staff = UserFactory(is_staff=True)
-    staff.groups.add(Group.objects.get(name="reviewers"))
+    staff = make_reviewer(is_staff=True)
     in_admin = Client()
     in_admin.force_login(staff)
     admin = in_admin.post(
@@ -177,14 +174,11 @@ def test_an_edited_review_time_is_a_form_error_not_a_server_error(case, replacin
 
 
 def test_a_cell_without_a_result_is_not_offered_for_review(client, user):
-    from django.contrib.auth.models import Group
-
     from diagnosis.services import create_analysis
-    from tests.factories import UserFactory, upload
+    from tests.factories import upload
 
     waiting = create_analysis(owner=user, upload=upload("waiting.png"))
-    reviewer = UserFactory()
-    reviewer.groups.add(Group.objects.get(name="reviewers"))
+    reviewer = make_reviewer()
     client.force_login(reviewer)
     response = client.get(f"/review/{waiting.pk}/", follow=True)
     assert response.redirect_chain == [("/review/", 302)]

@@ -8,12 +8,12 @@ still open; each also with an API token.
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group, Permission
+from django.contrib.auth.models import Permission
 from django.test import Client
 
 from diagnosis.models import AccessEvent, Analysis
 from diagnosis.services import create_batch
-from tests.factories import api_key, classified, upload
+from tests.factories import api_key, classified, reviewers_group, upload
 
 User = get_user_model()
 ROLES = ["anon", "owner", "outsider", "reviewer", "staff", "staff_reviewer", "superuser", "deactivated"]
@@ -52,7 +52,7 @@ def world(db):
         "superuser": User.objects.create_superuser("root", password="pw"),
         "deactivated": User.objects.create_user("gone", password="pw"),
     }
-    reviewers = Group.objects.get(name="reviewers")
+    reviewers = reviewers_group()
     users["reviewer"].groups.add(reviewers)
     users["staff_reviewer"].groups.add(reviewers)
     users["staff"].user_permissions.set(Permission.objects.filter(codename__in=STAFF_PERMS))
@@ -327,7 +327,7 @@ def test_staff_who_may_clear_lockouts_cannot_grant_the_review_permission_or_supe
     model permissions it holds"; lockouts are cleared with change_user. That permission must not be
     a way to the review permission or to superuser, for its own account or a clinician's."""
     c = world["clients"]["staff"]
-    reviewers = str(Group.objects.get(name="reviewers").pk)
+    reviewers = str(reviewers_group().pk)
     for role in ("staff", "outsider"):
         account = world["users"][role]
         escalation = {
