@@ -37,6 +37,14 @@ def _private_media(settings, media_root):
 
 
 @pytest.fixture(autouse=True)
+def _private_var_dir(settings, tmp_path_factory):
+    """The checkout's var/ belongs to a platform that may be running from it: a test warming the
+    model up in this process replaced its worker's marker (WorkerProcess gives workers one of their own)."""
+    settings.VAR_DIR = tmp_path_factory.getbasetemp() / "var"
+    settings.VAR_DIR.mkdir(exist_ok=True)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_counters():
     """Throttle and login-failure counters live in the (local-memory) cache: each test starts at zero."""
     cache.clear()

@@ -87,3 +87,11 @@ def test_a_test_worker_keeps_its_model_marker_out_of_the_checkout(celery_worker_
     assert (worker.var_dir / "worker-model-ready").is_file()
     in_the_checkout = ROOT / "var" / "worker-model-ready"
     assert not in_the_checkout.exists() or in_the_checkout.stat().st_mtime < worker.started_at
+
+
+def test_a_test_in_pytests_own_process_writes_its_model_marker_out_of_the_checkout(settings):
+    """A test that warmed the model up in this process (the thread setting's) deleted and rewrote
+    var/worker-model-ready in the checkout: only the tests about the marker gave VAR_DIR a folder."""
+    from diagnosis import inference
+
+    assert ROOT / "var" not in inference.model_ready_file().parents
