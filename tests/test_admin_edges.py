@@ -123,7 +123,7 @@ def test_the_admin_lists_offer_no_counts_over_the_whole_table(admin_client, user
         ("accessevent", {"client_ip__exact": "not-an-address"}),  # PostgreSQL only
     ],
 )
-def test_the_other_id_and_address_filters_edited_by_hand_are_no_server_error(admin_client, user, page, query):  # noqa: F811
+def test_the_other_id_and_address_filters_edited_by_hand_are_no_server_error(admin_client, user, page, query):
     """A list of ids, or the address under another lookup: past the guards, a 500."""
     classified(create_analysis(owner=user, upload=upload("a.png")))
     admin_client.raise_request_exception = False
