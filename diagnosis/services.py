@@ -466,8 +466,8 @@ def delete_batch(*, batch: Batch, record: Callable[[Batch, int], None] | None = 
             # Deleted already (by a click just before, or its owner while an admin looked at it): its
             # row is what tells the lab system, so it stays until that is delivered.
             raise Http404
-        if record:
-            record(batch, len(ids))
+        if record:  # counted under the lock: a cell deleted meanwhile has an entry of its own
+            record(batch, current.analyses.count())
         if current.withdrawn_at or not current.results_may_have_reached:  # a withdrawal given up on, or nothing sent
             current.delete()
             return

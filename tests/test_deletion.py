@@ -456,3 +456,28 @@ def test_overlapping_retention_runs_record_each_deletion_once(user, monkeypatch)
     monkeypatch.undo()
     deleted = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED)
     assert sorted(deleted.values_list("analysis_id", flat=True)) == sorted(ids)
+
+
+def test_a_batch_deletion_counts_its_cells_under_the_lock_not_those_listed_before(user, monkeypatch):
+    """The owner's deletion of one cell, committed while the batch's deletion waited for the lock,
+    was counted again in the batch's entry: the trail said 3 cells went where the batch held 2."""
+    from django.shortcuts import get_object_or_404
+    from django.test import RequestFactory
+
+    from diagnosis.audit import deletion_recorder
+
+    batch = services.create_batch(owner=user, uploads=[upload("a.png"), upload("b.png")], sample_reference="W-1")
+    request = RequestFactory().post(f"/batches/{batch.pk}/delete/")
+    request.user = user
+    record = deletion_recorder(request=request)
+
+    def lock_after_a_cell_is_deleted_meanwhile(queryset, **lookup):  # what the lock waits for
+        if batch.analyses.count() == 2:
+            services.delete_analysis(analysis=batch.analyses.order_by("pk").first(), record=record)
+        return get_object_or_404(queryset, **lookup)
+
+    monkeypatch.setattr(services, "get_object_or_404", lock_after_a_cell_is_deleted_meanwhile)
+    services.delete_batch(batch=batch, record=record)
+
+    entries = AccessEvent.objects.filter(action=AccessEvent.Action.DELETED).order_by("pk")
+    assert [entry.detail for entry in entries] == ["1 cell", "1 cell"]
