@@ -127,6 +127,7 @@ NIH_CELL = SHARED_DATA / "Parasitized" / "C99P60ThinF_IMG_20150918_141314_cell_1
 def test_a_parasitized_cell_in_a_display_p3_photo_gets_the_label_of_the_same_cell_in_srgb(user):
     """Predictor on the NIH PNG: 0.121, Parasitized at threshold 0.11; the same cell sent as a
     Display P3 PNG is stored as 0.077, Uninfected: a missed parasite for a colour tag."""
+    assert NIH_CELL.is_file(), f"{NIH_CELL} is missing: clone beside shared/, or set NIH_CELLS"
     expected = Predictor(settings.MODEL_WEIGHTS).predict([open_rgb(NIH_CELL)])[0]
     cell = Image.open(NIH_CELL).convert("RGB")
     analysis = services.create_analysis(owner=user, upload=upload("phone.png", tagged(cell, PROFILES["Display P3"])))

@@ -31,7 +31,8 @@ from ml.tensors import REFERENCE_CELL_COLOUR, standardise_stain
 from ml.weights import DEFAULT_WEIGHTS, ModelInfo, WeightsNotFound, load_model, read_info, save_model
 from tests.conftest import FIXTURE_CELLS, ROOT
 
-SHARED_DATA = ROOT.parent / "shared" / "datasets" / "nih-malaria-cells"
+# The NIH cells, beside the checkout as on the project's machine, or where NIH_CELLS says (a clone elsewhere).
+SHARED_DATA = Path(os.environ.get("NIH_CELLS") or ROOT.parent / "shared" / "datasets" / "nih-malaria-cells")
 
 
 def tiny_weights(path: Path, *, threshold: float = 0.5) -> Path:
@@ -49,7 +50,7 @@ def test_patient_group_is_the_prefix_before_img():
 @pytest.mark.parametrize("data", [FIXTURE_CELLS, SHARED_DATA], ids=["fixture", "shared"])
 def test_split_never_puts_a_patient_group_on_both_sides(data):
     if not data.is_dir():
-        pytest.fail(f"{data} is missing")
+        pytest.fail(f"{data} is missing: clone beside shared/, or set NIH_CELLS to the NIH cells' folder")
     samples = list_samples(data)
     kept, held_out = split_by_patient(samples, holdout_fraction=0.3, seed=1)
     assert kept and held_out and len(kept) + len(held_out) == len(samples)
@@ -69,6 +70,7 @@ def test_a_patient_filed_under_two_prefixes_stays_on_one_side():
         in_kept = {"C47P8" in s.path.name for s in kept}
         in_held_out = {"C47P8" in s.path.name for s in held_out}
         assert not (True in in_kept and True in in_held_out), seed
+    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: clone beside shared/, or set NIH_CELLS"
     _, test = split_by_patient(list_samples(SHARED_DATA), holdout_fraction=0.15, seed=7)
     assert len({s.patient_group for s in test}) == 26 and not any("C47P8" in s.path.name for s in test)
 
